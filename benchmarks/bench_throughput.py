@@ -1,0 +1,142 @@
+"""Tokens/s/GPU of this package on the reference recipe's layer shapes (ours side of the comparison).
+
+Runs ``Trainer.fit`` with ``LlamaLightningModule`` + ``MegatronCPStrategy`` + ``TEFP8Precision`` (or BF16)
+on mock data, with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` scaled down exactly as
+``benchmarks/megatron_lm_baseline.sh`` scales them, and writes one JSON record.
+
+    python benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
+    torchrun --nproc_per_node 2 benchmarks/bench_throughput.py --cp 2 ...
+
+Step time is wall time between consecutive training-step ends (the loss read at each step end waits for the
+GPU), the same quantity as Megatron-LM's "elapsed time per iteration" at ``--log-interval 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+# The recipe's setting; must be in place before CUDA starts (it orders communication kernels).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_llama_fp8 import (
+    LlamaConfig,
+    LlamaLightningModule,
+    MegatronCPStrategy,
+    MegatronPrecision,
+    MockDataModule,
+    OptimizerSettings,
+    TEFP8Precision,
+)
+from lightning_llama_fp8.callbacks import ManualGC
+
+
+def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
+    """Llama-3-8B layers with the recipe's choices (rotary base 1e6, layernorm-1p, init 0.0134, cuDNN attention).
+
+    Vocab 128256, as the baseline's NullTokenizer (--vocab-size 128256, end-of-document id 128255; no padding
+    needed at TP 1 or 2), so the two output layers are the same GEMM.
+    """
+    return LlamaConfig(
+        num_layers=num_layers,
+        seq_length=seq_length,
+        vocab_size=128256,
+        rotary_base=1_000_000,
+        init_method_std=0.0134,
+        zero_centered_gamma=True,
+        attention_backend="fused",
+    )
+
+
+class LossLog(Callback):
+    """Per-step training loss (the global per-token loss each step returns)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--gbs", type=int, default=8)
+    parser.add_argument("--mbs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    seed_everything(1234)
+    arch = recipe_arch(args.layers, args.seq)
+    plugin = TEFP8Precision(fp8_param_gather=True) if args.precision == "fp8" else MegatronPrecision()
+    devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    trainer = Trainer(
+        accelerator="gpu",
+        devices=devices,
+        strategy=MegatronCPStrategy(
+            tensor_model_parallel_size=args.tp,
+            context_parallel_size=args.cp,
+            sequence_parallel=args.tp > 1,
+        ),
+        plugins=[plugin],
+        max_steps=args.steps,
+        callbacks=[ManualGC(), loss_log := LossLog()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    module = LlamaLightningModule(
+        arch, OptimizerSettings(lr=1.5e-4, min_lr=1e-5, warmup_steps=2, decay_steps=args.steps)
+    )
+    data = MockDataModule(
+        seq_length=args.seq, vocab_size=arch.vocab_size, global_batch_size=args.gbs, micro_batch_size=args.mbs
+    )
+    trainer.fit(module, datamodule=data)
+
+    times = module.step_times[max(args.warmup - 1, 0) :]  # step_times starts at step 2
+    median = statistics.median(times)
+    world = trainer.world_size
+    tokens_per_gpu = args.gbs * args.seq / median / world
+    result = {
+        "impl": "lightning-llama-fp8",
+        "device": torch.cuda.get_device_name(),
+        "precision": args.precision,
+        "layers": args.layers,
+        "seq_length": args.seq,
+        "global_batch_size": args.gbs,
+        "micro_batch_size": args.mbs,
+        "tp": args.tp,
+        "cp": args.cp,
+        "gpus": world,
+        "steps": args.steps,
+        "timed_steps": len(times),
+        "median_step_time_s": median,
+        "step_times_s": module.step_times,
+        "tokens_per_sec_per_gpu": tokens_per_gpu,
+        "tflops_per_gpu": arch.flops_per_token() * tokens_per_gpu / 1e12,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "losses": loss_log.losses,
+    }
+    if trainer.is_global_zero:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses")}))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

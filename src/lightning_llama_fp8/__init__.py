@@ -1,0 +1,34 @@
+"""Lightning ergonomics for Megatron-Core Llama 3 with Transformer Engine FP8 training.
+
+Public API::
+
+    from lightning_llama_fp8 import (
+        LlamaLightningModule, LlamaConfig, OptimizerSettings, MegatronCPStrategy,
+        TEFP8Precision, MegatronPrecision, MockDataModule, ParallelLayout, validate_layout,
+    )
+"""
+
+from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset
+from lightning_llama_fp8.data import MockDataModule
+from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
+from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
+from lightning_llama_fp8.precision import FP8UnavailableError, MegatronPrecision, TEFP8Precision
+from lightning_llama_fp8.strategy import MegatronCPStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "FP8UnavailableError",
+    "LayoutError",
+    "LlamaConfig",
+    "LlamaLightningModule",
+    "MegatronCPStrategy",
+    "MegatronPrecision",
+    "MockDataModule",
+    "OptimizerSettings",
+    "ParallelLayout",
+    "TEFP8Precision",
+    "get_preset",
+    "validate_layout",
+]

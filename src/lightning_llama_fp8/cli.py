@@ -1,0 +1,217 @@
+"""The ``llama-fp8`` command: LightningCLI ``fit`` / ``validate``, plus ``plan``.
+
+``llama-fp8 fit --config examples/configs/llama3_8b_h100_fp8.yaml`` trains. Before any Trainer, process group
+or model exists it checks the layout and the GPU: on a machine that cannot train the config (no CUDA GPU, or
+a GPU without FP8 while the config asks for FP8) it prints the plan for that config, says what is missing,
+and exits with status 2.
+
+``llama-fp8 plan --config <yaml> [--gpus N] [...]`` runs anywhere (CPU only): it validates the layout and
+prints parameters, memory per GPU and FLOPs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_llama_fp8.config import LlamaConfig, get_preset
+from lightning_llama_fp8.data import MockDataModule
+from lightning_llama_fp8.layout import LayoutError, ParallelLayout
+from lightning_llama_fp8.model import LlamaLightningModule
+from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
+from lightning_llama_fp8.precision import fp8_support
+
+EXIT_CANNOT_TRAIN = 2
+
+
+class LlamaCLI(LightningCLI):
+    """LightningCLI with the fit/validate subcommands and a pre-flight check before anything is built."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def before_instantiate_classes(self) -> None:
+        config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
+        preflight(config)
+
+
+# ---------------------------------------------------------------------- reading a config
+def _init_args(value: Any) -> dict[str, Any]:
+    """``init_args`` of a ``{class_path, init_args}`` entry (or {} for a bare class name / None)."""
+    if isinstance(value, dict):
+        return dict(value.get("init_args") or {})
+    return {}
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("class_path", "")).rsplit(".", 1)[-1]
+    return str(value or "")
+
+
+def _arch_from(model: dict[str, Any]) -> LlamaConfig:
+    arch = _init_args(model).get("arch", model.get("arch", "llama3_8b")) if model else "llama3_8b"
+    if isinstance(arch, str):
+        return get_preset(arch)
+    return LlamaConfig(**arch)
+
+
+def _precision_from(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """("fp8" | "bf16", the FP8 plugin's init_args) from trainer.plugins."""
+    plugins = trainer.get("plugins") or []
+    for plugin in plugins if isinstance(plugins, list) else [plugins]:
+        if _class_name(plugin) == "TEFP8Precision":
+            return "fp8", _init_args(plugin)
+    return "bf16", {}
+
+
+def _gpus_from(trainer: dict[str, Any]) -> int | None:
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, int):
+        return devices * nodes
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices) * nodes
+    if isinstance(devices, list):
+        return len(devices) * nodes
+    return None
+
+
+def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> TrainingPlan:
+    """Build the :class:`TrainingPlan` of a LightningCLI config (a parsed or raw YAML dict)."""
+    trainer = config.get("trainer") or {}
+    strategy = _init_args(trainer.get("strategy"))
+    data = _init_args(config.get("data")) or dict(config.get("data") or {})
+    precision, fp8_args = _precision_from(trainer)
+    world_size = gpus or _gpus_from(trainer)
+    if world_size is None:
+        raise ValueError("The config does not fix the GPU count (trainer.devices is 'auto'): pass --gpus N.")
+    layout = ParallelLayout(
+        tensor_model_parallel_size=int(strategy.get("tensor_model_parallel_size", 1)),
+        context_parallel_size=int(strategy.get("context_parallel_size", 1)),
+        sequence_parallel=bool(strategy.get("sequence_parallel", False))
+        and int(strategy.get("tensor_model_parallel_size", 1)) > 1,
+        cp_comm_type=strategy.get("cp_comm_type", "p2p"),
+    )
+    return plan_training(
+        _arch_from(config.get("model") or {}),
+        layout,
+        world_size,
+        global_batch_size=int(data.get("global_batch_size", 128)),
+        micro_batch_size=int(data.get("micro_batch_size", 1)),
+        precision=precision,  # type: ignore[arg-type]
+        use_distributed_optimizer=bool(strategy.get("use_distributed_optimizer", True)),
+        grad_reduce_in_fp32=bool(strategy.get("grad_reduce_in_fp32", False)),
+        fp8_param_gather=bool(fp8_args.get("fp8_param_gather", False)),
+    )
+
+
+def preflight(config: dict[str, Any]) -> None:
+    """Stop before any expensive work if this machine cannot run ``config``; print the plan when it cannot."""
+    trainer = config.get("trainer") or {}
+    if _class_name(trainer.get("strategy")) not in ("MegatronCPStrategy", "megatron_cp"):
+        return
+    plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
+    precision, fp8_args = _precision_from(trainer)
+    ok, reason = fp8_support(fp8_args.get("recipe", "delayed"))
+    import torch
+
+    if torch.cuda.is_available() and (ok or precision == "bf16" or fp8_args.get("fallback") == "bf16"):
+        if torch.cuda.device_count() < plan.world_size // int(trainer.get("num_nodes", 1) or 1):
+            _cannot_train(plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.")
+        return
+    what = "FP8 training needs" if precision == "fp8" else "Training needs"
+    _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+
+
+def _cannot_train(plan: TrainingPlan, why: str) -> None:
+    print(format_plan(plan))
+    print(f"\nNot training: {why}", file=sys.stderr)
+    print(
+        "The plan above is what this config would use; run the same command on a machine that has them.",
+        file=sys.stderr,
+    )
+    raise SystemExit(EXIT_CANNOT_TRAIN)
+
+
+# ---------------------------------------------------------------------- plan subcommand
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llama-fp8 plan", description="Validate a layout and print its cost.")
+    parser.add_argument("--config", type=Path, help="a LightningCLI YAML (examples/configs/*.yaml)")
+    parser.add_argument("--gpus", type=int, help="number of GPUs (default: trainer.devices x num_nodes)")
+    parser.add_argument("--arch", help="preset name, overriding the config's model.arch")
+    parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
+    parser.add_argument("--cp", type=int, help="context_parallel_size")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--precision", choices=("fp8", "bf16"))
+    args = parser.parse_args(argv)
+
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            parser.error(f"config file {args.config} does not exist")
+        config = yaml.safe_load(args.config.read_text()) or {}
+    _apply_overrides(config, args)
+    try:
+        plan = plan_from_config(config, gpus=args.gpus)
+    except (LayoutError, ValueError) as err:
+        print(f"llama-fp8 plan: {err}", file=sys.stderr)
+        return EXIT_CANNOT_TRAIN
+    print(format_plan(plan))
+    return 0
+
+
+def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
+    trainer = config.setdefault("trainer", {})
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, dict):
+        strategy = trainer["strategy"] = {
+            "class_path": "lightning_llama_fp8.MegatronCPStrategy",
+            "init_args": {},
+        }
+    strategy_args = strategy.setdefault("init_args", {})
+    data = config.setdefault("data", {"init_args": {}})
+    data_args = data.setdefault("init_args", {})
+    if args.arch:
+        config["model"] = {"arch": args.arch}
+    for key, value in (
+        ("tensor_model_parallel_size", args.tp),
+        ("context_parallel_size", args.cp),
+        ("sequence_parallel", args.sequence_parallel),
+    ):
+        if value is not None:
+            strategy_args[key] = value
+    if args.global_batch_size is not None:
+        data_args["global_batch_size"] = args.global_batch_size
+    if args.micro_batch_size is not None:
+        data_args["micro_batch_size"] = args.micro_batch_size
+    if args.precision == "bf16":
+        trainer["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
+    elif args.precision == "fp8" and _precision_from(trainer)[0] != "fp8":
+        trainer["plugins"] = [{"class_path": "lightning_llama_fp8.TEFP8Precision"}]
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan":
+        return plan_main(argv[1:])
+    LlamaCLI(
+        LlamaLightningModule,
+        MockDataModule,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

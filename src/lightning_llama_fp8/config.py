@@ -1,0 +1,264 @@
+"""Llama 3 architecture presets and their translation into Megatron-Core arguments.
+
+One flat dataclass, :class:`LlamaConfig`, describes the architecture. Its defaults are Llama 3 8B, so a YAML
+that only says ``num_layers: 4`` gets 8B-shaped layers. Parallelism and precision are *not* part of it: the
+strategy and the precision plugin own those and hand their settings to :meth:`LlamaConfig.transformer_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+TransformerImpl = Literal["transformer_engine", "local"]
+AttentionBackend = Literal["auto", "flash", "fused", "unfused", "local"]
+
+
+@dataclass
+class LlamaConfig:
+    """A Llama 3 style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention, no linear biases).
+
+    Defaults are Llama 3 8B trained at sequence length 8192.
+    """
+
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 14336
+    num_attention_heads: int = 32
+    num_query_groups: int = 8
+    kv_channels: int = 128
+    vocab_size: int = 128256
+    seq_length: int = 8192
+    rotary_base: int = 500_000
+    # Llama 3.1/3.2 frequency scaling (low 1, high 4, original context 8192, as Megatron-Core implements it).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    tie_embeddings: bool = False
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    # Megatron-LM's --apply-layernorm-1p: the norm weight is stored as (gamma - 1). Same function, better
+    # numerics in low precision; the reference FP8 recipe turns it on.
+    zero_centered_gamma: bool = False
+    # Megatron pads the embedding so each tensor-parallel shard is a multiple of this.
+    make_vocab_size_divisible_by: int = 128
+    # "transformer_engine" is needed for FP8 and context parallelism; "local" is pure Megatron-Core and is
+    # what the CPU tests build.
+    transformer_impl: TransformerImpl = "transformer_engine"
+    # Which TE attention kernel: "fused" is cuDNN (the reference recipe's --attention-backend fused),
+    # "flash" is flash-attention, "auto" lets TE choose.
+    attention_backend: AttentionBackend = "auto"
+    cross_entropy_fusion: bool = True
+    # Kernel fusions Megatron-LM enables by default; they change speed, not the function computed.
+    apply_rope_fusion: bool = True
+    bias_activation_fusion: bool = True
+    masked_softmax_fusion: bool = True
+    bias_dropout_fusion: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """The embedding size Megatron allocates: vocab rounded up to ``divisible_by * TP``."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    # ---------------------------------------------------------------- counting
+    def num_parameters(self, tensor_model_parallel_size: int = 1) -> int:
+        """Exact parameter count of the model Megatron builds (all shards together)."""
+        h, kv = self.hidden_size, self.num_query_groups * self.kv_channels
+        q = self.num_attention_heads * self.kv_channels
+        attention = h * q + 2 * h * kv + q * h
+        mlp = 3 * h * self.ffn_hidden_size  # gate, up (fused as fc1) and down projections
+        norms = 2 * h
+        embeddings = self.padded_vocab_size(tensor_model_parallel_size) * h
+        output_layer = 0 if self.tie_embeddings else embeddings
+        return self.num_layers * (attention + mlp + norms) + h + embeddings + output_layer
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), counted the way Megatron-LM reports TFLOP/s.
+
+        Every matrix multiply costs 2 FLOPs per multiply-add and the backward pass twice the forward. Like
+        Megatron-LM, attention scores are counted over the full (non-causal) ``seq x seq`` square, so the
+        numbers compare with its logs and published tables.
+        """
+        h, s = self.hidden_size, self.seq_length
+        q = self.num_attention_heads * self.kv_channels
+        kv = self.num_query_groups * self.kv_channels
+        per_layer = 2 * (h * (q + 2 * kv) + q * h)  # QKV and output projections
+        per_layer += 2 * 2 * s * q  # QK^T and attention-weighted V
+        per_layer += 2 * 3 * h * self.ffn_hidden_size  # SwiGLU MLP
+        logits = 2 * h * self.padded_vocab_size()
+        return 3.0 * (self.num_layers * per_layer + logits)
+
+    # ---------------------------------------------------------------- megatron
+    def transformer_config(self, **overrides: Any) -> TransformerConfig:
+        """Build the Megatron ``TransformerConfig``.
+
+        ``overrides`` carries what the strategy (TP/CP/SP sizes, CP comm type) and the precision plugin
+        (bf16, FP8 recipe) decide; they win over the architecture defaults here.
+        """
+        import torch
+        import torch.nn.functional as F
+        from megatron.core.transformer import TransformerConfig
+        from megatron.core.transformer.enums import AttnBackend
+
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            layernorm_zero_centered_gamma=self.zero_centered_gamma,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_method_std,
+            apply_rope_fusion=self.apply_rope_fusion,
+            bias_activation_fusion=self.bias_activation_fusion,
+            masked_softmax_fusion=self.masked_softmax_fusion,
+            bias_dropout_fusion=self.bias_dropout_fusion,
+            cross_entropy_loss_fusion=self.cross_entropy_fusion,
+            attention_backend=AttnBackend[self.attention_backend],
+            # The loss is summed over tokens and divided once by the global token count (Megatron-LM's
+            # --calculate-per-token-loss), so every layout computes the same per-token mean.
+            calculate_per_token_loss=True,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def layer_spec(self) -> ModuleSpec:
+        """The Megatron layer spec: Transformer Engine modules, or Megatron-Core's local ones."""
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_local_spec,
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        if self.transformer_impl == "transformer_engine":
+            return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+    def build_model(self, config: TransformerConfig) -> GPTModel:
+        """Instantiate Megatron's GPTModel. ``parallel_state`` must already be initialised."""
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=self.layer_spec(),
+            vocab_size=self.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=self.seq_length,
+            share_embeddings_and_output_weights=self.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=self.rotary_base,
+            rope_scaling=self.rope_scaling,
+            rope_scaling_factor=self.rope_scaling_factor,
+        )
+
+
+# -------------------------------------------------------------------- presets
+def llama3_8b(**overrides: Any) -> LlamaConfig:
+    """Llama 3 8B: 8,030,261,248 parameters."""
+    return LlamaConfig(**overrides)
+
+
+def llama3_1_8b(**overrides: Any) -> LlamaConfig:
+    """Llama 3.1 8B: Llama 3 8B with RoPE frequency scaling (factor 8) for long context."""
+    return LlamaConfig(**{"rope_scaling": True, "rope_scaling_factor": 8.0, **overrides})
+
+
+def llama3_70b(**overrides: Any) -> LlamaConfig:
+    """Llama 3 70B: 70,553,706,496 parameters."""
+    shape = dict(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64)
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def llama3_2_1b(**overrides: Any) -> LlamaConfig:
+    """Llama 3.2 1B: tied embeddings, RoPE scaling factor 32; 1,235,814,400 parameters."""
+    shape = dict(
+        num_layers=16,
+        hidden_size=2048,
+        ffn_hidden_size=8192,
+        num_attention_heads=32,
+        kv_channels=64,
+        tie_embeddings=True,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+    )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def llama3_2_3b(**overrides: Any) -> LlamaConfig:
+    """Llama 3.2 3B: tied embeddings, RoPE scaling factor 32; 3,212,749,824 parameters."""
+    shape = dict(
+        num_layers=28,
+        hidden_size=3072,
+        ffn_hidden_size=8192,
+        num_attention_heads=24,
+        kv_channels=128,
+        tie_embeddings=True,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+    )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def llama3_8b_4layers(**overrides: Any) -> LlamaConfig:
+    """Llama 3 8B layer shapes, 4 layers: the one-GPU benchmark model (about 1.9B parameters)."""
+    return LlamaConfig(**{"num_layers": 4, **overrides})
+
+
+def llama_tiny(**overrides: Any) -> LlamaConfig:
+    """A few-million-parameter Llama for tests and smoke runs (still GQA, SwiGLU, RoPE)."""
+    shape = dict(
+        num_layers=2,
+        hidden_size=256,
+        ffn_hidden_size=768,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=32,
+        vocab_size=1024,
+        seq_length=256,
+    )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+PRESETS: dict[str, Callable[..., LlamaConfig]] = {
+    "llama3_8b": llama3_8b,
+    "llama3_1_8b": llama3_1_8b,
+    "llama3_70b": llama3_70b,
+    "llama3_2_1b": llama3_2_1b,
+    "llama3_2_3b": llama3_2_3b,
+    "llama3_8b_4layers": llama3_8b_4layers,
+    "llama_tiny": llama_tiny,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> LlamaConfig:
+    """Look up a preset by name, applying field overrides."""
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ValueError(f"Unknown Llama preset {name!r}. Known presets: {known}.")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise ValueError(f"Unknown LlamaConfig field(s) {sorted(unknown)} in overrides for preset {name!r}.")
+    return PRESETS[name](**overrides)
+
+
+def resolve_arch(arch: str | LlamaConfig) -> LlamaConfig:
+    """Accept a preset name or a ready config (what the CLI and Python users pass)."""
+    return get_preset(arch) if isinstance(arch, str) else arch

@@ -1,0 +1,112 @@
+"""Parallel layout (TP x CP x DP) and its validation.
+
+Every check here runs on the CPU before a process group, a model or a dataset exists, so a layout that
+cannot work fails in seconds with a message that names the numbers and the fix, instead of minutes later
+inside NCCL or a shape assertion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lightning_llama_fp8.config import LlamaConfig
+
+CPCommType = Literal["p2p", "a2a", "all_gather"]
+CP_COMM_TYPES: tuple[str, ...] = ("p2p", "a2a", "all_gather")
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the GPUs are split. Data parallelism takes whatever TP x CP leaves of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    cp_comm_type: CPCommType = "p2p"
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+
+def validate_layout(
+    layout: ParallelLayout,
+    world_size: int,
+    arch: LlamaConfig | None = None,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+) -> int:
+    """Check that ``layout`` can run on ``world_size`` GPUs; return the data-parallel size.
+
+    ``arch`` and the batch sizes are optional so the strategy can check what it knows early and the
+    data module and ``llama-fp8 plan`` can check the rest.
+    """
+    tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
+    problems: list[str] = []
+    if tp < 1 or cp < 1 or world_size < 1:
+        raise LayoutError(f"Parallel sizes must be >= 1 (got TP={tp}, CP={cp}, world size={world_size}).")
+    if world_size % (tp * cp) != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by TP {tp} x CP {cp} = {tp * cp}: use a number of "
+            f"GPUs (devices x nodes) that is a multiple of {tp * cp}, or change tensor_model_parallel_size / "
+            "context_parallel_size."
+        )
+    if layout.cp_comm_type not in CP_COMM_TYPES:
+        problems.append(f"cp_comm_type {layout.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}.")
+    if arch is not None:
+        problems += _model_problems(layout, arch)
+    dp = max(world_size // (tp * cp), 1)
+    if global_batch_size is not None and micro_batch_size is not None:
+        if global_batch_size % (micro_batch_size * dp) != 0:
+            problems.append(
+                f"global batch size {global_batch_size} is not divisible by micro batch size "
+                f"{micro_batch_size} x data-parallel size {dp} = {micro_batch_size * dp}: pick a global batch "
+                f"that is a multiple of {micro_batch_size * dp}."
+            )
+    if problems:
+        raise LayoutError("Invalid parallel layout:\n  - " + "\n  - ".join(problems))
+    return dp
+
+
+def _model_problems(layout: ParallelLayout, arch: LlamaConfig) -> list[str]:
+    tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
+    problems = []
+    if arch.num_attention_heads % tp != 0:
+        problems.append(
+            f"num_attention_heads {arch.num_attention_heads} is not divisible by TP {tp}: each tensor-parallel "
+            f"rank needs whole heads; use a TP that divides {arch.num_attention_heads}."
+        )
+    if arch.num_query_groups % tp != 0:
+        problems.append(
+            f"num_query_groups {arch.num_query_groups} is not divisible by TP {tp}: each tensor-parallel rank "
+            f"needs whole key/value groups; use a TP that divides {arch.num_query_groups}."
+        )
+    if cp > 1 and arch.seq_length % (2 * cp) != 0:
+        problems.append(
+            f"seq_length {arch.seq_length} is not divisible by 2 x CP = {2 * cp}: context parallelism splits "
+            "each sequence into 2 x CP load-balanced chunks."
+        )
+    if layout.sequence_parallel and tp > 1 and (arch.seq_length // cp) % tp != 0:
+        problems.append(
+            f"sequence parallelism splits each rank's {arch.seq_length // cp} tokens over TP {tp}: use a "
+            "seq_length divisible by CP x TP."
+        )
+    if cp > 1 and arch.transformer_impl != "transformer_engine":
+        problems.append(
+            "context parallelism needs the Transformer Engine layer spec: set transformer_impl: "
+            "transformer_engine (and install the `te` extra)."
+        )
+    if cp > 1 and layout.cp_comm_type == "a2a" and (arch.num_attention_heads // tp) % cp != 0:
+        problems.append(
+            f"cp_comm_type 'a2a' scatters the {arch.num_attention_heads // tp} heads of each TP rank over CP {cp}; "
+            "they must divide evenly. Use p2p or all_gather, or a CP that divides the heads per TP rank."
+        )
+    return problems

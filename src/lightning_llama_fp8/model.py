@@ -1,0 +1,266 @@
+"""``LlamaLightningModule``: Megatron-Core's Llama 3 (GPTModel) trained the way Megatron-LM trains it.
+
+One Lightning training step is one Megatron iteration: the batch holds this data-parallel rank's share of a
+global batch as ``[num_microbatches, micro_batch_size, seq_length]`` tensors, Megatron's forward-backward
+schedule runs the micro batches (gradient accumulation, per-token loss, overlapped grad reduce), and
+Megatron's optimizer clips and steps. Optimization is therefore manual; the strategy routes
+``optimizer.step()`` to Megatron.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_llama_fp8.config import LlamaConfig, resolve_arch
+from lightning_llama_fp8.precision import MegatronPrecision
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW with linear warmup and cosine (or other) decay to ``min_lr``, as Megatron-LM schedules it.
+
+    Steps are optimizer steps (global batches). Megatron-LM's recipes give warmup/decay in samples: divide
+    by the global batch size.
+    """
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 100
+    # None: decay over the whole run (trainer.max_steps).
+    decay_steps: int | None = None
+    decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = "cosine"
+
+
+class LlamaLightningModule(LightningModule):
+    """Llama 3 pre-training with Megatron-Core, under a Lightning Trainer.
+
+    Args:
+        arch: a preset name (``llama3_8b``, ``llama3_70b``, ``llama3_1_8b``, ``llama3_2_1b``, ``llama3_2_3b``,
+            ``llama3_8b_4layers``, ``llama_tiny``) or a :class:`LlamaConfig`.
+        optimizer: optimizer and learning-rate schedule.
+    """
+
+    def __init__(self, arch: str | LlamaConfig = "llama3_8b", optimizer: OptimizerSettings | None = None) -> None:
+        super().__init__()
+        self.arch: LlamaConfig = resolve_arch(arch)
+        self.optim = optimizer or OptimizerSettings()
+        self.automatic_optimization = False
+        self.model: torch.nn.Module | None = None
+        # Each validation batch's loss is already reduced over all ranks, so the metric needs no sync.
+        self.val_loss = MeanMetric(sync_on_compute=False)
+        self._last_step_end: float | None = None
+        self.step_times: list[float] = []
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build GPTModel with the layout from the strategy and the precision from the plugin."""
+        if self.model is not None:
+            return
+        self.model = self.arch.build_model(self.transformer_config())
+
+    def transformer_config(self) -> Any:
+        """The TransformerConfig this run uses: architecture + strategy layout + precision."""
+        from lightning_llama_fp8.strategy import MegatronCPStrategy
+
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+        if not isinstance(strategy, MegatronCPStrategy):
+            raise TypeError(
+                f"LlamaLightningModule needs Trainer(strategy=MegatronCPStrategy(...)); got {type(strategy).__name__}."
+            )
+        if not isinstance(precision, MegatronPrecision):
+            raise TypeError(
+                "LlamaLightningModule needs plugins=[TEFP8Precision()] (FP8) or plugins=[MegatronPrecision()] "
+                f"(BF16); got {type(precision).__name__}."
+            )
+        overrides = {**strategy.transformer_config_kwargs(), **precision.transformer_config_kwargs()}
+        return self.arch.transformer_config(**overrides)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Megatron's (distributed) Adam over the DDP-wrapped model, and its LR/WD scheduler."""
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        strategy = self.trainer.strategy
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=self.optim.lr,
+            min_lr=self.optim.min_lr,
+            weight_decay=self.optim.weight_decay,
+            adam_beta1=self.optim.adam_beta1,
+            adam_beta2=self.optim.adam_beta2,
+            adam_eps=self.optim.adam_eps,
+            clip_grad=self.optim.clip_grad,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            use_distributed_optimizer=strategy.use_distributed_optimizer,
+            overlap_param_gather=strategy.overlap_param_gather,
+        )
+        optimizer = get_megatron_optimizer(config, [self.model])
+        decay_steps = self.optim.decay_steps or max(self.trainer.max_steps, 1)
+        if self.optim.warmup_steps >= decay_steps:
+            raise ValueError(
+                f"warmup_steps ({self.optim.warmup_steps}) must be smaller than decay_steps ({decay_steps}); "
+                "set optimizer.decay_steps or trainer.max_steps."
+            )
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=self.optim.lr,
+            min_lr=self.optim.min_lr,
+            lr_warmup_steps=self.optim.warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=self.optim.decay_style,
+            start_wd=self.optim.weight_decay,
+            end_wd=self.optim.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # Megatron's scheduler counts in optimizer steps here; training_step steps it after each update.
+        scheduler.step(increment=1)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()  # Lightning's wrapper: stepping it advances trainer.global_step
+        megatron_optimizer = self.trainer.strategy.optimizers[0]
+        for ddp in self.trainer.strategy.ddp_modules:
+            ddp.zero_grad_buffer()
+        megatron_optimizer.zero_grad()
+
+        loss_sum, num_tokens = self.forward_backward(batch, forward_only=False)
+        update_successful, grad_norm, _ = optimizer.step()
+        if update_successful:
+            self.lr_scheduler_step(self.lr_schedulers(), None)
+
+        loss = loss_sum / num_tokens
+        self._log_train_step(loss, grad_norm, batch, megatron_optimizer)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss_sum, num_tokens = self.forward_backward(batch, forward_only=True)
+        loss = loss_sum / num_tokens
+        self.val_loss.update(loss, weight=num_tokens)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._last_step_end = None  # validation time is not training step time
+        if self.val_loss.update_count == 0:
+            return
+        val_loss = self.val_loss.compute()
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
+        self.val_loss.reset()
+
+    # ------------------------------------------------------------------ megatron schedule
+    def forward_backward(self, batch: Batch, forward_only: bool) -> tuple[Tensor, Tensor]:
+        """Run Megatron's schedule over the micro batches; return the global (sum of loss, token count).
+
+        Both are summed over all micro batches and all data-parallel x context-parallel ranks, so every rank
+        returns the same numbers and ``loss_sum / num_tokens`` is the per-token loss of the global batch.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
+        micro_batches = iter([{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)])
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=micro_batches,
+            model=[self.model],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+        return reduce_loss_reports(losses, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+    def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Tensor, Any]:
+        from megatron.core import parallel_state
+
+        micro_batch = split_for_context_parallel(next(data_iterator), parallel_state.get_context_parallel_group())
+        output = model(
+            input_ids=micro_batch["tokens"],
+            position_ids=micro_batch["position_ids"],
+            attention_mask=None,
+            labels=micro_batch["labels"],
+        )
+        return output, partial(masked_token_loss, micro_batch["loss_mask"])
+
+    # ------------------------------------------------------------------ logging
+    def _log_train_step(self, loss: Tensor, grad_norm: float | None, batch: Batch, optimizer: Any) -> None:
+        num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
+        global_batch = num_microbatches * micro_batch_size * data_parallel_size()
+        loss.item()  # waits for the step's GPU work, so wall time between step ends is the step time
+        now = time.perf_counter()
+        self.log("train/loss", loss, prog_bar=True, batch_size=global_batch)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=global_batch)
+        if grad_norm is not None:
+            self.log("train/grad_norm", float(grad_norm), batch_size=global_batch)
+        if self._last_step_end is not None:
+            step_time = now - self._last_step_end
+            self.step_times.append(step_time)
+            tokens_per_gpu = global_batch * seq_length / (step_time * self.trainer.world_size)
+            self.log("train/step_time_s", step_time, batch_size=global_batch)
+            self.log("train/tokens_per_sec_per_gpu", tokens_per_gpu, prog_bar=True, batch_size=global_batch)
+        self._last_step_end = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None
+
+
+def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron's per-token loss function: sum of masked token losses, the token count, and a report.
+
+    With ``calculate_per_token_loss`` the schedule does not average; ``finalize_model_grads`` divides the
+    gradients by the token count summed over all micro batches and DP x CP ranks.
+    """
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.to(loss.dtype)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def reduce_loss_reports(reports: list[dict[str, Tensor]], group: Any) -> tuple[Tensor, Tensor]:
+    """Sum the micro batches' (loss sum, token count) reports, then over the DP x CP ``group``.
+
+    Summing before dividing makes the result the per-token loss of the whole global batch, whatever the
+    layout: each token counts once, however the batch was split over micro batches, DP and CP ranks.
+    """
+    totals = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
+    torch.distributed.all_reduce(totals, group=group)
+    return totals[0], totals[1]
+
+
+def split_for_context_parallel(micro_batch: Batch, cp_group: Any) -> Batch:
+    """Keep this CP rank's two load-balanced chunks of every sequence (Megatron's zig-zag split)."""
+    if torch.distributed.get_world_size(cp_group) == 1:
+        return micro_batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(dict(micro_batch), is_hybrid_cp=False, cp_group=cp_group)
+
+
+def data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()

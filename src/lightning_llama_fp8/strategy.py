@@ -1,0 +1,382 @@
+"""``MegatronCPStrategy``: Megatron-Core tensor, sequence, context and data parallelism under Lightning.
+
+What it does, in the order Lightning calls it:
+
+1. ``setup_environment``: checks the precision plugin and the layout (before any process group exists), starts
+   torch.distributed (one process per GPU, from ``torchrun`` or Lightning's own launcher), builds Megatron's
+   ``parallel_state`` groups and seeds Megatron's model-parallel CUDA RNG.
+2. The LightningModule's ``configure_model`` then builds the Megatron model, reading
+   :meth:`transformer_config_kwargs` for the layout.
+3. ``setup``: wraps every top-level Megatron child of the LightningModule in Megatron's
+   ``DistributedDataParallel`` (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter,
+   distributed optimizer), builds the optimizer, and wires Megatron's schedule hooks (grad sync, loss scale,
+   ``finalize_model_grads``) into the model config.
+
+Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks only: TP and CP ranks of one
+model replica read the same samples) and an ``optimizer_step`` that runs Megatron's optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from lightning_llama_fp8 import _lightning_compat as compat
+from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
+from lightning_llama_fp8.precision import MegatronPrecision
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    import lightning.pytorch as pl
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+class MegatronCPStrategy(ParallelStrategy):
+    """Tensor x context x data parallel training of Megatron-Core models.
+
+    Args:
+        tensor_model_parallel_size: GPUs that split each layer's weights (TP).
+        context_parallel_size: GPUs that split each sequence (CP); needs the Transformer Engine layer spec.
+        sequence_parallel: also split norms/dropout activations along the sequence over the TP group.
+        cp_comm_type: how CP ranks exchange keys/values: ``p2p`` (ring), ``a2a`` or ``all_gather``.
+        use_distributed_optimizer: shard fp32 main weights and Adam moments over DP x CP (ZeRO-1).
+        overlap_grad_reduce: reduce-scatter gradient buckets during the backward pass.
+        overlap_param_gather: all-gather updated parameters during the next forward pass.
+        align_param_gather: launch all parameter all-gathers together (Megatron's ``--align-param-gather``).
+        grad_reduce_in_fp32: reduce gradients in fp32 instead of bf16.
+        average_in_collective: average gradients inside the collective rather than before it.
+        bucket_size: gradient bucket size in elements (``None``: Megatron's default).
+        check_for_nan_in_grad: have Megatron DDP assert that gradients are finite before reducing them.
+        seed: seed for Megatron's model-parallel RNG streams (defaults to Lightning's global seed or 1234).
+        process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
+        timeout: collective timeout.
+    """
+
+    strategy_name = "megatron_cp"
+
+    def __init__(
+        self,
+        tensor_model_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        cp_comm_type: CPCommType = "p2p",
+        use_distributed_optimizer: bool = True,
+        overlap_grad_reduce: bool = True,
+        overlap_param_gather: bool = True,
+        align_param_gather: bool = False,
+        grad_reduce_in_fp32: bool = False,
+        average_in_collective: bool = False,
+        bucket_size: int | None = None,
+        check_for_nan_in_grad: bool = False,
+        seed: int | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if sequence_parallel and tensor_model_parallel_size == 1:
+            log.warning("sequence_parallel needs tensor_model_parallel_size > 1; turning it off.")
+            sequence_parallel = False
+        if overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True.")
+        self.layout = ParallelLayout(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            sequence_parallel=sequence_parallel,
+            cp_comm_type=cp_comm_type,
+        )
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
+        self.align_param_gather = align_param_gather
+        self.grad_reduce_in_fp32 = grad_reduce_in_fp32
+        self.average_in_collective = average_in_collective
+        self.bucket_size = bucket_size
+        self.check_for_nan_in_grad = check_for_nan_in_grad
+        self.seed = seed
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.num_nodes = 1
+        self._ddp_modules: list[torch.nn.Module] = []
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """One sampler shard per model replica: TP and CP ranks of a replica read the same samples."""
+        from megatron.core import parallel_state
+
+        return {
+            "num_replicas": parallel_state.get_data_parallel_world_size(),
+            "rank": parallel_state.get_data_parallel_rank(),
+        }
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = compat.subprocess_script_launcher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        compat.set_rank_zero(self.global_rank)
+
+    # ------------------------------------------------------------------ environment
+    def setup_environment(self) -> None:
+        """Check everything cheap first, then start torch.distributed and Megatron's parallel groups."""
+        super().setup_environment()
+        self._check_precision_plugin()
+        compat.reset_seed()
+        self.set_world_ranks()
+        arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
+        validate_layout(self.layout, self.world_size, arch=arch)
+        backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+        self._process_group_backend = backend
+        compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
+        self.initialize_parallel_state()
+
+    def initialize_parallel_state(self) -> None:
+        """Build Megatron's TP/CP/DP groups and seed its RNG streams (idempotent for one layout)."""
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            cp = parallel_state.get_context_parallel_world_size()
+            if (tp, cp) != (self.layout.tensor_model_parallel_size, self.layout.context_parallel_size):
+                raise RuntimeError(
+                    f"Megatron parallel_state is already initialised with TP={tp}, CP={cp}; this strategy wants "
+                    f"TP={self.layout.tensor_model_parallel_size}, CP={self.layout.context_parallel_size}. Call "
+                    "megatron.core.parallel_state.destroy_model_parallel() between runs with different layouts."
+                )
+        else:
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
+                context_parallel_size=self.layout.context_parallel_size,
+            )
+        if self.root_device.type == "cuda":
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            torch.cuda.set_device(self.root_device)
+            model_parallel_cuda_manual_seed(self._seed())
+
+    def _seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 1234))
+
+    def _check_precision_plugin(self) -> None:
+        plugin = self.precision_plugin
+        if not isinstance(plugin, MegatronPrecision):
+            raise TypeError(
+                f"MegatronCPStrategy trains Megatron models in BF16 or FP8, but the Trainer's precision plugin is "
+                f"{type(plugin).__name__}. Pass plugins=[TEFP8Precision()] for FP8 or plugins=[MegatronPrecision()] "
+                "for BF16 (and leave Trainer(precision=...) unset)."
+            )
+        plugin.check_supported()
+
+    def transformer_config_kwargs(self) -> dict[str, Any]:
+        """The layout fields of the model's ``TransformerConfig``."""
+        tp, cp = self.layout.tensor_model_parallel_size, self.layout.context_parallel_size
+        kwargs: dict[str, Any] = {
+            "tensor_model_parallel_size": tp,
+            "context_parallel_size": cp,
+            "sequence_parallel": self.layout.sequence_parallel,
+            "use_cpu_initialization": self.root_device.type != "cuda",
+        }
+        if cp > 1:
+            kwargs["cp_comm_type"] = self.layout.cp_comm_type
+        return kwargs
+
+    @property
+    def ddp_config(self) -> DistributedDataParallelConfig:
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        return DistributedDataParallelConfig(
+            grad_reduce_in_fp32=self.grad_reduce_in_fp32,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            overlap_param_gather=self.overlap_param_gather,
+            align_param_gather=self.align_param_gather,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            check_for_nan_in_grad=self.check_for_nan_in_grad,
+            bucket_size=self.bucket_size,
+            average_in_collective=self.average_in_collective,
+            **self.precision_plugin.ddp_config_kwargs(),
+        )
+
+    # ------------------------------------------------------------------ model and optimizer
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        compat.evaluate_without_inference_mode(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._wrap_megatron_modules()
+            self.setup_optimizers(trainer)
+            self._connect_schedule_hooks()
+        self.setup_precision_plugin()
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _wrap_megatron_modules(self) -> None:
+        """Replace each top-level Megatron child of the LightningModule with Megatron DDP around it."""
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.transformer.module import MegatronModule
+
+        module = self.lightning_module
+        self._ddp_modules = []
+        for name, child in list(module.named_children()):
+            if isinstance(child, DistributedDataParallel):
+                self._ddp_modules.append(child)
+            elif isinstance(child, MegatronModule):
+                wrapped = DistributedDataParallel(config=child.config, ddp_config=self.ddp_config, module=child)
+                # Same weights on every DP rank even if a user's init is not seeded identically.
+                wrapped.broadcast_params()
+                setattr(module, name, wrapped)
+                self._ddp_modules.append(wrapped)
+        if not self._ddp_modules:
+            raise TypeError(
+                f"{type(module).__name__} has no Megatron-Core model as a direct attribute after configure_model(); "
+                "MegatronCPStrategy needs one (e.g. self.model = GPTModel(...)) to wrap in Megatron DDP."
+            )
+
+    def _connect_schedule_hooks(self) -> None:
+        """Give Megatron's forward-backward schedule the DDP and optimizer hooks Megatron-LM wires up."""
+        from megatron.core.distributed import finalize_model_grads
+
+        optimizer = self.optimizers[0] if self.optimizers else None
+        for ddp in self._ddp_modules:
+            config = ddp.config
+            config.no_sync_func = ddp.no_sync
+            config.finalize_model_grads_func = finalize_model_grads
+            if optimizer is not None:
+                config.grad_scale_func = optimizer.scale_loss
+            if self.overlap_param_gather and self.align_param_gather:
+                config.param_sync_func = ddp.start_param_sync
+
+    @property
+    def ddp_modules(self) -> list[torch.nn.Module]:
+        """The Megatron DDP wrappers this strategy created (empty outside of fitting)."""
+        return list(self._ddp_modules)
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """Run Megatron's optimizer: unscale, clip, step and (distributed) all-gather in one call.
+
+        Gradients were already produced by Megatron's forward-backward schedule inside ``training_step``; the
+        closure Lightning passes in manual optimization does nothing. Returns Megatron's
+        ``(update_successful, grad_norm, num_zeros_in_grad)``.
+        """
+        from megatron.core.optimizer import MegatronOptimizer
+
+        inner = getattr(optimizer, "_optimizer", optimizer)
+        if not isinstance(inner, MegatronOptimizer):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        closure()
+        return inner.step()
+
+    # ------------------------------------------------------------------ validation around overlapped gathers
+    def on_validation_start(self) -> None:
+        # With overlapped param all-gather, params are gathered by forward pre-hooks that expect an optimizer
+        # step before each forward; evaluation has none, so gather synchronously and pause the hooks.
+        if self.overlap_param_gather:
+            for ddp in self._ddp_modules:
+                ddp.disable_forward_pre_hook()
+
+    def on_validation_end(self) -> None:
+        if self.overlap_param_gather:
+            for ddp in self._ddp_modules:
+                ddp.enable_forward_pre_hook()
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self, name: str | None = None) -> None:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return obj
+        container = [obj]
+        torch.distributed.broadcast_object_list(container, src)
+        return container[0]
+
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
+        """Reduce over the data-parallel x context-parallel group by default.
+
+        Tensor-parallel ranks hold identical copies of every logged value, so including them would count a
+        replica TP times in a sum.
+        """
+        if not isinstance(tensor, Tensor):
+            return tensor
+        if group is None:
+            group = self.data_parallel_group()
+        return compat.sync_ddp_if_available(tensor, group, reduce_op)
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return compat.all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+
+    def data_parallel_group(self) -> Any:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Megatron places and initialises its own parameters (on the current CUDA device, with its RNG tracker).
+        yield
+
+    def teardown(self) -> None:
+        from megatron.core import parallel_state
+
+        self._ddp_modules = []
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Megatron-Core TP x CP x DP strategy")
+
+
+if MegatronCPStrategy.strategy_name not in StrategyRegistry:
+    MegatronCPStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,238 @@
+"""CPU tests for the mock-data LightningDataModule over megatron-core's MockGPTDataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch import Trainer
+from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_llama_fp8.data import MockDataModule, check_split_sizes
+
+SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
+KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _module(**overrides: object) -> MockDataModule:
+    kwargs: dict[str, object] = dict(
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+        global_batch_size=GBS,
+        micro_batch_size=MBS,
+        train_samples=4 * GBS,
+        val_samples=2 * GBS,
+        num_workers=0,
+    )
+    kwargs.update(overrides)
+    return MockDataModule(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> MockDataModule:
+    dm = _module()
+    dm.setup("fit")
+    return dm
+
+
+def _first_batch(dm: MockDataModule) -> dict[str, torch.Tensor]:
+    return next(iter(dm.train_dataloader()))
+
+
+def test_train_batch_layout_and_dtypes(fitted: MockDataModule) -> None:
+    assert (fitted.dp_size, fitted.dp_rank, fitted.num_microbatches) == (1, 0, GBS // MBS)
+    loader = fitted.train_dataloader()
+    assert loader.batch_size == GBS and loader.drop_last
+    assert len(loader) == 4  # train_samples / GBS: one DataLoader batch per optimizer step
+    assert len(fitted.val_dataloader()) == 2
+    batch = next(iter(loader))
+    assert sorted(batch) == sorted(KEYS)  # attention_mask is not produced or kept
+    for key in KEYS:
+        assert batch[key].shape == (GBS // MBS, MBS, SEQ), key
+    assert batch["tokens"].dtype == torch.int64
+    assert batch["labels"].dtype == torch.int64
+    assert batch["position_ids"].dtype == torch.int64
+    assert batch["loss_mask"].dtype == torch.float32
+    assert torch.equal(batch["position_ids"], torch.arange(SEQ).expand(GBS // MBS, MBS, SEQ))
+    assert torch.equal(batch["loss_mask"], torch.ones(GBS // MBS, MBS, SEQ))  # no padding, no EOD masking
+
+
+def test_batch_is_megatron_samples_in_order(fitted: MockDataModule) -> None:
+    """Micro-batch m, row j holds dataset sample m * MBS + j: megatron's shuffled order is kept."""
+    batch = _first_batch(fitted)
+    for i in range(GBS):
+        sample = fitted.train_dataset[i]
+        assert torch.equal(batch["tokens"][i // MBS, i % MBS], sample["tokens"])
+        assert torch.equal(batch["labels"][i // MBS, i % MBS], sample["labels"])
+
+
+def test_tokens_within_vocab_and_eod_is_last_id(fitted: MockDataModule) -> None:
+    tokens = torch.stack([fitted.train_dataset[i]["tokens"] for i in range(len(fitted.train_dataset))])
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < VOCAB
+    assert fitted.dataset_config is not None
+    assert fitted.dataset_config.tokenizer.eod == VOCAB - 1  # NullTokenizer's end-of-document id
+
+
+def test_labels_are_tokens_shifted_by_one(fitted: MockDataModule) -> None:
+    batch = _first_batch(fitted)
+    assert torch.equal(batch["labels"][..., :-1], batch["tokens"][..., 1:])
+    # The last label is the sample's extra token: the next token of the underlying stream. Mock
+    # documents count up by one (mod vocab) and end with the end-of-document id VOCAB - 1.
+    tok, lab = batch["tokens"], batch["labels"]
+    assert torch.all((lab == (tok + 1) % VOCAB) | (lab == VOCAB - 1) | (tok == VOCAB - 1))
+
+
+def test_same_seed_same_batches_other_seed_differs(fitted: MockDataModule) -> None:
+    again = _module()
+    again.setup("fit")
+    first, second = _first_batch(fitted), _first_batch(again)
+    for key in KEYS:
+        assert torch.equal(first[key], second[key]), key
+    other = _module(seed=4321)
+    other.setup("fit")
+    assert not torch.equal(first["tokens"], _first_batch(other)["tokens"])
+
+
+def test_global_batch_divisibility_error() -> None:
+    dm = _module(global_batch_size=8, micro_batch_size=3)
+    with pytest.raises(ValueError, match=r"global_batch_size \(8\).*micro_batch_size \(3\).*size \(1\) = 3"):
+        dm.setup("fit")
+    assert dm.train_dataset is None  # validated before anything was built
+
+
+def test_check_split_sizes_tiny_corpus_raises() -> None:
+    # 10 documents, split 99:1:0 -> validation gets documents [round(9.9), round(10)) = [10, 10).
+    with pytest.raises(ValueError, match=r"validation split zero documents") as err:
+        check_split_sizes(10, "99,1,0", [32, 8, 0])
+    message = str(err.value)
+    assert "10 documents" in message and "[10, 10)" in message and "8 validation" in message
+
+
+def test_check_split_sizes_normal_corpus_passes() -> None:
+    check_split_sizes(MockGPTLowLevelDataset.size, "949,50,1", [1024, 80, 0])
+    check_split_sizes(MockGPTLowLevelDataset.size, "99,1,0", [1024, 80, 0])  # 0 test samples: fine
+    check_split_sizes(1000, "99,1", [1024, 80])  # megatron pads missing weights/sizes with 0
+
+
+def test_check_split_sizes_other_failures() -> None:
+    # A split with zero weight is never built, so requesting samples from it is an error.
+    with pytest.raises(ValueError, match=r"test split weight 0.*5 test samples"):
+        check_split_sizes(1000, "99,1,0", [8, 8, 5])
+    # Positive weight but zero documents hangs megatron even for 0 requested samples
+    # (it asks for num_samples * seq_length + 1 tokens): 100 docs, test = [round(99.9), 100).
+    with pytest.raises(ValueError, match=r"test split zero documents"):
+        check_split_sizes(100, "949,50,1", [8, 8, 0])
+    with pytest.raises(ValueError, match=r"Invalid split"):
+        check_split_sizes(1000, "0,0,0", [8, 8, 0])
+
+
+def test_setup_rejects_tiny_mock_corpus_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron forces split 1,1,1 for mock data: 2 documents leave validation with none."""
+    monkeypatch.setattr(MockGPTLowLevelDataset, "size", 2)
+    with pytest.raises(ValueError, match=r"'1,1,1' over 2 documents gives the validation split zero"):
+        _module().setup("fit")
+    monkeypatch.setattr(MockGPTLowLevelDataset, "size", 3)  # one document per split is enough
+    dm = _module()
+    dm.setup("fit")
+    assert _first_batch(dm)["tokens"].shape == (GBS // MBS, MBS, SEQ)
+
+
+def _trainer(**kwargs: object) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_missing_max_steps_error_and_trainer_defaults() -> None:
+    dm = _module(train_samples=None, val_samples=None)
+    dm.trainer = _trainer(max_epochs=1)  # max_steps stays -1
+    with pytest.raises(ValueError, match=r"trainer.max_steps.*data.train_samples"):
+        dm.setup("fit")
+
+    dm = _module(train_samples=None, val_samples=None)
+    dm.trainer = _trainer(max_steps=3, limit_val_batches=2)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 3 * GBS and len(dm.train_dataloader()) == 3
+    assert len(dm.val_dataset) == 2 * GBS  # limit_val_batches global batches
+    dm = _module(train_samples=None, val_samples=None)
+    dm.trainer = _trainer(max_steps=3)  # limit_val_batches=1.0: the documented 10 global batches
+    dm.setup("fit")
+    assert len(dm.val_dataset) == 10 * GBS
+
+
+def _dp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One DP rank: build the module under megatron's parallel_state and shard like Lightning."""
+    from megatron.core import parallel_state
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        dm = _module()
+        dm.setup("fit")
+        assert (dm.dp_size, dm.dp_rank, dm.num_microbatches) == (2, rank, GBS // (MBS * 2))
+
+        # What Lightning does: swap the SequentialSampler for a DistributedSampler built from the
+        # strategy's distributed_sampler_kwargs (shuffle=False because the loader was not shuffled).
+        plain = dm.train_dataloader()
+        sampler = DistributedSampler(plain.dataset, num_replicas=2, rank=rank, shuffle=False)
+        loader = DataLoader(
+            plain.dataset,
+            batch_size=plain.batch_size,
+            sampler=sampler,
+            drop_last=plain.drop_last,
+            collate_fn=plain.collate_fn,
+            num_workers=0,
+        )
+        batches = list(loader)
+        assert len(batches) == 4  # still one batch per optimizer step
+        for batch in batches:
+            assert batch["tokens"].shape == (GBS // (MBS * 2), MBS, SEQ)  # GBS / 2 samples per rank
+        indices = list(sampler)
+        first = [dm.train_dataset[i]["tokens"] for i in indices[: GBS // 2]]
+        assert torch.equal(batches[0]["tokens"].reshape(-1, SEQ), torch.stack(first))
+
+        # Every rank must hold the same dataset for the partition to be meaningful.
+        fingerprint = torch.stack([dm.train_dataset[i]["tokens"] for i in range(GBS)]).sum(dim=1).tolist()
+        gathered: list[object] = [None, None]
+        dist.all_gather_object(gathered, {"indices": indices, "fingerprint": fingerprint})
+
+        bad = _module(global_batch_size=6)  # 6 % (2 * 2) != 0 only because DP is 2
+        try:
+            bad.setup("fit")
+            error = ""
+        except ValueError as exc:
+            error = str(exc)
+        if rank == 0:
+            Path(out_dir, "result.json").write_text(json.dumps({"gathered": gathered, "error": error}))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_get_distinct_halves(tmp_path: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # fork, not spawn: the children inherit the already-imported megatron (a fresh import takes ~10 s).
+    # Safe here because nothing touches CUDA and torch resets OpenMP in forked children.
+    mp.start_processes(
+        _dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    rank0, rank1 = result["gathered"]
+    assert rank0["fingerprint"] == rank1["fingerprint"]
+    assert set(rank0["indices"]).isdisjoint(rank1["indices"])
+    assert sorted(rank0["indices"] + rank1["indices"]) == list(range(4 * GBS))
+    # Step 0 of both ranks together is exactly global batch 0 (samples 0..GBS-1).
+    assert sorted(rank0["indices"][: GBS // 2] + rank1["indices"][: GBS // 2]) == list(range(GBS))
+    assert "global_batch_size (6)" in result["error"] and "data-parallel size (2)" in result["error"]

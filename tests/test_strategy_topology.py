@@ -1,0 +1,119 @@
+"""MegatronCPStrategy on 4 gloo processes: which ranks share which group, CP batch split, loss reduction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+
+def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
+    from lightning.pytorch import Trainer
+    from megatron.core import parallel_state
+
+    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
+    from lightning_llama_fp8.model import masked_token_loss, reduce_loss_reports, split_for_context_parallel
+
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    trainer = Trainer(
+        accelerator="cpu", devices=world_size, strategy=strategy, plugins=[MegatronPrecision()], logger=False
+    )
+    assert trainer.strategy.launcher is None  # torchrun-style: processes already exist
+    strategy.setup_environment()
+
+    def ranks(group: object) -> list[int]:
+        return torch.distributed.get_process_group_ranks(group)
+
+    out = {
+        "tp": ranks(parallel_state.get_tensor_model_parallel_group()),
+        "cp": ranks(parallel_state.get_context_parallel_group()),
+        "dp": ranks(parallel_state.get_data_parallel_group()),
+        "dp_cp": ranks(parallel_state.get_data_parallel_group(with_context_parallel=True)),
+        "amax": ranks(parallel_state.get_amax_reduction_group(with_context_parallel=True)),
+        "sampler": strategy.distributed_sampler_kwargs,
+        "reduced_sum": strategy.reduce(torch.tensor([float(rank)]), reduce_op="sum").item(),
+        "config": strategy.transformer_config_kwargs(),
+    }
+
+    # CP split of a sequence of 8 positions: rank r of CP keeps chunks r and 2*CP-1-r of 2*CP chunks.
+    seq = torch.arange(8).view(1, 8)
+    split = split_for_context_parallel(
+        {"tokens": seq.clone(), "loss_mask": torch.ones(1, 8)}, parallel_state.get_context_parallel_group()
+    )
+    out["cp_tokens"] = split["tokens"].flatten().tolist()
+
+    # Loss arithmetic: every rank of a model replica computes its CP shard's per-token losses; DP ranks hold
+    # different samples. Rank-specific losses and masks, then the global per-token mean.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    per_token = torch.full((1, 4), 1.0 + dp_rank * 10 + cp_rank)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]]) if cp_rank == 0 else torch.ones(1, 4)
+    reports = [masked_token_loss(mask, per_token)[2] for _ in range(2)]  # two micro batches
+    loss_sum, tokens = reduce_loss_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    out["loss"] = (loss_sum / tokens).item()
+    out["tokens"] = tokens.item()
+    strategy.teardown()
+    return out
+
+
+@pytest.mark.parametrize("tp,cp", [(2, 2), (1, 2)], ids=["tp2xcp2", "tp1xcp2xdp2"])
+def test_topology_on_four_gloo_processes(tp: int, cp: int, tmp_path: Path) -> None:
+    results = run_distributed(_strategy_worker, 4, tmp_path, tp, cp)
+    if (tp, cp) == (2, 2):
+        expected = {"tp": [[0, 1], [0, 1], [2, 3], [2, 3]], "cp": [[0, 2], [1, 3], [0, 2], [1, 3]]}
+        expected["dp"] = [[0], [1], [2], [3]]
+        expected["dp_cp"] = [[0, 2], [1, 3], [0, 2], [1, 3]]
+        sampler = [{"num_replicas": 1, "rank": 0}] * 4
+    else:
+        expected = {"tp": [[0], [1], [2], [3]], "cp": [[0, 1], [0, 1], [2, 3], [2, 3]]}
+        expected["dp"] = [[0, 2], [1, 3], [0, 2], [1, 3]]
+        expected["dp_cp"] = [[0, 1, 2, 3]] * 4
+        sampler = [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]
+    for key, per_rank in expected.items():
+        assert [r[key] for r in results] == per_rank, key
+    assert [r["sampler"] for r in results] == sampler
+    # FP8 amaxes are reduced over every rank of TP x DP x CP.
+    assert all(r["amax"] == [0, 1, 2, 3] for r in results)
+    # reduce() sums over DP x CP only: TP ranks hold copies of the same value.
+    assert [r["reduced_sum"] for r in results] == [float(sum(g)) for g in expected["dp_cp"]]
+    assert all(r["config"]["tensor_model_parallel_size"] == tp for r in results)
+    assert all(r["config"]["context_parallel_size"] == cp and r["config"]["cp_comm_type"] == "p2p" for r in results)
+
+    # Zig-zag split, hand computed for 8 positions in 4 chunks of 2: CP rank 0 keeps chunks 0 and 3.
+    cp_rank_of = [(r // tp) % cp for r in range(4)]
+    hand = {0: [0, 1, 6, 7], 1: [2, 3, 4, 5]}
+    assert [r["cp_tokens"] for r in results] == [hand[c] for c in cp_rank_of]
+
+    # Global per-token mean, by hand: each replica (dp) has CP shards with value 1 + 10*dp + cp, rank cp=0
+    # masks one of its 4 tokens; two micro batches double numerator and denominator alike.
+    dps = 1 if (tp, cp) == (2, 2) else 2
+    num = sum(2 * (3 * (1 + 10 * d) + 4 * (2 + 10 * d)) for d in range(dps))
+    den = sum(2 * (3 + 4) for _ in range(dps))
+    assert all(r["tokens"] == den for r in results)
+    assert all(r["loss"] == pytest.approx(num / den) for r in results)
+
+
+def test_layout_error_before_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 of a 2-process job with TP 4 fails in setup_environment, before torch.distributed starts."""
+    from lightning.pytorch import Trainer
+
+    from lightning_llama_fp8 import LayoutError, MegatronCPStrategy, MegatronPrecision
+
+    for key, value in dict(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29599",
+        RANK="0",
+        LOCAL_RANK="0",
+        NODE_RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+    ).items():
+        monkeypatch.setenv(key, value)
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=4)
+    Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
+    with pytest.raises(LayoutError, match="world size 2 is not divisible by TP 4 x CP 1 = 4"):
+        strategy.setup_environment()
+    assert not torch.distributed.is_initialized()
