@@ -68,6 +68,22 @@ class LlamaLightningModule(LightningModule):
         self.step_times: list[float] = []
 
     # ------------------------------------------------------------------ building
+    def setup(self, stage: str) -> None:
+        """Check the data against the architecture before the model is built."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        seq_length = getattr(datamodule, "seq_length", None)
+        vocab_size = getattr(datamodule, "vocab_size", None)
+        if seq_length is not None and seq_length != self.arch.seq_length:
+            raise ValueError(
+                f"The data's seq_length ({seq_length}) differs from the model's arch.seq_length "
+                f"({self.arch.seq_length}); set both to the same value."
+            )
+        if vocab_size is not None and vocab_size > self.arch.vocab_size:
+            raise ValueError(
+                f"The data's vocab_size ({vocab_size}) exceeds the model's arch.vocab_size ({self.arch.vocab_size}): "
+                "token ids would index past the embedding."
+            )
+
     def configure_model(self) -> None:
         """Build GPTModel with the layout from the strategy and the precision from the plugin."""
         if self.model is not None:

@@ -41,6 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Lightning's default checkpoint would store the distributed optimizer's state incompletely (Megatron keeps the
+# sharded fp32 weights and moments outside its state_dict()), so refuse instead of writing a checkpoint that
+# cannot resume training.
+CHECKPOINTS_NOT_SUPPORTED = (
+    "MegatronCPStrategy cannot save checkpoints yet (Megatron's distributed optimizer keeps its sharded state "
+    "outside state_dict(); distributed checkpointing is planned). Pass Trainer(enable_checkpointing=False) "
+    "(YAML: trainer.enable_checkpointing: false) and remove ModelCheckpoint callbacks."
+)
+
 
 class MegatronCPStrategy(ParallelStrategy):
     """Tensor x context x data parallel training of Megatron-Core models.
@@ -85,6 +94,10 @@ class MegatronCPStrategy(ParallelStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ and not torch.cuda.is_initialized():
+            # As Megatron-LM's recipes export it: one hardware queue, so the communication kernels that TP/CP
+            # overlap with compute are issued in program order. It only takes effect before CUDA starts.
+            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
         if sequence_parallel and tensor_model_parallel_size == 1:
             log.warning("sequence_parallel needs tensor_model_parallel_size > 1; turning it off.")
             sequence_parallel = False
@@ -156,6 +169,7 @@ class MegatronCPStrategy(ParallelStrategy):
         """Check everything cheap first, then start torch.distributed and Megatron's parallel groups."""
         super().setup_environment()
         self._check_precision_plugin()
+        self._check_no_checkpointing()
         compat.reset_seed()
         self.set_world_ranks()
         arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
@@ -203,6 +217,14 @@ class MegatronCPStrategy(ParallelStrategy):
                 "for BF16 (and leave Trainer(precision=...) unset)."
             )
         plugin.check_supported()
+
+    def _check_no_checkpointing(self) -> None:
+        trainer = self._lightning_module.trainer if self._lightning_module is not None else None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.checkpoint_callbacks:
+            raise ValueError(CHECKPOINTS_NOT_SUPPORTED)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        raise NotImplementedError(CHECKPOINTS_NOT_SUPPORTED)
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout fields of the model's ``TransformerConfig``."""

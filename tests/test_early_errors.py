@@ -1,0 +1,64 @@
+"""Bad inputs fail inside ``trainer.fit`` before any process group, dataset or model exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_llama_fp8 import (
+    FP8UnavailableError,
+    LlamaLightningModule,
+    MegatronCPStrategy,
+    MegatronPrecision,
+    MockDataModule,
+    TEFP8Precision,
+    get_preset,
+)
+
+
+class NeverBuilt(LlamaLightningModule):
+    """Fails the test if Lightning gets as far as building the model."""
+
+    def configure_model(self) -> None:
+        raise AssertionError("configure_model ran: the error came too late")
+
+
+def _fit(plugin: object, enable_checkpointing: bool = False, **strategy_kwargs: object) -> None:
+    module = NeverBuilt(get_preset("llama_tiny", transformer_impl="local"))
+    data = MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, micro_batch_size=1)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronCPStrategy(**strategy_kwargs),
+        plugins=[plugin],
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=enable_checkpointing,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=data)
+
+
+def test_fp8_on_a_machine_without_fp8_fails_first() -> None:
+    with pytest.raises(FP8UnavailableError, match=r"compute capability >= 8\.9.*fallback='bf16'"):
+        _fit(TEFP8Precision())
+    assert not torch.distributed.is_initialized()
+
+
+def test_checkpointing_is_refused_before_training() -> None:
+    with pytest.raises(ValueError, match="enable_checkpointing=False"):
+        _fit(MegatronPrecision(), enable_checkpointing=True)
+    assert not torch.distributed.is_initialized()
+
+
+def test_layout_that_cannot_work_fails_first() -> None:
+    with pytest.raises(ValueError, match="num_attention_heads 8 is not divisible by TP 3"):
+        _fit(MegatronPrecision(), tensor_model_parallel_size=3)
+
+
+def test_lightning_precision_flag_is_rejected_with_the_fix() -> None:
+    module = NeverBuilt(get_preset("llama_tiny", transformer_impl="local"))
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=MegatronCPStrategy(), precision="bf16-mixed", logger=False)
+    with pytest.raises(TypeError, match=r"plugins=\[TEFP8Precision\(\)\]"):
+        trainer.fit(module, datamodule=MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4))
