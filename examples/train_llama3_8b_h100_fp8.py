@@ -15,9 +15,9 @@ import os
 # The recipe sets this so communication kernels are issued in order; it must precede CUDA initialisation.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything
 
-from lightning_llama_fp8 import (  # noqa: E402
+from lightning_llama_fp8 import (
     LlamaConfig,
     LlamaLightningModule,
     MegatronCPStrategy,
@@ -25,7 +25,7 @@ from lightning_llama_fp8 import (  # noqa: E402
     OptimizerSettings,
     TEFP8Precision,
 )
-from lightning_llama_fp8.callbacks import ManualGC  # noqa: E402
+from lightning_llama_fp8.callbacks import ManualGC
 
 
 def main() -> None:

@@ -64,13 +64,13 @@ def validate_layout(
     if arch is not None:
         problems += _model_problems(layout, arch)
     dp = max(world_size // (tp * cp), 1)
-    if global_batch_size is not None and micro_batch_size is not None:
-        if global_batch_size % (micro_batch_size * dp) != 0:
-            problems.append(
-                f"global batch size {global_batch_size} is not divisible by micro batch size "
-                f"{micro_batch_size} x data-parallel size {dp} = {micro_batch_size * dp}: pick a global batch "
-                f"that is a multiple of {micro_batch_size * dp}."
-            )
+    batch_given = global_batch_size is not None and micro_batch_size is not None
+    if batch_given and global_batch_size % (micro_batch_size * dp) != 0:
+        problems.append(
+            f"global batch size {global_batch_size} is not divisible by micro batch size "
+            f"{micro_batch_size} x data-parallel size {dp} = {micro_batch_size * dp}: pick a global batch "
+            f"that is a multiple of {micro_batch_size * dp}."
+        )
     if problems:
         raise LayoutError("Invalid parallel layout:\n  - " + "\n  - ".join(problems))
     return dp
