@@ -54,14 +54,31 @@ def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
     )
 
 
-class LossLog(Callback):
-    """Per-step training loss (the global per-token loss each step returns)."""
+def small_arch(num_layers: int, seq_length: int) -> LlamaConfig:
+    """A ~60M-parameter Llama for layout-equivalence runs: 8 heads / 4 groups divide by TP 2 and CP 2 (a2a)."""
+    return LlamaConfig(
+        num_layers=num_layers,
+        hidden_size=1024,
+        ffn_hidden_size=3584,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=128,
+        vocab_size=32000,
+        seq_length=seq_length,
+    )
+
+
+class StepLog(Callback):
+    """Per-step training loss (the global per-token loss each step returns) and gradient norm."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
         self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        if "train/grad_norm" in trainer.callback_metrics:
+            self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
 def main() -> None:
@@ -75,11 +92,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--cp-comm-type", choices=("p2p", "a2a", "all_gather"), default="p2p")
+    parser.add_argument("--arch", choices=("recipe", "small"), default="recipe")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     seed_everything(1234)
-    arch = recipe_arch(args.layers, args.seq)
+    arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     plugin = TEFP8Precision(fp8_param_gather=True) if args.precision == "fp8" else MegatronPrecision()
     devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     trainer = Trainer(
@@ -89,10 +108,11 @@ def main() -> None:
             tensor_model_parallel_size=args.tp,
             context_parallel_size=args.cp,
             sequence_parallel=args.tp > 1,
+            cp_comm_type=args.cp_comm_type,
         ),
         plugins=[plugin],
         max_steps=args.steps,
-        callbacks=[ManualGC(), loss_log := LossLog()],
+        callbacks=[ManualGC(), step_log := StepLog()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -122,6 +142,8 @@ def main() -> None:
         "micro_batch_size": args.mbs,
         "tp": args.tp,
         "cp": args.cp,
+        "cp_comm_type": args.cp_comm_type,
+        "arch": args.arch,
         "gpus": world,
         "steps": args.steps,
         "timed_steps": len(times),
@@ -130,10 +152,11 @@ def main() -> None:
         "tokens_per_sec_per_gpu": tokens_per_gpu,
         "tflops_per_gpu": arch.flops_per_token() * tokens_per_gpu / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "losses": loss_log.losses,
+        "losses": step_log.losses,
+        "grad_norms": step_log.grad_norms,
     }
     if trainer.is_global_zero:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses")}))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses", "grad_norms")}))
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
 
