@@ -62,6 +62,18 @@ class LlamaConfig:
     masked_softmax_fusion: bool = True
     bias_dropout_fusion: bool = True
 
+    def __post_init__(self) -> None:
+        if self.transformer_impl not in ("transformer_engine", "local"):
+            raise ValueError(f"transformer_impl must be transformer_engine or local, got {self.transformer_impl!r}.")
+        backends = ("auto", "flash", "fused", "unfused", "local")
+        if self.attention_backend not in backends:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {', '.join(backends)}.")
+        if self.zero_centered_gamma and self.transformer_impl == "local":
+            raise ValueError(
+                "zero_centered_gamma needs transformer_impl='transformer_engine' (Megatron-Core's local spec builds "
+                "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
+            )
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels
@@ -127,7 +139,8 @@ class LlamaConfig:
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,
-            apply_rope_fusion=self.apply_rope_fusion,
+            # The fused RoPE kernel comes from Transformer Engine; the local spec runs without TE.
+            apply_rope_fusion=self.apply_rope_fusion and self.transformer_impl == "transformer_engine",
             bias_activation_fusion=self.bias_activation_fusion,
             masked_softmax_fusion=self.masked_softmax_fusion,
             bias_dropout_fusion=self.bias_dropout_fusion,

@@ -99,6 +99,12 @@ def _model_problems(layout: ParallelLayout, arch: LlamaConfig) -> list[str]:
             f"sequence parallelism splits each rank's {arch.seq_length // cp} tokens over TP {tp}: use a "
             "seq_length divisible by CP x TP."
         )
+    if layout.sequence_parallel and tp > 1 and arch.transformer_impl != "transformer_engine":
+        problems.append(
+            "sequence parallelism needs the Transformer Engine layer spec (Megatron-Core's local spec builds "
+            "RMSNorm as torch.nn.RMSNorm, which cannot split activations over TP): set transformer_impl: "
+            "transformer_engine or sequence_parallel: false."
+        )
     if cp > 1 and arch.transformer_impl != "transformer_engine":
         problems.append(
             "context parallelism needs the Transformer Engine layer spec: set transformer_impl: "
