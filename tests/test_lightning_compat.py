@@ -1,0 +1,173 @@
+"""Every wrapper around Lightning's private API still exists and behaves with the installed Lightning."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+
+import lightning
+import pytest
+import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_llama_fp8 import _lightning_compat as compat
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_lightning_version() -> None:
+    major, minor = (int(x) for x in lightning.__version__.split(".")[:2])
+    assert (major, minor) >= (2, 6)
+
+
+def test_subprocess_script_launcher() -> None:
+    launcher = compat.subprocess_script_launcher(LightningEnvironment(), 2, 1)
+    assert callable(launcher.launch)
+    assert launcher.is_interactive_compatible is False  # re-runs the script, so not from a notebook
+    assert launcher.num_processes == 2
+    assert launcher.num_nodes == 1
+
+
+@pytest.fixture
+def restore_rank_zero() -> Iterator[None]:
+    before = (rank_zero_only.rank, utils_rank_zero_only.rank)  # type: ignore[attr-defined]
+    yield
+    rank_zero_only.rank, utils_rank_zero_only.rank = before  # type: ignore[attr-defined]
+
+
+def test_set_rank_zero(restore_rank_zero: None) -> None:
+    compat.set_rank_zero(3)
+    assert rank_zero_only.rank == 3  # type: ignore[attr-defined]
+    assert utils_rank_zero_only.rank == 3  # type: ignore[attr-defined]
+
+    calls: list[int] = []
+    rank_zero_only(lambda: calls.append(1))()
+    assert calls == []  # rank 3 is not rank zero
+
+    compat.set_rank_zero(0)
+    assert rank_zero_only.rank == utils_rank_zero_only.rank == 0  # type: ignore[attr-defined]
+    rank_zero_only(lambda: calls.append(1))()
+    assert calls == [1]
+
+
+def cpu_trainer(**kwargs: object) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_evaluate_without_inference_mode() -> None:
+    trainer = cpu_trainer()
+    loops = [
+        trainer.validate_loop,
+        trainer.test_loop,
+        trainer.predict_loop,
+        trainer.fit_loop.epoch_loop.val_loop,
+    ]
+    # Lightning's defaults: inference mode for validate/test/predict (its in-fit validation already runs
+    # without it). The attribute is what Lightning's evaluation context reads.
+    assert [loop.inference_mode for loop in loops] == [True, True, True, False]
+    compat.evaluate_without_inference_mode(trainer)
+    assert [loop.inference_mode for loop in loops] == [False, False, False, False]
+
+
+class ModeRecorder(LightningModule):
+    """Records the autograd mode each evaluation step runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.modes: dict[str, tuple[bool, bool]] = {}
+
+    def _record(self, stage: str, batch: Tensor) -> Tensor:
+        self.modes[stage] = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        return self.layer(batch).sum()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._record("validate", batch)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._record("test", batch)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._record("predict", batch)
+
+
+def test_evaluation_runs_under_no_grad_not_inference_mode() -> None:
+    loader = DataLoader(torch.randn(2, 2), batch_size=2)
+    model = ModeRecorder()
+    trainer = cpu_trainer()
+    trainer.validate(model, loader, verbose=False)
+    assert model.modes["validate"] == (True, False)  # Lightning's default, without the wrapper
+
+    compat.evaluate_without_inference_mode(trainer)
+    trainer.validate(model, loader, verbose=False)
+    trainer.test(model, loader, verbose=False)
+    trainer.predict(model, loader)
+    assert model.modes == {stage: (False, False) for stage in ("validate", "test", "predict")}
+
+
+def test_reset_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.fabric.utilities.seed import seed_everything
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    seed_everything(7, verbose=False)
+    first = torch.rand(3)
+    torch.rand(5)
+    compat.reset_seed()
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_collectives_without_process_group() -> None:
+    assert not torch.distributed.is_initialized()
+    tensor = torch.tensor([1.0, 2.0])
+    assert compat.sync_ddp_if_available(tensor, None, "sum") is tensor
+    assert compat.sync_ddp_if_available(tensor, None, "mean") is tensor
+    assert compat.all_gather_ddp_if_available(tensor, None, sync_grads=False) is tensor
+
+
+def test_init_dist_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not torch.distributed.is_initialized()
+    port = _free_port()
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    environment = LightningEnvironment()
+    try:
+        compat.init_dist_connection(environment, "gloo", timedelta(minutes=1))
+        assert torch.distributed.is_initialized()
+        assert torch.distributed.get_backend() == "gloo"
+        assert torch.distributed.get_world_size() == 1
+        assert torch.distributed.get_rank() == 0
+        assert os.environ["MASTER_PORT"] == str(port)
+
+        compat.init_dist_connection(environment, "gloo", None)  # already running: a no-op
+        assert torch.distributed.get_world_size() == 1
+
+        # The collectives now go through the group (of one).
+        summed = compat.sync_ddp_if_available(torch.tensor([2.0, 4.0]), None, "sum")
+        assert torch.equal(summed, torch.tensor([2.0, 4.0]))
+        gathered = compat.all_gather_ddp_if_available(torch.tensor([5.0]), None, sync_grads=False)
+        assert gathered.shape == (1, 1)
+        assert gathered.item() == 5.0
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert not torch.distributed.is_initialized()
