@@ -1,0 +1,299 @@
+"""The ``llama-fp8`` command on the CPU: config round trips, the pre-flight that refuses to train here, ``plan``."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import lightning_llama_fp8.cli as cli
+from lightning_llama_fp8.cli import EXIT_CANNOT_TRAIN, LlamaCLI, main, plan_from_config
+from lightning_llama_fp8.config import get_preset
+from lightning_llama_fp8.plan import GIB
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+CONFIG_8B = ROOT / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"
+PARAMS_8B = "8,030,261,248"
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
+
+
+def test_example_configs_found() -> None:
+    assert CONFIG_8B in CONFIGS
+    assert len(CONFIGS) >= 2
+
+
+def print_config(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``llama-fp8 fit --config path --print_config``: the printed YAML (LightningCLI exits 0 after printing)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert excinfo.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def no_preflight(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record pre-flight calls instead of running them."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli, "preflight", calls.append)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------- print_config
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_print_config_round_trip(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_preflight: list[dict[str, Any]]
+) -> None:
+    first = print_config(path, capsys)
+    printed = yaml.safe_load(first)
+    assert isinstance(printed, dict) and "trainer" in printed
+    copy = tmp_path / "printed.yaml"
+    copy.write_text(first)
+    second = print_config(copy, capsys)
+    assert second == first
+    assert no_preflight == []  # --print_config exits while parsing, before before_instantiate_classes
+
+    # The values the config set survived the trip (and the defaults were filled in).
+    raw = yaml.safe_load(path.read_text())
+    for config in (printed, yaml.safe_load(second)):
+        trainer = config["trainer"]
+        strategy, raw_strategy = trainer["strategy"], raw["trainer"]["strategy"]
+        assert strategy["class_path"] == "lightning_llama_fp8.MegatronCPStrategy"
+        for key, value in raw_strategy["init_args"].items():
+            assert strategy["init_args"][key] == value, key
+        assert strategy["init_args"]["context_parallel_size"] == raw_strategy["init_args"]["context_parallel_size"]
+
+        (plugin,) = trainer["plugins"]
+        (raw_plugin,) = raw["trainer"]["plugins"]
+        assert plugin["class_path"] == raw_plugin["class_path"] == "lightning_llama_fp8.TEFP8Precision"
+        assert plugin["init_args"] == {
+            "recipe": "delayed",
+            "fp8_format": "hybrid",
+            "margin": 0,
+            "amax_history_len": 1024,
+            "amax_compute_algo": "max",
+            "fp8_param_gather": False,
+            "fallback": None,
+            **raw_plugin["init_args"],
+        }
+
+        for key, value in raw["model"]["arch"].items():
+            assert config["model"]["arch"][key] == value, key
+        for key, value in raw["model"]["optimizer"].items():
+            assert config["model"]["optimizer"][key] == pytest.approx(value), key
+
+        assert config["data"]["class_path"] == raw["data"]["class_path"]
+        for key in ("global_batch_size", "micro_batch_size", "seq_length", "vocab_size"):
+            assert config["data"]["init_args"][key] == raw["data"]["init_args"][key], key
+        assert trainer["devices"] == raw["trainer"]["devices"]
+        assert config["seed_everything"] == raw["seed_everything"]
+
+    # `llama-fp8 plan` reads the printed (fully expanded) config the way it reads the hand-written one.
+    assert plan_from_config(printed) == plan_from_config(raw)
+
+
+def test_print_config_8b_values(capsys: pytest.CaptureFixture[str], no_preflight: list[dict[str, Any]]) -> None:
+    config = yaml.safe_load(print_config(CONFIG_8B, capsys))
+    strategy = config["trainer"]["strategy"]["init_args"]
+    assert strategy["context_parallel_size"] == 2
+    assert strategy["tensor_model_parallel_size"] == 1
+    assert config["trainer"]["plugins"][0]["init_args"]["fp8_param_gather"] is True
+    assert config["model"]["arch"]["num_layers"] == 32
+    assert config["model"]["arch"]["rotary_base"] == 1_000_000
+    assert config["data"]["init_args"]["global_batch_size"] == 128
+
+
+def test_only_fit_and_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(LlamaCLI.subcommands()) == {"fit", "validate"}
+    with pytest.raises(SystemExit) as excinfo:
+        main(["test", "--config", str(CONFIG_8B)])
+    assert excinfo.value.code != 0
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+@no_gpu
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_fit_preflight_refuses_on_cpu(
+    path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instantiated: list[Any] = []
+    monkeypatch.setattr(LlamaCLI, "instantiate_classes", lambda self: instantiated.append(self))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(path)])
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN == 2
+    assert instantiated == []  # no Trainer, strategy, model or data module was built
+
+    out, err = capsys.readouterr()
+    expected = plan_from_config(yaml.safe_load(path.read_text()))
+    assert f"{expected.total_parameters:,} total" in out
+    assert "Memory per GPU" in out
+    assert f"{expected.memory.total / GIB:,.2f} GiB" in out
+    assert "Not training: no CUDA GPU is visible" in err
+    assert "FP8 training needs NVIDIA GPUs" in err
+    assert "compute capability >= 8.9" in err
+    assert "run the same command on a machine that has them" in err
+
+
+@no_gpu
+def test_fit_preflight_8b_plan(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LlamaCLI, "instantiate_classes", lambda self: pytest.fail("classes were instantiated"))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(CONFIG_8B)])
+    assert excinfo.value.code == 2
+    out = capsys.readouterr().out
+    assert f"{PARAMS_8B} total" in out
+    assert "TP 1 x CP 2 x DP 4 = 8 GPUs" in out
+    assert "32 micro batches per step" in out
+    assert "fp8, FP8 param gather on" in out
+
+
+def test_preflight_ignores_other_strategies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "fp8_support", lambda recipe="delayed": pytest.fail("checked the GPU"))
+    cli.preflight({"trainer": {"strategy": "ddp", "devices": 2}})
+    cli.preflight({"trainer": {}})
+
+
+@no_gpu
+def test_preflight_bf16_also_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config)
+    assert excinfo.value.code == 2
+    out, err = capsys.readouterr()
+    assert "bf16, FP8 param gather off" in out
+    assert "Training needs NVIDIA GPUs" in err
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def run_plan(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def line(out: str, label: str) -> str:
+    (found,) = [row for row in out.splitlines() if row.strip().startswith(label)]
+    return found
+
+
+def test_plan_8b(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_plan(["--config", str(CONFIG_8B)], capsys)
+    assert code == 0
+    assert err == ""
+    assert f"{PARAMS_8B} total" in out
+    assert "TP 1 x CP 2 x DP 4 = 8 GPUs" in out
+    assert "global 128, micro 1, 32 micro batches per step, 1,048,576 tokens per step" in out
+    assert "fp8, FP8 param gather on" in out
+    assert "Memory per GPU" in out
+
+
+def test_plan_gpus_6_is_a_layout_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # 6 GPUs divide into TP 1 x CP 2, but DP 3 does not divide the global batch of 128.
+    code, out, err = run_plan(["--config", str(CONFIG_8B), "--gpus", "6"], capsys)
+    assert code == EXIT_CANNOT_TRAIN
+    assert out == ""
+    assert err.startswith("llama-fp8 plan: Invalid parallel layout")
+    assert "global batch size 128 is not divisible by micro batch size 1 x data-parallel size 3" in err
+
+
+def test_plan_gpus_not_divisible_by_model_parallel(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_plan(["--config", str(CONFIG_8B), "--gpus", "5"], capsys)
+    assert code == 2
+    assert out == ""
+    assert "world size 5 is not divisible by TP 1 x CP 2" in err
+
+
+def test_plan_70b_tp8(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_plan(["--arch", "llama3_70b", "--gpus", "8", "--tp", "8"], capsys)
+    assert code == 0, err
+    assert "80 layers, hidden 8,192" in out
+    assert "TP 8 x CP 1 x DP 1 = 8 GPUs" in out
+    assert f"{get_preset('llama3_70b').num_parameters(8):,} total" in out  # vocab padded to 1024 x TP 8
+    assert "bf16, FP8 param gather off" in out  # no config, no FP8 plugin
+
+
+def test_plan_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_plan(
+        ["--config", str(CONFIG_8B), "--tp", "2", "--cp", "1", "--sequence-parallel", "--global-batch-size", "64"],
+        capsys,
+    )
+    assert code == 0
+    assert "TP 2 x CP 1 x DP 4 = 8 GPUs, sequence parallel on" in out
+    assert "global 64, micro 1, 16 micro batches per step" in out
+
+
+def test_plan_precision_changes_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    _, fp8_out, _ = run_plan(["--config", str(CONFIG_8B)], capsys)
+    code, bf16_out, _ = run_plan(["--config", str(CONFIG_8B), "--precision", "bf16"], capsys)
+    assert code == 0
+    assert "fp8, FP8 param gather on" in fp8_out
+    assert "bf16, FP8 param gather off" in bf16_out
+    fp8_weights, bf16_weights = line(fp8_out, "weights"), line(bf16_out, "weights")
+    assert fp8_weights != bf16_weights
+    assert bf16_weights.endswith(f"{2 * 8_030_261_248 / GIB:,.2f} GiB")  # every weight in bf16
+
+    def gib(row: str) -> float:
+        return float(row.split()[-2].replace(",", ""))
+
+    assert gib(fp8_weights) < gib(bf16_weights)
+    # --precision fp8 keeps the config's FP8 plugin (and its param gather).
+    _, again, _ = run_plan(["--config", str(CONFIG_8B), "--precision", "fp8"], capsys)
+    assert again == fp8_out
+
+
+def test_plan_missing_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit) as excinfo:
+        main(["plan", "--config", str(missing)])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config file {missing} does not exist" in err
+    assert "usage: llama-fp8 plan" in err
+
+
+def test_plan_without_gpu_count(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_plan(["--arch", "llama3_8b"], capsys)
+    assert code == 2
+    assert out == ""
+    assert "--gpus" in err
+
+
+def test_plan_from_config_needs_gpus_when_devices_is_auto() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["devices"] = "auto"
+    with pytest.raises(ValueError, match=r"trainer\.devices is 'auto'.*--gpus"):
+        plan_from_config(config)
+    del config["trainer"]["devices"]
+    with pytest.raises(ValueError, match="--gpus"):
+        plan_from_config(config)
+    plan = plan_from_config(config, gpus=8)
+    assert plan.world_size == 8
+    assert plan.data_parallel_size == 4
+
+
+def test_plan_from_config_reads_devices_and_nodes() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"].update(devices="4", num_nodes=2)
+    assert plan_from_config(config).world_size == 8
+    config["trainer"].update(devices=[0, 1], num_nodes=4)
+    assert plan_from_config(config).world_size == 8
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+def test_console_script_entry_point() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["llama-fp8"] == "lightning_llama_fp8.cli:main"
+    module_name, attr = scripts["llama-fp8"].split(":")
+    entry = getattr(importlib.import_module(module_name), attr)
+    assert callable(entry)
+    assert entry is main
