@@ -121,7 +121,10 @@ def main() -> None:
         limit_val_batches=0,
     )
     module = LlamaLightningModule(
-        arch, OptimizerSettings(lr=1.5e-4, min_lr=1e-5, warmup_steps=2, decay_steps=args.steps)
+        arch,
+        OptimizerSettings(
+            lr=1.5e-4, min_lr=1e-5, warmup_steps=2, decay_steps=args.steps, decoupled_lr=5e-4, decoupled_min_lr=4.5e-5
+        ),
     )
     data = MockDataModule(
         seq_length=args.seq, vocab_size=arch.vocab_size, global_batch_size=args.gbs, micro_batch_size=args.mbs

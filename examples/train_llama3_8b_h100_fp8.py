@@ -55,6 +55,8 @@ def main() -> None:
         clip_grad=1.0,
         warmup_steps=min(30_518, args.max_steps // 10),  # --lr-warmup-samples 3,906,252 / 128
         decay_steps=min(15_228_271, args.max_steps),  # --lr-decay-samples 1,949,218,748 / 128
+        decoupled_lr=5e-4,  # --decoupled-lr (embedding and output layer)
+        decoupled_min_lr=4.5e-5,  # --decoupled-min-lr
     )
     trainer = Trainer(
         accelerator="gpu",

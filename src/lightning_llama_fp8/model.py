@@ -44,6 +44,10 @@ class OptimizerSettings:
     warmup_steps: int = 100
     # None: decay over the whole run (trainer.max_steps).
     decay_steps: int | None = None
+    # Megatron-LM's --decoupled-lr / --decoupled-min-lr: a separate peak / final LR for the input embedding
+    # and output layer (None: same as the rest).
+    decoupled_lr: float | None = None
+    decoupled_min_lr: float | None = None
     decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = "cosine"
 
 
@@ -122,6 +126,8 @@ class LlamaLightningModule(LightningModule):
             adam_beta2=self.optim.adam_beta2,
             adam_eps=self.optim.adam_eps,
             clip_grad=self.optim.clip_grad,
+            decoupled_lr=self.optim.decoupled_lr,
+            decoupled_min_lr=self.optim.decoupled_min_lr,
             bf16=True,
             params_dtype=torch.bfloat16,
             use_distributed_optimizer=strategy.use_distributed_optimizer,
