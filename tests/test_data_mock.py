@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch import Trainer
 from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_llama_fp8.data import MockDataModule, check_split_sizes
+from tests.distributed import run_distributed
 
 SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
 KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -172,11 +170,11 @@ def test_missing_max_steps_error_and_trainer_defaults() -> None:
     assert len(dm.val_dataset) == 10 * GBS
 
 
-def _dp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _dp_worker(rank: int, world_size: int) -> dict:
     """One DP rank: build the module under megatron's parallel_state and shard like Lightning."""
     from megatron.core import parallel_state
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)  # env:// set by run_distributed
     try:
         parallel_state.initialize_model_parallel(1, 1)
         dm = _module()
@@ -214,21 +212,15 @@ def _dp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None
             error = ""
         except ValueError as exc:
             error = str(exc)
-        if rank == 0:
-            Path(out_dir, "result.json").write_text(json.dumps({"gathered": gathered, "error": error}))
+        return {"gathered": gathered, "error": error}
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
 def test_data_parallel_ranks_get_distinct_halves(tmp_path: Path) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # fork, not spawn: the children inherit the already-imported megatron (a fresh import takes ~10 s).
-    # Safe here because nothing touches CUDA and torch resets OpenMP in forked children.
-    mp.start_processes(
-        _dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
-    result = json.loads((tmp_path / "result.json").read_text())
+    # Spawned, not forked: forking a pytest process that already ran gloo/torch threads can deadlock.
+    result = run_distributed(_dp_worker, 2, tmp_path)[0]
     rank0, rank1 = result["gathered"]
     assert rank0["fingerprint"] == rank1["fingerprint"]
     assert set(rank0["indices"]).isdisjoint(rank1["indices"])
