@@ -200,14 +200,15 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
-        return plan_main(argv[1:])
+    """Entry point of ``llama-fp8``; ``argv`` defaults to the command line."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] == "plan":
+        return plan_main(words[1:])
     LlamaCLI(
         LlamaLightningModule,
         MockDataModule,
         subclass_mode_data=True,
-        args=argv,
+        args=argv,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
     )
     return 0
