@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +15,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
@@ -48,7 +43,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *ar
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result."""
     mp.start_processes(
         _worker,
-        args=(world_size, _free_port(), fn, args, str(tmp_path)),
+        args=(world_size, free_port(), fn, args, str(tmp_path)),
         nprocs=world_size,
         join=True,
         start_method="spawn",

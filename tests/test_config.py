@@ -5,7 +5,6 @@ they produce, vocabulary padding, FLOPs and preset lookup. CPU only; models are 
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +19,7 @@ from lightning_llama_fp8.config import (
     llama3_8b_4layers,
     resolve_arch,
 )
+from tests.helpers import free_port
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).
 PUBLISHED = {
@@ -38,19 +38,13 @@ def cpu_arch(name: str, **overrides: object) -> LlamaConfig:
     return get_preset(name, transformer_impl="local", apply_rope_fusion=False, **overrides)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def megatron_tp1() -> Iterator[None]:
     """A 1-process gloo group and Megatron's parallel_state at TP 1, CP 1 (what GPTModel's layers read)."""
     from megatron.core import parallel_state
 
     assert not torch.distributed.is_initialized(), "another test leaked a process group"
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(1, 1)
         yield

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Trainer
 from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_llama_fp8.data import MockDataModule, check_split_sizes
 from tests.distributed import run_distributed
+from tests.helpers import cpu_trainer
 
 SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
 KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -141,31 +141,19 @@ def test_setup_rejects_tiny_mock_corpus_instead_of_hanging(monkeypatch: pytest.M
     assert _first_batch(dm)["tokens"].shape == (GBS // MBS, MBS, SEQ)
 
 
-def _trainer(**kwargs: object) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
 def test_missing_max_steps_error_and_trainer_defaults() -> None:
     dm = _module(train_samples=None, val_samples=None)
-    dm.trainer = _trainer(max_epochs=1)  # max_steps stays -1
+    dm.trainer = cpu_trainer(max_epochs=1)  # max_steps stays -1
     with pytest.raises(ValueError, match=r"trainer.max_steps.*data.train_samples"):
         dm.setup("fit")
 
     dm = _module(train_samples=None, val_samples=None)
-    dm.trainer = _trainer(max_steps=3, limit_val_batches=2)
+    dm.trainer = cpu_trainer(max_steps=3, limit_val_batches=2)
     dm.setup("fit")
     assert len(dm.train_dataset) == 3 * GBS and len(dm.train_dataloader()) == 3
     assert len(dm.val_dataset) == 2 * GBS  # limit_val_batches global batches
     dm = _module(train_samples=None, val_samples=None)
-    dm.trainer = _trainer(max_steps=3)  # limit_val_batches=1.0: the documented 10 global batches
+    dm.trainer = cpu_trainer(max_steps=3)  # limit_val_batches=1.0: the documented 10 global batches
     dm.setup("fit")
     assert len(dm.val_dataset) == 10 * GBS
 

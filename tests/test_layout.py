@@ -4,7 +4,6 @@ real (single-process, CPU, gloo) Lightning Trainer."""
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +16,7 @@ from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_lay
 from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.precision import MegatronPrecision
 from lightning_llama_fp8.strategy import MegatronCPStrategy
+from tests.helpers import free_port
 
 
 def layout(tp: int = 1, cp: int = 1, sp: bool = False, comm: str = "p2p") -> ParallelLayout:
@@ -251,10 +251,6 @@ def test_strategy_rejects_a_non_megatron_precision_before_starting_processes() -
 
 
 # ---------------------------------------------------------------------------------------------- real Trainer
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -267,7 +263,7 @@ def dist_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Rendezvous variables for Lightning's env:// init; monkeypatch restores whatever Lightning writes."""
     assert not torch.distributed.is_initialized(), "another test leaked a process group"
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -11,19 +10,14 @@ import lightning
 import pytest
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_llama_fp8 import _lightning_compat as compat
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import cpu_trainer, free_port
 
 
 def test_lightning_version() -> None:
@@ -59,18 +53,6 @@ def test_set_rank_zero(restore_rank_zero: None) -> None:
     assert rank_zero_only.rank == utils_rank_zero_only.rank == 0  # type: ignore[attr-defined]
     rank_zero_only(lambda: calls.append(1))()
     assert calls == [1]
-
-
-def cpu_trainer(**kwargs: object) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 def test_evaluate_without_inference_mode() -> None:
@@ -145,7 +127,7 @@ def test_collectives_without_process_group() -> None:
 
 def test_init_dist_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not torch.distributed.is_initialized()
-    port = _free_port()
+    port = free_port()
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("WORLD_SIZE", "1")

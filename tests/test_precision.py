@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from lightning_llama_fp8.precision import (
     fp8_support,
     is_megatron_model,
 )
+from tests.helpers import free_port
 
 BF16_KWARGS = {"bf16": True, "params_dtype": torch.bfloat16}
 REFERENCE_FP8_KWARGS = {
@@ -123,19 +123,13 @@ def fake_te(monkeypatch: pytest.MonkeyPatch) -> FakeTE:
     return state
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def megatron_groups() -> Iterator[Any]:
     """A 1-process gloo group with Megatron's parallel_state (TP 1, CP 1) built on it; torn down afterwards."""
     from megatron.core import parallel_state
 
     assert not torch.distributed.is_initialized()
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=1)
         yield parallel_state
