@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_llama_fp8 import MegatronCPStrategy
 from tests.distributed import run_distributed
 
 
@@ -117,3 +118,15 @@ def test_layout_error_before_process_group(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(LayoutError, match="world size 2 is not divisible by TP 4 x CP 1 = 4"):
         strategy.setup_environment()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("comm", ["p2p", "a2a", "all_gather"])
+def test_cp_comm_type_reaches_the_transformer_config(comm: str) -> None:
+    from lightning_llama_fp8 import get_preset
+
+    strategy = MegatronCPStrategy(context_parallel_size=2, cp_comm_type=comm)
+    strategy.parallel_devices = [torch.device("cpu")] * 2
+    kwargs = strategy.transformer_config_kwargs()
+    assert kwargs["cp_comm_type"] == comm and kwargs["context_parallel_size"] == 2
+    config = get_preset("llama_tiny", apply_rope_fusion=False).transformer_config(**kwargs)
+    assert config.cp_comm_type == comm and config.context_parallel_size == 2
