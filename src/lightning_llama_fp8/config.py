@@ -74,10 +74,6 @@ class LlamaConfig:
                 "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels
-
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """The embedding size Megatron allocates: vocab rounded up to ``divisible_by * TP``."""
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size

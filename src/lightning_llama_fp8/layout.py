@@ -63,7 +63,7 @@ def validate_layout(
         problems.append(f"cp_comm_type {layout.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}.")
     if arch is not None:
         problems += _model_problems(layout, arch)
-    dp = max(world_size // (tp * cp), 1)
+    dp = max(layout.data_parallel_size(world_size), 1)
     batch_given = global_batch_size is not None and micro_batch_size is not None
     if batch_given and global_batch_size % (micro_batch_size * dp) != 0:
         problems.append(

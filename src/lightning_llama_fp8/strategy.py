@@ -322,11 +322,11 @@ class MegatronCPStrategy(ParallelStrategy):
         """
         from megatron.core.optimizer import MegatronOptimizer
 
-        inner = getattr(optimizer, "_optimizer", optimizer)
-        if not isinstance(inner, MegatronOptimizer):
+        # LightningOptimizer.step hands the strategy the unwrapped optimizer.
+        if not isinstance(optimizer, MegatronOptimizer):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         closure()
-        return inner.step()
+        return optimizer.step()
 
     # ------------------------------------------------------------------ validation around overlapped gathers
     def on_validation_start(self) -> None:

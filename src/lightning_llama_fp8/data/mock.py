@@ -192,11 +192,6 @@ def _data_parallel_size_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def _is_global_zero() -> bool:
-    """True on global rank 0 or when torch.distributed is not initialised."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 class MockDataModule(LightningDataModule):
     """Synthetic Llama-3 pretraining data from megatron-core's ``MockGPTDataset``.
 
@@ -392,15 +387,14 @@ class MockDataModule(LightningDataModule):
         self.train_dataset = Subset(train_ds, range(train_samples))
         self.val_dataset = Subset(val_ds, range(val_samples))
 
-        if _is_global_zero():
-            rank_zero_info(
-                f"MockDataModule: train {train_samples} / validation {val_samples} / test 0 samples "
-                f"of {self.seq_length} tokens (vocab {self.vocab_size}, seed {self.seed}, effective "
-                f"split {config.split!r}, data.split={self.split!r}); global batch "
-                f"{self.global_batch_size} = {self.num_microbatches} micro-batches x "
-                f"{self.micro_batch_size} samples x {self.dp_size} DP ranks; DataLoader batch "
-                f"[{self.num_microbatches}, {self.micro_batch_size}, {self.seq_length}] per DP rank."
-            )
+        rank_zero_info(  # logs on global rank 0 only
+            f"MockDataModule: train {train_samples} / validation {val_samples} / test 0 samples "
+            f"of {self.seq_length} tokens (vocab {self.vocab_size}, seed {self.seed}, effective "
+            f"split {config.split!r}, data.split={self.split!r}); global batch "
+            f"{self.global_batch_size} = {self.num_microbatches} micro-batches x "
+            f"{self.micro_batch_size} samples x {self.dp_size} DP ranks; DataLoader batch "
+            f"[{self.num_microbatches}, {self.micro_batch_size}, {self.seq_length}] per DP rank."
+        )
 
     def _dataloader(self, dataset: Dataset | None, name: str) -> DataLoader:
         """Build a DataLoader for one split; Lightning injects the DistributedSampler later."""
