@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--cp-comm-type", choices=("p2p", "a2a", "all_gather"), default="p2p")
     parser.add_argument("--arch", choices=("recipe", "small"), default="recipe")
+    parser.add_argument("--cpu-init", action="store_true", help="same initial weights for every TP size")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the recipe's four learning rates")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -109,6 +111,7 @@ def main() -> None:
             context_parallel_size=args.cp,
             sequence_parallel=args.tp > 1,
             cp_comm_type=args.cp_comm_type,
+            use_cpu_initialization=args.cpu_init,
         ),
         plugins=[plugin],
         max_steps=args.steps,
@@ -120,10 +123,16 @@ def main() -> None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+    scale = args.lr_scale
     module = LlamaLightningModule(
         arch,
         OptimizerSettings(
-            lr=1.5e-4, min_lr=1e-5, warmup_steps=2, decay_steps=args.steps, decoupled_lr=5e-4, decoupled_min_lr=4.5e-5
+            lr=1.5e-4 * scale,
+            min_lr=1e-5 * scale,
+            warmup_steps=2,
+            decay_steps=args.steps,
+            decoupled_lr=5e-4 * scale,
+            decoupled_min_lr=4.5e-5 * scale,
         ),
     )
     data = MockDataModule(
@@ -147,6 +156,8 @@ def main() -> None:
         "cp": args.cp,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
+        "lr_scale": args.lr_scale,
+        "cpu_init": args.cpu_init,
         "gpus": world,
         "steps": args.steps,
         "timed_steps": len(times),

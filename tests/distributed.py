@@ -41,6 +41,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
 
 def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.start_processes(
         _worker,
         args=(world_size, free_port(), fn, args, str(tmp_path)),

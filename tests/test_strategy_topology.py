@@ -130,3 +130,47 @@ def test_cp_comm_type_reaches_the_transformer_config(comm: str) -> None:
     assert kwargs["cp_comm_type"] == comm and kwargs["context_parallel_size"] == 2
     config = get_preset("llama_tiny", apply_rope_fusion=False).transformer_config(**kwargs)
     assert config.cp_comm_type == comm and config.context_parallel_size == 2
+
+
+def _weights_worker(rank: int, world_size: int) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """Build llama_tiny (local spec) with TP = world size; return each weight with its TP partition dim/stride."""
+    from lightning.pytorch import Trainer
+
+    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision, get_preset
+
+    torch.manual_seed(7)  # the CPU generator Megatron's CPU initialisation draws from
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=world_size, use_cpu_initialization=True)
+    Trainer(accelerator="cpu", devices=world_size, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
+    strategy.setup_environment()
+    arch = get_preset("llama_tiny", transformer_impl="local", vocab_size=1024)
+    model = arch.build_model(arch.transformer_config(**strategy.transformer_config_kwargs()))
+    out = {}
+    for name, param in model.named_parameters():
+        split = getattr(param, "tensor_model_parallel", False)
+        dim = getattr(param, "partition_dim", -1) if split else -1
+        out[name] = (param.detach().float().clone(), dim, getattr(param, "partition_stride", 1))
+    strategy.teardown()
+    return out
+
+
+def _unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of Megatron's CPU split: the full weight is [stride chunk 0 of every rank, stride chunk 1, ...]."""
+    chunks = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([chunks[rank][j] for j in range(stride) for rank in range(len(shards))], dim=dim)
+
+
+def test_cpu_initialization_gives_tp2_the_slices_of_the_one_gpu_weights(tmp_path: Path) -> None:
+    """With use_cpu_initialization every TP size starts from the same model (how parallel_equivalence compares)."""
+    (single,) = run_distributed(_weights_worker, 1, tmp_path / "tp1")
+    tp2 = run_distributed(_weights_worker, 2, tmp_path / "tp2")
+    assert single.keys() == tp2[0].keys()
+    strides = set()
+    for name, (full, _, _) in single.items():
+        shards = [rank_weights[name][0] for rank_weights in tp2]
+        dim, stride = tp2[0][name][1], tp2[0][name][2]
+        strides.add(stride)
+        rebuilt = shards[0] if dim < 0 else _unshard(shards, dim, stride)
+        if dim < 0:
+            assert torch.equal(shards[0], shards[1]), name  # replicated weights (norms) agree across ranks
+        assert torch.equal(rebuilt, full), name
+    assert strides == {1, 2}  # the SwiGLU fc1 [gate; up] interleave (stride 2) was exercised

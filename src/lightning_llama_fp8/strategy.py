@@ -67,6 +67,10 @@ class MegatronCPStrategy(ParallelStrategy):
         average_in_collective: average gradients inside the collective rather than before it.
         bucket_size: gradient bucket size in elements (``None``: Megatron's default).
         check_for_nan_in_grad: have Megatron DDP assert that gradients are finite before reducing them.
+        use_cpu_initialization: draw every full weight on the CPU from one seed and give each TP rank its slice,
+            so any TP size starts from exactly the weights of one GPU (for reproducing runs across layouts). Off:
+            each TP rank draws its own slice on the GPU (Megatron's default, much faster for big models). Always
+            on when training on CPU.
         seed: seed for Megatron's model-parallel RNG streams (defaults to Lightning's global seed or 1234).
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
@@ -88,6 +92,7 @@ class MegatronCPStrategy(ParallelStrategy):
         average_in_collective: bool = False,
         bucket_size: int | None = None,
         check_for_nan_in_grad: bool = False,
+        use_cpu_initialization: bool = False,
         seed: int | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
@@ -117,6 +122,7 @@ class MegatronCPStrategy(ParallelStrategy):
         self.average_in_collective = average_in_collective
         self.bucket_size = bucket_size
         self.check_for_nan_in_grad = check_for_nan_in_grad
+        self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -233,7 +239,7 @@ class MegatronCPStrategy(ParallelStrategy):
             "tensor_model_parallel_size": tp,
             "context_parallel_size": cp,
             "sequence_parallel": self.layout.sequence_parallel,
-            "use_cpu_initialization": self.root_device.type != "cuda",
+            "use_cpu_initialization": self.use_cpu_initialization or self.root_device.type != "cuda",
         }
         if cp > 1:
             kwargs["cp_comm_type"] = self.layout.cp_comm_type
