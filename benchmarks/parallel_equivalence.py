@@ -57,6 +57,9 @@ def train(
     """One ``bench_throughput.py`` run; ``gpu`` pins a one-GPU run to that card so two can run side by side."""
     tag = f"{layout.name}_{precision}{'_cpuinit' if cpu_init else ''}"
     out = args.out_dir / f"{tag}.json"
+    if args.reuse and out.exists():
+        print(f"reusing {out.name}", flush=True)
+        return json.loads(out.read_text())
     cmd = [
         str(HERE / "bench_throughput.py"), "--arch", "small", "--layers", str(args.layers), "--seq", str(args.seq),
         "--gbs", str(args.gbs), "--mbs", "1", "--steps", str(args.steps), "--warmup", "2",
@@ -131,6 +134,7 @@ def main() -> None:
         "well above zero, where per-step relative differences mean something",
     )
     parser.add_argument("--fp8", action="store_true", help="also run each layout in FP8 and compare with BF16")
+    parser.add_argument("--reuse", action="store_true", help="reuse run JSONs already in --out-dir (resume)")
     parser.add_argument("--only", nargs="*", help="layout names to run (default: all that fit --gpus)")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
