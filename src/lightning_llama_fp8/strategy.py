@@ -140,6 +140,16 @@ class MegatronCPStrategy(ParallelStrategy):
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
     @property
+    def is_distributed(self) -> bool:
+        """Tells Lightning to give each DataLoader a ``DistributedSampler`` built from the kwargs below.
+
+        Lightning only does that for its own distributed strategies or one that defines this property; without
+        it every DP rank would read the same samples (found by ``benchmarks/parallel_equivalence.py``: DP2 did
+        not match one GPU).
+        """
+        return True
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """One sampler shard per model replica: TP and CP ranks of a replica read the same samples."""
         from megatron.core import parallel_state
