@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from lightning_llama_fp8.data import MockDataModule, check_split_sizes
 from tests.distributed import run_distributed
@@ -169,18 +169,9 @@ def _dp_worker(rank: int, world_size: int) -> dict:
         dm.setup("fit")
         assert (dm.dp_size, dm.dp_rank, dm.num_microbatches) == (2, rank, GBS // (MBS * 2))
 
-        # What Lightning does: swap the SequentialSampler for a DistributedSampler built from the
-        # strategy's distributed_sampler_kwargs (shuffle=False because the loader was not shuffled).
-        plain = dm.train_dataloader()
-        sampler = DistributedSampler(plain.dataset, num_replicas=2, rank=rank, shuffle=False)
-        loader = DataLoader(
-            plain.dataset,
-            batch_size=plain.batch_size,
-            sampler=sampler,
-            drop_last=plain.drop_last,
-            collate_fn=plain.collate_fn,
-            num_workers=0,
-        )
+        loader = dm.train_dataloader()
+        sampler = loader.sampler
+        assert isinstance(sampler, DistributedSampler) and not sampler.shuffle  # Megatron's order, not Lightning's
         batches = list(loader)
         assert len(batches) == 4  # still one batch per optimizer step
         for batch in batches:
@@ -218,41 +209,67 @@ def test_data_parallel_ranks_get_distinct_halves(tmp_path: Path) -> None:
     assert "global_batch_size (6)" in result["error"] and "data-parallel size (2)" in result["error"]
 
 
-def _samples_seen_through_lightning(rank: int, world_size: int) -> list[list[int]]:
-    """Validate a recording module under MegatronCPStrategy: which samples (by content) did this rank get?"""
+def _samples_seen_through_lightning(rank: int, world_size: int) -> dict[str, list[list[int]]]:
+    """Fit and validate a recording module under MegatronCPStrategy: which samples (by content) did this rank get?
+
+    Megatron-Core needs CUDA for its DDP wrapper, so this test-only strategy skips it; everything Lightning does
+    with the DataLoaders (sampler injection for training and validation) runs for real.
+    """
     from lightning.pytorch import LightningModule, Trainer
 
     from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
 
+    def fingerprint(batch: dict[str, torch.Tensor]) -> list[int]:
+        return [hash(tuple(sample.tolist())) for sample in batch["tokens"].reshape(-1, SEQ)]
+
     class SampleRecorder(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.seen: list[list[int]] = []
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: dict[str, list[list[int]]] = {"train": [], "val": []}
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            self.seen["train"].append(fingerprint(batch))
+            return (self.weight**2).sum()
 
         def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-            samples = batch["tokens"].reshape(-1, SEQ)
-            self.seen.append([hash(tuple(sample.tolist())) for sample in samples])
+            self.seen["val"].append(fingerprint(batch))
 
-    recorder = SampleRecorder()
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class StrategyWithoutMegatronDDP(MegatronCPStrategy):
+        def _wrap_megatron_modules(self) -> None:
+            self._ddp_modules = []
+
+    recorder, data = SampleRecorder(), _module()
     trainer = Trainer(
         accelerator="cpu",
         devices=world_size,
-        strategy=MegatronCPStrategy(),
+        strategy=StrategyWithoutMegatronDDP(),
         plugins=[MegatronPrecision()],
+        max_steps=2,
+        num_sanity_val_steps=0,
         logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.validate(recorder, datamodule=_module(), verbose=False)
-    return recorder.seen
+    trainer.fit(recorder, datamodule=data)
+    trainer.validate(recorder, datamodule=data, verbose=False)
+    megatron_order = [hash(tuple(data.train_dataset[i]["tokens"].tolist())) for i in range(2 * GBS)]
+    return {**recorder.seen, "megatron_order": [megatron_order[:GBS], megatron_order[GBS:]]}
 
 
 def test_lightning_gives_each_dp_rank_its_share_of_every_global_batch(tmp_path: Path) -> None:
-    """End to end through Lightning's sampler injection: DP2 ranks together see exactly one GPU's global batches."""
+    """Through Lightning's own loops: DP2 ranks together see exactly one GPU's global batches, in Megatron's order
+    (Lightning would otherwise reshuffle training data with a sampler of its own)."""
     (one_gpu,) = run_distributed(_samples_seen_through_lightning, 1, tmp_path / "dp1")
     rank0, rank1 = run_distributed(_samples_seen_through_lightning, 2, tmp_path / "dp2")
-    assert len(one_gpu) == len(rank0) == len(rank1) == 2  # val_samples = 2 global batches
-    for step, full in enumerate(one_gpu):
-        assert len(rank0[step]) == len(rank1[step]) == GBS // 2
-        assert set(rank0[step]).isdisjoint(rank1[step])
-        assert sorted(rank0[step] + rank1[step]) == sorted(full)
+    assert [sorted(step) for step in one_gpu["train"]] == [sorted(step) for step in one_gpu["megatron_order"]]
+    for split in ("train", "val"):
+        assert len(one_gpu[split]) == len(rank0[split]) == len(rank1[split]) == 2
+        for step, full in enumerate(one_gpu[split]):
+            assert len(rank0[split][step]) == len(rank1[split][step]) == GBS // 2
+            assert set(rank0[split][step]).isdisjoint(rank1[split][step])
+            assert sorted(rank0[split][step] + rank1[split][step]) == sorted(full)

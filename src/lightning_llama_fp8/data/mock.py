@@ -28,7 +28,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset, MockGPTLowLevelDataset
 from megatron.core.tokenizers import MegatronTokenizer
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 __all__ = ["MicrobatchCollate", "MockDataModule", "check_split_sizes"]
 
@@ -206,12 +206,11 @@ class MockDataModule(LightningDataModule):
     shape ``[num_microbatches, micro_batch_size, seq_length]``. One batch is therefore one optimizer
     step; keep Lightning's ``accumulate_grad_batches`` at 1.
 
-    Data parallelism: the DataLoaders carry a plain sequential sampler. Lightning replaces it with a
-    ``DistributedSampler`` built from the strategy's ``distributed_sampler_kwargs``, which must be
-    ``num_replicas = DP size, rank = DP rank`` (tensor/pipeline/context-parallel peers share a DP
-    rank and so receive identical samples). Every rank builds the same datasets from the same seed,
-    so the sampler's strided partition gives each DP rank distinct samples and together the DP
-    ranks cover exactly one global batch per step. The DP size is read from
+    Data parallelism: each DataLoader carries a non-shuffling ``DistributedSampler`` with
+    ``num_replicas = DP size, rank = DP rank`` (tensor/context-parallel peers share a DP rank and so
+    receive identical samples). Every rank builds the same datasets from the same seed, so the strided
+    partition gives each DP rank distinct samples and together the DP ranks cover exactly one global
+    batch per step, the same samples for every layout. The DP size is read from
     ``megatron.core.parallel_state`` in :meth:`setup`, so the strategy must initialise model
     parallelism in ``setup_environment`` (which Lightning runs before ``datamodule.setup``).
 
@@ -301,24 +300,6 @@ class MockDataModule(LightningDataModule):
             return limit * self.global_batch_size
         return 10 * self.global_batch_size
 
-    def _check_strategy_sampler(self) -> None:
-        """Make sure Lightning's DistributedSampler will split by the same DP size we batch for."""
-        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
-        try:
-            kwargs = strategy.distributed_sampler_kwargs if strategy is not None else None
-        except Exception:  # a strategy without (or not ready for) sampler kwargs: nothing to check
-            return
-        if not isinstance(kwargs, dict) or "num_replicas" not in kwargs:
-            return
-        if (kwargs["num_replicas"], kwargs.get("rank", self.dp_rank)) != (self.dp_size, self.dp_rank):
-            raise ValueError(
-                f"The strategy's distributed_sampler_kwargs {kwargs} do not match megatron's data "
-                f"parallelism (size {self.dp_size}, rank {self.dp_rank}); each DataLoader batch "
-                "would then not be this rank's share of a global batch. Make the strategy return "
-                "num_replicas=DP size and rank=DP rank, and initialise megatron's parallel_state "
-                "in its setup_environment (before datamodule.setup runs)."
-            )
-
     # ------------------------------------------------------------------ LightningDataModule hooks
 
     def setup(self, stage: str | None = None) -> None:
@@ -355,7 +336,6 @@ class MockDataModule(LightningDataModule):
                 "data-parallel ranks) so that it divides."
             )
         self.num_microbatches = self.global_batch_size // per_step
-        self._check_strategy_sampler()
 
         need_train = stage in (None, "fit")
         train_samples = self._resolve_train_samples(need_train)
@@ -397,13 +377,20 @@ class MockDataModule(LightningDataModule):
         )
 
     def _dataloader(self, dataset: Dataset | None, name: str) -> DataLoader:
-        """Build a DataLoader for one split; Lightning injects the DistributedSampler later."""
+        """Build a DataLoader for one split, already sharded over data-parallel ranks in Megatron's order.
+
+        The sampler is ours, not Lightning's: Lightning gives training loaders a *shuffling*
+        DistributedSampler, which would reorder Megatron's (already shuffled) samples differently for
+        every DP size. Sequential shards keep global batch k = samples [k*GBS, (k+1)*GBS) for any layout,
+        as in Megatron-LM, and Lightning leaves a loader that already has a DistributedSampler alone.
+        """
         if dataset is None or self.num_microbatches is None:
             raise RuntimeError(f"MockDataModule.{name}_dataloader() called before setup().")
+        sampler = DistributedSampler(dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.micro_batch_size * self.num_microbatches,
-            shuffle=False,  # megatron's shuffle index already shuffles; keep its order
+            sampler=sampler,
             drop_last=True,  # a partial batch would change the effective global batch size
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),  # pinned host memory only helps (and works) with CUDA
