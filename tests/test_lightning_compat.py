@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import lightning
 import pytest
@@ -153,3 +154,41 @@ def test_init_dist_connection(monkeypatch: pytest.MonkeyPatch) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     assert not torch.distributed.is_initialized()
+
+
+def test_run_closure_and_before_optimizer_step_hooks() -> None:
+    """Closure (forward + backward) first, then callbacks' and the module's on_before_optimizer_step, then our step."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    events: list[str] = []
+
+    class Module(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+            events.append("training_step")
+            return self.layer(batch).sum()
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            events.append(f"module hook, grad set: {self.layer.weight.grad is not None}")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Recorder(Callback):
+        def on_before_optimizer_step(self, trainer: object, pl_module: object, optimizer: object) -> None:
+            events.append("callback hook")
+
+    class StepsWithoutClosure(SingleDeviceStrategy):  # as MegatronCPStrategy steps Megatron's optimizer
+        def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+            module = model or self.lightning_module
+            compat.run_closure_and_before_optimizer_step_hooks(self.precision_plugin, module, optimizer, closure)
+            events.append("step")
+            return optimizer.step()
+
+    trainer = cpu_trainer(strategy=StepsWithoutClosure(device=torch.device("cpu")), max_steps=1, callbacks=[Recorder()])
+    trainer.fit(Module(), DataLoader(torch.randn(4, 2), batch_size=2))
+    assert events == ["training_step", "callback hook", "module hook, grad set: True", "step"]

@@ -1,35 +1,48 @@
-"""TEFP8Precision / MegatronPrecision on the CPU: support checks, the kwargs they hand to Megatron, and autocast.
+"""TEFP8Precision / MegatronPrecision on the CPU: recipes, support checks, the kwargs they hand to Megatron, autocast.
 
-There is no GPU and no Transformer Engine here, so FP8 support is faked by monkeypatching ``fp8_support`` and TE
-itself by fake ``transformer_engine`` modules in ``sys.modules`` that record what the plugin asks of them.
+There is no GPU and no Transformer Engine here, so FP8 support is faked by monkeypatching ``fp8_support``, TE
+itself by fake ``transformer_engine`` modules in ``sys.modules`` that record what the plugin asks of them, and a
+whole GPU machine (``fake_machine``: torch.cuda answers plus TE's support checks with TE's own reasons) where
+``fp8_support`` itself is under test.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import enum
 import logging
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import nn
 
 import lightning_llama_fp8.precision as precision_mod
+from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.precision import (
+    RECIPES,
     FP8UnavailableError,
     MegatronPrecision,
     TEFP8Precision,
     amax_reduction_group,
     fp8_support,
     is_megatron_model,
+    resolve_recipe,
+    supported_recipes,
 )
 from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BF16_KWARGS = {"bf16": True, "params_dtype": torch.bfloat16}
 REFERENCE_FP8_KWARGS = {
@@ -40,8 +53,10 @@ REFERENCE_FP8_KWARGS = {
     "fp8_amax_history_len": 1024,
     "fp8_amax_compute_algo": "max",
     "fp8_param": False,
+    "fp8_dot_product_attention": False,
 }
 FP8_KEYS = {k for k in REFERENCE_FP8_KWARGS if k.startswith("fp8")}
+BF16_LAYER_KEYS = {"first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"}
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
 
@@ -57,7 +72,7 @@ def fake_fp8(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Pretend this machine runs FP8; returns the recipes ``fp8_support`` was asked about."""
     asked: list[str] = []
 
-    def fake_support(recipe: str = "delayed") -> tuple[bool, str]:
+    def fake_support(recipe: str = "delayed", fp8_attention: bool = False) -> tuple[bool, str]:
         asked.append(recipe)
         return True, f"Fake H100 (compute capability 9.0) supports {recipe} FP8."
 
@@ -71,12 +86,14 @@ class FakeDelayedScaling:
     fp8_format: Any = None
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"
+    fp8_dpa: bool = False
 
 
 @dataclass
 class FakeRecipe:
     kind: str
     fp8_format: Any = None
+    fp8_dpa: bool = False
 
 
 class FakeFormat(enum.Enum):
@@ -112,7 +129,7 @@ def fake_te(monkeypatch: pytest.MonkeyPatch) -> FakeTE:
     pytorch.autocast = autocast  # type: ignore[attr-defined]
     recipe.DelayedScaling = FakeDelayedScaling  # type: ignore[attr-defined]
     recipe.Format = FakeFormat  # type: ignore[attr-defined]
-    recipe.Float8CurrentScaling = lambda **kw: FakeRecipe("tensorwise", **kw)  # type: ignore[attr-defined]
+    recipe.Float8CurrentScaling = lambda **kw: FakeRecipe("current", **kw)  # type: ignore[attr-defined]
     recipe.Float8BlockScaling = lambda **kw: FakeRecipe("blockwise", **kw)  # type: ignore[attr-defined]
     recipe.MXFP8BlockScaling = lambda **kw: FakeRecipe("mxfp8", **kw)  # type: ignore[attr-defined]
     te.pytorch = pytorch  # type: ignore[attr-defined]
@@ -159,8 +176,10 @@ def test_fp8_support_without_gpu() -> None:
     ok, reason = fp8_support()
     assert ok is False
     assert "no CUDA GPU is visible" in reason
-    for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+    for recipe in ("delayed", "current", "tensorwise", "blockwise", "mxfp8"):
         assert fp8_support(recipe)[0] is False
+        assert fp8_support(recipe, fp8_attention=True)[0] is False
+    assert supported_recipes() == ()
 
 
 @no_gpu
@@ -173,7 +192,10 @@ def test_check_supported_raises_clear_error() -> None:
     assert "no CUDA GPU is visible" in message  # what is wrong
     assert "compute capability >= 8.9" in message  # what is needed
     assert "fallback='bf16'" in message  # the way out
+    assert "MegatronPrecision()" in message
+    assert "No FP8 recipe works on this machine" in message
     assert "lightning-llama-fp8[te]" in message
+    assert "\n" not in message  # one line: log greps and `match=` see all of it
     assert isinstance(excinfo.value, RuntimeError)
     # Nothing was decided: every later use raises the same error again.
     with pytest.raises(FP8UnavailableError):
@@ -212,7 +234,7 @@ def test_support_decided_once(fake_fp8: list[str]) -> None:
     assert plugin.fp8_active
     plugin.transformer_config_kwargs()
     plugin.ddp_config_kwargs()
-    assert fake_fp8 == ["tensorwise"]
+    assert fake_fp8 == ["current"]  # asked once, under the canonical name
 
 
 # ---------------------------------------------------------------------------------------------- kwargs
@@ -225,17 +247,16 @@ def test_default_kwargs_are_the_reference_recipe(fake_fp8: list[str]) -> None:
 
 
 def test_custom_kwargs_pass_through(fake_fp8: list[str]) -> None:
-    plugin = TEFP8Precision(
-        recipe="tensorwise", fp8_format="e4m3", margin=2, amax_history_len=16, amax_compute_algo="most_recent"
-    )
+    plugin = TEFP8Precision(fp8_format="e4m3", margin=2, amax_history_len=16, amax_compute_algo="most_recent")
     assert plugin.transformer_config_kwargs() == {
         **BF16_KWARGS,
         "fp8": "e4m3",
-        "fp8_recipe": "tensorwise",
+        "fp8_recipe": "delayed",
         "fp8_margin": 2,
         "fp8_amax_history_len": 16,
         "fp8_amax_compute_algo": "most_recent",
         "fp8_param": False,
+        "fp8_dot_product_attention": False,
     }
 
 
@@ -293,9 +314,14 @@ def test_megatron_precision() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"recipe": "nvfp4"}, r"Unknown FP8 recipe 'nvfp4': use delayed, tensorwise, blockwise or mxfp8"),
+        (
+            {"recipe": "nvfp4"},
+            r"Unknown FP8 recipe 'nvfp4': use delayed, current \(alias tensorwise\), blockwise or mxfp8",
+        ),
         ({"fp8_format": "e5m2"}, r"Unknown FP8 format 'e5m2': use hybrid or e4m3"),
         ({"fallback": "fp16"}, r"fallback must be None or 'bf16', got 'fp16'"),
+        ({"amax_compute_algo": "mean"}, r"Unknown amax_compute_algo 'mean': use max or most_recent"),
+        ({"amax_history_len": 0}, r"amax_history_len must be >= 1, got 0"),
     ],
 )
 def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
@@ -315,7 +341,8 @@ def test_constructor_does_not_probe_the_machine(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("recipe", "fp8_format", "expected"),
     [
-        ("tensorwise", "hybrid", FakeRecipe("tensorwise", FakeFormat.HYBRID)),
+        ("tensorwise", "hybrid", FakeRecipe("current", FakeFormat.HYBRID)),
+        ("current", "e4m3", FakeRecipe("current", FakeFormat.E4M3)),
         ("blockwise", "e4m3", FakeRecipe("blockwise", FakeFormat.E4M3)),
         ("mxfp8", "e4m3", FakeRecipe("mxfp8", FakeFormat.E4M3)),
         ("delayed", "e4m3", FakeDelayedScaling(0, FakeFormat.E4M3, 1024, "max")),
@@ -430,3 +457,603 @@ def test_amax_reduction_group_with_parallel_state(megatron_groups: Any) -> None:
     assert group is not None
     assert group is megatron_groups.get_amax_reduction_group(with_context_parallel=True)
     assert torch.distributed.get_process_group_ranks(group) == [0]
+
+
+# ---------------------------------------------------------------------------------------------- recipe names
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [("delayed", "delayed"), ("current", "current"), ("tensorwise", "current"), ("blockwise", "blockwise")],
+)
+def test_recipe_names_resolve(name: str, canonical: str) -> None:
+    assert resolve_recipe(name) == canonical
+    assert TEFP8Precision(recipe=name).recipe == canonical  # type: ignore[arg-type]
+
+
+def test_tensorwise_alias_is_current(fake_fp8: list[str]) -> None:
+    alias, current = TEFP8Precision(recipe="tensorwise"), TEFP8Precision(recipe="current")
+    assert alias.recipe == current.recipe == "current"
+    assert alias.transformer_config_kwargs() == current.transformer_config_kwargs()
+    assert alias.transformer_config_kwargs()["fp8_recipe"] == "tensorwise"  # Megatron's name for it
+    assert alias.describe() == current.describe()
+    assert RECIPES == ("delayed", "current", "blockwise", "mxfp8")
+
+
+def test_resolve_unknown_recipe() -> None:
+    with pytest.raises(ValueError, match=r"Unknown FP8 recipe 'custom'"):
+        resolve_recipe("custom")
+    with pytest.raises(ValueError, match=r"Unknown FP8 recipe 'nvfp4'"):
+        fp8_support("nvfp4")
+
+
+# ---------------------------------------------------------------------------------------------- kwargs per recipe
+@pytest.mark.parametrize(
+    ("recipe", "megatron_name"), [("current", "tensorwise"), ("blockwise", "blockwise"), ("mxfp8", "mxfp8")]
+)
+def test_kwargs_per_recipe(fake_fp8: list[str], recipe: str, megatron_name: str) -> None:
+    plugin = TEFP8Precision(recipe=recipe, fp8_format="e4m3", fp8_param_gather=True)  # type: ignore[arg-type]
+    # The delayed-scaling fields are left out: Megatron reads them for delayed scaling only.
+    assert plugin.transformer_config_kwargs() == {
+        **BF16_KWARGS,
+        "fp8": "e4m3",
+        "fp8_recipe": megatron_name,
+        "fp8_param": True,
+        "fp8_dot_product_attention": False,
+    }
+    assert plugin.ddp_config_kwargs() == {"fp8_param_gather": True}
+    config = tiny_arch().transformer_config(**plugin.transformer_config_kwargs())
+    assert config.fp8 == "e4m3"
+    assert config.fp8_recipe == megatron_name
+    assert config.fp8_param is True
+    assert config.first_last_layers_bf16 is False
+
+
+@pytest.mark.parametrize("recipe", ["current", "tensorwise", "blockwise", "mxfp8"])
+def test_delayed_defaults_are_accepted_with_other_recipes(recipe: str) -> None:
+    # A YAML that switches `recipe:` but keeps the reference recipe's (default) amax settings still works.
+    TEFP8Precision(recipe=recipe, margin=0, amax_history_len=1024, amax_compute_algo="max")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"margin": 2}, "margin=2"),
+        ({"amax_history_len": 16}, "amax_history_len=16"),
+        ({"amax_compute_algo": "most_recent", "margin": 1}, "margin=1, amax_compute_algo='most_recent'"),
+    ],
+)
+def test_delayed_settings_rejected_with_other_recipes(kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        TEFP8Precision(recipe="current", **kwargs)
+    message = str(excinfo.value)
+    assert message.startswith(f"{named} only apply to delayed scaling")
+    assert "the current recipe computes its scales from each tensor's current values" in message
+    assert "recipe='delayed'" in message
+
+
+# ---------------------------------------------------------------------------------------------- BF16 layers
+@pytest.mark.parametrize("recipe", ["current", "blockwise", "mxfp8"])
+def test_bf16_layers_kwargs(fake_fp8: list[str], recipe: str) -> None:
+    plugin = TEFP8Precision(recipe=recipe, bf16_first_layers=1, bf16_last_layers=2)  # type: ignore[arg-type]
+    kwargs = plugin.transformer_config_kwargs()
+    assert {k: kwargs[k] for k in BF16_LAYER_KEYS} == {
+        "first_last_layers_bf16": True,
+        "num_layers_at_start_in_bf16": 1,
+        "num_layers_at_end_in_bf16": 2,
+    }
+    config = tiny_arch(num_layers=4).transformer_config(**kwargs)  # Megatron's own validation accepts it
+    assert config.first_last_layers_bf16 is True
+    assert config.num_layers_at_start_in_bf16 == 1
+    assert config.num_layers_at_end_in_bf16 == 2
+
+
+def test_bf16_layers_only_at_one_end(fake_fp8: list[str]) -> None:
+    kwargs = TEFP8Precision(recipe="current", bf16_last_layers=1).transformer_config_kwargs()
+    # Megatron's own defaults for these fields are 1 and 1: both counts are always written out.
+    assert kwargs["first_last_layers_bf16"] is True
+    assert kwargs["num_layers_at_start_in_bf16"] == 0
+    assert kwargs["num_layers_at_end_in_bf16"] == 1
+    config = tiny_arch(num_layers=4).transformer_config(**kwargs)
+    assert (config.num_layers_at_start_in_bf16, config.num_layers_at_end_in_bf16) == (0, 1)
+
+
+def test_no_bf16_layers_no_kwargs(fake_fp8: list[str]) -> None:
+    kwargs = TEFP8Precision(recipe="current").transformer_config_kwargs()
+    assert not BF16_LAYER_KEYS & kwargs.keys()
+
+
+def test_megatron_checks_bf16_layers_against_the_model(fake_fp8: list[str]) -> None:
+    # More BF16 layers than the model has is Megatron's check (the plugin does not know num_layers).
+    kwargs = TEFP8Precision(recipe="current", bf16_first_layers=3).transformer_config_kwargs()
+    with pytest.raises(ValueError, match=r"num_layers_at_start_in_bf16 \(3\) must be between 0 and"):
+        tiny_arch(num_layers=2).transformer_config(**kwargs)
+
+
+@pytest.mark.parametrize(("first", "last"), [(1, 0), (0, 1), (2, 2)])
+def test_bf16_layers_rejected_with_delayed(first: int, last: int) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        TEFP8Precision(recipe="delayed", bf16_first_layers=first, bf16_last_layers=last)
+    message = str(excinfo.value)
+    assert f"bf16_first_layers={first} / bf16_last_layers={last}" in message
+    assert "need a recipe that allows BF16 layers: current, blockwise, mxfp8" in message
+    assert "Delayed scaling" in message
+
+
+def test_megatron_also_rejects_bf16_layers_with_delayed() -> None:
+    """What our own error stands in for: Megatron's message when building the config."""
+    with pytest.raises(ValueError, match="Delayed scaling does not support first / last layer in BF16"):
+        tiny_arch(num_layers=4).transformer_config(fp8="hybrid", fp8_recipe="delayed", first_last_layers_bf16=True)
+
+
+@pytest.mark.parametrize("name", ["bf16_first_layers", "bf16_last_layers"])
+def test_negative_bf16_layers_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} must be >= 0 \(a number of transformer layers\), got -1\.$"):
+        TEFP8Precision(recipe="current", **{name: -1})
+
+
+def test_bf16_layers_need_a_megatron_model(fake_fp8: list[str], fake_te: FakeTE) -> None:
+    plugin = TEFP8Precision(recipe="current", bf16_first_layers=1)
+    with pytest.raises(ValueError, match=r"apply to Megatron models only.*Linear is a plain module"):
+        plugin.convert_module(nn.Linear(4, 4))
+
+
+@no_gpu
+def test_bf16_layers_ignored_in_bf16_fallback() -> None:
+    plugin = TEFP8Precision(recipe="current", bf16_first_layers=1, fallback="bf16")
+    module = nn.Linear(4, 4)
+    assert plugin.convert_module(module) is module  # the whole model is BF16 anyway
+    assert plugin.transformer_config_kwargs() == BF16_KWARGS
+
+
+# ---------------------------------------------------------------------------------------------- FP8 attention
+@pytest.mark.parametrize(
+    ("recipe", "megatron_name"), [("delayed", "delayed"), ("current", "tensorwise"), ("mxfp8", "mxfp8")]
+)
+def test_fp8_attention_kwargs(fake_fp8: list[str], recipe: str, megatron_name: str) -> None:
+    plugin = TEFP8Precision(recipe=recipe, fp8_attention=True)  # type: ignore[arg-type]
+    kwargs = plugin.transformer_config_kwargs()
+    assert kwargs["fp8_dot_product_attention"] is True
+    assert kwargs["fp8_recipe"] == megatron_name
+    config = tiny_arch().transformer_config(**kwargs)
+    assert config.fp8_dot_product_attention is True
+    assert config.fp8_multi_head_attention is False  # only DPA: the projections keep their own casts
+
+
+def test_fp8_attention_rejected_with_blockwise() -> None:
+    with pytest.raises(ValueError) as excinfo:
+        TEFP8Precision(recipe="blockwise", fp8_attention=True)
+    message = str(excinfo.value)
+    assert message.startswith("fp8_attention=True is not available with the blockwise recipe")
+    assert "Float8BlockScaling has no FP8 attention" in message
+    assert "Use one of delayed, current, mxfp8, or fp8_attention=False" in message
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ("delayed", FakeDelayedScaling(0, FakeFormat.HYBRID, 1024, "max", fp8_dpa=True)),
+        ("current", FakeRecipe("current", FakeFormat.HYBRID, fp8_dpa=True)),
+        ("mxfp8", FakeRecipe("mxfp8", FakeFormat.HYBRID, fp8_dpa=True)),
+    ],
+)
+def test_te_recipe_fp8_attention(fake_te: FakeTE, recipe: str, expected: Any) -> None:
+    assert TEFP8Precision(recipe=recipe, fp8_attention=True).te_recipe() == expected  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- describe / log
+def test_describe_reference_recipe() -> None:
+    assert TEFP8Precision(fp8_param_gather=True).describe() == (
+        "FP8 delayed scaling: format hybrid, margin 0, amax history 1024 (max), FP8 param gather on, "
+        "BF16 layers: none, FP8 attention off"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"recipe": "tensorwise", "bf16_first_layers": 1, "bf16_last_layers": 1, "fp8_attention": True},
+            "FP8 current scaling (per tensor, Megatron 'tensorwise'): format hybrid, FP8 param gather off, "
+            "BF16 layers: first 1 / last 1, FP8 attention on",
+        ),
+        (
+            {"recipe": "blockwise", "fp8_format": "e4m3", "bf16_last_layers": 2},
+            "FP8 blockwise scaling (1x128 activation/gradient blocks, 128x128 weight blocks): format e4m3, "
+            "FP8 param gather off, BF16 layers: first 0 / last 2, FP8 attention off",
+        ),
+        (
+            {"recipe": "mxfp8", "fp8_format": "e4m3", "fp8_param_gather": True},
+            "FP8 MXFP8 block scaling (32-element blocks, power-of-2 scales): format e4m3, FP8 param gather on, "
+            "BF16 layers: none, FP8 attention off",
+        ),
+        (
+            {"margin": 1, "amax_history_len": 16, "amax_compute_algo": "most_recent", "fp8_attention": True},
+            "FP8 delayed scaling: format hybrid, margin 1, amax history 16 (most_recent), FP8 param gather off, "
+            "BF16 layers: none, FP8 attention on",
+        ),
+    ],
+)
+def test_describe(kwargs: dict[str, Any], expected: str) -> None:
+    assert TEFP8Precision(**kwargs).describe() == expected
+
+
+def test_check_logs_the_recipe_once(fake_fp8: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[str] = []
+    monkeypatch.setattr(precision_mod, "rank_zero_info", logged.append)
+    plugin = TEFP8Precision(recipe="current", bf16_first_layers=1)
+    assert logged == []  # nothing at construction
+    plugin.check_supported()
+    plugin.check_supported()
+    plugin.transformer_config_kwargs()
+    assert logged == [plugin.describe()]
+
+
+class Messages(logging.Handler):
+    """Collects the messages of one logger (whether or not it propagates to the root logger caplog listens on)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize(("rank", "expected_logs"), [(0, 1), (1, 0)])
+def test_recipe_logged_on_global_rank_zero_only(
+    fake_fp8: list[str], monkeypatch: pytest.MonkeyPatch, rank: int, expected_logs: int
+) -> None:
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info writes
+    handler = Messages()
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])
+    plugin = TEFP8Precision(fp8_param_gather=True)
+    plugin.check_supported()
+    assert len(handler.messages) == expected_logs
+    if expected_logs:
+        assert handler.messages[0] == plugin.describe()
+        assert handler.messages[0].startswith("FP8 delayed scaling: format hybrid, margin 0, amax history 1024 (max)")
+    assert plugin.fp8_active is True  # every rank decides, only rank zero says so
+
+
+@no_gpu
+def test_fallback_logs_no_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[str] = []
+    monkeypatch.setattr(precision_mod, "rank_zero_info", logged.append)
+    TEFP8Precision(fallback="bf16").check_supported()
+    assert logged == []  # it trains in BF16: the warning says so, no FP8 recipe is described
+
+
+# ---------------------------------------------------------------------------------------------- support on a GPU
+@dataclass
+class Machine:
+    """A GPU machine as torch.cuda and Transformer Engine would describe it."""
+
+    name: str
+    capability: tuple[int, int]
+    cuda: float = 12.9
+    te_version: str = "2.20.2"
+    missing_checks: tuple[str, ...] = ()
+
+
+def te_support_checks(machine: Machine) -> dict[str, Callable[..., tuple[bool, str]]]:
+    """TE's ``is_*_available(return_reason=True)`` with TE's own conditions and reasons (TE 2.20 quantization.py)."""
+    cc = machine.capability
+
+    def fp8(return_reason: bool = False) -> tuple[bool, str]:
+        if cc >= (9, 0):
+            return True, ""
+        if cc < (8, 9):
+            return False, "Device compute capability 8.9 or higher required for FP8 execution."
+        return True, ""
+
+    def mxfp8(return_reason: bool = False) -> tuple[bool, str]:
+        if cc >= (12, 0):
+            return False, "MXFP8 (for all gemm layouts) is not supported on 12.0+ architectures yet."
+        if cc >= (10, 0):
+            return True, ""
+        return False, "Device compute capability 10.0 or higher required for MXFP8 execution."
+
+    def blockwise(return_reason: bool = False) -> tuple[bool, str]:
+        if cc >= (9, 0) and machine.cuda >= 12.9:
+            return True, ""
+        return False, "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9."
+
+    return {"is_fp8_available": fp8, "is_mxfp8_available": mxfp8, "is_fp8_block_scaling_available": blockwise}
+
+
+@pytest.fixture
+def fake_machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[Machine], None]:
+    """Install a fake GPU (torch.cuda) and a fake Transformer Engine with its support checks."""
+
+    def install(machine: Machine) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: machine.name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: machine.capability)
+        te = types.ModuleType("transformer_engine")
+        pytorch = types.ModuleType("transformer_engine.pytorch")
+        te.__version__ = machine.te_version  # type: ignore[attr-defined]
+        te.pytorch = pytorch  # type: ignore[attr-defined]
+        for name, check in te_support_checks(machine).items():
+            if name not in machine.missing_checks:
+                setattr(pytorch, name, check)
+        monkeypatch.setitem(sys.modules, "transformer_engine", te)
+        monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+
+    return install
+
+
+H100 = Machine("NVIDIA H100 80GB HBM3", (9, 0))
+B200 = Machine("NVIDIA B200", (10, 0))
+L40S_CUDA_12_8 = Machine("NVIDIA L40S", (8, 9), cuda=12.8)
+A100 = Machine("NVIDIA A100-SXM4-80GB", (8, 0))
+
+
+@pytest.mark.parametrize(
+    ("machine", "expected"),
+    [
+        (H100, ("delayed", "current", "blockwise")),
+        (B200, RECIPES),
+        (L40S_CUDA_12_8, ("delayed", "current")),
+        (A100, ()),
+    ],
+    ids=["h100", "b200", "l40s", "a100"],
+)
+def test_supported_recipes(
+    fake_machine: Callable[[Machine], None], machine: Machine, expected: tuple[str, ...]
+) -> None:
+    fake_machine(machine)
+    assert supported_recipes() == expected
+
+
+def test_fp8_support_reason_on_a_gpu(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(H100)
+    assert fp8_support("delayed") == (
+        True,
+        "NVIDIA H100 80GB HBM3 (compute capability 9.0) supports delayed FP8 (Transformer Engine 2.20.2).",
+    )
+    assert fp8_support("tensorwise", fp8_attention=True) == (
+        True,
+        "NVIDIA H100 80GB HBM3 (compute capability 9.0) supports current FP8 with FP8 attention "
+        "(Transformer Engine 2.20.2).",
+    )
+    assert fp8_support("mxfp8") == (
+        False,
+        "NVIDIA H100 80GB HBM3 (compute capability 9.0) cannot run mxfp8 FP8: Device compute capability 10.0 or "
+        "higher required for MXFP8 execution. (transformer_engine.pytorch.is_mxfp8_available).",
+    )
+
+
+def test_mxfp8_on_hopper_names_capability_and_alternatives(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(H100)
+    with pytest.raises(FP8UnavailableError) as excinfo:
+        TEFP8Precision(recipe="mxfp8", fp8_format="e4m3").check_supported()
+    message = str(excinfo.value)
+    assert message.startswith("FP8 training (mxfp8 scaling) is not possible here: NVIDIA H100 80GB HBM3")
+    # The missing capability, in TE's words and with the check that said it:
+    assert "Device compute capability 10.0 or higher required for MXFP8 execution." in message
+    assert "transformer_engine.pytorch.is_mxfp8_available" in message
+    assert "The mxfp8 recipe needs an NVIDIA GPU with compute capability 10.x or 11.x (Blackwell" in message
+    # What would work here instead:
+    assert "Recipes that work on this machine: delayed, current, blockwise (TEFP8Precision(recipe=...))." in message
+    assert "fallback='bf16'" in message
+    assert "No FP8 recipe works" not in message
+
+
+def test_blockwise_needs_cuda_12_9(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(L40S_CUDA_12_8)
+    with pytest.raises(FP8UnavailableError) as excinfo:
+        TEFP8Precision(recipe="blockwise").check_supported()
+    message = str(excinfo.value)
+    assert "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9." in message
+    assert "transformer_engine.pytorch.is_fp8_block_scaling_available" in message
+    assert "Recipes that work on this machine: delayed, current " in message
+
+
+def test_gpu_without_fp8_lists_none(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(A100)
+    with pytest.raises(FP8UnavailableError) as excinfo:
+        TEFP8Precision(recipe="current").check_supported()
+    message = str(excinfo.value)
+    assert "NVIDIA A100-SXM4-80GB (compute capability 8.0) cannot run current FP8" in message
+    assert "Device compute capability 8.9 or higher required for FP8 execution." in message
+    assert "No FP8 recipe works on this machine" in message
+    assert "TEFP8Precision(fallback='bf16') (or MegatronPrecision())" in message
+
+
+def test_gpu_without_fp8_falls_back(fake_machine: Callable[[Machine], None], caplog: pytest.LogCaptureFixture) -> None:
+    fake_machine(A100)
+    plugin = TEFP8Precision(recipe="current", bf16_first_layers=1, fallback="bf16")
+    with caplog.at_level(logging.WARNING, logger="lightning_llama_fp8.precision"):
+        assert plugin.fp8_active is False
+    assert "Device compute capability 8.9 or higher required" in caplog.text
+    assert plugin.transformer_config_kwargs() == BF16_KWARGS
+
+
+@pytest.mark.parametrize(
+    ("machine", "recipe", "needs"),
+    [
+        (
+            Machine("NVIDIA H100", (9, 0), te_version="2.8.0"),
+            "current",
+            "FP8 attention with current needs Transformer Engine >= 2.9, this is 2.8.0",
+        ),
+        (
+            Machine("NVIDIA B200", (10, 0), te_version="2.15.0"),
+            "mxfp8",
+            "FP8 attention with mxfp8 needs Transformer Engine >= 2.16, this is 2.15.0",
+        ),
+    ],
+)
+def test_fp8_attention_needs_a_newer_te(
+    fake_machine: Callable[[Machine], None], machine: Machine, recipe: str, needs: str
+) -> None:
+    fake_machine(machine)
+    assert fp8_support(recipe)[0] is True  # the recipe itself runs
+    ok, reason = fp8_support(recipe, fp8_attention=True)
+    assert ok is False
+    assert reason.startswith(needs)
+    with pytest.raises(FP8UnavailableError) as excinfo:
+        TEFP8Precision(recipe=recipe, fp8_attention=True).check_supported()  # type: ignore[arg-type]
+    message = str(excinfo.value)
+    assert message.startswith(f"FP8 training ({recipe} scaling, FP8 attention) is not possible here: {needs}")
+    assert f"The {recipe} recipe itself works here with fp8_attention=False." in message
+
+
+def test_fp8_attention_with_new_enough_te(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(Machine("NVIDIA B200", (10, 0), te_version="2.16.0"))
+    for recipe in ("delayed", "current", "mxfp8"):
+        assert fp8_support(recipe, fp8_attention=True)[0] is True, recipe
+    assert fp8_support("blockwise", fp8_attention=True) == (
+        False,
+        "FP8 attention is not available with the blockwise recipe.",
+    )
+
+
+def test_recipe_needs_a_newer_te(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(Machine("NVIDIA H100", (9, 0), te_version="2.2.1"))
+    assert fp8_support("current")[0] is True
+    ok, reason = fp8_support("blockwise")
+    assert (ok, reason) == (
+        False,
+        "the blockwise recipe needs Transformer Engine >= 2.3.0.dev0, this is 2.2.1 (on NVIDIA H100 (compute "
+        "capability 9.0)).",
+    )
+
+
+def test_te_without_the_check(fake_machine: Callable[[Machine], None]) -> None:
+    fake_machine(Machine("NVIDIA B200", (10, 0), te_version="1.13.0", missing_checks=("is_mxfp8_available",)))
+    ok, reason = fp8_support("mxfp8")
+    assert ok is False
+    assert reason == (
+        "Transformer Engine 1.13.0 has no transformer_engine.pytorch.is_mxfp8_available(): "
+        "too old for the mxfp8 recipe."
+    )
+
+
+def test_te_not_importable_on_a_gpu(fake_machine: Callable[[Machine], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_machine(H100)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    ok, reason = fp8_support("delayed")
+    assert ok is False
+    assert reason.startswith("Transformer Engine is not importable on NVIDIA H100 80GB HBM3 (compute capability 9.0)")
+
+
+# ---------------------------------------------------------------------------------------------- YAML / CLI
+def test_parse_plugin_from_yaml_and_command_line(fake_fp8: list[str]) -> None:
+    """jsonargparse (what LightningCLI uses) builds the plugin from YAML and from command-line flags."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TEFP8Precision, "precision")
+    config = parser.parse_string(
+        "precision:\n  recipe: current\n  bf16_first_layers: 1\n  bf16_last_layers: 1\n  fp8_attention: true\n"
+    )
+    plugin = parser.instantiate_classes(config).precision
+    assert isinstance(plugin, TEFP8Precision)
+    assert (plugin.recipe, plugin.bf16_first_layers, plugin.bf16_last_layers, plugin.fp8_attention) == (
+        "current",
+        1,
+        1,
+        True,
+    )
+    kwargs = plugin.transformer_config_kwargs()
+    assert kwargs["fp8_recipe"] == "tensorwise"
+    assert kwargs["first_last_layers_bf16"] is True
+    assert kwargs["fp8_dot_product_attention"] is True
+
+    flags = parser.parse_args(["--precision.recipe=tensorwise", "--precision.bf16_last_layers=2"])
+    plugin = parser.instantiate_classes(flags).precision
+    assert (plugin.recipe, plugin.bf16_first_layers, plugin.bf16_last_layers) == ("current", 0, 2)
+
+    with pytest.raises(argparse.ArgumentError, match="nvfp4"):  # not one of the Literal's values: refused parsing
+        parser.parse_args(["--precision.recipe=nvfp4"])
+    with pytest.raises(ValueError, match="need a recipe that allows BF16 layers"):  # our check, at instantiation
+        parser.instantiate_classes(parser.parse_args(["--precision.bf16_first_layers=1"]))
+
+
+def test_cli_yaml_with_new_fp8_args(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``llama-fp8 fit --config ... --print_config`` accepts and keeps the recipe, BF16-layer and attention args."""
+    config = yaml.safe_load((ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
+    (plugin,) = config["trainer"]["plugins"]
+    plugin["init_args"] = {"recipe": "current", "bf16_first_layers": 1, "bf16_last_layers": 1, "fp8_attention": True}
+    path = tmp_path / "current.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        cli_main(["fit", "--config", str(path), "--print_config"])
+    assert excinfo.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (printed_plugin,) = printed["trainer"]["plugins"]
+    assert printed_plugin["class_path"] == "lightning_llama_fp8.TEFP8Precision"
+    assert printed_plugin["init_args"] == {
+        "recipe": "current",
+        "fp8_format": "hybrid",
+        "margin": 0,
+        "amax_history_len": 1024,
+        "amax_compute_algo": "max",
+        "fp8_param_gather": False,
+        "bf16_first_layers": 1,
+        "bf16_last_layers": 1,
+        "fp8_attention": True,
+        "fallback": None,
+    }
+
+
+def test_cli_rejects_unknown_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = yaml.safe_load((ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
+    config["trainer"]["plugins"][0]["init_args"]["recipe"] = "nvfp4"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as excinfo:
+        cli_main(["fit", "--config", str(path), "--print_config"])
+    assert excinfo.value.code != 0
+    assert "nvfp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_spell_out_the_fp8_args(path: Path) -> None:
+    """Every example lists each FP8 arg, so switching recipe in YAML is an edit, not a lookup."""
+    (plugin,) = yaml.safe_load(path.read_text())["trainer"]["plugins"]
+    assert plugin["class_path"] == "lightning_llama_fp8.TEFP8Precision"
+    for key in ("recipe", "bf16_first_layers", "bf16_last_layers", "fp8_attention", "fp8_param_gather"):
+        assert key in plugin["init_args"], key
+    TEFP8Precision(**plugin["init_args"])  # and they are a valid combination
+
+
+# ---------------------------------------------------------------------------------------------- FP8 off and on
+class ConfiguredBlock(nn.Module):
+    """Stands in for Megatron modules: each holds a (possibly shared) config whose ``fp8`` is read every forward."""
+
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        self.config = config
+
+
+def test_set_fp8_enabled_switches_megatron_configs_off_and_back() -> None:
+    shared, other, bf16 = (types.SimpleNamespace(fp8=f) for f in ("hybrid", "e4m3", None))
+    model = nn.Sequential(
+        ConfiguredBlock(shared), ConfiguredBlock(shared), ConfiguredBlock(other), ConfiguredBlock(bf16)
+    )
+    plugin = TEFP8Precision()
+    plugin.set_fp8_enabled(model, False)
+    assert (shared.fp8, other.fp8, bf16.fp8) == (None, None, None)
+    plugin.set_fp8_enabled(model, False)  # idempotent: the original formats are kept, not the cleared ones
+    plugin.set_fp8_enabled(model, True)
+    assert (shared.fp8, other.fp8, bf16.fp8) == ("hybrid", "e4m3", None)
+
+
+def test_set_fp8_enabled_skips_plain_te_autocast_while_off(fake_fp8: list[str], fake_te: FakeTE) -> None:
+    plugin = TEFP8Precision()
+    module = plugin.convert_module(nn.Linear(2, 2))
+    plugin.set_fp8_enabled(module, False)
+    with plugin.forward_context():
+        pass
+    assert fake_te.autocast_calls == []
+    plugin.set_fp8_enabled(module, True)
+    with plugin.forward_context():
+        pass
+    assert len(fake_te.autocast_calls) == 1
+
+
+def test_fp8_cannot_be_switched_off_with_fp8_weights() -> None:
+    with pytest.raises(ValueError, match="no BF16 copy of them"):
+        TEFP8Precision(fp8_param_gather=True).set_fp8_enabled(nn.Linear(2, 2), False)

@@ -56,6 +56,16 @@ def evaluate_without_inference_mode(trainer: Any) -> None:
         loop.inference_mode = False
 
 
+def run_closure_and_before_optimizer_step_hooks(precision: Any, model: Any, optimizer: Any, closure: Any) -> Any:
+    """Run ``closure``, then every callback's and the module's ``on_before_optimizer_step`` hook.
+
+    What Lightning's ``Precision.optimizer_step`` does before it steps; needed by a strategy that steps an
+    optimizer without a closure argument (Megatron's), so callbacks such as ``NaNGuard`` still see the gradients
+    between backward and the update, and may veto the update.
+    """
+    return precision._wrap_closure(model, optimizer, closure)
+
+
 def reset_seed() -> None:
     """Re-apply ``seed_everything``'s seed in a freshly launched process."""
     _reset_seed()

@@ -70,6 +70,7 @@ class LlamaLightningModule(LightningModule):
         self.val_loss = MeanMetric(sync_on_compute=False)
         self._last_step_end: float | None = None
         self.step_times: list[float] = []
+        self.last_loss: Tensor | None = None  # this step's global per-token loss, set before the optimizer step
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -168,11 +169,12 @@ class LlamaLightningModule(LightningModule):
         megatron_optimizer.zero_grad()
 
         loss_sum, num_tokens = self.forward_backward(batch, forward_only=False)
+        # Visible to on_before_optimizer_step hooks (NaNGuard checks it before the update).
+        self.last_loss = loss = loss_sum / num_tokens
         update_successful, grad_norm, _ = optimizer.step()
         if update_successful:
             self.lr_scheduler_step(self.lr_schedulers(), None)
 
-        loss = loss_sum / num_tokens
         self._log_train_step(loss, grad_norm, batch, megatron_optimizer)
         return loss
 

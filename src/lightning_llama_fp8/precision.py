@@ -10,6 +10,11 @@ training step, with a different group.
 
 For plain TE modules (anything that is not a Megatron model) :class:`TEFP8Precision` enters TE's autocast
 itself, with the same amax group Megatron would use.
+
+FP8 recipes (:data:`RECIPES`): ``delayed``, ``current`` (Megatron's ``tensorwise``), ``blockwise`` and
+``mxfp8``. Everything a recipe cannot do is rejected when the plugin is constructed; what the machine cannot
+do is checked by :meth:`TEFP8Precision.check_supported` before training starts (the strategy calls it before
+any process group exists).
 """
 
 from __future__ import annotations
@@ -21,16 +26,73 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_info
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-RecipeName = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+RecipeName = Literal["delayed", "current", "tensorwise", "blockwise", "mxfp8"]
 FP8Format = Literal["hybrid", "e4m3"]
+AmaxComputeAlgo = Literal["max", "most_recent"]
+
+#: The recipes TEFP8Precision offers, in the order messages list them.
+RECIPES: tuple[str, ...] = ("delayed", "current", "blockwise", "mxfp8")
+#: Other accepted names: Megatron (and Megatron-LM's ``--fp8-recipe``) calls current scaling "tensorwise".
+RECIPE_ALIASES: dict[str, str] = {"tensorwise": "current"}
+#: ``TransformerConfig.fp8_recipe`` for each recipe.
+MEGATRON_RECIPE: dict[str, str] = {
+    "delayed": "delayed",
+    "current": "tensorwise",
+    "blockwise": "blockwise",
+    "mxfp8": "mxfp8",
+}
+#: TE's own support check per recipe: ``transformer_engine.pytorch.<name>(return_reason=True)``.
+TE_SUPPORT_CHECK: dict[str, str] = {
+    "delayed": "is_fp8_available",
+    "current": "is_fp8_available",
+    "blockwise": "is_fp8_block_scaling_available",
+    "mxfp8": "is_mxfp8_available",
+}
+#: What each recipe needs from the GPU (the conditions of TE's checks above), for error messages.
+RECIPE_NEEDS: dict[str, str] = {
+    "delayed": "compute capability >= 8.9 (Ada, Hopper, Blackwell)",
+    "current": "compute capability >= 8.9 (Ada, Hopper, Blackwell)",
+    "blockwise": "compute capability >= 9.0 (Hopper, Blackwell) and CUDA >= 12.9",
+    "mxfp8": "compute capability 10.x or 11.x (Blackwell, e.g. B200/GB200)",
+}
+#: Oldest Transformer Engine for each recipe (Megatron's ``fp8_utils.get_fp8_recipe`` gates them the same way).
+MIN_TE_VERSION: dict[str, str] = {"current": "2.2.0.dev0", "blockwise": "2.3.0.dev0", "mxfp8": "2.1.0"}
+#: Recipes that may keep their first/last layers in BF16. Not delayed scaling: its amaxes are reduced when the
+#: one autocast around all layers exits, so per-layer autocasts would break that (Megatron rejects it too).
+BF16_LAYER_RECIPES: tuple[str, ...] = ("current", "blockwise", "mxfp8")
+#: Recipes with FP8 attention. TE's Float8BlockScaling asserts "FP8 attention is not supported" (and Megatron
+#: does not even pass ``fp8_dpa`` to it, so it would silently run attention in BF16).
+FP8_ATTENTION_RECIPES: tuple[str, ...] = ("delayed", "current", "mxfp8")
+#: Oldest Transformer Engine with FP8 attention for a recipe: current scaling arrived in TE 2.9 (and needs
+#: cuDNN >= 9.14), MXFP8 attention in TE 2.16.
+MIN_TE_VERSION_FP8_ATTENTION: dict[str, str] = {"current": "2.9", "mxfp8": "2.16"}
+#: Delayed scaling's own settings and their defaults (the reference recipe's values).
+DELAYED_DEFAULTS: dict[str, Any] = {"margin": 0, "amax_history_len": 1024, "amax_compute_algo": "max"}
+
+_RECIPE_TITLES: dict[str, str] = {
+    "delayed": "delayed scaling",
+    "current": "current scaling (per tensor, Megatron 'tensorwise')",
+    "blockwise": "blockwise scaling (1x128 activation/gradient blocks, 128x128 weight blocks)",
+    "mxfp8": "MXFP8 block scaling (32-element blocks, power-of-2 scales)",
+}
 
 
 class FP8UnavailableError(RuntimeError):
     """FP8 was asked for on a machine that cannot run it."""
+
+
+def resolve_recipe(name: str) -> str:
+    """The canonical name of recipe ``name`` (``tensorwise`` -> ``current``); ValueError for unknown names."""
+    resolved = RECIPE_ALIASES.get(name, name)
+    if resolved not in RECIPES:
+        raise ValueError(f"Unknown FP8 recipe {name!r}: use delayed, current (alias tensorwise), blockwise or mxfp8.")
+    return resolved
 
 
 def is_megatron_model(module: nn.Module) -> bool:
@@ -73,14 +135,38 @@ class TEFP8Precision(MegatronPrecision):
     The defaults are the reference recipe of Megatron-LM's ``train_llama3_8b_h100_fp8.sh``: delayed scaling,
     ``hybrid`` format (E4M3 forward, E5M2 gradients), margin 0, amax history 1024, ``max`` over the history.
 
+    Recipes (what each needs from the GPU is checked by :meth:`check_supported` before training starts):
+
+    - ``delayed``: per-tensor scales from an amax history (TE ``DelayedScaling``); compute capability >= 8.9.
+      No BF16 layers; FP8 attention yes.
+    - ``current``: per-tensor scales from each tensor's current amax (TE ``Float8CurrentScaling``, Megatron
+      ``tensorwise``); compute capability >= 8.9. BF16 layers yes; FP8 attention with TE >= 2.9.
+    - ``blockwise``: 1x128 activation/gradient and 128x128 weight blocks (TE ``Float8BlockScaling``); compute
+      capability >= 9.0 (Hopper) and CUDA >= 12.9. BF16 layers yes; no FP8 attention.
+    - ``mxfp8``: 32-element blocks with power-of-2 scales (TE ``MXFP8BlockScaling``); compute capability 10.x
+      or 11.x (Blackwell). BF16 layers yes; FP8 attention with TE >= 2.16.
+
+    ``tensorwise`` (Megatron's name for current scaling) is accepted and resolves to ``current``. Combinations
+    that Megatron or Transformer Engine reject (BF16 layers with delayed scaling, FP8 attention with blockwise
+    scaling, delayed-scaling settings with another recipe, negative layer counts) raise ``ValueError`` here,
+    when the plugin is built; a machine that cannot run the recipe raises :class:`FP8UnavailableError` naming
+    the missing capability and the recipes that would work. Once the check passes, :meth:`describe` is logged
+    once on global rank zero.
+
     Args:
-        recipe: ``delayed`` (per-tensor scales from an amax history), ``tensorwise`` (current scaling),
-            ``blockwise`` (Hopper, CUDA >= 12.9) or ``mxfp8`` (Blackwell).
-        fp8_format: ``hybrid`` or ``e4m3``.
-        margin: delayed scaling's margin (scale = 2^-margin * fp8_max / amax).
-        amax_history_len: delayed scaling's amax history length.
-        amax_compute_algo: ``max`` or ``most_recent`` over the amax history.
+        recipe: ``delayed``, ``current`` (alias ``tensorwise``), ``blockwise`` or ``mxfp8`` (see above).
+        fp8_format: ``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3``.
+        margin: delayed scaling only: scale = 2^-margin * fp8_max / amax.
+        amax_history_len: delayed scaling only: the amax history length.
+        amax_compute_algo: delayed scaling only: ``max`` or ``most_recent`` over the amax history.
         fp8_param_gather: keep TE weights in FP8 and all-gather them in FP8 (Megatron-LM ``--fp8-param-gather``).
+        bf16_first_layers: keep this many transformer layers at the start of the model in BF16
+            (``TransformerConfig.first_last_layers_bf16`` / ``num_layers_at_start_in_bf16``); not with
+            ``delayed``. Megatron checks it against the layers per pipeline stage when it builds the config.
+        bf16_last_layers: the same for the layers at the end (``num_layers_at_end_in_bf16``).
+        fp8_attention: run dot-product attention in FP8 too (``TransformerConfig.fp8_dot_product_attention``,
+            TE's ``fp8_dpa``); beta in TE, cuDNN fused attention only (``attention_backend: fused``); not with
+            ``blockwise``.
         fallback: ``"bf16"`` to train in BF16 (and say so in the log) on a machine without FP8; ``None`` raises.
     """
 
@@ -92,65 +178,163 @@ class TEFP8Precision(MegatronPrecision):
         fp8_format: FP8Format = "hybrid",
         margin: int = 0,
         amax_history_len: int = 1024,
-        amax_compute_algo: Literal["max", "most_recent"] = "max",
+        amax_compute_algo: AmaxComputeAlgo = "max",
         fp8_param_gather: bool = False,
+        bf16_first_layers: int = 0,
+        bf16_last_layers: int = 0,
+        fp8_attention: bool = False,
         fallback: Literal["bf16"] | None = None,
     ) -> None:
         super().__init__()
-        if recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
-            raise ValueError(f"Unknown FP8 recipe {recipe!r}: use delayed, tensorwise, blockwise or mxfp8.")
-        if fp8_format not in ("hybrid", "e4m3"):
-            raise ValueError(f"Unknown FP8 format {fp8_format!r}: use hybrid or e4m3.")
-        if fallback not in (None, "bf16"):
-            raise ValueError(f"fallback must be None or 'bf16', got {fallback!r}.")
-        self.recipe = recipe
+        self.recipe = resolve_recipe(recipe)
         self.fp8_format = fp8_format
         self.margin = margin
         self.amax_history_len = amax_history_len
         self.amax_compute_algo = amax_compute_algo
         self.fp8_param_gather = fp8_param_gather
+        self.bf16_first_layers = bf16_first_layers
+        self.bf16_last_layers = bf16_last_layers
+        self.fp8_attention = fp8_attention
         self.fallback = fallback
+        self._validate()
         self._fp8_active: bool | None = None  # decided once, by check_supported()
         self._manages_autocast = True  # False once convert_module() sees a Megatron model
+        self._suspended_fp8: dict[int, tuple[Any, Any]] = {}  # config id -> (TransformerConfig, its fp8 format)
+        self._fp8_suspended = False  # set_fp8_enabled(False) is in effect
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        """Reject what Megatron or TE would refuse (or silently ignore), before the strategy starts anything."""
+        if self.fp8_format not in ("hybrid", "e4m3"):
+            raise ValueError(f"Unknown FP8 format {self.fp8_format!r}: use hybrid or e4m3.")
+        if self.fallback not in (None, "bf16"):
+            raise ValueError(f"fallback must be None or 'bf16', got {self.fallback!r}.")
+        self._validate_delayed_settings()
+        self._validate_bf16_layers()
+        self._validate_fp8_attention()
+
+    def _validate_delayed_settings(self) -> None:
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"Unknown amax_compute_algo {self.amax_compute_algo!r}: use max or most_recent.")
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}.")
+        if self.recipe == "delayed":
+            return
+        # The other recipes compute their scales from the tensor itself; Megatron reads these settings only for
+        # delayed scaling, so a non-default value here would be silently ignored.
+        changed = {k: getattr(self, k) for k, default in DELAYED_DEFAULTS.items() if getattr(self, k) != default}
+        if changed:
+            settings = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            raise ValueError(
+                f"{settings} only apply to delayed scaling; the {self.recipe} recipe computes its scales from "
+                "each tensor's current values. Remove them or use recipe='delayed'."
+            )
+
+    def _validate_bf16_layers(self) -> None:
+        for name in ("bf16_first_layers", "bf16_last_layers"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (a number of transformer layers), got {value}.")
+        if self.keeps_bf16_layers and self.recipe not in BF16_LAYER_RECIPES:
+            raise ValueError(
+                f"bf16_first_layers={self.bf16_first_layers} / bf16_last_layers={self.bf16_last_layers} need a "
+                f"recipe that allows BF16 layers: {', '.join(BF16_LAYER_RECIPES)}. Delayed scaling reduces its "
+                "amaxes when the one FP8 autocast around all layers exits, so Megatron rejects BF16 layers with it."
+            )
+
+    def _validate_fp8_attention(self) -> None:
+        if self.fp8_attention and self.recipe not in FP8_ATTENTION_RECIPES:
+            raise ValueError(
+                f"fp8_attention=True is not available with the {self.recipe} recipe (Transformer Engine's "
+                f"Float8BlockScaling has no FP8 attention). Use one of {', '.join(FP8_ATTENTION_RECIPES)}, or "
+                "fp8_attention=False."
+            )
+
+    @property
+    def keeps_bf16_layers(self) -> bool:
+        """True if some transformer layers stay in BF16."""
+        return self.bf16_first_layers > 0 or self.bf16_last_layers > 0
 
     # ------------------------------------------------------------------ support
     def check_supported(self) -> None:
-        """Decide, once, whether FP8 runs here; raise a clear error or fall back to BF16 if asked to."""
+        """Decide, once, whether FP8 runs here; raise a clear error or fall back to BF16 if asked to.
+
+        On success the resolved recipe (:meth:`describe`) is logged once, on global rank zero.
+        """
         if self._fp8_active is not None:
             return
-        ok, reason = fp8_support(self.recipe)
+        ok, reason = fp8_support(self.recipe, fp8_attention=self.fp8_attention)
         if ok:
             self._fp8_active = True
+            rank_zero_info(self.describe())
             return
         if self.fallback == "bf16":
             log.warning("FP8 is not available: %s Training in BF16 instead (TEFP8Precision(fallback='bf16')).", reason)
             self._fp8_active = False
             return
-        raise FP8UnavailableError(
-            f"FP8 training ({self.recipe} scaling) is not possible here: {reason} "
-            "Run on an NVIDIA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell) with Transformer "
-            "Engine installed (`pip install 'lightning-llama-fp8[te]'` or NVIDIA's PyTorch container), or pass "
-            "TEFP8Precision(fallback='bf16') to train in BF16 instead."
-        )
+        raise FP8UnavailableError(self._unavailable_message(reason))
+
+    def _unavailable_message(self, reason: str) -> str:
+        """What is missing, what the recipe needs, and what would work on this machine instead."""
+        what = f"{self.recipe} scaling" + (", FP8 attention" if self.fp8_attention else "")
+        needs = f"The {self.recipe} recipe needs an NVIDIA GPU with {RECIPE_NEEDS[self.recipe]}."
+        bf16 = "TEFP8Precision(fallback='bf16') (or MegatronPrecision()) to train in BF16 instead."
+        working = supported_recipes()
+        if not working:
+            return (
+                f"FP8 training ({what}) is not possible here: {reason} {needs} No FP8 recipe works on this machine: "
+                "run on such a GPU with Transformer Engine installed (`pip install 'lightning-llama-fp8[te]'` "
+                f"or NVIDIA's PyTorch container), or pass {bf16}"
+            )
+        if self.recipe in working:  # only FP8 attention is missing
+            instead = f"The {self.recipe} recipe itself works here with fp8_attention=False."
+        else:
+            instead = f"Recipes that work on this machine: {', '.join(working)} (TEFP8Precision(recipe=...))."
+        return f"FP8 training ({what}) is not possible here: {reason} {needs} {instead} Or pass {bf16}"
 
     @property
     def fp8_active(self) -> bool:
         self.check_supported()
         return bool(self._fp8_active)
 
+    def describe(self) -> str:
+        """The resolved recipe in one line (logged once when :meth:`check_supported` passes)."""
+        parts = [f"format {self.fp8_format}"]
+        if self.recipe == "delayed":
+            parts += [
+                f"margin {self.margin}",
+                f"amax history {self.amax_history_len} ({self.amax_compute_algo})",
+            ]
+        parts.append(f"FP8 param gather {'on' if self.fp8_param_gather else 'off'}")
+        layers = f"first {self.bf16_first_layers} / last {self.bf16_last_layers}" if self.keeps_bf16_layers else "none"
+        parts.append(f"BF16 layers: {layers}")
+        parts.append(f"FP8 attention {'on' if self.fp8_attention else 'off'}")
+        return f"FP8 {_RECIPE_TITLES[self.recipe]}: {', '.join(parts)}"
+
     # ------------------------------------------------------------------ megatron
     def transformer_config_kwargs(self) -> dict[str, Any]:
+        """The FP8 fields of Megatron's ``TransformerConfig`` for this recipe (BF16 only in the fallback)."""
         kwargs = super().transformer_config_kwargs()
         if not self.fp8_active:
             return kwargs
         kwargs.update(
             fp8=self.fp8_format,
-            fp8_recipe=self.recipe,
-            fp8_margin=self.margin,
-            fp8_amax_history_len=self.amax_history_len,
-            fp8_amax_compute_algo=self.amax_compute_algo,
+            fp8_recipe=MEGATRON_RECIPE[self.recipe],
             fp8_param=self.fp8_param_gather,
+            fp8_dot_product_attention=self.fp8_attention,
         )
+        if self.recipe == "delayed":  # Megatron reads these for delayed scaling only
+            kwargs.update(
+                fp8_margin=self.margin,
+                fp8_amax_history_len=self.amax_history_len,
+                fp8_amax_compute_algo=self.amax_compute_algo,
+            )
+        if self.keeps_bf16_layers:
+            kwargs.update(
+                first_last_layers_bf16=True,
+                num_layers_at_start_in_bf16=self.bf16_first_layers,
+                num_layers_at_end_in_bf16=self.bf16_last_layers,
+            )
         return kwargs
 
     def ddp_config_kwargs(self) -> dict[str, Any]:
@@ -170,7 +354,41 @@ class TEFP8Precision(MegatronPrecision):
                     "in FP8. Build its TransformerConfig with `precision.transformer_config_kwargs()` (what "
                     "LlamaLightningModule.configure_model does)."
                 )
+        elif self.fp8_active and self.keeps_bf16_layers:
+            # One autocast around a plain module has no notion of layer numbers to leave out.
+            raise ValueError(
+                "bf16_first_layers / bf16_last_layers apply to Megatron models only (they set Megatron's "
+                f"TransformerConfig); {type(module).__name__} is a plain module. Set both to 0."
+            )
         return module
+
+    # ------------------------------------------------------------------ switching FP8 off for a while
+    def set_fp8_enabled(self, module: nn.Module, enabled: bool) -> None:
+        """Run the following forward passes without FP8 (``False``) or with it again (``True``).
+
+        Used by ``NaNGuard(policy="rollback", bf16_steps_after_rollback=N)``. Megatron models read
+        ``TransformerConfig.fp8`` at every forward (their TransformerBlock enters TE autocast only when it is set),
+        so clearing it makes the next steps compute in BF16; plain TE modules skip :meth:`forward_context`'s
+        autocast. The FP8 scaling state is left as it is and picks up again when FP8 comes back.
+        """
+        if not enabled and self.fp8_param_gather:
+            raise ValueError(
+                "FP8 cannot be switched off while weights are stored in FP8 (fp8_param_gather=True): the model "
+                "has no BF16 copy of them. Use TEFP8Precision(fp8_param_gather=False) for BF16 steps after a "
+                "rollback, or NaNGuard(bf16_steps_after_rollback=0)."
+            )
+        if not enabled:
+            for m in module.modules():
+                config = getattr(m, "config", None)
+                if getattr(config, "fp8", None) and id(config) not in self._suspended_fp8:
+                    self._suspended_fp8[id(config)] = (config, config.fp8)
+                    config.fp8 = None
+            self._fp8_suspended = True
+            return
+        for config, fp8_format in self._suspended_fp8.values():
+            config.fp8 = fp8_format
+        self._suspended_fp8 = {}
+        self._fp8_suspended = False
 
     # ------------------------------------------------------------------ plain TE modules
     def te_recipe(self) -> Any:
@@ -184,17 +402,18 @@ class TEFP8Precision(MegatronPrecision):
                 fp8_format=fmt,
                 amax_history_len=self.amax_history_len,
                 amax_compute_algo=self.amax_compute_algo,
+                fp8_dpa=self.fp8_attention,
             )
-        if self.recipe == "tensorwise":
-            return te_recipe.Float8CurrentScaling(fp8_format=fmt)
+        if self.recipe == "current":
+            return te_recipe.Float8CurrentScaling(fp8_format=fmt, fp8_dpa=self.fp8_attention)
         if self.recipe == "blockwise":
-            return te_recipe.Float8BlockScaling(fp8_format=fmt)
-        return te_recipe.MXFP8BlockScaling(fp8_format=fmt)
+            return te_recipe.Float8BlockScaling(fp8_format=fmt)  # no FP8 attention (rejected at construction)
+        return te_recipe.MXFP8BlockScaling(fp8_format=fmt, fp8_dpa=self.fp8_attention)
 
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         """TE autocast for plain TE modules; nothing for Megatron models (they enter it themselves)."""
-        if not self._manages_autocast or not self.fp8_active:
+        if not self._manages_autocast or not self.fp8_active or self._fp8_suspended:
             yield
             return
         import transformer_engine.pytorch as te
@@ -214,8 +433,24 @@ def amax_reduction_group() -> Any:
     return None
 
 
-def fp8_support(recipe: str = "delayed") -> tuple[bool, str]:
-    """Can this machine run ``recipe``? Returns (ok, reason) with the GPU named in the reason."""
+def te_version() -> Version | None:
+    """The installed Transformer Engine's version, or None if it cannot be read."""
+    try:
+        import transformer_engine
+
+        return Version(str(transformer_engine.__version__))
+    except (ImportError, AttributeError, InvalidVersion):
+        return None
+
+
+def fp8_support(recipe: str = "delayed", fp8_attention: bool = False) -> tuple[bool, str]:
+    """Can this machine run ``recipe`` (with FP8 attention if asked)? Returns (ok, reason).
+
+    The reason names the GPU and, when something is missing, TE's own explanation and the check that gave it
+    (``transformer_engine.pytorch.is_fp8_available`` / ``is_fp8_block_scaling_available`` /
+    ``is_mxfp8_available``), or the Transformer Engine version the recipe needs.
+    """
+    recipe = resolve_recipe(recipe)
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)."
     name = torch.cuda.get_device_name()
@@ -225,13 +460,36 @@ def fp8_support(recipe: str = "delayed") -> tuple[bool, str]:
         import transformer_engine.pytorch as te
     except ImportError as err:
         return False, f"Transformer Engine is not importable on {gpu} ({err})."
-    checks = {
-        "delayed": te.is_fp8_available,
-        "tensorwise": te.is_fp8_available,
-        "blockwise": te.is_fp8_block_scaling_available,
-        "mxfp8": te.is_mxfp8_available,
-    }
-    ok, why = checks[recipe](return_reason=True)
-    if ok:
-        return True, f"{gpu} supports {recipe} FP8."
-    return False, f"{gpu} cannot run {recipe} FP8: {why or 'unsupported'}."
+    version = te_version()
+    te_name = f"Transformer Engine {version}" if version is not None else "this Transformer Engine"
+    check_name = TE_SUPPORT_CHECK[recipe]
+    check = getattr(te, check_name, None)
+    if check is None:
+        return False, f"{te_name} has no transformer_engine.pytorch.{check_name}(): too old for the {recipe} recipe."
+    ok, why = check(return_reason=True)
+    if not ok:
+        return (
+            False,
+            f"{gpu} cannot run {recipe} FP8: {why or 'unsupported'} (transformer_engine.pytorch.{check_name}).",
+        )
+    too_old = _te_too_old(version, MIN_TE_VERSION.get(recipe), f"the {recipe} recipe")
+    if too_old is None and fp8_attention:
+        if recipe not in FP8_ATTENTION_RECIPES:
+            return False, f"FP8 attention is not available with the {recipe} recipe."
+        too_old = _te_too_old(version, MIN_TE_VERSION_FP8_ATTENTION.get(recipe), f"FP8 attention with {recipe}")
+    if too_old is not None:
+        return False, f"{too_old} (on {gpu})."
+    with_attention = " with FP8 attention" if fp8_attention else ""
+    return True, f"{gpu} supports {recipe} FP8{with_attention} ({te_name})."
+
+
+def _te_too_old(version: Version | None, minimum: str | None, what: str) -> str | None:
+    """Why ``version`` is too old for ``what`` (None if it is new enough, unknown, or there is no minimum)."""
+    if minimum is None or version is None or version >= Version(minimum):
+        return None
+    return f"{what} needs Transformer Engine >= {minimum}, this is {version}"
+
+
+def supported_recipes(fp8_attention: bool = False) -> tuple[str, ...]:
+    """The recipes (of :data:`RECIPES`) this machine runs, by :func:`fp8_support`."""
+    return tuple(r for r in RECIPES if fp8_support(r, fp8_attention=fp8_attention)[0])

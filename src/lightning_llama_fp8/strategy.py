@@ -128,6 +128,7 @@ class MegatronCPStrategy(ParallelStrategy):
         self._timeout = timeout
         self.num_nodes = 1
         self._ddp_modules: list[torch.nn.Module] = []
+        self._skip_reason: str | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -184,10 +185,10 @@ class MegatronCPStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         """Check everything cheap first, then start torch.distributed and Megatron's parallel groups."""
         super().setup_environment()
+        self.set_world_ranks()  # first, so rank-zero-only messages of the checks below come from rank 0 only
         self._check_precision_plugin()
         self._check_no_checkpointing()
         compat.reset_seed()
-        self.set_world_ranks()
         arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
         validate_layout(self.layout, self.world_size, arch=arch)
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
@@ -330,19 +331,28 @@ class MegatronCPStrategy(ParallelStrategy):
         return list(self._ddp_modules)
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        """Run Megatron's optimizer: unscale, clip, step and (distributed) all-gather in one call.
+        """Run the closure and the ``on_before_optimizer_step`` hooks, then the optimizer, unless a hook vetoed it.
 
-        Gradients were already produced by Megatron's forward-backward schedule inside ``training_step``; the
-        closure Lightning passes in manual optimization does nothing. Returns Megatron's
-        ``(update_successful, grad_norm, num_zeros_in_grad)``.
+        With Megatron's optimizer the gradients were already produced by Megatron's forward-backward schedule
+        inside ``training_step`` and the closure does nothing; ``optimizer.step()`` unscales, clips, steps and
+        (distributed) all-gathers in one call and returns ``(update_successful, grad_norm, num_zeros_in_grad)``.
+        A vetoed step returns ``(False, None, None)`` (a plain torch optimizer: ``None``), as Megatron-LM does for
+        a skipped iteration: weights, optimizer moments and the learning-rate schedule stay where they were.
         """
+        from lightning.pytorch import LightningModule
         from megatron.core.optimizer import MegatronOptimizer
 
-        # LightningOptimizer.step hands the strategy the unwrapped optimizer.
-        if not isinstance(optimizer, MegatronOptimizer):
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        closure()
+        module = model if isinstance(model, LightningModule) else self.lightning_module
+        compat.run_closure_and_before_optimizer_step_hooks(self.precision_plugin, module, optimizer, closure)
+        if self._skip_reason is not None:
+            log.warning("Optimizer step skipped: %s", self._skip_reason)
+            self._skip_reason = None
+            return (False, None, None) if isinstance(optimizer, MegatronOptimizer) else None
         return optimizer.step()
+
+    def skip_optimizer_step(self, reason: str) -> None:
+        """Veto the optimizer step in progress; call from ``on_before_optimizer_step`` (e.g. ``NaNGuard``)."""
+        self._skip_reason = reason
 
     # ------------------------------------------------------------------ validation around overlapped gathers
     def on_validation_start(self) -> None:

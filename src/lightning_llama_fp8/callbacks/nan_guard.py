@@ -1,0 +1,318 @@
+"""``NaNGuard``: no non-finite loss or gradient ever reaches the weights, and the report says where it came from.
+
+Every training step, between the backward pass and the optimizer update, the guard reduces the loss and every
+gradient to one "non-finite?" flag per rank (one fp32 sum per gradient buffer, no per-layer host sync), takes the
+maximum over all ranks with one all-reduce and reads it back once. All ranks therefore take the same decision:
+
+* ``policy="raise"``: write the report and stop training with :class:`NonFiniteTrainingError`.
+* ``policy="skip"``: veto this update (weights, optimizer moments and LR schedule stay as they were), count it,
+  continue with the next batch.
+* ``policy="rollback"``: like ``skip``, and also restore Transformer Engine's FP8 scaling state (amax histories and
+  scales) from the last good step, because the bad step's forward and backward have already written their
+  non-finite amaxes into it; optionally run the next ``bf16_steps_after_rollback`` steps without FP8, then go back.
+  Weights and optimizer state need no copy: the guard never lets a non-finite update through, so they are still
+  those of the last good step.
+
+More than ``max_consecutive_bad_steps`` bad steps in a row end training with the report (a persistent fault is
+not something to skip forever). The report (JSON, one file per bad step, next to the logs) names the step, the
+ranks, whether the loss and/or which parameters' gradients were non-finite, and the TE modules whose FP8 state
+went non-finite, first in forward order, with their amax and scale at that moment. Checkpoints are checked too:
+a checkpoint holding a non-finite weight is refused before it is written, so nothing already saved is replaced.
+
+The loss is read from ``pl_module.last_loss`` when the module sets it before its optimizer step (as
+``LlamaLightningModule`` does); otherwise a non-finite loss is still caught through the gradients it produces.
+Vetoing uses ``strategy.skip_optimizer_step`` (``MegatronCPStrategy``); with other strategies the guard drops the
+gradients (``optimizer.zero_grad(set_to_none=True)``), which torch optimizers treat as "no update".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor
+
+from lightning_llama_fp8.fp8_state import fp8_scaling_summary, load_fp8_state, nonfinite_fp8_state, save_fp8_state
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["raise", "skip", "rollback"]
+POLICIES = ("raise", "skip", "rollback")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced a non-finite loss or gradient (or a checkpoint with a non-finite weight)."""
+
+
+class NaNGuard(Callback):
+    """Detect NaN/Inf in the loss and gradients every step, on all ranks, before the update; report and recover.
+
+    Args:
+        policy: ``raise``, ``skip`` or ``rollback`` (see the module docstring).
+        max_consecutive_bad_steps: with ``skip``/``rollback``, stop after this many bad steps in a row.
+        bf16_steps_after_rollback: with ``rollback``, steps to run without FP8 after a bad step (needs a precision
+            plugin with ``set_fp8_enabled``, i.e. ``TEFP8Precision``); 0 keeps FP8 on.
+        report_dir: where the JSON reports go (default: the trainer's log dir, else its root dir).
+        max_reported_parameters: parameter names listed per rank in a report.
+    """
+
+    def __init__(
+        self,
+        policy: Policy = "raise",
+        max_consecutive_bad_steps: int = 3,
+        bf16_steps_after_rollback: int = 0,
+        report_dir: str | os.PathLike[str] | None = None,
+        max_reported_parameters: int = 20,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"NaNGuard policy must be one of {', '.join(POLICIES)}; got {policy!r}.")
+        if max_consecutive_bad_steps < 1:
+            raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}.")
+        if bf16_steps_after_rollback < 0:
+            raise ValueError(f"bf16_steps_after_rollback must be >= 0, got {bf16_steps_after_rollback}.")
+        if bf16_steps_after_rollback and policy != "rollback":
+            raise ValueError("bf16_steps_after_rollback only applies to policy='rollback'.")
+        self.policy = policy
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.bf16_steps_after_rollback = bf16_steps_after_rollback
+        self.report_dir = Path(report_dir) if report_dir is not None else None
+        self.max_reported_parameters = max_reported_parameters
+        self.bad_steps: list[int] = []  # global steps whose update was vetoed (or that raised)
+        self.reports: list[Path] = []
+        self.consecutive_bad_steps = 0
+        self._fp8_snapshot: dict[str, dict[str, Tensor]] | None = None
+        self._fp8_resume_step: int | None = None  # first step that runs in FP8 again after a BF16 window
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.bf16_steps_after_rollback and not callable(getattr(trainer.precision_plugin, "set_fp8_enabled", None)):
+            raise ValueError(
+                f"NaNGuard(bf16_steps_after_rollback={self.bf16_steps_after_rollback}) needs a precision plugin that "
+                f"can switch FP8 off (TEFP8Precision); this trainer uses {type(trainer.precision_plugin).__name__}. "
+                "Set bf16_steps_after_rollback=0 or use plugins=[TEFP8Precision()]."
+            )
+        if self.bf16_steps_after_rollback and getattr(trainer.precision_plugin, "fp8_param_gather", False):
+            raise ValueError(
+                "NaNGuard(bf16_steps_after_rollback>0) cannot run BF16 steps while TEFP8Precision stores weights in "
+                "FP8 (fp8_param_gather=True): there is no BF16 copy of them. Set fp8_param_gather=False or "
+                "bf16_steps_after_rollback=0."
+            )
+        if self.report_dir is None:
+            self.report_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        loss_bad, grads_bad = self._nonfinite_flags(trainer, pl_module)
+        if not (loss_bad or grads_bad):
+            self.consecutive_bad_steps = 0
+            if self.policy == "rollback":
+                # After a good forward/backward the FP8 scaling state is the "last good" one.
+                self._fp8_snapshot = save_fp8_state(pl_module)
+            return
+
+        step = trainer.global_step
+        self.consecutive_bad_steps += 1
+        self.bad_steps.append(step)
+        stop = self.policy == "raise" or self.consecutive_bad_steps > self.max_consecutive_bad_steps
+        action = "raise" if stop else self.policy
+        report = self._report(trainer, pl_module, step, loss_bad, grads_bad, action)
+        summary = _summarize(report)
+        if stop:
+            if self.policy != "raise":
+                limit = self.max_consecutive_bad_steps
+                summary += f" That is {self.consecutive_bad_steps} bad steps in a row (limit {limit})."
+            raise NonFiniteTrainingError(summary)
+
+        log.warning("%s", summary)
+        _veto_update(trainer, optimizer, f"non-finite {'loss' if loss_bad else 'gradients'} at step {step}")
+        if self.policy == "rollback":
+            self._roll_back(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log("nan_guard/bad_steps", float(len(self.bad_steps)), on_step=True, sync_dist=False)
+        if self._fp8_resume_step is not None and trainer.global_step >= self._fp8_resume_step:
+            trainer.precision_plugin.set_fp8_enabled(pl_module, True)
+            self._fp8_resume_step = None
+            log.warning("NaNGuard: FP8 back on from step %d.", trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteTrainingError(
+                f"Refusing to write a checkpoint at step {trainer.global_step}: non-finite values in "
+                f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}. Earlier checkpoints are untouched."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bad_steps": list(self.bad_steps), "consecutive_bad_steps": self.consecutive_bad_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.bad_steps = list(state_dict.get("bad_steps", []))
+        self.consecutive_bad_steps = int(state_dict.get("consecutive_bad_steps", 0))
+
+    # ------------------------------------------------------------------ detection
+    def _nonfinite_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[bool, bool]:
+        """(loss non-finite on any rank, gradients non-finite on any rank): one all-reduce, one host sync."""
+        grads = gradient_tensors(trainer, pl_module)
+        device = grads[0].device if grads else pl_module.device
+        flags = torch.zeros(2, device=device)
+        loss = getattr(pl_module, "last_loss", None)
+        if isinstance(loss, Tensor):
+            flags[0] = (~torch.isfinite(loss.detach().float())).any()
+        if grads:
+            # A sum propagates NaN/Inf and needs no tensor-sized temporary (isfinite(t).all() would allocate one).
+            sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
+            flags[1] = (~torch.isfinite(sums)).any()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_bad, grads_bad = flags.tolist()
+        return bool(loss_bad), bool(grads_bad)
+
+    # ------------------------------------------------------------------ recovery
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fp8_snapshot is not None:
+            load_fp8_state(pl_module, self._fp8_snapshot)
+        if self.bf16_steps_after_rollback:
+            trainer.precision_plugin.set_fp8_enabled(pl_module, False)
+            # Steps bad+1 .. bad+N run in BF16; global_step already counts the (vetoed) bad step when it ends.
+            self._fp8_resume_step = trainer.global_step + 1 + self.bf16_steps_after_rollback
+            log.warning("NaNGuard: running the next %d steps without FP8.", self.bf16_steps_after_rollback)
+
+    # ------------------------------------------------------------------ report
+    def _report(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        step: int,
+        loss_bad: bool,
+        grads_bad: bool,
+        action: str,
+    ) -> dict[str, Any]:
+        """Gather every rank's findings (bad steps only, so the per-parameter checks cost nothing normally)."""
+        local = self._local_findings(trainer, pl_module)
+        ranks: list[Any] = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        first_fp8 = next((name for r in ranks for name in r["nonfinite_fp8_modules"]), None)
+        first_fwd = next((name for r in ranks for name in r["nonfinite_fp8_forward_modules"]), None)
+        report = {
+            "step": step,
+            "policy": self.policy,
+            "action": action,
+            "loss_nonfinite": loss_bad,
+            "gradients_nonfinite": grads_bad,
+            "ranks_with_nonfinite_loss": [r["rank"] for r in ranks if r["loss_nonfinite"]],
+            "ranks_with_nonfinite_gradients": [r["rank"] for r in ranks if r["nonfinite_gradient_count"]],
+            # Where the NaN/Inf first appeared in the forward pass (the first FP8 module whose input went bad);
+            # backward state goes bad in every layer the gradient crosses, so it only says "somewhere upstream".
+            "first_nonfinite_fp8_forward_module": first_fwd,
+            "first_nonfinite_fp8_module": first_fp8,
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "bad_steps": list(self.bad_steps),
+            "ranks": ranks,
+        }
+        if trainer.is_global_zero and self.report_dir is not None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            path = self.report_dir / f"nan_report_step{step:07d}.json"
+            path.write_text(json.dumps(report, indent=2))
+            self.reports.append(path)
+            report["path"] = str(path)
+        return report
+
+    def _local_findings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        loss = getattr(pl_module, "last_loss", None)
+        bad_params = nonfinite_gradients(pl_module)
+        bad_fp8 = nonfinite_fp8_state(pl_module)
+        bad_fp8_forward = nonfinite_fp8_state(pl_module, direction="fwd") if bad_fp8 else []
+        summary = fp8_scaling_summary(pl_module) if bad_fp8 else {}
+        return {
+            "rank": trainer.global_rank,
+            "loss": float(loss) if isinstance(loss, Tensor) else None,
+            "loss_nonfinite": isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach().float()).all()),
+            "nonfinite_gradient_count": len(bad_params),
+            "nonfinite_gradients": bad_params[: self.max_reported_parameters],
+            "nonfinite_fp8_modules": bad_fp8,
+            "nonfinite_fp8_forward_modules": bad_fp8_forward,
+            "fp8_state": {name: summary.get(name) for name in bad_fp8[: self.max_reported_parameters]},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def gradient_tensors(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tensor]:
+    """The tensors holding this step's gradients: Megatron DDP's contiguous grad buffers, else ``param.grad``."""
+    buffers: list[Tensor] = []
+    for ddp in getattr(trainer.strategy, "ddp_modules", []):
+        for buffer in [*getattr(ddp, "buffers", []), *getattr(ddp, "expert_parallel_buffers", [])]:
+            buffers.append(buffer.grad_data)
+    if buffers:
+        return buffers
+    return [g for _, g in _named_gradients(pl_module)]
+
+
+def nonfinite_gradients(module: torch.nn.Module) -> list[str]:
+    """Names of parameters whose gradient holds NaN/Inf (one host sync for all of them)."""
+    named = _named_gradients(module)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(g.sum(dtype=torch.float32)) for _, g in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Keys of floating-point tensors in ``state_dict`` that hold NaN/Inf."""
+    keys = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+    if not keys:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[k].sum(dtype=torch.float32)).cpu() for k in keys]).tolist()
+    return [k for k, ok in zip(keys, finite, strict=True) if not ok]
+
+
+def _named_gradients(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    # Megatron DDP accumulates into param.main_grad (a view into its buffer); plain modules use param.grad.
+    named = []
+    for name, param in module.named_parameters():
+        grad = getattr(param, "main_grad", None)
+        grad = grad if grad is not None else param.grad
+        if grad is not None:
+            named.append((name, grad))
+    return named
+
+
+def _veto_update(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, reason: str) -> None:
+    skip = getattr(trainer.strategy, "skip_optimizer_step", None)
+    if callable(skip):
+        skip(reason)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _summarize(report: dict[str, Any]) -> str:
+    what = " and ".join(
+        part for part, bad in (("loss", report["loss_nonfinite"]), ("gradients", report["gradients_nonfinite"])) if bad
+    )
+    params = sorted({p for r in report["ranks"] for p in r["nonfinite_gradients"]})
+    text = f"NaNGuard: non-finite {what} at step {report['step']} (policy {report['policy']}: {report['action']})."
+    if report["ranks_with_nonfinite_loss"]:
+        text += f" Loss non-finite on ranks {report['ranks_with_nonfinite_loss']}."
+    if report["ranks_with_nonfinite_gradients"]:
+        shown = ", ".join(params[:5]) + (" ..." if len(params) > 5 else "")
+        text += f" Gradients non-finite on ranks {report['ranks_with_nonfinite_gradients']}: {shown}."
+    if report["first_nonfinite_fp8_forward_module"]:
+        text += f" First FP8 module with a non-finite input: {report['first_nonfinite_fp8_forward_module']}."
+    elif report["first_nonfinite_fp8_module"]:
+        text += f" First FP8 module with non-finite scaling state: {report['first_nonfinite_fp8_module']}."
+    if "path" in report:
+        text += f" Report: {report['path']}"
+    return text
