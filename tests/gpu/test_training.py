@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 
 from lightning_llama_fp8 import (
     LlamaConfig,
@@ -18,17 +18,9 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
 )
 from lightning_llama_fp8.cli import LlamaCLI
+from tests.gpu.probes import StepProbe
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class LossRecorder(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss))
 
 
 def te_fp8_state(model: torch.nn.Module) -> dict[str, Any]:
@@ -79,7 +71,7 @@ def test_small_config_trains_in_fp8(record: Any) -> None:
             "false",
         ],
     )
-    recorder = LossRecorder()
+    recorder = StepProbe()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
@@ -144,7 +136,7 @@ def test_lightning_matches_plain_megatron(precision: str, record: Any) -> None:
     # FP8 as the reference recipe runs it: delayed scaling with FP8 weights gathered in FP8.
     plugin = TEFP8Precision(fp8_param_gather=True) if precision == "fp8" else MegatronPrecision()
     seed_everything(seed)
-    recorder = LossRecorder()
+    recorder = StepProbe()
     trainer = Trainer(
         accelerator="gpu",
         devices=1,

@@ -1,0 +1,27 @@
+"""Callbacks the GPU tests use to watch training: per-step losses and exact weight fingerprints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+
+class StepProbe(Callback):
+    """Per step: the loss, and a fingerprint of every weight at the step's start (exact, one float64 per tensor)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.fingerprints: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.fingerprints.append(fingerprint(pl_module))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    # float() dequantizes FP8 weights (fp8_param_gather); sums in float64 are bitwise equal iff nothing moved.
+    return torch.stack([p.detach().float().double().sum() for p in module.parameters()]).cpu()
