@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One named piece of GPU evidence per call, sized to fit a 10-minute device call (start-up included).
+# Run from the repo root on the GPU machine after `source .gpu/setup.sh`; writes logs/JSON under OUT_DIR.
+#
+#   bash benchmarks/gpu_stage.sh STAGE OUT_DIR
+#
+# Stages (GPUs needed; wall time measured on H200 unless marked as an estimate):
+#   equivalence-2   (2) issue 3: 1-GPU references + TP2, CP2 p2p/a2a/all_gather, DP2 in BF16 and FP8  (~9 min)
+#   equivalence-4   (4) issue 3: the references + DP2, TP2 x CP2, CP2 x DP2 only                     (~7 min est.)
+#   speed-2         (2) issue 3: ours vs Megatron-LM, FP8, CP2 and TP2+SP, 4 layers                    (~5 min)
+#   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~6 min est.)
+#   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
+#   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~5 min est.)
+#   gpu-tests       (1) tests/gpu (all of it)
+set -uo pipefail
+stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
+out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_RESULTS_DIR="$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt"
+git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || true
+
+case "$stage" in
+  equivalence-2)
+    python3 benchmarks/parallel_equivalence.py --out-dir "$out/equivalence" --gpus 2 --fp8 ;;
+  equivalence-4)
+    python3 benchmarks/parallel_equivalence.py --out-dir "$out/equivalence" --gpus 4 --fp8 \
+      --only dp2 tp2xcp2 cp2xdp2 ;;
+  speed-2)
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_cp2" --precisions fp8 --cp 2 --nproc 2 &&
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_tp2" --precisions fp8 --tp 2 --nproc 2 ;;
+  speed-tp2-32)
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_tp2_32l" --precisions fp8 --tp 2 --nproc 2 \
+      --layers 32 --steps 20 --warmup 8 ;;
+  speed-8b-4)
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_8b_tp1cp2dp2" --precisions fp8 --cp 2 \
+      --nproc 4 --layers 32 --gbs 16 --steps 20 --warmup 8 ;;
+  nan-safety)
+    python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
+  gpu-tests)
+    python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+  *)
+    echo "unknown stage '$stage' (see the list at the top of $0)" >&2
+    exit 2 ;;
+esac
