@@ -15,6 +15,10 @@
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
+case "$stage" in
+  equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|nan-safety|gpu-tests) ;;
+  *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_RESULTS_DIR="$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt"
@@ -39,7 +43,4 @@ case "$stage" in
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
   gpu-tests)
     python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
-  *)
-    echo "unknown stage '$stage' (see the list at the top of $0)" >&2
-    exit 2 ;;
 esac

@@ -227,6 +227,7 @@ def test_bf16_fallback(caplog: pytest.LogCaptureFixture) -> None:
     assert kwargs == BF16_KWARGS
     assert not FP8_KEYS & kwargs.keys()
     assert plugin.ddp_config_kwargs() == {"fp8_param_gather": False}
+    assert plugin.optimizer_config_kwargs() == {}
 
 
 def test_support_decided_once(fake_fp8: list[str]) -> None:
@@ -1057,3 +1058,16 @@ def test_set_fp8_enabled_skips_plain_te_autocast_while_off(fake_fp8: list[str], 
 def test_fp8_cannot_be_switched_off_with_fp8_weights() -> None:
     with pytest.raises(ValueError, match="no BF16 copy of them"):
         TEFP8Precision(fp8_param_gather=True).set_fp8_enabled(nn.Linear(2, 2), False)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "megatron_name"), [("delayed", "delayed"), ("current", "tensorwise"), ("blockwise", "blockwise")]
+)
+def test_optimizer_config_gets_the_recipe(fake_fp8: list[str], recipe: str, megatron_name: str) -> None:
+    """As Megatron-LM passes --fp8-recipe to its OptimizerConfig (the distributed optimizer handles FP8 per recipe)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    kwargs = TEFP8Precision(recipe=recipe).optimizer_config_kwargs()
+    assert kwargs == {"fp8_recipe": megatron_name}
+    assert OptimizerConfig(bf16=True, **kwargs).fp8_recipe == megatron_name
+    assert MegatronPrecision().optimizer_config_kwargs() == {}

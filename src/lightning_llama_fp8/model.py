@@ -133,6 +133,7 @@ class LlamaLightningModule(LightningModule):
             params_dtype=torch.bfloat16,
             use_distributed_optimizer=strategy.use_distributed_optimizer,
             overlap_param_gather=strategy.overlap_param_gather,
+            **strategy.precision_plugin.optimizer_config_kwargs(),
         )
         optimizer = get_megatron_optimizer(config, [self.model])
         decay_steps = self.optim.decay_steps or max(self.trainer.max_steps, 1)

@@ -121,6 +121,10 @@ class MegatronPrecision(Precision):
         """Fields this plugin sets in Megatron's ``DistributedDataParallelConfig``."""
         return {}
 
+    def optimizer_config_kwargs(self) -> dict[str, Any]:
+        """Fields this plugin sets in Megatron's ``OptimizerConfig``."""
+        return {}
+
     def check_supported(self) -> None:
         """Raise if this machine cannot train in this precision. BF16 runs wherever Megatron does."""
 
@@ -341,6 +345,11 @@ class TEFP8Precision(MegatronPrecision):
         # With FP8 parameters the distributed optimizer must re-quantize its fp32 main weights into the FP8
         # model weights after each step (and all-gather them in FP8); DDP's config tells it to.
         return {"fp8_param_gather": self.fp8_active and self.fp8_param_gather}
+
+    def optimizer_config_kwargs(self) -> dict[str, Any]:
+        # Megatron-LM passes its --fp8-recipe to the optimizer too: the distributed optimizer handles FP8 weights
+        # per recipe (MXFP8 weights, for instance, are gathered differently).
+        return {"fp8_recipe": MEGATRON_RECIPE[self.recipe]} if self.fp8_active else {}
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Note whether the model is Megatron's (it autocasts itself) and check it was built for FP8."""
