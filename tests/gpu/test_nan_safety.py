@@ -16,8 +16,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
+from benchmarks.bench_throughput import small_arch
 from lightning_llama_fp8 import (
-    LlamaConfig,
     LlamaLightningModule,
     MegatronCPStrategy,
     MegatronPrecision,
@@ -29,16 +29,7 @@ from lightning_llama_fp8.callbacks import FaultInjector, NaNGuard, NonFiniteTrai
 from tests.gpu.probes import StepProbe, fingerprint
 
 STEPS, FAULT_STEP, GBS = 12, 5, 4
-ARCH = LlamaConfig(
-    num_layers=4,
-    hidden_size=1024,
-    ffn_hidden_size=3584,
-    num_attention_heads=8,
-    num_query_groups=4,
-    kv_channels=128,
-    vocab_size=32000,
-    seq_length=2048,
-)
+ARCH = small_arch(num_layers=4, seq_length=2048)  # the ~60M-parameter Llama of the layout-equivalence runs
 # Names as the callbacks see them once the strategy has wrapped the GPTModel in Megatron DDP.
 ACTIVATION = "model.module.decoder.layers.1.mlp.linear_fc1"
 GRADIENT = "model.module.decoder.layers.2.self_attention.linear_proj.weight"
