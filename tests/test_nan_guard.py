@@ -263,7 +263,7 @@ def _two_rank_worker(rank: int, world_size: int, policy: str, report_dir: str) -
     }
 
 
-@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("policy", ["skip", "rollback", "raise"])
 def test_all_ranks_take_the_same_decision(tmp_path: Path, policy: str) -> None:
     """Only rank 1's gradient goes bad; both ranks detect it at the same step and act alike."""
     results = run_distributed(_two_rank_worker, 2, tmp_path / "run", policy, str(tmp_path / "reports"))
@@ -272,7 +272,7 @@ def test_all_ranks_take_the_same_decision(tmp_path: Path, policy: str) -> None:
     report = json.loads((tmp_path / "reports" / "nan_report_step0000002.json").read_text())
     assert report["ranks_with_nonfinite_gradients"] == [1]
     assert report["ranks"][1]["nonfinite_gradients"] == ["head.weight"]
-    if policy == "skip":
+    if policy in ("skip", "rollback"):
         assert all(r["step2_update_dropped"] and r["global_step"] == 4 and not r["error"] for r in results)
     else:
         assert all("non-finite gradients at step 2" in r["error"] for r in results)
@@ -284,3 +284,19 @@ def test_bf16_window_refused_with_fp8_weights(tmp_path: Path) -> None:
     guard = NaNGuard(policy="rollback", bf16_steps_after_rollback=1, report_dir=tmp_path)
     with pytest.raises(ValueError, match="fp8_param_gather=True"):
         fit(TinyModule(), guard, plugins=[TEFP8Precision(fp8_param_gather=True)])
+
+
+def test_guard_catches_what_the_fault_injector_puts_in(tmp_path: Path) -> None:
+    """The two callbacks together, as a user would test a setup: NaN into one layer's output at step 3."""
+    from lightning_llama_fp8.callbacks import FaultInjector
+
+    module = TinyModule()
+    injector = FaultInjector("activation", "fp8_layer", step=3)
+    guard = NaNGuard(policy="skip", report_dir=tmp_path)
+    fit(module, guard, callbacks=[injector, guard])
+    assert [i["step"] for i in injector.injections] == [3]
+    assert guard.bad_steps == [3]
+    report = json.loads(guard.reports[0].read_text())
+    assert report["loss_nonfinite"] and report["first_nonfinite_fp8_forward_module"] is None  # output, not input
+    starts = module.weights_at_step_start
+    assert torch.equal(starts[4], starts[3]) and torch.isfinite(module.weights()).all()
