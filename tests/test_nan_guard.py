@@ -36,8 +36,10 @@ class FakeFP8Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        # TE records each pass's amax in row 0 of the history; a NaN/Inf activation poisons it.
-        self.fp8_meta["scaling_fwd"].amax_history[0] = out.detach().abs().max()
+        # TE records each pass's amax in row 0 of the history. Its kernels take the max with fmaxf, which skips
+        # NaN: an Inf activation poisons the amax, a NaN one does not.
+        amax = torch.nan_to_num(out.detach().abs(), nan=0.0, posinf=torch.inf).max()
+        self.fp8_meta["scaling_fwd"].amax_history[0] = amax
         return out
 
 
@@ -50,16 +52,13 @@ class TinyModule(LightningModule):
         poison: str = "loss",
         poison_ranks: tuple[int, ...] | None = None,
         optimizer: str = "adamw",
+        poison_value: float = float("inf"),
     ) -> None:
         super().__init__()
         self.fp8_layer = FakeFP8Linear()
         self.head = nn.Linear(4, 1)
-        self.poison_steps, self.poison, self.poison_ranks, self.optimizer_name = (
-            poison_steps,
-            poison,
-            poison_ranks,
-            optimizer,
-        )
+        self.poison_steps, self.poison, self.poison_ranks = poison_steps, poison, poison_ranks
+        self.optimizer_name, self.poison_value = optimizer, poison_value
         self.last_loss: Tensor | None = None
         self.weights_at_step_start: list[Tensor] = []
         self.head.weight.register_hook(self._maybe_poison_gradient)
@@ -79,7 +78,10 @@ class TinyModule(LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         self.weights_at_step_start.append(self.weights())
-        hidden = self.fp8_layer(batch * (float("nan") if self.poison == "activation" and self._poisoned_now() else 1))
+        if self.poison == "activation" and self._poisoned_now():
+            batch = batch.clone()
+            batch[0, 0] = self.poison_value  # one bad element: an Inf stays Inf through the layer (no inf - inf)
+        hidden = self.fp8_layer(batch)
         loss = self.head(torch.relu(hidden)).pow(2).mean()
         if self.poison == "loss" and self._poisoned_now():
             loss = loss * float("nan")
@@ -300,3 +302,38 @@ def test_guard_catches_what_the_fault_injector_puts_in(tmp_path: Path) -> None:
     assert report["loss_nonfinite"] and report["first_nonfinite_fp8_forward_module"] is None  # output, not input
     starts = module.weights_at_step_start
     assert torch.equal(starts[4], starts[3]) and torch.isfinite(module.weights()).all()
+
+
+def test_nan_activation_is_located_by_the_output_watch_not_fp8_state(tmp_path: Path) -> None:
+    """TE's amax skips NaN, so FP8 state cannot say where a NaN started; the watched outputs can."""
+    module = TinyModule(poison_steps=(2,), poison="activation", poison_value=float("nan"))
+    guard = NaNGuard(policy="skip", report_dir=tmp_path, watch_outputs=r"^(fp8_layer|head)$")
+    fit(module, guard, steps=4)
+    report = json.loads(guard.reports[0].read_text())
+    assert report["first_nonfinite_output"] == "fp8_layer"
+    assert report["ranks"][0]["nonfinite_outputs"] == ["fp8_layer", "head"]
+    assert report["first_nonfinite_fp8_module"] is None  # as with TE: the NaN never reached the amax history
+    assert "First watched module with a non-finite output: fp8_layer" in _summary_of(guard)
+
+
+def test_skip_drops_inf_amaxes_from_the_fp8_history(tmp_path: Path) -> None:
+    """Left in a max-over-history, an Inf amax would freeze that scale for up to amax_history_len steps."""
+    module = TinyModule(poison_steps=(2,), poison="activation")  # Inf input: the amax goes Inf, as in TE
+    guard = NaNGuard(policy="skip", report_dir=tmp_path)
+    histories: list[Tensor] = []
+
+    class RecordHistory(Callback):
+        def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+            histories.append(module.fp8_layer.fp8_meta["scaling_fwd"].amax_history.clone())
+
+    fit(module, guard, steps=4, callbacks=[guard, RecordHistory()])
+    report = json.loads(guard.reports[0].read_text())
+    assert report["first_nonfinite_fp8_forward_module"] == "fp8_layer"
+    assert all(torch.isfinite(h).all() for h in histories)  # the Inf was zeroed before anything else saw it
+    assert histories[2][0].eq(0).all()
+
+
+def _summary_of(guard: NaNGuard) -> str:
+    from lightning_llama_fp8.callbacks.nan_guard import _summarize
+
+    return _summarize({**json.loads(guard.reports[0].read_text()), "path": str(guard.reports[0])})

@@ -53,7 +53,9 @@ def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
     per_token = torch.full((1, 4), 1.0 + dp_rank * 10 + cp_rank)
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]]) if cp_rank == 0 else torch.ones(1, 4)
     reports = [masked_token_loss(mask, per_token)[2] for _ in range(2)]  # two micro batches
-    loss_sum, tokens = reduce_loss_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    loss_sum, tokens, local = reduce_loss_reports(reports, group)
+    out["local_tokens"] = local[1].item()
     out["loss"] = (loss_sum / tokens).item()
     out["tokens"] = tokens.item()
     strategy.teardown()
@@ -95,6 +97,8 @@ def test_topology_on_four_gloo_processes(tp: int, cp: int, tmp_path: Path) -> No
     den = sum(2 * (3 + 4) for _ in range(dps))
     assert all(r["tokens"] == den for r in results)
     assert all(r["loss"] == pytest.approx(num / den) for r in results)
+    # Each rank also keeps its own share: two micro batches of 3 (CP rank 0, one token masked) or 4 tokens.
+    assert [r["local_tokens"] for r in results] == [2 * (3 if c == 0 else 4) for c in cp_rank_of]
 
 
 def test_layout_error_before_process_group(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,10 +65,18 @@ def delayed_scaling_states(module: nn.Module) -> tuple[Any, Any] | None:
 
 
 def fp8_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Submodules (names as in ``module.named_modules()``, same order) that hold delayed-scaling FP8 state."""
-    for name, sub in module.named_modules():
-        if delayed_scaling_states(sub) is not None:
-            yield name, sub
+    """Submodules (names as in ``module.named_modules()``) that hold delayed-scaling FP8 state, in forward order.
+
+    Forward order is the order TE registered them in its global amax buffer at their first FP8 forward
+    (``fp8_meta["buffer_index_and_autocast_key"]``); construction order can differ (Megatron builds an attention
+    block's ``linear_proj`` before its ``linear_qkv``). Without that key: ``named_modules()`` order.
+    """
+    found = [(name, sub) for name, sub in module.named_modules() if delayed_scaling_states(sub) is not None]
+    keys = [sub.fp8_meta.get("buffer_index_and_autocast_key") for _, sub in found]
+    if found and all(isinstance(k, tuple) and len(k) == 2 for k in keys) and len({k[1] for k in keys}) == 1:
+        order = sorted(range(len(found)), key=lambda i: keys[i][0])
+        found = [found[i] for i in order]
+    yield from found
 
 
 def latest_amax(amax_history: Tensor) -> Tensor:
@@ -129,10 +137,11 @@ def fp8_scaling_summary(module: nn.Module) -> dict[str, dict[str, float]]:
 def nonfinite_fp8_state(module: nn.Module, direction: Literal["fwd", "bwd"] | None = None) -> list[str]:
     """Names of FP8 modules whose amax history or scale holds NaN/Inf (``direction``: forward, backward or both).
 
-    In ``named_modules()`` order, which for a transformer is forward order. With ``direction="fwd"`` the first name
+    In forward order (see :func:`fp8_modules`). With ``direction="fwd"`` the first name
     is the first module whose *input* went non-finite in the forward pass, i.e. where a NaN/Inf first appeared
-    (backward state goes bad in every layer the gradient flows through, so it locates less). One device->host copy
-    for the whole model.
+    (backward state goes bad in every layer the gradient flows through, so it locates less). TE's amax kernels
+    skip NaN (``fmaxf``), so only an Inf shows up here; NaNGuard locates NaN by watching layer outputs instead.
+    One device->host copy for the whole model.
     """
     names: list[str] = []
     flags: list[Tensor] = []
@@ -150,6 +159,26 @@ def nonfinite_fp8_state(module: nn.Module, direction: Literal["fwd", "bwd"] | No
     device = flags[0].device
     bad = torch.stack([flag.to(device) for flag in flags]).tolist()
     return [name for name, is_bad in zip(names, bad, strict=True) if is_bad]
+
+
+def sanitize_fp8_state(module: nn.Module) -> list[str]:
+    """Zero every non-finite amax-history entry and reset non-finite scales to 1, in place; return the modules touched.
+
+    An Inf amax left in a ``max``-over-history would otherwise freeze that tensor's scale (TE keeps the previous
+    scale while the amax is not finite) until it ages out of the history, e.g. 1024 steps. Zero is what TE itself
+    writes for "no amax" and is ignored by the max. Only called on bad steps, so its host sync is rare.
+    """
+    touched = nonfinite_fp8_state(module)
+    wanted = set(touched)
+    with torch.no_grad():
+        for name, sub in fp8_modules(module):
+            if name not in wanted:
+                continue
+            for state in delayed_scaling_states(sub) or ():
+                history, scale = state.amax_history, state.scale
+                history.copy_(torch.where(torch.isfinite(history), history, torch.zeros_like(history)))
+                scale.copy_(torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)))
+    return touched
 
 
 def save_fp8_state(module: nn.Module) -> dict[str, dict[str, Tensor]]:

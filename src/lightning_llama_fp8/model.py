@@ -71,6 +71,7 @@ class LlamaLightningModule(LightningModule):
         self._last_step_end: float | None = None
         self.step_times: list[float] = []
         self.last_loss: Tensor | None = None  # this step's global per-token loss, set before the optimizer step
+        self.last_local_loss: Tensor | None = None  # the same over this rank's tokens only
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -215,7 +216,12 @@ class LlamaLightningModule(LightningModule):
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
-        return reduce_loss_reports(losses, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        loss_sum, num_tokens, local = reduce_loss_reports(losses, group)
+        if not forward_only:
+            # This rank's own share, before the DP x CP sum: lets NaNGuard's report say which rank went bad.
+            self.last_local_loss = local[0] / local[1]
+        return loss_sum, num_tokens
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Tensor, Any]:
         from megatron.core import parallel_state
@@ -265,15 +271,17 @@ def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor,
     return loss, num_tokens, {"lm loss": report}
 
 
-def reduce_loss_reports(reports: list[dict[str, Tensor]], group: Any) -> tuple[Tensor, Tensor]:
+def reduce_loss_reports(reports: list[dict[str, Tensor]], group: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Sum the micro batches' (loss sum, token count) reports, then over the DP x CP ``group``.
 
     Summing before dividing makes the result the per-token loss of the whole global batch, whatever the
     layout: each token counts once, however the batch was split over micro batches, DP and CP ranks.
+    Returns the global loss sum, the global token count, and this rank's own ``[loss sum, token count]``.
     """
-    totals = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
+    local = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
+    totals = local.clone()
     torch.distributed.all_reduce(totals, group=group)
-    return totals[0], totals[1]
+    return totals[0], totals[1], local
 
 
 def split_for_context_parallel(micro_batch: Batch, cp_group: Any) -> Batch:

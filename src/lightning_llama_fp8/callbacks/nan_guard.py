@@ -15,8 +15,10 @@ maximum over all ranks with one all-reduce and reads it back once. All ranks the
 
 More than ``max_consecutive_bad_steps`` bad steps in a row end training with the report (a persistent fault is
 not something to skip forever). The report (JSON, one file per bad step, next to the logs) names the step, the
-ranks, whether the loss and/or which parameters' gradients were non-finite, and the TE modules whose FP8 state
-went non-finite, first in forward order, with their amax and scale at that moment. Checkpoints are checked too:
+ranks, whether the loss and/or which parameters' gradients were non-finite, the first watched layer (forward
+order) whose output went non-finite, i.e. where the NaN/Inf appeared, and the TE modules whose FP8 state went
+non-finite with their amax and scale at that moment (an Inf shows there; TE's amax kernels skip NaN). With
+``skip`` the Inf amaxes a bad step leaves in TE's history are zeroed, so they cannot freeze scales later. Checkpoints are checked too:
 a checkpoint holding a non-finite weight is refused before it is written, so nothing already saved is replaced.
 
 The loss is read from ``pl_module.last_loss`` when the module sets it before its optimizer step (as
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,7 +40,13 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from lightning_llama_fp8.fp8_state import fp8_scaling_summary, load_fp8_state, nonfinite_fp8_state, save_fp8_state
+from lightning_llama_fp8.fp8_state import (
+    fp8_scaling_summary,
+    load_fp8_state,
+    nonfinite_fp8_state,
+    sanitize_fp8_state,
+    save_fp8_state,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -45,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Policy = Literal["raise", "skip", "rollback"]
+# Megatron's transformer layers as LightningModule submodules: "model.module.decoder.layers.3".
+TRANSFORMER_LAYERS = r"(^|\.)layers\.\d+$"
 POLICIES = ("raise", "skip", "rollback")
 
 
@@ -62,6 +73,11 @@ class NaNGuard(Callback):
             plugin with ``set_fp8_enabled``, i.e. ``TEFP8Precision``); 0 keeps FP8 on.
         report_dir: where the JSON reports go (default: the trainer's log dir, else its root dir).
         max_reported_parameters: parameter names listed per rank in a report.
+        watch_outputs: regular expression over ``named_modules()`` names whose outputs are checked, on the device,
+            for NaN/Inf at every forward (default: Megatron's transformer layers). On a bad step the report names
+            the first of them whose output went non-finite: where a NaN appeared (TE's FP8 amaxes ignore NaN, so
+            only an Inf shows in FP8 state). One fp32 sum per module per micro batch, no host sync; ``None``
+            turns it off.
     """
 
     def __init__(
@@ -71,6 +87,7 @@ class NaNGuard(Callback):
         bf16_steps_after_rollback: int = 0,
         report_dir: str | os.PathLike[str] | None = None,
         max_reported_parameters: int = 20,
+        watch_outputs: str | None = TRANSFORMER_LAYERS,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"NaNGuard policy must be one of {', '.join(POLICIES)}; got {policy!r}.")
@@ -85,6 +102,10 @@ class NaNGuard(Callback):
         self.bf16_steps_after_rollback = bf16_steps_after_rollback
         self.report_dir = Path(report_dir) if report_dir is not None else None
         self.max_reported_parameters = max_reported_parameters
+        self.watch_outputs = watch_outputs
+        self._watched: list[str] = []  # module names, forward order
+        self._output_flags: Tensor | None = None  # per watched module: non-finite output seen this step
+        self._hooks: list[Any] = []
         self.bad_steps: list[int] = []  # global steps whose update was vetoed (or that raised)
         self.reports: list[Path] = []
         self.consecutive_bad_steps = 0
@@ -107,6 +128,25 @@ class NaNGuard(Callback):
             )
         if self.report_dir is None:
             self.report_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fit start: LlamaLightningModule builds its model in configure_model, after the setup hooks.
+        self._remove_hooks()
+        if self.watch_outputs is None:
+            return
+        pattern = re.compile(self.watch_outputs)
+        watched = [(name, m) for name, m in pl_module.named_modules() if name and pattern.search(name)]
+        self._watched = [name for name, _ in watched]
+        self._output_flags = torch.zeros(len(watched), dtype=torch.bool, device=pl_module.device)
+        for index, (_, module) in enumerate(watched):
+            self._hooks.append(module.register_forward_hook(self._output_watcher(index)))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self._output_flags is not None:
+            self._output_flags.zero_()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -136,6 +176,10 @@ class NaNGuard(Callback):
         _veto_update(trainer, optimizer, f"non-finite {'loss' if loss_bad else 'gradients'} at step {step}")
         if self.policy == "rollback":
             self._roll_back(trainer, pl_module)
+        else:
+            # The bad step's forward/backward wrote Inf amaxes into TE's history; with "max" over 1024 steps they
+            # would freeze those scales for as long. Drop them (zero = "no amax", as TE writes itself).
+            sanitize_fp8_state(pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -179,10 +223,26 @@ class NaNGuard(Callback):
         loss_bad, grads_bad = flags.tolist()
         return bool(loss_bad), bool(grads_bad)
 
+    def _output_watcher(self, index: int) -> Any:
+        def watch(module: torch.nn.Module, args: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and self._output_flags is not None:
+                bad = ~torch.isfinite(tensor.detach().sum(dtype=torch.float32))
+                self._output_flags[index] |= bad.to(self._output_flags.device)
+
+        return watch
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     # ------------------------------------------------------------------ recovery
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fp8_snapshot is not None:
             load_fp8_state(pl_module, self._fp8_snapshot)
+        else:  # bad before any good step: nothing to go back to, so at least drop the non-finite entries
+            sanitize_fp8_state(pl_module)
         if self.bf16_steps_after_rollback:
             trainer.precision_plugin.set_fp8_enabled(pl_module, False)
             # Steps bad+1 .. bad+N run in BF16; global_step already counts the (vetoed) bad step when it ends.
@@ -207,6 +267,9 @@ class NaNGuard(Callback):
             torch.distributed.all_gather_object(ranks, local)
         first_fp8 = next((name for r in ranks for name in r["nonfinite_fp8_modules"]), None)
         first_fwd = next((name for r in ranks for name in r["nonfinite_fp8_forward_modules"]), None)
+        first_output = min(
+            (r["nonfinite_outputs"][0] for r in ranks if r["nonfinite_outputs"]), key=self._watch_order, default=None
+        )
         report = {
             "step": step,
             "policy": self.policy,
@@ -215,7 +278,9 @@ class NaNGuard(Callback):
             "gradients_nonfinite": grads_bad,
             "ranks_with_nonfinite_loss": [r["rank"] for r in ranks if r["loss_nonfinite"]],
             "ranks_with_nonfinite_gradients": [r["rank"] for r in ranks if r["nonfinite_gradient_count"]],
-            # Where the NaN/Inf first appeared in the forward pass (the first FP8 module whose input went bad);
+            # The first watched module (forward order) whose output went non-finite on any rank: where it started.
+            "first_nonfinite_output": first_output,
+            # Where an Inf first appeared in the forward pass (the first FP8 module whose input went bad);
             # backward state goes bad in every layer the gradient crosses, so it only says "somewhere upstream".
             "first_nonfinite_fp8_forward_module": first_fwd,
             "first_nonfinite_fp8_module": first_fp8,
@@ -231,9 +296,15 @@ class NaNGuard(Callback):
             report["path"] = str(path)
         return report
 
+    def _watch_order(self, name: str) -> int:
+        return self._watched.index(name) if name in self._watched else len(self._watched)
+
     def _local_findings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        loss = getattr(pl_module, "last_loss", None)
+        loss = getattr(pl_module, "last_local_loss", None)  # this rank's share, if the module keeps it
+        loss = loss if isinstance(loss, Tensor) else getattr(pl_module, "last_loss", None)
         bad_params = nonfinite_gradients(pl_module)
+        outputs = self._output_flags.tolist() if self._output_flags is not None else []
+        bad_outputs = [name for name, bad in zip(self._watched, outputs, strict=True) if bad]
         bad_fp8 = nonfinite_fp8_state(pl_module)
         bad_fp8_forward = nonfinite_fp8_state(pl_module, direction="fwd") if bad_fp8 else []
         summary = fp8_scaling_summary(pl_module) if bad_fp8 else {}
@@ -243,6 +314,7 @@ class NaNGuard(Callback):
             "loss_nonfinite": isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach().float()).all()),
             "nonfinite_gradient_count": len(bad_params),
             "nonfinite_gradients": bad_params[: self.max_reported_parameters],
+            "nonfinite_outputs": bad_outputs[: self.max_reported_parameters],
             "nonfinite_fp8_modules": bad_fp8,
             "nonfinite_fp8_forward_modules": bad_fp8_forward,
             "fp8_state": {name: summary.get(name) for name in bad_fp8[: self.max_reported_parameters]},
@@ -290,6 +362,18 @@ def _named_gradients(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return named
 
 
+def _first_tensor(output: Any) -> Tensor | None:
+    """The first floating-point tensor of a module output (Megatron layers return tuples)."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() and output.numel() else None
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
 def _veto_update(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, reason: str) -> None:
     skip = getattr(trainer.strategy, "skip_optimizer_step", None)
     if callable(skip):
@@ -309,9 +393,11 @@ def _summarize(report: dict[str, Any]) -> str:
     if report["ranks_with_nonfinite_gradients"]:
         shown = ", ".join(params[:5]) + (" ..." if len(params) > 5 else "")
         text += f" Gradients non-finite on ranks {report['ranks_with_nonfinite_gradients']}: {shown}."
+    if report["first_nonfinite_output"]:
+        text += f" First watched module with a non-finite output: {report['first_nonfinite_output']}."
     if report["first_nonfinite_fp8_forward_module"]:
         text += f" First FP8 module with a non-finite input: {report['first_nonfinite_fp8_forward_module']}."
-    elif report["first_nonfinite_fp8_module"]:
+    elif report["first_nonfinite_fp8_module"] and not report["first_nonfinite_output"]:
         text += f" First FP8 module with non-finite scaling state: {report['first_nonfinite_fp8_module']}."
     if "path" in report:
         text += f" Report: {report['path']}"
