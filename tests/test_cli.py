@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -297,3 +300,17 @@ def test_console_script_entry_point() -> None:
     entry = getattr(importlib.import_module(module_name), attr)
     assert callable(entry)
     assert entry is main
+
+
+def test_example_script_parses_its_arguments() -> None:
+    """The plain-Python example imports the public API and parses its flags on any machine."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(repo / "examples" / "train_llama3_8b_h100_fp8.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--context-parallel-size" in result.stdout and "--global-batch-size" in result.stdout
