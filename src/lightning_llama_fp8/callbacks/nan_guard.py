@@ -18,8 +18,9 @@ not something to skip forever). The report (JSON, one file per bad step, next to
 ranks, whether the loss and/or which parameters' gradients were non-finite, the first watched layer (forward
 order) whose output went non-finite, i.e. where the NaN/Inf appeared, and the TE modules whose FP8 state went
 non-finite with their amax and scale at that moment (an Inf shows there; TE's amax kernels skip NaN). With
-``skip`` the Inf amaxes a bad step leaves in TE's history are zeroed, so they cannot freeze scales later. Checkpoints are checked too:
-a checkpoint holding a non-finite weight is refused before it is written, so nothing already saved is replaced.
+``skip`` the Inf amaxes a bad step leaves in TE's history are zeroed, so they cannot freeze scales later.
+Checkpoints are checked too: a checkpoint holding a non-finite weight is refused before it is written, so nothing
+already saved is replaced.
 
 The loss is read from ``pl_module.last_loss`` when the module sets it before its optimizer step (as
 ``LlamaLightningModule`` does); otherwise a non-finite loss is still caught through the gradients it produces.
