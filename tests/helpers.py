@@ -16,12 +16,32 @@ def free_port() -> int:
 
 def cpu_trainer(**kwargs: object) -> Trainer:
     """A quiet single-process CPU Trainer: no logger, checkpoints, progress bar or summary."""
+    kwargs.setdefault("devices", 1)
     return Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def megatron_cpu_trainer(world_size: int, **kwargs: object) -> Trainer:
+    """A quiet CPU Trainer with ``MegatronCPStrategy`` for plain torch modules on ``world_size`` gloo processes.
+
+    Megatron's DDP wrapper needs CUDA, so this strategy skips only that wrapping; everything else it does under
+    Lightning (parallel groups, data sharding, the hooks around the optimizer step, vetoes) runs for real.
+    """
+    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
+
+    class MegatronCPStrategyWithoutDDP(MegatronCPStrategy):
+        def _wrap_megatron_modules(self) -> None:
+            self._ddp_modules = []
+
+    return cpu_trainer(
+        devices=world_size,
+        strategy=MegatronCPStrategyWithoutDDP(),
+        plugins=[MegatronPrecision()],
+        **kwargs,
     )

@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_llama_fp8.data import MockDataModule, check_split_sizes
 from tests.distributed import run_distributed
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, megatron_cpu_trainer
 
 SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
 KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -212,12 +212,9 @@ def test_data_parallel_ranks_get_distinct_halves(tmp_path: Path) -> None:
 def _samples_seen_through_lightning(rank: int, world_size: int) -> dict[str, list[list[int]]]:
     """Fit and validate a recording module under MegatronCPStrategy: which samples (by content) did this rank get?
 
-    Megatron-Core needs CUDA for its DDP wrapper, so this test-only strategy skips it; everything Lightning does
-    with the DataLoaders (sampler injection for training and validation) runs for real.
+    Everything Lightning does with the DataLoaders (sampler injection for training and validation) runs for real.
     """
-    from lightning.pytorch import LightningModule, Trainer
-
-    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
+    from lightning.pytorch import LightningModule
 
     def fingerprint(batch: dict[str, torch.Tensor]) -> list[int]:
         return [hash(tuple(sample.tolist())) for sample in batch["tokens"].reshape(-1, SEQ)]
@@ -238,23 +235,8 @@ def _samples_seen_through_lightning(rank: int, world_size: int) -> dict[str, lis
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    class StrategyWithoutMegatronDDP(MegatronCPStrategy):
-        def _wrap_megatron_modules(self) -> None:
-            self._ddp_modules = []
-
     recorder, data = SampleRecorder(), _module()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy=StrategyWithoutMegatronDDP(),
-        plugins=[MegatronPrecision()],
-        max_steps=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = megatron_cpu_trainer(world_size, max_steps=2, num_sanity_val_steps=0)
     trainer.fit(recorder, datamodule=data)
     trainer.validate(recorder, datamodule=data, verbose=False)
     megatron_order = [hash(tuple(data.train_dataset[i]["tokens"].tolist())) for i in range(2 * GBS)]

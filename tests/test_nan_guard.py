@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_llama_fp8.callbacks.nan_guard import NaNGuard, NonFiniteTrainingError, nonfinite_tensors
 from tests.distributed import run_distributed
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, megatron_cpu_trainer
 
 
 class ScalingState:
@@ -230,26 +230,9 @@ def test_refuses_a_checkpoint_with_non_finite_weights(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- 2 processes
 def _two_rank_worker(rank: int, world_size: int, policy: str, report_dir: str) -> dict[str, Any]:
-    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
-
-    class StrategyWithoutMegatronDDP(MegatronCPStrategy):  # Megatron DDP needs CUDA; the guard path does not
-        def _wrap_megatron_modules(self) -> None:
-            self._ddp_modules = []
-
     module = TinyModule(poison_steps=(2,), poison="gradient", poison_ranks=(1,))
     guard = NaNGuard(policy=policy, report_dir=report_dir)  # type: ignore[arg-type]
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy=StrategyWithoutMegatronDDP(),
-        plugins=[MegatronPrecision()],
-        max_steps=4,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = megatron_cpu_trainer(world_size, max_steps=4, callbacks=[guard])
     error = ""
     try:
         trainer.fit(module, loader())

@@ -24,7 +24,7 @@ from lightning_llama_fp8.data import MockDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
-from lightning_llama_fp8.precision import fp8_support, resolve_recipe
+from lightning_llama_fp8.precision import fp8_support
 
 EXIT_CANNOT_TRAIN = 2
 
@@ -118,7 +118,7 @@ def preflight(config: dict[str, Any]) -> None:
         return
     plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
     precision, fp8_args = _precision_from(trainer)
-    ok, reason = fp8_support(resolve_recipe(fp8_args.get("recipe", "delayed")), bool(fp8_args.get("fp8_attention")))
+    ok, reason = fp8_support(fp8_args.get("recipe", "delayed"), bool(fp8_args.get("fp8_attention")))
     import torch
 
     if torch.cuda.is_available() and (ok or precision == "bf16" or fp8_args.get("fallback") == "bf16"):

@@ -161,24 +161,18 @@ def nonfinite_fp8_state(module: nn.Module, direction: Literal["fwd", "bwd"] | No
     return [name for name, is_bad in zip(names, bad, strict=True) if is_bad]
 
 
-def sanitize_fp8_state(module: nn.Module) -> list[str]:
-    """Zero every non-finite amax-history entry and reset non-finite scales to 1, in place; return the modules touched.
+def sanitize_fp8_state(module: nn.Module) -> None:
+    """Zero every non-finite amax-history entry and reset non-finite scales to 1, in place, with no host sync.
 
     An Inf amax left in a ``max``-over-history would otherwise freeze that tensor's scale (TE keeps the previous
     scale while the amax is not finite) until it ages out of the history, e.g. 1024 steps. Zero is what TE itself
-    writes for "no amax" and is ignored by the max. Only called on bad steps, so its host sync is rare.
+    writes for "no amax" and is ignored by the max.
     """
-    touched = nonfinite_fp8_state(module)
-    wanted = set(touched)
     with torch.no_grad():
-        for name, sub in fp8_modules(module):
-            if name not in wanted:
-                continue
+        for _, sub in fp8_modules(module):
             for state in delayed_scaling_states(sub) or ():
-                history, scale = state.amax_history, state.scale
-                history.copy_(torch.where(torch.isfinite(history), history, torch.zeros_like(history)))
-                scale.copy_(torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)))
-    return touched
+                state.amax_history.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                state.scale.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
 
 
 def save_fp8_state(module: nn.Module) -> dict[str, dict[str, Tensor]]:

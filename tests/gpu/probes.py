@@ -1,4 +1,4 @@
-"""Callbacks the GPU tests use to watch training: per-step losses and exact weight fingerprints."""
+"""What the GPU tests share: a quiet one-GPU trainer, per-step losses and exact weight fingerprints."""
 
 from __future__ import annotations
 
@@ -25,3 +25,23 @@ class StepProbe(Callback):
 def fingerprint(module: torch.nn.Module) -> torch.Tensor:
     # float() dequantizes FP8 weights (fp8_param_gather); sums in float64 are bitwise equal iff nothing moved.
     return torch.stack([p.detach().float().double().sum() for p in module.parameters()]).cpu()
+
+
+def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback]) -> Trainer:
+    """A quiet one-GPU Trainer with ``MegatronCPStrategy``: training only (no validation, logger or checkpoints)."""
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    return Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy=MegatronCPStrategy(),
+        plugins=[plugin],
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )

@@ -14,19 +14,18 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
 from benchmarks.bench_throughput import small_arch
 from lightning_llama_fp8 import (
     LlamaLightningModule,
-    MegatronCPStrategy,
     MegatronPrecision,
     MockDataModule,
     OptimizerSettings,
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import FaultInjector, NaNGuard, NonFiniteTrainingError
-from tests.gpu.probes import StepProbe, fingerprint
+from tests.gpu.probes import StepProbe, fingerprint, one_gpu_trainer
 
 STEPS, FAULT_STEP, GBS = 12, 5, 4
 ARCH = small_arch(num_layers=4, seq_length=2048)  # the ~60M-parameter Llama of the layout-equivalence runs
@@ -44,20 +43,7 @@ def train(plugin: Any, callbacks: list[Callback], steps: int = STEPS) -> tuple[L
     FP8GlobalStateManager.reset()
     seed_everything(1234)
     probe = StepProbe()
-    trainer = Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy=MegatronCPStrategy(),
-        plugins=[plugin],
-        max_steps=steps,
-        callbacks=[*callbacks, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = one_gpu_trainer(plugin, steps, [*callbacks, probe])
     optim = OptimizerSettings(lr=1.5e-5, min_lr=1e-6, warmup_steps=2, decay_steps=steps, decoupled_lr=5e-5)
     module = LlamaLightningModule(ARCH, optim)
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)

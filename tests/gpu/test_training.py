@@ -7,18 +7,17 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lightning_llama_fp8 import (
     LlamaConfig,
     LlamaLightningModule,
-    MegatronCPStrategy,
     MockDataModule,
     OptimizerSettings,
     TEFP8Precision,
 )
 from lightning_llama_fp8.cli import LlamaCLI
-from tests.gpu.probes import StepProbe
+from tests.gpu.probes import StepProbe, one_gpu_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,19 +136,7 @@ def test_lightning_matches_plain_megatron(precision: str, record: Any) -> None:
     plugin = TEFP8Precision(fp8_param_gather=True) if precision == "fp8" else MegatronPrecision()
     seed_everything(seed)
     recorder = StepProbe()
-    trainer = Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy=MegatronCPStrategy(),
-        plugins=[plugin],
-        max_steps=steps,
-        callbacks=[recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = one_gpu_trainer(plugin, steps, [recorder])
     trainer.fit(LlamaLightningModule(arch, optim), datamodule=data())
 
     reference_data = data()

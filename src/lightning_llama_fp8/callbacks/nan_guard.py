@@ -105,7 +105,7 @@ class NaNGuard(Callback):
         self.max_reported_parameters = max_reported_parameters
         self.watch_outputs = watch_outputs
         self._watched: list[str] = []  # module names, forward order
-        self._output_flags: Tensor | None = None  # per watched module: non-finite output seen this step
+        self._output_sums: Tensor | None = None  # per watched module: this step's output sums (NaN/Inf stick)
         self._hooks: list[Any] = []
         self.bad_steps: list[int] = []  # global steps whose update was vetoed (or that raised)
         self.reports: list[Path] = []
@@ -138,13 +138,13 @@ class NaNGuard(Callback):
         pattern = re.compile(self.watch_outputs)
         watched = [(name, m) for name, m in pl_module.named_modules() if name and pattern.search(name)]
         self._watched = [name for name, _ in watched]
-        self._output_flags = torch.zeros(len(watched), dtype=torch.bool, device=pl_module.device)
+        self._output_sums = torch.zeros(len(watched), dtype=torch.float32, device=pl_module.device)
         for index, (_, module) in enumerate(watched):
             self._hooks.append(module.register_forward_hook(self._output_watcher(index)))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self._output_flags is not None:
-            self._output_flags.zero_()
+        if self._output_sums is not None:
+            self._output_sums.zero_()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -227,9 +227,10 @@ class NaNGuard(Callback):
     def _output_watcher(self, index: int) -> Any:
         def watch(module: torch.nn.Module, args: Any, output: Any) -> None:
             tensor = _first_tensor(output)
-            if tensor is not None and self._output_flags is not None:
-                bad = ~torch.isfinite(tensor.detach().sum(dtype=torch.float32))
-                self._output_flags[index] |= bad.to(self._output_flags.device)
+            if tensor is not None and self._output_sums is not None:
+                # Accumulate the output's sum in place: a NaN/Inf in any micro batch stays in it, and the step
+                # costs one reduction and one add per module, no host sync (read only on bad steps).
+                self._output_sums.narrow(0, index, 1).add_(tensor.detach().sum(dtype=torch.float32))
 
         return watch
 
@@ -304,8 +305,8 @@ class NaNGuard(Callback):
         loss = getattr(pl_module, "last_local_loss", None)  # this rank's share, if the module keeps it
         loss = loss if isinstance(loss, Tensor) else getattr(pl_module, "last_loss", None)
         bad_params = nonfinite_gradients(pl_module)
-        outputs = self._output_flags.tolist() if self._output_flags is not None else []
-        bad_outputs = [name for name, bad in zip(self._watched, outputs, strict=True) if bad]
+        finite = torch.isfinite(self._output_sums).tolist() if self._output_sums is not None else []
+        bad_outputs = [name for name, ok in zip(self._watched, finite, strict=True) if not ok]
         bad_fp8 = nonfinite_fp8_state(pl_module)
         bad_fp8_forward = nonfinite_fp8_state(pl_module, direction="fwd") if bad_fp8 else []
         summary = fp8_scaling_summary(pl_module) if bad_fp8 else {}
