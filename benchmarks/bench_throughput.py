@@ -34,7 +34,7 @@ from lightning_llama_fp8 import (
     OptimizerSettings,
     TEFP8Precision,
 )
-from lightning_llama_fp8.callbacks import ManualGC
+from lightning_llama_fp8.callbacks import ManualGC, NaNGuard
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
@@ -84,6 +84,8 @@ class StepLog(Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
+    parser.add_argument("--recipe", choices=("delayed", "current", "blockwise", "mxfp8"), default="delayed")
+    parser.add_argument("--nan-guard", choices=("raise", "skip", "rollback"), help="add NaNGuard with this policy")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--gbs", type=int, default=8)
@@ -101,7 +103,12 @@ def main() -> None:
 
     seed_everything(1234)
     arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
-    plugin = TEFP8Precision(fp8_param_gather=True) if args.precision == "fp8" else MegatronPrecision()
+    plugin = (
+        TEFP8Precision(recipe=args.recipe, fp8_param_gather=True) if args.precision == "fp8" else MegatronPrecision()
+    )
+    callbacks: list[Callback] = [ManualGC(), step_log := StepLog()]
+    if args.nan_guard:
+        callbacks.append(NaNGuard(policy=args.nan_guard))
     devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     trainer = Trainer(
         accelerator="gpu",
@@ -115,7 +122,7 @@ def main() -> None:
         ),
         plugins=[plugin],
         max_steps=args.steps,
-        callbacks=[ManualGC(), step_log := StepLog()],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -148,6 +155,8 @@ def main() -> None:
         "impl": "lightning-llama-fp8",
         "device": torch.cuda.get_device_name(),
         "precision": args.precision,
+        "recipe": args.recipe if args.precision == "fp8" else None,
+        "nan_guard": args.nan_guard,
         "layers": args.layers,
         "seq_length": args.seq,
         "global_batch_size": args.gbs,

@@ -12,11 +12,12 @@
 #   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~5 min est.)
 #   gpu-tests       (1) tests/gpu (all of it)
+#   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
 case "$stage" in
-  equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|nan-safety|gpu-tests) ;;
+  equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|nan-safety|gpu-tests|recipes-1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -43,4 +44,14 @@ case "$stage" in
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
   gpu-tests)
     python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+  recipes-1)
+    # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
+    mkdir -p "$out/recipes"
+    for run in "bf16 delayed" "fp8 delayed" "fp8 delayed skip" "fp8 current" "fp8 blockwise"; do
+      set -- $run
+      name="$1${2:+_$2}${3:+_guard_$3}"; [ "$1" = bf16 ] && name=bf16
+      python3 benchmarks/bench_throughput.py --precision "$1" --recipe "$2" ${3:+--nan-guard "$3"} \
+        --layers 4 --steps 20 --warmup 8 --out "$out/recipes/$name.json" > "$out/recipes/$name.log" 2>&1
+      tail -1 "$out/recipes/$name.log"
+    done ;;
 esac

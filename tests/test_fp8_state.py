@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_llama_fp8.fp8_state import (
+    any_nonfinite,
     fp8_modules,
     fp8_scaling_summary,
+    fp8_state_tensors,
     latest_amax,
     load_fp8_state,
     nonfinite_fp8_state,
@@ -203,6 +205,21 @@ def test_nonfinite_fp8_state_does_not_flag_flt_max_scales() -> None:
     model.layers[0].qkv.fwd().scale.fill_(torch.finfo(torch.float32).max)
     assert nonfinite_fp8_state(model) == []
     assert nonfinite_fp8_state(nn.Linear(2, 2)) == []
+
+
+def test_fp8_state_tensors_are_the_live_tensors_and_any_nonfinite_sees_nan_and_inf_only() -> None:
+    model = Model()
+    tensors = fp8_state_tensors(model)
+    # 4 FP8 modules x (fwd, bwd) x (amax_history, scale), TE's own objects (so in-place writes show up).
+    assert len(tensors) == 16 and tensors[0] is model.layers[0].qkv.fwd().amax_history
+    assert not bool(any_nonfinite(tensors))
+    model.layers[0].qkv.fwd().scale.fill_(torch.finfo(torch.float32).max)  # TE's scale for a tiny amax
+    assert not bool(any_nonfinite(tensors))
+    model.layers[1].proj.bwd().amax_history[3, 1] = float("inf")
+    assert bool(any_nonfinite(tensors))
+    model.layers[1].proj.bwd().amax_history[3, 1] = float("nan")
+    assert bool(any_nonfinite(tensors))
+    assert fp8_state_tensors(nn.Linear(2, 2)) == [] and not bool(any_nonfinite([]))
 
 
 # ---------------------------------------------------------------------------------------------- save / load

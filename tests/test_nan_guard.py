@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +28,34 @@ class ScalingState:
         self.scale = torch.ones(tensors)
 
 
-class FakeFP8Linear(nn.Linear):
-    """A linear layer carrying TE-style FP8 scaling state, which its forward updates like TE does."""
+FP8_E4M3_MAX = 448.0
 
-    def __init__(self) -> None:
+
+class FakeFP8Linear(nn.Linear):
+    """A linear layer carrying TE-style FP8 scaling state, which its forward updates like TE does.
+
+    With ``saturate`` its input goes through a saturating cast first, as in TE's FP8 GEMMs: an Inf input
+    becomes +-448 for both the output and the weight gradient, and only the recorded amax is Inf.
+    """
+
+    def __init__(self, saturate: bool = False) -> None:
         super().__init__(4, 4)
         self.fp8_meta = {"scaling_fwd": ScalingState(3), "scaling_bwd": ScalingState(2)}
+        self.saturate = saturate
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.saturate:
+            self.fp8_meta["scaling_fwd"].amax_history[0] = _te_amax(x)
+            return super().forward(x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX))
         out = super().forward(x)
-        # TE records each pass's amax in row 0 of the history. Its kernels take the max with fmaxf, which skips
-        # NaN: an Inf activation poisons the amax, a NaN one does not.
-        amax = torch.nan_to_num(out.detach().abs(), nan=0.0, posinf=torch.inf).max()
-        self.fp8_meta["scaling_fwd"].amax_history[0] = amax
+        self.fp8_meta["scaling_fwd"].amax_history[0] = _te_amax(out)
         return out
+
+
+def _te_amax(tensor: Tensor) -> Tensor:
+    # TE records each pass's amax in row 0 of the history. Its kernels take the max with fmaxf, which skips NaN:
+    # an Inf activation poisons the amax, a NaN one does not.
+    return torch.nan_to_num(tensor.detach().abs(), nan=0.0, posinf=torch.inf).max()
 
 
 class TinyModule(LightningModule):
@@ -53,9 +68,10 @@ class TinyModule(LightningModule):
         poison_ranks: tuple[int, ...] | None = None,
         optimizer: str = "adamw",
         poison_value: float = float("inf"),
+        saturate_fp8: bool = False,
     ) -> None:
         super().__init__()
-        self.fp8_layer = FakeFP8Linear()
+        self.fp8_layer = FakeFP8Linear(saturate=saturate_fp8)
         self.head = nn.Linear(4, 1)
         self.poison_steps, self.poison, self.poison_ranks = poison_steps, poison, poison_ranks
         self.optimizer_name, self.poison_value = optimizer, poison_value
@@ -314,6 +330,43 @@ def test_skip_drops_inf_amaxes_from_the_fp8_history(tmp_path: Path) -> None:
     assert report["first_nonfinite_fp8_forward_module"] == "fp8_layer"
     assert all(torch.isfinite(h).all() for h in histories)  # the Inf was zeroed before anything else saw it
     assert histories[2][0].eq(0).all()
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_inf_that_fp8_saturates_is_caught_through_the_fp8_state(tmp_path: Path, policy: str) -> None:
+    """TE's casts turn an Inf into 448, so loss and gradients stay finite; only the amax history shows it."""
+    module = TinyModule(poison_steps=(2,), poison="activation", saturate_fp8=True)
+    guard = NaNGuard(policy=policy, report_dir=tmp_path)  # type: ignore[arg-type]
+    histories: list[Tensor] = []
+
+    class RecordHistory(Callback):
+        def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+            histories.append(module.fp8_layer.fp8_meta["scaling_fwd"].amax_history.clone())
+
+    fit(module, guard, steps=4, callbacks=[guard, RecordHistory()])
+    assert guard.bad_steps == [2]
+    report = json.loads(guard.reports[0].read_text())
+    assert not report["loss_nonfinite"] and not report["gradients_nonfinite"] and report["fp8_state_nonfinite"]
+    assert report["first_nonfinite_output"] is None  # the layer's output was finite (saturated)
+    assert report["first_nonfinite_fp8_forward_module"] == "fp8_layer"
+    assert "non-finite FP8 scaling state at step 2" in _summary_of(guard)
+    starts = module.weights_at_step_start
+    assert torch.equal(starts[3], starts[2])  # the update computed from saturated values was dropped
+    assert all(torch.isfinite(h).all() for h in histories)
+
+
+def test_without_the_fp8_state_check_a_saturated_inf_goes_unnoticed(tmp_path: Path) -> None:
+    """Why the check exists: loss and gradients alone do not see it."""
+    module = TinyModule(poison_steps=(2,), poison="activation", saturate_fp8=True)
+    losses: list[float] = []
+
+    class RecordLoss(Callback):
+        def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            losses.append(float(outputs["loss"]))
+
+    guard = NaNGuard(policy="raise", report_dir=tmp_path, check_fp8_state=False)
+    fit(module, guard, steps=4, callbacks=[guard, RecordLoss()])
+    assert guard.bad_steps == [] and len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
 def _summary_of(guard: NaNGuard) -> str:

@@ -28,6 +28,7 @@ Other recipes (current scaling, block scaling, MXFP8) compute their scales on th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -159,6 +160,26 @@ def nonfinite_fp8_state(module: nn.Module, direction: Literal["fwd", "bwd"] | No
     device = flags[0].device
     bad = torch.stack([flag.to(device) for flag in flags]).tolist()
     return [name for name, is_bad in zip(names, bad, strict=True) if is_bad]
+
+
+def fp8_state_tensors(module: nn.Module) -> list[Tensor]:
+    """The live amax-history and scale tensors of every FP8 module (TE's own objects, not copies), forward order."""
+    tensors: list[Tensor] = []
+    for _, sub in fp8_modules(module):
+        for state in delayed_scaling_states(sub) or ():
+            tensors += [getattr(state, attr) for attr in STATE_TENSORS]
+    return tensors
+
+
+def any_nonfinite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool tensor on the tensors' device: does any of ``tensors`` hold NaN/Inf? No host sync.
+
+    One fused max-abs reduction over all of them (``get_total_norm`` with the inf norm, multi-tensor kernels):
+    NaN and Inf propagate through a max, while TE's FLT_MAX scales stay finite (a sum of two would overflow).
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.nn.utils.get_total_norm([t.detach() for t in tensors], norm_type=math.inf))
 
 
 def sanitize_fp8_state(module: nn.Module) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
+import time
 from typing import Any
 
 import pytest
@@ -68,7 +70,18 @@ def test_injected_fault_is_caught_located_and_recovered(
     injector = FaultInjector(target, INJECTIONS[target], step=FAULT_STEP)  # type: ignore[arg-type]
     module, probe = train(TEFP8Precision(fp8_param_gather=True), [injector, guard])
     report = json.loads(guard.reports[0].read_text()) if guard.reports else {}
-    record(f"nan_{target}_{policy}", {"bad_steps": guard.bad_steps, "losses": probe.losses, "report": report})
+    after = range(FAULT_STEP + 1, min(STEPS, len(probe.losses)))
+    worst = max((abs(probe.losses[i] / clean_losses[i] - 1) for i in after), default=None)
+    record(
+        f"nan_{target}_{policy}",
+        {
+            "bad_steps": guard.bad_steps,
+            "losses": probe.losses,
+            "clean_losses": clean_losses,
+            "worst_relative_loss_gap_after_fault": worst,
+            "report": report,
+        },
+    )
 
     assert guard.bad_steps == [FAULT_STEP]  # detected in the very step (on the only rank)
     assert len(injector.injections) >= 1
@@ -87,23 +100,27 @@ def test_injected_fault_is_caught_located_and_recovered(
     # The bad update was dropped: the weights at the start of the next step are those before the bad step.
     assert torch.equal(probe.fingerprints[FAULT_STEP + 1], probe.fingerprints[FAULT_STEP])
     assert not torch.equal(probe.fingerprints[FAULT_STEP + 2], probe.fingerprints[FAULT_STEP + 1])
-    after = range(FAULT_STEP + 1, STEPS)
-    worst = max(abs(probe.losses[i] / clean_losses[i] - 1) for i in after)
-    assert worst < 0.02, (worst, probe.losses, clean_losses)
+    assert worst is not None and worst < 0.02, (worst, probe.losses, clean_losses)
 
 
 def test_inf_activation_shows_in_fp8_state_and_is_cleaned_up(record: Any, tmp_path: Any) -> None:
-    """An Inf (unlike a NaN) reaches TE's amax: the report names the FP8 module it entered; skip then zeroes it."""
+    """An Inf (unlike a NaN) reaches TE's amax, while TE's saturating FP8 cast hides it from loss and gradients.
+
+    The Inf goes into linear_fc1's output; SwiGLU carries it into linear_fc2's input, whose FP8 cast turns it into
+    the largest FP8 value. The guard sees it in the FP8 state, names the module, drops the update and zeroes it.
+    """
     from lightning_llama_fp8.fp8_state import nonfinite_fp8_state
 
     guard = NaNGuard(policy="skip", report_dir=tmp_path)
     injector = FaultInjector("activation", ACTIVATION, step=FAULT_STEP, value="inf")
     module, probe = train(TEFP8Precision(fp8_param_gather=True), [injector, guard])
-    report = json.loads(guard.reports[0].read_text())
+    report = json.loads(guard.reports[0].read_text()) if guard.reports else {}
     record("nan_activation_inf_skip", {"bad_steps": guard.bad_steps, "losses": probe.losses, "report": report})
     assert guard.bad_steps == [FAULT_STEP]
-    assert report["first_nonfinite_output"] == "model.module.decoder.layers.1"
+    assert report["fp8_state_nonfinite"] is True
     assert (report["first_nonfinite_fp8_forward_module"] or "").startswith("model.module.decoder.layers.1.mlp."), report
+    assert torch.equal(probe.fingerprints[FAULT_STEP + 1], probe.fingerprints[FAULT_STEP])  # update dropped
+    assert torch.isfinite(fingerprint(module)).all()
     assert nonfinite_fp8_state(module) == []  # no Inf left in any amax history after training went on
     assert all(math.isfinite(x) for i, x in enumerate(probe.losses) if i != FAULT_STEP)
 
@@ -152,3 +169,47 @@ def test_recipe_trains_100_steps_without_nan(recipe: str, bf16_run: dict[str, An
     assert guard.bad_steps == [] and len(probe.losses) == steps
     assert all(math.isfinite(x) for x in probe.losses)
     assert probe.losses[-1] < probe.losses[0]
+
+
+class TimedGuard(NaNGuard):
+    """NaNGuard that times its per-step check, after waiting for the step's own GPU work (so only its own counts)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check_seconds: list[float] = []
+
+    def _nonfinite_flags(self, trainer: Any, pl_module: Any) -> tuple[bool, bool, bool]:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        flags = super()._nonfinite_flags(trainer, pl_module)
+        self.check_seconds.append(time.perf_counter() - start)
+        return flags
+
+
+def test_guard_costs_little(record: Any) -> None:
+    """The per-step check (gradient buffers, FP8 state, one all-reduce and host sync) costs under 2% of a step.
+
+    On this small model (a ~180 ms step) it measured 1.7 ms on an H200: a few small kernels, one read of the
+    gradient buffer and one sync, so on the recipe's shapes (seconds per step) its share is far smaller. Timed
+    directly, because the tokens/s of two separate runs differ by more than that from run to run at this size
+    (both are recorded too, with and without the guard).
+    """
+    steps = 60
+    plain, _ = train(TEFP8Precision(fp8_param_gather=True), [], steps=steps)
+    guard = TimedGuard(policy="skip")
+    guarded, _ = train(TEFP8Precision(fp8_param_gather=True), [guard], steps=steps)
+    check = statistics.median(guard.check_seconds[10:])
+    step = statistics.median(guarded.step_times[10:])
+    record(
+        "nan_guard_overhead",
+        {
+            "steps": steps,
+            "median_check_s": check,
+            "median_step_s": step,
+            "check_share_of_step": check / step,
+            "fp8_state_tensors_checked": len(guard._fp8_tensors or []),
+            "tokens_per_sec_without_guard": median_tokens_per_sec(plain),
+            "tokens_per_sec_with_guard": median_tokens_per_sec(guarded),
+        },
+    )
+    assert guard._fp8_tensors and check < 0.02 * step, (check, step)

@@ -1,8 +1,9 @@
 """``NaNGuard``: no non-finite loss or gradient ever reaches the weights, and the report says where it came from.
 
-Every training step, between the backward pass and the optimizer update, the guard reduces the loss and every
-gradient to one "non-finite?" flag per rank (one fp32 sum per gradient buffer, no per-layer host sync), takes the
-maximum over all ranks with one all-reduce and reads it back once. All ranks therefore take the same decision:
+Every training step, between the backward pass and the optimizer update, the guard reduces the loss, every
+gradient and Transformer Engine's FP8 scaling state to "non-finite?" flags per rank (one fp32 sum per gradient
+buffer, one fused max over all amax histories and scales, no per-layer host sync), takes the maximum over all
+ranks with one all-reduce and reads it back once. All ranks therefore take the same decision:
 
 * ``policy="raise"``: write the report and stop training with :class:`NonFiniteTrainingError`.
 * ``policy="skip"``: veto this update (weights, optimizer moments and LR schedule stay as they were), count it,
@@ -12,6 +13,12 @@ maximum over all ranks with one all-reduce and reads it back once. All ranks the
   non-finite amaxes into it; optionally run the next ``bf16_steps_after_rollback`` steps without FP8, then go back.
   Weights and optimizer state need no copy: the guard never lets a non-finite update through, so they are still
   those of the last good step.
+
+Why the FP8 state is checked too: TE's casts to FP8 saturate, so an Inf activation entering an FP8 GEMM becomes
+the largest FP8 value and the loss and gradients stay finite. Only the amax TE recorded for that input shows it,
+and with delayed scaling that Inf then sits in the amax history (TE keeps the old scale while the amax is not
+finite), freezing the tensor's scale for ``amax_history_len`` steps. The guard treats such a step as bad like any
+other; ``check_fp8_state=False`` turns this part off.
 
 More than ``max_consecutive_bad_steps`` bad steps in a row end training with the report (a persistent fault is
 not something to skip forever). The report (JSON, one file per bad step, next to the logs) names the step, the
@@ -42,7 +49,9 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from lightning_llama_fp8.fp8_state import (
+    any_nonfinite,
     fp8_scaling_summary,
+    fp8_state_tensors,
     load_fp8_state,
     nonfinite_fp8_state,
     sanitize_fp8_state,
@@ -79,6 +88,8 @@ class NaNGuard(Callback):
             the first of them whose output went non-finite: where a NaN appeared (TE's FP8 amaxes ignore NaN, so
             only an Inf shows in FP8 state). One fp32 sum per module per micro batch, no host sync; ``None``
             turns it off.
+        check_fp8_state: also treat a step as bad when an amax history or scale of TE's delayed-scaling state
+            holds NaN/Inf (see the module docstring). No effect without delayed-scaling FP8.
     """
 
     def __init__(
@@ -89,6 +100,7 @@ class NaNGuard(Callback):
         report_dir: str | os.PathLike[str] | None = None,
         max_reported_parameters: int = 20,
         watch_outputs: str | None = TRANSFORMER_LAYERS,
+        check_fp8_state: bool = True,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"NaNGuard policy must be one of {', '.join(POLICIES)}; got {policy!r}.")
@@ -104,6 +116,10 @@ class NaNGuard(Callback):
         self.report_dir = Path(report_dir) if report_dir is not None else None
         self.max_reported_parameters = max_reported_parameters
         self.watch_outputs = watch_outputs
+        self.check_fp8_state = check_fp8_state
+        # TE's amax histories and scales, collected at the first check (TE creates them in the first FP8 forward,
+        # which comes before it) and again after FP8 comes back from a BF16 window.
+        self._fp8_tensors: list[Tensor] | None = None
         self._watched: list[str] = []  # module names, forward order
         self._output_sums: Tensor | None = None  # per watched module: this step's output sums (NaN/Inf stick)
         self._hooks: list[Any] = []
@@ -133,6 +149,7 @@ class NaNGuard(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start: LlamaLightningModule builds its model in configure_model, after the setup hooks.
         self._remove_hooks()
+        self._fp8_tensors = None
         if self.watch_outputs is None:
             return
         pattern = re.compile(self.watch_outputs)
@@ -152,8 +169,8 @@ class NaNGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        loss_bad, grads_bad = self._nonfinite_flags(trainer, pl_module)
-        if not (loss_bad or grads_bad):
+        loss_bad, grads_bad, fp8_bad = self._nonfinite_flags(trainer, pl_module)
+        if not (loss_bad or grads_bad or fp8_bad):
             self.consecutive_bad_steps = 0
             if self.policy == "rollback":
                 # After a good forward/backward the FP8 scaling state is the "last good" one.
@@ -165,7 +182,7 @@ class NaNGuard(Callback):
         self.bad_steps.append(step)
         stop = self.policy == "raise" or self.consecutive_bad_steps > self.max_consecutive_bad_steps
         action = "raise" if stop else self.policy
-        report = self._report(trainer, pl_module, step, loss_bad, grads_bad, action)
+        report = self._report(trainer, pl_module, step, (loss_bad, grads_bad, fp8_bad), action)
         summary = _summarize(report)
         if stop:
             if self.policy != "raise":
@@ -174,7 +191,7 @@ class NaNGuard(Callback):
             raise NonFiniteTrainingError(summary)
 
         log.warning("%s", summary)
-        _veto_update(trainer, optimizer, f"non-finite {'loss' if loss_bad else 'gradients'} at step {step}")
+        _veto_update(trainer, optimizer, f"non-finite {_what(loss_bad, grads_bad, fp8_bad)} at step {step}")
         if self.policy == "rollback":
             self._roll_back(trainer, pl_module)
         else:
@@ -189,6 +206,7 @@ class NaNGuard(Callback):
         if self._fp8_resume_step is not None and trainer.global_step >= self._fp8_resume_step:
             trainer.precision_plugin.set_fp8_enabled(pl_module, True)
             self._fp8_resume_step = None
+            self._fp8_tensors = None  # look the FP8 state up again, in case TE re-created it
             log.warning("NaNGuard: FP8 back on from step %d.", trainer.global_step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -207,11 +225,11 @@ class NaNGuard(Callback):
         self.consecutive_bad_steps = int(state_dict.get("consecutive_bad_steps", 0))
 
     # ------------------------------------------------------------------ detection
-    def _nonfinite_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[bool, bool]:
-        """(loss non-finite on any rank, gradients non-finite on any rank): one all-reduce, one host sync."""
+    def _nonfinite_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[bool, bool, bool]:
+        """Loss, gradients, FP8 state: non-finite on any rank? One all-reduce, one host sync."""
         grads = gradient_tensors(trainer, pl_module)
         device = grads[0].device if grads else pl_module.device
-        flags = torch.zeros(2, device=device)
+        flags = torch.zeros(3, device=device)
         loss = getattr(pl_module, "last_loss", None)
         if isinstance(loss, Tensor):
             flags[0] = (~torch.isfinite(loss.detach().float())).any()
@@ -219,10 +237,15 @@ class NaNGuard(Callback):
             # A sum propagates NaN/Inf and needs no tensor-sized temporary (isfinite(t).all() would allocate one).
             sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
             flags[1] = (~torch.isfinite(sums)).any()
+        if self.check_fp8_state:
+            if self._fp8_tensors is None:
+                self._fp8_tensors = fp8_state_tensors(pl_module)
+            if self._fp8_tensors:
+                flags[2] = any_nonfinite(self._fp8_tensors).to(device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        loss_bad, grads_bad = flags.tolist()
-        return bool(loss_bad), bool(grads_bad)
+        loss_bad, grads_bad, fp8_bad = flags.tolist()
+        return bool(loss_bad), bool(grads_bad), bool(fp8_bad)
 
     def _output_watcher(self, index: int) -> Any:
         def watch(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -257,8 +280,7 @@ class NaNGuard(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         step: int,
-        loss_bad: bool,
-        grads_bad: bool,
+        flags: tuple[bool, bool, bool],
         action: str,
     ) -> dict[str, Any]:
         """Gather every rank's findings (bad steps only, so the per-parameter checks cost nothing normally)."""
@@ -272,12 +294,15 @@ class NaNGuard(Callback):
         first_output = min(
             (r["nonfinite_outputs"][0] for r in ranks if r["nonfinite_outputs"]), key=self._watch_order, default=None
         )
+        loss_bad, grads_bad, fp8_bad = flags
         report = {
             "step": step,
             "policy": self.policy,
             "action": action,
             "loss_nonfinite": loss_bad,
             "gradients_nonfinite": grads_bad,
+            # An Inf that FP8 casts saturated: loss and gradients finite, TE's amax history not (module docstring).
+            "fp8_state_nonfinite": fp8_bad,
             "ranks_with_nonfinite_loss": [r["rank"] for r in ranks if r["loss_nonfinite"]],
             "ranks_with_nonfinite_gradients": [r["rank"] for r in ranks if r["nonfinite_gradient_count"]],
             # The first watched module (forward order) whose output went non-finite on any rank: where it started.
@@ -384,10 +409,13 @@ def _veto_update(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, reason: 
         optimizer.zero_grad(set_to_none=True)
 
 
+def _what(loss_bad: bool, grads_bad: bool, fp8_bad: bool) -> str:
+    parts = (("loss", loss_bad), ("gradients", grads_bad), ("FP8 scaling state", fp8_bad))
+    return " and ".join(part for part, bad in parts if bad)
+
+
 def _summarize(report: dict[str, Any]) -> str:
-    what = " and ".join(
-        part for part, bad in (("loss", report["loss_nonfinite"]), ("gradients", report["gradients_nonfinite"])) if bad
-    )
+    what = _what(report["loss_nonfinite"], report["gradients_nonfinite"], report.get("fp8_state_nonfinite", False))
     params = sorted({p for r in report["ranks"] for p in r["nonfinite_gradients"]})
     text = f"NaNGuard: non-finite {what} at step {report['step']} (policy {report['policy']}: {report['action']})."
     if report["ranks_with_nonfinite_loss"]:
