@@ -173,7 +173,8 @@ def main() -> None:
         "median_step_time_s": median,
         "step_times_s": module.step_times,
         "tokens_per_sec_per_gpu": tokens_per_gpu,
-        "tflops_per_gpu": arch.flops_per_token() * tokens_per_gpu / 1e12,
+        "tflops_per_gpu": arch.flops_per_token() * tokens_per_gpu / 1e12,  # published-table count
+        "tflops_per_gpu_causal": arch.flops_per_token(causal=True) * tokens_per_gpu / 1e12,  # today's LM logs
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "losses": step_log.losses,
         "grad_norms": step_log.grad_norms,

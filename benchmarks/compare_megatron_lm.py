@@ -119,6 +119,10 @@ def main() -> None:
         theirs = megatron_lm(args, precision, args.out_dir)
         mine = ours(args, precision, args.out_dir)
         ratio = mine["tokens_per_sec_per_gpu"] / theirs["tokens_per_sec_per_gpu"]
+        # Same model and tokens, so the same FLOPs per token: both FLOP conventions (see flops_per_token) for LM too.
+        for key in ("tflops_per_gpu", "tflops_per_gpu_causal"):
+            if key in mine:
+                theirs[key] = mine[key] / ratio
         rows.append({"precision": precision, "ours": mine, "megatron_lm": theirs, "ratio": ratio})
         print(
             f"{precision} losses (first, last): ours {mine['losses'][0]:.4f} {mine['losses'][-1]:.4f}, "

@@ -303,6 +303,16 @@ def test_flops_per_token_8b_matches_megatron_lm_closed_form() -> None:
     assert arch.flops_per_token() == pytest.approx(5.7913e10, rel=1e-4)
 
 
+def test_causal_flops_match_what_megatron_lm_logs_today() -> None:
+    """Megatron-LM d98e8a6 halves the attention-score term for the causal mask. Its log of the full 8B, TP1 CP2 on
+    2 x H200, GBS 16 (benchmarks/results/2026-11-28-h200x2-s3): 5733.2 ms per iteration, 588.4 TFLOP/s/GPU."""
+    arch = llama3_8b()
+    attention_scores = 3 * 32 * 2 * 2 * 8192 * 4096  # per token: QK^T and AV, forward + backward, 32 layers
+    assert arch.flops_per_token(causal=True) == pytest.approx(arch.flops_per_token() - attention_scores / 2)
+    tokens_per_gpu_per_s = 16 * 8192 / 2 / 5.7332
+    assert arch.flops_per_token(causal=True) * tokens_per_gpu_per_s / 1e12 == pytest.approx(588.4, rel=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_flops_per_token_matches_megatron_lm_for_every_preset(name: str) -> None:
     arch = get_preset(name)

@@ -82,7 +82,8 @@ class PredictableFP8Linear(nn.Linear):
         k = self.forwards * self.factor
         self._update(self._fwd, torch.tensor([k, 2 * k, 4 * k]))
         out = super().forward(x)
-        out.register_hook(self._on_backward)
+        if out.requires_grad:  # not in validation
+            out.register_hook(self._on_backward)
         return out
 
     def _on_backward(self, grad: Tensor) -> None:

@@ -11,48 +11,32 @@ logging step it launches a few tiny kernels per module and makes one device->hos
 after TE's amax reduction the values are the same on every rank of the amax group (TP x DP x CP), so other ranks
 would only repeat them.
 
-Transformer Engine's own precision debug tools (``transformer_engine.debug`` on the ``nvdlfw-inspect`` package)
-measure something different and complementary: statistics of the quantized tensors themselves, e.g.
-``LogFp8TensorStats`` (``underflows%``: the share of elements that became zero in FP8) and ``LogTensorStats``
-(``cur_amax``, ``dynamic_range``, ...), per GEMM tensor. They can run next to this monitor:
-
-1. write a YAML config selecting layers and features, e.g.::
-
-       fp8_underflows:
-         enabled: True
-         layers:
-           layer_name_regex_pattern: .*linear_fc.*
-         transformer_engine:
-           LogFp8TensorStats:
-             enabled: True
-             tensors: [activation, gradient, weight]
-             stats: [underflows%]
-             freq: 100
-
-2. on every rank, *before the model is built* (before ``trainer.fit``, which builds it in ``configure_model``)::
-
-       import nvdlfw_inspect.api as debug_api
-       debug_api.initialize(config_file="fp8_debug.yaml",
-                            feature_dirs=["<site-packages>/transformer_engine/debug/features"],
-                            log_dir="./fp8_debug")
-
-3. call ``debug_api.step()`` once per optimizer step (e.g. from ``on_train_batch_end`` of a small callback).
-
-Their statistics go to ``log_dir`` (or a TensorBoard writer), not to the Lightning loggers; this callback does
-not initialise or imitate them. Reading a quantized tensor's statistics costs a reduction per tensor per
-logged step, so use ``freq`` > 1 there as here.
+TE's quantized-tensor statistics (opt in, ``te_debug_stats``): amax and scale say where the FP8 range sits, not
+how much of a tensor falls off it. ``te_debug_stats=["underflows%", "overflows%"]`` (also ``scale_inv_min``,
+``scale_inv_max``, ``mse``) makes the monitor run Transformer Engine's ``LogFp8TensorStats`` debug feature
+(``pip install nvdlfw-inspect``) on the GEMM inputs (``activation``, ``gradient``, ``weight``) of the same modules at
+the same steps, and log ``fp8_debug/<module name>/<tensor>_<stat>`` with ``%`` as ``_pct`` (``underflows_pct``: the
+share of non-zero elements that became zero in FP8). Done by hand, those statistics would go to TE's own log files
+and need set-up code in the right places: TE instruments only modules built after its debug API exists, so the
+callback sets it up in ``setup`` (before ``configure_model`` builds the model), names TE's modules as
+``named_modules()`` does, calls ``debug_api.step()`` after each optimizer step on every rank (TE reduces the
+statistics over ranks there) and ends the session when the fit ends. The config it gives TE is saved as
+``<log dir>/fp8_debug/te_debug_config.yaml``. Off (the default), nothing of TE's debug API is imported or run; on,
+TE takes its debug code path, and reduces per tensor, only on the logging steps.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_llama_fp8.callbacks.te_debug import TEDebugSession, validated_te_debug_args
 from lightning_llama_fp8.fp8_state import scaling_summary
 
 if TYPE_CHECKING:
@@ -71,11 +55,25 @@ class FP8StatsMonitor(Callback):
             Independent of ``Trainer(log_every_n_steps)``: the metrics go to the loggers directly.
         modules: only modules whose name (as in ``pl_module.named_modules()``) contains one of these substrings,
             e.g. ``["layers.0.", "layers.31."]``; ``None`` logs all FP8 modules.
+        te_debug_stats: also log Transformer Engine's statistics of the quantized GEMM inputs, out of
+            ``underflows%``, ``overflows%`` (delayed scaling only), ``scale_inv_min``, ``scale_inv_max``, ``mse``,
+            as ``fp8_debug/<module name>/<tensor>_<stat>`` (see the module docstring). Needs ``nvdlfw-inspect``,
+            and no TE module built earlier in the process without it (TE cannot instrument those; refused in
+            setup with an explanation). ``None``: off.
+        te_debug_tensors: which GEMM inputs ``te_debug_stats`` covers: ``activation``, ``gradient``, ``weight``
+            (``None``: all three). Weights kept in FP8 (``fp8_param_gather``) get only the ``scale_inv_*`` stats.
 
-    After each logging step ``last_summary`` holds the summary that was logged (rank zero).
+    After each logging step ``last_summary`` holds the amax/scale summary that was logged and
+    ``last_te_debug_stats`` the TE statistics (rank zero); ``te_debug_config_path`` is the config written for TE.
     """
 
-    def __init__(self, every_n_steps: int = 100, modules: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        modules: list[str] | None = None,
+        te_debug_stats: list[str] | None = None,
+        te_debug_tensors: list[str] | None = None,
+    ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"FP8StatsMonitor every_n_steps must be an integer >= 1, got {every_n_steps!r}.")
         if modules is not None:
@@ -88,14 +86,28 @@ class FP8StatsMonitor(Callback):
             modules = list(modules)
         self.every_n_steps = every_n_steps
         self.modules = modules
+        self.te_debug_stats, self.te_debug_tensors = validated_te_debug_args(te_debug_stats, te_debug_tensors)
         self.last_summary: dict[str, dict[str, float]] = {}
+        self.last_te_debug_stats: dict[str, float] = {}
+        self.te_debug_config_path: Path | None = None
         self._candidates: list[tuple[str, nn.Module]] = []
         self._active = False
         self._last_logged_step = -1
+        self._te_debug: TEDebugSession | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Setup runs before configure_model builds the model: TE's debug API has to exist before TE's modules.
+        if self.te_debug_stats is None or stage != "fit":
+            return
+        self._stop_te_debug()
+        self.last_te_debug_stats = {}
+        self._te_debug = TEDebugSession.start(self, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start rather than setup: LightningModules such as LlamaLightningModule build their model in
         # configure_model, which runs after the setup hooks, and the strategy then wraps it (renaming modules).
+        if self._te_debug is not None:
+            self._te_debug.prepare(pl_module)  # every rank, before the first forward
         self._active = False
         self._candidates = []
         self._last_logged_step = -1
@@ -122,16 +134,24 @@ class FP8StatsMonitor(Callback):
                 )
             return
         self._active = True
-        if importlib.util.find_spec("nvdlfw_inspect") is not None:
+        if self.te_debug_stats is None and importlib.util.find_spec("nvdlfw_inspect") is not None:
             log.info(
-                "FP8StatsMonitor logs TE's delayed-scaling amaxes and scales. nvdlfw-inspect is installed: TE's "
-                "debug features (LogFp8TensorStats, ...) can add per-tensor FP8 statistics; see the "
-                "lightning_llama_fp8.callbacks.fp8_monitor module docstring."
+                "FP8StatsMonitor logs TE's delayed-scaling amaxes and scales. nvdlfw-inspect is installed: "
+                "te_debug_stats=['underflows%', ...] adds TE's per-tensor FP8 statistics (LogFp8TensorStats)."
             )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._te_debug is not None:  # after a checkpoint restore, global_step is where training resumes
+            self._te_debug.last_step = trainer.global_step
+            self._te_debug.set_iteration(trainer.global_step + 1)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._te_debug is not None and trainer.global_step != self._te_debug.last_step:
+            logged = self._te_debug.step(trainer)  # every rank, once per optimizer step
+            if logged:
+                self.last_te_debug_stats = logged
         if not self._active:
             return
         step = trainer.global_step
@@ -154,6 +174,25 @@ class FP8StatsMonitor(Callback):
             # dropped otherwise, which would lose every reading whose step is not aligned with that setting.
             logger.log_metrics(metrics, step=step)
         self.last_summary = summary
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._te_debug is not None:
+            self._te_debug.set_iteration(-1)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._te_debug is not None:
+            self._te_debug.set_iteration(trainer.global_step + 1)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_te_debug()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_te_debug()  # Lightning skips the teardown hooks after an exception
+
+    def _stop_te_debug(self) -> None:
+        session, self._te_debug = self._te_debug, None
+        if session is not None:
+            session.stop()
 
     def _selected(self, name: str) -> bool:
         return self.modules is None or any(part in name for part in self.modules)
