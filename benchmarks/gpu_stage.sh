@@ -11,6 +11,10 @@
 #   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~6 min est.)
 #   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
 #   speed-8b-2      (2) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP1 (plan: ~86 GiB/GPU, H200 only)   (~6 min est.)
+#   ref8-ours-cp2   (8) issue 5: the shipped 8B YAML (CP2 DP4, GBS 128), 30 steps, via the CLI         (~7 min est.)
+#   ref8-lm-cp2     (8) issue 5: Megatron-LM, same flags and layout; then on any machine:
+#                       python3 benchmarks/reference_run.py compare OUT/ref8_ours-cp2 OUT/ref8_lm-cp2
+#   ref8-ours-cp1, ref8-lm-cp1 (8) the same with CP1 DP8, the layout Megatron-LM's shipped script uses
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~5 min est.)
 #   gpu-tests       (1) tests/gpu (all of it)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
@@ -19,6 +23,7 @@ stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
 case "$stage" in
   equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|speed-8b-2|nan-safety|gpu-tests|recipes-1) ;;
+  ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -44,6 +49,10 @@ case "$stage" in
   speed-8b-2)
     python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_8b_tp1cp2dp1" --precisions fp8 --cp 2 \
       --nproc 2 --layers 32 --gbs 16 --steps 16 --warmup 6 ;;
+  ref8-*)
+    side="${stage#ref8-}"; side="${side%-cp*}"; cp="${stage##*-cp}"
+    [ "$side" = lm ] && side=megatron-lm
+    python3 benchmarks/reference_run.py "$side" --out-dir "$out/ref8_${stage#ref8-}" --gpus 8 --cp "$cp" --steps 30 ;;
   nan-safety)
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
   gpu-tests)

@@ -251,6 +251,8 @@ class LlamaLightningModule(LightningModule):
             tokens_per_gpu = global_batch * seq_length / (step_time * self.trainer.world_size)
             self.log("train/step_time_s", step_time, batch_size=global_batch)
             self.log("train/tokens_per_sec_per_gpu", tokens_per_gpu, prog_bar=True, batch_size=global_batch)
+        if torch.cuda.is_available():  # a host-side counter read, no sync; this rank's peak since start
+            self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, batch_size=global_batch)
         self._last_step_end = now
 
     def on_train_epoch_start(self) -> None:
