@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -279,6 +281,21 @@ def test_all_ranks_take_the_same_decision(tmp_path: Path, policy: str) -> None:
         assert all("non-finite gradients at step 2" in r["error"] for r in results)
 
 
+@pytest.mark.parametrize(("history_len", "check", "warns"), [(1, True, True), (1024, True, False), (1, False, False)])
+def test_warns_that_the_fp8_state_check_is_blind_with_a_one_row_history(
+    tmp_path: Path, history_len: int, check: bool, warns: bool
+) -> None:
+    from lightning_llama_fp8 import TEFP8Precision
+
+    trainer = SimpleNamespace(precision_plugin=TEFP8Precision(amax_history_len=history_len), log_dir=str(tmp_path))
+    guard = NaNGuard(report_dir=tmp_path, check_fp8_state=check)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.setup(trainer, TinyModule(), "fit")  # type: ignore[arg-type]
+    blind = [w for w in caught if "cannot see an Inf in FP8 state with amax_history_len=1" in str(w.message)]
+    assert bool(blind) == warns
+
+
 def test_bf16_window_refused_with_fp8_weights(tmp_path: Path) -> None:
     from lightning_llama_fp8 import TEFP8Precision
 
@@ -356,7 +373,7 @@ def test_inf_that_fp8_saturates_is_caught_through_the_fp8_state(tmp_path: Path, 
 
 
 def test_without_the_fp8_state_check_a_saturated_inf_goes_unnoticed(tmp_path: Path) -> None:
-    """Why the check exists: loss and gradients alone do not see it."""
+    """Why the check exists: loss and gradients alone do not see it (the fake's clamp stands in for TE's cast)."""
     module = TinyModule(poison_steps=(2,), poison="activation", saturate_fp8=True)
     losses: list[float] = []
 

@@ -85,6 +85,8 @@ class FakeTEDebugState:
 
     @classmethod
     def initialize(cls) -> None:
+        if "nvdlfw_inspect" not in sys.modules:  # as TE: without the package imported, the state stays unknown
+            return
         api = sys.modules.get("nvdlfw_inspect.api")
         manager = getattr(api, "DEBUG_MANAGER", None)
         if cls.debug_enabled is False and manager is not None:
@@ -434,6 +436,17 @@ def test_te_debug_layer_filter_and_a_second_fit_in_the_same_process(kind: str, t
     assert debug_records(second) == {
         s: expected_debug(layers, list(DEBUG_TENSORS), ["scale_inv_min"], s) for s in (1, 2)
     }
+    assert_debug_ended(stack)
+
+
+@pytest.mark.parametrize("kind", ["fake", "real"])
+def test_te_debug_refuses_a_second_fit_of_the_same_module(kind: str, te_stack: Any, tmp_path: Path) -> None:
+    """Its TE layers were built during the first session; TE would run them without debugging, measuring nothing."""
+    stack = te_stack(kind)
+    module = TinyTEModule()
+    fit(module, FP8StatsMonitor(every_n_steps=1, te_debug_stats=["mse"]), max_steps=1, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="use a fresh LightningModule"):
+        fit(module, FP8StatsMonitor(every_n_steps=1, te_debug_stats=["mse"]), max_steps=2, default_root_dir=tmp_path)
     assert_debug_ended(stack)
 
 

@@ -18,7 +18,11 @@ Why the FP8 state is checked too: TE's casts to FP8 saturate, so an Inf activati
 the largest FP8 value and the loss and gradients stay finite. Only the amax TE recorded for that input shows it,
 and with delayed scaling that Inf then sits in the amax history (TE keeps the old scale while the amax is not
 finite), freezing the tensor's scale for ``amax_history_len`` steps. The guard treats such a step as bad like any
-other; ``check_fp8_state=False`` turns this part off.
+other; ``check_fp8_state=False`` turns this part off. It sees what is still in the history when the step ends: TE
+folds each micro-batch's amaxes into it (forward and backward) and drops the oldest row, so an Inf stays visible
+while the history is longer than the micro-batches per step; with ``amax_history_len=1`` (Megatron's default, not
+the recipe's 1024) nothing is kept and the guard warns that this check is blind. An Inf recorded by a validation
+forward is folded in by the next training step, which is then reported as bad.
 
 More than ``max_consecutive_bad_steps`` bad steps in a row end training with the report (a persistent fault is
 not something to skip forever). The report (JSON, one file per bad step, next to the logs) names the step, the
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_llama_fp8.fp8_state import (
@@ -143,6 +148,15 @@ class NaNGuard(Callback):
                 "FP8 (fp8_param_gather=True): there is no BF16 copy of them. Set fp8_param_gather=False or "
                 "bf16_steps_after_rollback=0."
             )
+        plugin = trainer.precision_plugin
+        delayed = getattr(plugin, "recipe", None) == "delayed"
+        if self.check_fp8_state and delayed and getattr(plugin, "amax_history_len", 2) < 2:
+            rank_zero_warn(
+                "NaNGuard(check_fp8_state=True) cannot see an Inf in FP8 state with amax_history_len=1: "
+                "Transformer Engine drops each amax when it folds it into the history, so an Inf that its "
+                "saturating FP8 cast hid from loss and gradients goes unnoticed. Use amax_history_len >= the "
+                "micro-batches per step + 1 (the recipe uses 1024)."
+            )
         if self.report_dir is None:
             self.report_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
@@ -191,7 +205,8 @@ class NaNGuard(Callback):
             raise NonFiniteTrainingError(summary)
 
         log.warning("%s", summary)
-        _veto_update(trainer, optimizer, f"non-finite {_what(loss_bad, grads_bad, fp8_bad)} at step {step}")
+        what = _describe_nonfinite(loss_bad, grads_bad, fp8_bad)
+        _veto_update(trainer, optimizer, f"non-finite {what} at step {step}")
         if self.policy == "rollback":
             self._roll_back(trainer, pl_module)
         else:
@@ -409,13 +424,14 @@ def _veto_update(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, reason: 
         optimizer.zero_grad(set_to_none=True)
 
 
-def _what(loss_bad: bool, grads_bad: bool, fp8_bad: bool) -> str:
+def _describe_nonfinite(loss_bad: bool, grads_bad: bool, fp8_bad: bool) -> str:
     parts = (("loss", loss_bad), ("gradients", grads_bad), ("FP8 scaling state", fp8_bad))
     return " and ".join(part for part, bad in parts if bad)
 
 
 def _summarize(report: dict[str, Any]) -> str:
-    what = _what(report["loss_nonfinite"], report["gradients_nonfinite"], report.get("fp8_state_nonfinite", False))
+    fp8_bad = report.get("fp8_state_nonfinite", False)
+    what = _describe_nonfinite(report["loss_nonfinite"], report["gradients_nonfinite"], fp8_bad)
     params = sorted({p for r in report["ranks"] for p in r["nonfinite_gradients"]})
     text = f"NaNGuard: non-finite {what} at step {report['step']} (policy {report['policy']}: {report['action']})."
     if report["ranks_with_nonfinite_loss"]:

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TE_MODULES_BUILT_BEFORE = (
+    "FP8StatsMonitor(te_debug_stats=...): Transformer Engine modules were already created in this process without "
+    "its debug API, and TE only instruments modules created after the API is set up (which this callback does in "
+    "setup()). Build TE layers in LightningModule.configure_model (as LlamaLightningModule does), not in __init__, "
+    "and use a fresh LightningModule (and process) for a fit with te_debug_stats."
+)
+
 # TE's LogFp8TensorStats statistics for the training recipe (transformer_engine/debug/features/
 # log_fp8_tensor_stats.py); recipe-prefixed "what if" stats are left to TE's own tools.
 TE_DEBUG_STATS = ("underflows%", "overflows%", "scale_inv_min", "scale_inv_max", "mse")
@@ -162,20 +169,6 @@ class TEDebugSession:
         """Set up TE's debug API on every rank, before the model is built; ``None`` where there is nothing to do."""
         stats, tensors = monitor.te_debug_stats, monitor.te_debug_tensors
         assert stats is not None and tensors is not None
-        api, base_logger, metric_logger, debug_state, te_module_type, feature_dir = _import_te_debug()
-        if api.DEBUG_MANAGER is not None:
-            raise RuntimeError(
-                "FP8StatsMonitor(te_debug_stats=...): nvdlfw-inspect's debug API is already initialized in this "
-                "process (by other code, or a session that was not ended); end it with "
-                "nvdlfw_inspect.api.end_debug() first, or leave te_debug_stats unset and use your own config."
-            )
-        if debug_state.debug_enabled is False:
-            raise RuntimeError(
-                "FP8StatsMonitor(te_debug_stats=...): Transformer Engine modules were already created in this "
-                "process without its debug API, and TE only instruments modules created after the API is set up "
-                "(which this callback does in setup()). Build TE layers in LightningModule.configure_model (as "
-                "LlamaLightningModule does), not in __init__, and run the fit in a fresh process."
-            )
         plugin = trainer.precision_plugin
         if getattr(plugin, "fp8_active", None) is False:
             rank_zero_warn(
@@ -186,6 +179,15 @@ class TEDebugSession:
         if not trainer.loggers:
             rank_zero_warn("FP8StatsMonitor: te_debug_stats is set but the Trainer has no logger; TE debug is off.")
             return None
+        api, base_logger, metric_logger, debug_state, te_module_type, feature_dir = _import_te_debug()
+        if api.DEBUG_MANAGER is not None:
+            raise RuntimeError(
+                "FP8StatsMonitor(te_debug_stats=...): nvdlfw-inspect's debug API is already initialized in this "
+                "process (by other code, or a session that was not ended); end it with "
+                "nvdlfw_inspect.api.end_debug() first, or leave te_debug_stats unset and use your own config."
+            )
+        if debug_state.debug_enabled is False:
+            raise RuntimeError(TE_MODULES_BUILT_BEFORE)
         recipe = getattr(plugin, "recipe", None)
         if "overflows%" in stats and recipe is not None and recipe != "delayed":
             raise ValueError(
@@ -246,6 +248,10 @@ class TEDebugSession:
             module.name = name  # the layer name TE's debug features select by and report
         if not te_modules:
             rank_zero_warn("FP8StatsMonitor: te_debug_stats is set but the model has no Transformer Engine module.")
+        elif self.debug_state.debug_enabled is not True:
+            # TE turns debugging on when it builds a module after the API exists; modules built earlier (a second
+            # fit of the same LightningModule, TE layers built in __init__) would silently measure nothing.
+            raise RuntimeError(TE_MODULES_BUILT_BEFORE)
         if self.weight_needs_high_precision and any(getattr(m, "primary_weights_in_fp8", False) for _, m in te_modules):
             raise RuntimeError(
                 "FP8StatsMonitor: the model keeps its weights in FP8, where Transformer Engine can only give "
