@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def free_port() -> int:
@@ -45,3 +48,27 @@ def megatron_cpu_trainer(world_size: int, **kwargs: object) -> Trainer:
         plugins=[MegatronPrecision()],
         **kwargs,
     )
+
+
+class MemoryLogger(Logger):
+    """A Lightning logger that keeps every ``log_metrics`` call as ``(step, {name: float})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, {k: float(v) for k, v in metrics.items()}))

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_llama_fp8.callbacks.fp8_monitor as monitor_mod
 from lightning_llama_fp8.callbacks.fp8_monitor import FP8StatsMonitor
+from tests import helpers
 
 STATS = ("fwd_amax", "fwd_scale_min", "fwd_scale_max", "bwd_amax", "bwd_scale_min", "bwd_scale_max")
 
@@ -114,28 +114,8 @@ class TinyFP8Module(LightningModule):
         return DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=2)
 
 
-class MemoryLogger(Logger):
-    """Keeps what log_metrics receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
+class MemoryLogger(helpers.MemoryLogger):
+    """Keeps what log_metrics receives; ``fp8_records`` picks the monitor's metrics per step."""
 
     def fp8_records(self) -> dict[int | None, dict[str, float]]:
         out: dict[int | None, dict[str, float]] = {}

@@ -25,8 +25,6 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 
 from benchmarks.bench_throughput import small_arch
 from lightning_llama_fp8 import (
@@ -37,33 +35,10 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import FP8StatsMonitor
+from tests.helpers import MemoryLogger
 
 GBS = 4
 ALL_STATS = ["underflows%", "overflows%", "scale_inv_min", "scale_inv_max"]
-
-
-class MemoryLogger(Logger):
-    """Keeps every log_metrics call, as (step, metrics) with plain floats."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, {k: float(v) for k, v in metrics.items()}))
 
 
 def debug_state() -> dict[str, Any]:
