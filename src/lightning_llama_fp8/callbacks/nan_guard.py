@@ -122,9 +122,7 @@ class NaNGuard(Callback):
         self.max_reported_parameters = max_reported_parameters
         self.watch_outputs = watch_outputs
         self.check_fp8_state = check_fp8_state
-        # TE's amax histories and scales, collected at the first check (TE creates them in the first FP8 forward,
-        # which comes before it) and again after FP8 comes back from a BF16 window.
-        self._fp8_tensors: list[Tensor] | None = None
+        self._fp8_tensors: list[Tensor] | None = None  # see _watched_fp8_state
         self._watched: list[str] = []  # module names, forward order
         self._output_sums: Tensor | None = None  # per watched module: this step's output sums (NaN/Inf stick)
         self._hooks: list[Any] = []
@@ -252,15 +250,22 @@ class NaNGuard(Callback):
             # A sum propagates NaN/Inf and needs no tensor-sized temporary (isfinite(t).all() would allocate one).
             sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
             flags[1] = (~torch.isfinite(sums)).any()
-        if self.check_fp8_state:
-            if self._fp8_tensors is None:
-                self._fp8_tensors = fp8_state_tensors(pl_module)
-            if self._fp8_tensors:
-                flags[2] = any_nonfinite(self._fp8_tensors).to(device)
+        fp8_tensors = self._watched_fp8_state(pl_module)
+        if fp8_tensors:
+            flags[2] = any_nonfinite(fp8_tensors).to(device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         loss_bad, grads_bad, fp8_bad = flags.tolist()
         return bool(loss_bad), bool(grads_bad), bool(fp8_bad)
+
+    def _watched_fp8_state(self, pl_module: pl.LightningModule) -> list[Tensor]:
+        """TE's live amax histories and scales, looked up once (TE creates them in the first FP8 forward, before the
+        first check) and again after a BF16 window; empty with ``check_fp8_state=False`` or without delayed scaling."""
+        if not self.check_fp8_state:
+            return []
+        if self._fp8_tensors is None:
+            self._fp8_tensors = fp8_state_tensors(pl_module)
+        return self._fp8_tensors
 
     def _output_watcher(self, index: int) -> Any:
         def watch(module: torch.nn.Module, args: Any, output: Any) -> None:

@@ -154,13 +154,21 @@ def validated_te_debug_args(
 class TEDebugSession:
     """One fit's use of TE's debug API: set up in ``setup``, stepped after each optimizer step, ended at the end."""
 
-    def __init__(self, api: Any, metric_logger: Any, debug_state: Any, collector: TEDebugStatsCollector) -> None:
+    def __init__(
+        self,
+        api: Any,
+        metric_logger: Any,
+        debug_state: Any,
+        collector: TEDebugStatsCollector,
+        te_module_type: type,
+        weight_needs_high_precision: bool,
+    ) -> None:
         self.api = api
         self.metric_logger = metric_logger
         self.debug_state = debug_state
         self.collector = collector
-        self.te_module_type: type | None = None
-        self.weight_needs_high_precision = False
+        self.te_module_type = te_module_type
+        self.weight_needs_high_precision = weight_needs_high_precision
         self.last_step = 0
         self._handlers_before: list[logging.Handler] = []
 
@@ -169,51 +177,24 @@ class TEDebugSession:
         """Set up TE's debug API on every rank, before the model is built; ``None`` where there is nothing to do."""
         stats, tensors = monitor.te_debug_stats, monitor.te_debug_tensors
         assert stats is not None and tensors is not None
-        plugin = trainer.precision_plugin
-        if getattr(plugin, "fp8_active", None) is False:
-            rank_zero_warn(
-                "FP8StatsMonitor: te_debug_stats is set but this run trains without FP8 (BF16 precision plugin or "
-                "FP8 fallback); TE's FP8 tensor statistics are off."
-            )
-            return None
-        if not trainer.loggers:
-            rank_zero_warn("FP8StatsMonitor: te_debug_stats is set but the Trainer has no logger; TE debug is off.")
+        if not _worth_starting(trainer):
             return None
         api, base_logger, metric_logger, debug_state, te_module_type, feature_dir = _import_te_debug()
-        if api.DEBUG_MANAGER is not None:
-            raise RuntimeError(
-                "FP8StatsMonitor(te_debug_stats=...): nvdlfw-inspect's debug API is already initialized in this "
-                "process (by other code, or a session that was not ended); end it with "
-                "nvdlfw_inspect.api.end_debug() first, or leave te_debug_stats unset and use your own config."
-            )
-        if debug_state.debug_enabled is False:
-            raise RuntimeError(TE_MODULES_BUILT_BEFORE)
-        recipe = getattr(plugin, "recipe", None)
-        if "overflows%" in stats and recipe is not None and recipe != "delayed":
-            raise ValueError(
-                f"FP8StatsMonitor te_debug_stats: 'overflows%' exists only for delayed scaling (a scale from past "
-                f"amaxes can clip a new, larger value); the {recipe} recipe scales each tensor from its own amax, "
-                "so nothing overflows and TE refuses the statistic. Remove 'overflows%'."
-            )
-        fp8_weights = bool(getattr(plugin, "fp8_param_gather", False))
+        _check_usable(api, debug_state, stats, getattr(trainer.precision_plugin, "recipe", None))
+        fp8_weights = bool(getattr(trainer.precision_plugin, "fp8_param_gather", False))
         config = te_debug_config(stats, tensors, monitor.every_n_steps, monitor.modules, fp8_weights)
         struct = config["fp8_stats_monitor"]["transformer_engine"]["LogFp8TensorStats"]["tensors_struct"]
         # A subclass of nvdlfw-inspect's BaseLogger: initialize() accepts nothing else.
         collector_type = type("LightningStatsLogger", (TEDebugStatsCollector, base_logger), {})
         collector = collector_type([t["tensor"] for t in struct], stats, enabled=trainer.is_global_zero)
-        session = cls(api, metric_logger, debug_state, collector)
-        session.te_module_type = te_module_type
-        session.weight_needs_high_precision = any(
+        weight_needs_high_precision = any(
             t["tensor"] == "weight" and any(s in NEEDS_HIGH_PRECISION for s in t["stats"]) for t in struct
         )
+        session = cls(api, metric_logger, debug_state, collector, te_module_type, weight_needs_high_precision)
 
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / TE_DEBUG_DIR  # log_dir: call on every rank
         if trainer.is_global_zero:
-            import yaml
-
-            out_dir.mkdir(parents=True, exist_ok=True)
-            monitor.te_debug_config_path = out_dir / TE_DEBUG_CONFIG_FILE
-            monitor.te_debug_config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+            monitor.te_debug_config_path = _save_config(config, out_dir)
             dropped = [s for s in stats if s in NEEDS_HIGH_PRECISION]
             if fp8_weights and "weight" in tensors and dropped:
                 log.info("FP8StatsMonitor: weights are kept in FP8, so 'weight' gets no %s.", ", ".join(dropped))
@@ -242,7 +223,6 @@ class TEDebugSession:
 
     def prepare(self, pl_module: nn.Module) -> None:
         """Name TE's modules after ``named_modules()`` (TE would call them ``Layer_N``); check FP8 weights."""
-        assert self.te_module_type is not None
         te_modules = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, self.te_module_type)]
         for name, module in te_modules:
             module.name = name  # the layer name TE's debug features select by and report
@@ -291,6 +271,48 @@ class TEDebugSession:
             for handler in [h for h in nvdlfw_logger.handlers if h not in self._handlers_before]:
                 nvdlfw_logger.removeHandler(handler)
                 handler.close()
+
+
+def _worth_starting(trainer: pl.Trainer) -> bool:
+    """False (with a warning) when there is nothing to measure or nowhere to log; decided before any import."""
+    if getattr(trainer.precision_plugin, "fp8_active", None) is False:
+        rank_zero_warn(
+            "FP8StatsMonitor: te_debug_stats is set but this run trains without FP8 (BF16 precision plugin or "
+            "FP8 fallback); TE's FP8 tensor statistics are off."
+        )
+        return False
+    if not trainer.loggers:
+        rank_zero_warn("FP8StatsMonitor: te_debug_stats is set but the Trainer has no logger; TE debug is off.")
+        return False
+    return True
+
+
+def _check_usable(api: Any, debug_state: Any, stats: Sequence[str], recipe: str | None) -> None:
+    """Refuse, before anything is set up, what would fail later or silently measure nothing."""
+    if api.DEBUG_MANAGER is not None:
+        raise RuntimeError(
+            "FP8StatsMonitor(te_debug_stats=...): nvdlfw-inspect's debug API is already initialized in this "
+            "process (by other code, or a session that was not ended); end it with "
+            "nvdlfw_inspect.api.end_debug() first, or leave te_debug_stats unset and use your own config."
+        )
+    if debug_state.debug_enabled is False:
+        raise RuntimeError(TE_MODULES_BUILT_BEFORE)
+    if "overflows%" in stats and recipe is not None and recipe != "delayed":
+        raise ValueError(
+            f"FP8StatsMonitor te_debug_stats: 'overflows%' exists only for delayed scaling (a scale from past "
+            f"amaxes can clip a new, larger value); the {recipe} recipe scales each tensor from its own amax, "
+            "so nothing overflows and TE refuses the statistic. Remove 'overflows%'."
+        )
+
+
+def _save_config(config: dict[str, Any], out_dir: Path) -> Path:
+    """Write the config given to TE as YAML, for the user to read or reuse with TE's own tools."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / TE_DEBUG_CONFIG_FILE
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def _import_te_debug() -> tuple[Any, type, Any, Any, type, str]:
