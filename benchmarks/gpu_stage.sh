@@ -8,15 +8,15 @@
 #   equivalence-2   (2) issue 3: 1-GPU references + TP2, CP2 p2p/a2a/all_gather, DP2 in BF16 and FP8  (~9 min)
 #   equivalence-4   (4) issue 3: the references + DP2, TP2 x CP2, CP2 x DP2 only                     (~7 min est.)
 #   speed-2         (2) issue 3: ours vs Megatron-LM, FP8, CP2 and TP2+SP, 4 layers                    (~5 min)
-#   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~6 min est.)
+#   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~4.6 min)
 #   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
-#   speed-8b-2      (2) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP1 (plan: ~86 GiB/GPU, H200 only)   (~6 min est.)
+#   speed-8b-2      (2) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP1 (96 GiB/GPU measured, H200 only)  (~5.6 min)
 #   ref8-ours-cp2   (8) issue 5: the shipped 8B YAML (CP2 DP4, GBS 128), 30 steps, via the CLI         (~7 min est.)
 #   ref8-lm-cp2     (8) issue 5: Megatron-LM, same flags and layout; then on any machine:
 #                       python3 benchmarks/reference_run.py compare OUT/ref8_ours-cp2 OUT/ref8_lm-cp2
 #   ref8-ours-cp1, ref8-lm-cp1 (8) the same with CP1 DP8, the layout Megatron-LM's shipped script uses
-#   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~5 min est.)
-#   gpu-tests       (1) tests/gpu (all of it)
+#   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~3.5 min)
+#   gpu-tests       (1) tests/gpu (all of it)                                                         (~7 min)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
