@@ -179,7 +179,8 @@ def any_nonfinite(tensors: list[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.zeros((), dtype=torch.bool)
-    return ~torch.isfinite(torch.nn.utils.get_total_norm([t.detach() for t in tensors], norm_type=math.inf))
+    # get_total_norm runs without autograd; TE's state tensors need no detach.
+    return ~torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf))
 
 
 def sanitize_fp8_state(module: nn.Module) -> None:

@@ -57,10 +57,8 @@ from lightning_llama_fp8.fp8_state import (
     any_nonfinite,
     fp8_scaling_summary,
     fp8_state_tensors,
-    load_fp8_state,
     nonfinite_fp8_state,
     sanitize_fp8_state,
-    save_fp8_state,
 )
 
 if TYPE_CHECKING:
@@ -122,14 +120,14 @@ class NaNGuard(Callback):
         self.max_reported_parameters = max_reported_parameters
         self.watch_outputs = watch_outputs
         self.check_fp8_state = check_fp8_state
-        self._fp8_tensors: list[Tensor] | None = None  # see _watched_fp8_state
+        self._fp8_tensors: list[Tensor] | None = None  # see _fp8_state
         self._watched: list[str] = []  # module names, forward order
         self._output_sums: Tensor | None = None  # per watched module: this step's output sums (NaN/Inf stick)
         self._hooks: list[Any] = []
         self.bad_steps: list[int] = []  # global steps whose update was vetoed (or that raised)
         self.reports: list[Path] = []
         self.consecutive_bad_steps = 0
-        self._fp8_snapshot: dict[str, dict[str, Tensor]] | None = None
+        self._fp8_snapshot: list[Tensor] | None = None  # copies of _fp8_tensors after the last good step
         self._fp8_resume_step: int | None = None  # first step that runs in FP8 again after a BF16 window
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -161,7 +159,7 @@ class NaNGuard(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start: LlamaLightningModule builds its model in configure_model, after the setup hooks.
         self._remove_hooks()
-        self._fp8_tensors = None
+        self._fp8_tensors = self._fp8_snapshot = None
         if self.watch_outputs is None:
             return
         pattern = re.compile(self.watch_outputs)
@@ -186,7 +184,7 @@ class NaNGuard(Callback):
             self.consecutive_bad_steps = 0
             if self.policy == "rollback":
                 # After a good forward/backward the FP8 scaling state is the "last good" one.
-                self._fp8_snapshot = save_fp8_state(pl_module)
+                self._save_fp8_snapshot(pl_module)
             return
 
         step = trainer.global_step
@@ -219,7 +217,6 @@ class NaNGuard(Callback):
         if self._fp8_resume_step is not None and trainer.global_step >= self._fp8_resume_step:
             trainer.precision_plugin.set_fp8_enabled(pl_module, True)
             self._fp8_resume_step = None
-            self._fp8_tensors = None  # look the FP8 state up again, in case TE re-created it
             log.warning("NaNGuard: FP8 back on from step %d.", trainer.global_step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -250,7 +247,7 @@ class NaNGuard(Callback):
             # A sum propagates NaN/Inf and needs no tensor-sized temporary (isfinite(t).all() would allocate one).
             sums = torch.stack([g.sum(dtype=torch.float32) for g in grads])
             flags[1] = (~torch.isfinite(sums)).any()
-        fp8_tensors = self._watched_fp8_state(pl_module)
+        fp8_tensors = self._fp8_state(pl_module) if self.check_fp8_state else []
         if fp8_tensors:
             flags[2] = any_nonfinite(fp8_tensors).to(device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -258,11 +255,12 @@ class NaNGuard(Callback):
         loss_bad, grads_bad, fp8_bad = flags.tolist()
         return bool(loss_bad), bool(grads_bad), bool(fp8_bad)
 
-    def _watched_fp8_state(self, pl_module: pl.LightningModule) -> list[Tensor]:
-        """TE's live amax histories and scales, looked up once (TE creates them in the first FP8 forward, before the
-        first check) and again after a BF16 window; empty with ``check_fp8_state=False`` or without delayed scaling."""
-        if not self.check_fp8_state:
-            return []
+    def _fp8_state(self, pl_module: pl.LightningModule) -> list[Tensor]:
+        """TE's live amax histories and scales (empty without delayed scaling), looked up once per fit.
+
+        TE creates them in the first FP8 forward, which precedes the first check, and keeps the same tensors
+        afterwards (switching FP8 off and on for a BF16 window included); only a new amax_history_len replaces them.
+        """
         if self._fp8_tensors is None:
             self._fp8_tensors = fp8_state_tensors(pl_module)
         return self._fp8_tensors
@@ -283,9 +281,21 @@ class NaNGuard(Callback):
         self._hooks = []
 
     # ------------------------------------------------------------------ recovery
+    def _save_fp8_snapshot(self, pl_module: pl.LightningModule) -> None:
+        """Copy the FP8 state into buffers allocated once: one fused copy per good step, no module walk."""
+        live = self._fp8_state(pl_module)
+        with torch.no_grad():
+            if self._fp8_snapshot is None:
+                self._fp8_snapshot = [t.detach().clone() for t in live]
+            elif live:
+                torch._foreach_copy_(self._fp8_snapshot, live)
+
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fp8_snapshot is not None:
-            load_fp8_state(pl_module, self._fp8_snapshot)
+            # In place: TE's quantizers and global amax buffers hold these very tensors (see load_fp8_state).
+            with torch.no_grad():
+                if self._fp8_snapshot:
+                    torch._foreach_copy_(self._fp8_state(pl_module), self._fp8_snapshot)
         else:  # bad before any good step: nothing to go back to, so at least drop the non-finite entries
             sanitize_fp8_state(pl_module)
         if self.bf16_steps_after_rollback:
@@ -382,20 +392,23 @@ def gradient_tensors(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list
 
 def nonfinite_gradients(module: torch.nn.Module) -> list[str]:
     """Names of parameters whose gradient holds NaN/Inf (one host sync for all of them)."""
-    named = _named_gradients(module)
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(g.sum(dtype=torch.float32)) for _, g in named]).tolist()
-    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+    return _nonfinite_names(_named_gradients(module))
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
-    """Keys of floating-point tensors in ``state_dict`` that hold NaN/Inf."""
-    keys = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
-    if not keys:
+    """Keys of floating-point tensors in ``state_dict`` that hold NaN/Inf (one host sync for all of them)."""
+    return _nonfinite_names(
+        [(k, v) for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+    )
+
+
+def _nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
+    # One fp32 sum per tensor (propagates NaN/Inf), gathered on the first tensor's device, read back once.
+    if not named:
         return []
-    finite = torch.stack([torch.isfinite(state_dict[k].sum(dtype=torch.float32)).cpu() for k in keys]).tolist()
-    return [k for k, ok in zip(keys, finite, strict=True) if not ok]
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t.sum(dtype=torch.float32)).to(device) for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
 def _named_gradients(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
