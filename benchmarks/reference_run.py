@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = REPO / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"
@@ -161,13 +163,7 @@ def _lm_peak_memory_gib(log_text: str) -> float | None:
 
 def run_side(side: str, args: argparse.Namespace) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    device = None
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except ImportError:
-        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     meta = {"side": side, "gpus": args.gpus, "cp": args.cp, "steps": args.steps, "device": device}
     (args.out_dir / "run.json").write_text(json.dumps(meta, indent=2))
     if side == "ours":

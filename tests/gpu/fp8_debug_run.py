@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from benchmarks.bench_throughput import small_arch
 from lightning_llama_fp8 import (
     LlamaLightningModule,
-    MegatronCPStrategy,
     MockDataModule,
     OptimizerSettings,
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import FP8StatsMonitor
+from tests.gpu.probes import one_gpu_trainer
 from tests.helpers import MemoryLogger
 
 GBS = 4
@@ -64,19 +64,12 @@ def run(
     arch = small_arch(num_layers=2, seq_length=1024)
     logger = MemoryLogger()
     monitor = FP8StatsMonitor(every_n_steps=every, te_debug_stats=stats)
-    trainer = Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy=MegatronCPStrategy(),
-        plugins=[TEFP8Precision(recipe="delayed", fp8_param_gather=fp8_param_gather)],
-        max_steps=steps,
-        callbacks=[monitor],
+    trainer = one_gpu_trainer(
+        TEFP8Precision(recipe="delayed", fp8_param_gather=fp8_param_gather),
+        steps,
+        [monitor],
         logger=logger,
         default_root_dir=out_dir,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=2 if validate else 0,
         val_check_interval=3 if validate else None,
     )

@@ -27,10 +27,20 @@ def fingerprint(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().float().double().sum() for p in module.parameters()]).cpu()
 
 
-def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback]) -> Trainer:
-    """A quiet one-GPU Trainer with ``MegatronCPStrategy``: training only (no validation, logger or checkpoints)."""
+def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback], **overrides: Any) -> Trainer:
+    """A quiet one-GPU Trainer with ``MegatronCPStrategy``: by default training only (no validation, logger or
+    checkpoints); ``overrides`` replace any of these Trainer arguments."""
     from lightning_llama_fp8 import MegatronCPStrategy
 
+    kwargs: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        **overrides,
+    }
     return Trainer(
         accelerator="gpu",
         devices=1,
@@ -38,10 +48,5 @@ def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback]) -> T
         plugins=[plugin],
         max_steps=max_steps,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **kwargs,
     )
