@@ -16,13 +16,15 @@
 #                       python3 benchmarks/reference_run.py compare OUT/ref8_ours-cp2 OUT/ref8_lm-cp2
 #   ref8-ours-cp1, ref8-lm-cp1 (8) the same with CP1 DP8, the layout Megatron-LM's shipped script uses
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~3.5 min)
-#   gpu-tests       (1) tests/gpu (all of it)                                                         (~7 min)
+#   gpu-tests       (1) tests/gpu (all of it; the 2-GPU checkpoint test is skipped on one GPU)          (~7 min)
+#   checkpoints     (2) distributed checkpoints: resume on 1 GPU, CP2 -> TP2 resume on 2 GPUs          (~4 min est.)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
 case "$stage" in
   equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|speed-8b-2|nan-safety|gpu-tests|recipes-1) ;;
+  checkpoints) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -57,6 +59,9 @@ case "$stage" in
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
   gpu-tests)
     python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+  checkpoints)
+    python3 -m pytest -m gpu -q tests/gpu/test_checkpoint_resume.py tests/gpu/test_checkpoint_layouts.py \
+      -p no:cacheprovider 2>&1 | tee "$out/checkpoints.log" ;;
   recipes-1)
     # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
     mkdir -p "$out/recipes"

@@ -20,10 +20,10 @@ def free_port() -> int:
 def cpu_trainer(**kwargs: object) -> Trainer:
     """A quiet single-process CPU Trainer: no logger, checkpoints, progress bar or summary."""
     kwargs.setdefault("devices", 1)
+    kwargs.setdefault("enable_checkpointing", False)
     return Trainer(
         accelerator="cpu",
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         **kwargs,  # type: ignore[arg-type]
@@ -72,3 +72,17 @@ class MemoryLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.records.append((step, {k: float(v) for k, v in metrics.items()}))
+
+
+def allow_dist_checkpointing_on_cpu() -> None:
+    """Let megatron-core's distributed checkpoint writer run on a CPU-only machine (tests only).
+
+    Its writer only touches CUDA to wait for pending GPU copies (``torch.cuda.synchronize``) and to place a
+    one-element failure flag for an all-reduce (``torch.cuda.current_device``); on the CPU there is nothing to wait
+    for and the flag works on the CPU device with gloo. Everything else (sharding, file layout, metadata) runs as
+    on the GPU. Call it in the process that saves (spawned workers call it themselves).
+    """
+    import torch
+
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]

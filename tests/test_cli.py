@@ -45,7 +45,7 @@ def print_config(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
 def no_preflight(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Record pre-flight calls instead of running them."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(cli, "preflight", calls.append)
+    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: calls.append(config))
     return calls
 
 

@@ -24,7 +24,7 @@ class NeverBuilt(LlamaLightningModule):
         raise AssertionError("configure_model ran: the error came too late")
 
 
-def _fit(plugin: object, enable_checkpointing: bool = False, **strategy_kwargs: object) -> None:
+def _fit(plugin: object, **strategy_kwargs: object) -> None:
     module = NeverBuilt(get_preset("llama_tiny", transformer_impl="local"))
     data = MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, micro_batch_size=1)
     trainer = Trainer(
@@ -34,7 +34,7 @@ def _fit(plugin: object, enable_checkpointing: bool = False, **strategy_kwargs: 
         plugins=[plugin],
         max_steps=2,
         logger=False,
-        enable_checkpointing=enable_checkpointing,
+        enable_checkpointing=False,
         enable_progress_bar=False,
     )
     trainer.fit(module, datamodule=data)
@@ -43,12 +43,6 @@ def _fit(plugin: object, enable_checkpointing: bool = False, **strategy_kwargs: 
 def test_fp8_on_a_machine_without_fp8_fails_first() -> None:
     with pytest.raises(FP8UnavailableError, match=r"compute capability >= 8\.9.*fallback='bf16'"):
         _fit(TEFP8Precision())
-    assert not torch.distributed.is_initialized()
-
-
-def test_checkpointing_is_refused_before_training() -> None:
-    with pytest.raises(ValueError, match="enable_checkpointing=False"):
-        _fit(MegatronPrecision(), enable_checkpointing=True)
     assert not torch.distributed.is_initialized()
 
 

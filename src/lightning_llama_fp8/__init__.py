@@ -5,9 +5,11 @@ Public API::
     from lightning_llama_fp8 import (
         LlamaLightningModule, LlamaConfig, OptimizerSettings, MegatronCPStrategy,
         TEFP8Precision, MegatronPrecision, MockDataModule, ParallelLayout, validate_layout,
+        CheckpointError, read_checkpoint_info,
     )
 """
 
+from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset
 from lightning_llama_fp8.data import MockDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "CheckpointError",
+    "CheckpointInfo",
     "FP8UnavailableError",
     "LayoutError",
     "LlamaConfig",
@@ -30,5 +34,6 @@ __all__ = [
     "ParallelLayout",
     "TEFP8Precision",
     "get_preset",
+    "read_checkpoint_info",
     "validate_layout",
 ]

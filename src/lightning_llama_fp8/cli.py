@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_llama_fp8.checkpoint import CheckpointError, check_can_resume, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig, get_preset
 from lightning_llama_fp8.data import MockDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
@@ -38,7 +39,7 @@ class LlamaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
-        preflight(config)
+        preflight(config, fitting=self.subcommand in (None, "fit"))
 
 
 # ---------------------------------------------------------------------- reading a config
@@ -111,12 +112,13 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
     )
 
 
-def preflight(config: dict[str, Any]) -> None:
+def preflight(config: dict[str, Any], fitting: bool = True) -> None:
     """Stop before any expensive work if this machine cannot run ``config``; print the plan when it cannot."""
     trainer = config.get("trainer") or {}
     if _class_name(trainer.get("strategy")) not in ("MegatronCPStrategy", "megatron_cp"):
         return
     plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
+    check_checkpoint_from_config(config, plan.layout, fitting)
     precision, fp8_args = _precision_from(trainer)
     ok, reason = fp8_support(fp8_args.get("recipe", "delayed"), bool(fp8_args.get("fp8_attention")))
     import torch
@@ -127,6 +129,28 @@ def preflight(config: dict[str, Any]) -> None:
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+
+
+def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout, fitting: bool) -> None:
+    """Refuse a ``ckpt_path`` that is missing, damaged, or does not fit the model and layout (exit status 2).
+
+    ``last``/``best``/``hpc``/``registry`` are resolved by Lightning later; the strategy checks those when loading.
+    """
+    path = config.get("ckpt_path")
+    if not path or str(path) in ("last", "best", "hpc", "registry"):
+        return
+    try:
+        info = read_checkpoint_info(path)
+        check_can_resume(
+            info,
+            _arch_from(config.get("model") or {}),
+            layout.tensor_model_parallel_size,
+            layout.context_parallel_size,
+            with_optimizer=fitting,
+        )
+    except CheckpointError as err:
+        print(f"Not {'training' if fitting else 'validating'}: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CANNOT_TRAIN) from None
 
 
 def _cannot_train(plan: TrainingPlan, why: str) -> None:

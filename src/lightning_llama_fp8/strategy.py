@@ -13,7 +13,9 @@ What it does, in the order Lightning calls it:
    ``finalize_model_grads``) into the model config.
 
 Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks only: TP and CP ranks of one
-model replica read the same samples) and an ``optimizer_step`` that runs Megatron's optimizer.
+model replica read the same samples), an ``optimizer_step`` that runs Megatron's optimizer, and checkpoints in
+Megatron's distributed format (``checkpoint.py``): every rank writes its shards, and a checkpoint reloads into
+another layout.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_llama_fp8 import _lightning_compat as compat
+from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.precision import MegatronPrecision
 
@@ -40,15 +45,6 @@ if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallelConfig
 
 log = logging.getLogger(__name__)
-
-# Lightning's default checkpoint would store the distributed optimizer's state incompletely (Megatron keeps the
-# sharded fp32 weights and moments outside its state_dict()), so refuse instead of writing a checkpoint that
-# cannot resume training.
-CHECKPOINTS_NOT_SUPPORTED = (
-    "MegatronCPStrategy cannot save checkpoints yet (Megatron's distributed optimizer keeps its sharded state "
-    "outside state_dict(); distributed checkpointing is planned). Pass Trainer(enable_checkpointing=False) "
-    "(YAML: trainer.enable_checkpointing: false) and remove ModelCheckpoint callbacks."
-)
 
 
 class MegatronCPStrategy(ParallelStrategy):
@@ -72,6 +68,10 @@ class MegatronCPStrategy(ParallelStrategy):
             each TP rank draws its own slice on the GPU (Megatron's default, much faster for big models). Always
             on when training on CPU.
         seed: seed for Megatron's model-parallel RNG streams (defaults to Lightning's global seed or 1234).
+        checkpoint_optimizer_sharding: how checkpoints store the distributed optimizer's state:
+            ``dp_reshardable`` (Megatron-LM's default: every rank writes its own shard, no gathering; resumes with
+            the same TP and CP and any DP size) or ``fully_reshardable`` (gathered per parameter on save; resumes
+            with any layout). Model weights reload into any layout either way.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
     """
@@ -94,6 +94,7 @@ class MegatronCPStrategy(ParallelStrategy):
         check_for_nan_in_grad: bool = False,
         use_cpu_initialization: bool = False,
         seed: int | None = None,
+        checkpoint_optimizer_sharding: ckpt.OptimizerSharding = "dp_reshardable",
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         **kwargs: Any,
@@ -124,6 +125,12 @@ class MegatronCPStrategy(ParallelStrategy):
         self.check_for_nan_in_grad = check_for_nan_in_grad
         self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
+        if checkpoint_optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):
+            raise ValueError(
+                f"checkpoint_optimizer_sharding must be 'dp_reshardable' or 'fully_reshardable', got "
+                f"{checkpoint_optimizer_sharding!r}."
+            )
+        self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
@@ -187,7 +194,6 @@ class MegatronCPStrategy(ParallelStrategy):
         super().setup_environment()
         self.set_world_ranks()  # first, so rank-zero-only messages of the checks below come from rank 0 only
         self._check_precision_plugin()
-        self._check_no_checkpointing()
         compat.reset_seed()
         arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
         validate_layout(self.layout, self.world_size, arch=arch)
@@ -234,14 +240,6 @@ class MegatronCPStrategy(ParallelStrategy):
                 "for BF16 (and leave Trainer(precision=...) unset)."
             )
         plugin.check_supported()
-
-    def _check_no_checkpointing(self) -> None:
-        trainer = self._lightning_module.trainer if self._lightning_module is not None else None
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.checkpoint_callbacks:
-            raise ValueError(CHECKPOINTS_NOT_SUPPORTED)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        raise NotImplementedError(CHECKPOINTS_NOT_SUPPORTED)
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout fields of the model's ``TransformerConfig``."""
@@ -353,6 +351,99 @@ class MegatronCPStrategy(ParallelStrategy):
     def skip_optimizer_step(self, reason: str) -> None:
         """Veto the optimizer step in progress; call from ``on_before_optimizer_step`` (e.g. ``NaNGuard``)."""
         self._skip_reason = reason
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write a distributed checkpoint directory at ``filepath``; every rank calls it (ModelCheckpoint does).
+
+        The Megatron model and optimizer go to Megatron's sharded format, everything else Lightning put into
+        ``checkpoint`` (loops, callbacks, LR scheduler, data position, the module's non-Megatron state) to
+        ``lightning.pt``. A ``weights_only`` save leaves the optimizer out.
+        """
+        if storage_options is not None:
+            raise TypeError("MegatronCPStrategy.save_checkpoint does not take storage_options.")
+        path = Path(self.broadcast(str(filepath)))
+        modules = self._megatron_models()
+        optimizer = self._megatron_optimizer() if "optimizer_states" in checkpoint else None
+        module_state = checkpoint.pop("state_dict", {})
+        checkpoint.pop("optimizer_states", None)
+        checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in modules}
+        arch = getattr(self.lightning_module, "arch", None)
+        info = ckpt.CheckpointInfo(
+            path=path,
+            global_step=int(checkpoint.get("global_step", 0)),
+            tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
+            context_parallel_size=self.layout.context_parallel_size,
+            world_size=self.world_size,
+            arch=asdict(arch) if arch is not None else {},
+            optimizer_sharding=self.checkpoint_optimizer_sharding if optimizer is not None else None,
+        )
+
+        def write(directory: Path) -> None:
+            ckpt.save_megatron_state(
+                directory, modules, optimizer, self.checkpoint_optimizer_sharding, self.data_parallel_group()
+            )
+            if self.is_global_zero:
+                torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
+                (directory / ckpt.INFO_FILENAME).write_text(info.to_json())
+
+        ckpt.save_directory_atomically(path, write, self.is_global_zero, self.barrier)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizer) from
+        its shards, and return the rest for Lightning to restore (``weights_only``: unpickle that rest safely)."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        optimizer = self._megatron_optimizer()
+        self.check_checkpoint(path, with_optimizer=optimizer is not None)
+        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group())
+        return ckpt.load_lightning_state(path, weights_only=bool(weights_only))
+
+    def check_checkpoint(self, path: str | os.PathLike[str], with_optimizer: bool) -> ckpt.CheckpointInfo:
+        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here."""
+        info = ckpt.read_checkpoint_info(path)
+        ckpt.check_can_resume(
+            info,
+            getattr(self.lightning_module, "arch", None),
+            self.layout.tensor_model_parallel_size,
+            self.layout.context_parallel_size,
+            with_optimizer=with_optimizer,
+        )
+        return info
+
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        """Restore the module's state outside the Megatron model (which ``load_checkpoint`` already loaded)."""
+        rest = checkpoint.get("state_dict") or {}
+        if rest:
+            self.lightning_module.load_state_dict(rest, strict=False)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Nothing here: Megatron's ``state_dict()`` lacks the distributed optimizer's shards, so
+        :meth:`save_checkpoint` writes the optimizer in Megatron's sharded format instead."""
+        return {}
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it."""
+        if self.is_global_zero:
+            ckpt.remove_checkpoint_directory(Path(filepath))
+
+    def _megatron_models(self) -> dict[str, torch.nn.Module]:
+        """The LightningModule's Megatron models by attribute name, without their DDP wrappers."""
+        from megatron.core.transformer.module import MegatronModule
+        from megatron.core.utils import unwrap_model
+
+        return {
+            name: unwrap_model(child)
+            for name, child in self.lightning_module.named_children()
+            if isinstance(child, MegatronModule)
+        }
+
+    def _megatron_optimizer(self) -> Any:
+        """The Megatron optimizer while fitting, else ``None`` (validation loads weights only)."""
+        from megatron.core.optimizer import MegatronOptimizer
+
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return next((opt for opt in self.optimizers if isinstance(opt, MegatronOptimizer)), None)
 
     # ------------------------------------------------------------------ validation around overlapped gathers
     def on_validation_start(self) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -30,7 +31,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset,
 from megatron.core.tokenizers import MegatronTokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-__all__ = ["MicrobatchCollate", "MockDataModule", "check_split_sizes"]
+__all__ = ["MicrobatchCollate", "MockDataModule", "ResumableDataLoader", "ShardSampler", "check_split_sizes"]
 
 _SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 
@@ -152,6 +153,56 @@ class MicrobatchCollate:
         return (
             f"{type(self).__name__}(micro_batch_size={self.micro_batch_size}, num_microbatches={self.num_microbatches})"
         )
+
+
+class ShardSampler(DistributedSampler):
+    """This data-parallel rank's samples in Megatron's order (no shuffling), optionally starting part-way.
+
+    ``start_batch`` (set when resuming) skips that many of this rank's DataLoader batches in the next pass only;
+    later passes (epochs) start from the beginning. The length stays that of a whole pass, which is what
+    Lightning's epoch bookkeeping expects of a resumed loader.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start_batch = self.start_batch * self.batch_size, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints and restores on resume.
+
+    Lightning saves the ``state_dict()`` of a training loader that has one and hands it back through
+    ``load_state_dict`` before iterating again. The position is the number of global batches trained in the
+    current epoch, read from ``batches_done`` (the Trainer's count, not this loader's own: Lightning fetches a
+    batch ahead, so the loader is always one batch further than training). A resumed run reads on with the next
+    global batch, as Megatron-LM does with its consumed-samples counter.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], global_batch_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self.global_batch_size = global_batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": int(self.batches_done()), "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        saved_batch = int(state_dict["global_batch_size"])
+        if saved_batch != self.global_batch_size:
+            raise ValueError(
+                f"The checkpoint was trained with global_batch_size {saved_batch}, this run has "
+                f"{self.global_batch_size}: its data position ({state_dict['batches_done']} global batches into "
+                f"the epoch) means other samples here. Resume with data.global_batch_size={saved_batch}."
+            )
+        if not isinstance(self.sampler, ShardSampler):
+            raise TypeError("ResumableDataLoader needs a ShardSampler to resume part-way.")
+        self.sampler.start_batch = int(state_dict["batches_done"]) % max(len(self), 1)
 
 
 class _DropMessage(logging.Filter):
@@ -383,20 +434,32 @@ class MockDataModule(LightningDataModule):
         DistributedSampler, which would reorder Megatron's (already shuffled) samples differently for
         every DP size. Sequential shards keep global batch k = samples [k*GBS, (k+1)*GBS) for any layout,
         as in Megatron-LM, and Lightning leaves a loader that already has a DistributedSampler alone.
+        The training loader is resumable: a checkpoint records how far into the epoch training got.
         """
         if dataset is None or self.num_microbatches is None:
             raise RuntimeError(f"MockDataModule.{name}_dataloader() called before setup().")
-        sampler = DistributedSampler(dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=self.micro_batch_size * self.num_microbatches,
-            sampler=sampler,
+        batch_size = self.micro_batch_size * self.num_microbatches
+        kwargs: dict[str, Any] = dict(
+            batch_size=batch_size,
+            sampler=ShardSampler(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=batch_size),
             drop_last=True,  # a partial batch would change the effective global batch size
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),  # pinned host memory only helps (and works) with CUDA
             persistent_workers=self.num_workers > 0,  # avoid re-forking workers at every validation
             collate_fn=MicrobatchCollate(self.micro_batch_size, self.num_microbatches),
         )
+        if name != "train":
+            return DataLoader(dataset, **kwargs)
+        return ResumableDataLoader(
+            dataset, batches_done=self._train_batches_done, global_batch_size=self.global_batch_size, **kwargs
+        )
+
+    def _train_batches_done(self) -> int:
+        """Training steps finished in the current epoch (Lightning's progress counter; 0 without a Trainer)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         """Training batches: this DP rank's ``[num_microbatches, micro_batch_size, seq]`` share."""

@@ -1,0 +1,299 @@
+"""Distributed checkpoints: Megatron-Core's ``dist_checkpointing`` (``torch_dist``) format under Lightning.
+
+A checkpoint is a directory, written by every rank at once:
+
+- the Megatron model and the distributed optimizer as Megatron's sharded state dicts (keys ``model`` and
+  ``optimizer``, as Megatron-LM names them), in Megatron-Core's ``torch_dist`` format (``*.distcp`` shards,
+  ``.metadata``, ``metadata.json``); the model part reshards to any TP/CP/DP layout on load, the optimizer part
+  to any DP size (``dp_reshardable``, Megatron-LM's default) or to any layout (``fully_reshardable``);
+- ``lightning.pt``: the rest of Lightning's checkpoint (loops, callbacks, LR scheduler, hyper-parameters, data
+  position, and any parameters of the LightningModule outside the Megatron model), written by rank 0;
+- ``lightning_llama_fp8.json``: what wrote it (architecture, layout, step), readable without torch, written last.
+
+Saving writes into ``<path>.saving`` and only then replaces ``<path>``, so an interrupted save never damages a
+checkpoint saved earlier under the same name (``last.ckpt``). :func:`read_checkpoint_info` checks a directory
+cheaply (no tensor is read) before anything expensive happens: that it exists, is complete, that every shard file
+its index names is there and long enough, and :func:`check_can_resume` that it fits the model and layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from lightning_llama_fp8.config import LlamaConfig
+
+__all__ = [
+    "INFO_FILENAME",
+    "LIGHTNING_FILENAME",
+    "CheckpointError",
+    "CheckpointInfo",
+    "OptimizerSharding",
+    "check_can_resume",
+    "read_checkpoint_info",
+    "save_directory_atomically",
+]
+
+FORMAT = "lightning_llama_fp8/megatron-torch_dist/1"
+INFO_FILENAME = "lightning_llama_fp8.json"
+LIGHTNING_FILENAME = "lightning.pt"
+MEGATRON_METADATA_FILENAME = "metadata.json"  # written last by dist_checkpointing.save
+
+OptimizerSharding = Literal["dp_reshardable", "fully_reshardable"]
+
+#: Architecture fields that decide the shape of some weight; a checkpoint only loads into a model that agrees.
+SHAPE_FIELDS: tuple[str, ...] = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "tie_embeddings",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``lightning_llama_fp8.json`` says about a checkpoint directory."""
+
+    path: Path
+    global_step: int
+    tensor_model_parallel_size: int
+    context_parallel_size: int
+    world_size: int
+    arch: dict[str, Any] = field(default_factory=dict)
+    #: How the optimizer state is sharded; ``None``: the checkpoint has no optimizer state.
+    optimizer_sharding: str | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["path"] = None  # a checkpoint may be moved; the path is where it is read from
+        return json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True)
+
+
+def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Check that ``path`` is a complete checkpoint of this package and return what it holds; reads no tensor.
+
+    Raises:
+        CheckpointError: with the reason and a fix, if the path is missing, a file, incomplete (an interrupted
+            save), written by something else, or if a shard file is missing or shorter than its index says.
+    """
+    path = Path(path)
+    if not path.exists():
+        replaced = path.with_name(path.name + ".replaced")
+        saving = path.with_name(path.name + ".saving")
+        hint = ""
+        if replaced.is_dir():
+            hint = (
+                f" A save that was replacing it stopped half-way: the previous version is intact at {replaced}; "
+                f"rename it back to {path.name}."
+            )
+        elif saving.exists():
+            hint = f" An unfinished save of it is at {saving} (interrupted; not usable)."
+        raise CheckpointError(f"Checkpoint {path} does not exist.{hint} Check the path (ckpt_path).")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {path} is a file, but MegatronCPStrategy checkpoints are directories (Megatron distributed "
+            "checkpoints, one shard per rank). A single-file Lightning checkpoint cannot restore Megatron's "
+            "distributed optimizer; resume from a checkpoint that MegatronCPStrategy saved."
+        )
+    info_file = path / INFO_FILENAME
+    if not info_file.is_file():
+        if (path / MEGATRON_METADATA_FILENAME).is_file():
+            why = "it has Megatron's metadata.json but no lightning_llama_fp8.json: not written by this package"
+        else:
+            why = "its save did not finish (no metadata) or it is not a checkpoint at all"
+        raise CheckpointError(
+            f"Checkpoint {path} is not a complete lightning_llama_fp8 checkpoint: {why}. Resume from another one."
+        )
+    try:
+        data = json.loads(info_file.read_text())
+        if data.pop("format") != FORMAT:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        data.pop("path", None)
+        info = CheckpointInfo(path=path, **data)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"Checkpoint {path}: {INFO_FILENAME} is unreadable ({err}); it is damaged.") from err
+    for required in (MEGATRON_METADATA_FILENAME, LIGHTNING_FILENAME):
+        if not (path / required).is_file():
+            raise CheckpointError(f"Checkpoint {path} is damaged: {required} is missing. Resume from another one.")
+    _check_shard_files(path)
+    return info
+
+
+def _check_shard_files(path: Path) -> None:
+    """Every byte range that torch.distributed.checkpoint's index points at must exist (cheap: no data read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # a missing or truncated .metadata raises whatever unpickling raises
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged: its shard index (.metadata) cannot be read ({type(err).__name__}: "
+            f"{err}). Resume from another checkpoint."
+        ) from err
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"Checkpoint {path} is damaged: shard {name} is missing. Resume from another one.")
+        if shard.stat().st_size < size:
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged: shard {name} has {shard.stat().st_size} bytes, its index needs "
+                f"{size} (truncated copy?). Resume from another checkpoint."
+            )
+
+
+def check_can_resume(
+    info: CheckpointInfo,
+    arch: LlamaConfig | None,
+    tensor_model_parallel_size: int,
+    context_parallel_size: int,
+    with_optimizer: bool,
+) -> None:
+    """Refuse, before the model is built, a checkpoint whose weights or optimizer state cannot load here.
+
+    Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size.
+    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check.
+    """
+    current = asdict(arch) if arch is not None else dict(info.arch)
+    different = [
+        f"{name}: checkpoint {info.arch[name]!r}, model {current[name]!r}"
+        for name in SHAPE_FIELDS
+        if name in info.arch and info.arch[name] != current.get(name)
+    ]
+    if different:
+        raise CheckpointError(
+            f"Checkpoint {info.path} holds another architecture than the model being trained ("
+            + "; ".join(different)
+            + "). Set model.arch to the checkpoint's (see its lightning_llama_fp8.json)."
+        )
+    if not with_optimizer:
+        return
+    if info.optimizer_sharding is None:
+        raise CheckpointError(
+            f"Checkpoint {info.path} has no optimizer state, so training cannot resume from it. Load its weights "
+            "with trainer.validate(ckpt_path=...), or start a new run."
+        )
+    saved = (info.tensor_model_parallel_size, info.context_parallel_size)
+    here = (tensor_model_parallel_size, context_parallel_size)
+    if info.optimizer_sharding == "dp_reshardable" and saved != here:
+        raise CheckpointError(
+            f"Checkpoint {info.path} was saved with TP={saved[0]}, CP={saved[1]} and optimizer state sharded "
+            f"'dp_reshardable', which only reloads with the same TP and CP (any DP size); this run has TP={here[0]}, "
+            f"CP={here[1]}. Resume with TP={saved[0]}, CP={saved[1]}, or save with "
+            "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
+        )
+
+
+def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, barrier: Any) -> None:
+    """Run ``write(tmp_dir)`` on every rank, then make ``tmp_dir`` appear at ``path`` in one rename.
+
+    A checkpoint already at ``path`` (``last.ckpt`` saved again) is replaced only after the new one is complete;
+    an interrupted save leaves ``<path>.saving`` behind and the old checkpoint untouched.
+    """
+    tmp = path.with_name(path.name + ".saving")
+    old = path.with_name(path.name + ".replaced")
+    if is_rank_zero:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        tmp.mkdir(parents=True)
+    barrier()
+    write(tmp)
+    barrier()
+    if is_rank_zero:
+        if path.is_dir() and not path.is_symlink():
+            path.rename(old)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
+
+
+def remove_checkpoint_directory(path: Path) -> None:
+    """Delete a checkpoint directory (or a file/link of that name) and any unfinished save of it."""
+    for target in (path, path.with_name(path.name + ".saving")):
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def load_lightning_state(path: Path, weights_only: bool = False) -> dict[str, Any]:
+    """Lightning's part of a checkpoint; a full unpickle unless ``weights_only`` (as Lightning's own checkpoints)."""
+    try:
+        return torch.load(path / LIGHTNING_FILENAME, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged: {LIGHTNING_FILENAME} cannot be read ({type(err).__name__}: {err})."
+        ) from err
+
+
+# ---------------------------------------------------------------------- Megatron's sharded state
+def _sharded_metadata(sharding: str, dp_cp_group: Any) -> dict[str, Any]:
+    """The ``metadata`` Megatron's ``sharded_state_dict`` methods take (the keys Megatron-LM passes)."""
+    return {
+        "distrib_optim_sharding_type": sharding,
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "dp_cp_group": dp_cp_group,
+    }
+
+
+def _megatron_sharded_state_dict(
+    modules: dict[str, torch.nn.Module], optimizer: Any, metadata: dict[str, Any], loading: bool
+) -> dict[str, Any]:
+    state = {name: module.sharded_state_dict(metadata=metadata) for name, module in modules.items()}
+    if optimizer is not None:
+        # The optimizer's entries are keyed by the model's, so it is built from (and saved with) the model dict.
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
+    return state
+
+
+def save_megatron_state(
+    directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, sharding: str, dp_cp_group: Any
+) -> None:
+    """Write ``modules`` (unwrapped Megatron models, by key) and ``optimizer`` into ``directory``; all ranks call.
+
+    ``sharding`` is the distributed optimizer's ``distrib_optim_sharding_type``; it is stored as the checkpoint's
+    content metadata, from which :func:`load_megatron_state` takes it back.
+    """
+    from megatron.core import dist_checkpointing
+
+    metadata = _sharded_metadata(sharding, dp_cp_group)
+    state = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=False)
+    content = {key: value for key, value in metadata.items() if key != "dp_cp_group"}  # a group is not data
+    dist_checkpointing.save(state, str(directory), content_metadata=content)
+
+
+def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
+    """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call."""
+    from megatron.core import dist_checkpointing
+
+    content = dist_checkpointing.load_content_metadata(str(directory)) or {}
+    metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
+    template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
+    loaded = dist_checkpointing.load(template, str(directory))
+    for name, module in modules.items():
+        module.load_state_dict(loaded[name])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])

@@ -1,0 +1,426 @@
+"""Distributed checkpoints: save at one layout, load at another; damaged or unsuitable checkpoints are refused.
+
+The saves and loads run megatron-core's real ``dist_checkpointing`` through ``MegatronCPStrategy`` in gloo
+processes on the CPU (``allow_dist_checkpointing_on_cpu`` stubs its two CUDA calls). Resuming a whole FP8 run and
+its losses is checked on the GPU (``tests/gpu/test_checkpoint_resume.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_llama_fp8 import checkpoint as ckpt
+from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, check_can_resume, read_checkpoint_info
+from lightning_llama_fp8.config import get_preset
+from lightning_llama_fp8.layout import ParallelLayout
+from tests.distributed import run_distributed
+
+ARCH_OVERRIDES = {"transformer_impl": "local", "apply_rope_fusion": False}
+
+
+def _tiny() -> Any:
+    return get_preset("llama_tiny", **ARCH_OVERRIDES)
+
+
+def _module_on_strategy(tp: int, world_size: int, seed: int) -> tuple[Any, Any]:
+    """A LlamaLightningModule with its GPTModel built by ``MegatronCPStrategy(tp)``, as ``configure_model`` does."""
+    from lightning.pytorch import Trainer
+
+    from lightning_llama_fp8 import LlamaLightningModule, MegatronCPStrategy, MegatronPrecision
+
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=tp)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=strategy,
+        plugins=[MegatronPrecision()],
+        logger=False,
+        enable_checkpointing=False,
+    )
+    module = LlamaLightningModule(arch=_tiny())
+    strategy.connect(module)
+    module.trainer = trainer
+    strategy.setup_environment()
+    torch.manual_seed(seed)  # CPU initialisation draws the full weights from torch's generator, then slices
+    module.configure_model()
+    return strategy, module
+
+
+def _full_weights(module: Any) -> dict[str, torch.Tensor]:
+    """Every weight gathered to its full shape over the TP group (TE/FP8 extra state left out)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = torch.distributed.get_world_size(group)
+    full = {}
+    for name, param in module.model.named_parameters():
+        value = param.detach()
+        dim = next(
+            (d for d in (0, 1) if getattr(param, "partition_dim", -1) == d and param.tensor_model_parallel), None
+        )
+        if tp > 1 and dim is not None:
+            parts = [torch.empty_like(value) for _ in range(tp)]
+            torch.distributed.all_gather(parts, value.contiguous(), group=group)
+            if name.endswith("linear_fc1.weight"):  # SwiGLU: each rank holds [its gate rows; its up rows]
+                halves = [part.chunk(2, dim=0) for part in parts]
+                parts = [half[0] for half in halves] + [half[1] for half in halves]
+            value = torch.cat(parts, dim=dim)
+        full[name] = value.clone()
+    return full
+
+
+def _save_worker(rank: int, world_size: int, path: str, tp: int) -> dict[str, torch.Tensor]:
+    from tests.helpers import allow_dist_checkpointing_on_cpu
+
+    allow_dist_checkpointing_on_cpu()
+    strategy, module = _module_on_strategy(tp, world_size, seed=0)
+    lightning_state = {"global_step": 7, "state_dict": module.state_dict(), "loops": {"marker": "from the save"}}
+    strategy.save_checkpoint(lightning_state, path)
+    weights = _full_weights(module)
+    strategy.teardown()
+    return weights
+
+
+def _load_worker(rank: int, world_size: int, path: str, tp: int) -> dict[str, Any]:
+    strategy, module = _module_on_strategy(tp, world_size, seed=1)  # other weights than the saved ones
+    before = _full_weights(module)
+    restored = strategy.load_checkpoint(path)
+    after = _full_weights(module)
+    strategy.teardown()
+    return {"before": before, "after": after, "restored": {k: v for k, v in restored.items() if k != "state_dict"}}
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint of the tiny Llama saved by two gloo ranks at TP2, and the full weights it holds."""
+    root = tmp_path_factory.mktemp("tp2")
+    path = root / "step=7.ckpt"
+    weights = run_distributed(_save_worker, 2, root / "workers", str(path), 2)
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)  # both ranks gathered the same model
+    return path, weights[0]
+
+
+def test_tp2_checkpoint_layout_on_disk(tp2_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = tp2_checkpoint
+    names = {p.name for p in path.iterdir()}
+    assert {ckpt.INFO_FILENAME, ckpt.LIGHTNING_FILENAME, "metadata.json", ".metadata"} <= names
+    assert any(name.endswith(".distcp") for name in names)
+    assert not path.with_name(path.name + ".saving").exists()
+    info = read_checkpoint_info(path)
+    assert (info.global_step, info.tensor_model_parallel_size, info.context_parallel_size, info.world_size) == (
+        7,
+        2,
+        1,
+        2,
+    )
+    assert info.arch["num_layers"] == _tiny().num_layers and info.optimizer_sharding is None  # no optimizer saved
+    assert json.loads((path / ckpt.INFO_FILENAME).read_text())["format"] == ckpt.FORMAT
+
+
+def test_tp2_checkpoint_loads_into_one_rank(
+    tp2_checkpoint: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    path, saved = tp2_checkpoint
+    (result,) = run_distributed(_load_worker, 1, tmp_path, str(path), 1)
+    assert set(result["after"]) == set(saved)
+    assert any(not torch.equal(result["before"][k], saved[k]) for k in saved)  # loading changed the weights...
+    torch.testing.assert_close(result["after"], saved, rtol=0, atol=0)  # ...into exactly the saved ones
+    assert result["restored"]["global_step"] == 7
+    assert result["restored"]["loops"] == {"marker": "from the save"}
+
+
+def test_tp1_checkpoint_loads_into_two_tp_ranks(tmp_path: Path) -> None:
+    path = tmp_path / "tp1.ckpt"
+    (saved,) = run_distributed(_save_worker, 1, tmp_path / "save", str(path), 1)
+    loaded = run_distributed(_load_worker, 2, tmp_path / "load", str(path), 2)
+    for rank in loaded:
+        torch.testing.assert_close(rank["after"], saved, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- damaged
+def _copy(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> Path:
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(tp2_checkpoint[0], copy)
+    return copy
+
+
+def test_missing_checkpoint_says_so(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"does not exist\. Check the path"):
+        read_checkpoint_info(tmp_path / "nope.ckpt")
+
+
+def test_interrupted_replacement_points_at_the_intact_previous_version(
+    tp2_checkpoint: tuple[Path, Any], tmp_path: Path
+) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    copy.rename(copy.with_name("copy.ckpt.replaced"))
+    with pytest.raises(CheckpointError, match=r"previous version is intact at .*copy\.ckpt\.replaced; rename it back"):
+        read_checkpoint_info(copy)
+
+
+def test_single_file_checkpoint_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {}}, file)
+    with pytest.raises(CheckpointError, match="is a file, but MegatronCPStrategy checkpoints are directories"):
+        read_checkpoint_info(file)
+
+
+def test_unfinished_save_is_refused(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    for marker in (ckpt.INFO_FILENAME, "metadata.json"):
+        (copy / marker).unlink()
+    with pytest.raises(CheckpointError, match="save did not finish"):
+        read_checkpoint_info(copy)
+
+
+def test_megatron_lm_checkpoint_is_recognised_as_foreign(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    (copy / ckpt.INFO_FILENAME).unlink()
+    with pytest.raises(CheckpointError, match="not written by this package"):
+        read_checkpoint_info(copy)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_shard_is_found_without_reading_tensors(
+    tp2_checkpoint: tuple[Path, Any], tmp_path: Path, damage: str
+) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    shard = sorted(copy.glob("*.distcp"))[-1]
+    if damage == "delete":
+        shard.unlink()
+        expected = rf"shard {shard.name} is missing"
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+        expected = rf"shard {shard.name} has 100 bytes, its index needs \d+"
+    with pytest.raises(CheckpointError, match=expected):
+        read_checkpoint_info(copy)
+
+
+def test_damaged_index_and_info_are_reported(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    (copy / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"shard index \(\.metadata\) cannot be read"):
+        read_checkpoint_info(copy)
+    (copy / ckpt.INFO_FILENAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"lightning_llama_fp8\.json is unreadable"):
+        read_checkpoint_info(copy)
+
+
+def test_missing_lightning_state_is_reported(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
+    copy = _copy(tp2_checkpoint, tmp_path)
+    (copy / ckpt.LIGHTNING_FILENAME).unlink()
+    with pytest.raises(CheckpointError, match=r"lightning\.pt is missing"):
+        read_checkpoint_info(copy)
+
+
+# ---------------------------------------------------------------------------------------------- fits this run?
+def _info(**overrides: Any) -> CheckpointInfo:
+    from dataclasses import asdict
+
+    fields: dict[str, Any] = dict(
+        path=Path("ck"),
+        global_step=100,
+        tensor_model_parallel_size=2,
+        context_parallel_size=1,
+        world_size=8,
+        arch=asdict(_tiny()),
+        optimizer_sharding="dp_reshardable",
+    )
+    return CheckpointInfo(**{**fields, **overrides})
+
+
+def test_other_architecture_is_refused_with_the_differences() -> None:
+    arch = get_preset("llama_tiny", num_layers=4, hidden_size=512, **ARCH_OVERRIDES)
+    with pytest.raises(
+        CheckpointError, match=r"num_layers: checkpoint 2, model 4; hidden_size: checkpoint 256, model 512\)"
+    ):
+        check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
+
+
+def test_sequence_length_and_kernels_may_change() -> None:
+    arch = get_preset("llama_tiny", seq_length=64, attention_backend="flash", **ARCH_OVERRIDES)
+    check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
+
+
+def test_dp_reshardable_optimizer_needs_the_same_tp_and_cp() -> None:
+    check_can_resume(_info(), _tiny(), 2, 1, with_optimizer=True)  # same TP/CP, any DP: fine
+    with pytest.raises(CheckpointError, match=r"TP=2, CP=1 .* this run has TP=1, CP=2. .*fully_reshardable"):
+        check_can_resume(_info(), _tiny(), 1, 2, with_optimizer=True)
+    check_can_resume(_info(), _tiny(), 1, 2, with_optimizer=False)  # weights alone reshard to any layout
+    check_can_resume(_info(optimizer_sharding="fully_reshardable"), _tiny(), 1, 2, with_optimizer=True)
+
+
+def test_weights_only_checkpoint_cannot_resume_training() -> None:
+    with pytest.raises(CheckpointError, match="no optimizer state, so training cannot resume"):
+        check_can_resume(_info(optimizer_sharding=None), _tiny(), 2, 1, with_optimizer=True)
+    check_can_resume(_info(optimizer_sharding=None), _tiny(), 2, 1, with_optimizer=False)
+
+
+# ---------------------------------------------------------------------------------------------- nothing is lost
+def _write_marker(text: str) -> Any:
+    def write(directory: Path) -> None:
+        (directory / "marker").write_text(text)
+
+    return write
+
+
+def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_complete(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    save = ckpt.save_directory_atomically
+    save(path, _write_marker("old"), is_rank_zero=True, barrier=lambda: None)
+
+    def crash(directory: Path) -> None:
+        (directory / "marker").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save(path, crash, is_rank_zero=True, barrier=lambda: None)
+    assert (path / "marker").read_text() == "old"  # untouched
+    assert (tmp_path / "last.ckpt.saving").exists()  # the unfinished one, apart
+
+    save(path, _write_marker("new"), is_rank_zero=True, barrier=lambda: None)
+    assert (path / "marker").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # leftovers cleaned up
+
+
+def test_remove_checkpoint_directory(tmp_path: Path) -> None:
+    path = tmp_path / "step=2.ckpt"
+    path.mkdir()
+    (path / "x").write_text("x")
+    path.with_name("step=2.ckpt.saving").mkdir()
+    ckpt.remove_checkpoint_directory(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_strategy_rejects_unknown_optimizer_sharding() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    with pytest.raises(ValueError, match="'dp_reshardable' or 'fully_reshardable'"):
+        MegatronCPStrategy(checkpoint_optimizer_sharding="zero")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- through Lightning
+SEQ, GBS = 64, 4
+
+
+def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Train 4 steps saving every 2 (ModelCheckpoint), then resume a fresh run from step 2: what did each see?"""
+    import warnings
+
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_llama_fp8 import MockDataModule
+    from tests.helpers import allow_dist_checkpointing_on_cpu, megatron_cpu_trainer
+
+    allow_dist_checkpointing_on_cpu()
+
+    class Recorder(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(3))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            self.seen.append([hash(tuple(s.tolist())) for s in batch["tokens"].reshape(-1, SEQ)])
+            # Same loss on every rank: this test strategy skips Megatron DDP, so nothing averages gradients.
+            return ((self.weight - 1.0) ** 2).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(ckpt_path: str | None) -> tuple[Recorder, Any, list[str]]:
+        module = Recorder()
+        data = MockDataModule(seq_length=SEQ, vocab_size=1000, global_batch_size=GBS, micro_batch_size=1, num_workers=0)
+        saver = ModelCheckpoint(dirpath=Path(root, "ckpts"), every_n_train_steps=2, save_top_k=-1)
+        trainer = megatron_cpu_trainer(
+            world_size, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, trainer, [str(w.message) for w in caught]
+
+    first, first_trainer, _ = run(None)
+    step2 = sorted(Path(root, "ckpts").glob("*step=2*"))
+    resumed, resumed_trainer, messages = run(str(step2[0]))
+    return {
+        "first_seen": first.seen,
+        "resumed_seen": resumed.seen,
+        "first_weight": first.weight.detach().clone(),
+        "resumed_weight": resumed.weight.detach().clone(),
+        "global_steps": (first_trainer.global_step, resumed_trainer.global_step),
+        "checkpoints": sorted(p.name for p in Path(root, "ckpts").iterdir()),
+        "messages": messages,
+    }
+
+
+def test_resumed_run_continues_with_the_next_batches_and_the_saved_weights(tmp_path: Path) -> None:
+    """Lightning's ModelCheckpoint and fit(ckpt_path=...) through MegatronCPStrategy on two DP ranks."""
+    results = run_distributed(_resume_worker, 2, tmp_path / "workers", str(tmp_path))
+    for rank in results:
+        assert rank["global_steps"] == (4, 4)
+        # step 4 twice: the first run's, and the resumed run's (ModelCheckpoint adds -v1 to a name in use)
+        assert rank["checkpoints"] == ["epoch=0-step=2.ckpt", "epoch=0-step=4-v1.ckpt", "epoch=0-step=4.ckpt"]
+        assert len(rank["first_seen"]) == 4
+        assert rank["resumed_seen"] == rank["first_seen"][2:]  # the data position was restored...
+        torch.testing.assert_close(rank["resumed_weight"], rank["first_weight"])  # ...and the weights
+        assert not [m for m in rank["messages"] if "not resumable" in m]
+    assert set(results[0]["first_seen"][0]).isdisjoint(results[1]["first_seen"][0])  # two DP shards
+    info = read_checkpoint_info(tmp_path / "ckpts" / "epoch=0-step=2.ckpt")
+    assert info.global_step == 2 and info.world_size == 2
+
+
+# ---------------------------------------------------------------------------------------------- llama-fp8 fit
+def _config(ckpt_path: Path, arch: str = "llama_tiny", tp: int = 1) -> dict[str, Any]:
+    return {
+        "trainer": {
+            "devices": 1,
+            "strategy": {
+                "class_path": "lightning_llama_fp8.MegatronCPStrategy",
+                "init_args": {"tensor_model_parallel_size": tp},
+            },
+            "plugins": [{"class_path": "lightning_llama_fp8.MegatronPrecision"}],
+        },
+        "model": {"class_path": "lightning_llama_fp8.LlamaLightningModule", "init_args": {"arch": arch}},
+        "data": {"init_args": {"global_batch_size": 4}},
+        "ckpt_path": str(ckpt_path),
+    }
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing", r"Not training: Checkpoint .*nope\.ckpt does not exist"),
+        ("other_arch", r"Not training: Checkpoint .* holds another architecture .*num_layers: checkpoint 2, model 32"),
+        ("no_optimizer", r"Not training: Checkpoint .* has no optimizer state"),
+    ],
+)
+def test_cli_refuses_a_bad_ckpt_path_before_building_anything(
+    case: str, expected: str, tp2_checkpoint: tuple[Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_llama_fp8 import cli
+
+    path = tmp_path / "nope.ckpt" if case == "missing" else tp2_checkpoint[0]
+    config = _config(path, arch="llama3_8b" if case == "other_arch" else "llama_tiny")
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config, fitting=True)
+    assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
+    assert re.search(expected, capsys.readouterr().err)
+
+
+def test_cli_lets_validate_load_weights_only_checkpoints(
+    tp2_checkpoint: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_llama_fp8 import cli
+
+    cli.check_checkpoint_from_config(_config(tp2_checkpoint[0]), ParallelLayout(), fitting=False)  # no exit
+    cli.check_checkpoint_from_config({**_config(tp2_checkpoint[0]), "ckpt_path": "last"}, ParallelLayout(), True)
+    assert capsys.readouterr().err == ""
