@@ -8,6 +8,7 @@ its losses is checked on the GPU (``tests/gpu/test_checkpoint_resume.py``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -424,3 +425,72 @@ def test_cli_lets_validate_load_weights_only_checkpoints(
     cli.check_checkpoint_from_config(_config(tp2_checkpoint[0]), ParallelLayout(), fitting=False)  # no exit
     cli.check_checkpoint_from_config({**_config(tp2_checkpoint[0]), "ckpt_path": "last"}, ParallelLayout(), True)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------- trust, param sync
+class _PickledFP8State(torch.nn.Module):
+    """Stands in for a TE layer with delayed scaling: its extra state loads only with TE's pickle opt-in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.loaded_extra_state: object = None
+
+    def get_extra_state(self) -> object:
+        return b"pickled amax history"
+
+    def set_extra_state(self, state: object) -> None:
+        if os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV) != "1":  # what TE 2.20's set_extra_state does
+            raise RuntimeError("Refusing to load pickled Transformer Engine extra state for TELinear. ...")
+        self.loaded_extra_state = state
+
+    def sharded_state_dict(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_fp8_pickles_load_only_from_trusted_checkpoints(
+    trusted: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from megatron.core import dist_checkpointing
+
+    layer = _PickledFP8State()
+    saved = {"weight": torch.ones(2), "_extra_state": b"pickled amax history"}
+    monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
+    monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"model": saved})
+    monkeypatch.delenv(ckpt.TE_UNSAFE_PICKLE_ENV, raising=False)
+    if trusted:
+        ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None, trusted=True)
+        assert layer.loaded_extra_state == b"pickled amax history" and torch.equal(layer.weight, torch.ones(2))
+    else:
+        with pytest.raises(CheckpointError, match=r"FP8 delayed-scaling state .* load it with weights_only=False"):
+            ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None, trusted=False)
+    assert ckpt.TE_UNSAFE_PICKLE_ENV not in os.environ  # the opt-in ends with the load
+
+
+class _FakeDDP:
+    """Megatron DDP's hook bookkeeping: handles registered while overlapped param gathers are on."""
+
+    def __init__(self, hooks_on: bool) -> None:
+        self.remove_forward_pre_hook_handles = {"layer": object()} if hooks_on else {}
+        self.calls: list[str] = []
+
+    def disable_forward_pre_hook(self, param_sync: bool = True) -> None:
+        self.calls.append(f"disable(param_sync={param_sync})")
+        self.remove_forward_pre_hook_handles = {}
+
+    def enable_forward_pre_hook(self) -> None:
+        self.calls.append("enable")
+        self.remove_forward_pre_hook_handles = {"layer": object()}
+
+
+def test_save_gathers_parameters_that_overlapped_gathers_left_stale() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    strategy = MegatronCPStrategy()
+    training, validating = _FakeDDP(hooks_on=True), _FakeDDP(hooks_on=False)  # validation already synced
+    strategy._ddp_modules = [training, validating]
+    with strategy._parameters_gathered():
+        assert training.calls == ["disable(param_sync=True)"]
+    assert training.calls == ["disable(param_sync=True)", "enable"]
+    assert validating.calls == []

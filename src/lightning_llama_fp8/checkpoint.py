@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +47,7 @@ FORMAT = "lightning_llama_fp8/megatron-torch_dist/1"
 INFO_FILENAME = "lightning_llama_fp8.json"
 LIGHTNING_FILENAME = "lightning.pt"
 MEGATRON_METADATA_FILENAME = "metadata.json"  # written last by dist_checkpointing.save
+TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 OptimizerSharding = Literal["dp_reshardable", "fully_reshardable"]
 
@@ -285,15 +288,46 @@ def save_megatron_state(
     dist_checkpointing.save(state, str(directory), content_metadata=content)
 
 
-def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
-    """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call."""
+def load_megatron_state(
+    directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any, trusted: bool = True
+) -> None:
+    """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call.
+
+    ``trusted``: let Transformer Engine unpickle its delayed-scaling FP8 state (amax histories and scales), which
+    it refuses by default because a pickle can run code.
+    """
     from megatron.core import dist_checkpointing
 
     content = dist_checkpointing.load_content_metadata(str(directory)) or {}
     metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
     template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
     loaded = dist_checkpointing.load(template, str(directory))
-    for name, module in modules.items():
-        module.load_state_dict(loaded[name])
+    with _te_extra_state_pickles_allowed(trusted):
+        try:
+            for name, module in modules.items():
+                module.load_state_dict(loaded[name])
+        except RuntimeError as err:
+            if "Refusing to load pickled Transformer Engine extra state" not in str(err):
+                raise
+            raise CheckpointError(
+                f"Checkpoint {directory} holds FP8 delayed-scaling state (amax histories, scales), which Transformer "
+                "Engine stores as a pickle and refuses to load from a checkpoint that is not trusted "
+                f"(weights_only=True). If you trust it, load it with weights_only=False. ({err})"
+            ) from err
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+
+
+@contextmanager
+def _te_extra_state_pickles_allowed(allowed: bool) -> Iterator[None]:
+    """Transformer Engine's own opt-in (``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``), for this load only."""
+    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
+    if allowed:
+        os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TE_UNSAFE_PICKLE_ENV, None)
+        else:
+            os.environ[TE_UNSAFE_PICKLE_ENV] = previous

@@ -387,16 +387,23 @@ class MegatronCPStrategy(ParallelStrategy):
                 torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
                 (directory / ckpt.INFO_FILENAME).write_text(info.to_json())
 
-        ckpt.save_directory_atomically(path, write, self.is_global_zero, self.barrier)
+        with self._parameters_gathered():
+            ckpt.save_directory_atomically(path, write, self.is_global_zero, self.barrier)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizer) from
-        its shards, and return the rest for Lightning to restore (``weights_only``: unpickle that rest safely)."""
+        its shards, and return the rest for Lightning to restore.
+
+        A checkpoint counts as trusted unless ``weights_only=True`` (``trainer.fit(..., weights_only=True)``): then
+        Lightning's part is unpickled safely and Transformer Engine's delayed-scaling FP8 state, which TE stores as
+        a pickle, is refused by TE.
+        """
         path = Path(self.broadcast(str(checkpoint_path)))
         optimizer = self._megatron_optimizer()
         self.check_checkpoint(path, with_optimizer=optimizer is not None)
-        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group())
-        return ckpt.load_lightning_state(path, weights_only=bool(weights_only))
+        trusted = weights_only is not True
+        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group(), trusted)
+        return ckpt.load_lightning_state(path, weights_only=not trusted)
 
     def check_checkpoint(self, path: str | os.PathLike[str], with_optimizer: bool) -> ckpt.CheckpointInfo:
         """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here."""
@@ -425,6 +432,24 @@ class MegatronCPStrategy(ParallelStrategy):
         """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it."""
         if self.is_global_zero:
             ckpt.remove_checkpoint_directory(Path(filepath))
+
+    @contextmanager
+    def _parameters_gathered(self) -> Generator[None, None, None]:
+        """Finish the parameter all-gathers that ``overlap_param_gather`` defers to the next forward pass.
+
+        After an optimizer step each DP x CP rank holds updated values only for its own shard of the parameters;
+        the rest arrive during the next forward. A checkpoint written in between would store the previous step's
+        values for them (found on 2 GPUs: a CP2 checkpoint resumed with its first loss 1% off). Megatron-LM
+        brackets its saves the same way. During validation the hooks are already off and parameters in sync.
+        """
+        paused = [ddp for ddp in self._ddp_modules if getattr(ddp, "remove_forward_pre_hook_handles", None)]
+        for ddp in paused:
+            ddp.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for ddp in paused:
+                ddp.enable_forward_pre_hook()
 
     def _megatron_models(self) -> dict[str, torch.nn.Module]:
         """The LightningModule's Megatron models by attribute name, without their DDP wrappers."""

@@ -116,6 +116,7 @@ def test_damaged_checkpoint_is_refused_before_any_step(
     probe = StepProbe()
     trainer = one_gpu_trainer(TEFP8Precision(), STEPS, [probe])
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
+    optim = OptimizerSettings(warmup_steps=2, decay_steps=STEPS)
     with pytest.raises(CheckpointError, match=rf"shard {shard.name} has 1000 bytes"):
-        trainer.fit(LlamaLightningModule(ARCH), datamodule=data, ckpt_path=copy)
+        trainer.fit(LlamaLightningModule(ARCH, optim), datamodule=data, ckpt_path=copy)
     assert probe.losses == []
