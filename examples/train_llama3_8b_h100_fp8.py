@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 8 examples/train_llama3_8b_h100_fp8.py            # 8 x H100, TP1 CP2 DP4
     python examples/train_llama3_8b_h100_fp8.py                                  # Lightning launches 8 processes
     python examples/train_llama3_8b_h100_fp8.py --devices 1 --num-layers 4 --global-batch-size 8 --max-steps 50
+    torchrun --nproc_per_node 8 examples/train_llama3_8b_h100_fp8.py --resume last  # continue from the newest save
 
 The same run from YAML: ``llama-fp8 fit --config examples/configs/llama3_8b_h100_fp8.yaml``.
 """
@@ -16,6 +17,7 @@ import os
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_llama_fp8 import (
     LlamaConfig,
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--context-parallel-size", type=int, default=2)
     parser.add_argument("--global-batch-size", type=int, default=128)
     parser.add_argument("--max-steps", type=int, default=15_258_789)  # --train-samples 1,953,125,000 / 128
+    parser.add_argument("--checkpoint-dir", default="checkpoints/llama3_8b_fp8", help="the recipe's --save/--load")
+    parser.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints (0: none)")
+    parser.add_argument("--resume", help="a checkpoint directory to resume from, or 'last' for the newest save")
     args = parser.parse_args()
 
     seed_everything(1234)
@@ -77,12 +82,26 @@ def main() -> None:
                 fp8_param_gather=True,
             )
         ],
-        callbacks=[ManualGC()],
+        callbacks=[
+            ManualGC(),
+            *(
+                [
+                    ModelCheckpoint(
+                        dirpath=args.checkpoint_dir,
+                        every_n_train_steps=args.save_interval,
+                        save_top_k=-1,
+                        save_last="link",
+                    )
+                ]
+                if args.save_interval > 0
+                else []
+            ),
+        ],
         max_steps=args.max_steps,
         val_check_interval=2000,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
-        enable_checkpointing=False,
+        enable_checkpointing=args.save_interval > 0,
     )
     data = MockDataModule(
         seq_length=8192,
@@ -91,7 +110,7 @@ def main() -> None:
         micro_batch_size=1,
         val_samples=32 * args.global_batch_size,
     )
-    trainer.fit(LlamaLightningModule(arch, optimizer), datamodule=data)
+    trainer.fit(LlamaLightningModule(arch, optimizer), datamodule=data, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

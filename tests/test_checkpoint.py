@@ -337,12 +337,12 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def run(ckpt_path: str | None) -> tuple[Recorder, Any, list[str]]:
+    def run(ckpt_path: str | None, max_steps: int = 4) -> tuple[Recorder, Any, list[str]]:
         module = Recorder()
         data = MockDataModule(seq_length=SEQ, vocab_size=1000, global_batch_size=GBS, micro_batch_size=1, num_workers=0)
-        saver = ModelCheckpoint(dirpath=Path(root, "ckpts"), every_n_train_steps=2, save_top_k=-1)
+        saver = ModelCheckpoint(dirpath=Path(root, "ckpts"), every_n_train_steps=2, save_top_k=-1, save_last="link")
         trainer = megatron_cpu_trainer(
-            world_size, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]
+            world_size, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -350,15 +350,19 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
         return module, trainer, [str(w.message) for w in caught]
 
     first, first_trainer, _ = run(None)
+    last_after_first = read_checkpoint_info(Path(root, "ckpts", "last.ckpt")).global_step
     step2 = sorted(Path(root, "ckpts").glob("*step=2*"))
     resumed, resumed_trainer, messages = run(str(step2[0]))
+    continued, continued_trainer, _ = run("last", max_steps=6)  # Lightning resolves "last" to the link
     return {
+        "last_after_first": last_after_first,
+        "continued": (continued_trainer.global_step, len(continued.seen)),
         "first_seen": first.seen,
         "resumed_seen": resumed.seen,
         "first_weight": first.weight.detach().clone(),
         "resumed_weight": resumed.weight.detach().clone(),
         "global_steps": (first_trainer.global_step, resumed_trainer.global_step),
-        "checkpoints": sorted(p.name for p in Path(root, "ckpts").iterdir()),
+        "checkpoints": sorted(p.name for p in Path(root, "ckpts").iterdir() if not p.is_symlink()),
         "messages": messages,
     }
 
@@ -369,11 +373,18 @@ def test_resumed_run_continues_with_the_next_batches_and_the_saved_weights(tmp_p
     for rank in results:
         assert rank["global_steps"] == (4, 4)
         # step 4 twice: the first run's, and the resumed run's (ModelCheckpoint adds -v1 to a name in use)
-        assert rank["checkpoints"] == ["epoch=0-step=2.ckpt", "epoch=0-step=4-v1.ckpt", "epoch=0-step=4.ckpt"]
+        assert rank["checkpoints"] == [
+            "epoch=0-step=2.ckpt",
+            "epoch=0-step=4-v1.ckpt",
+            "epoch=0-step=4.ckpt",
+            "epoch=1-step=6.ckpt",  # the 4-step run had ended its epoch; the longer run starts the next
+        ]
         assert len(rank["first_seen"]) == 4
         assert rank["resumed_seen"] == rank["first_seen"][2:]  # the data position was restored...
         torch.testing.assert_close(rank["resumed_weight"], rank["first_weight"])  # ...and the weights
         assert not [m for m in rank["messages"] if "not resumable" in m]
+        assert rank["last_after_first"] == 4  # save_last="link": last.ckpt points at the newest checkpoint
+        assert rank["continued"] == (6, 2)  # fit(ckpt_path="last") went on from step 4 for two more steps
     assert set(results[0]["first_seen"][0]).isdisjoint(results[1]["first_seen"][0])  # two DP shards
     info = read_checkpoint_info(tmp_path / "ckpts" / "epoch=0-step=2.ckpt")
     assert info.global_step == 2 and info.world_size == 2

@@ -314,3 +314,4 @@ def test_example_script_parses_its_arguments() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--context-parallel-size" in result.stdout and "--global-batch-size" in result.stdout
+    assert "--resume" in result.stdout and "--save-interval" in result.stdout
