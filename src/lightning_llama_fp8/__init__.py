@@ -5,13 +5,13 @@ Public API::
     from lightning_llama_fp8 import (
         LlamaLightningModule, LlamaConfig, OptimizerSettings, MegatronCPStrategy,
         TEFP8Precision, MegatronPrecision, MockDataModule, ParallelLayout, validate_layout,
-        CheckpointError, read_checkpoint_info,
+        CheckpointError, read_checkpoint_info, IndexedDataModule, GPTDataModule,
     )
 """
 
 from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset
-from lightning_llama_fp8.data import MockDataModule
+from lightning_llama_fp8.data import GPTDataModule, IndexedDataModule, MockDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
 from lightning_llama_fp8.precision import FP8UnavailableError, MegatronPrecision, TEFP8Precision
@@ -24,6 +24,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "FP8UnavailableError",
+    "GPTDataModule",
+    "IndexedDataModule",
     "LayoutError",
     "LlamaConfig",
     "LlamaLightningModule",

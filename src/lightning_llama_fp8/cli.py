@@ -21,7 +21,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_llama_fp8.checkpoint import CheckpointError, check_can_resume, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig, get_preset
-from lightning_llama_fp8.data import MockDataModule
+from lightning_llama_fp8.data import GPTDataModule
+from lightning_llama_fp8.data.indexed import check_corpus, parse_data_path
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
@@ -126,9 +127,24 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
     if torch.cuda.is_available() and (ok or precision == "bf16" or fp8_args.get("fallback") == "bf16"):
         if torch.cuda.device_count() < plan.world_size // int(trainer.get("num_nodes", 1) or 1):
             _cannot_train(plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.")
+        check_data_from_config(config)
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+
+
+def check_data_from_config(config: dict[str, Any]) -> None:
+    """Refuse an ``IndexedDataModule`` whose corpus files are missing or damaged (exit status 2, nothing built)."""
+    data = config.get("data")
+    if _class_name(data) != "IndexedDataModule":
+        return
+    try:
+        prefixes, _ = parse_data_path(_init_args(data).get("data_path") or [])
+        for prefix in prefixes:
+            check_corpus(prefix)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"Not training: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CANNOT_TRAIN) from None
 
 
 def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout, fitting: bool) -> None:
@@ -230,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main(words[1:])
     LlamaCLI(
         LlamaLightningModule,
-        MockDataModule,
+        GPTDataModule,  # any of its subclasses by class_path: MockDataModule, IndexedDataModule, your own
         subclass_mode_data=True,
         args=argv,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},

@@ -3,206 +3,24 @@
 The datasets are built exactly as Megatron-LM's ``pretrain_gpt.py --mock-data`` builds them (a
 ``GPTDatasetConfig`` with ``blend=None``, a ``null-text`` ``NullTokenizer``, and
 ``BlendedMegatronDatasetBuilder``), so that throughput and loss curves are comparable with the
-Megatron-LM reference recipe. Only the batching differs: Lightning drives the loop, so one
-DataLoader batch holds this data-parallel rank's share of one *global* batch, already split into
-micro-batches (``[num_microbatches, micro_batch_size, seq_length]``) for the model's
-forward-backward schedule.
+Megatron-LM reference recipe. Batching, data-parallel shards and the resumable position are
+:class:`~lightning_llama_fp8.data.base.GPTDataModule`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
-from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix,
-    parse_and_normalize_split,
-)
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset, MockGPTLowLevelDataset
 from megatron.core.tokenizers import MegatronTokenizer
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset
 
-__all__ = ["MicrobatchCollate", "MockDataModule", "ResumableDataLoader", "ShardSampler", "check_split_sizes"]
+from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
 
-_SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
-
-#: Keys of a ``GPTDataset`` sample that the model consumes. ``attention_mask`` is deliberately left
-#: out: the fused attention kernels build the causal mask themselves, and a dense
-#: ``[seq, seq]`` mask per sample would cost 64 MiB at seq 8192.
-BATCH_KEYS: tuple[str, ...] = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-def check_split_sizes(num_documents: int, split: str, requested_samples: Sequence[int]) -> None:
-    """Fail fast where megatron-core's dataset builder would hang or silently build nothing.
-
-    ``BlendedMegatronDatasetBuilder`` gives split ``i`` the documents
-    ``[round(lo_i * N), round(hi_i * N))``, where ``(lo_i, hi_i)`` are the cumulative, normalised
-    ``split`` weights (``convert_split_vector_to_split_matrix``). A split with positive weight that
-    rounds to zero documents has zero tokens, and ``GPTDataset._get_num_epochs`` then loops forever adding
-    zero-token epochs in search of ``num_samples * seq_length + 1`` tokens. That holds even for
-    ``num_samples == 0`` (the "+1" is the extra label token), so such a split is rejected whatever
-    is requested from it. A split with zero weight is not built at all (megatron returns ``None``),
-    which is fine only when nothing is requested from it.
-
-    Args:
-        num_documents: Documents in the low-level dataset (for mock data,
-            ``MockGPTLowLevelDataset.size``).
-        split: Megatron split string, e.g. ``"949,50,1"``: up to three non-negative weights for
-            train, validation and test; missing ones count as 0. Use the *effective* split, i.e.
-            ``GPTDatasetConfig(...).split`` (megatron replaces it by ``"1,1,1"`` for mock data).
-        requested_samples: Samples requested per split, ``[train, validation, test]``; missing
-            entries count as 0.
-
-    Raises:
-        ValueError: If the split string is malformed, or a split would get zero documents while
-            megatron builds it or samples are requested from it. The message names the split,
-            the numbers and how to fix it.
-    """
-    weights = [float(w) for w in re.findall(r"[.0-9]+", split)]  # megatron's own parsing
-    if not 0 < len(weights) <= len(_SPLIT_NAMES) or sum(weights) <= 0:
-        raise ValueError(
-            f"Invalid split {split!r}: expected 1 to 3 comma-separated non-negative weights for "
-            "train,validation,test with a positive sum, e.g. '949,50,1'."
-        )
-    if num_documents < 0:
-        raise ValueError(f"num_documents must be >= 0, got {num_documents}.")
-    if len(requested_samples) > len(_SPLIT_NAMES):
-        raise ValueError(
-            f"requested_samples has {len(requested_samples)} entries; at most 3 (train, validation, test)."
-        )
-    requested = list(requested_samples) + [0] * (len(_SPLIT_NAMES) - len(requested_samples))
-
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bookends, wanted in zip(_SPLIT_NAMES, matrix, requested, strict=True):
-        if wanted < 0:
-            raise ValueError(f"Requested {wanted} {name} samples; sample counts must be >= 0.")
-        if bookends is None:
-            if wanted > 0:
-                raise ValueError(
-                    f"Split {split!r} gives the {name} split weight 0, so megatron-core builds no "
-                    f"{name} dataset, yet {wanted} {name} samples are requested. Give {name} a positive "
-                    f"weight in `split` or request 0 {name} samples."
-                )
-            continue
-        lo, hi = bookends
-        # BlendedMegatronDatasetBuilder's int(round(...)); Python's round() already returns an int
-        # and rounds half to even, exactly like megatron's.
-        begin = round(lo * float(num_documents))
-        end = round(hi * float(num_documents))
-        if end - begin <= 0:
-            fraction = hi - lo
-            needed = math.ceil(1.0 / fraction)
-            raise ValueError(
-                f"Split {split!r} over {num_documents} documents gives the {name} split zero "
-                f"documents (document range [{begin}, {end}), fraction {fraction:.4g}) while "
-                f"{wanted} {name} samples are requested from it; megatron-core's dataset builder "
-                "would loop forever looking for tokens (it does so even for 0 requested samples, "
-                f"because it always asks for one extra label token). Fix: change `split` so that "
-                f"{name} gets either weight 0 (and 0 samples) or at least one document, or use a "
-                f"corpus of at least ~{needed} documents."
-            )
-
-
-class MicrobatchCollate:
-    """Stack ``GPTDataset`` samples into ``[num_microbatches, micro_batch_size, seq_length]`` tensors.
-
-    A small class rather than a closure so that DataLoader worker processes can pickle it.
-    Sample ``j`` of the DataLoader batch lands in micro-batch ``j // micro_batch_size``, keeping
-    Megatron's order within a global batch. ``attention_mask`` (and any other key) is dropped.
-    """
-
-    def __init__(self, micro_batch_size: int, num_microbatches: int) -> None:
-        """Store the batch layout.
-
-        Args:
-            micro_batch_size: Samples per micro-batch (one forward/backward pass).
-            num_microbatches: Micro-batches per DataLoader batch (gradient accumulation steps).
-        """
-        self.micro_batch_size = micro_batch_size
-        self.num_microbatches = num_microbatches
-
-    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Collate ``micro_batch_size * num_microbatches`` samples.
-
-        Raises:
-            ValueError: If the number of samples does not match the layout (a partial batch would
-                silently change the effective global batch size).
-        """
-        expected = self.micro_batch_size * self.num_microbatches
-        if len(samples) != expected:
-            raise ValueError(
-                f"Got {len(samples)} samples, expected micro_batch_size * num_microbatches = "
-                f"{self.micro_batch_size} * {self.num_microbatches} = {expected}."
-            )
-        return {
-            key: torch.stack([sample[key] for sample in samples]).view(self.num_microbatches, self.micro_batch_size, -1)
-            for key in BATCH_KEYS
-        }
-
-    def __repr__(self) -> str:
-        """Show the layout (LightningCLI and debuggers print it)."""
-        return (
-            f"{type(self).__name__}(micro_batch_size={self.micro_batch_size}, num_microbatches={self.num_microbatches})"
-        )
-
-
-class ShardSampler(DistributedSampler):
-    """This data-parallel rank's samples in Megatron's order (no shuffling), optionally starting part-way.
-
-    ``start_batch`` (set when resuming) skips that many of this rank's DataLoader batches in the next pass only;
-    later passes (epochs) start from the beginning. The length stays that of a whole pass, which is what
-    Lightning's epoch bookkeeping expects of a resumed loader.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.batch_size = batch_size
-        self.start_batch = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        start, self.start_batch = self.start_batch * self.batch_size, 0
-        return iter(indices[start:])
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position Lightning saves in checkpoints and restores on resume.
-
-    Lightning saves the ``state_dict()`` of a training loader that has one and hands it back through
-    ``load_state_dict`` before iterating again. The position is the number of global batches trained in the
-    current epoch, read from ``batches_done`` (the Trainer's count, not this loader's own: Lightning fetches a
-    batch ahead, so the loader is always one batch further than training). A resumed run reads on with the next
-    global batch, as Megatron-LM does with its consumed-samples counter.
-    """
-
-    def __init__(self, *args: Any, batches_done: Callable[[], int], global_batch_size: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
-        self.global_batch_size = global_batch_size
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": int(self.batches_done()), "global_batch_size": self.global_batch_size}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        saved_batch = int(state_dict["global_batch_size"])
-        if saved_batch != self.global_batch_size:
-            raise ValueError(
-                f"The checkpoint was trained with global_batch_size {saved_batch}, this run has "
-                f"{self.global_batch_size}: its data position ({state_dict['batches_done']} global batches into "
-                f"the epoch) means other samples here. Resume with data.global_batch_size={saved_batch}."
-            )
-        if not isinstance(self.sampler, ShardSampler):
-            raise TypeError("ResumableDataLoader needs a ShardSampler to resume part-way.")
-        self.sampler.start_batch = int(state_dict["batches_done"]) % max(len(self), 1)
+__all__ = ["MockDataModule"]
 
 
 class _DropMessage(logging.Filter):
@@ -232,44 +50,16 @@ def _quiet_mock_cache_warning() -> Iterator[None]:
         gpt_logger.removeFilter(drop)
 
 
-def _data_parallel_size_and_rank() -> tuple[int, int]:
-    """DP size and rank from megatron's parallel_state, or (1, 0) when it is not initialised.
-
-    The DP group excludes tensor/pipeline/context-parallel peers: those ranks must see the same
-    samples, so they count as one data-parallel replica.
-    """
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    return 1, 0
-
-
-class MockDataModule(LightningDataModule):
+class MockDataModule(GPTDataModule):
     """Synthetic Llama-3 pretraining data from megatron-core's ``MockGPTDataset``.
 
     Why mock data: it reproduces the Megatron-LM reference recipe (``--mock-data`` with a
     ``NullTokenizer``) for throughput and FP8-numerics work without shipping a corpus. Samples are
     ``tokens`` / ``labels`` (tokens shifted by one) / ``loss_mask`` / ``position_ids``, with token
-    ids in ``[0, vocab_size)``; the end-of-document id is ``vocab_size - 1``.
-
-    Batch layout: every DataLoader batch is this data-parallel rank's share of one global batch,
-    ``micro_batch_size * num_microbatches`` samples with
-    ``num_microbatches = global_batch_size // (micro_batch_size * dp_size)``, collated to tensors of
-    shape ``[num_microbatches, micro_batch_size, seq_length]``. One batch is therefore one optimizer
-    step; keep Lightning's ``accumulate_grad_batches`` at 1.
-
-    Data parallelism: each DataLoader carries a non-shuffling ``DistributedSampler`` with
-    ``num_replicas = DP size, rank = DP rank`` (tensor/context-parallel peers share a DP rank and so
-    receive identical samples). Every rank builds the same datasets from the same seed, so the strided
-    partition gives each DP rank distinct samples and together the DP ranks cover exactly one global
-    batch per step, the same samples for every layout. The DP size is read from
-    ``megatron.core.parallel_state`` in :meth:`setup`, so the strategy must initialise model
-    parallelism in ``setup_environment`` (which Lightning runs before ``datamodule.setup``).
-
-    Dataset sizes are ``[train_samples, val_samples, 0]``. Megatron builds at least that many
-    samples (it rounds up to whole epochs); the datasets are then truncated to exactly the requested
-    count, so ``len(train_dataloader())`` equals the number of optimizer steps and a validation run
-    covers ``val_samples`` samples. Lightning restarts the validation iterator at each validation run,
-    so every run scores the same samples; ``val_check_interval`` does not change how many are needed.
+    ids in ``[0, vocab_size)``; the end-of-document id is ``vocab_size - 1``. Batch layout, data
+    parallelism and sizes: see :class:`~lightning_llama_fp8.data.base.GPTDataModule`. ``split`` is
+    passed through as Megatron-LM does, but megatron-core replaces it by ``"1,1,1"`` whenever the
+    data are mock (``blend=None``), so it has no effect on the data.
     """
 
     def __init__(
@@ -284,115 +74,15 @@ class MockDataModule(LightningDataModule):
         seed: int = 1234,
         num_workers: int = 2,
     ) -> None:
-        """Store the configuration; datasets are built in :meth:`setup`, once parallelism is known.
-
-        Args:
-            seq_length: Tokens per sample (the model's sequence length).
-            vocab_size: Token ids lie in ``[0, vocab_size)``; use the model's (unpadded) vocabulary.
-            global_batch_size: Samples per optimizer step over all data-parallel ranks.
-            micro_batch_size: Samples per forward/backward pass on one rank.
-            train_samples: Training samples to build. ``None`` means
-                ``trainer.max_steps * global_batch_size``, as Megatron-LM's ``train_iters * GBS``.
-            val_samples: Validation samples to build. ``None`` means
-                ``trainer.limit_val_batches * global_batch_size`` when ``limit_val_batches`` is an int,
-                else ``10 * global_batch_size`` (ten validation steps).
-            split: Megatron split string (train,validation,test weights). Passed through as
-                Megatron-LM does, but note that megatron-core replaces it by ``"1,1,1"`` whenever
-                the data are mock (``blend=None``), so for this module it has no effect on the data.
-            seed: Seed for megatron's document and sample shuffling; same seed, same batches.
-            num_workers: DataLoader worker processes per rank (0 loads in the main process).
-        """
-        super().__init__()
+        """See :class:`~lightning_llama_fp8.data.base.GPTDataModule` for the arguments."""
+        super().__init__(
+            seq_length, vocab_size, global_batch_size, micro_batch_size, train_samples, val_samples, split, seed,
+            num_workers,
+        )  # fmt: skip
         self.save_hyperparameters()
-        self.seq_length = seq_length
-        self.vocab_size = vocab_size
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.train_samples = train_samples
-        self.val_samples = val_samples
-        self.split = split
-        self.seed = seed
-        self.num_workers = num_workers
 
-        self.dp_size: int = 1
-        self.dp_rank: int = 0
-        self.num_microbatches: int | None = None
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.dataset_config: GPTDatasetConfig | None = None
-
-    # ------------------------------------------------------------------ sizes and validation
-
-    def _resolve_train_samples(self, need_train: bool) -> int:
-        """Training samples: explicit, else ``max_steps * global_batch_size``."""
-        if self.train_samples is not None:
-            if self.train_samples < 0:
-                raise ValueError(f"data.train_samples must be >= 0, got {self.train_samples}.")
-            return self.train_samples
-        max_steps = self.trainer.max_steps if self.trainer is not None else -1
-        if max_steps is None or max_steps < 0:
-            if not need_train:
-                return 0
-            raise ValueError(
-                "MockDataModule cannot tell how many training samples to build: trainer.max_steps is "
-                f"{max_steps} (unlimited) and data.train_samples is None. Set trainer.max_steps "
-                "(samples = max_steps * global_batch_size) or data.train_samples."
-            )
-        return max_steps * self.global_batch_size
-
-    def _resolve_val_samples(self) -> int:
-        """Validation samples: explicit, else ``limit_val_batches`` (int) or 10 global batches."""
-        if self.val_samples is not None:
-            if self.val_samples < 0:
-                raise ValueError(f"data.val_samples must be >= 0, got {self.val_samples}.")
-            return self.val_samples
-        limit = self.trainer.limit_val_batches if self.trainer is not None else None
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            return limit * self.global_batch_size
-        return 10 * self.global_batch_size
-
-    # ------------------------------------------------------------------ LightningDataModule hooks
-
-    def setup(self, stage: str | None = None) -> None:
-        """Validate the batch layout and split sizes, then build the megatron datasets.
-
-        Builds on every rank (``is_built_on_rank`` is always true): mock datasets take well under a
-        second, and identical datasets on all ranks are what makes the DistributedSampler split
-        correct. Nothing is written to disk (mock data has no ``path_to_cache``).
-
-        Args:
-            stage: Lightning stage; the training split is only mandatory for ``"fit"`` (or None).
-
-        Raises:
-            ValueError: On an invalid batch layout, an unknown number of training samples, or
-                splits that would make megatron's builder hang.
-        """
-        self.dp_size, self.dp_rank = _data_parallel_size_and_rank()
-        for name, value in (
-            ("seq_length", self.seq_length),
-            ("vocab_size", self.vocab_size),
-            ("global_batch_size", self.global_batch_size),
-            ("micro_batch_size", self.micro_batch_size),
-        ):
-            if value <= 0:
-                raise ValueError(f"data.{name} must be positive, got {value}.")
-        if self.vocab_size < 2:
-            raise ValueError(f"data.vocab_size must be >= 2 (one id is end-of-document), got {self.vocab_size}.")
-        per_step = self.micro_batch_size * self.dp_size
-        if self.global_batch_size % per_step != 0:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be divisible by micro_batch_size "
-                f"({self.micro_batch_size}) * data-parallel size ({self.dp_size}) = {per_step}. "
-                "Change data.global_batch_size or data.micro_batch_size (or the number of "
-                "data-parallel ranks) so that it divides."
-            )
-        self.num_microbatches = self.global_batch_size // per_step
-
-        need_train = stage in (None, "fit")
-        train_samples = self._resolve_train_samples(need_train)
-        val_samples = self._resolve_val_samples()
-        sizes = [train_samples, val_samples, 0]
-
+    def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
+        """Megatron-LM's ``--mock-data``: builds on every rank, in well under a second, nothing written to disk."""
         # Exactly Megatron-LM's --mock-data: MegatronTokenizer with the null-text library (its
         # NullTokenizer, eod = vocab_size - 1) and a GPTDatasetConfig with blend=None.
         tokenizer = MegatronTokenizer.from_pretrained(
@@ -411,60 +101,10 @@ class MockDataModule(LightningDataModule):
         )
         # config.split is now megatron's effective split ("1,1,1" for mock data), the one it splits by.
         check_split_sizes(MockGPTLowLevelDataset.size, config.split, sizes)
-
         with _quiet_mock_cache_warning():
             train_ds, val_ds, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
-        self.dataset_config = config
-        self.train_dataset = Subset(train_ds, range(train_samples))
-        self.val_dataset = Subset(val_ds, range(val_samples))
-
-        rank_zero_info(  # logs on global rank 0 only
-            f"MockDataModule: train {train_samples} / validation {val_samples} / test 0 samples "
-            f"of {self.seq_length} tokens (vocab {self.vocab_size}, seed {self.seed}, effective "
-            f"split {config.split!r}, data.split={self.split!r}); global batch "
-            f"{self.global_batch_size} = {self.num_microbatches} micro-batches x "
-            f"{self.micro_batch_size} samples x {self.dp_size} DP ranks; DataLoader batch "
-            f"[{self.num_microbatches}, {self.micro_batch_size}, {self.seq_length}] per DP rank."
+        description = (
+            f"mock data (vocab {self.vocab_size}, seed {self.seed}, effective split {config.split!r}, "
+            f"data.split={self.split!r})"
         )
-
-    def _dataloader(self, dataset: Dataset | None, name: str) -> DataLoader:
-        """Build a DataLoader for one split, already sharded over data-parallel ranks in Megatron's order.
-
-        The sampler is ours, not Lightning's: Lightning gives training loaders a *shuffling*
-        DistributedSampler, which would reorder Megatron's (already shuffled) samples differently for
-        every DP size. Sequential shards keep global batch k = samples [k*GBS, (k+1)*GBS) for any layout,
-        as in Megatron-LM, and Lightning leaves a loader that already has a DistributedSampler alone.
-        The training loader is resumable: a checkpoint records how far into the epoch training got.
-        """
-        if dataset is None or self.num_microbatches is None:
-            raise RuntimeError(f"MockDataModule.{name}_dataloader() called before setup().")
-        batch_size = self.micro_batch_size * self.num_microbatches
-        kwargs: dict[str, Any] = dict(
-            batch_size=batch_size,
-            sampler=ShardSampler(dataset, num_replicas=self.dp_size, rank=self.dp_rank, batch_size=batch_size),
-            drop_last=True,  # a partial batch would change the effective global batch size
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),  # pinned host memory only helps (and works) with CUDA
-            persistent_workers=self.num_workers > 0,  # avoid re-forking workers at every validation
-            collate_fn=MicrobatchCollate(self.micro_batch_size, self.num_microbatches),
-        )
-        if name != "train":
-            return DataLoader(dataset, **kwargs)
-        return ResumableDataLoader(
-            dataset, batches_done=self._train_batches_done, global_batch_size=self.global_batch_size, **kwargs
-        )
-
-    def _train_batches_done(self) -> int:
-        """Training steps finished in the current epoch (Lightning's progress counter; 0 without a Trainer)."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    def train_dataloader(self) -> DataLoader:
-        """Training batches: this DP rank's ``[num_microbatches, micro_batch_size, seq]`` share."""
-        return self._dataloader(self.train_dataset, "train")
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches, laid out like the training ones."""
-        return self._dataloader(self.val_dataset, "val")
+        return train_ds, val_ds, config, description

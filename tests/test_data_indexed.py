@@ -1,0 +1,183 @@
+"""IndexedDataModule over real Megatron corpora (``.bin``/``.idx`` written by megatron-core's own builder), on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from lightning_llama_fp8 import IndexedDataModule
+from lightning_llama_fp8.data import check_corpus, parse_data_path
+
+SEQ, VOCAB, GBS, MBS = 64, 1000, 4, 2
+
+
+def write_corpus(prefix: Path, documents: int, low: int, high: int, seed: int = 0) -> list[torch.Tensor]:
+    """A corpus of ``documents`` random documents (20-200 tokens, ids in [low, high)), as preprocess_data.py would."""
+    generator = torch.Generator().manual_seed(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    docs = []
+    for _ in range(documents):
+        length = int(torch.randint(20, 200, (1,), generator=generator))
+        doc = torch.randint(low, high, (length,), generator=generator, dtype=torch.int32)
+        builder.add_document(doc, [length])
+        docs.append(doc)
+    builder.finalize(f"{prefix}.idx")
+    return docs
+
+
+def module(data_path: Any, **overrides: Any) -> IndexedDataModule:
+    kwargs: dict[str, Any] = dict(
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+        global_batch_size=GBS,
+        micro_batch_size=MBS,
+        train_samples=16 * GBS,
+        val_samples=2 * GBS,
+        split="90,10,0",
+        num_workers=0,
+    )
+    return IndexedDataModule(data_path, **{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("corpora")
+    low = write_corpus(root / "low", 60, 0, 100, seed=1)  # token ids 0..99
+    write_corpus(root / "high", 60, 500, 600, seed=2)  # token ids 500..599
+    return {"root": root, "low": str(root / "low"), "high": str(root / "high"), "low_docs": low}
+
+
+def test_samples_are_consecutive_corpus_tokens(corpora: dict[str, Any]) -> None:
+    data = module([corpora["low"]])
+    data.setup("fit")
+    stream = torch.cat(corpora["low_docs"]).tolist()
+    text = " ".join(map(str, stream))
+    batches = list(data.train_dataloader())
+    assert len(batches) == 16
+    for batch in batches:
+        assert batch["tokens"].shape == (GBS // MBS, MBS, SEQ)
+        tokens, labels = batch["tokens"].reshape(-1, SEQ), batch["labels"].reshape(-1, SEQ)
+        assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next tokens
+        assert torch.equal(batch["position_ids"][0, 0], torch.arange(SEQ))
+        assert bool((batch["loss_mask"] == 1).all())
+        for sample in tokens:  # documents are concatenated in some shuffled order; each window is a real run
+            window = sample[:8].tolist()
+            assert int(sample.max()) < 100
+            assert " ".join(map(str, window)) in text or _spans_documents(window, corpora["low_docs"])
+
+
+def _spans_documents(window: list[int], docs: list[torch.Tensor]) -> bool:
+    """A window may cross from the end of one (shuffled) document into the start of another."""
+    for cut in range(1, len(window)):
+        head, tail = window[:cut], window[cut:]
+        ends = any(doc[-len(head) :].tolist() == head for doc in docs)
+        starts = any(doc[: len(tail)].tolist() == tail for doc in docs)
+        if ends and starts:
+            return True
+    return False
+
+
+def test_same_seed_same_batches_other_seed_other_batches(corpora: dict[str, Any]) -> None:
+    def first_batch(seed: int) -> torch.Tensor:
+        data = module([corpora["low"]], seed=seed)
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))["tokens"]
+
+    assert torch.equal(first_batch(7), first_batch(7))
+    assert not torch.equal(first_batch(7), first_batch(8))
+
+
+def test_blend_weights_decide_the_mix(corpora: dict[str, Any]) -> None:
+    data = module(f"1 {corpora['low']} 3 {corpora['high']}", train_samples=200)  # Megatron-LM's string form
+    data.setup("fit")
+    from_high = [bool(data.train_dataset[i]["tokens"].min() >= 500) for i in range(200)]
+    assert 0.65 < sum(from_high) / 200 < 0.85  # 3:1 blend
+
+
+def test_validation_split_holds_other_documents(corpora: dict[str, Any]) -> None:
+    data = module([corpora["low"]])
+    data.setup("fit")
+    train = {tuple(data.train_dataset[i]["tokens"][:16].tolist()) for i in range(len(data.train_dataset))}
+    val = {tuple(data.val_dataset[i]["tokens"][:16].tolist()) for i in range(len(data.val_dataset))}
+    assert len(data.val_dataset) == 2 * GBS and train.isdisjoint(val)
+
+
+def test_parse_data_path_forms() -> None:
+    assert parse_data_path(["a", "b"]) == (["a", "b"], None)
+    assert parse_data_path("0.3 a 0.7 b") == (["a", "b"], [0.3, 0.7])
+    assert parse_data_path(["a"]) == (["a"], None)
+    with pytest.raises(ValueError, match="data_path is empty"):
+        parse_data_path([])
+
+
+@pytest.mark.parametrize("damage", ["no_idx", "no_bin", "header", "truncated_bin", "truncated_idx"])
+def test_damaged_corpus_is_refused_before_building(corpora: dict[str, Any], tmp_path: Path, damage: str) -> None:
+    prefix = tmp_path / "copy"
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpora["low"] + ext, f"{prefix}{ext}")
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    expected: tuple[type[Exception], str]
+    if damage == "no_idx":
+        idx.unlink()
+        expected = (FileNotFoundError, r"copy\.idx not found\. A corpus is <prefix>\.bin \+ <prefix>\.idx")
+    elif damage == "no_bin":
+        bin_.unlink()
+        expected = (FileNotFoundError, r"copy\.bin not found")
+    elif damage == "header":
+        idx.write_bytes(b"NOTANIDX!" + idx.read_bytes()[9:])
+        expected = (ValueError, "is not a Megatron index file")
+    elif damage == "truncated_bin":
+        bin_.write_bytes(bin_.read_bytes()[:1000])
+        expected = (ValueError, r"copy\.bin has 1000 bytes but its index needs \d+ \(truncated copy\?\)")
+    else:
+        idx.write_bytes(idx.read_bytes()[:40])
+        expected = (ValueError, r"copy\.idx cannot be read")
+    with pytest.raises(expected[0], match=expected[1]):
+        check_corpus(str(prefix))
+    with pytest.raises(expected[0], match=expected[1]):
+        module([str(prefix)]).setup("fit")
+
+
+def test_split_without_documents_is_refused(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "tiny", 3, 0, 100)
+    with pytest.raises(ValueError, match=r"Corpus .*tiny' \(3 documents\): Split '90,10,0' over 3 documents"):
+        module([str(tmp_path / "tiny")]).setup("fit")
+
+
+def test_cli_refuses_a_missing_corpus_before_building(
+    corpora: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_llama_fp8 import cli
+
+    config = {
+        "data": {
+            "class_path": "lightning_llama_fp8.IndexedDataModule",
+            "init_args": {"data_path": [str(tmp_path / "gone")]},
+        }
+    }
+    with pytest.raises(SystemExit) as excinfo:
+        cli.check_data_from_config(config)
+    assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
+    assert "Not training: Corpus" in capsys.readouterr().err
+    ok = {"data": {"class_path": "lightning_llama_fp8.IndexedDataModule", "init_args": {"data_path": [corpora["low"]]}}}
+    cli.check_data_from_config(ok)  # no exit
+
+
+def test_cli_accepts_indexed_data_in_yaml(corpora: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    args = ["fit", "--config", str(config), "--data", "lightning_llama_fp8.IndexedDataModule"]
+    args += ["--data.data_path", f"[{corpora['low']}]", "--print_config"]
+    with pytest.raises(SystemExit) as excinfo:
+        main(args)
+    assert excinfo.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_llama_fp8.IndexedDataModule" in out or "IndexedDataModule" in out
+    assert corpora["low"] in out
