@@ -181,3 +181,24 @@ def test_cli_accepts_indexed_data_in_yaml(corpora: dict[str, Any], capsys: pytes
     out = capsys.readouterr().out
     assert "class_path: lightning_llama_fp8.IndexedDataModule" in out or "IndexedDataModule" in out
     assert corpora["low"] in out
+
+
+def test_yaml_weights_may_be_numbers(
+    corpora: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data_path: [0.7, prefix, 0.3, prefix]`` in YAML: the weights arrive as floats and still parse."""
+    from lightning_llama_fp8.cli import main
+
+    extra = tmp_path / "data.yaml"
+    extra.write_text(
+        "data:\n  class_path: lightning_llama_fp8.IndexedDataModule\n  init_args:\n"
+        f"    data_path: [0.25, {corpora['low']}, 0.75, {corpora['high']}]\n"
+    )
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--config", str(extra), "--print_config"])
+    assert "- 0.25" in capsys.readouterr().out
+    assert parse_data_path([0.25, corpora["low"], 0.75, corpora["high"]]) == (
+        [corpora["low"], corpora["high"]],
+        [0.25, 0.75],
+    )

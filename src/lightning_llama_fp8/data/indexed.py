@@ -38,7 +38,7 @@ class CorpusInfo:
     dtype: str
 
 
-def parse_data_path(data_path: str | list[str]) -> tuple[list[str], list[float] | None]:
+def parse_data_path(data_path: str | list[str | float]) -> tuple[list[str], list[float] | None]:
     """Megatron-LM's ``--data-path``: prefixes, or ``weight prefix weight prefix ...`` (a string or a list)."""
     words = data_path.split() if isinstance(data_path, str) else [str(word) for word in data_path]
     if not words:
@@ -115,7 +115,7 @@ class IndexedDataModule(GPTDataModule):
 
     def __init__(
         self,
-        data_path: list[str] | str,
+        data_path: list[str | float] | str,
         seq_length: int = 8192,
         vocab_size: int = 128256,
         global_batch_size: int = 128,
