@@ -275,20 +275,54 @@ def _write_marker(text: str) -> Any:
 def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_complete(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     save = ckpt.save_directory_atomically
-    save(path, _write_marker("old"), is_rank_zero=True, barrier=lambda: None)
+    save(path, _write_marker("old"), is_rank_zero=True, agree=lambda failure: failure)
 
     def crash(directory: Path) -> None:
         (directory / "marker").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save(path, crash, is_rank_zero=True, barrier=lambda: None)
+        save(path, crash, is_rank_zero=True, agree=lambda failure: failure)
     assert (path / "marker").read_text() == "old"  # untouched
     assert (tmp_path / "last.ckpt.saving").exists()  # the unfinished one, apart
 
-    save(path, _write_marker("new"), is_rank_zero=True, barrier=lambda: None)
+    save(path, _write_marker("new"), is_rank_zero=True, agree=lambda failure: failure)
     assert (path / "marker").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # leftovers cleaned up
+
+
+def test_a_save_stopped_between_the_renames_loses_nothing(tmp_path: Path) -> None:
+    """Killed after moving the old checkpoint aside and before moving the new one in: the next save restores the
+    old one first, so even if that save fails too, the previous checkpoint is back under its name."""
+    path = tmp_path / "last.ckpt"
+    replaced, saving = tmp_path / "last.ckpt.replaced", tmp_path / "last.ckpt.saving"
+    replaced.mkdir()
+    (replaced / "marker").write_text("old")
+    saving.mkdir()
+    (saving / "marker").write_text("new but never published")
+    with pytest.raises(CheckpointError, match=r"previous version is intact at .*last\.ckpt\.replaced"):
+        read_checkpoint_info(path)
+
+    def crash(directory: Path) -> None:
+        raise OSError("killed again")
+
+    with pytest.raises(OSError, match="killed again"):
+        ckpt.save_directory_atomically(path, crash, is_rank_zero=True, agree=lambda failure: failure)
+    assert (path / "marker").read_text() == "old"
+    assert not replaced.exists()
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """What a non-zero rank sees when rank 0's file operations fail: an error, not a wait at the next barrier."""
+    calls: list[str | None] = []
+
+    def agree(failure: str | None) -> str | None:  # as if rank 0 reported a failure in the first phase
+        calls.append(failure)
+        return "PermissionError: read-only file system" if len(calls) == 1 else None
+
+    with pytest.raises(CheckpointError, match=r"failed on another rank .*read-only file system.*nothing was replaced"):
+        ckpt.save_directory_atomically(tmp_path / "x.ckpt", _write_marker("x"), is_rank_zero=False, agree=agree)
+    assert calls == [None]  # this rank had nothing to do in that phase and stopped right after it
 
 
 def test_remove_checkpoint_directory(tmp_path: Path) -> None:
@@ -335,7 +369,7 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
             return ((self.weight - 1.0) ** 2).sum()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # state that must survive a resume
 
     def run(ckpt_path: str | None, max_steps: int = 4) -> tuple[Recorder, Any, list[str]]:
         module = Recorder()
@@ -459,24 +493,34 @@ class _PickledFP8State(torch.nn.Module):
         return {}
 
 
-@pytest.mark.parametrize("trusted", [True, False])
-def test_fp8_pickles_load_only_from_trusted_checkpoints(
-    trusted: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_te_fp8_pickles_load_with_the_opt_in_scoped_to_the_load(
+    preset: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """TE 2.20 refuses even its own delayed-scaling state without NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1; the load
+    turns it on for itself only and leaves the variable as it found it."""
     from megatron.core import dist_checkpointing
 
     layer = _PickledFP8State()
     saved = {"weight": torch.ones(2), "_extra_state": b"pickled amax history"}
     monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
     monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"model": saved})
-    monkeypatch.delenv(ckpt.TE_UNSAFE_PICKLE_ENV, raising=False)
-    if trusted:
-        ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None, trusted=True)
-        assert layer.loaded_extra_state == b"pickled amax history" and torch.equal(layer.weight, torch.ones(2))
+    if preset is None:
+        monkeypatch.delenv(ckpt.TE_UNSAFE_PICKLE_ENV, raising=False)
     else:
-        with pytest.raises(CheckpointError, match=r"FP8 delayed-scaling state .* load it with weights_only=False"):
-            ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None, trusted=False)
-    assert ckpt.TE_UNSAFE_PICKLE_ENV not in os.environ  # the opt-in ends with the load
+        monkeypatch.setenv(ckpt.TE_UNSAFE_PICKLE_ENV, preset)
+    with pytest.raises(RuntimeError, match="Refusing to load pickled"):  # what TE does outside our load
+        layer.load_state_dict(saved)
+    ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None)
+    assert layer.loaded_extra_state == b"pickled amax history" and torch.equal(layer.weight, torch.ones(2))
+    assert os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV) == preset
+
+
+def test_weights_only_loading_is_refused_with_the_reason() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    with pytest.raises(CheckpointError, match=r"cannot be loaded with weights_only=True: they hold pickled data"):
+        MegatronCPStrategy().load_checkpoint("any.ckpt", weights_only=True)
 
 
 class _FakeDDP:

@@ -96,6 +96,10 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
             save), written by something else, or if a shard file is missing or shorter than its index says.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(
+            f"Checkpoint {path} is a link to {os.readlink(path)}, which does not exist (deleted or moved?)."
+        )
     if not path.exists():
         replaced = path.with_name(path.name + ".replaced")
         saving = path.with_name(path.name + ".saving")
@@ -205,23 +209,28 @@ def check_can_resume(
         )
 
 
-def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, barrier: Any) -> None:
+def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree: Any) -> None:
     """Run ``write(tmp_dir)`` on every rank, then make ``tmp_dir`` appear at ``path`` in one rename.
 
-    A checkpoint already at ``path`` (``last.ckpt`` saved again) is replaced only after the new one is complete;
-    an interrupted save leaves ``<path>.saving`` behind and the old checkpoint untouched.
+    A checkpoint already at ``path`` (``last.ckpt`` saved again) is moved aside to ``<path>.replaced`` only once
+    the new one is complete, and deleted only once the new one is in place; an interrupted save leaves
+    ``<path>.saving`` behind and the old checkpoint untouched. If a save stopped between the two renames, the
+    next save first moves the previous version back. ``agree(text_or_none)`` is a collective over all ranks that
+    returns the first rank's failure text (or None): after each phase every rank learns whether any rank failed,
+    and all raise together instead of some waiting forever for the others at the next collective.
     """
     tmp = path.with_name(path.name + ".saving")
     old = path.with_name(path.name + ".replaced")
-    if is_rank_zero:
+
+    def prepare() -> None:
+        if old.is_dir() and not path.exists() and not path.is_symlink():
+            old.rename(path)  # the previous version of an interrupted replacement comes back first
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
         tmp.mkdir(parents=True)
-    barrier()
-    write(tmp)
-    barrier()
-    if is_rank_zero:
+
+    def publish() -> None:
         if path.is_dir() and not path.is_symlink():
             path.rename(old)
         elif path.exists() or path.is_symlink():
@@ -229,7 +238,25 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, barrie
         tmp.rename(path)
         if old.exists():
             shutil.rmtree(old)
-    barrier()
+
+    _run_and_agree(prepare if is_rank_zero else None, agree)
+    _run_and_agree(lambda: write(tmp), agree)
+    _run_and_agree(publish if is_rank_zero else None, agree)
+
+
+def _run_and_agree(step: Any, agree: Any) -> None:
+    """Run ``step`` (``None``: nothing on this rank), then raise on every rank if it failed on any."""
+    error = None
+    if step is not None:
+        try:
+            step()
+        except Exception as err:
+            error = err
+    failure = agree(f"{type(error).__name__}: {error}" if error is not None else None)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise CheckpointError(f"Saving the checkpoint failed on another rank ({failure}); nothing was replaced.")
 
 
 def remove_checkpoint_directory(path: Path) -> None:
@@ -241,13 +268,14 @@ def remove_checkpoint_directory(path: Path) -> None:
             target.unlink()
 
 
-def load_lightning_state(path: Path, weights_only: bool = False) -> dict[str, Any]:
-    """Lightning's part of a checkpoint; a full unpickle unless ``weights_only`` (as Lightning's own checkpoints)."""
+def load_lightning_state(path: Path) -> dict[str, Any]:
+    """Lightning's part of a checkpoint (unpickled in full: it holds hyper-parameter dataclasses and callback state)."""
     try:
-        return torch.load(path / LIGHTNING_FILENAME, map_location="cpu", weights_only=weights_only)
+        return torch.load(path / LIGHTNING_FILENAME, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(
-            f"Checkpoint {path} is damaged: {LIGHTNING_FILENAME} cannot be read ({type(err).__name__}: {err})."
+            f"Checkpoint {path}: {LIGHTNING_FILENAME} cannot be read ({type(err).__name__}: {err}). If the file is "
+            "damaged, resume from another checkpoint; if a class it names cannot be imported, install what wrote it."
         ) from err
 
 
@@ -288,13 +316,11 @@ def save_megatron_state(
     dist_checkpointing.save(state, str(directory), content_metadata=content)
 
 
-def load_megatron_state(
-    directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any, trusted: bool = True
-) -> None:
+def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
     """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call.
 
-    ``trusted``: let Transformer Engine unpickle its delayed-scaling FP8 state (amax histories and scales), which
-    it refuses by default because a pickle can run code.
+    Like every torch checkpoint this unpickles data (torch.distributed.checkpoint's index and objects, Transformer
+    Engine's delayed-scaling FP8 state): load only checkpoints you trust.
     """
     from megatron.core import dist_checkpointing
 
@@ -302,18 +328,9 @@ def load_megatron_state(
     metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
     template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
     loaded = dist_checkpointing.load(template, str(directory))
-    with _te_extra_state_pickles_allowed(trusted):
-        try:
-            for name, module in modules.items():
-                module.load_state_dict(loaded[name])
-        except RuntimeError as err:
-            if "Refusing to load pickled Transformer Engine extra state" not in str(err):
-                raise
-            raise CheckpointError(
-                f"Checkpoint {directory} holds FP8 delayed-scaling state (amax histories, scales), which Transformer "
-                "Engine stores as a pickle and refuses to load from a checkpoint that is not trusted "
-                f"(weights_only=True). If you trust it, load it with weights_only=False. ({err})"
-            ) from err
+    with _te_extra_state_pickles_allowed():
+        for name, module in modules.items():
+            module.load_state_dict(loaded[name])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _requantize_fp8_weights_from_main_params(optimizer, modules)
@@ -344,11 +361,11 @@ def _is_quantized(param: torch.Tensor) -> bool:
 
 
 @contextmanager
-def _te_extra_state_pickles_allowed(allowed: bool) -> Iterator[None]:
-    """Transformer Engine's own opt-in (``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``), for this load only."""
+def _te_extra_state_pickles_allowed() -> Iterator[None]:
+    """Transformer Engine's opt-in for its pickled FP8 state (``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``), for
+    this load only: TE 2.20 refuses that state by default, including in checkpoints it wrote itself."""
     previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
-    if allowed:
-        os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
     try:
         yield
     finally:

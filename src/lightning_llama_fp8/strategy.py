@@ -357,8 +357,8 @@ class MegatronCPStrategy(ParallelStrategy):
         """Write a distributed checkpoint directory at ``filepath``; every rank calls it (ModelCheckpoint does).
 
         The Megatron model and optimizer go to Megatron's sharded format, everything else Lightning put into
-        ``checkpoint`` (loops, callbacks, LR scheduler, data position, the module's non-Megatron state) to
-        ``lightning.pt``. A ``weights_only`` save leaves the optimizer out.
+        ``checkpoint`` (loops, callbacks, LR scheduler, data position, the module's non-Megatron state, the state of
+        any other optimizer) to ``lightning.pt``. A ``weights_only`` save leaves the optimizers out.
         """
         if storage_options is not None:
             raise TypeError("MegatronCPStrategy.save_checkpoint does not take storage_options.")
@@ -366,7 +366,6 @@ class MegatronCPStrategy(ParallelStrategy):
         modules = self._megatron_models()
         optimizer = self._megatron_optimizer() if "optimizer_states" in checkpoint else None
         module_state = checkpoint.pop("state_dict", {})
-        checkpoint.pop("optimizer_states", None)
         checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in modules}
         arch = getattr(self.lightning_module, "arch", None)
         info = ckpt.CheckpointInfo(
@@ -388,22 +387,27 @@ class MegatronCPStrategy(ParallelStrategy):
                 (directory / ckpt.INFO_FILENAME).write_text(info.to_json())
 
         with self._parameters_gathered():
-            ckpt.save_directory_atomically(path, write, self.is_global_zero, self.barrier)
+            ckpt.save_directory_atomically(path, write, self.is_global_zero, self._first_failure)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizer) from
-        its shards, and return the rest for Lightning to restore.
+        """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizers) from
+        it, and return the rest for Lightning to restore.
 
-        A checkpoint counts as trusted unless ``weights_only=True`` (``trainer.fit(..., weights_only=True)``): then
-        Lightning's part is unpickled safely and Transformer Engine's delayed-scaling FP8 state, which TE stores as
-        a pickle, is refused by TE.
+        A distributed checkpoint holds pickled data (torch.distributed.checkpoint's index, Transformer Engine's FP8
+        state, Lightning's state): load only checkpoints you trust. ``weights_only=True`` cannot be honoured.
         """
+        if weights_only:
+            raise ckpt.CheckpointError(
+                "MegatronCPStrategy checkpoints cannot be loaded with weights_only=True: they hold pickled data "
+                "(torch.distributed.checkpoint's index, Transformer Engine's FP8 state). Load only trusted ones."
+            )
         path = Path(self.broadcast(str(checkpoint_path)))
         optimizer = self._megatron_optimizer()
         self.check_checkpoint(path, with_optimizer=optimizer is not None)
-        trusted = weights_only is not True
-        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group(), trusted)
-        return ckpt.load_lightning_state(path, weights_only=not trusted)
+        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group())
+        state = ckpt.load_lightning_state(path)
+        self._load_other_optimizers(state.get("optimizer_states") or [])
+        return state
 
     def check_checkpoint(self, path: str | os.PathLike[str], with_optimizer: bool) -> ckpt.CheckpointInfo:
         """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here."""
@@ -419,19 +423,49 @@ class MegatronCPStrategy(ParallelStrategy):
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         """Restore the module's state outside the Megatron model (which ``load_checkpoint`` already loaded)."""
-        rest = checkpoint.get("state_dict") or {}
-        if rest:
-            self.lightning_module.load_state_dict(rest, strict=False)
+        megatron = tuple(f"{name}." for name in self._megatron_models())
+        result = self.lightning_module.load_state_dict(checkpoint.get("state_dict") or {}, strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith(megatron)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"The checkpoint does not fit the module's non-Megatron state: missing {missing}, unexpected "
+                f"{result.unexpected_keys}. Set LightningModule.strict_loading = False to load it anyway."
+            )
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        """Nothing here: Megatron's ``state_dict()`` lacks the distributed optimizer's shards, so
-        :meth:`save_checkpoint` writes the optimizer in Megatron's sharded format instead."""
-        return {}
+        """A Megatron optimizer: nothing here (its ``state_dict()`` lacks the distributed shards;
+        :meth:`save_checkpoint` writes it in Megatron's sharded format). Any other optimizer: its ``state_dict()``,
+        kept in ``lightning.pt``."""
+        from megatron.core.optimizer import MegatronOptimizer
+
+        return {} if isinstance(optimizer, MegatronOptimizer) else optimizer.state_dict()
+
+    def _load_other_optimizers(self, states: list[dict[str, Any]]) -> None:
+        """Restore the optimizers that are not Megatron's from their saved ``state_dict()`` (when fitting)."""
+        from megatron.core.optimizer import MegatronOptimizer
+
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING or not states:
+            return
+        if len(states) != len(self.optimizers):
+            raise ckpt.CheckpointError(
+                f"The checkpoint has the state of {len(states)} optimizers, this run has {len(self.optimizers)}."
+            )
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            if not isinstance(optimizer, MegatronOptimizer):
+                optimizer.load_state_dict(state)
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it."""
         if self.is_global_zero:
             ckpt.remove_checkpoint_directory(Path(filepath))
+
+    def _first_failure(self, failure: str | None) -> str | None:
+        """Collective: the first rank's failure text, or None when every rank succeeded."""
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return failure
+        failures: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(failures, failure)
+        return next((text for text in failures if text is not None), None)
 
     @contextmanager
     def _parameters_gathered(self) -> Generator[None, None, None]:
@@ -468,7 +502,13 @@ class MegatronCPStrategy(ParallelStrategy):
 
         if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
             return None
-        return next((opt for opt in self.optimizers if isinstance(opt, MegatronOptimizer)), None)
+        megatron = [opt for opt in self.optimizers if isinstance(opt, MegatronOptimizer)]
+        if len(megatron) > 1:
+            raise ckpt.CheckpointError(
+                f"MegatronCPStrategy checkpoints one Megatron optimizer, the module has {len(megatron)}; return one "
+                "(get_megatron_optimizer chains several parameter groups into one) from configure_optimizers."
+            )
+        return megatron[0] if megatron else None
 
     # ------------------------------------------------------------------ validation around overlapped gathers
     def on_validation_start(self) -> None:
