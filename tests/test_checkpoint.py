@@ -549,3 +549,47 @@ def test_save_gathers_parameters_that_overlapped_gathers_left_stale() -> None:
         assert training.calls == ["disable(param_sync=True)"]
     assert training.calls == ["disable(param_sync=True)", "enable"]
     assert validating.calls == []
+
+
+def test_resume_position_wraps_at_the_epoch_lightning_uses(tmp_path: Path) -> None:
+    """With Trainer(limit_train_batches=2) an epoch is 2 batches however long the loader is: a checkpoint taken
+    after 2 batches resumes at the start of the next epoch, one taken after 1 batch at batch 1."""
+    from lightning_llama_fp8.data import ResumableDataLoader, ShardSampler
+
+    data = list(range(16))
+    sampler = ShardSampler(data, num_replicas=1, rank=0, batch_size=2)
+    loader = ResumableDataLoader(
+        data, batch_size=2, sampler=sampler, batches_done=lambda: 0, global_batch_size=2, epoch_length=lambda n: 2
+    )
+    loader.load_state_dict({"batches_done": 2, "global_batch_size": 2})
+    assert [b.tolist() for b in loader][:2] == [[0, 1], [2, 3]]
+    loader.load_state_dict({"batches_done": 1, "global_batch_size": 2})
+    assert next(iter(loader)).tolist() == [2, 3]
+    assert next(iter(loader)).tolist() == [0, 1]  # only the first pass after a resume starts part-way
+    with pytest.raises(ValueError, match=r"trained with global_batch_size 8, this run has 2"):
+        loader.load_state_dict({"batches_done": 1, "global_batch_size": 8})
+
+
+def test_resumed_schedule_follows_this_runs_settings() -> None:
+    """A run resumed with a longer schedule (decay over 8 steps instead of 4) keeps the step count and decays
+    over 8 (Megatron-LM's --override-opt_param-scheduler), instead of silently keeping the checkpoint's schedule."""
+    from types import SimpleNamespace
+
+    from lightning_llama_fp8 import LlamaLightningModule, OptimizerSettings
+
+    def scheduler(decay_steps: int) -> tuple[Any, dict[str, float]]:
+        group = {"max_lr": 3e-4, "min_lr": 3e-5, "lr": 0.0, "weight_decay": 0.1, "wd_mult": 1.0, "lr_mult": 1.0}
+        settings = OptimizerSettings(lr=3e-4, min_lr=3e-5, warmup_steps=1, decay_steps=decay_steps)
+        module = LlamaLightningModule(_tiny(), settings)
+        return module.lr_scheduler(SimpleNamespace(param_groups=[group])), group
+
+    saved, _ = scheduler(4)
+    for _ in range(3):
+        saved.step(increment=1)
+    resumed, group = scheduler(8)
+    resumed.load_state_dict(saved.state_dict())
+    reference, reference_group = scheduler(8)
+    for _ in range(3):
+        reference.step(increment=1)
+    assert resumed.num_steps == 3 and resumed.lr_decay_steps == 8
+    assert group["lr"] == pytest.approx(reference_group["lr"]) and group["lr"] > 3e-5

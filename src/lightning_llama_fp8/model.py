@@ -70,6 +70,7 @@ class LlamaLightningModule(LightningModule):
         self.val_loss = MeanMetric(sync_on_compute=False)
         self._last_step_end: float | None = None
         self.step_times: list[float] = []
+        self._lr_bounds: list[tuple[float, float]] | None = None  # per parameter group, set by configure_optimizers
         self.last_loss: Tensor | None = None  # this step's global per-token loss, set before the optimizer step
         self.last_local_loss: Tensor | None = None  # the same over this rank's tokens only
 
@@ -116,7 +117,6 @@ class LlamaLightningModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Megatron's (distributed) Adam over the DDP-wrapped model, and its LR/WD scheduler."""
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         strategy = self.trainer.strategy
         config = OptimizerConfig(
@@ -137,13 +137,26 @@ class LlamaLightningModule(LightningModule):
             **strategy.precision_plugin.optimizer_config_kwargs(),
         )
         optimizer = get_megatron_optimizer(config, [self.model])
+        # Each parameter group's peak/final LR as this run configures them; a checkpoint's optimizer state would
+        # bring back its own (on_load_checkpoint puts these back).
+        self._lr_bounds = [(group["max_lr"], group["min_lr"]) for group in optimizer.param_groups]
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    def lr_scheduler(self, optimizer: Any) -> Any:
+        """Megatron's LR/WD scheduler; on resume it keeps its step count and takes this run's settings.
+
+        ``override_opt_param_scheduler`` (Megatron-LM's ``--override-opt_param-scheduler``): a resumed run follows
+        the schedule of its own config (e.g. a larger ``max_steps`` stretches the decay), not the checkpoint's.
+        """
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
         decay_steps = self.optim.decay_steps or max(self.trainer.max_steps, 1)
         if self.optim.warmup_steps >= decay_steps:
             raise ValueError(
                 f"warmup_steps ({self.optim.warmup_steps}) must be smaller than decay_steps ({decay_steps}); "
                 "set optimizer.decay_steps or trainer.max_steps."
             )
-        scheduler = OptimizerParamScheduler(
+        return OptimizerParamScheduler(
             optimizer,
             init_lr=0.0,
             max_lr=self.optim.lr,
@@ -155,8 +168,20 @@ class LlamaLightningModule(LightningModule):
             end_wd=self.optim.weight_decay,
             wd_incr_steps=decay_steps,
             wd_incr_style="constant",
+            override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False,
         )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put this run's per-group LR bounds back after the optimizer state was loaded (Lightning calls this after
+        the strategy's ``load_checkpoint``, before it restores the LR scheduler, which then recomputes the LR)."""
+        bounds, optimizers = self._lr_bounds, self.trainer.strategy.optimizers
+        if bounds is None or not optimizers:
+            return
+        groups = optimizers[0].param_groups
+        if len(groups) == len(bounds):
+            for group, (max_lr, min_lr) in zip(groups, bounds, strict=True):
+                group["max_lr"], group["min_lr"] = max_lr, min_lr
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # Megatron's scheduler counts in optimizer steps here; training_step steps it after each update.

@@ -375,7 +375,13 @@ class MegatronCPStrategy(ParallelStrategy):
             context_parallel_size=self.layout.context_parallel_size,
             world_size=self.world_size,
             arch=asdict(arch) if arch is not None else {},
-            optimizer_sharding=self.checkpoint_optimizer_sharding if optimizer is not None else None,
+            optimizer_sharding=(
+                None
+                if optimizer is None
+                else self.checkpoint_optimizer_sharding
+                if self.use_distributed_optimizer
+                else "not_distributed"  # a plain Megatron optimizer's state follows the weights into any layout
+            ),
         )
 
         def write(directory: Path) -> None:

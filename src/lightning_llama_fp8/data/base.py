@@ -184,10 +184,18 @@ class ResumableDataLoader(DataLoader):
     global batch, as Megatron-LM does with its consumed-samples counter.
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int], global_batch_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        batches_done: Callable[[], int],
+        global_batch_size: int,
+        epoch_length: Callable[[int], int] = lambda batches: batches,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done
         self.global_batch_size = global_batch_size
+        self.epoch_length = epoch_length  # batches Lightning takes per epoch out of this loader's len()
 
     def state_dict(self) -> dict[str, int]:
         return {"batches_done": int(self.batches_done()), "global_batch_size": self.global_batch_size}
@@ -202,7 +210,7 @@ class ResumableDataLoader(DataLoader):
             )
         if not isinstance(self.sampler, ShardSampler):
             raise TypeError("ResumableDataLoader needs a ShardSampler to resume part-way.")
-        self.sampler.start_batch = int(state_dict["batches_done"]) % max(len(self), 1)
+        self.sampler.start_batch = int(state_dict["batches_done"]) % max(self.epoch_length(len(self)), 1)
 
 
 def _data_parallel_size_and_rank() -> tuple[int, int]:
@@ -399,8 +407,19 @@ class GPTDataModule(LightningDataModule):
         if name != "train":
             return DataLoader(dataset, **kwargs)
         return ResumableDataLoader(
-            dataset, batches_done=self._train_batches_done, global_batch_size=self.global_batch_size, **kwargs
+            dataset,
+            batches_done=self._train_batches_done,
+            global_batch_size=self.global_batch_size,
+            epoch_length=self._train_epoch_length,
+            **kwargs,
         )
+
+    def _train_epoch_length(self, batches: int) -> int:
+        """Batches per epoch out of ``batches``, after ``Trainer(limit_train_batches=...)`` (int or fraction)."""
+        limit = self.trainer.limit_train_batches if self.trainer is not None else 1.0
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            return min(batches, limit)
+        return int(batches * float(limit))
 
     def _train_batches_done(self) -> int:
         """Training steps finished in the current epoch (Lightning's progress counter; 0 without a Trainer)."""
