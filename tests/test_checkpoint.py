@@ -330,6 +330,7 @@ def test_remove_checkpoint_directory(tmp_path: Path) -> None:
     path.mkdir()
     (path / "x").write_text("x")
     path.with_name("step=2.ckpt.saving").mkdir()
+    path.with_name("step=2.ckpt.replaced").mkdir()
     ckpt.remove_checkpoint_directory(path)
     assert list(tmp_path.iterdir()) == []
 
@@ -593,3 +594,21 @@ def test_resumed_schedule_follows_this_runs_settings() -> None:
         reference.step(increment=1)
     assert resumed.num_steps == 3 and resumed.lr_decay_steps == 8
     assert group["lr"] == pytest.approx(reference_group["lr"]) and group["lr"] > 3e-5
+
+
+def test_changed_learning_rates_give_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Megatron pairs saved optimizer groups with the current ones by their LR settings and fails with a bare
+    KeyError/ValueError when they differ; the load says what to do instead."""
+    from megatron.core import dist_checkpointing
+
+    class ChangedGroups:
+        def sharded_state_dict(self, model_state: dict, is_loading: bool, metadata: dict) -> dict:
+            return {}
+
+        def load_state_dict(self, state: dict) -> None:
+            raise ValueError("Could not find parameter group with max_lr=0.0003")
+
+    monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
+    monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"optimizer": {}})
+    with pytest.raises(CheckpointError, match=r"optimizer state does not fit .* resume with the optimizer settings"):
+        ckpt.load_megatron_state(tmp_path, {}, ChangedGroups(), None)

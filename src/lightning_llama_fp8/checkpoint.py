@@ -217,7 +217,9 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
     ``<path>.saving`` behind and the old checkpoint untouched. If a save stopped between the two renames, the
     next save first moves the previous version back. ``agree(text_or_none)`` is a collective over all ranks that
     returns the first rank's failure text (or None): after each phase every rank learns whether any rank failed,
-    and all raise together instead of some waiting forever for the others at the next collective.
+    and all raise together instead of some waiting for the others at the next collective. (A failure inside one of
+    Megatron's own collectives during ``write`` that hits rank 0 alone still ends only at the process-group
+    timeout; the write probe in the first phase catches the common cause, a file system rank 0 cannot write.)
     """
     tmp = path.with_name(path.name + ".saving")
     old = path.with_name(path.name + ".replaced")
@@ -229,6 +231,9 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
             if leftover.exists():
                 shutil.rmtree(leftover)
         tmp.mkdir(parents=True)
+        probe = tmp / ".write_probe"  # a read-only or full file system fails here, before Megatron's collectives
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
 
     def publish() -> None:
         if path.is_dir() and not path.is_symlink():
@@ -260,8 +265,8 @@ def _run_and_agree(step: Any, agree: Any) -> None:
 
 
 def remove_checkpoint_directory(path: Path) -> None:
-    """Delete a checkpoint directory (or a file/link of that name) and any unfinished save of it."""
-    for target in (path, path.with_name(path.name + ".saving")):
+    """Delete a checkpoint directory (or a file/link of that name) and any unfinished save or set-aside copy."""
+    for target in (path, path.with_name(path.name + ".saving"), path.with_name(path.name + ".replaced")):
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
@@ -332,7 +337,14 @@ def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], op
         for name, module in modules.items():
             module.load_state_dict(loaded[name])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except (KeyError, ValueError) as err:  # Megatron pairs saved and current parameter groups by their settings
+            raise CheckpointError(
+                f"Checkpoint {directory}: its optimizer state does not fit this run's parameter groups ({err!r}). "
+                "Megatron pairs them by learning rate, min_lr, decoupled_lr and weight decay: resume with the "
+                "optimizer settings the checkpoint was trained with (its lightning.pt holds them as hyper-parameters)."
+            ) from err
         _requantize_fp8_weights_from_main_params(optimizer, modules)
 
 

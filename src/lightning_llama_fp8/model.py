@@ -70,7 +70,6 @@ class LlamaLightningModule(LightningModule):
         self.val_loss = MeanMetric(sync_on_compute=False)
         self._last_step_end: float | None = None
         self.step_times: list[float] = []
-        self._lr_bounds: list[tuple[float, float]] | None = None  # per parameter group, set by configure_optimizers
         self.last_loss: Tensor | None = None  # this step's global per-token loss, set before the optimizer step
         self.last_local_loss: Tensor | None = None  # the same over this rank's tokens only
 
@@ -137,16 +136,15 @@ class LlamaLightningModule(LightningModule):
             **strategy.precision_plugin.optimizer_config_kwargs(),
         )
         optimizer = get_megatron_optimizer(config, [self.model])
-        # Each parameter group's peak/final LR as this run configures them; a checkpoint's optimizer state would
-        # bring back its own (on_load_checkpoint puts these back).
-        self._lr_bounds = [(group["max_lr"], group["min_lr"]) for group in optimizer.param_groups]
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
     def lr_scheduler(self, optimizer: Any) -> Any:
         """Megatron's LR/WD scheduler; on resume it keeps its step count and takes this run's settings.
 
         ``override_opt_param_scheduler`` (Megatron-LM's ``--override-opt_param-scheduler``): a resumed run follows
-        the schedule of its own config (e.g. a larger ``max_steps`` stretches the decay), not the checkpoint's.
+        the schedule of its own config (warmup and decay steps, e.g. a larger ``max_steps`` stretches the decay), not
+        the checkpoint's. The learning rates themselves (``lr``, ``min_lr``, ``decoupled_lr``, ...) must stay those
+        of the checkpoint: Megatron matches the saved optimizer state to parameter groups by them.
         """
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -171,17 +169,6 @@ class LlamaLightningModule(LightningModule):
             override_opt_param_scheduler=True,
             use_checkpoint_opt_param_scheduler=False,
         )
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put this run's per-group LR bounds back after the optimizer state was loaded (Lightning calls this after
-        the strategy's ``load_checkpoint``, before it restores the LR scheduler, which then recomputes the LR)."""
-        bounds, optimizers = self._lr_bounds, self.trainer.strategy.optimizers
-        if bounds is None or not optimizers:
-            return
-        groups = optimizers[0].param_groups
-        if len(groups) == len(bounds):
-            for group, (max_lr, min_lr) in zip(groups, bounds, strict=True):
-                group["max_lr"], group["min_lr"] = max_lr, min_lr
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # Megatron's scheduler counts in optimizer steps here; training_step steps it after each update.

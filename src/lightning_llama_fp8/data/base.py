@@ -417,8 +417,8 @@ class GPTDataModule(LightningDataModule):
     def _train_epoch_length(self, batches: int) -> int:
         """Batches per epoch out of ``batches``, after ``Trainer(limit_train_batches=...)`` (int or fraction)."""
         limit = self.trainer.limit_train_batches if self.trainer is not None else 1.0
-        if isinstance(limit, int) and not isinstance(limit, bool):
-            return min(batches, limit)
+        if isinstance(limit, int):  # Lightning counts True as 1 batch, as here
+            return min(batches, int(limit))
         return int(batches * float(limit))
 
     def _train_batches_done(self) -> int:
