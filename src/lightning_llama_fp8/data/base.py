@@ -277,6 +277,7 @@ class GPTDataModule(LightningDataModule):
             num_workers: DataLoader worker processes per rank (0 loads in the main process).
         """
         super().__init__()
+        self.save_hyperparameters()  # a subclass with arguments of its own calls it again from its __init__
         self.seq_length = seq_length
         self.vocab_size = vocab_size
         self.global_batch_size = global_batch_size

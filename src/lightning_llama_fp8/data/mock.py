@@ -62,25 +62,6 @@ class MockDataModule(GPTDataModule):
     data are mock (``blend=None``), so it has no effect on the data.
     """
 
-    def __init__(
-        self,
-        seq_length: int = 8192,
-        vocab_size: int = 128256,
-        global_batch_size: int = 128,
-        micro_batch_size: int = 1,
-        train_samples: int | None = None,
-        val_samples: int | None = None,
-        split: str = "949,50,1",
-        seed: int = 1234,
-        num_workers: int = 2,
-    ) -> None:
-        """See :class:`~lightning_llama_fp8.data.base.GPTDataModule` for the arguments."""
-        super().__init__(
-            seq_length, vocab_size, global_batch_size, micro_batch_size, train_samples, val_samples, split, seed,
-            num_workers,
-        )  # fmt: skip
-        self.save_hyperparameters()
-
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Megatron-LM's ``--mock-data``: builds on every rank, in well under a second, nothing written to disk."""
         # Exactly Megatron-LM's --mock-data: MegatronTokenizer with the null-text library (its
