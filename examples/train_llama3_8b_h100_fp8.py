@@ -16,7 +16,7 @@ import os
 # The recipe sets this so communication kernels are issued in order; it must precede CUDA initialisation.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_llama_fp8 import (
@@ -63,6 +63,11 @@ def main() -> None:
         decoupled_lr=5e-4,  # --decoupled-lr (embedding and output layer)
         decoupled_min_lr=4.5e-5,  # --decoupled-min-lr
     )
+    callbacks: list[Callback] = [ManualGC()]
+    if args.save_interval > 0:  # the recipe's --save-interval / --save; keep every checkpoint, link the newest
+        every = args.save_interval
+        saver = ModelCheckpoint(args.checkpoint_dir, every_n_train_steps=every, save_top_k=-1, save_last="link")
+        callbacks.append(saver)
     trainer = Trainer(
         accelerator="gpu",
         devices=args.devices,
@@ -82,21 +87,7 @@ def main() -> None:
                 fp8_param_gather=True,
             )
         ],
-        callbacks=[
-            ManualGC(),
-            *(
-                [
-                    ModelCheckpoint(
-                        dirpath=args.checkpoint_dir,
-                        every_n_train_steps=args.save_interval,
-                        save_top_k=-1,
-                        save_last="link",
-                    )
-                ]
-                if args.save_interval > 0
-                else []
-            ),
-        ],
+        callbacks=callbacks,
         max_steps=args.max_steps,
         val_check_interval=2000,
         num_sanity_val_steps=0,

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_llama_fp8.checkpoint import CheckpointError, check_can_resume, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig, get_preset
 from lightning_llama_fp8.data import GPTDataModule
-from lightning_llama_fp8.data.indexed import check_corpus, parse_data_path
+from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
@@ -139,9 +139,7 @@ def check_data_from_config(config: dict[str, Any]) -> None:
     if _class_name(data) != "IndexedDataModule":
         return
     try:
-        prefixes, _ = parse_data_path(_init_args(data).get("data_path") or [])
-        for prefix in prefixes:
-            check_corpus(prefix)
+        IndexedDataModule(**{"data_path": [], **_init_args(data)}).check_files()  # building it reads nothing
     except (FileNotFoundError, ValueError) as err:
         print(f"Not training: {err}", file=sys.stderr)
         raise SystemExit(EXIT_CANNOT_TRAIN) from None

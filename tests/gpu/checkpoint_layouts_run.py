@@ -24,10 +24,9 @@ from lightning_llama_fp8 import (
     MegatronCPStrategy,
     MegatronPrecision,
     MockDataModule,
-    OptimizerSettings,
     TEFP8Precision,
 )
-from tests.gpu.probes import StepProbe
+from tests.gpu.probes import StepProbe, short_run_optimizer
 
 STEPS, SAVE_EVERY, GBS = 8, 4, 8
 ARCH = small_arch(num_layers=4, seq_length=2048)
@@ -71,7 +70,7 @@ def main() -> None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    optim = OptimizerSettings(lr=1.5e-5, min_lr=1e-6, warmup_steps=2, decay_steps=STEPS, decoupled_lr=5e-5)
+    optim = short_run_optimizer(STEPS)
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
     ckpt_path = args.ckpt_dir / f"epoch=0-step={SAVE_EVERY}.ckpt" if args.phase == "resume" else None
     trainer.fit(LlamaLightningModule(ARCH, optim), datamodule=data, ckpt_path=ckpt_path)

@@ -27,6 +27,15 @@ def fingerprint(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().float().double().sum() for p in module.parameters()]).cpu()
 
 
+def short_run_optimizer(steps: int) -> Any:
+    """The recipe's optimizer with every learning rate x 0.1 (lr 1.5e-5, min 1e-6, decoupled 5e-5), warmup 2, decay
+    over ``steps``: on mock data the loss then stays well above zero for a short run, so relative gaps mean
+    something."""
+    from lightning_llama_fp8 import OptimizerSettings
+
+    return OptimizerSettings(lr=1.5e-5, min_lr=1e-6, warmup_steps=2, decay_steps=steps, decoupled_lr=5e-5)
+
+
 def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback], **overrides: Any) -> Trainer:
     """A quiet one-GPU Trainer with ``MegatronCPStrategy``: by default training only (no validation, logger or
     checkpoints); ``overrides`` replace any of these Trainer arguments."""

@@ -25,7 +25,7 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
     read_checkpoint_info,
 )
-from tests.gpu.probes import StepProbe, one_gpu_trainer
+from tests.gpu.probes import StepProbe, one_gpu_trainer, short_run_optimizer
 
 STEPS, SAVE_EVERY, GBS = 8, 4, 4
 ARCH = small_arch(num_layers=4, seq_length=2048)
@@ -39,7 +39,7 @@ def _train(ckpt_dir: Path, ckpt_path: Path | None = None) -> tuple[LlamaLightnin
     probe = StepProbe()
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_EVERY, save_top_k=-1)
     trainer = one_gpu_trainer(TEFP8Precision(fp8_param_gather=True), STEPS, [probe, saver], enable_checkpointing=True)
-    optim = OptimizerSettings(lr=1.5e-5, min_lr=1e-6, warmup_steps=2, decay_steps=STEPS, decoupled_lr=5e-5)
+    optim = short_run_optimizer(STEPS)
     module = LlamaLightningModule(ARCH, optim)
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
     start = time.perf_counter()

@@ -23,11 +23,10 @@ from lightning_llama_fp8 import (
     LlamaLightningModule,
     MegatronPrecision,
     MockDataModule,
-    OptimizerSettings,
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import FaultInjector, NaNGuard, NonFiniteTrainingError
-from tests.gpu.probes import StepProbe, fingerprint, one_gpu_trainer
+from tests.gpu.probes import StepProbe, fingerprint, one_gpu_trainer, short_run_optimizer
 
 STEPS, FAULT_STEP, GBS = 12, 5, 4
 ARCH = small_arch(num_layers=4, seq_length=2048)  # the ~60M-parameter Llama of the layout-equivalence runs
@@ -46,7 +45,7 @@ def train(plugin: Any, callbacks: list[Callback], steps: int = STEPS) -> tuple[L
     seed_everything(1234)
     probe = StepProbe()
     trainer = one_gpu_trainer(plugin, steps, [*callbacks, probe])
-    optim = OptimizerSettings(lr=1.5e-5, min_lr=1e-6, warmup_steps=2, decay_steps=steps, decoupled_lr=5e-5)
+    optim = short_run_optimizer(steps)
     module = LlamaLightningModule(ARCH, optim)
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
     with contextlib.suppress(NonFiniteTrainingError):  # the raise policy; callers check the guard's state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -116,21 +117,12 @@ class IndexedDataModule(GPTDataModule):
     def __init__(
         self,
         data_path: list[str | float] | str,
-        seq_length: int = 8192,
-        vocab_size: int = 128256,
-        global_batch_size: int = 128,
-        micro_batch_size: int = 1,
-        train_samples: int | None = None,
-        val_samples: int | None = None,
-        split: str = "969,30,1",
-        seed: int = 1234,
-        num_workers: int = 2,
         path_to_cache: str | None = None,
+        split: str = "969,30,1",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            seq_length, vocab_size, global_batch_size, micro_batch_size, train_samples, val_samples, split, seed,
-            num_workers,
-        )  # fmt: skip
+        """``kwargs``: :class:`~lightning_llama_fp8.data.base.GPTDataModule`'s arguments (LightningCLI lists them)."""
+        super().__init__(split=split, **kwargs)
         self.save_hyperparameters()
         self.data_path = data_path
         self.path_to_cache = path_to_cache
