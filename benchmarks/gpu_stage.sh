@@ -6,7 +6,7 @@
 #
 # Stages (GPUs needed; wall time measured on H200 unless marked as an estimate):
 #   equivalence-2   (2) issue 3: 1-GPU references + TP2, CP2 p2p/a2a/all_gather, DP2 in BF16 and FP8  (~9 min)
-#   equivalence-4   (4) issue 3: the references + DP2, TP2 x CP2, CP2 x DP2 only                     (~7 min est.)
+#   equivalence-4   (4) issue 3: the references + DP2, TP2 x CP2, CP2 x DP2 only                     (~8.6 min)
 #   speed-2         (2) issue 3: ours vs Megatron-LM, FP8, CP2 and TP2+SP, 4 layers                    (~5 min)
 #   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~4.6 min)
 #   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
