@@ -46,6 +46,17 @@ def test_fp8_on_a_machine_without_fp8_fails_first() -> None:
     assert not torch.distributed.is_initialized()
 
 
+def test_cpu_initialization_of_fp8_weights_fails_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on an FP8 GPU: the support check passes, so the combination itself must be refused.
+    monkeypatch.setattr("lightning_llama_fp8.precision.fp8_support", lambda *args, **kwargs: (True, ""))
+    with pytest.raises(ValueError, match=r"use_cpu_initialization=False .* or fp8_param_gather=False"):
+        _fit(TEFP8Precision(fp8_param_gather=True), use_cpu_initialization=True)
+    assert not torch.distributed.is_initialized()
+    strategy = MegatronCPStrategy()  # the GPU init (default) with FP8 weights passes the same check
+    strategy.precision_plugin = TEFP8Precision(fp8_param_gather=True)
+    strategy._check_precision_plugin()
+
+
 def test_layout_that_cannot_work_fails_first() -> None:
     with pytest.raises(ValueError, match="num_attention_heads 8 is not divisible by TP 3"):
         _fit(MegatronPrecision(), tensor_model_parallel_size=3)

@@ -66,7 +66,7 @@ class MegatronCPStrategy(ParallelStrategy):
         use_cpu_initialization: draw every full weight on the CPU from one seed and give each TP rank its slice,
             so any TP size starts from exactly the weights of one GPU (for reproducing runs across layouts). Off:
             each TP rank draws its own slice on the GPU (Megatron's default, much faster for big models). Always
-            on when training on CPU.
+            on when training on CPU. Not with FP8 weights (``TEFP8Precision(fp8_param_gather=True)``).
         seed: seed for Megatron's model-parallel RNG streams (defaults to Lightning's global seed or 1234).
         checkpoint_optimizer_sharding: how checkpoints store the distributed optimizer's state:
             ``dp_reshardable`` (Megatron-LM's default: every rank writes its own shard, no gathering; resumes with
@@ -240,6 +240,14 @@ class MegatronCPStrategy(ParallelStrategy):
                 "for BF16 (and leave Trainer(precision=...) unset)."
             )
         plugin.check_supported()
+        if self.use_cpu_initialization and plugin.ddp_config_kwargs().get("fp8_param_gather"):
+            # Megatron's CPU init copies each full weight into the TE module's FP8 weight; with TE 2.20 that copy
+            # ends in an illegal memory access (benchmarks/results/2026-11-28-h200x4-s5/checkpoints_dp2/).
+            raise ValueError(
+                "MegatronCPStrategy(use_cpu_initialization=True) cannot initialise FP8 weights "
+                "(TEFP8Precision(fp8_param_gather=True)): Megatron's CPU init crashes filling them. Turn one off: "
+                "use_cpu_initialization=False (the default) or fp8_param_gather=False."
+            )
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout fields of the model's ``TransformerConfig``."""

@@ -6,7 +6,9 @@ checkpoints every 4 steps; ``resume``: load the step-4 checkpoint into the given
 Both write ``<out>/<name>.json`` (rank 0): per-step losses and the Trainer's final step.
 
     torchrun --nproc_per_node 2 -m tests.gpu.checkpoint_layouts_run save|resume --tp 1 --cp 2 \
-        --precision bf16 --ckpt-dir DIR --out DIR --name NAME
+        --precision bf16 --ckpt-dir DIR --out DIR --name NAME [--devices 1] [--sharding dp_reshardable]
+
+Data parallel size = devices / (tp x cp).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    parser.add_argument("--fp8-weights", action="store_true", help="FP8 weights (fp8_param_gather=True)")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--sharding", choices=("dp_reshardable", "fully_reshardable"), default="fully_reshardable")
     parser.add_argument("--ckpt-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", required=True)
@@ -49,16 +54,18 @@ def main() -> None:
         tensor_model_parallel_size=args.tp,
         context_parallel_size=args.cp,
         sequence_parallel=args.tp > 1,
-        use_cpu_initialization=True,  # the same full weights for every layout (irrelevant once resumed)
-        checkpoint_optimizer_sharding="fully_reshardable",  # what lets the optimizer state change layout
+        # The same full weights for every layout (irrelevant once resumed). Megatron's CPU init cannot fill FP8
+        # weights (illegal memory access in TE's quantize, seen on H200), so FP8 weights start from the GPU init.
+        use_cpu_initialization=not args.fp8_weights,
+        checkpoint_optimizer_sharding=args.sharding,  # fully_reshardable lets the optimizer state change TP/CP
     )
-    plugin = TEFP8Precision() if args.precision == "fp8" else MegatronPrecision()
+    plugin = TEFP8Precision(fp8_param_gather=args.fp8_weights) if args.precision == "fp8" else MegatronPrecision()
     callbacks = [probe]
     if args.phase == "save":
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=SAVE_EVERY, save_top_k=-1))
     trainer = Trainer(
         accelerator="gpu",
-        devices=2,
+        devices=args.devices,
         strategy=strategy,
         plugins=[plugin],
         max_steps=STEPS,
@@ -76,7 +83,9 @@ def main() -> None:
     trainer.fit(LlamaLightningModule(ARCH, optim), datamodule=data, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         args.out.mkdir(parents=True, exist_ok=True)
-        result = {"losses": probe.losses, "global_step": trainer.global_step, "tp": args.tp, "cp": args.cp}
+        dp = args.devices // (args.tp * args.cp)
+        result = {"losses": probe.losses, "global_step": trainer.global_step, "tp": args.tp, "cp": args.cp, "dp": dp}
+        result["weight_fingerprints"] = [f.tolist() for f in probe.fingerprints]  # rank 0's weights, step start
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
 
 
