@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 8 examples/train_llama3_8b_h100_fp8.py            # 8 x H100, TP1 CP2 DP4
     python examples/train_llama3_8b_h100_fp8.py                                  # Lightning launches 8 processes
-    python examples/train_llama3_8b_h100_fp8.py --devices 1 --num-layers 4 --global-batch-size 8 --max-steps 50
+    python examples/train_llama3_8b_h100_fp8.py --devices 1 --context-parallel-size 1 --num-layers 4 \
+        --global-batch-size 8 --max-steps 50
     torchrun --nproc_per_node 8 examples/train_llama3_8b_h100_fp8.py --resume last  # continue from the newest save
 
 The same run from YAML: ``llama-fp8 fit --config examples/configs/llama3_8b_h100_fp8.yaml``.
@@ -89,7 +90,8 @@ def main() -> None:
         ],
         callbacks=callbacks,
         max_steps=args.max_steps,
-        val_check_interval=2000,
+        val_check_interval=100,  # --eval-interval 100
+        check_val_every_n_epoch=None,  # count the interval in steps across the run, as Megatron-LM does
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_checkpointing=args.save_interval > 0,

@@ -19,12 +19,20 @@ find_python() {
 }
 
 PY="$(find_python)"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -x .venv/bin/python ] && ! "$PY" -m venv .venv; then
+  rm -rf .venv
+  echo "scripts/setup.sh: '$PY -m venv' failed; on Debian/Ubuntu install the venv module (apt install python3.12-venv)" >&2
+  exit 1
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "scripts/setup.sh: installing lightning-llama-fp8 with torch 2.11.0 (about 3 GB the first time)"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 if command -v nvidia-smi >/dev/null 2>&1 && [ "${SKIP_TE:-0}" != 1 ]; then
   echo "scripts/setup.sh: NVIDIA GPU found; installing Transformer Engine (compiles against torch, takes minutes)"
-  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "transformer-engine[pytorch]>=2.8"
+  # Not fatal: without TE, `llama-fp8 fit` still prints the plan and says what is missing (exit status 2).
+  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "transformer-engine[pytorch]>=2.8" ||
+    echo "scripts/setup.sh: Transformer Engine did not install (see pip's error above). It compiles against torch's" \
+      "CUDA 13.0 and needs that CUDA toolkit (nvcc) and cuDNN headers; or train in NVIDIA's PyTorch container," \
+      "which ships TE. Training refuses to start until TE imports." >&2
 fi
 echo "scripts/setup.sh: ready ($(.venv/bin/python -c 'import torch, lightning, megatron.core as m; print(f"torch {torch.__version__}, lightning {lightning.__version__}, megatron-core {m.__version__}")' 2>/dev/null | tail -1))"

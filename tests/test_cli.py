@@ -120,6 +120,13 @@ def test_only_fit_and_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert excinfo.value.code != 0
 
 
+def test_help_names_the_plan_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--help"])
+    assert excinfo.value.code in (0, None)
+    assert "llama-fp8 plan --config" in " ".join(capsys.readouterr().out.split())
+
+
 # ---------------------------------------------------------------------------------------------- pre-flight
 @no_gpu
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -315,3 +322,22 @@ def test_example_script_parses_its_arguments() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--context-parallel-size" in result.stdout and "--global-batch-size" in result.stdout
     assert "--resume" in result.stdout and "--save-interval" in result.stdout
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_validation_schedule_allows_a_short_run(path: Path) -> None:
+    """``--trainer.max_steps 5`` on an example config must not trip Lightning's check that ``val_check_interval`` fits
+    in one epoch (raised after the model is built): the configs count the interval over the run, as Megatron-LM's
+    ``--eval-interval`` does. Runs Lightning's loop with the configs' validation settings on a toy module."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    trainer_config = yaml.safe_load(path.read_text())["trainer"]
+    schedule = {key: trainer_config[key] for key in ("val_check_interval", "check_val_every_n_epoch")}
+    assert isinstance(schedule["val_check_interval"], int) and schedule["val_check_interval"] > 5
+    trainer = Trainer(
+        accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=5, **schedule,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert trainer.global_step == 5

@@ -183,6 +183,15 @@ def test_fp8_support_without_gpu() -> None:
 
 
 @no_gpu
+@pytest.mark.parametrize("cuda,hint", [(None, "CPU-only build"), ("13.0", "driver >= 580")])
+def test_fp8_support_without_gpu_says_why_torch_sees_none(
+    cuda: str | None, hint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    assert hint in fp8_support()[1]
+
+
+@no_gpu
 def test_check_supported_raises_clear_error() -> None:
     plugin = TEFP8Precision()
     with pytest.raises(FP8UnavailableError) as excinfo:

@@ -3,10 +3,11 @@
 Public API::
 
     from lightning_llama_fp8 import (
-        LlamaLightningModule, LlamaConfig, OptimizerSettings, MegatronCPStrategy,
-        TEFP8Precision, MegatronPrecision, MockDataModule, ParallelLayout, validate_layout,
-        CheckpointError, read_checkpoint_info, IndexedDataModule, GPTDataModule,
+        LlamaLightningModule, LlamaConfig, OptimizerSettings, get_preset, PRESETS, MegatronCPStrategy,
+        TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, GPTDataModule,
+        ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo, read_checkpoint_info,
     )
+    from lightning_llama_fp8.callbacks import NaNGuard, NonFiniteTrainingError, FP8StatsMonitor, FaultInjector, ManualGC
 """
 
 from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info

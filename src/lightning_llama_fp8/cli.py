@@ -237,6 +237,13 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
+DESCRIPTION = (
+    "Train Megatron-Core Llama 3 with Transformer Engine FP8 through Lightning: `llama-fp8 fit|validate --config "
+    "CONFIG.yaml`. Also `llama-fp8 plan --config CONFIG.yaml` (or `plan --help`): the layout check, parameters, "
+    "memory per GPU and FLOPs of a config, on any machine."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama-fp8``; ``argv`` defaults to the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         subclass_mode_data=True,
         args=argv,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
     )
     return 0
 

@@ -461,7 +461,7 @@ def fp8_support(recipe: str = "delayed", fp8_attention: bool = False) -> tuple[b
     """
     recipe = resolve_recipe(recipe)
     if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)."
+        return False, _no_gpu_reason()
     name = torch.cuda.get_device_name()
     major, minor = torch.cuda.get_device_capability()
     gpu = f"{name} (compute capability {major}.{minor})"
@@ -490,6 +490,18 @@ def fp8_support(recipe: str = "delayed", fp8_attention: bool = False) -> tuple[b
         return False, f"{too_old} (on {gpu})."
     with_attention = " with FP8 attention" if fp8_attention else ""
     return True, f"{gpu} supports {recipe} FP8{with_attention} ({te_name})."
+
+
+def _no_gpu_reason() -> str:
+    reason = "no CUDA GPU is visible (torch.cuda.is_available() is False)."
+    if torch.version.cuda is None:
+        return f"{reason[:-1]}; this torch {torch.__version__} is a CPU-only build."
+    # The usual cause on a machine that does have GPUs: a driver older than torch's CUDA needs.
+    return (
+        f"{reason[:-1]}; this torch {torch.__version__} is built for CUDA {torch.version.cuda}: if the machine has "
+        "NVIDIA GPUs, check that nvidia-smi lists them and that the driver supports that CUDA version (CUDA 13.0 "
+        "needs driver >= 580)."
+    )
 
 
 def _te_too_old(version: Version | None, minimum: str | None, what: str) -> str | None:
