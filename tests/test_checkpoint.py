@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, check_can_resume, read_checkpoint_info
@@ -430,6 +431,7 @@ def _config(ckpt_path: Path, arch: str = "llama_tiny", tp: int = 1) -> dict[str,
     return {
         "trainer": {
             "devices": 1,
+            "max_steps": 1000,
             "strategy": {
                 "class_path": "lightning_llama_fp8.MegatronCPStrategy",
                 "init_args": {"tensor_model_parallel_size": tp},
@@ -612,3 +614,21 @@ def test_changed_learning_rates_give_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"optimizer": {}})
     with pytest.raises(CheckpointError, match=r"optimizer state does not fit .* resume with the optimizer settings"):
         ckpt.load_megatron_state(tmp_path, {}, ChangedGroups(), None)
+
+
+def test_cli_refuses_a_file_ckpt_path_without_loading_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LightningCLI would torch.load a file ckpt_path (weights_only=True) right after parsing; a file holding
+    anything but plain tensors then fails with an unpickling error. The CLI says what is wrong instead."""
+    from lightning_llama_fp8 import cli
+
+    file = tmp_path / "lightning.pt"
+    torch.save({"hyper_parameters": {"arch": get_preset("llama_tiny")}}, file)  # what weights_only refuses
+    config = tmp_path / "config.yaml"
+    settings = {k: v for k, v in _config(file).items() if k not in ("ckpt_path", "data")}
+    settings["model"] = {"arch": "llama_tiny"}
+    settings["data"] = {"class_path": "lightning_llama_fp8.MockDataModule", "init_args": {"global_batch_size": 4}}
+    config.write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["fit", "--config", str(config), "--ckpt_path", str(file)])
+    assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
+    assert "is a file, but MegatronCPStrategy checkpoints are directories" in capsys.readouterr().err

@@ -341,3 +341,35 @@ def test_example_validation_schedule_allows_a_short_run(path: Path) -> None:
     )  # fmt: skip
     trainer.fit(BoringModel())
     assert trainer.global_step == 5
+
+
+@pytest.mark.parametrize(
+    "devices,expected", [(2, 2), ("2", 2), ("0,1", 2), ("3,", 1), ([0, 1, 2], 3), ("-1", None), ("auto", None)]
+)
+@no_gpu
+def test_gpu_count_read_like_lightning(devices: Any, expected: int | None) -> None:
+    assert cli._gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("data", "seq_length", 4096), r"data.seq_length \(4096\) differs from model.arch.seq_length \(8192\)"),
+        (("optimizer", "decay_steps", 100), r"warmup_steps \(30518\) must be smaller than decay_steps \(100\)"),
+        (("trainer", "devices", 0), r"trainer.devices must be >= 1"),
+    ],
+)
+def test_fit_preflight_refuses_configs_that_cannot_work(
+    change: tuple[str, str, Any], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    section, key, value = change
+    target = {"data": config["data"]["init_args"], "optimizer": config["model"]["optimizer"]}.get(section)
+    target = config[section] if target is None else target
+    target[key] = value
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config, fitting=True)
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    assert re.search(message, capsys.readouterr().err)

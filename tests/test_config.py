@@ -369,3 +369,46 @@ def test_resolve_arch() -> None:
     assert resolve_arch("llama3_2_3b") == get_preset("llama3_2_3b")
     with pytest.raises(ValueError, match="Unknown Llama preset"):
         resolve_arch("nope")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"num_layers": 0}, r"sizes must be >= 1; got num_layers=0"),
+        ({"kv_channels": 0, "make_vocab_size_divisible_by": 0}, r"kv_channels=0, make_vocab_size_divisible_by=0"),
+        ({"num_query_groups": 3}, r"num_attention_heads \(32\) must be a multiple of num_query_groups \(3\)"),
+        ({"norm_epsilon": 0.0}, r"norm_epsilon, init_method_std and rope_scaling_factor must be > 0"),
+    ],
+)
+def test_llama_config_refuses_shapes_megatron_cannot_build(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lr": 0.0}, r"lr must be > 0"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be in \[0, lr=0.0001\]"),
+        ({"weight_decay": -0.1}, r"weight_decay and clip_grad must be >= 0"),
+        ({"adam_beta2": 1.0}, r"adam_beta1/adam_beta2 must be in \[0, 1\)"),
+        ({"decay_style": "cosin"}, r"decay_style must be one of cosine, linear"),
+        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be in \[0, decoupled_lr\]"),
+    ],
+)
+def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, message: str) -> None:
+    from lightning_llama_fp8 import OptimizerSettings
+
+    with pytest.raises(ValueError, match=message):
+        OptimizerSettings(**overrides)
+
+
+def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
+    from lightning_llama_fp8 import OptimizerSettings
+
+    assert OptimizerSettings(warmup_steps=10).check_schedule(50) == 50
+    assert OptimizerSettings(warmup_steps=10, decay_steps=20).check_schedule(-1) == 20
+    with pytest.raises(ValueError, match=r"trainer.max_steps, which is not set"):
+        OptimizerSettings().check_schedule(-1)
+    with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than decay_steps \(50\)"):
+        OptimizerSettings().check_schedule(50)

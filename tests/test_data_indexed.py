@@ -114,6 +114,10 @@ def test_parse_data_path_forms() -> None:
     assert parse_data_path(["a"]) == (["a"], None)
     with pytest.raises(ValueError, match="data_path is empty"):
         parse_data_path([])
+    # megatron-core's BlendedDataset asserts (no message) on a zero weight
+    for weights in ("0 a 1 b", "-1 a 2 b"):
+        with pytest.raises(ValueError, match=r"weights must be positive.*leave a corpus out"):
+            parse_data_path(weights)
 
 
 @pytest.mark.parametrize("damage", ["no_idx", "no_bin", "header", "truncated_bin", "truncated_idx"])

@@ -130,6 +130,13 @@ def test_check_split_sizes_other_failures() -> None:
         check_split_sizes(1000, "0,0,0", [8, 8, 0])
 
 
+@pytest.mark.parametrize("split", ["90,5,3,2", "98,-2,0", "a,b", "", "0,0"])
+def test_malformed_split_is_refused_when_the_datamodule_is_made(split: str) -> None:
+    # megatron-core would assert on four fields and read "98,-2,0" as 98,2,0.
+    with pytest.raises(ValueError, match=r"Invalid split .*expected 1 to 3 comma-separated non-negative weights"):
+        MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, split=split)
+
+
 def test_setup_rejects_tiny_mock_corpus_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
     """Megatron forces split 1,1,1 for mock data: 2 documents leave validation with none."""
     monkeypatch.setattr(MockGPTLowLevelDataset, "size", 2)

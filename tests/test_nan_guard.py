@@ -133,6 +133,16 @@ def test_bad_arguments_are_rejected() -> None:
         NaNGuard(policy="skip", bf16_steps_after_rollback=2)
 
 
+def test_bad_report_dir_and_pattern_are_rejected_when_built(tmp_path: Path) -> None:
+    # Not at the first bad step, where the run the guard should rescue would die of it.
+    file = tmp_path / "reports"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"report_dir .*reports is a file; give a directory"):
+        NaNGuard(report_dir=file)
+    with pytest.raises(ValueError, match=r"watch_outputs 'layers\(' is not a regular expression: missing \)"):
+        NaNGuard(watch_outputs="layers(")
+
+
 def test_bf16_window_needs_a_plugin_that_can_switch_fp8_off(tmp_path: Path) -> None:
     guard = NaNGuard(policy="rollback", bf16_steps_after_rollback=2, report_dir=tmp_path)
     with pytest.raises(ValueError, match="needs a precision plugin that can switch FP8 off"):

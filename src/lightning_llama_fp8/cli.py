@@ -24,7 +24,7 @@ from lightning_llama_fp8.config import LlamaConfig, get_preset
 from lightning_llama_fp8.data import GPTDataModule
 from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
-from lightning_llama_fp8.model import LlamaLightningModule
+from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
 from lightning_llama_fp8.precision import fp8_support
 
@@ -37,6 +37,23 @@ class LlamaCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then refuse a ``ckpt_path`` that is a file before LightningCLI reads hyper-parameters from it.
+
+        LightningCLI ``torch.load``s a file ``ckpt_path`` right after parsing (to read its hyper-parameters), which
+        for a large file loads all of it and for a foreign one fails with an unpickling error; this package's
+        checkpoints are directories, so a file gets the checkpoint check's own message instead.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            try:
+                read_checkpoint_info(path)
+            except CheckpointError as err:
+                print(f"Not {'training' if subcommand == 'fit' else 'validating'}: {err}", file=sys.stderr)
+                raise SystemExit(EXIT_CANNOT_TRAIN) from None
 
     def before_instantiate_classes(self) -> None:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
@@ -74,13 +91,22 @@ def _precision_from(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _gpus_from(trainer: dict[str, Any]) -> int | None:
+    """GPUs of all nodes as Lightning reads ``trainer.devices``; None for "all visible" ("auto", -1) without a GPU."""
     devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
-    if isinstance(devices, int):
-        return devices * nodes
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices) * nodes
+    if isinstance(devices, str) and "," in devices:  # "0,1": a list of GPU ids
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
     if isinstance(devices, list):
         return len(devices) * nodes
+    if devices == -1 or devices == "auto":
+        import torch
+
+        return torch.cuda.device_count() * nodes if torch.cuda.is_available() else None
+    if isinstance(devices, int):
+        if devices < 1:
+            raise ValueError(f"trainer.devices must be >= 1, a list of GPU ids, -1 or 'auto'; got {devices}.")
+        return devices * nodes
     return None
 
 
@@ -90,9 +116,12 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
     strategy = _init_args(trainer.get("strategy"))
     data = _init_args(config.get("data")) or dict(config.get("data") or {})
     precision, fp8_args = _precision_from(trainer)
-    world_size = gpus or _gpus_from(trainer)
+    world_size = gpus if gpus is not None else _gpus_from(trainer)
     if world_size is None:
-        raise ValueError("The config does not fix the GPU count (trainer.devices is 'auto'): pass --gpus N.")
+        raise ValueError(
+            "The config does not fix the GPU count (trainer.devices is 'auto' or -1 and no GPU is visible): set "
+            "trainer.devices to a number, or pass --gpus N to `llama-fp8 plan`."
+        )
     layout = ParallelLayout(
         tensor_model_parallel_size=int(strategy.get("tensor_model_parallel_size", 1)),
         context_parallel_size=int(strategy.get("context_parallel_size", 1)),
@@ -118,7 +147,12 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
     trainer = config.get("trainer") or {}
     if _class_name(trainer.get("strategy")) not in ("MegatronCPStrategy", "megatron_cp"):
         return
-    plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
+    try:
+        plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
+        check_model_against_config(config, fitting)
+    except (ValueError, TypeError) as err:  # a config that cannot work on any machine
+        print(f"Not {'training' if fitting else 'validating'}: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CANNOT_TRAIN) from None
     check_checkpoint_from_config(config, plan.layout, fitting)
     precision, fp8_args = _precision_from(trainer)
     ok, reason = fp8_support(fp8_args.get("recipe", "delayed"), bool(fp8_args.get("fp8_attention")))
@@ -131,6 +165,27 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+
+
+def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
+    """The model's data shape and LR schedule against the data and trainer settings (raises ValueError)."""
+    model_args = _init_args(config.get("model")) or dict(config.get("model") or {})
+    arch = _arch_from(config.get("model") or {})
+    data = _init_args(config.get("data")) or dict(config.get("data") or {})
+    if "seq_length" in data and int(data["seq_length"]) != arch.seq_length:
+        raise ValueError(
+            f"data.seq_length ({data['seq_length']}) differs from model.arch.seq_length ({arch.seq_length}); "
+            "set both to the same value."
+        )
+    if "vocab_size" in data and int(data["vocab_size"]) > arch.vocab_size:
+        raise ValueError(
+            f"data.vocab_size ({data['vocab_size']}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
+            "would index past the embedding."
+        )
+    if fitting:
+        optimizer = model_args.get("optimizer")
+        settings = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else OptimizerSettings()
+        settings.check_schedule(int((config.get("trainer") or {}).get("max_steps") or -1))
 
 
 def check_data_from_config(config: dict[str, Any]) -> None:
@@ -199,7 +254,7 @@ def plan_main(argv: list[str]) -> int:
     _apply_overrides(config, args)
     try:
         plan = plan_from_config(config, gpus=args.gpus)
-    except (LayoutError, ValueError) as err:
+    except (LayoutError, ValueError, TypeError) as err:  # TypeError: an unknown key in model.arch
         print(f"llama-fp8 plan: {err}", file=sys.stderr)
         return EXIT_CANNOT_TRAIN
     print(format_plan(plan))

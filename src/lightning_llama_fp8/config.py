@@ -63,6 +63,22 @@ class LlamaConfig:
     bias_dropout_fusion: bool = True
 
     def __post_init__(self) -> None:
+        sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "vocab_size", "seq_length", "rotary_base", "make_vocab_size_divisible_by")  # fmt: skip
+        not_positive = [f"{name}={getattr(self, name)!r}" for name in sizes if getattr(self, name) < 1]
+        if not_positive:
+            raise ValueError(f"LlamaConfig sizes must be >= 1; got {', '.join(not_positive)}.")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_query_groups "
+                f"({self.num_query_groups}): grouped-query attention shares each key/value head among "
+                "num_attention_heads / num_query_groups query heads."
+            )
+        if self.norm_epsilon <= 0 or self.init_method_std <= 0 or self.rope_scaling_factor <= 0:
+            raise ValueError(
+                "norm_epsilon, init_method_std and rope_scaling_factor must be > 0; got "
+                f"{self.norm_epsilon}, {self.init_method_std}, {self.rope_scaling_factor}."
+            )
         if self.transformer_impl not in ("transformer_engine", "local"):
             raise ValueError(f"transformer_impl must be transformer_engine or local, got {self.transformer_impl!r}.")
         backends = ("auto", "flash", "fused", "unfused", "local")

@@ -65,7 +65,9 @@ def validate_layout(
         problems += _model_problems(layout, arch)
     dp = max(layout.data_parallel_size(world_size), 1)
     batch_given = global_batch_size is not None and micro_batch_size is not None
-    if batch_given and global_batch_size % (micro_batch_size * dp) != 0:
+    if batch_given and (global_batch_size < 1 or micro_batch_size < 1):
+        problems.append(f"global and micro batch sizes must be >= 1 (got {global_batch_size} and {micro_batch_size}).")
+    elif batch_given and global_batch_size % (micro_batch_size * dp) != 0:
         problems.append(
             f"global batch size {global_batch_size} is not divisible by micro batch size "
             f"{micro_batch_size} x data-parallel size {dp} = {micro_batch_size * dp}: pick a global batch "

@@ -48,7 +48,44 @@ class OptimizerSettings:
     # and output layer (None: same as the rest).
     decoupled_lr: float | None = None
     decoupled_min_lr: float | None = None
-    decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = "cosine"
+    decay_style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if not 0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr must be in [0, lr={self.lr}] (got {self.min_lr})")
+        if self.decoupled_lr is not None and not self.decoupled_lr > 0:
+            problems.append(f"decoupled_lr must be > 0 (got {self.decoupled_lr})")
+        if self.decoupled_min_lr is not None and not 0 <= self.decoupled_min_lr <= (self.decoupled_lr or self.lr):
+            problems.append(f"decoupled_min_lr must be in [0, decoupled_lr] (got {self.decoupled_min_lr})")
+        if self.weight_decay < 0 or self.clip_grad < 0 or not self.adam_eps > 0:
+            problems.append("weight_decay and clip_grad must be >= 0 and adam_eps > 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            problems.append(f"adam_beta1/adam_beta2 must be in [0, 1) (got {self.adam_beta1}, {self.adam_beta2})")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            problems.append("warmup_steps must be >= 0 and decay_steps None or >= 1")
+        styles = ("cosine", "linear", "constant", "inverse-square-root")
+        if self.decay_style not in styles:
+            problems.append(f"decay_style must be one of {', '.join(styles)} (got {self.decay_style!r})")
+        if problems:
+            raise ValueError("OptimizerSettings: " + "; ".join(problems) + ".")
+
+    def check_schedule(self, max_steps: int) -> int:
+        """The decay length for a run of ``max_steps``; raises if warmup does not end before the decay does."""
+        if self.decay_steps is None and max_steps < 1:
+            raise ValueError(
+                "The LR schedule decays over trainer.max_steps, which is not set: set trainer.max_steps (optimizer "
+                "steps, i.e. global batches) or optimizer.decay_steps."
+            )
+        decay_steps = self.decay_steps or max_steps
+        if self.warmup_steps >= decay_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than decay_steps ({decay_steps}); "
+                "set optimizer.decay_steps or trainer.max_steps."
+            )
+        return decay_steps
 
 
 class LlamaLightningModule(LightningModule):
@@ -75,7 +112,9 @@ class LlamaLightningModule(LightningModule):
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
-        """Check the data against the architecture before the model is built."""
+        """Check the data against the architecture, and the LR schedule against max_steps, before the model is built."""
+        if stage == "fit":
+            self.optim.check_schedule(self.trainer.max_steps)
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_length = getattr(datamodule, "seq_length", None)
         vocab_size = getattr(datamodule, "vocab_size", None)
@@ -148,12 +187,8 @@ class LlamaLightningModule(LightningModule):
         """
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        decay_steps = self.optim.decay_steps or max(self.trainer.max_steps, 1)
-        if self.optim.warmup_steps >= decay_steps:
-            raise ValueError(
-                f"warmup_steps ({self.optim.warmup_steps}) must be smaller than decay_steps ({decay_steps}); "
-                "set optimizer.decay_steps or trainer.max_steps."
-            )
+        max_steps = self.trainer.max_steps if self.optim.decay_steps is None else 0  # 0: unused
+        decay_steps = self.optim.check_schedule(max_steps)
         return OptimizerParamScheduler(
             optimizer,
             init_lr=0.0,

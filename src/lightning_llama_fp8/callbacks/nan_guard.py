@@ -113,6 +113,17 @@ class NaNGuard(Callback):
             raise ValueError(f"bf16_steps_after_rollback must be >= 0, got {bf16_steps_after_rollback}.")
         if bf16_steps_after_rollback and policy != "rollback":
             raise ValueError("bf16_steps_after_rollback only applies to policy='rollback'.")
+        if watch_outputs is not None:
+            try:
+                re.compile(watch_outputs)
+            except re.error as err:
+                raise ValueError(
+                    f"NaNGuard watch_outputs {watch_outputs!r} is not a regular expression: {err}."
+                ) from None
+        if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
+            raise ValueError(
+                f"NaNGuard report_dir {report_dir} is a file; give a directory (it is created if missing)."
+            )
         self.policy = policy
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.bf16_steps_after_rollback = bf16_steps_after_rollback
@@ -155,6 +166,8 @@ class NaNGuard(Callback):
             )
         if self.report_dir is None:
             self.report_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.report_dir.exists() and not self.report_dir.is_dir():  # found now, not at the first bad step
+            raise ValueError(f"NaNGuard report_dir {self.report_dir} is a file; give a directory.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start: LlamaLightningModule builds its model in configure_model, after the setup hooks.
@@ -165,6 +178,8 @@ class NaNGuard(Callback):
         pattern = re.compile(self.watch_outputs)
         watched = [(name, m) for name, m in pl_module.named_modules() if name and pattern.search(name)]
         self._watched = [name for name, _ in watched]
+        if not watched:
+            rank_zero_warn(f"NaNGuard(watch_outputs={self.watch_outputs!r}) matches no module: no output is watched.")
         self._output_sums = torch.zeros(len(watched), dtype=torch.float32, device=pl_module.device)
         for index, (_, module) in enumerate(watched):
             self._hooks.append(module.register_forward_hook(self._output_watcher(index)))

@@ -41,6 +41,25 @@ _SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 BATCH_KEYS: tuple[str, ...] = ("tokens", "labels", "loss_mask", "position_ids")
 
 
+def parse_split(split: str) -> list[float]:
+    """The weights of a Megatron split string (``"949,50,1"``), refusing what megatron-core would misread.
+
+    megatron-core picks the numbers out of the string (``"98,-2,0"`` reads as 98,2,0) and asserts on more than
+    three; this reads the comma- (or slash-) separated fields strictly.
+    """
+    fields = [field.strip() for field in re.split(r"[,/]", split)]
+    try:
+        weights = [float(field) for field in fields]
+    except ValueError:
+        weights = []
+    if not 0 < len(weights) <= len(_SPLIT_NAMES) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"Invalid split {split!r}: expected 1 to 3 comma-separated non-negative weights for "
+            "train,validation,test with a positive sum, e.g. '949,50,1'."
+        )
+    return weights
+
+
 def check_split_sizes(num_documents: int, split: str, requested_samples: Sequence[int]) -> None:
     """Fail fast where megatron-core's dataset builder would hang or silently build nothing.
 
@@ -67,12 +86,7 @@ def check_split_sizes(num_documents: int, split: str, requested_samples: Sequenc
             megatron builds it or samples are requested from it. The message names the split,
             the numbers and how to fix it.
     """
-    weights = [float(w) for w in re.findall(r"[.0-9]+", split)]  # megatron's own parsing
-    if not 0 < len(weights) <= len(_SPLIT_NAMES) or sum(weights) <= 0:
-        raise ValueError(
-            f"Invalid split {split!r}: expected 1 to 3 comma-separated non-negative weights for "
-            "train,validation,test with a positive sum, e.g. '949,50,1'."
-        )
+    parse_split(split)
     if num_documents < 0:
         raise ValueError(f"num_documents must be >= 0, got {num_documents}.")
     if len(requested_samples) > len(_SPLIT_NAMES):
@@ -284,6 +298,7 @@ class GPTDataModule(LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.train_samples = train_samples
         self.val_samples = val_samples
+        parse_split(split)  # a malformed split fails here, not inside megatron-core's builder
         self.split = split
         self.seed = seed
         self.num_workers = num_workers

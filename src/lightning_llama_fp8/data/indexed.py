@@ -53,8 +53,10 @@ def parse_data_path(data_path: str | list[str | float]) -> tuple[list[str], list
     blend = get_blend_from_list(words)
     assert blend is not None
     prefixes, weights = blend
-    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise ValueError(f"data.data_path weights must be non-negative with a positive sum, got {weights}.")
+    if weights is not None and any(w <= 0 for w in weights):
+        raise ValueError(
+            f"data.data_path weights must be positive, got {weights}; leave a corpus out instead of weighting it 0."
+        )
     return list(prefixes), (list(weights) if weights is not None else None)
 
 
