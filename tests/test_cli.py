@@ -183,6 +183,22 @@ def test_preflight_bf16_also_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> 
     assert "Training needs NVIDIA GPUs" in err
 
 
+def test_preflight_bf16_on_gpus_without_transformer_engine(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a machine with 8 GPUs but no TE: the default TE layer spec would fail inside Megatron's model build."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(cli, "te_importable", lambda: False)
+    monkeypatch.setattr(cli, "fp8_support", lambda *args, **kwargs: (False, "Transformer Engine is not importable."))
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config)
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    assert "Transformer Engine does not import here" in " ".join(capsys.readouterr().err.split())
+
+
 # ---------------------------------------------------------------------------------------------- plan
 def run_plan(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     capsys.readouterr()

@@ -206,3 +206,21 @@ def test_yaml_weights_may_be_numbers(
         [corpora["low"], corpora["high"]],
         [0.25, 0.75],
     )
+
+
+def test_corpus_without_tokens_is_refused(tmp_path: Path) -> None:
+    # megatron-core's GPTDataset would loop forever looking for tokens in it. (An empty .bin already fails to
+    # memory-map; the token count is checked as well, for index layouts that map.)
+    builder = IndexedDatasetBuilder(f"{tmp_path / 'blank'}.bin", dtype=numpy.int32)
+    for _ in range(3):
+        builder.add_document(torch.zeros(0, dtype=torch.int32), [0])
+    builder.finalize(f"{tmp_path / 'blank'}.idx")
+    with pytest.raises(ValueError, match=r"Corpus '.*blank': .*(cannot mmap an empty file|holds no tokens)"):
+        check_corpus(str(tmp_path / "blank"))
+
+
+def test_cache_path_that_is_a_file_is_refused(corpora: dict[str, Any], tmp_path: Path) -> None:
+    file = tmp_path / "cache"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"path_to_cache .*cache is a file; give a directory"):
+        IndexedDataModule(data_path=corpora["low"], path_to_cache=str(file))

@@ -148,6 +148,24 @@ def test_setup_rejects_tiny_mock_corpus_instead_of_hanging(monkeypatch: pytest.M
     assert _first_batch(dm)["tokens"].shape == (GBS // MBS, MBS, SEQ)
 
 
+@pytest.mark.parametrize(
+    "sizes,stage,message",
+    [
+        ({"train_samples": GBS - 1}, "fit", rf"train_samples \({GBS - 1}\) is less than one global batch"),
+        ({"val_samples": 1}, "validate", r"val_samples \(1\) is less than one global batch"),
+    ],
+)
+def test_fewer_samples_than_a_global_batch_are_refused(sizes: dict, stage: str, message: str) -> None:
+    # Lightning would run zero steps and return as if it had trained or validated.
+    with pytest.raises(ValueError, match=message):
+        _module(**sizes).setup(stage)
+
+
+def test_negative_workers_are_refused_when_made() -> None:
+    with pytest.raises(ValueError, match=r"num_workers must be >= 0, got -1"):
+        _module(num_workers=-1)
+
+
 def test_missing_max_steps_error_and_trainer_defaults() -> None:
     dm = _module(train_samples=None, val_samples=None)
     dm.trainer = cpu_trainer(max_epochs=1)  # max_steps stays -1

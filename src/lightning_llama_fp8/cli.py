@@ -161,10 +161,25 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
     if torch.cuda.is_available() and (ok or precision == "bf16" or fp8_args.get("fallback") == "bf16"):
         if torch.cuda.device_count() < plan.world_size // int(trainer.get("num_nodes", 1) or 1):
             _cannot_train(plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.")
+        if _arch_from(config.get("model") or {}).transformer_impl == "transformer_engine" and not te_importable():
+            _cannot_train(
+                plan,
+                "model.arch.transformer_impl is 'transformer_engine' (the default, in BF16 too) but Transformer Engine "
+                "does not import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch "
+                "container) or set model.arch.transformer_impl: local (BF16 only, no context parallelism).",
+            )
         check_data_from_config(config)
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+
+
+def te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:

@@ -299,6 +299,8 @@ class GPTDataModule(LightningDataModule):
         self.train_samples = train_samples
         self.val_samples = val_samples
         parse_split(split)  # a malformed split fails here, not inside megatron-core's builder
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.split = split
         self.seed = seed
         self.num_workers = num_workers
@@ -386,6 +388,13 @@ class GPTDataModule(LightningDataModule):
         need_train = stage in (None, "fit")
         train_samples = self._resolve_train_samples(need_train)
         val_samples = self._resolve_val_samples()
+        # Fewer samples than one global batch make zero batches: fit or validate would end at once, silently.
+        for name, samples in (("train", train_samples if need_train else None), ("val", val_samples or None)):
+            if samples is not None and samples < self.global_batch_size:
+                raise ValueError(
+                    f"data.{name}_samples ({samples}) is less than one global batch ({self.global_batch_size}), so "
+                    f"there would be no {name} step; request a multiple of data.global_batch_size."
+                )
         train_ds, val_ds, config, description = self.build_datasets([train_samples, val_samples, 0])
         self.dataset_config = config
         self.train_dataset = Subset(train_ds, range(train_samples)) if train_ds is not None else None

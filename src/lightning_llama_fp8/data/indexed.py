@@ -96,7 +96,10 @@ def check_corpus(prefix: str) -> CorpusInfo:
             f"Corpus {prefix!r}: {bin_path} has {size} bytes but its index needs {needed} (truncated copy?). "
             "Copy or re-create the corpus."
         )
-    return CorpusInfo(prefix, documents, int(lengths.sum()), numpy.dtype(dataset.index.dtype).name)
+    tokens = int(lengths.sum())
+    if tokens == 0:  # megatron-core's GPTDataset would loop forever looking for tokens
+        raise ValueError(f"Corpus {prefix!r} holds no tokens ({documents} empty documents); re-create it.")
+    return CorpusInfo(prefix, documents, tokens, numpy.dtype(dataset.index.dtype).name)
 
 
 class IndexedDataModule(GPTDataModule):
@@ -127,6 +130,8 @@ class IndexedDataModule(GPTDataModule):
         super().__init__(split=split, **kwargs)
         self.save_hyperparameters()
         self.data_path = data_path
+        if path_to_cache is not None and Path(path_to_cache).exists() and not Path(path_to_cache).is_dir():
+            raise ValueError(f"data.path_to_cache {path_to_cache} is a file; give a directory (created if missing).")
         self.path_to_cache = path_to_cache
         self.prefixes, self.weights = parse_data_path(data_path)
 
