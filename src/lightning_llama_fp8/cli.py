@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
@@ -24,7 +24,7 @@ from lightning_llama_fp8.config import LlamaConfig, get_preset
 from lightning_llama_fp8.data import GPTDataModule
 from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
-from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
+from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
 from lightning_llama_fp8.precision import fp8_support
 
@@ -52,8 +52,7 @@ class LlamaCLI(LightningCLI):
             try:
                 read_checkpoint_info(path)
             except CheckpointError as err:
-                print(f"Not {'training' if subcommand == 'fit' else 'validating'}: {err}", file=sys.stderr)
-                raise SystemExit(EXIT_CANNOT_TRAIN) from None
+                _refuse(err, fitting=subcommand == "fit")
 
     def before_instantiate_classes(self) -> None:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
@@ -151,8 +150,7 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
         plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
         check_model_against_config(config, fitting)
     except (ValueError, TypeError) as err:  # a config that cannot work on any machine
-        print(f"Not {'training' if fitting else 'validating'}: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_CANNOT_TRAIN) from None
+        _refuse(err, fitting)
     check_checkpoint_from_config(config, plan.layout, fitting)
     precision, fp8_args = _precision_from(trainer)
     ok, reason = fp8_support(fp8_args.get("recipe", "delayed"), bool(fp8_args.get("fp8_attention")))
@@ -185,18 +183,13 @@ def te_importable() -> bool:
 def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
     """The model's data shape and LR schedule against the data and trainer settings (raises ValueError)."""
     model_args = _init_args(config.get("model")) or dict(config.get("model") or {})
-    arch = _arch_from(config.get("model") or {})
     data = _init_args(config.get("data")) or dict(config.get("data") or {})
-    if "seq_length" in data and int(data["seq_length"]) != arch.seq_length:
-        raise ValueError(
-            f"data.seq_length ({data['seq_length']}) differs from model.arch.seq_length ({arch.seq_length}); "
-            "set both to the same value."
-        )
-    if "vocab_size" in data and int(data["vocab_size"]) > arch.vocab_size:
-        raise ValueError(
-            f"data.vocab_size ({data['vocab_size']}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
-            "would index past the embedding."
-        )
+    seq_length, vocab_size = data.get("seq_length"), data.get("vocab_size")
+    check_data_matches_arch(
+        _arch_from(config.get("model") or {}),
+        None if seq_length is None else int(seq_length),
+        None if vocab_size is None else int(vocab_size),
+    )
     if fitting:
         optimizer = model_args.get("optimizer")
         settings = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else OptimizerSettings()
@@ -211,8 +204,7 @@ def check_data_from_config(config: dict[str, Any]) -> None:
     try:
         IndexedDataModule(**{"data_path": [], **_init_args(data)}).check_files()  # building it reads nothing
     except (FileNotFoundError, ValueError) as err:
-        print(f"Not training: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_CANNOT_TRAIN) from None
+        _refuse(err, fitting=True)
 
 
 def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout, fitting: bool) -> None:
@@ -233,8 +225,13 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             with_optimizer=fitting,
         )
     except CheckpointError as err:
-        print(f"Not {'training' if fitting else 'validating'}: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_CANNOT_TRAIN) from None
+        _refuse(err, fitting)
+
+
+def _refuse(err: Exception, fitting: bool) -> NoReturn:
+    """Say why the config cannot run and exit with status 2 (nothing has been built)."""
+    print(f"Not {'training' if fitting else 'validating'}: {err}", file=sys.stderr)
+    raise SystemExit(EXIT_CANNOT_TRAIN) from None
 
 
 def _cannot_train(plan: TrainingPlan, why: str) -> None:

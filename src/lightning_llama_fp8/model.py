@@ -88,6 +88,20 @@ class OptimizerSettings:
         return decay_steps
 
 
+def check_data_matches_arch(arch: LlamaConfig, seq_length: int | None, vocab_size: int | None) -> None:
+    """Raise ``ValueError`` if data of this ``seq_length`` / ``vocab_size`` (None: not known) cannot feed ``arch``."""
+    if seq_length is not None and seq_length != arch.seq_length:
+        raise ValueError(
+            f"data.seq_length ({seq_length}) differs from model.arch.seq_length ({arch.seq_length}); "
+            "set both to the same value."
+        )
+    if vocab_size is not None and vocab_size > arch.vocab_size:
+        raise ValueError(
+            f"data.vocab_size ({vocab_size}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
+            "would index past the embedding."
+        )
+
+
 class LlamaLightningModule(LightningModule):
     """Llama 3 pre-training with Megatron-Core, under a Lightning Trainer.
 
@@ -116,18 +130,9 @@ class LlamaLightningModule(LightningModule):
         if stage == "fit":
             self.optim.check_schedule(self.trainer.max_steps)
         datamodule = getattr(self.trainer, "datamodule", None)
-        seq_length = getattr(datamodule, "seq_length", None)
-        vocab_size = getattr(datamodule, "vocab_size", None)
-        if seq_length is not None and seq_length != self.arch.seq_length:
-            raise ValueError(
-                f"The data's seq_length ({seq_length}) differs from the model's arch.seq_length "
-                f"({self.arch.seq_length}); set both to the same value."
-            )
-        if vocab_size is not None and vocab_size > self.arch.vocab_size:
-            raise ValueError(
-                f"The data's vocab_size ({vocab_size}) exceeds the model's arch.vocab_size ({self.arch.vocab_size}): "
-                "token ids would index past the embedding."
-            )
+        check_data_matches_arch(
+            self.arch, getattr(datamodule, "seq_length", None), getattr(datamodule, "vocab_size", None)
+        )
 
     def configure_model(self) -> None:
         """Build GPTModel with the layout from the strategy and the precision from the plugin."""

@@ -72,6 +72,11 @@ TRANSFORMER_LAYERS = r"(^|\.)layers\.\d+$"
 POLICIES = ("raise", "skip", "rollback")
 
 
+def _refuse_file_as_report_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"NaNGuard report_dir {path} is a file; give a directory (it is created if missing).")
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Training produced a non-finite loss or gradient (or a checkpoint with a non-finite weight)."""
 
@@ -120,10 +125,8 @@ class NaNGuard(Callback):
                 raise ValueError(
                     f"NaNGuard watch_outputs {watch_outputs!r} is not a regular expression: {err}."
                 ) from None
-        if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
-            raise ValueError(
-                f"NaNGuard report_dir {report_dir} is a file; give a directory (it is created if missing)."
-            )
+        if report_dir is not None:
+            _refuse_file_as_report_dir(Path(report_dir))
         self.policy = policy
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.bf16_steps_after_rollback = bf16_steps_after_rollback
@@ -166,8 +169,7 @@ class NaNGuard(Callback):
             )
         if self.report_dir is None:
             self.report_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if self.report_dir.exists() and not self.report_dir.is_dir():  # found now, not at the first bad step
-            raise ValueError(f"NaNGuard report_dir {self.report_dir} is a file; give a directory.")
+        _refuse_file_as_report_dir(self.report_dir)  # found now, not at the first bad step
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start: LlamaLightningModule builds its model in configure_model, after the setup hooks.
