@@ -6,6 +6,11 @@ on mock data, with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` sc
 
     python benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
     torchrun --nproc_per_node 2 benchmarks/bench_throughput.py --cp 2 ...
+    python benchmarks/bench_throughput.py --layers 32 --recompute full --optimizer-offload-fraction 0.5 ...
+
+With ``--allow-oom`` a CUDA out-of-memory error ends the run with a record (``"fits": false``, the peak so far)
+instead of a traceback, for "does this fit?" runs. Every record carries ``plan_gib``, what ``llama-fp8 plan``
+predicts for the run's peak.
 
 Step time is wall time between consecutive training-step ends (the loss read at each step end waits for the
 GPU), the same quantity as Megatron-LM's "elapsed time per iteration" at ``--log-interval 1``.
@@ -24,6 +29,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_llama_fp8 import (
     LlamaConfig,
@@ -34,7 +40,10 @@ from lightning_llama_fp8 import (
     OptimizerSettings,
     TEFP8Precision,
 )
-from lightning_llama_fp8.callbacks import ManualGC, NaNGuard
+from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
+from lightning_llama_fp8.layout import ParallelLayout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.plan import plan_training
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
@@ -98,15 +107,34 @@ def main() -> None:
     parser.add_argument("--arch", choices=("recipe", "small"), default="recipe")
     parser.add_argument("--cpu-init", action="store_true", help="same initial weights for every TP size")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the recipe's four learning rates")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    parser.add_argument("--recompute-method", choices=("uniform", "block"))
+    parser.add_argument("--recompute-num-layers", type=int)
+    parser.add_argument("--recompute-modules", nargs="+")
+    parser.add_argument("--optimizer-offload-fraction", type=float, default=0.0, help="0: optimizer on the GPU")
+    parser.add_argument("--no-fp8-param-gather", action="store_true", help="keep BF16 weights in FP8 runs")
+    parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks/plot_training.py)")
     args = parser.parse_args()
+    recompute = (
+        None
+        if args.recompute == "none"
+        else RecomputeSettings(args.recompute, args.recompute_method, args.recompute_num_layers, args.recompute_modules)
+    )
+    offload = OptimizerOffloadSettings(args.optimizer_offload_fraction) if args.optimizer_offload_fraction else None
+    fp8_param_gather = args.precision == "fp8" and not args.no_fp8_param_gather
 
     seed_everything(1234)
     arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     plugin = (
-        TEFP8Precision(recipe=args.recipe, fp8_param_gather=True) if args.precision == "fp8" else MegatronPrecision()
+        TEFP8Precision(recipe=args.recipe, fp8_param_gather=fp8_param_gather)
+        if args.precision == "fp8"
+        else MegatronPrecision()
     )
-    callbacks: list[Callback] = [ManualGC(), step_log := StepLog()]
+    # The monitor averages the timed steps (mean; the record's step time is their median).
+    telemetry = ThroughputMonitor(window=max(args.steps - args.warmup, 1), log_every_n_steps=1)
+    callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
         callbacks.append(NaNGuard(policy=args.nan_guard))
     devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -119,11 +147,14 @@ def main() -> None:
             sequence_parallel=args.tp > 1,
             cp_comm_type=args.cp_comm_type,
             use_cpu_initialization=args.cpu_init,
+            activation_recompute=recompute,
+            optimizer_offload=offload,
         ),
         plugins=[plugin],
         max_steps=args.steps,
         callbacks=callbacks,
-        logger=False,
+        logger=CSVLogger(args.log_dir, name="ours") if args.log_dir else False,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -145,13 +176,60 @@ def main() -> None:
     data = MockDataModule(
         seq_length=args.seq, vocab_size=arch.vocab_size, global_batch_size=args.gbs, micro_batch_size=args.mbs
     )
-    trainer.fit(module, datamodule=data)
+    plan = plan_training(
+        arch,
+        ParallelLayout(
+            tensor_model_parallel_size=args.tp,
+            context_parallel_size=args.cp,
+            sequence_parallel=args.tp > 1,
+            cp_comm_type=args.cp_comm_type,
+        ),
+        int(os.environ.get("WORLD_SIZE", devices)),
+        args.gbs,
+        args.mbs,
+        args.precision,
+        fp8_param_gather=fp8_param_gather,
+        recompute=recompute,
+        optimizer_offload=offload,
+        fp8_recipe=args.recipe,
+    )
+    memory_settings = {
+        "recompute": None if recompute is None else recompute.transformer_config_kwargs(args.layers),
+        "optimizer_offload_fraction": args.optimizer_offload_fraction,
+        "fp8_param_gather": fp8_param_gather,
+        "plan_gib": plan.memory.total / 2**30,
+        "plan_host_gib": plan.memory.host / 2**30,
+    }
+    try:
+        trainer.fit(module, datamodule=data)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        out_of_memory = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+        if not (args.allow_oom and out_of_memory):
+            raise
+        record = {
+            "impl": "lightning-llama-fp8",
+            "device": torch.cuda.get_device_name(),
+            "layers": args.layers,
+            "global_batch_size": args.gbs,
+            "fits": False,
+            "steps_done": trainer.global_step,
+            "error": str(err).splitlines()[0],
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
+            **memory_settings,
+        }
+        print(json.dumps(record))
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2))
+        return
 
     times = module.step_times[max(args.warmup - 1, 0) :]  # step_times starts at step 2
     median = statistics.median(times)
     world = trainer.world_size
     tokens_per_gpu = args.gbs * args.seq / median / world
     result = {
+        "fits": True,
+        **memory_settings,
         "impl": "lightning-llama-fp8",
         "device": torch.cuda.get_device_name(),
         "precision": args.precision,
@@ -176,8 +254,11 @@ def main() -> None:
         "tflops_per_gpu": arch.flops_per_token() * tokens_per_gpu / 1e12,  # published-table count
         "tflops_per_gpu_causal": arch.flops_per_token(causal=True) * tokens_per_gpu / 1e12,  # today's LM logs
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
         "losses": step_log.losses,
         "grad_norms": step_log.grad_norms,
+        "telemetry": telemetry.last_metrics,  # ThroughputMonitor over the timed steps
     }
     if trainer.is_global_zero:
         print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses", "grad_norms")}))

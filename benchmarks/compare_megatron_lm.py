@@ -7,6 +7,13 @@ takes the median iteration time after a warm-up from each, and prints tokens/s/G
     python benchmarks/compare_megatron_lm.py --out-dir $OUT --precisions fp8 bf16 --layers 4 --gbs 8
 
 Writes ``compare.json`` plus each run's log into ``--out-dir``.
+
+With ``--recompute none selective full`` it compares activation recompute instead (first precision only): each
+row runs both sides with the same setting (Megatron-LM's ``--recompute-granularity/--recompute-method/
+--recompute-num-layers/--recompute-modules``) and ``recompute.json`` gets seconds per step and peak allocated
+memory of both, plus ``llama-fp8 plan``'s prediction:
+
+    python benchmarks/compare_megatron_lm.py --out-dir $OUT --precisions fp8 --recompute none selective full
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +34,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from parse_megatron_log import parse_iteration_times, parse_losses
 
 HERE = Path(__file__).resolve().parent
+
+# Recompute rows: (our bench_throughput.py flags, Megatron-LM pretrain_gpt.py flags), the same setting on each side.
+RECOMPUTE_ROWS: dict[str, tuple[list[str], list[str]]] = {
+    "none": ([], []),
+    # Megatron's default selective modules (core_attn), i.e. Megatron-LM's --recompute-activations.
+    "selective": (["--recompute", "selective"], ["--recompute-granularity", "selective"]),
+    "selective-mlp": (
+        ["--recompute", "selective", "--recompute-modules", "core_attn", "mlp"],
+        ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"],
+    ),
+    "full": (
+        ["--recompute", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+        ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+    ),
+}
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
@@ -38,8 +61,8 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     return time.time() - start
 
 
-def ours(args: argparse.Namespace, precision: str, out_dir: Path) -> dict:
-    result_file = out_dir / f"ours_{precision}.json"
+def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()) -> dict:
+    result_file = out_dir / f"ours_{precision}{tag}.json"
     cmd = [
         sys.executable,
         str(HERE / "bench_throughput.py"),
@@ -59,17 +82,20 @@ def ours(args: argparse.Namespace, precision: str, out_dir: Path) -> dict:
         str(args.cp),
         "--out",
         str(result_file),
+        *extra,
     ]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), *cmd[1:]]
-    wall = run(cmd, dict(os.environ), out_dir / f"ours_{precision}.log")
+    wall = run(cmd, dict(os.environ), out_dir / f"ours_{precision}{tag}.log")
     result = json.loads(result_file.read_text())
     result["wall_s"] = wall
     return result
 
 
-def megatron_lm(args: argparse.Namespace, precision: str, out_dir: Path) -> dict:
-    log = out_dir / f"megatron_lm_{precision}.log"
+def megatron_lm(
+    args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()
+) -> dict:
+    log = out_dir / f"megatron_lm_{precision}{tag}.log"
     env = dict(
         os.environ,
         PRECISION=precision,
@@ -80,7 +106,7 @@ def megatron_lm(args: argparse.Namespace, precision: str, out_dir: Path) -> dict
         TP=str(args.tp),
         CP=str(args.cp),
     )
-    wall = run(["bash", str(HERE / "megatron_lm_baseline.sh")], env, log)
+    wall = run(["bash", str(HERE / "megatron_lm_baseline.sh"), *extra], env, log)
     text = log.read_text()
     times = [t / 1000.0 for t in parse_iteration_times(text)]
     timed = times[args.warmup :]
@@ -96,8 +122,86 @@ def megatron_lm(args: argparse.Namespace, precision: str, out_dir: Path) -> dict
         "step_times_s": times,
         "tokens_per_sec_per_gpu": args.gbs * 8192 / median / args.nproc,
         "losses": parse_losses(text),
+        "peak_memory_gib": peak_allocated_gib(text),
         "wall_s": wall,
     }
+
+
+def peak_allocated_gib(log_text: str) -> float | None:
+    """Largest ``max allocated`` of Megatron-LM's memory reports, which it prints in MiB (``/ 1024 / 1024``)."""
+    peaks = [
+        float(part.split(":")[1])
+        for line in log_text.splitlines()
+        if "max allocated" in line
+        for part in line.split("|")
+        if "max allocated" in part
+    ]
+    return max(peaks) / 1024 if peaks else None
+
+
+def compare_recompute(args: argparse.Namespace) -> None:
+    """One row per recompute setting: both sides with the same flags, same precision, one after the other."""
+    precision = args.precisions[0]
+    # The memory report at the last iteration carries the whole run's max allocated.
+    lm_memory = ["--log-memory-interval", str(args.steps)]
+    rows = []
+    for name in args.recompute:
+        our_flags, lm_flags = RECOMPUTE_ROWS[name]
+        tag = f"_recompute_{name}"
+        theirs = megatron_lm(args, precision, args.out_dir, tag, [*lm_flags, *lm_memory])
+        mine = ours(args, precision, args.out_dir, tag, our_flags)
+        row = {
+            "granularity": name,
+            "ours_flags": our_flags,
+            "megatron_lm_flags": lm_flags,
+            "ours_s_per_step": mine["median_step_time_s"],
+            "megatron_lm_s_per_step": theirs["median_step_time_s"],
+            "ours_peak_gib": mine["peak_memory_gib"],
+            "megatron_lm_peak_gib": theirs["peak_memory_gib"],
+            "plan_gib": mine["plan_gib"],
+            "ours_tokens_per_s": mine["tokens_per_sec_per_gpu"],
+            "megatron_lm_tokens_per_s": theirs["tokens_per_sec_per_gpu"],
+            "ratio": mine["tokens_per_sec_per_gpu"] / theirs["tokens_per_sec_per_gpu"],
+            "ours_losses": mine["losses"],
+            "megatron_lm_losses": theirs["losses"],
+        }
+        rows.append(row)
+        print(
+            f"{name}: ours {row['ours_s_per_step']:.3f} s/step {row['ours_peak_gib']:.2f} GiB (plan "
+            f"{row['plan_gib']:.2f}), Megatron-LM {row['megatron_lm_s_per_step']:.3f} s/step "
+            f"{row['megatron_lm_peak_gib'] or float('nan'):.2f} GiB",
+            flush=True,
+        )
+    # Recompute must not change the numbers: each row's losses against the row without recompute (same seed, data).
+    baseline = next((row for row in rows if row["granularity"] == "none"), None)
+    for row in rows if baseline else []:
+        for side in ("ours", "megatron_lm"):
+            pairs = zip(row[f"{side}_losses"], baseline[f"{side}_losses"], strict=False)
+            row[f"{side}_max_loss_diff_vs_none"] = max((abs(a - b) for a, b in pairs), default=None)
+    summary = {
+        "card": torch.cuda.get_device_name(),
+        "config": {
+            "precision": precision,
+            "layers": args.layers,
+            "seq_length": 8192,
+            "micro_batch_size": 1,
+            "global_batch_size": args.gbs,
+            "tp": args.tp,
+            "cp": args.cp,
+            "steps": args.steps,
+            "warmup_steps_excluded": args.warmup,
+            "megatron_lm_commit": theirs["commit"],
+        },
+        "rows": rows,
+    }
+    (args.out_dir / "recompute.json").write_text(json.dumps(summary, indent=2))
+    print("\n| recompute | ours s/step | Megatron-LM s/step | ours peak GiB | Megatron-LM peak GiB | plan GiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['granularity']} | {row['ours_s_per_step']:.3f} | {row['megatron_lm_s_per_step']:.3f} | "
+            f"{row['ours_peak_gib']:.2f} | {row['megatron_lm_peak_gib'] or float('nan'):.2f} | {row['plan_gib']:.2f} |"
+        )
 
 
 def main() -> None:
@@ -111,8 +215,12 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--recompute", nargs="+", choices=tuple(RECOMPUTE_ROWS), help="compare recompute settings")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.recompute:
+        compare_recompute(args)
+        return
 
     rows = []
     for precision in args.precisions:

@@ -19,12 +19,31 @@
 #   gpu-tests       (1) tests/gpu except the checkpoint tests (stage `checkpoints`)                    (~6 min)
 #   checkpoints     (2) distributed checkpoints: resume on 1 GPU; CP2 -> TP2, DP2 -> DP2/DP1 on 2 GPUs  (~7.5 min)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
+#   recompute       (1) issue 14: no / selective / full recompute, ours vs Megatron-LM, FP8, 4 layers, GBS 8:
+#                       s/step, peak memory, plan -> OUT/recompute.json (RECOMPUTE_ROWS adds selective-mlp) (~6 min est.)
+#   full-8b-1gpu    (1, H200) issue 14: all 32 layers on one GPU, full recompute + half the optimizer on the CPU,
+#                       6 steps; then the same without offload (expected not to fit) -> OUT/full_8b_one_gpu.json
+#                       (~6 min est.; needs ~70 GiB of host RAM)
+#   hf-parity       (1) issue 13: tests/gpu/test_hf_parity.py: logits, KL, greedy vs transformers; FP8 export
+#                       -> OUT/hf_parity.json (~6 min est.)
+#   hf-convert-8b   (1) issue 13: benchmarks/hf_convert.py, Llama 3 8B both ways -> OUT/hf_convert_8b.json
+#                       (~48 GB of disk under $HF_BENCH_DIR, ~20 GB of host RAM; ~15 min est.)
+#   real-text       (1) issue 12: text files installed on the GPU machine (its Python packages' .py/.md/.rst/.txt)
+#                       -> `llama-fp8 preprocess` -> the 1B text example 300 steps with validation every 50; the
+#                       same config on mock data 200 steps -> OUT/real_text/real_text_training.json (~8 min est.)
+#   telemetry       (1) issue 15: ThroughputMonitor in bench_throughput (CSV log) + Megatron-LM, FP8, 4 layers,
+#                       30 steps each; the 1B config through `llama-fp8 fit` for 30 steps (console: step bar, no
+#                       dependency warnings; TensorBoard log) -> OUT/telemetry/ (~6 min est.); then on a CPU:
+#                       python benchmarks/plot_training.py --ours OUT/telemetry/ours_csv \
+#                         --megatron-lm OUT/telemetry/megatron_lm_fp8.log --out OUT/telemetry/loss_speed.png
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
 case "$stage" in
   equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|speed-8b-2|nan-safety|gpu-tests|recipes-1) ;;
-  checkpoints) ;;
+  checkpoints|recompute|full-8b-1gpu) ;;
+  hf-parity|hf-convert-8b) ;;
+  telemetry|real-text) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -64,6 +83,115 @@ case "$stage" in
   checkpoints)
     python3 -m pytest -m gpu -q tests/gpu/test_checkpoint_resume.py tests/gpu/test_checkpoint_layouts.py \
       -p no:cacheprovider 2>&1 | tee "$out/checkpoints.log" ;;
+  recompute)
+    # Same shapes and flags as the speed comparisons; fewer steps so three settings x two sides fit one call.
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/recompute" --precisions fp8 \
+      --recompute ${RECOMPUTE_ROWS:-none selective full} --layers "${RECOMPUTE_LAYERS:-4}" --gbs 8 --steps 14 --warmup 6 &&
+    cp "$out/recompute/recompute.json" "$out/recompute.json" ;;
+  full-8b-1gpu)
+    # One process per run (the 8B build dominates start-up: GPU init, no CPU init); expandable segments so a
+    # fragmented cache does not decide whether it fits.
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    mkdir -p "$out/full_8b"
+    run_8b() {  # name, time limit (s), bench_throughput.py flags...
+      local name="$1" limit="$2"; shift 2
+      timeout "$limit" python3 benchmarks/bench_throughput.py --layers 32 --gbs 8 --recompute full \
+        --recompute-method uniform --recompute-num-layers 1 --out "$out/full_8b/$name.json" "$@" \
+        > "$out/full_8b/$name.log" 2>&1
+      echo "$name: exit $?, $(tail -c 600 "$out/full_8b/$name.log" | tail -1)"
+    }
+    run_8b offload_0.5 330 --steps 6 --warmup 3 --optimizer-offload-fraction 0.5
+    if [ ! -f "$out/full_8b/offload_0.5.json" ] && [ "$SECONDS" -lt 200 ]; then  # FP8 weights + offload failed
+      run_8b offload_0.5_bf16_weights 300 --steps 6 --warmup 3 --optimizer-offload-fraction 0.5 --no-fp8-param-gather
+    fi
+    if [ "$SECONDS" -lt 330 ]; then
+      run_8b no_offload $((500 - SECONDS)) --steps 4 --warmup 2 --allow-oom
+    fi
+    python3 - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1]); runs = {p.stem: json.loads(p.read_text()) for p in (out / "full_8b").glob("*.json")}
+main = runs.get("offload_0.5") or runs.get("offload_0.5_bf16_weights")
+def row(r):
+    return {k: r.get(k) for k in ("fits", "peak_memory_gib", "peak_reserved_gib", "plan_gib", "plan_host_gib",
+            "tokens_per_sec_per_gpu", "median_step_time_s", "fp8_param_gather", "error", "steps_done")}
+summary = {
+    "card": (main or next(iter(runs.values()), {})).get("device"),
+    "fits": bool(main and main.get("fits")),
+    "recompute": (main or {}).get("recompute"),
+    "cpu_offload": {"optimizer_offload_fraction": (main or {}).get("optimizer_offload_fraction")},
+    "peak_gib": (main or {}).get("peak_memory_gib"),
+    "plan_gib": (main or {}).get("plan_gib"),
+    "tokens_per_s": (main or {}).get("tokens_per_sec_per_gpu"),
+    "runs": {name: row(r) for name, r in runs.items()},
+}
+(out / "full_8b_one_gpu.json").write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
+  hf-parity)
+    HF_PARITY_OUT="$out" python3 -m pytest -m gpu -q tests/gpu/test_hf_parity.py -p no:cacheprovider 2>&1 \
+      | tee "$out/hf_parity.log" ;;
+  hf-convert-8b)
+    python3 benchmarks/hf_convert.py --work-dir "${HF_BENCH_DIR:-/tmp/hf_convert_bench}" \
+      --out "$out/hf_convert_8b.json" 2>&1 | tee "$out/hf_convert_8b.log" ;;
+  telemetry)
+    t="$out/telemetry"; mkdir -p "$t"
+    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --steps 30 --warmup 10 \
+      --log-dir "$t/ours_csv" --out "$t/ours_fp8.json" > "$t/ours_fp8.log" 2>&1; tail -1 "$t/ours_fp8.log"
+    PRECISION=fp8 NPROC=1 NUM_LAYERS=4 GBS=8 ITERS=30 bash benchmarks/megatron_lm_baseline.sh \
+      > "$t/megatron_lm_fp8.log" 2>&1; grep -E "iteration +30/" "$t/megatron_lm_fp8.log"
+    # The console a user sees (stdout and stderr apart), and the TensorBoard log with throughput/* and fp8/*.
+    python3 -m lightning_llama_fp8.cli fit --config examples/configs/llama3_1b_1gpu_fp8.yaml \
+      --trainer.max_steps 30 --trainer.logger.init_args.save_dir "$t/tb" \
+      > "$t/fit_1b.stdout" 2> "$t/fit_1b.stderr"  # 30 steps: no validation, no checkpoint (every 100)
+    echo "fit exit $?"; tail -c 600 "$t/fit_1b.stdout"; grep -c -i warn "$t/fit_1b.stderr"
+    # A plain script without a main guard that saves distributed checkpoints (hung on an H200 before the fix).
+    cat > "$t/train_unguarded.py" <<'PY'
+import os, sys
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_llama_fp8 import LlamaLightningModule, MegatronCPStrategy, MegatronPrecision, MockDataModule, OptimizerSettings
+from lightning_llama_fp8 import get_preset
+print(f"top level runs in {__name__} pid {os.getpid()}", flush=True)
+arch = get_preset("llama_tiny")
+saver = ModelCheckpoint(dirpath=sys.argv[1], every_n_train_steps=2, save_top_k=-1)
+trainer = Trainer(accelerator="gpu", devices=1, strategy=MegatronCPStrategy(), plugins=[MegatronPrecision()],
+                  max_steps=4, callbacks=[saver], logger=False, enable_progress_bar=False, limit_val_batches=0)
+data = MockDataModule(seq_length=arch.seq_length, vocab_size=arch.vocab_size, global_batch_size=4, micro_batch_size=2)
+trainer.fit(LlamaLightningModule(arch, OptimizerSettings(warmup_steps=1)), datamodule=data)
+print("saved", sorted(os.listdir(sys.argv[1])), flush=True)
+PY
+    timeout 300 python3 "$t/train_unguarded.py" "$t/unguarded_ckpts" > "$t/unguarded.log" 2>&1
+    echo "unguarded exit $?"; grep -E "^(top level|saved)" "$t/unguarded.log" ;;
+  real-text)
+    t="$out/real_text"; mkdir -p "$t"
+    site="$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+    python3 benchmarks/real_text.py corpus --root "$site" --min-mb 100 --max-mb 200 --out /tmp/real_text.jsonl \
+      --describe "$t/corpus.json"
+    python3 -m lightning_llama_fp8.cli preprocess --input /tmp/real_text.jsonl --output-prefix /tmp/real_text \
+      --workers 16 --overwrite > "$t/preprocess.log" 2>&1; echo "preprocess exit $?"; tail -2 "$t/preprocess.log"
+    cp /tmp/real_text.corpus.json "$t/real_text.corpus.json"
+    # The two example configs as a user runs them, minus checkpoints (time); CSV logs for the summary.
+    python3 - "$t" <<'PY'
+import sys, yaml
+t = sys.argv[1]
+for name, source, steps in (("real", "llama3_1b_text", 300), ("mock", "llama3_1b_1gpu_fp8", 200)):
+    config = yaml.safe_load(open(f"examples/configs/{source}.yaml"))
+    trainer = config["trainer"]
+    trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": f"{t}/{name}_csv", "name": "run"}}
+    if name == "real":
+        config["data"]["init_args"].update(data_path=["/tmp/real_text"], path_to_cache="/tmp/real_text_cache")
+    yaml.safe_dump(config, open(f"{t}/{name}.yaml", "w"), sort_keys=False)
+PY
+    for name in real mock; do
+      python3 -m lightning_llama_fp8.cli fit --config "$t/$name.yaml" > "$t/fit_$name.stdout" 2> "$t/fit_$name.stderr"
+      echo "fit $name exit $?"; tail -c 400 "$t/fit_$name.stderr"
+    done
+    python3 benchmarks/real_text.py training --real-csv "$t/real_csv/run/version_0/metrics.csv" \
+      --mock-csv "$t/mock_csv/run/version_0/metrics.csv" --corpus-json "$t/corpus.json" --sidecar "$t/real_text.corpus.json" --max-steps 300 \
+      --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$t/real_text_training.json" ;;
   recipes-1)
     # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
     mkdir -p "$out/recipes"

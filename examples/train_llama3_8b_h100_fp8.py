@@ -19,6 +19,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_llama_fp8 import (
     LlamaConfig,
@@ -28,7 +29,7 @@ from lightning_llama_fp8 import (
     OptimizerSettings,
     TEFP8Precision,
 )
-from lightning_llama_fp8.callbacks import ManualGC
+from lightning_llama_fp8.callbacks import FP8StatsMonitor, ManualGC, StepProgressBar, ThroughputMonitor
 
 
 def main() -> None:
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default="checkpoints/llama3_8b_fp8", help="the recipe's --save/--load")
     parser.add_argument("--save-interval", type=int, default=1000, help="steps between checkpoints (0: none)")
     parser.add_argument("--resume", help="a checkpoint directory to resume from, or 'last' for the newest save")
+    parser.add_argument("--log-dir", default="logs", help="TensorBoard logs (tensorboard --logdir logs)")
     args = parser.parse_args()
 
     seed_everything(1234)
@@ -64,7 +66,13 @@ def main() -> None:
         decoupled_lr=5e-4,  # --decoupled-lr (embedding and output layer)
         decoupled_min_lr=4.5e-5,  # --decoupled-min-lr
     )
-    callbacks: list[Callback] = [ManualGC()]
+    # Megatron-LM's --manual-gc and --log-throughput, FP8 amax/scale per layer, a bar in steps of max_steps.
+    callbacks: list[Callback] = [
+        ManualGC(),
+        ThroughputMonitor(window=10),
+        FP8StatsMonitor(every_n_steps=100),
+        StepProgressBar(),
+    ]
     if args.save_interval > 0:  # the recipe's --save-interval / --save; keep every checkpoint, link the newest
         every = args.save_interval
         saver = ModelCheckpoint(args.checkpoint_dir, every_n_train_steps=every, save_top_k=-1, save_last="link")
@@ -89,6 +97,7 @@ def main() -> None:
             )
         ],
         callbacks=callbacks,
+        logger=TensorBoardLogger(args.log_dir, name="llama3_8b_fp8"),
         max_steps=args.max_steps,
         val_check_interval=100,  # --eval-interval 100
         check_val_every_n_epoch=None,  # count the interval in steps across the run, as Megatron-LM does

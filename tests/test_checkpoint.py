@@ -31,6 +31,11 @@ def _tiny() -> Any:
     return get_preset("llama_tiny", **ARCH_OVERRIDES)
 
 
+def _tiny_te() -> Any:
+    """The tiny Llama with Transformer Engine's layer spec (a run that can resume; never built on the CPU here)."""
+    return get_preset("llama_tiny", apply_rope_fusion=False)
+
+
 def _module_on_strategy(tp: int, world_size: int, seed: int) -> tuple[Any, Any]:
     """A LlamaLightningModule with its GPTModel built by ``MegatronCPStrategy(tp)``, as ``configure_model`` does."""
     from lightning.pytorch import Trainer
@@ -197,10 +202,10 @@ def test_damaged_shard_is_found_without_reading_tensors(
     shard = sorted(copy.glob("*.distcp"))[-1]
     if damage == "delete":
         shard.unlink()
-        expected = rf"shard {shard.name} is missing"
+        expected = rf"{shard.name} is missing"
     else:
         shard.write_bytes(shard.read_bytes()[:100])
-        expected = rf"shard {shard.name} has 100 bytes, its index needs \d+"
+        expected = rf"{shard.name} has 100 bytes, the save wrote \d+"
     with pytest.raises(CheckpointError, match=expected):
         read_checkpoint_info(copy)
 
@@ -208,6 +213,10 @@ def test_damaged_shard_is_found_without_reading_tensors(
 def test_damaged_index_and_info_are_reported(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
     copy = _copy(tp2_checkpoint, tmp_path)
     (copy / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"damaged: \.metadata has 7 bytes, the save wrote \d+"):
+        read_checkpoint_info(copy)
+    info = json.loads((copy / ckpt.INFO_FILENAME).read_text())
+    (copy / ckpt.INFO_FILENAME).write_text(json.dumps({**info, "files": {}}))  # as written before files were recorded
     with pytest.raises(CheckpointError, match=r"shard index \(\.metadata\) cannot be read"):
         read_checkpoint_info(copy)
     (copy / ckpt.INFO_FILENAME).write_text("{not json")
@@ -247,16 +256,16 @@ def test_other_architecture_is_refused_with_the_differences() -> None:
 
 
 def test_sequence_length_and_kernels_may_change() -> None:
-    arch = get_preset("llama_tiny", seq_length=64, attention_backend="flash", **ARCH_OVERRIDES)
+    arch = get_preset("llama_tiny", seq_length=64, attention_backend="flash", apply_rope_fusion=False)
     check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
 
 
 def test_dp_reshardable_optimizer_needs_the_same_tp_and_cp() -> None:
-    check_can_resume(_info(), _tiny(), 2, 1, with_optimizer=True)  # same TP/CP, any DP: fine
+    check_can_resume(_info(), _tiny_te(), 2, 1, with_optimizer=True)  # same TP/CP, any DP: fine
     with pytest.raises(CheckpointError, match=r"TP=2, CP=1 .* this run has TP=1, CP=2. .*fully_reshardable"):
-        check_can_resume(_info(), _tiny(), 1, 2, with_optimizer=True)
-    check_can_resume(_info(), _tiny(), 1, 2, with_optimizer=False)  # weights alone reshard to any layout
-    check_can_resume(_info(optimizer_sharding="fully_reshardable"), _tiny(), 1, 2, with_optimizer=True)
+        check_can_resume(_info(), _tiny_te(), 1, 2, with_optimizer=True)
+    check_can_resume(_info(), _tiny_te(), 1, 2, with_optimizer=False)  # weights alone reshard to any layout
+    check_can_resume(_info(optimizer_sharding="fully_reshardable"), _tiny_te(), 1, 2, with_optimizer=True)
 
 
 def test_weights_only_checkpoint_cannot_resume_training() -> None:

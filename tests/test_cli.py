@@ -17,6 +17,7 @@ import yaml
 import lightning_llama_fp8.cli as cli
 from lightning_llama_fp8.cli import EXIT_CANNOT_TRAIN, LlamaCLI, main, plan_from_config
 from lightning_llama_fp8.config import get_preset
+from lightning_llama_fp8.data.preprocess import preprocess
 from lightning_llama_fp8.plan import GIB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,13 +132,18 @@ def test_help_names_the_plan_subcommand(capsys: pytest.CaptureFixture[str]) -> N
 @no_gpu
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_fit_preflight_refuses_on_cpu(
-    path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     instantiated: list[Any] = []
     monkeypatch.setattr(LlamaCLI, "instantiate_classes", lambda self: instantiated.append(self))
+    corpus = []
+    if "IndexedDataModule" in path.read_text():  # a text config: its corpus is checked first, on any machine
+        (tmp_path / "text.jsonl").write_text('{"text": "a few words of text"}\n' * 8)
+        preprocess([tmp_path / "text.jsonl"], tmp_path / "text", progress=False)
+        corpus = ["--data.data_path", f"[{tmp_path / 'text'}]", "--data.path_to_cache", str(tmp_path / "cache")]
     capsys.readouterr()
     with pytest.raises(SystemExit) as excinfo:
-        main(["fit", "--config", str(path)])
+        main(["fit", "--config", str(path), *corpus])
     assert excinfo.value.code == EXIT_CANNOT_TRAIN == 2
     assert instantiated == []  # no Trainer, strategy, model or data module was built
 
@@ -279,12 +285,9 @@ def test_plan_precision_changes_weights(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_plan_missing_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(SystemExit) as excinfo:
-        main(["plan", "--config", str(missing)])
-    assert excinfo.value.code == 2
+    assert main(["plan", "--config", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert f"config file {missing} does not exist" in err
-    assert "usage: llama-fp8 plan" in err
+    assert err.strip() == f"llama-fp8 plan: config file {missing} does not exist."  # one sentence, no usage dump
 
 
 def test_plan_without_gpu_count(capsys: pytest.CaptureFixture[str]) -> None:
@@ -389,3 +392,12 @@ def test_fit_preflight_refuses_configs_that_cannot_work(
         cli.preflight(config, fitting=True)
     assert excinfo.value.code == EXIT_CANNOT_TRAIN
     assert re.search(message, capsys.readouterr().err)
+
+
+@no_gpu
+def test_text_config_names_a_missing_corpus_before_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(ROOT / "examples" / "configs" / "llama3_1b_text.yaml")])
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    err = capsys.readouterr().err
+    assert "Not training: Corpus 'data/my_text': data/my_text.bin and data/my_text.idx not found" in err

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from lightning_llama_fp8.config import get_preset, llama3_8b
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.plan import (
     GIB,
     PrecisionName,
@@ -23,6 +27,7 @@ LINEAR = LAYERS * LINEAR_PER_LAYER
 EMBEDDING = VOCAB * H  # 128256 is already a multiple of 128 x TP for TP <= 2
 NORMS = LAYERS * 2 * H + H
 TOTAL_8B = 8_030_261_248
+CONFIG_1GPU = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
 
 
 def reference_plan(**kwargs: object) -> TrainingPlan:
@@ -175,3 +180,118 @@ def test_format_plan_contains_the_numbers() -> None:
     assert f"{plan.flops_per_step / 1e12:,.2f} TFLOP" in text
     assert f"{plan.flops_per_gpu_per_step / 1e12:,.2f} TFLOP" in text
     assert "estimate" in text
+
+
+# ---------------------------------------------------------------------------------------------- recompute / offload
+def one_gpu_8b(**kwargs: object) -> TrainingPlan:
+    """The full 8B on one GPU: seq 8192, MBS 1, GBS 8, FP8 with FP8 weights."""
+    args: dict = dict(
+        arch=llama3_8b(), layout=ParallelLayout(), world_size=1, global_batch_size=8, micro_batch_size=1,
+        precision="fp8", fp8_param_gather=True,
+    )  # fmt: skip
+    args.update(kwargs)
+    return plan_training(**args)
+
+
+def test_full_recompute_keeps_each_layer_input_only() -> None:
+    plain, full = one_gpu_8b(), one_gpu_8b(recompute=RecomputeSettings("full"))
+    layer_input = 2 * SEQ * H  # bf16 hidden states of one sequence
+    assert full.activations.layer_input_bytes == layer_input
+    assert full.activations.checkpointed_inputs == LAYERS
+    # Peak: 32 inputs plus the loss's logits (larger than one recomputed layer).
+    head = plain.activations.head_bytes
+    assert head > plain.activations.layer_bytes
+    assert full.memory.activations == LAYERS * layer_input + head
+    assert plain.memory.activations == LAYERS * plain.activations.layer_bytes + head
+    assert full.memory.activations < plain.memory.activations / 4
+
+
+def test_uniform_chunks_and_block_method() -> None:
+    layer = one_gpu_8b().activations.layer_bytes
+    layer_input = 2 * SEQ * H
+    head = one_gpu_8b().activations.head_bytes
+    chunks8 = one_gpu_8b(recompute=RecomputeSettings("full", num_layers=8)).activations
+    assert (chunks8.checkpointed_inputs, chunks8.recompute_window) == (4, 8)
+    assert chunks8.total == 4 * layer_input + max(head, 8 * layer)
+    block = one_gpu_8b(recompute=RecomputeSettings("full", method="block", num_layers=12)).activations
+    assert (block.checkpointed_inputs, block.layers_kept, block.recompute_window) == (12, 20, 1)
+    assert block.total == 12 * layer_input + 20 * layer + head
+
+
+def test_selective_recompute_drops_the_recomputed_tensors() -> None:
+    n, q, f = SEQ, Q, FFN
+    plain = one_gpu_8b().activations
+    attn = one_gpu_8b(recompute=RecomputeSettings("selective")).activations
+    # FP8: the output projection keeps an FP8 copy, so the bf16 attention output and the softmax LSE go.
+    assert plain.layer_bytes - attn.layer_bytes == 2 * n * q + 4 * n * 32
+    bf16 = one_gpu_8b(precision="bf16", fp8_param_gather=False)
+    bf16_attn = one_gpu_8b(precision="bf16", fp8_param_gather=False, recompute=RecomputeSettings("selective"))
+    assert bf16.activations.layer_bytes - bf16_attn.activations.layer_bytes == 4 * n * 32  # LSE only
+    mlp = one_gpu_8b(recompute=RecomputeSettings("selective", modules=["mlp"])).activations
+    # The MLP keeps its input (the residual); rstd, fc1 input (FP8), fc1 output and fc2 input (FP8) go.
+    assert plain.layer_bytes - mlp.layer_bytes == 4 * n + n * H + 2 * n * 2 * f + n * f
+    assert sum(b for _, b in mlp.recomputed_per_layer) == plain.layer_bytes - mlp.layer_bytes
+
+
+def test_optimizer_step_fp32_gradient_copy_counts_at_the_peak() -> None:
+    full = one_gpu_8b(recompute=RecomputeSettings("full"))
+    m = full.memory
+    assert m.optimizer_step == 4 * TOTAL_8B  # .float() of the whole bf16 gradient shard (DP 1)
+    assert m.optimizer_step > m.activations
+    assert m.total == m.weights + m.gradients + m.optimizer + m.optimizer_step
+    fp32_grads = one_gpu_8b(recompute=RecomputeSettings("full"), grad_reduce_in_fp32=True).memory
+    assert fp32_grads.optimizer_step == 0 and fp32_grads.gradients == 4 * TOTAL_8B
+    # Sharded over DP x CP with the distributed optimizer (reference recipe: 8 shards), below the activations.
+    reference = reference_plan().memory
+    assert reference.optimizer_step == 4 * TOTAL_8B // 8 < reference.activations
+
+
+def test_full_8b_on_one_h200_needs_optimizer_offload() -> None:
+    """The prediction behind examples/configs/llama3_8b_1gpu_fp8_recompute.yaml."""
+    no_offload = one_gpu_8b(recompute=RecomputeSettings("full"))
+    assert 142 * GIB < no_offload.memory.total < 144 * GIB  # more than an H200's 140 GiB before any overhead
+    half = one_gpu_8b(recompute=RecomputeSettings("full"), optimizer_offload=OptimizerOffloadSettings(0.5))
+    m = half.memory
+    on_host = round(TOTAL_8B * 0.5)
+    assert m.host == 16 * on_host  # fp32 main weight, two moments, fp32 gradient per offloaded parameter
+    assert m.optimizer == 16 * (TOTAL_8B - on_host) and m.optimizer_step == 0
+    assert m.total == m.weights + m.gradients + m.optimizer + m.activations
+    assert 90 * GIB < m.total < 92 * GIB
+    everything = one_gpu_8b(recompute=RecomputeSettings("full"), optimizer_offload=OptimizerOffloadSettings(1.0))
+    assert everything.memory.optimizer == 0 and everything.memory.host == 16 * TOTAL_8B
+    text = format_plan(half, gpu_memory_gib=140)
+    assert re.search(r"Recompute +full \(uniform, 1 layer per chunk\)", text)
+    assert "50% of the optimizer state on the CPU" in text
+    assert re.search(rf"Host memory per GPU +{m.host / GIB:,.2f} GiB", text)
+    assert f"yes, {140 - m.total / GIB:,.2f} GiB left" in text
+    assert "no, " in format_plan(no_offload, gpu_memory_gib=140)
+
+
+def test_plan_refuses_what_the_strategy_refuses() -> None:
+    with pytest.raises(ValueError, match=r"'layernorm' recomputes nothing"):
+        one_gpu_8b(recompute=RecomputeSettings("selective", modules=["layernorm"]))
+    with pytest.raises(ValueError, match=r"num_layers \(40, layers per chunk\)"):
+        one_gpu_8b(recompute=RecomputeSettings("full", num_layers=40))
+    with pytest.raises(ValueError, match=r"needs use_distributed_optimizer=True"):
+        one_gpu_8b(optimizer_offload=OptimizerOffloadSettings(), use_distributed_optimizer=False)
+    with pytest.raises(ValueError, match=r"needs the delayed recipe, not 'current'"):
+        one_gpu_8b(optimizer_offload=OptimizerOffloadSettings(), fp8_recipe="current")
+
+
+def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+
+    args = ["plan", "--config", str(CONFIG_1GPU), "--gpu-memory-gib", "140"]
+    assert main(args) == 0
+    shipped = capsys.readouterr().out
+    assert "full (uniform, 1 layer per chunk)" in shipped and "Host memory per GPU" in shipped
+    assert "Fits 140 GiB per GPU" in shipped and "yes, " in shipped
+    assert main([*args, "--optimizer-offload-fraction", "0"]) == 0
+    no_offload = capsys.readouterr().out
+    assert re.search(r"Optimizer offload +off", no_offload) and "no, " in no_offload
+    assert main([*args, "--recompute", "selective", "--recompute-modules", "core_attn", "mlp"]) == 0
+    assert "selective (core_attn, mlp)" in capsys.readouterr().out
+    assert main([*args, "--recompute", "off"]) == 0
+    assert re.search(r"Recompute +off", capsys.readouterr().out)
+    assert main([*args, "--recompute", "full", "--recompute-num-layers", "99"]) == 2
+    assert "num_layers (99, layers per chunk)" in capsys.readouterr().err

@@ -6,14 +6,19 @@ Public API::
         LlamaLightningModule, LlamaConfig, OptimizerSettings, get_preset, PRESETS, MegatronCPStrategy,
         TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, GPTDataModule,
         ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo, read_checkpoint_info,
+        RecomputeSettings, OptimizerOffloadSettings,
     )
     from lightning_llama_fp8.callbacks import NaNGuard, NonFiniteTrainingError, FP8StatsMonitor, FaultInjector, ManualGC
+    from lightning_llama_fp8.callbacks import ThroughputMonitor, StepProgressBar
 """
 
+# First: filters for dependency warnings nobody can act on, in place before megatron-core / TE are imported.
+import lightning_llama_fp8._warnings  # noqa: F401
 from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset
 from lightning_llama_fp8.data import GPTDataModule, IndexedDataModule, MockDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
 from lightning_llama_fp8.precision import FP8UnavailableError, MegatronPrecision, TEFP8Precision
 from lightning_llama_fp8.strategy import MegatronCPStrategy
@@ -33,8 +38,10 @@ __all__ = [
     "MegatronCPStrategy",
     "MegatronPrecision",
     "MockDataModule",
+    "OptimizerOffloadSettings",
     "OptimizerSettings",
     "ParallelLayout",
+    "RecomputeSettings",
     "TEFP8Precision",
     "get_preset",
     "read_checkpoint_info",

@@ -7,6 +7,9 @@ upgrade that moves them breaks one file, and ``tests/test_lightning_compat.py`` 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -77,3 +80,86 @@ def sync_ddp_if_available(tensor: Tensor, group: Any, reduce_op: Any) -> Tensor:
 
 def all_gather_ddp_if_available(tensor: Tensor, group: Any, sync_grads: bool) -> Tensor:
     return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+
+
+@dataclass(frozen=True)
+class CheckpointArguments:
+    """What the running ``Trainer.fit/validate/test/predict`` call was asked to load, and what Lightning made of it.
+
+    ``requested``: the caller's ``ckpt_path`` (``"last"`` stays ``"last"``); ``resolved``: the path Lightning will
+    load (``None``: none, e.g. for ``"last"`` when the only last checkpoint is a dangling link); ``weights_only``:
+    the caller's argument, which Lightning does not pass on to a strategy that restores after setup.
+    """
+
+    requested: Any
+    resolved: Any
+    weights_only: bool | None
+
+
+def checkpoint_arguments(trainer: Any) -> CheckpointArguments | None:
+    """The checkpoint arguments of the ``trainer`` method running now, or ``None`` outside of one.
+
+    Lightning keeps neither the caller's ``ckpt_path`` nor ``weights_only`` anywhere a strategy can read them before
+    it restores (``trainer.ckpt_path`` is only set once loading starts, and keeps the previous run's value until
+    then), so they are read from the frames of ``Trainer.fit`` (or ``validate``/``test``/``predict``) and of
+    ``Trainer._run`` on the call stack, by their argument names.
+    """
+    from lightning.pytorch import Trainer
+
+    entry_points = {getattr(Trainer, name).__code__ for name in ("fit", "validate", "test", "predict")}
+    run = Trainer._run.__code__
+    requested: dict[str, Any] | None = None
+    resolved: dict[str, Any] | None = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is trainer:
+            if frame.f_code is run and resolved is None:
+                resolved = dict(frame.f_locals)
+            elif frame.f_code in entry_points:
+                requested = dict(frame.f_locals)
+                break
+        frame = frame.f_back
+    if requested is None or resolved is None:
+        return None
+    return CheckpointArguments(requested.get("ckpt_path"), resolved.get("ckpt_path"), requested.get("weights_only"))
+
+
+# The profiler action Lightning's training loop wraps around each ``next()`` on the training dataloader
+# (``[_TrainingEpochLoop].train_dataloader_next`` in Lightning 2.6; the loop's class name is private).
+TRAINING_FETCH_ACTION_SUFFIX = "].train_dataloader_next"
+
+
+def time_training_batch_fetches(
+    trainer: Any, on_fetch: Callable[[float], None], clock: Callable[[], float]
+) -> Callable[[], None]:
+    """Call ``on_fetch(seconds)`` after each batch the training loop takes from its dataloader; return an undo.
+
+    The training loop reports exactly the fetch (and nothing else of the step) to ``trainer.profiler`` as a
+    ``start``/``stop`` pair of that action; this wraps the two methods of the Trainer's profiler instance (whatever
+    profiler it is, the default pass-through one included), which go on working as before.
+    """
+    profiler = trainer.profiler
+    own = {name: vars(profiler)[name] for name in ("start", "stop") if name in vars(profiler)}
+    start, stop = profiler.start, profiler.stop
+    started: list[float] = []
+
+    def timed_start(action_name: str) -> None:
+        start(action_name)
+        if action_name.endswith(TRAINING_FETCH_ACTION_SUFFIX):
+            started.append(clock())
+
+    def timed_stop(action_name: str) -> None:
+        if action_name.endswith(TRAINING_FETCH_ACTION_SUFFIX) and started:
+            on_fetch(clock() - started.pop())
+        stop(action_name)
+
+    profiler.start, profiler.stop = timed_start, timed_stop
+
+    def undo() -> None:
+        for name in ("start", "stop"):
+            if name in own:
+                setattr(profiler, name, own[name])
+            else:
+                vars(profiler).pop(name, None)
+
+    return undo

@@ -13,12 +13,17 @@ A checkpoint is a directory, written by every rank at once:
 Saving writes into ``<path>.saving`` and only then replaces ``<path>``, so an interrupted save never damages a
 checkpoint saved earlier under the same name (``last.ckpt``). :func:`read_checkpoint_info` checks a directory
 cheaply (no tensor is read) before anything expensive happens: that it exists, is complete, that every shard file
-its index names is there and long enough, and :func:`check_can_resume` that it fits the model and layout.
+its index names is there and long enough, that every file is the one the save wrote (sizes and sampled digests
+recorded in ``lightning_llama_fp8.json``), that the weight shapes in the shard index are those of the architecture
+the JSON names, and :func:`check_can_resume` that it fits the model, layout, batch size and learning rates.
+:func:`resolve_last_checkpoint` finds the newest complete checkpoint of a directory (``ckpt_path="last"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -40,6 +45,7 @@ __all__ = [
     "OptimizerSharding",
     "check_can_resume",
     "read_checkpoint_info",
+    "resolve_last_checkpoint",
     "save_directory_atomically",
 ]
 
@@ -64,6 +70,14 @@ SHAPE_FIELDS: tuple[str, ...] = (
     "tie_embeddings",
 )
 
+#: ``OptimizerSettings`` fields by which Megatron pairs saved optimizer groups with the current ones (their
+#: ``max_lr``/``min_lr``); a change makes Megatron's load fail, so it is refused before anything is built.
+PAIRED_OPTIMIZER_FIELDS: tuple[str, ...] = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr")
+
+#: Files up to this size are digested whole; larger ones (shards) by :data:`DIGEST_BLOCKS` blocks spread over them.
+DIGEST_WHOLE_FILE_BYTES = 8 * 2**20
+DIGEST_BLOCKS, DIGEST_BLOCK_BYTES = 16, 256 * 2**10
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
@@ -81,6 +95,13 @@ class CheckpointInfo:
     arch: dict[str, Any] = field(default_factory=dict)
     #: How the optimizer state is sharded; ``None``: the checkpoint has no optimizer state.
     optimizer_sharding: str | None = None
+    #: What the data module needs to continue the same samples (``GPTDataModule.checkpoint_info()``: the global
+    #: batch size and the training sample index the run was built with); empty for other data modules.
+    data: dict[str, Any] = field(default_factory=dict)
+    #: The module's optimizer settings (``LlamaLightningModule.optim``), to refuse changed learning rates early.
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
+    #: Every other file of the checkpoint: ``{name: {"size": bytes, "digest": hex}}`` (see :func:`file_digest`).
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -138,12 +159,66 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     for required in (MEGATRON_METADATA_FILENAME, LIGHTNING_FILENAME):
         if not (path / required).is_file():
             raise CheckpointError(f"Checkpoint {path} is damaged: {required} is missing. Resume from another one.")
-    _check_shard_files(path)
+    _check_recorded_files(path, info.files)
+    metadata = _check_shard_files(path)
+    _check_shapes_match_arch(path, metadata, info)
     return info
 
 
-def _check_shard_files(path: Path) -> None:
-    """Every byte range that torch.distributed.checkpoint's index points at must exist (cheap: no data read)."""
+def file_digest(path: Path) -> str:
+    """A cheap fingerprint of a file: BLAKE2b of its size and contents, whole up to 8 MiB, else of 16 blocks of
+    256 KiB spread evenly over it (first and last included).
+
+    Reading 4 MiB per shard keeps the check at load time to a fraction of a second per file, and it finds the
+    damage that happens to whole files (overwritten with other or zero bytes of the same size, a copy of another
+    checkpoint's file, a half-copied file); a flipped byte between the sampled blocks goes unnoticed.
+    """
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as fh:
+        if size <= DIGEST_WHOLE_FILE_BYTES:
+            digest.update(fh.read())
+        else:
+            last = size - DIGEST_BLOCK_BYTES
+            for index in range(DIGEST_BLOCKS):
+                fh.seek(last * index // (DIGEST_BLOCKS - 1))
+                digest.update(fh.read(DIGEST_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def record_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and :func:`file_digest` of every file in ``directory`` but the info file (what the info JSON records)."""
+    return {
+        entry.name: {"size": entry.stat().st_size, "digest": file_digest(entry)}
+        for entry in sorted(directory.iterdir())
+        if entry.is_file() and entry.name != INFO_FILENAME
+    }
+
+
+def _check_recorded_files(path: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Each file the save recorded is there, with its size and digest (checkpoints written before this: skipped)."""
+    for name, recorded in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint {path} is damaged: {name} is missing. Resume from another checkpoint.")
+        size = file.stat().st_size
+        if size != recorded["size"]:
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged: {name} has {size} bytes, the save wrote {recorded['size']}. Resume "
+                "from another checkpoint."
+            )
+        if file_digest(file) != recorded["digest"]:
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged: {name} is not the file the save wrote (same size, other contents: "
+                f"overwritten, or copied from another checkpoint?). Resume from another checkpoint."
+            )
+
+
+def _check_shard_files(path: Path) -> Any:
+    """Every byte range that torch.distributed.checkpoint's index points at must exist (cheap: no data read).
+
+    Returns the index (torch.distributed.checkpoint ``Metadata``).
+    """
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -165,6 +240,99 @@ def _check_shard_files(path: Path) -> None:
                 f"Checkpoint {path} is damaged: shard {name} has {shard.stat().st_size} bytes, its index needs "
                 f"{size} (truncated copy?). Resume from another checkpoint."
             )
+    return metadata
+
+
+def expected_weight_shapes(arch: dict[str, Any], tensor_model_parallel_size: int) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the main weights of a Megatron GPTModel of ``arch`` (a ``LlamaConfig`` as a dict), as its
+    sharded state dict names them (the transformer layers stacked on a leading layer axis)."""
+    from lightning_llama_fp8.config import LlamaConfig
+
+    config = LlamaConfig(**arch)
+    layers, hidden, ffn = config.num_layers, config.hidden_size, config.ffn_hidden_size
+    vocab = config.padded_vocab_size(tensor_model_parallel_size)
+    query = config.num_attention_heads * config.kv_channels
+    qkv = query + 2 * config.num_query_groups * config.kv_channels
+    shapes = {
+        "embedding.word_embeddings.weight": (vocab, hidden),
+        "decoder.layers.self_attention.linear_qkv.weight": (layers, qkv, hidden),
+        "decoder.layers.self_attention.linear_proj.weight": (layers, hidden, query),
+        "decoder.layers.mlp.linear_fc1.weight": (layers, 2 * ffn, hidden),  # SwiGLU: gate and up projections
+        "decoder.layers.mlp.linear_fc2.weight": (layers, hidden, ffn),
+    }
+    if not config.tie_embeddings:
+        shapes["output_layer.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _check_shapes_match_arch(path: Path, metadata: Any, info: CheckpointInfo) -> None:
+    """The shard index's weight shapes must be those of the architecture the info JSON names, or the architecture
+    check before building means nothing (a JSON copied from or edited to another model would pass it)."""
+    if not info.arch:
+        return
+    try:
+        expected = expected_weight_shapes(info.arch, info.tensor_model_parallel_size)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"Checkpoint {path}: the architecture in {INFO_FILENAME} is invalid ({err}).") from err
+    saved = metadata.state_dict_metadata
+    different = [
+        f"{key} {tuple(saved[key].size)} (the JSON's architecture gives {shape})"
+        for key, shape in expected.items()
+        if key in saved and getattr(saved[key], "size", None) is not None and tuple(saved[key].size) != shape
+    ]
+    if different:
+        raise CheckpointError(
+            f"Checkpoint {path}: its shards do not hold the architecture its {INFO_FILENAME} names: "
+            + "; ".join(different)
+            + f". The {INFO_FILENAME} was edited or copied from another checkpoint; resume from another checkpoint."
+        )
+
+
+def resolve_last_checkpoint(directories: list[Path]) -> Path | None:
+    """The newest complete checkpoint in ``directories`` (by global step, then modification time), for
+    ``ckpt_path="last"``; ``None`` if the directories hold no checkpoint at all.
+
+    Unlike Lightning's lookup (the newest ``last*.ckpt`` by modification time, a dangling link counting as none)
+    this sees through what an interrupted save leaves: a ``last.ckpt`` link whose target was deleted before the
+    link was renewed (``save_top_k`` with ``save_last="link"``), a ``.saving`` or ``.replaced`` directory.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none is complete (the message lists each and what is wrong).
+    """
+    candidates: list[tuple[int, float, Path]] = []
+    problems: list[str] = []
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            if not entry.name.endswith(".ckpt"):  # leaves out <name>.ckpt.saving / .replaced
+                continue
+            try:  # the step from the info file alone first: fully checking every checkpoint would read them all
+                step = int(json.loads((entry / INFO_FILENAME).read_text())["global_step"])
+                candidates.append((step, entry.resolve().stat().st_mtime, entry))
+            except (OSError, ValueError, KeyError, TypeError):
+                try:
+                    read_checkpoint_info(entry)
+                except CheckpointError as err:
+                    problems.append(str(err))
+        for entry in sorted(directory.glob("*.ckpt.replaced")):
+            problems.append(f"{entry} is the previous version of {entry.name[: -len('.replaced')]} set aside by a save")
+    for _, _, entry in sorted(candidates, key=lambda item: item[:2], reverse=True):  # newest first
+        try:
+            read_checkpoint_info(entry)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        return entry
+    if problems:
+        raise CheckpointError(
+            "ckpt_path='last': no complete checkpoint in "
+            + ", ".join(str(d) for d in directories)
+            + ". Found: "
+            + " | ".join(problems)
+            + ". Pass ckpt_path=<one of them> once repaired, or leave ckpt_path unset to start a new run."
+        )
+    return None
 
 
 def check_can_resume(
@@ -173,11 +341,17 @@ def check_can_resume(
     tensor_model_parallel_size: int,
     context_parallel_size: int,
     with_optimizer: bool,
+    *,
+    global_batch_size: int | None = None,
+    optimizer_settings: dict[str, Any] | None = None,
 ) -> None:
     """Refuse, before the model is built, a checkpoint whose weights or optimizer state cannot load here.
 
     Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size.
-    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check.
+    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check. The global batch size
+    and the learning rates that Megatron pairs optimizer groups by (``optimizer_settings``, an ``OptimizerSettings``
+    as a dict) must be the checkpoint's; pass them when training resumes (``None``: not checked). Optimizer state
+    (``with_optimizer``) must be there and fit the layout, and not go into Megatron-Core's local layer spec.
     """
     current = asdict(arch) if arch is not None else dict(info.arch)
     different = [
@@ -191,12 +365,44 @@ def check_can_resume(
             + "; ".join(different)
             + "). Set model.arch to the checkpoint's (see its lightning_llama_fp8.json)."
         )
+    saved_batch = info.data.get("global_batch_size")
+    if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
+        raise CheckpointError(
+            f"Checkpoint {info.path} was trained with global_batch_size {saved_batch}, this run has "
+            f"{global_batch_size}: its data position ({info.global_step} global batches) would mean other samples "
+            f"here. Resume with data.global_batch_size={saved_batch}."
+        )
+    saved_optimizer = info.optimizer_settings
+    if optimizer_settings is not None and saved_optimizer:
+        changed = [
+            f"{name}: checkpoint {saved_optimizer[name]!r}, this run {optimizer_settings.get(name)!r}"
+            for name in PAIRED_OPTIMIZER_FIELDS
+            if name in saved_optimizer and not _same_number(saved_optimizer[name], optimizer_settings.get(name))
+        ]
+        if changed:
+            raise CheckpointError(
+                f"Checkpoint {info.path} was trained with other learning rates ("
+                + "; ".join(changed)
+                + "). Megatron pairs the saved optimizer state with this run's parameter groups by them, so they must "
+                "stay the checkpoint's: set model.optimizer back to them (warmup, decay steps, weight decay and the "
+                "schedule may change)."
+            )
     if not with_optimizer:
         return
     if info.optimizer_sharding is None:
         raise CheckpointError(
             f"Checkpoint {info.path} has no optimizer state, so training cannot resume from it. Load its weights "
             "with trainer.validate(ckpt_path=...), or start a new run."
+        )
+    if arch is not None and arch.transformer_impl == "local":
+        # Found by an audit on GPUs: Megatron's distributed optimizer asserts on the empty state of the torch Adam it
+        # falls back to without Transformer Engine (`assert len(steps) == 1`), and loading into the local spec's
+        # fp32 norm weights fails with an in-place write to a leaf view.
+        raise CheckpointError(
+            f"Checkpoint {info.path}: training cannot resume with model.arch.transformer_impl 'local' (Megatron-Core's "
+            "distributed optimizer cannot reload its state into the local layer spec). Resume with transformer_impl "
+            "'transformer_engine' from a checkpoint saved with it; this checkpoint's weights still load for "
+            "validation (llama-fp8 validate / trainer.validate(ckpt_path=...))."
         )
     saved = (info.tensor_model_parallel_size, info.context_parallel_size)
     here = (tensor_model_parallel_size, context_parallel_size)
@@ -207,6 +413,12 @@ def check_can_resume(
             f"CP={here[1]}. Resume with TP={saved[0]}, CP={saved[1]}, or save with "
             "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
         )
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
 
 
 def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree: Any) -> None:
@@ -332,7 +544,13 @@ def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], op
     content = dist_checkpointing.load_content_metadata(str(directory)) or {}
     metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
     template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
-    loaded = dist_checkpointing.load(template, str(directory))
+    try:
+        loaded = dist_checkpointing.load(template, str(directory))
+    except Exception as err:  # torch.distributed.checkpoint / Megatron raise many kinds; say which checkpoint
+        raise CheckpointError(
+            f"Checkpoint {directory}: reading its shards failed ({type(err).__name__}: {err}). Its files are damaged "
+            "or do not belong together, or it holds another model than this one; resume from another checkpoint."
+        ) from err
     with _te_extra_state_pickles_allowed():
         for name, module in modules.items():
             module.load_state_dict(loaded[name])

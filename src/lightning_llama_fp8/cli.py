@@ -12,21 +12,31 @@ prints parameters, memory per GPU and FLOPs per step.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_llama_fp8.checkpoint import CheckpointError, check_can_resume, read_checkpoint_info
-from lightning_llama_fp8.config import LlamaConfig, get_preset
+from lightning_llama_fp8.checkpoint import (
+    CheckpointError,
+    check_can_resume,
+    load_lightning_state,
+    read_checkpoint_info,
+    resolve_last_checkpoint,
+)
+from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.data import GPTDataModule
+from lightning_llama_fp8.data.base import check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.layout import LayoutError, ParallelLayout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
-from lightning_llama_fp8.precision import fp8_support
+from lightning_llama_fp8.precision import check_bf16_layers, fp8_support
 
 EXIT_CANNOT_TRAIN = 2
 
@@ -56,7 +66,30 @@ class LlamaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
-        preflight(config, fitting=self.subcommand in (None, "fit"))
+        fitting = self.subcommand in (None, "fit")
+        if fitting and config.get("ckpt_path") == "last":
+            # Lightning takes a dangling last.ckpt link for "no checkpoint" and starts a new run; find the newest
+            # complete checkpoint instead, and hand Lightning its path.
+            config["ckpt_path"] = resolve_last_from_config(config)
+            (self.config[self.subcommand] if self.subcommand else self.config)["ckpt_path"] = config["ckpt_path"]
+        preflight(config, fitting=fitting)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with :class:`StepProgressBar` (steps of ``max_steps``) unless the config has a progress bar.
+
+        Lightning's default bar counts batches per epoch (``Epoch 0/-2`` for a ``max_steps`` run); a progress bar
+        in ``trainer.callbacks`` or ``trainer.enable_progress_bar: false`` is left as configured.
+        """
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from lightning_llama_fp8.callbacks.progress import StepProgressBar
+
+        trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
+        callbacks = kwargs.get("callbacks", trainer.get("callbacks"))
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 # ---------------------------------------------------------------------- reading a config
@@ -74,10 +107,9 @@ def _class_name(value: Any) -> str:
 
 
 def _arch_from(model: dict[str, Any]) -> LlamaConfig:
-    arch = _init_args(model).get("arch", model.get("arch", "llama3_8b")) if model else "llama3_8b"
-    if isinstance(arch, str):
-        return get_preset(arch)
-    return LlamaConfig(**arch)
+    args = {**model, **_init_args(model)} if model else {}
+    arch = args.get("arch")
+    return resolve_arch(LlamaConfig(**arch) if isinstance(arch, dict) else arch, args.get("init_weights"))
 
 
 def _precision_from(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -138,7 +170,19 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         use_distributed_optimizer=bool(strategy.get("use_distributed_optimizer", True)),
         grad_reduce_in_fp32=bool(strategy.get("grad_reduce_in_fp32", False)),
         fp8_param_gather=bool(fp8_args.get("fp8_param_gather", False)),
+        recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
+        optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
+        fp8_recipe=str(fp8_args.get("recipe", "delayed")),
     )
+
+
+def _settings(cls: Any, value: Any) -> Any:
+    """A settings dataclass from its YAML mapping (``None``: not set); raises ValueError/TypeError when bad."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"{cls.__name__} must be a mapping of its fields, got {value!r}.")
+    return cls(**value)
 
 
 def preflight(config: dict[str, Any], fitting: bool = True) -> None:
@@ -149,9 +193,16 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
     try:
         plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
         check_model_against_config(config, fitting)
+        if config.get("weights_only") and config.get("ckpt_path"):
+            raise CheckpointError(
+                "weights_only=True cannot load MegatronCPStrategy checkpoints: they hold pickled data "
+                "(torch.distributed.checkpoint's index, Transformer Engine's FP8 state, Lightning's state). Load only "
+                "checkpoints you trust, without --weights_only."
+            )
     except (ValueError, TypeError) as err:  # a config that cannot work on any machine
         _refuse(err, fitting)
     check_checkpoint_from_config(config, plan.layout, fitting)
+    check_data_from_config(config)  # a corpus that cannot work is worth knowing on any machine
     precision, fp8_args = _precision_from(trainer)
     ok, reason = fp8_support(fp8_args.get("recipe", "delayed"), bool(fp8_args.get("fp8_attention")))
     import torch
@@ -166,7 +217,6 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
                 "does not import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch "
                 "container) or set model.arch.transformer_impl: local (BF16 only, no context parallelism).",
             )
-        check_data_from_config(config)
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
@@ -182,18 +232,38 @@ def te_importable() -> bool:
 
 def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
     """The model's data shape and LR schedule against the data and trainer settings (raises ValueError)."""
-    model_args = _init_args(config.get("model")) or dict(config.get("model") or {})
     data = _init_args(config.get("data")) or dict(config.get("data") or {})
     seq_length, vocab_size = data.get("seq_length"), data.get("vocab_size")
+    arch = _arch_from(config.get("model") or {})
     check_data_matches_arch(
-        _arch_from(config.get("model") or {}),
+        arch,
         None if seq_length is None else int(seq_length),
         None if vocab_size is None else int(vocab_size),
     )
+    _, fp8 = _precision_from(config.get("trainer") or {})
+    check_bf16_layers(int(fp8.get("bf16_first_layers", 0)), int(fp8.get("bf16_last_layers", 0)), arch.num_layers)
     if fitting:
-        optimizer = model_args.get("optimizer")
-        settings = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else OptimizerSettings()
-        settings.check_schedule(int((config.get("trainer") or {}).get("max_steps") or -1))
+        trainer = config.get("trainer") or {}
+        max_steps = int(trainer.get("max_steps") or -1)
+        _optimizer_settings(config).check_schedule(max_steps)
+        batch, samples = int(data.get("global_batch_size") or 128), data.get("train_samples")
+        train_batches = int(samples) // batch if samples is not None else max_steps
+        if train_batches > 0:
+            check_val_check_interval(
+                trainer.get("val_check_interval"),
+                train_batches,
+                trainer.get("limit_train_batches"),
+                trainer.get("check_val_every_n_epoch", 1),
+                trainer.get("limit_val_batches"),
+            )
+
+
+def _optimizer_settings(config: dict[str, Any]) -> OptimizerSettings:
+    model_args = _init_args(config.get("model")) or dict(config.get("model") or {})
+    optimizer = model_args.get("optimizer")
+    if isinstance(optimizer, OptimizerSettings):
+        return optimizer
+    return OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else OptimizerSettings()
 
 
 def check_data_from_config(config: dict[str, Any]) -> None:
@@ -215,6 +285,7 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
     path = config.get("ckpt_path")
     if not path or str(path) in ("last", "best", "hpc", "registry"):
         return
+    data = _init_args(config.get("data")) or dict(config.get("data") or {})
     try:
         info = read_checkpoint_info(path)
         check_can_resume(
@@ -223,9 +294,35 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             layout.tensor_model_parallel_size,
             layout.context_parallel_size,
             with_optimizer=fitting,
+            global_batch_size=int(data["global_batch_size"]) if fitting and data.get("global_batch_size") else None,
+            optimizer_settings=asdict(_optimizer_settings(config)) if fitting else None,
         )
+        load_lightning_state(Path(path))  # small; a damaged or unloadable one is found now, not after the build
     except CheckpointError as err:
         _refuse(err, fitting)
+
+
+def resolve_last_from_config(config: dict[str, Any]) -> str | None:
+    """``ckpt_path: last`` as the newest complete checkpoint in the config's ``ModelCheckpoint`` dirpaths (exit
+    status 2 when checkpoints are there but none is complete); ``"last"`` if no dirpath is set (Lightning's own
+    lookup, which the strategy checks); None when there is no checkpoint yet (a new run)."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    directories = [
+        Path(_init_args(cb)["dirpath"])
+        for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
+        if _class_name(cb) == "ModelCheckpoint" and _init_args(cb).get("dirpath")
+    ]
+    if not directories:
+        return "last"
+    try:
+        newest = resolve_last_checkpoint(directories)
+    except CheckpointError as err:
+        _refuse(err, fitting=True)
+    if newest is None:
+        print(f"ckpt_path 'last': no checkpoint in {', '.join(map(str, directories))} yet; starting a new run.")
+        return None
+    print(f"ckpt_path 'last': resuming from {newest} (step {read_checkpoint_info(newest).global_step}).")
+    return str(newest)
 
 
 def _refuse(err: Exception, fitting: bool) -> NoReturn:
@@ -256,20 +353,30 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--precision", choices=("fp8", "bf16"))
+    parser.add_argument("--recompute", choices=("off", "selective", "full"), help="activation recompute granularity")
+    parser.add_argument("--recompute-method", choices=("uniform", "block"), help="full recompute only")
+    parser.add_argument("--recompute-num-layers", type=int, help="full recompute: layers per chunk / checkpointed")
+    parser.add_argument("--recompute-modules", nargs="+", help="selective recompute: core_attn, mlp, layernorm")
+    parser.add_argument(
+        "--optimizer-offload-fraction", type=float, help="share of the optimizer state on the CPU (0: off)"
+    )
+    parser.add_argument("--gpu-memory-gib", type=float, help="say whether the plan fits GPUs of this size")
     args = parser.parse_args(argv)
 
     config: dict[str, Any] = {}
     if args.config is not None:
-        if not args.config.is_file():
-            parser.error(f"config file {args.config} does not exist")
-        config = yaml.safe_load(args.config.read_text()) or {}
+        try:
+            config = read_config_file(args.config)
+        except ValueError as err:
+            print(f"llama-fp8 plan: {err}", file=sys.stderr)
+            return EXIT_CANNOT_TRAIN
     _apply_overrides(config, args)
     try:
         plan = plan_from_config(config, gpus=args.gpus)
     except (LayoutError, ValueError, TypeError) as err:  # TypeError: an unknown key in model.arch
         print(f"llama-fp8 plan: {err}", file=sys.stderr)
         return EXIT_CANNOT_TRAIN
-    print(format_plan(plan))
+    print(format_plan(plan, gpu_memory_gib=args.gpu_memory_gib))
     return 0
 
 
@@ -293,6 +400,7 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
     ):
         if value is not None:
             strategy_args[key] = value
+    _apply_memory_overrides(strategy_args, args)
     if args.global_batch_size is not None:
         data_args["global_batch_size"] = args.global_batch_size
     if args.micro_batch_size is not None:
@@ -303,19 +411,86 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
         trainer["plugins"] = [{"class_path": "lightning_llama_fp8.TEFP8Precision"}]
 
 
+def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--recompute*`` and ``--optimizer-offload-fraction`` into the strategy's init_args."""
+    if args.recompute == "off":
+        strategy_args["activation_recompute"] = None
+    elif args.recompute is not None:
+        strategy_args["activation_recompute"] = {"granularity": args.recompute}
+    given = {
+        "method": args.recompute_method,
+        "num_layers": args.recompute_num_layers,
+        "modules": args.recompute_modules,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        recompute = strategy_args.get("activation_recompute")
+        if not isinstance(recompute, dict):
+            raise SystemExit("llama-fp8 plan: --recompute-method/-num-layers/-modules need --recompute selective|full.")
+        recompute.update(given)
+    if args.optimizer_offload_fraction == 0:
+        strategy_args["optimizer_offload"] = None
+    elif args.optimizer_offload_fraction is not None:
+        offload = strategy_args.get("optimizer_offload")
+        strategy_args["optimizer_offload"] = {
+            **(offload if isinstance(offload, dict) else {}),
+            "fraction": args.optimizer_offload_fraction,
+        }
+
+
 # ---------------------------------------------------------------------- entry point
 DESCRIPTION = (
     "Train Megatron-Core Llama 3 with Transformer Engine FP8 through Lightning: `llama-fp8 fit|validate --config "
     "CONFIG.yaml`. Also `llama-fp8 plan --config CONFIG.yaml` (or `plan --help`): the layout check, parameters, "
-    "memory per GPU and FLOPs of a config, on any machine."
+    "memory per GPU and FLOPs of a config, on any machine; `llama-fp8 convert CHECKPOINT HF_DIR` (or "
+    "`convert --help`): a checkpoint as Hugging Face weights; `llama-fp8 preprocess --input FILE... "
+    "--output-prefix PREFIX` (or `preprocess --help`): text (JSON Lines, Parquet, plain text) as an indexed "
+    "corpus for IndexedDataModule."
 )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config as a mapping; ``ValueError`` in one sentence if it is missing, does not parse or is no mapping."""
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"config file {path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}.") from None
+    if not isinstance(config, dict):
+        what = "empty" if config is None else f"a {type(config).__name__}, not a mapping of sections"
+        raise ValueError(f"config file {path} is {what} (expected keys such as trainer:, model:, data:).")
+    return config
+
+
+def _config_paths(words: list[str]) -> list[Path]:
+    """The files given to ``--config`` (``--config X`` or ``--config=X``) on a command line."""
+    paths = [Path(word.split("=", 1)[1]) for word in words if word.startswith("--config=")]
+    return paths + [Path(value) for flag, value in itertools.pairwise(words) if flag == "--config"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama-fp8``; ``argv`` defaults to the command line."""
     words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] != "plan":  # plan reads its own; LightningCLI would print its whole usage first
+        for path in _config_paths(words):
+            try:
+                read_config_file(path)
+            except ValueError as err:
+                print(f"llama-fp8 {words[0]}: {err}", file=sys.stderr)
+                return EXIT_CANNOT_TRAIN
     if words and words[0] == "plan":
         return plan_main(words[1:])
+    if words and words[0] == "convert":
+        from lightning_llama_fp8.hf.cli import convert_main
+
+        return convert_main(words[1:])
+    if words and words[0] == "preprocess":
+        from lightning_llama_fp8.data.preprocess import main as preprocess_main
+
+        return preprocess_main(words[1:])
     LlamaCLI(
         LlamaLightningModule,
         GPTDataModule,  # any of its subclasses by class_path: MockDataModule, IndexedDataModule, your own

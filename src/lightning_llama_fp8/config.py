@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -89,6 +90,14 @@ class LlamaConfig:
                 "zero_centered_gamma needs transformer_impl='transformer_engine' (Megatron-Core's local spec builds "
                 "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
             )
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
+        """The architecture of a Hugging Face Llama 3 / 3.1 / 3.2 directory (its ``config.json``); ``overrides`` set
+        training-side fields such as ``seq_length``. Unsupported settings raise, naming the field."""
+        from lightning_llama_fp8.hf.config import llama_config_from_hf
+
+        return llama_config_from_hf(path, **overrides)
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """The embedding size Megatron allocates: vocab rounded up to ``divisible_by * TP``."""
@@ -286,6 +295,17 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     return PRESETS[name](**overrides)
 
 
-def resolve_arch(arch: str | LlamaConfig) -> LlamaConfig:
-    """Accept a preset name or a ready config (what the CLI and Python users pass)."""
+def resolve_arch(arch: str | LlamaConfig | None, init_weights: str | os.PathLike[str] | None = None) -> LlamaConfig:
+    """Accept a preset name, a ready config or a Hugging Face model directory (what the CLI and Python users pass).
+
+    With ``init_weights`` (a Hugging Face directory) the architecture is that of its ``config.json``: ``arch`` may
+    be left out (None) and must otherwise agree with it. None without ``init_weights`` is Llama 3 8B.
+    """
+    is_hf_dir = isinstance(arch, (str, os.PathLike)) and str(arch) not in PRESETS and os.path.isdir(arch)
+    if init_weights is not None or is_hf_dir:
+        from lightning_llama_fp8.hf.load import arch_for_hf
+
+        return arch_for_hf(arch, init_weights)
+    if arch is None:
+        return get_preset("llama3_8b")
     return get_preset(arch) if isinstance(arch, str) else arch

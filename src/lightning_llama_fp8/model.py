@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_llama_fp8._warnings import filter_manual_optimization_checkpoint_warning
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.precision import MegatronPrecision
 
@@ -107,15 +108,31 @@ class LlamaLightningModule(LightningModule):
 
     Args:
         arch: a preset name (``llama3_8b``, ``llama3_70b``, ``llama3_1_8b``, ``llama3_2_1b``, ``llama3_2_3b``,
-            ``llama3_8b_4layers``, ``llama_tiny``) or a :class:`LlamaConfig`.
+            ``llama3_8b_4layers``, ``llama_tiny``), a :class:`LlamaConfig` or a Hugging Face model directory
+            (its ``config.json``). None: Llama 3 8B, or the architecture of ``init_weights``.
         optimizer: optimizer and learning-rate schedule.
+        init_weights: a Hugging Face Llama directory (``config.json`` + safetensors) to start from: its weights
+            replace the random initialisation when the model is built (each rank reads its own shard; the optimizer
+            starts fresh). Checked against the architecture here, before anything is built.
     """
 
-    def __init__(self, arch: str | LlamaConfig = "llama3_8b", optimizer: OptimizerSettings | None = None) -> None:
+    def __init__(
+        self,
+        arch: str | LlamaConfig | None = None,
+        optimizer: OptimizerSettings | None = None,
+        init_weights: str | None = None,
+    ) -> None:
         super().__init__()
-        self.arch: LlamaConfig = resolve_arch(arch)
+        self.arch: LlamaConfig = resolve_arch(arch, init_weights)
+        self.init_weights = None if init_weights is None else str(init_weights)
+        if self.init_weights is not None:
+            from lightning_llama_fp8.hf import check_hf_weights
+
+            check_hf_weights(self.init_weights, self.arch)  # names, shapes and shard files; reads no tensor data
         self.optim = optimizer or OptimizerSettings()
         self.automatic_optimization = False
+        # ModelCheckpoint warns for every manual-optimization module; its advice is wrong for this one (why: there).
+        filter_manual_optimization_checkpoint_warning()
         self.model: torch.nn.Module | None = None
         # Each validation batch's loss is already reduced over all ranks, so the metric needs no sync.
         self.val_loss = MeanMetric(sync_on_compute=False)
@@ -139,6 +156,10 @@ class LlamaLightningModule(LightningModule):
         if self.model is not None:
             return
         self.model = self.arch.build_model(self.transformer_config())
+        if self.init_weights is not None:
+            from lightning_llama_fp8.hf import load_hf_weights
+
+            load_hf_weights(self.model, self.init_weights, self.arch)
 
     def transformer_config(self) -> Any:
         """The TransformerConfig this run uses: architecture + strategy layout + precision."""
@@ -175,8 +196,7 @@ class LlamaLightningModule(LightningModule):
             decoupled_min_lr=self.optim.decoupled_min_lr,
             bf16=True,
             params_dtype=torch.bfloat16,
-            use_distributed_optimizer=strategy.use_distributed_optimizer,
-            overlap_param_gather=strategy.overlap_param_gather,
+            **strategy.optimizer_config_kwargs(),  # distributed optimizer, CPU offload
             **strategy.precision_plugin.optimizer_config_kwargs(),
         )
         optimizer = get_megatron_optimizer(config, [self.model])

@@ -11,13 +11,22 @@ What is exact and what is an estimate:
 * Activation bytes are an **estimate**: the tensors a Llama layer built from Transformer Engine modules with
   flash / fused attention saves for backward, for the one micro batch that is alive at a time under
   Megatron's no-pipeline schedule, plus the logits and cross-entropy buffers. Transient tensors inside a
-  single kernel or a single layer's backward are not counted.
+  single kernel or a single layer's backward are not counted. With activation recompute
+  (:class:`~lightning_llama_fp8.memory.RecomputeSettings`): selective recompute drops the recomputed modules'
+  tensors from every layer; full recompute keeps one input per checkpointed chunk of layers and, in the
+  backward pass, the activations of the one chunk being recomputed (or the logits, whichever is larger).
+* The optimizer step: with gradients reduced in bf16, Megatron's optimizer makes an fp32 copy of this rank's
+  gradient shard before it steps (freed at the next ``zero_grad``); activations are gone by then, so the peak
+  is the larger of the two. With optimizer CPU offload (:class:`~lightning_llama_fp8.memory.OptimizerOffloadSettings`,
+  Megatron's ``HybridDeviceOptimizer``) the offloaded share of the fp32 main weights, Adam moments and fp32
+  gradients (16 bytes per parameter) lives in pinned host memory; the share left on the GPU keeps its fp32
+  gradients between steps.
 * **Not counted at all**: the CUDA context and loaded kernels (about 0.5-1 GiB), NCCL communication buffers,
   PyTorch caching-allocator fragmentation and reserved-but-unused memory, Transformer Engine workspaces
   (cuBLAS workspaces, cached FP8 copies / transposes of BF16 weights when FP8 param gather is off, FP8
-  scaling metadata and amax histories), the fp32 copy of the gradient shard that the optimizer step makes
-  when gradients are reduced in bf16, and the RoPE / attention-mask buffers. Leave several GiB of headroom
-  on top of :attr:`MemoryBreakdown.total`.
+  scaling metadata and amax histories), per-parameter temporaries of the offload copies, and the RoPE /
+  attention-mask buffers. Leave several GiB of headroom on top of :attr:`MemoryBreakdown.total` (one H200,
+  16 layers: the measured peak was 7.2 GiB above the plan).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.layout import ParallelLayout, validate_layout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 
 PrecisionName = Literal["fp8", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16")
@@ -38,6 +48,8 @@ FP8_BYTES = 1
 FP32_BYTES = 4
 # Megatron's mixed-precision Adam: fp32 main parameter + exp_avg + exp_avg_sq.
 OPTIMIZER_BYTES_PER_PARAM = 3 * FP32_BYTES
+# Megatron's HybridDeviceOptimizer also keeps an fp32 gradient per parameter it steps (on either device).
+OFFLOADED_BYTES_PER_PARAM = OPTIMIZER_BYTES_PER_PARAM + FP32_BYTES
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -81,14 +93,23 @@ def parameters_per_rank(arch: LlamaConfig, tensor_model_parallel_size: int) -> P
 class ActivationEstimate:
     """Estimated activation bytes of one micro batch on one GPU (see the module docstring).
 
-    ``per_layer`` lists ``(name, bytes)`` of what one decoder layer saves for backward; ``head`` the same for
-    the final norm, the output layer and the loss.
+    ``per_layer`` lists ``(name, bytes)`` of what one decoder layer saves for backward (after selective recompute
+    dropped ``recomputed_per_layer``); ``head`` the same for the final norm, the output layer and the loss. Under
+    full recompute only ``checkpointed_inputs`` chunk inputs of ``layer_input_bytes`` each stay for the whole
+    backward pass, ``layers_kept`` layers keep everything (``block`` method), and ``recompute_window`` layers at a
+    time are rebuilt in the backward pass.
     """
 
     tokens_per_gpu: int
     per_layer: tuple[tuple[str, int], ...]
     head: tuple[tuple[str, int], ...]
     num_layers: int
+    recompute: RecomputeSettings | None = None
+    recomputed_per_layer: tuple[tuple[str, int], ...] = ()
+    layer_input_bytes: int = 0
+    checkpointed_inputs: int = 0
+    layers_kept: int | None = None  # None: all layers
+    recompute_window: int = 0
 
     @property
     def layer_bytes(self) -> int:
@@ -99,8 +120,26 @@ class ActivationEstimate:
         return sum(b for _, b in self.head)
 
     @property
+    def kept_bytes(self) -> int:
+        """What the layers hold through the whole backward pass (chunk inputs and fully kept layers)."""
+        kept = self.num_layers if self.layers_kept is None else self.layers_kept
+        return self.checkpointed_inputs * self.layer_input_bytes + kept * self.layer_bytes
+
+    @property
     def total(self) -> int:
-        return self.num_layers * self.layer_bytes + self.head_bytes
+        """The peak: at the loss (kept + head), or while a chunk is recomputed (kept + that chunk's layers)."""
+        return self.kept_bytes + max(self.head_bytes, self.recompute_window * self.layer_bytes)
+
+
+# Names of the layer terms that recompute drops or keeps.
+LAYER_INPUT = "input_norm input (layer input, bf16)"
+QKV_INPUT = "QKV linear input (norm output)"
+ATTENTION_OUTPUT = "attention output (bf16)"
+ATTENTION_LSE = "attention softmax LSE (fp32)"
+MLP_NORM_RSTD = "pre_mlp_norm rstd (fp32)"
+FC1_INPUT = "fc1 linear input (norm output)"
+FC1_OUTPUT = "fc1 output, gate + up (bf16, saved by SwiGLU)"
+FC2_INPUT = "fc2 linear input (SwiGLU output)"
 
 
 def _layer_activation_terms(
@@ -121,22 +160,39 @@ def _layer_activation_terms(
     lin = FP8_BYTES if precision == "fp8" else BF16_BYTES
     return (
         # Attention block.
-        ("input_norm input (layer input, bf16)", BF16_BYTES * n * h // sp),
+        (LAYER_INPUT, BF16_BYTES * n * h // sp),
         ("input_norm rstd (fp32)", FP32_BYTES * n // sp),
-        ("QKV linear input (norm output)", lin * n * h // sp),
+        (QKV_INPUT, lin * n * h // sp),
         ("Q, K, V after RoPE (bf16, saved by attention)", BF16_BYTES * n * (q + 2 * kv) // tp),
-        ("attention output (bf16)", BF16_BYTES * n * q // tp),
-        ("attention softmax LSE (fp32)", FP32_BYTES * n * heads),
+        (ATTENTION_OUTPUT, BF16_BYTES * n * q // tp),
+        (ATTENTION_LSE, FP32_BYTES * n * heads),
         # In bf16 the output projection saves the attention output itself (no extra bytes); in FP8 it
         # keeps an FP8 copy of it.
         ("proj linear input (FP8 copy)", FP8_BYTES * n * q // tp if precision == "fp8" else 0),
         # The residual adds (no bias, no dropout) save nothing. MLP block:
         ("pre_mlp_norm input (residual, bf16)", BF16_BYTES * n * h // sp),
-        ("pre_mlp_norm rstd (fp32)", FP32_BYTES * n // sp),
-        ("fc1 linear input (norm output)", lin * n * h // sp),
-        ("fc1 output, gate + up (bf16, saved by SwiGLU)", BF16_BYTES * n * 2 * f // tp),
-        ("fc2 linear input (SwiGLU output)", lin * n * f // tp),
+        (MLP_NORM_RSTD, FP32_BYTES * n // sp),
+        (FC1_INPUT, lin * n * h // sp),
+        (FC1_OUTPUT, BF16_BYTES * n * 2 * f // tp),
+        (FC2_INPUT, lin * n * f // tp),
     )
+
+
+def _selectively_recomputed(modules: tuple[str, ...], precision: PrecisionName) -> set[str]:
+    """The layer terms that selective recompute of ``modules`` does not keep.
+
+    ``core_attn``: the attention kernel keeps only its inputs (Q, K, V); its output stays only where the output
+    projection saves it (bf16: that very tensor; FP8: an FP8 copy, so the bf16 output goes). ``mlp``: the MLP keeps
+    only its input, the residual. ``layernorm`` (separate norm modules): the norm outputs the linears would save.
+    """
+    dropped: set[str] = set()
+    if "core_attn" in modules:
+        dropped |= {ATTENTION_LSE} | ({ATTENTION_OUTPUT} if precision == "fp8" else set())
+    if "mlp" in modules:
+        dropped |= {MLP_NORM_RSTD, FC1_INPUT, FC1_OUTPUT, FC2_INPUT}
+    if "layernorm" in modules:
+        dropped |= {QKV_INPUT, FC1_INPUT}
+    return dropped
 
 
 def _head_activation_terms(arch: LlamaConfig, layout: ParallelLayout, tokens: int) -> tuple[tuple[str, int], ...]:
@@ -157,31 +213,71 @@ def _head_activation_terms(arch: LlamaConfig, layout: ParallelLayout, tokens: in
 
 
 def estimate_activations(
-    arch: LlamaConfig, layout: ParallelLayout, micro_batch_size: int, precision: PrecisionName
+    arch: LlamaConfig,
+    layout: ParallelLayout,
+    micro_batch_size: int,
+    precision: PrecisionName,
+    recompute: RecomputeSettings | None = None,
 ) -> ActivationEstimate:
     """Estimate the activation bytes of one micro batch on one GPU (see the module docstring)."""
     tokens = micro_batch_size * arch.seq_length // layout.context_parallel_size
+    terms = _layer_activation_terms(arch, layout, tokens, precision)
+    head = _head_activation_terms(arch, layout, tokens)
+    layers = arch.num_layers
+    if recompute is None:
+        return ActivationEstimate(tokens, terms, head, layers)
+    if recompute.granularity == "selective":
+        dropped = _selectively_recomputed(recompute.resolved_modules, precision)
+        return ActivationEstimate(
+            tokens,
+            tuple(t for t in terms if t[0] not in dropped),
+            head,
+            layers,
+            recompute=recompute,
+            recomputed_per_layer=tuple(t for t in terms if t[0] in dropped),
+        )
+    # Full recompute: each checkpointed chunk keeps its input hidden states (what the layer input term counts).
+    k = recompute.resolved_num_layers(layers)
+    assert k is not None
+    input_bytes = dict(terms)[LAYER_INPUT]
+    if recompute.resolved_method == "uniform":
+        chunks, kept, window = -(-layers // k), 0, min(k, layers)
+    else:  # block: the first k layers are checkpointed one by one, the others keep everything
+        chunks, kept, window = min(k, layers), layers - min(k, layers), 1
     return ActivationEstimate(
-        tokens_per_gpu=tokens,
-        per_layer=_layer_activation_terms(arch, layout, tokens, precision),
-        head=_head_activation_terms(arch, layout, tokens),
-        num_layers=arch.num_layers,
+        tokens,
+        terms,
+        head,
+        layers,
+        recompute=recompute,
+        layer_input_bytes=input_bytes,
+        checkpointed_inputs=chunks,
+        layers_kept=kept,
+        recompute_window=window,
     )
 
 
 # ------------------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes per GPU. ``activations`` is an estimate; see the module docstring for what is not counted."""
+    """Bytes per GPU. ``activations`` is an estimate; see the module docstring for what is not counted.
+
+    ``optimizer`` is the optimizer state on the GPU; ``optimizer_step`` the fp32 gradient copy the step makes
+    (activations are freed by then, so ``total`` counts the larger of the two); ``host`` the pinned CPU memory of
+    an offloaded optimizer (not part of ``total``).
+    """
 
     weights: int
     gradients: int
     optimizer: int
     activations: int
+    optimizer_step: int = 0
+    host: int = 0
     total: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + self.activations)
+        peak = max(self.activations, self.optimizer_step)
+        object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + peak)
 
 
 @dataclass(frozen=True)
@@ -201,6 +297,8 @@ class TrainingPlan:
     use_distributed_optimizer: bool
     grad_reduce_in_fp32: bool
     fp8_param_gather: bool
+    recompute: RecomputeSettings | None
+    optimizer_offload: OptimizerOffloadSettings | None
     data_parallel_size: int
     num_microbatches: int
     total_parameters: int
@@ -229,10 +327,26 @@ def _gradient_bytes(counts: ParameterCounts, grad_reduce_in_fp32: bool) -> int:
     return (FP32_BYTES if grad_reduce_in_fp32 else BF16_BYTES) * counts.total
 
 
-def _optimizer_bytes(counts: ParameterCounts, shards: int, use_distributed_optimizer: bool) -> int:
-    """fp32 main params + Adam moments; the distributed optimizer shards them over DP x CP (``shards``)."""
-    state = OPTIMIZER_BYTES_PER_PARAM * counts.total
-    return -(-state // shards) if use_distributed_optimizer else state
+def _optimizer_bytes(
+    counts: ParameterCounts,
+    shards: int,
+    use_distributed_optimizer: bool,
+    grad_reduce_in_fp32: bool,
+    offload: OptimizerOffloadSettings | None,
+) -> tuple[int, int, int]:
+    """(GPU state, GPU transient at the step, host state) of Megatron's mixed-precision Adam.
+
+    fp32 main params + Adam moments; the distributed optimizer shards them over DP x CP (``shards``). With bf16
+    gradients the step first copies this rank's gradient shard to fp32 (``.float()``; a no-op for fp32 ones).
+    Offloaded (``HybridDeviceOptimizer``): the offloaded share of main params, moments and fp32 gradients sits in
+    host memory; the GPU share keeps its fp32 gradients between steps instead of a transient copy.
+    """
+    params = -(-counts.total // shards) if use_distributed_optimizer else counts.total
+    if offload is not None:
+        on_host = round(params * offload.fraction)
+        return OFFLOADED_BYTES_PER_PARAM * (params - on_host), 0, OFFLOADED_BYTES_PER_PARAM * on_host
+    step = 0 if grad_reduce_in_fp32 else FP32_BYTES * params
+    return OPTIMIZER_BYTES_PER_PARAM * params, step, 0
 
 
 def _check_precision(precision: str, fp8_param_gather: bool) -> None:
@@ -253,25 +367,39 @@ def plan_training(
     use_distributed_optimizer: bool = True,
     grad_reduce_in_fp32: bool = False,
     fp8_param_gather: bool = False,
+    recompute: RecomputeSettings | None = None,
+    optimizer_offload: OptimizerOffloadSettings | None = None,
+    fp8_recipe: str = "delayed",
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
     Raises :class:`~lightning_llama_fp8.layout.LayoutError` for a layout that cannot run and ``ValueError``
-    for an unknown precision or FP8 param gather without FP8. Activation memory is an estimate (one micro
-    batch alive at a time, no pipeline parallelism); CUDA context, NCCL buffers, allocator fragmentation and
-    TE workspaces are not counted.
+    for an unknown precision, FP8 param gather without FP8, or recompute / offload settings the strategy would
+    refuse (``fp8_recipe`` is only read for those checks). Activation memory is an estimate (one micro batch
+    alive at a time, no pipeline parallelism); CUDA context, NCCL buffers, allocator fragmentation and TE
+    workspaces are not counted.
     """
     cfg = resolve_arch(arch)
     _check_precision(precision, fp8_param_gather)
     dp = validate_layout(layout, world_size, cfg, global_batch_size, micro_batch_size)
+    recipe = fp8_recipe if precision == "fp8" else None
+    if recompute is not None:
+        recompute.check(cfg.num_layers, cfg.transformer_impl, recipe)
+    if optimizer_offload is not None:
+        optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
     tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
     counts = parameters_per_rank(cfg, tp)
-    activations = estimate_activations(cfg, layout, micro_batch_size, precision)
+    activations = estimate_activations(cfg, layout, micro_batch_size, precision, recompute)
+    optimizer, optimizer_step, host = _optimizer_bytes(
+        counts, dp * cp, use_distributed_optimizer, grad_reduce_in_fp32, optimizer_offload
+    )
     memory = MemoryBreakdown(
         weights=_weight_bytes(counts, precision, fp8_param_gather),
         gradients=_gradient_bytes(counts, grad_reduce_in_fp32),
-        optimizer=_optimizer_bytes(counts, dp * cp, use_distributed_optimizer),
+        optimizer=optimizer,
         activations=activations.total,
+        optimizer_step=optimizer_step,
+        host=host,
     )
     flops_per_step = cfg.flops_per_token() * global_batch_size * cfg.seq_length
     return TrainingPlan(
@@ -284,6 +412,8 @@ def plan_training(
         use_distributed_optimizer=use_distributed_optimizer,
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         fp8_param_gather=fp8_param_gather,
+        recompute=recompute,
+        optimizer_offload=optimizer_offload,
         data_parallel_size=dp,
         num_microbatches=global_batch_size // (micro_batch_size * dp),
         total_parameters=cfg.num_parameters(tp),
@@ -333,18 +463,53 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
             f"{'fp32' if plan.grad_reduce_in_fp32 else 'bf16'}",
         ),
         ("Parameters", f"{plan.total_parameters:,} total, {plan.parameters_per_gpu:,} per GPU"),
+        ("Recompute", plan.recompute.describe(a.num_layers) if plan.recompute else "off"),
+        ("Optimizer offload", plan.optimizer_offload.describe() if plan.optimizer_offload else "off"),
     ]
+
+
+def _activation_detail(act: ActivationEstimate) -> str:
+    if act.recompute is None:
+        return ""
+    if act.recompute.granularity == "selective":
+        dropped = sum(b for _, b in act.recomputed_per_layer)
+        return f" (recompute drops {_gib(dropped)} of {_gib(dropped + act.layer_bytes)} per layer)"
+    window = act.recompute_window
+    kept = f"{act.checkpointed_inputs} layer inputs {_gib(act.checkpointed_inputs * act.layer_input_bytes)}"
+    if act.layers_kept:
+        kept += f" + {act.layers_kept} whole layers {_gib(act.layers_kept * act.layer_bytes)}"
+    return (
+        f" (kept: {kept}; then the loss {_gib(act.head_bytes)} or recomputing {window} "
+        f"layer{'s' if window != 1 else ''} {_gib(window * act.layer_bytes)})"
+    )
 
 
 def _memory_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     m = plan.memory
-    return [
+    rows = [
         ("  weights", _gib(m.weights)),
         ("  gradients", _gib(m.gradients)),
-        ("  optimizer", _gib(m.optimizer)),
-        ("  activations (estimate)", _gib(m.activations)),
-        ("  total", _gib(m.total)),
+        ("  optimizer" + (" (GPU share)" if plan.optimizer_offload else ""), _gib(m.optimizer)),
+        ("  activations (estimate)", _gib(m.activations) + _activation_detail(plan.activations)),
     ]
+    if m.optimizer_step:
+        rows.append(("  optimizer step (fp32 grads)", _gib(m.optimizer_step) + " (after the activations are freed)"))
+    rows.append(("  total (peak)", _gib(m.total)))
+    if plan.optimizer_offload:
+        rows.append(
+            ("Host memory per GPU", _gib(m.host) + " (offloaded fp32 main weights, Adam moments, fp32 gradients)")
+        )
+    return rows
+
+
+def _fit_row(plan: TrainingPlan, gpu_memory_gib: float) -> tuple[str, str]:
+    left = gpu_memory_gib - plan.memory.total / GIB
+    verdict = (
+        f"yes, {left:,.2f} GiB left for what is not counted"
+        if left > 0
+        else f"no, {-left:,.2f} GiB over before what is not counted"
+    )
+    return (f"Fits {gpu_memory_gib:g} GiB per GPU", verdict)
 
 
 def _flops_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
@@ -355,10 +520,12 @@ def _flops_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
     ]
 
 
-def format_plan(plan: TrainingPlan) -> str:
-    """Render ``plan`` as a readable two-column table."""
+def format_plan(plan: TrainingPlan, gpu_memory_gib: float | None = None) -> str:
+    """Render ``plan`` as a readable two-column table; with ``gpu_memory_gib``, say whether it fits."""
     rows = _header_rows(plan)
     rows += [("Memory per GPU", ""), *_memory_rows(plan)]
+    if gpu_memory_gib is not None:
+        rows.append(_fit_row(plan, gpu_memory_gib))
     rows += [("Compute (Megatron-LM count)", ""), *_flops_rows(plan)]
     width = max(len(k) for k, _ in rows) + 2
     lines = [f"{k:<{width}}{v}".rstrip() for k, v in rows]

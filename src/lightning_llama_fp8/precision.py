@@ -128,6 +128,9 @@ class MegatronPrecision(Precision):
     def check_supported(self) -> None:
         """Raise if this machine cannot train in this precision. BF16 runs wherever Megatron does."""
 
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise if a setting of this plugin cannot take effect on a model of ``num_layers`` transformer layers."""
+
     @property
     def fp8_active(self) -> bool:
         return False
@@ -258,6 +261,10 @@ class TEFP8Precision(MegatronPrecision):
     def keeps_bf16_layers(self) -> bool:
         """True if some transformer layers stay in BF16."""
         return self.bf16_first_layers > 0 or self.bf16_last_layers > 0
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Refuse BF16 first/last layers that leave no layer in FP8 (the strategy calls it before building)."""
+        check_bf16_layers(self.bf16_first_layers, self.bf16_last_layers, num_layers)
 
     # ------------------------------------------------------------------ support
     def check_supported(self) -> None:
@@ -429,6 +436,17 @@ class TEFP8Precision(MegatronPrecision):
 
         with te.autocast(enabled=True, recipe=self.te_recipe(), amax_reduction_group=amax_reduction_group()):
             yield
+
+
+def check_bf16_layers(first: int, last: int, num_layers: int) -> None:
+    """Raise ``ValueError`` if ``first`` + ``last`` BF16 layers cover all ``num_layers``: every layer would run in
+    BF16 while the log says FP8 (Megatron accepts it; only the LM head and embeddings are outside FP8 anyway)."""
+    if (first or last) and first + last >= num_layers:
+        raise ValueError(
+            f"TEFP8Precision(bf16_first_layers={first}, bf16_last_layers={last}) keeps {first + last} layers in BF16, "
+            f"but the model has {num_layers}: no layer would train in FP8. Lower them (first + last < {num_layers}), "
+            "or train in BF16 with MegatronPrecision()."
+        )
 
 
 def amax_reduction_group() -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,10 @@ from torch import Tensor
 
 from lightning_llama_fp8 import _lightning_compat as compat
 from lightning_llama_fp8 import checkpoint as ckpt
+from lightning_llama_fp8 import startup_checks
+from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
+from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.precision import MegatronPrecision
 
 if TYPE_CHECKING:
@@ -72,6 +75,12 @@ class MegatronCPStrategy(ParallelStrategy):
             ``dp_reshardable`` (Megatron-LM's default: every rank writes its own shard, no gathering; resumes with
             the same TP and CP and any DP size) or ``fully_reshardable`` (gathered per parameter on save; resumes
             with any layout). Model weights reload into any layout either way.
+        activation_recompute: recompute activations in the backward pass instead of keeping them
+            (:class:`~lightning_llama_fp8.memory.RecomputeSettings`: ``selective`` modules or ``full`` layers;
+            Megatron's ``recompute_*`` fields). ``None``: keep everything.
+        optimizer_offload: keep (part of) the distributed optimizer's state in CPU memory and step it there
+            (:class:`~lightning_llama_fp8.memory.OptimizerOffloadSettings`; Megatron's ``optimizer_cpu_offload``).
+            ``None``: all on the GPU.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
     """
@@ -95,6 +104,8 @@ class MegatronCPStrategy(ParallelStrategy):
         use_cpu_initialization: bool = False,
         seed: int | None = None,
         checkpoint_optimizer_sharding: ckpt.OptimizerSharding = "dp_reshardable",
+        activation_recompute: RecomputeSettings | None = None,
+        optimizer_offload: OptimizerOffloadSettings | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         **kwargs: Any,
@@ -109,6 +120,10 @@ class MegatronCPStrategy(ParallelStrategy):
             sequence_parallel = False
         if overlap_param_gather and not use_distributed_optimizer:
             raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True.")
+        if align_param_gather and not overlap_param_gather:  # Megatron reads it only for overlapped gathers
+            raise ValueError(
+                "align_param_gather=True has no effect without overlap_param_gather=True; set both or neither."
+            )
         self.layout = ParallelLayout(
             tensor_model_parallel_size=tensor_model_parallel_size,
             context_parallel_size=context_parallel_size,
@@ -131,11 +146,16 @@ class MegatronCPStrategy(ParallelStrategy):
                 f"{checkpoint_optimizer_sharding!r}."
             )
         self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
+        self.activation_recompute = activation_recompute
+        self.optimizer_offload = optimizer_offload
+        if optimizer_offload is not None:
+            optimizer_offload.check(use_distributed_optimizer, fp8_recipe=None, fp8_param_gather=False)
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
         self._ddp_modules: list[torch.nn.Module] = []
         self._skip_reason: str | None = None
+        self._lightning_state: tuple[Path, dict[str, Any]] | None = None  # read by the check before building
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -197,10 +217,15 @@ class MegatronCPStrategy(ParallelStrategy):
         compat.reset_seed()
         arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
         validate_layout(self.layout, self.world_size, arch=arch)
+        if arch is not None:
+            self.precision_plugin.check_num_layers(arch.num_layers)
+        self._check_memory_settings(arch)
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         self._process_group_backend = backend
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
         self.initialize_parallel_state()
+        # The checkpoint to load and every output directory, before data, model and optimizer are built.
+        self._lightning_state = startup_checks.check_before_building(self)
 
     def initialize_parallel_state(self) -> None:
         """Build Megatron's TP/CP/DP groups and seed its RNG streams (idempotent for one layout)."""
@@ -249,8 +274,21 @@ class MegatronCPStrategy(ParallelStrategy):
                 "use_cpu_initialization=False (the default) or fp8_param_gather=False."
             )
 
+    def _check_memory_settings(self, arch: Any) -> None:
+        """Refuse recompute / offload settings that cannot take effect here (before any process group exists)."""
+        plugin = self.precision_plugin
+        fp8_recipe = plugin.transformer_config_kwargs().get("fp8_recipe")
+        if self.optimizer_offload is not None:
+            fp8_param_gather = bool(plugin.ddp_config_kwargs().get("fp8_param_gather"))
+            self.optimizer_offload.check(self.use_distributed_optimizer, fp8_recipe, fp8_param_gather)
+        if self.activation_recompute is not None and arch is not None:
+            self.activation_recompute.check(self._layers_per_stage(arch), arch.transformer_impl, fp8_recipe)
+
+    def _layers_per_stage(self, arch: Any) -> int:
+        return arch.num_layers // getattr(self.layout, "pipeline_model_parallel_size", 1)
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        """The layout fields of the model's ``TransformerConfig``."""
+        """The layout (and activation recompute) fields of the model's ``TransformerConfig``."""
         tp, cp = self.layout.tensor_model_parallel_size, self.layout.context_parallel_size
         kwargs: dict[str, Any] = {
             "tensor_model_parallel_size": tp,
@@ -260,6 +298,24 @@ class MegatronCPStrategy(ParallelStrategy):
         }
         if cp > 1:
             kwargs["cp_comm_type"] = self.layout.cp_comm_type
+        if self.activation_recompute is not None:
+            arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
+            if arch is None:
+                raise TypeError(
+                    "MegatronCPStrategy(activation_recompute=...) needs the LightningModule's `arch` (a LlamaConfig) "
+                    "to check and size the recompute settings."
+                )
+            kwargs.update(self.activation_recompute.transformer_config_kwargs(self._layers_per_stage(arch)))
+        return kwargs
+
+    def optimizer_config_kwargs(self) -> dict[str, Any]:
+        """The strategy's fields of Megatron's ``OptimizerConfig`` (distributed optimizer, CPU offload)."""
+        kwargs: dict[str, Any] = {
+            "use_distributed_optimizer": self.use_distributed_optimizer,
+            "overlap_param_gather": self.overlap_param_gather,
+        }
+        if self.optimizer_offload is not None:
+            kwargs.update(self.optimizer_offload.optimizer_config_kwargs())
         return kwargs
 
     @property
@@ -370,6 +426,7 @@ class MegatronCPStrategy(ParallelStrategy):
         """
         if storage_options is not None:
             raise TypeError("MegatronCPStrategy.save_checkpoint does not take storage_options.")
+        prepare_checkpoint_writer()  # before Megatron's writer spawns a process that re-runs an unguarded script
         path = Path(self.broadcast(str(filepath)))
         modules = self._megatron_models()
         optimizer = self._megatron_optimizer() if "optimizer_states" in checkpoint else None
@@ -390,6 +447,7 @@ class MegatronCPStrategy(ParallelStrategy):
                 if self.use_distributed_optimizer
                 else "not_distributed"  # a plain Megatron optimizer's state follows the weights into any layout
             ),
+            **startup_checks.resume_records(self.lightning_module),
         )
 
         def write(directory: Path) -> None:
@@ -398,7 +456,8 @@ class MegatronCPStrategy(ParallelStrategy):
             )
             if self.is_global_zero:
                 torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
-                (directory / ckpt.INFO_FILENAME).write_text(info.to_json())
+                # Written last: the sizes and digests of everything above, checked before any later load.
+                (directory / ckpt.INFO_FILENAME).write_text(replace(info, files=ckpt.record_files(directory)).to_json())
 
         with self._parameters_gathered():
             ckpt.save_directory_atomically(path, write, self.is_global_zero, self._first_failure)
@@ -419,12 +478,16 @@ class MegatronCPStrategy(ParallelStrategy):
         optimizer = self._megatron_optimizer()
         self.check_checkpoint(path, with_optimizer=optimizer is not None)
         ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group())
-        state = ckpt.load_lightning_state(path)
+        early, self._lightning_state = self._lightning_state, None
+        state = early[1] if early is not None and early[0] == path else ckpt.load_lightning_state(path)
         self._load_other_optimizers(state.get("optimizer_states") or [])
         return state
 
-    def check_checkpoint(self, path: str | os.PathLike[str], with_optimizer: bool) -> ckpt.CheckpointInfo:
-        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here."""
+    def check_checkpoint(
+        self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any
+    ) -> ckpt.CheckpointInfo:
+        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here
+        (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
         info = ckpt.read_checkpoint_info(path)
         ckpt.check_can_resume(
             info,
@@ -432,6 +495,7 @@ class MegatronCPStrategy(ParallelStrategy):
             self.layout.tensor_model_parallel_size,
             self.layout.context_parallel_size,
             with_optimizer=with_optimizer,
+            **resume_settings,
         )
         return info
 

@@ -73,8 +73,12 @@ POLICIES = ("raise", "skip", "rollback")
 
 
 def _refuse_file_as_report_dir(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"NaNGuard report_dir {path} is a file; give a directory (it is created if missing).")
+    """A report_dir that is, or lies under, a regular file could never be created: refuse it now, not at the first
+    bad step (the strategy also tries writing there before training starts)."""
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ValueError(f"NaNGuard report_dir {path} {where}; give a directory (it is created if missing).")
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -4,6 +4,13 @@ A subclass says which Megatron datasets to build (:meth:`GPTDataModule.build_dat
 batch layout, works out how many samples each split needs, truncates the datasets to exactly that, and serves
 them: one DataLoader batch is this data-parallel rank's share of one global batch, already split into
 micro-batches (``[num_microbatches, micro_batch_size, seq_length]``) for the model's forward-backward schedule.
+
+A resumed run sees the samples the interrupted one would have seen. Megatron's sample order depends on the number of
+samples its index is built for (it decides how many epochs of documents are shuffled together), so a resume with a
+larger ``trainer.max_steps`` would otherwise train on the order of a fresh, longer run: documents repeated or
+skipped. The training index is therefore recorded in every checkpoint (:meth:`GPTDataModule.checkpoint_info`: the
+sample counts and seeds it was built from) and rebuilt from that record on resume; a longer run appends a further
+index (the next seed) after the recorded one instead of rebuilding it.
 """
 
 from __future__ import annotations
@@ -11,18 +18,23 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+
+from lightning_llama_fp8 import _lightning_compat as compat
+from lightning_llama_fp8 import checkpoint as ckpt
 
 __all__ = [
     "BATCH_KEYS",
@@ -124,6 +136,35 @@ def check_split_sizes(num_documents: int, split: str, requested_samples: Sequenc
                 f"{name} gets either weight 0 (and 0 samples) or at least one document, or use a "
                 f"corpus of at least ~{needed} documents."
             )
+
+
+def check_val_check_interval(
+    interval: Any, train_batches: int, limit_train_batches: Any, check_val_every_n_epoch: Any, limit_val_batches: Any
+) -> None:
+    """Lightning's check that an ``int`` ``val_check_interval`` fits in an epoch of ``train_batches`` (cut by
+    ``limit_train_batches``), so it can be made before the datasets (and the model) are built instead of when the
+    training loop starts; ``None`` arguments mean Lightning's defaults."""
+    batches = epoch_length(train_batches, 1.0 if limit_train_batches is None else limit_train_batches)
+    validates = limit_val_batches is None or limit_val_batches > 0
+    if (
+        isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and interval > batches
+        and check_val_every_n_epoch is not None
+        and validates
+    ):
+        raise ValueError(
+            f"trainer.val_check_interval ({interval}) is larger than an epoch ({batches} training batches), which "
+            f"Lightning refuses once the model is built. Set val_check_interval <= {batches}, or "
+            "check_val_every_n_epoch: null to count it over the whole run."
+        )
+
+
+def epoch_length(batches: int, limit_train_batches: int | float) -> int:
+    """Batches per epoch out of ``batches``, after ``Trainer(limit_train_batches=...)`` (int or fraction)."""
+    if isinstance(limit_train_batches, int):  # Lightning counts True as 1 batch, as here
+        return min(batches, int(limit_train_batches))
+    return int(batches * float(limit_train_batches))
 
 
 class MicrobatchCollate:
@@ -311,6 +352,9 @@ class GPTDataModule(LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.dataset_config: GPTDatasetConfig | None = None
+        #: The training index as built: ``[{"samples": n, "seed": s}, ...]``, one Megatron index each, in order
+        #: (empty until a fit's setup). Recorded in checkpoints and rebuilt from them on resume.
+        self.train_index: list[dict[str, int]] = []
 
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Build the train and validation datasets with at least ``sizes`` = [train, validation, test] samples.
@@ -327,6 +371,14 @@ class GPTDataModule(LightningDataModule):
         if self.train_samples is not None:
             if self.train_samples < 0:
                 raise ValueError(f"data.train_samples must be >= 0, got {self.train_samples}.")
+            max_steps = self.trainer.max_steps if self.trainer is not None else -1
+            if need_train and max_steps is not None and max_steps * self.global_batch_size > self.train_samples > 0:
+                rank_zero_warn(
+                    f"data.train_samples ({self.train_samples}) is fewer than trainer.max_steps x global_batch_size "
+                    f"({max_steps} x {self.global_batch_size}): the run reads the same {self.train_samples} samples "
+                    f"{max_steps * self.global_batch_size / self.train_samples:.2f} times over, in the same order. "
+                    "Leave data.train_samples unset to build max_steps x global_batch_size samples."
+                )
             return self.train_samples
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         if max_steps is None or max_steps < 0:
@@ -349,8 +401,6 @@ class GPTDataModule(LightningDataModule):
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             return limit * self.global_batch_size
         return 10 * self.global_batch_size
-
-    # ------------------------------------------------------------------ LightningDataModule hooks
 
     # ------------------------------------------------------------------ LightningDataModule hooks
 
@@ -395,8 +445,14 @@ class GPTDataModule(LightningDataModule):
                     f"data.{name}_samples ({samples}) is less than one global batch ({self.global_batch_size}), so "
                     f"there would be no {name} step; request a multiple of data.global_batch_size."
                 )
-        train_ds, val_ds, config, description = self.build_datasets([train_samples, val_samples, 0])
+        if need_train:
+            self._check_val_check_interval(train_samples // self.global_batch_size)
+        recorded = self._recorded_train_index() if need_train else None
+        index = recorded or [{"samples": train_samples, "seed": self.seed}]
+        train_ds, val_ds, config, description = self.build_datasets([index[0]["samples"], val_samples, 0])
         self.dataset_config = config
+        if train_ds is not None and need_train:
+            train_ds = self._extended_train_dataset(train_ds, index, train_samples)
         self.train_dataset = Subset(train_ds, range(train_samples)) if train_ds is not None else None
         self.val_dataset = Subset(val_ds, range(val_samples)) if val_ds is not None else None
 
@@ -407,6 +463,87 @@ class GPTDataModule(LightningDataModule):
             f"{self.micro_batch_size} samples x {self.dp_size} DP ranks; DataLoader batch "
             f"[{self.num_microbatches}, {self.micro_batch_size}, {self.seq_length}] per DP rank."
         )
+
+    # ------------------------------------------------------------------ the same samples after a resume
+
+    def _recorded_train_index(self) -> list[dict[str, int]] | None:
+        """The training index recorded in the checkpoint this fit resumes from (None: a new run, or a checkpoint
+        without one: not this package's, or written before indices were recorded)."""
+        arguments = compat.checkpoint_arguments(self.trainer) if self.trainer is not None else None
+        path = None if arguments is None or arguments.resolved is None else Path(arguments.resolved)
+        if path is None or not (path / ckpt.INFO_FILENAME).is_file():
+            return None
+        recorded = ckpt.read_checkpoint_info(path).data.get("train_index")
+        if not recorded:
+            return None
+        if recorded[0]["seed"] != self.seed:
+            raise ValueError(
+                f"data.seed is {self.seed}, but checkpoint {path} was trained on samples shuffled with seed "
+                f"{recorded[0]['seed']}: resuming would train on another order of the data. Resume with "
+                f"data.seed={recorded[0]['seed']}, or start a new run."
+            )
+        return [{"samples": int(part["samples"]), "seed": int(part["seed"])} for part in recorded]
+
+    def _extended_train_dataset(self, first: Dataset, index: list[dict[str, int]], train_samples: int) -> Dataset:
+        """``first`` (built for ``index[0]``), followed by the rest of ``index`` and, if all of that holds fewer
+        than ``train_samples`` samples, one more index for the remainder (the next seed: a new order of the data).
+        Sets :attr:`train_index` to what was built."""
+        parts = [first]
+        for part in index[1:]:
+            with self._seed_for_building(part["seed"]):
+                parts.append(self.build_datasets([part["samples"], 0, 0])[0])
+        index = list(index)
+        available = sum(len(part) for part in parts)  # Megatron builds whole epochs: often more than asked for
+        if available < train_samples:
+            index.append({"samples": train_samples - available, "seed": self.seed + len(index)})
+            with self._seed_for_building(index[-1]["seed"]):
+                parts.append(self.build_datasets([index[-1]["samples"], 0, 0])[0])
+            rank_zero_info(
+                f"{type(self).__name__}: the training index of the resumed run holds {available} samples, this run "
+                f"needs {train_samples}; the remaining {train_samples - available} follow from a further index "
+                f"(seed {index[-1]['seed']})."
+            )
+        self.train_index = index
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    @contextmanager
+    def _seed_for_building(self, seed: int) -> Iterator[None]:
+        """:meth:`build_datasets` reads ``self.seed``; a further training index is built with its own."""
+        previous, self.seed = self.seed, seed
+        try:
+            yield
+        finally:
+            self.seed = previous
+
+    def _check_val_check_interval(self, train_batches: int) -> None:
+        """Lightning's check that ``val_check_interval`` fits in an epoch, made before the datasets (and the
+        model) are built instead of when the training loop starts."""
+        trainer = self.trainer
+        if trainer is not None:
+            check_val_check_interval(
+                trainer.val_check_interval,
+                train_batches,
+                trainer.limit_train_batches,
+                trainer.check_val_every_n_epoch,
+                trainer.limit_val_batches,
+            )
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint records for resuming with the same samples (its ``lightning_llama_fp8.json``)."""
+        return {"global_batch_size": self.global_batch_size, "train_index": list(self.train_index)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.checkpoint_info() if self.train_index else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose training index is not the start of the one built here (a safety net: setup
+        already rebuilt the recorded one, from the checkpoint's info file)."""
+        recorded = list(state_dict.get("train_index") or [])
+        if self.train_index and recorded and self.train_index[: len(recorded)] != recorded:
+            raise ValueError(
+                f"The checkpoint's training data were built as {recorded}, this run built {self.train_index}: it "
+                "would train on other samples than the checkpoint's run. Resume with the checkpoint's data settings."
+            )
 
     def _dataloader(self, dataset: Dataset | None, name: str) -> DataLoader:
         """Build a DataLoader for one split, already sharded over data-parallel ranks in Megatron's order.
@@ -441,10 +578,7 @@ class GPTDataModule(LightningDataModule):
 
     def _train_epoch_length(self, batches: int) -> int:
         """Batches per epoch out of ``batches``, after ``Trainer(limit_train_batches=...)`` (int or fraction)."""
-        limit = self.trainer.limit_train_batches if self.trainer is not None else 1.0
-        if isinstance(limit, int):  # Lightning counts True as 1 batch, as here
-            return min(batches, int(limit))
-        return int(batches * float(limit))
+        return epoch_length(batches, self.trainer.limit_train_batches if self.trainer is not None else 1.0)
 
     def _train_batches_done(self) -> int:
         """Training steps finished in the current epoch (Lightning's progress counter; 0 without a Trainer)."""

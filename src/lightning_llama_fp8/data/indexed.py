@@ -4,17 +4,22 @@ A corpus is a pair ``<prefix>.bin`` (token ids) + ``<prefix>.idx`` (where each d
 ``tools/preprocess_data.py`` writes. Several corpora blend with weights and split into train/validation/test by
 documents exactly as Megatron-LM's ``--data-path`` / ``--split`` do (``GPTDataset`` through
 ``BlendedMegatronDatasetBuilder``), so a run sees the samples Megatron-LM would. Every corpus is checked before
-anything is built (:func:`check_corpus`): both files there, a valid index, a ``.bin`` as long as the index says.
+anything is built (:func:`check_corpus`): both files there, a valid index, a ``.bin`` as long as the index says,
+and every token id inside the model's vocabulary (:func:`check_token_ids`: from the ``<prefix>.corpus.json`` that
+``llama-fp8 preprocess`` writes, else by reading the ``.bin``, about 1.5 GB/s from disk). A token id past the
+vocabulary would fail at the first step with TP1 and, with TP > 1, train on silent all-zero embeddings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -23,8 +28,14 @@ from megatron.core.tokenizers import MegatronTokenizer
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
+from lightning_llama_fp8.data.preprocess import read_sidecar
+from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 
-__all__ = ["CorpusInfo", "IndexedDataModule", "check_corpus", "parse_data_path"]
+__all__ = ["CorpusInfo", "IndexedDataModule", "check_corpus", "check_token_ids", "parse_data_path"]
+
+#: Corpora without a sidecar are scanned for their largest token id up to this size (GiB) by default.
+DEFAULT_TOKEN_SCAN_LIMIT_GIB = 16.0
+_SCAN_CHUNK = 1 << 24  # tokens per numpy max() while scanning
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"  # the first bytes of every Megatron .idx file
 
@@ -37,27 +48,49 @@ class CorpusInfo:
     documents: int
     tokens: int
     dtype: str
+    #: the largest token id (None: not known; see ``max_token_id_from``)
+    max_token_id: int | None = None
+    #: "sidecar" (<prefix>.corpus.json), "scan" (read from the .bin) or "unchecked" (too large to scan)
+    max_token_id_from: Literal["sidecar", "scan", "unchecked"] = "unchecked"
+    #: SHA-256 of the tokenizer.json it was made with (None: no sidecar)
+    tokenizer_sha256: str | None = None
+    tokenizer_name: str | None = None
 
 
 def parse_data_path(data_path: str | list[str | float]) -> tuple[list[str], list[float] | None]:
     """Megatron-LM's ``--data-path``: prefixes, or ``weight prefix weight prefix ...`` (a string or a list)."""
+    if not isinstance(data_path, (str, list, tuple)):
+        raise ValueError(f"data.data_path must be a list or a string of corpus prefixes, got {data_path!r}.")
     words = data_path.split() if isinstance(data_path, str) else [str(word) for word in data_path]
-    if not words:
-        raise ValueError("data.data_path is empty: give one or more corpus prefixes (<prefix>.bin + <prefix>.idx).")
-    if len(words) % 2 == 0:
-        try:
-            [float(word) for word in words[0::2]]
-        except ValueError:
-            # An even number of plain prefixes: not a weighted list.
-            return words, None
+    if not words or any(not word.strip() for word in words):
+        raise ValueError(
+            f"data.data_path is empty or has an empty entry ({data_path!r}): give one or more corpus prefixes "
+            "(<prefix>.bin + <prefix>.idx), or `weight prefix` pairs."
+        )
+    numbers = [_number(word) is not None for word in words]
+    if not any(numbers):
+        return words, None  # plain prefixes
+    if len(words) % 2 or numbers[0::2] != [True] * (len(words) // 2) or any(numbers[1::2]):
+        raise ValueError(
+            f"data.data_path {data_path!r} mixes weights and prefixes: give `weight prefix weight prefix ...` (a "
+            "number before every prefix) or prefixes only."
+        )
     blend = get_blend_from_list(words)
     assert blend is not None
     prefixes, weights = blend
-    if weights is not None and any(w <= 0 for w in weights):
+    if weights is not None and not all(numpy.isfinite(w) and w > 0 for w in weights):
         raise ValueError(
-            f"data.data_path weights must be positive, got {weights}; leave a corpus out instead of weighting it 0."
+            f"data.data_path weights must be positive and finite, got {weights}; leave a corpus out instead of "
+            "weighting it 0."
         )
     return list(prefixes), (list(weights) if weights is not None else None)
+
+
+def _number(word: str) -> float | None:
+    try:
+        return float(word)
+    except ValueError:
+        return None
 
 
 def check_corpus(prefix: str) -> CorpusInfo:
@@ -102,6 +135,72 @@ def check_corpus(prefix: str) -> CorpusInfo:
     return CorpusInfo(prefix, documents, tokens, numpy.dtype(dataset.index.dtype).name)
 
 
+_scanned: dict[tuple[str, int, int], int] = {}  # (bin path, size, mtime_ns) -> max token id, per process
+
+
+def _scan_max_token_id(prefix: str, dtype: str) -> int:
+    """The largest token id in ``<prefix>.bin``, read in chunks (memory-mapped; cached per file version)."""
+    path = get_bin_path(prefix)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _scanned:
+        tokens = numpy.memmap(path, dtype=numpy.dtype(dtype), mode="r")
+        largest = -1
+        for start in range(0, len(tokens), _SCAN_CHUNK):
+            largest = max(largest, int(tokens[start : start + _SCAN_CHUNK].max()))
+        del tokens
+        _scanned[key] = largest
+    return _scanned[key]
+
+
+def check_token_ids(
+    info: CorpusInfo,
+    vocab_size: int,
+    tokenizer_sha256: str | None = None,
+    scan_limit_gib: float | None = DEFAULT_TOKEN_SCAN_LIMIT_GIB,
+) -> CorpusInfo:
+    """Refuse a corpus with a token id ``>= vocab_size`` or made with another tokenizer than ``tokenizer_sha256``.
+
+    The largest id comes from the corpus's sidecar (written by ``llama-fp8 preprocess``, trusted while the file
+    sizes it records match); a corpus without one (e.g. from Megatron-LM's preprocess_data.py) is scanned if its
+    ``.bin`` is at most ``scan_limit_gib`` (``None``: any size), else left unchecked (``max_token_id_from``).
+
+    Returns:
+        ``info`` with ``max_token_id``, ``max_token_id_from`` and the sidecar's tokenizer filled in.
+
+    Raises:
+        ValueError: a token id past the vocabulary, or a tokenizer mismatch (the message names both sides).
+    """
+    sidecar = read_sidecar(info.prefix)
+    if sidecar is not None:
+        tokenizer = sidecar.get("tokenizer") or {}
+        info = dataclasses.replace(
+            info,
+            max_token_id=int(sidecar["max_token_id"]),
+            max_token_id_from="sidecar",
+            tokenizer_sha256=tokenizer.get("sha256"),
+            tokenizer_name=tokenizer.get("name"),
+        )
+    elif scan_limit_gib is None or Path(get_bin_path(info.prefix)).stat().st_size <= scan_limit_gib * 2**30:
+        largest = _scan_max_token_id(info.prefix, info.dtype)
+        info = dataclasses.replace(info, max_token_id=largest, max_token_id_from="scan")
+    if info.max_token_id is not None and info.max_token_id >= vocab_size:
+        made_with = f" (made with tokenizer {info.tokenizer_name!r})" if info.tokenizer_name else ""
+        raise ValueError(
+            f"Corpus {info.prefix!r}{made_with} holds token id {info.max_token_id}, but the vocabulary has "
+            f"{vocab_size} ids (data.vocab_size, at most model.arch.vocab_size): it was tokenized for another "
+            "vocabulary. Re-create it with the model's tokenizer (llama-fp8 preprocess --tokenizer ...), or train a "
+            "model whose vocab_size covers it."
+        )
+    if tokenizer_sha256 is not None and info.tokenizer_sha256 is not None and info.tokenizer_sha256 != tokenizer_sha256:
+        raise ValueError(
+            f"Corpus {info.prefix!r} was made with tokenizer {info.tokenizer_name!r} (sha256 "
+            f"{info.tokenizer_sha256[:12]}...), not the one data.tokenizer names (sha256 {tokenizer_sha256[:12]}...). "
+            "Re-create it with that tokenizer, or set data.tokenizer to the one it was made with."
+        )
+    return info
+
+
 class IndexedDataModule(GPTDataModule):
     """Llama 3 pretraining on tokenized corpora (Megatron's ``.bin``/``.idx``), blended and split as Megatron-LM does.
 
@@ -112,6 +211,13 @@ class IndexedDataModule(GPTDataModule):
             start at once; global rank 0 builds them, the other ranks wait and read them. ``None``: build in memory
             on every rank.
         split: Megatron split string (train,validation,test weights of each corpus's documents).
+        tokenizer: the tokenizer the corpora must have been made with (``"llama3"``, a ``tokenizer.json`` or a
+            Hugging Face tokenizer directory), compared with each corpus's ``<prefix>.corpus.json``; corpora without
+            that sidecar cannot be compared (a log line says so). ``None``: not compared.
+        token_scan_limit_gib: a corpus without a sidecar is read once to find its largest token id if its ``.bin``
+            is at most this size (``None``: always; ``0``: never, logged as unchecked).
+
+    Every token id must be below ``vocab_size``: checked before anything is built.
 
     The other arguments (``seq_length``, ``vocab_size``, batch sizes, sample counts, ``seed``, ``num_workers``) and
     the batch layout are :class:`~lightning_llama_fp8.data.base.GPTDataModule`'s. Documents are concatenated as
@@ -124,6 +230,8 @@ class IndexedDataModule(GPTDataModule):
         data_path: list[str | float] | str,
         path_to_cache: str | None = None,
         split: str = "969,30,1",
+        tokenizer: str | None = None,
+        token_scan_limit_gib: float | None = DEFAULT_TOKEN_SCAN_LIMIT_GIB,
         **kwargs: Any,
     ) -> None:
         """``kwargs``: :class:`~lightning_llama_fp8.data.base.GPTDataModule`'s arguments (LightningCLI lists them)."""
@@ -134,10 +242,35 @@ class IndexedDataModule(GPTDataModule):
             raise ValueError(f"data.path_to_cache {path_to_cache} is a file; give a directory (created if missing).")
         self.path_to_cache = path_to_cache
         self.prefixes, self.weights = parse_data_path(data_path)
+        if token_scan_limit_gib is not None and not token_scan_limit_gib >= 0:
+            raise ValueError(f"data.token_scan_limit_gib must be >= 0 or null, got {token_scan_limit_gib}.")
+        self.tokenizer = tokenizer
+        self.token_scan_limit_gib = token_scan_limit_gib
 
     def check_files(self) -> list[CorpusInfo]:
-        """:func:`check_corpus` for every corpus of ``data_path`` (cheap: no token is read)."""
-        return [check_corpus(prefix) for prefix in self.prefixes]
+        """:func:`check_corpus` and :func:`check_token_ids` for every corpus of ``data_path``.
+
+        Raises:
+            FileNotFoundError, ValueError: as those two do, naming the corpus and the fix.
+        """
+        expected = resolve_tokenizer(self.tokenizer).sha256 if self.tokenizer is not None else None
+        corpora = [
+            check_token_ids(check_corpus(prefix), self.vocab_size, expected, self.token_scan_limit_gib)
+            for prefix in self.prefixes
+        ]
+        unchecked = [c.prefix for c in corpora if c.max_token_id_from == "unchecked"]
+        if unchecked:
+            rank_zero_warn(
+                f"Token ids of {', '.join(unchecked)} are unchecked against vocab_size {self.vocab_size}: no "
+                f"<prefix>.corpus.json and larger than data.token_scan_limit_gib ({self.token_scan_limit_gib} GiB). "
+                "Raise the limit (null: always read) or re-create the corpus with llama-fp8 preprocess."
+            )
+        if expected is not None and any(c.tokenizer_sha256 is None for c in corpora):
+            rank_zero_info(
+                "data.tokenizer cannot be compared for corpora without a <prefix>.corpus.json: "
+                + ", ".join(c.prefix for c in corpora if c.tokenizer_sha256 is None)
+            )
+        return corpora
 
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Check every corpus and split, then build Megatron's (blended) ``GPTDataset`` splits."""

@@ -1,0 +1,120 @@
+"""Warnings of this package's dependencies that a user of this package cannot act on, filtered where they start.
+
+Importing megatron-core and Transformer Engine prints a dozen warnings on every ``llama-fp8`` command, ``--help``
+included, and Lightning adds one on every checkpointed run. Each filter below names the exact message and the
+module that emits it, and says why nothing is lost; everything else (this package's own warnings and errors, and
+any other message of the same libraries) is shown as before. ``lightning_llama_fp8/__init__.py`` imports this
+module first, before anything imports megatron-core or Transformer Engine, so the import-time ones are caught.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (message regex, category, emitting module regex, why a user of this package cannot act on it)
+DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
+    (
+        r"Transformer Engine and Apex are not installed\. Falling back to ",
+        UserWarning,
+        r"megatron\.core\.",
+        # Four copies at import on a machine without TE (optimizer, clip_grads, FSDP mixed precision), `plan` and
+        # `--help` included. Where TE is needed, this package says so itself, with how to install it: `llama-fp8
+        # fit` before building anything, TEFP8Precision as FP8UnavailableError. (A BF16 run with the local layer spec
+        # and no TE gets torch's Adam instead of TE's fused one, unannounced; README asks for TE.) Apex is not part
+        # of this stack.
+        "TE missing is reported by this package where it matters; Apex is not used",
+    ),
+    (
+        r"Apex is not installed\. Falling back to Torch Norm",
+        UserWarning,
+        r"megatron\.core\.models\.",
+        # Megatron's local (non-TE) layer spec; Apex is not part of this stack and the TE spec is the default.
+        "Apex is not used by this stack",
+    ),
+    (
+        r"MimoModelConfig is experimental",
+        UserWarning,
+        r"megatron\.core\.models\.mimo\.",
+        # get_megatron_optimizer imports Megatron's multimodal (MIMO) model only to check whether it was given one.
+        "MIMO models are not used",
+    ),
+    (
+        r"full scope is deprecated\. Use empty cuda_graph_modules",
+        UserWarning,
+        r"megatron\.core\.transformer\.transformer_config",
+        # megatron-core 0.19.2 warns about its own default value (cuda_graph_modules="full") on every
+        # TransformerConfig; CUDA graphs are off here (cuda_graph_impl="none").
+        "megatron-core's own default value",
+    ),
+    (
+        r"Detected a Jax installation but could not find the shared object file for the Transformer Engine Jax",
+        RuntimeWarning,
+        r"transformer_engine",
+        # Only TE's PyTorch extension is used; a JAX installed beside it is no concern of this package.
+        "only TE's PyTorch extension is used",
+    ),
+    (
+        r"invalid escape sequence",
+        SyntaxWarning,
+        # Compile-time warnings carry the file path (without .py) as their module.
+        r".*megatron[/\\]core[/\\]inference[/\\]contexts[/\\]kv_block_allocator",
+        # A docstring in Megatron's inference code, printed when Python first compiles that file.
+        "inference code, compiled once",
+    ),
+)
+
+# Lightning's ModelCheckpoint, for any module with manual optimization, on the first save of every run.
+MANUAL_OPTIMIZATION_CHECKPOINT_WARNING = (
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state was saved"
+)
+
+
+class _DropMessage(logging.Filter):
+    """Drop log records of one logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# (logger, message prefix): log records, not warnings.
+DEPENDENCY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # torch logs this when it imports its C++-extension helper (megatron-core does, at import) on a machine that has a
+    # CUDA toolkit but no GPU: the CPU-only commands (plan, --help, the pre-flight) need no CUDA runtime.
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+def filter_dependency_warnings() -> None:
+    """Install the filters above (idempotent: ``warnings.filterwarnings`` replaces an identical filter)."""
+    for message, category, module, _why in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in DEPENDENCY_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+
+
+def filter_manual_optimization_checkpoint_warning() -> None:
+    """Silence ModelCheckpoint's warning for manual optimization, which is wrong for Megatron's optimizer step.
+
+    Lightning warns that the checkpoint saved at step N holds the weights *after* the step's optimizer update, and
+    suggests stashing the weights from before it. For ``LlamaLightningModule`` the weights after N updates are the
+    right ones: one Lightning step is one whole Megatron iteration (forward, backward and Megatron's optimizer step
+    inside ``training_step``; manual optimization only because Megatron's optimizer steps itself), the checkpoint
+    records ``global_step=N``, and a resumed run continues with update N+1 (bitwise equal to an uninterrupted run,
+    ``tests/gpu/test_checkpoint_resume.py``). Weights from before the update would be one step behind the step count.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=MANUAL_OPTIMIZATION_CHECKPOINT_WARNING,
+        category=UserWarning,
+        module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+    )
+
+
+filter_dependency_warnings()

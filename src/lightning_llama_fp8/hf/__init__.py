@@ -1,0 +1,24 @@
+"""Hugging Face Llama 3 / 3.1 / 3.2 weights in and out.
+
+- In: ``LlamaLightningModule(init_weights=HF_DIR)`` (YAML ``model.init_weights``) builds the architecture of
+  ``HF_DIR/config.json`` and starts training from its safetensors weights, in any TP x CP x DP layout, with a fresh
+  optimizer (:func:`load_hf_weights`); ``LlamaConfig.from_hf(HF_DIR)`` gives the architecture alone.
+- Out: ``llama-fp8 convert CHECKPOINT OUT_DIR`` writes a training checkpoint as a directory that
+  ``transformers.AutoModelForCausalLM.from_pretrained`` loads (:func:`export_to_hf`), streaming tensor by tensor.
+
+``safetensors`` is the only dependency; ``transformers`` is used by the tests only.
+"""
+
+from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama, llama_config_from_hf
+from lightning_llama_fp8.hf.export import export_to_hf
+from lightning_llama_fp8.hf.load import arch_for_hf, check_hf_weights, load_hf_weights
+
+__all__ = [
+    "HFConfigError",
+    "arch_for_hf",
+    "check_hf_weights",
+    "export_to_hf",
+    "hf_config_from_llama",
+    "llama_config_from_hf",
+    "load_hf_weights",
+]

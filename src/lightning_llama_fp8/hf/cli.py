@@ -1,0 +1,63 @@
+"""``llama-fp8 convert``: a training checkpoint -> a Hugging Face Llama directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lightning_llama_fp8.checkpoint import CheckpointError
+from lightning_llama_fp8.hf.config import HFConfigError
+from lightning_llama_fp8.hf.export import export_to_hf
+from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES
+
+EXIT_BAD_INPUT = 2
+
+DESCRIPTION = """\
+Write a training checkpoint (a distributed checkpoint directory that MegatronCPStrategy saved, any TP/CP/DP
+layout) as a Hugging Face Llama directory that transformers.AutoModelForCausalLM.from_pretrained and vLLM load:
+config.json, generation_config.json, BF16 safetensors shards with their index, and the tokenizer when given.
+It streams one layer at a time (CPU only, no GPU needed). Checkpoints of runs with FP8 weights export BF16 from
+the fp32 main weights when the optimizer state is 'fully_reshardable' (see --allow-fp8-weights).
+
+Hugging Face weights go the other way without a conversion step: train with
+  llama-fp8 fit --config CONFIG.yaml --model.init_weights HF_DIR
+(or LlamaLightningModule(init_weights=HF_DIR)); every rank reads its own shard of the safetensors.
+"""
+
+
+def convert_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llama-fp8 convert", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="a checkpoint directory saved by MegatronCPStrategy (e.g. .../last.ckpt)")
+    parser.add_argument("output", help="the Hugging Face directory to write (must not exist or be empty)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json, or a directory with tokenizer files, to include")
+    parser.add_argument(
+        "--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, help="safetensors shard size (5)"
+    )
+    parser.add_argument(
+        "--allow-fp8-weights",
+        action="store_true",
+        help="for an FP8-weight checkpoint with 'dp_reshardable' optimizer state: export the FP8 weight values "
+        "(lossy) instead of refusing",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = parser.parse_args(argv)
+    try:
+        report = export_to_hf(
+            args.checkpoint,
+            args.output,
+            tokenizer=args.tokenizer,
+            max_shard_bytes=int(args.max_shard_size_gb * 1e9),
+            allow_fp8_weights=args.allow_fp8_weights,
+            overwrite=args.overwrite,
+        )
+    except (CheckpointError, HFConfigError, FileExistsError) as err:
+        print(f"llama-fp8 convert: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"Wrote {report.output}: {len(report.shards)} safetensors shard(s), {report.total_bytes / 2**30:.2f} GiB")
+    print(f"Weights: {report.weights_source}")
+    tokenizer = ", ".join(report.tokenizer_files) if report.tokenizer_files else "none (pass --tokenizer)"
+    print(f"Tokenizer: {tokenizer}")
+    print(f"Took {report.seconds:.1f} s")
+    return 0

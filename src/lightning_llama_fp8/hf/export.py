@@ -1,0 +1,287 @@
+"""A training checkpoint (Megatron ``torch_dist`` directory, any layout) -> a Hugging Face Llama directory.
+
+Streams: one layer's weights at a time are read from the distributed checkpoint (torch.distributed.checkpoint's
+reader, which megatron-core's ``torch_dist`` format is written with, asked for one layer of each layer-stacked
+tensor; CPU only, no process group), turned into Hugging Face tensors and handed to a sharded safetensors writer
+that keeps at most one shard in memory. The fp32 model is never materialised; peak host memory is about one shard
+plus one layer.
+
+Where the weights come from: with FP8 weights (``TEFP8Precision(fp8_param_gather=True)``) the model tensors in a
+checkpoint are FP8 values, so the export takes the fp32 main weights from the optimizer state instead, which a
+``fully_reshardable`` checkpoint stores per parameter. A ``dp_reshardable`` checkpoint stores them in the
+distributed optimizer's internal buckets, which only the training optimizer can unpack: such an FP8-weight
+checkpoint is refused (resave it with ``checkpoint_optimizer_sharding="fully_reshardable"``) unless
+``allow_fp8_weights`` accepts the FP8 values. BF16-weight checkpoints export their model tensors, which equal the
+fp32 main weights rounded to BF16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
+from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama
+from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
+from lightning_llama_fp8.hf.mapping import LAYER_TENSORS, MODEL_TENSORS, hf_tensors
+
+#: Where the exported weights came from (printed and returned).
+SOURCE_MODEL = "model weights (BF16)"
+SOURCE_MAIN = "BF16 from the fp32 main weights (optimizer state)"
+SOURCE_FP8 = "FP8 weights (dequantized to BF16; the fp32 main weights are not readable from this checkpoint)"
+
+#: Tokenizer files copied from a tokenizer directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+#: The Llama 3 special tokens, used for bos/eos when only a tokenizer.json is given.
+LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    weights_source: str
+    shards: list[str]
+    total_bytes: int
+    seconds: float
+    tokenizer_files: list[str]
+
+
+def checkpoint_arch(info: CheckpointInfo) -> LlamaConfig:
+    """The :class:`LlamaConfig` a checkpoint was trained with (its ``lightning_llama_fp8.json``)."""
+    if not info.arch:
+        raise CheckpointError(f"Checkpoint {info.path} records no architecture; it was not written by this package.")
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    return LlamaConfig(**{k: v for k, v in info.arch.items() if k in known})
+
+
+def expected_checkpoint_shapes(arch: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the model tensors in a distributed checkpoint of ``arch`` (vocab rows: at least the vocab)."""
+    h, f, hd, layers = arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels, arch.num_layers
+    q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
+    per_layer = {"attn_norm": (h,), "qkv": (q + 2 * kv, h), "proj": (h, q), "mlp_norm": (h,), "fc1": (2 * f, h)}
+    per_layer["fc2"] = (h, f)
+    shapes = {f"decoder.layers.{LAYER_TENSORS[kind][0]}": (layers, *shape) for kind, shape in per_layer.items()}
+    shapes[MODEL_TENSORS["final_norm"]] = (h,)
+    shapes[MODEL_TENSORS["embedding"]] = (arch.vocab_size, h)
+    if not arch.tie_embeddings:
+        shapes[MODEL_TENSORS["output"]] = (arch.vocab_size, h)
+    return shapes
+
+
+class _CheckpointTensors:
+    """Reads slices of a distributed checkpoint's tensors; knows which tensor holds each weight's best copy."""
+
+    def __init__(self, info: CheckpointInfo, arch: LlamaConfig, allow_fp8_weights: bool) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path, self.arch = info.path, arch
+        self.reader = FileSystemReader(str(info.path))
+        self.metadata = self.reader.read_metadata().state_dict_metadata
+        self._check_shapes(info)
+        main_keys = {key for key in self.metadata if key.startswith("optimizer") and ".param." in key}
+        self.main_key = {}
+        for key in expected_checkpoint_shapes(arch):
+            found = [m for m in main_keys if m.endswith(f".param.{key}")]
+            if found:
+                self.main_key[key] = found[0]
+        fp8_buckets = any("torch.uint8" in key for key in self.metadata if key.startswith("optimizer.distributed"))
+        if self.main_key and len(self.main_key) == len(expected_checkpoint_shapes(arch)):
+            self.source = SOURCE_MAIN
+        elif fp8_buckets:
+            if not allow_fp8_weights:
+                raise CheckpointError(
+                    f"Checkpoint {info.path} has FP8 weights and its fp32 main weights are in the distributed "
+                    "optimizer's 'dp_reshardable' buckets, which only the training optimizer can unpack; exporting "
+                    "the FP8 values would lose precision. Resume it for 0 steps with MegatronCPStrategy("
+                    "checkpoint_optimizer_sharding='fully_reshardable') and save (trainer.save_checkpoint), then "
+                    "export that; or pass --allow-fp8-weights to export the FP8 values."
+                )
+            self.source, self.main_key = SOURCE_FP8, {}
+        else:
+            self.source, self.main_key = SOURCE_MODEL, {}
+
+    def _check_shapes(self, info: CheckpointInfo) -> None:
+        for key, shape in expected_checkpoint_shapes(self.arch).items():
+            if key not in self.metadata:
+                raise CheckpointError(
+                    f"Checkpoint {self.path} has no tensor {key}, which the architecture in its "
+                    "lightning_llama_fp8.json needs; the checkpoint and its record disagree."
+                )
+            stored = tuple(self.metadata[key].size)
+            vocab_rows = key in (MODEL_TENSORS["embedding"], MODEL_TENSORS["output"])
+            fits = stored[1:] == shape[1:] and stored[0] >= shape[0] if vocab_rows else stored == shape
+            if not fits:
+                raise CheckpointError(
+                    f"Checkpoint {self.path}: tensor {key} has shape {list(stored)}, but the architecture in its "
+                    f"lightning_llama_fp8.json implies {list(shape)}; the checkpoint and its record disagree."
+                )
+
+    def read(self, keys: list[str], layer: int | None) -> dict[str, torch.Tensor]:
+        """The named tensors (one layer of each, if ``layer``), from the main weights where those are used."""
+        import torch.distributed.checkpoint as dcp
+
+        buffers, offsets = {}, {}
+        for key in keys:
+            stored = self.main_key.get(key, key)
+            size = tuple(self.metadata[stored].size)
+            shape = (1, *size[1:]) if layer is not None else size
+            buffers[stored] = torch.empty(shape, dtype=self.metadata[stored].properties.dtype)
+            offsets[stored] = (layer, *[0] * (len(size) - 1)) if layer is not None else (0,) * len(size)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(buffers, storage_reader=self.reader, planner=_BoxLoadPlanner(offsets))
+        return {key: buffers[self.main_key.get(key, key)][0 if layer is not None else ...] for key in keys}
+
+
+class _BoxLoadPlanner(DefaultLoadPlanner):
+    """Reads one box of each requested tensor (e.g. one layer of a layer-stacked tensor) into a buffer of that box's
+    shape, instead of the whole tensor: only the stored chunks that overlap the box are read from disk."""
+
+    def __init__(self, offsets: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        requests = []
+        for key, buffer in self.state_dict.items():
+            box = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=buffer.size())
+            requests += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box])
+        return LoadPlan(requests)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the box's buffer; the read items' destination offsets are box-relative
+
+
+def export_to_hf(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_fp8_weights: bool = False,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write the training checkpoint ``checkpoint`` as a Hugging Face Llama directory ``output`` (BF16 safetensors).
+
+    Everything is checked before anything is written (the checkpoint's completeness and shapes, the tokenizer,
+    the output directory); the output appears under its name only when complete.
+    """
+    started = time.perf_counter()
+    info = read_checkpoint_info(checkpoint)
+    arch = checkpoint_arch(info)
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty; choose another directory or pass --overwrite.")
+    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer is not None else []
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    tensors = _CheckpointTensors(info, arch, allow_fp8_weights)
+    writer = ShardedSafetensorsWriter(partial, max_shard_bytes)
+    _stream_weights(tensors, arch, writer)
+    shards = writer.finish()
+    bos, eos = _copy_tokenizer(tokenizer_files, partial)
+    config = hf_config_from_llama(arch, bos_token_id=bos, eos_token_id=eos)
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = partial / "generation_config.json"
+    if not generation.exists():
+        generation.write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    partial.rename(output)
+    return ExportReport(
+        output=output,
+        weights_source=tensors.source,
+        shards=[shard.name for shard in shards],
+        total_bytes=writer.total_bytes,
+        seconds=time.perf_counter() - started,
+        tokenizer_files=[file.name for file in tokenizer_files],
+    )
+
+
+def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: ShardedSafetensorsWriter) -> None:
+    """Embedding, then the layers one at a time, then the final norm and output layer, in Hugging Face's order."""
+    embedding = MODEL_TENSORS["embedding"]
+    for name, value in hf_tensors("embedding", None, tensors.read([embedding], None)[embedding], arch).items():
+        writer.add(name, value)
+    layer_keys = {kind: f"decoder.layers.{names[0]}" for kind, names in LAYER_TENSORS.items()}
+    for layer in range(arch.num_layers):
+        loaded = tensors.read(list(layer_keys.values()), layer)
+        for kind, key in layer_keys.items():
+            for name, value in hf_tensors(kind, layer, loaded.pop(key), arch).items():
+                writer.add(name, value)
+    tail = [MODEL_TENSORS["final_norm"]] + ([] if arch.tie_embeddings else [MODEL_TENSORS["output"]])
+    loaded = tensors.read(tail, None)
+    for kind in ("final_norm", "output")[: len(tail)]:
+        for name, value in hf_tensors(kind, None, loaded[MODEL_TENSORS[kind]], arch).items():
+            writer.add(name, value)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files to copy from a directory, or the one ``tokenizer.json`` given (checked to load)."""
+    from tokenizers import Tokenizer
+
+    if path.is_dir():
+        files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+        if not any(file.name in ("tokenizer.json", "tokenizer.model") for file in files):
+            raise HFConfigError(f"Tokenizer directory {path} has no tokenizer.json (or tokenizer.model).")
+        if (path / "generation_config.json").is_file():
+            files.append(path / "generation_config.json")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise HFConfigError(f"Tokenizer {path} does not exist (give a tokenizer.json or a directory with one).")
+    json_file = next((file for file in files if file.name == "tokenizer.json" or file == path), None)
+    if json_file is not None:
+        try:
+            Tokenizer.from_file(str(json_file))
+        except Exception as err:  # the Rust library raises its own exception type
+            raise HFConfigError(f"{json_file} is not a tokenizer the tokenizers library can load ({err}).") from err
+    return files
+
+
+def _copy_tokenizer(files: list[Path], output: Path) -> tuple[int | None, Any]:
+    """Copy the tokenizer into ``output``; return its (bos, eos) token ids (None where unknown)."""
+    from tokenizers import Tokenizer
+
+    if not files:
+        return None, None
+    for file in files:
+        target = "tokenizer.json" if file.suffix == ".json" and len(files) == 1 else file.name
+        shutil.copyfile(file, output / target)
+    tokenizer = Tokenizer.from_file(str(output / "tokenizer.json")) if (output / "tokenizer.json").exists() else None
+    config_file = output / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    bos_token = _token_text(config.get("bos_token")) or LLAMA3_BOS
+    eos_token = _token_text(config.get("eos_token")) or LLAMA3_EOS
+    bos = tokenizer.token_to_id(bos_token) if tokenizer is not None else None
+    eos = tokenizer.token_to_id(eos_token) if tokenizer is not None else None
+    if not config_file.exists() and tokenizer is not None:
+        # A bare tokenizer.json: tell transformers which class reads it (Llama 3's is a plain fast tokenizer).
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
+        config.update({"bos_token": bos_token if bos is not None else None})
+        config.update({"eos_token": eos_token if eos is not None else None})
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return bos, eos
+
+
+def _token_text(token: Any) -> str | None:
+    if isinstance(token, dict):  # {"content": "<|begin_of_text|>", ...}
+        return token.get("content")
+    return token if isinstance(token, str) else None

@@ -1,0 +1,181 @@
+"""Safetensors directories: a checked reader that reads single tensors or slices, and a streaming sharded writer.
+
+Reading checks the whole directory before any tensor is read: the index (``model.safetensors.index.json``) or the
+single ``model.safetensors``, every shard it names present, and each shard's header and length (a truncated copy
+is found from the header's offsets, without reading tensor data). Tensors are then read one slice at a time with
+``safetensors.safe_open(...).get_slice``, so a tensor-parallel rank reads only its own rows or columns.
+
+Writing buffers tensors until a shard is full, writes it, and forgets it: peak memory is one shard plus what the
+caller holds, whatever the model size. The files get Hugging Face's names (``model-00001-of-00004.safetensors``)
+and an index once the number of shards is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_llama_fp8.hf.config import HFConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: The shard size transformers' ``save_pretrained`` uses by default.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES.update({"F8_E4M3": 1, "F8_E5M2": 1})
+
+
+class SafetensorsDir:
+    """The weights of a Hugging Face model directory, checked on construction; reads tensors or slices on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise HFConfigError(f"Hugging Face model directory {self.path} does not exist (or is not a directory).")
+        self.file_of: dict[str, str] = self._tensor_files()
+        self.headers: dict[str, dict[str, Any]] = {}
+        for name in sorted(set(self.file_of.values())):
+            self.headers[name] = read_header(self.path / name)
+        for tensor, name in self.file_of.items():
+            if tensor not in self.headers[name]:
+                raise HFConfigError(
+                    f"{self.path / INDEX_FILE} says tensor {tensor} is in {name}, but that file does not hold it "
+                    "(the index and the shards are from different saves?)."
+                )
+
+    def _tensor_files(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise HFConfigError(f"{index} is not a safetensors index (no readable 'weight_map': {err}).") from err
+            missing = sorted({name for name in weight_map.values() if not (self.path / name).is_file()})
+            if missing:
+                raise HFConfigError(
+                    f"{self.path}: shard(s) {', '.join(missing)} named by {INDEX_FILE} are missing. Download or copy "
+                    "the complete model."
+                )
+            return dict(weight_map)
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            return {name: SINGLE_FILE for name in read_header(single)}
+        found = sorted(p.name for p in self.path.glob("*.safetensors"))
+        hint = f" It has {', '.join(found)} but no {INDEX_FILE}." if found else ""
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pth")):
+            hint += " Only safetensors weights are read; convert .bin/.pth weights with transformers first."
+        raise HFConfigError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}.{hint}")
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.file_of
+
+    def names(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return tuple(self._entry(tensor)["shape"])
+
+    def dtype(self, tensor: str) -> str:
+        return str(self._entry(tensor)["dtype"])
+
+    def _entry(self, tensor: str) -> dict[str, Any]:
+        if tensor not in self.file_of:
+            raise HFConfigError(f"{self.path}: tensor {tensor} is missing from the weights.")
+        return self.headers[self.file_of[tensor]][tensor]
+
+    def read(self, tensor: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """``tensor[rows, cols]`` (all of a dimension where ``None``), reading only that part from disk."""
+        from safetensors import safe_open
+
+        shape = self.shape(tensor)
+        with safe_open(str(self.path / self.file_of[tensor]), framework="pt") as handle:
+            part = handle.get_slice(tensor)
+            if len(shape) == 1:
+                return part[rows or slice(None)]
+            return part[rows or slice(None), cols or slice(None)]
+
+
+def read_header(file: Path) -> dict[str, Any]:
+    """The tensor entries of a safetensors file, checked against the file's length (no tensor data is read)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"its header claims {header_len} bytes but the file has {size}")
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError, struct.error) as err:
+        raise HFConfigError(f"{file} is not a readable safetensors file ({err}); re-download or re-copy it.") from err
+    header.pop("__metadata__", None)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if size < 8 + header_len + end:
+        raise HFConfigError(
+            f"{file} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}. "
+            "Re-download or re-copy it."
+        )
+    for name, entry in header.items():
+        expected = _DTYPE_BYTES.get(entry["dtype"], 0) * _numel(entry["shape"])
+        start, stop = entry["data_offsets"]
+        if expected and stop - start != expected:
+            raise HFConfigError(f"{file}: tensor {name} has {stop - start} bytes for shape {entry['shape']}.")
+    return header
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes`` plus an index.
+
+    Call :meth:`add` per tensor (in the order they should appear), then :meth:`finish`.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = self.directory / f".shard-{len(self._written):05d}.safetensors.partial"
+        save_file(self._pending, str(file), metadata={"format": "pt"})
+        self._written.append((file, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Write the last shard, give every shard its final name and write the index; return the shard paths."""
+        if self._pending:
+            self._flush()
+        count = len(self._written)
+        weight_map: dict[str, str] = {}
+        final = []
+        for number, (file, names) in enumerate(self._written, start=1):
+            target = self.directory / f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(file, target)
+            final.append(target)
+            weight_map.update({name: target.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return final

@@ -1,0 +1,140 @@
+"""Hugging Face weights into a freshly built GPTModel, on every rank, in any TP x CP x DP layout.
+
+Each rank reads only the rows or columns of its tensor-parallel rank (context- and data-parallel ranks hold full
+replicas of their TP shard), straight into its parameters, before Megatron's DDP and optimizer are built from
+them: the fp32 main weights of the (distributed) optimizer start from the Hugging Face values and the optimizer
+state is fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lightning_llama_fp8.config import LlamaConfig, get_preset
+from lightning_llama_fp8.hf.config import HFConfigError, hf_defined_differences, llama_config_from_hf
+from lightning_llama_fp8.hf.files import SafetensorsDir
+from lightning_llama_fp8.hf.mapping import (
+    HF_IGNORED_SUFFIXES,
+    HF_MODEL_TENSORS,
+    expected_hf_shapes,
+    megatron_tensor,
+    parse_megatron_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+def arch_for_hf(arch: str | LlamaConfig | None, init_weights: str | os.PathLike[str] | None) -> LlamaConfig:
+    """The architecture to train when weights come from the Hugging Face directory ``init_weights``.
+
+    ``arch`` None (or the same directory): the one ``config.json`` describes. A preset name, a LlamaConfig or
+    another Hugging Face directory must agree with it on every field config.json decides, else HFConfigError.
+    """
+    hf_dir = init_weights if init_weights is not None else arch
+    assert isinstance(hf_dir, (str, os.PathLike))
+    from_file = llama_config_from_hf(hf_dir)
+    if arch is None or (isinstance(arch, (str, os.PathLike)) and _same_path(arch, hf_dir)):
+        return from_file
+    if isinstance(arch, LlamaConfig):
+        given = arch
+    elif Path(arch, "config.json").is_file():
+        given = llama_config_from_hf(arch)
+    else:
+        given = get_preset(str(arch))
+    differences = hf_defined_differences(given, from_file)
+    if differences:
+        raise HFConfigError(
+            f"model.arch disagrees with {Path(hf_dir) / 'config.json'} on {'; '.join(differences)} (arch vs "
+            "config.json). Leave model.arch out to take the architecture from config.json, or make it agree."
+        )
+    return given
+
+
+def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_hf_weights(path: str | os.PathLike[str], arch: LlamaConfig) -> SafetensorsDir:
+    """Open the weights of ``path`` and check every tensor's presence and shape against ``arch``; reads no data.
+
+    Raises:
+        HFConfigError: naming the file and tensor, for a missing/truncated shard, a missing or unexpected tensor
+            (e.g. a bias), or a shape that config.json does not predict.
+    """
+    weights = SafetensorsDir(path)
+    expected = expected_hf_shapes(arch)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        hint = ""
+        if missing == [HF_MODEL_TENSORS["output"]]:
+            hint = " (config.json says tie_word_embeddings is false, but there is no lm_head: is it a tied model?)"
+        raise HFConfigError(f"{path}: tensor(s) {shown} are missing from the weights{hint}.")
+    allowed = set(expected) | ({HF_MODEL_TENSORS["output"]} if arch.tie_embeddings else set())
+    unexpected = [n for n in weights.names() if n not in allowed and not n.endswith(HF_IGNORED_SUFFIXES)]
+    if unexpected:
+        raise HFConfigError(
+            f"{path}: the weights hold tensors a Llama of config.json has no place for: {', '.join(unexpected[:5])} "
+            "(biases, extra layers or another architecture?)."
+        )
+    for name, shape in expected.items():
+        if weights.shape(name) != shape:
+            raise HFConfigError(
+                f"{path / Path(weights.file_of[name])}: tensor {name} has shape {list(weights.shape(name))}, but "
+                f"config.json implies {list(shape)}; config.json and the weights disagree."
+            )
+    return weights
+
+
+def load_hf_weights(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    arch: LlamaConfig,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+) -> None:
+    """Copy the Hugging Face weights of ``path`` into ``model`` (an unwrapped GPTModel built for ``arch``).
+
+    ``tp_rank``/``tp_size`` default to Megatron's ``parallel_state``. Every parameter of the model is written;
+    one without a Hugging Face counterpart is an error, not left at its random initial value.
+    """
+    if tp_rank is None or tp_size is None:
+        from megatron.core import parallel_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    weights = check_hf_weights(path, arch)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            kind, layer = parse_megatron_name(name)
+            value = megatron_tensor(kind, layer, weights, arch, tp_rank, tp_size)
+            if tuple(value.shape) != tuple(param.shape):
+                raise HFConfigError(
+                    f"{name}: the Hugging Face weights give a {list(value.shape)} shard at TP rank {tp_rank} of "
+                    f"{tp_size}, the model has {list(param.shape)}; was the model built for another architecture?"
+                )
+            _assign(param, value)
+    log.info("Initialised the model from the Hugging Face weights in %s (TP rank %d of %d).", path, tp_rank, tp_size)
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` into ``param``; for a Transformer Engine FP8 weight also into its high-precision copy.
+
+    Megatron's distributed optimizer builds the fp32 main weight of an FP8 parameter from TE's
+    ``get_high_precision_init_val()`` when the parameter has one (the BF16 value before quantization, kept while the
+    model is built with ``preserve_high_precision_init_val``). That copy still holds the random initialisation, so
+    it is replaced too; otherwise training would start from the random weights with FP8 weights on.
+    """
+    initial = getattr(param, "get_high_precision_init_val", None)
+    previous = initial() if callable(initial) else None
+    if previous is not None:
+        param._high_precision_init_val = value.to(device=previous.device, dtype=previous.dtype)  # TE's own attribute
+    elif type(param).__module__.startswith("transformer_engine"):  # an FP8 weight built without that copy
+        from transformer_engine.pytorch.module.base import _attach_high_precision_init_val
+
+        _attach_high_precision_init_val(param, value.detach().to(device="cpu", dtype=param.dtype))
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
