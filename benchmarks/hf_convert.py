@@ -10,6 +10,8 @@
    of the export). On a machine without CUDA, megatron-core's ``dist_checkpointing.save`` needs the two CUDA calls
    that ``tests/helpers.allow_dist_checkpointing_on_cpu`` stubs; the script does that and says so.
 3. ``ours_to_hf``: in a second child, ``export_to_hf`` (what ``llama-fp8 convert`` runs).
+4. The floor each direction is compared with: reading the Hugging Face files once (import) and copying them
+   (export: reads and writes the same bytes), in the same run and page-cache state (``io_floor_s``).
 
 Each child reports its own peak RSS (``VmHWM`` of ``/proc/self/status``). Needs about 2 x 16 GB of disk and,
 for step 2, host memory for the BF16 model (~16 GB) plus the save's buffers.
@@ -119,6 +121,27 @@ def phase_export(ckpt: Path, out: Path, result: Path) -> None:
                                   "weights_source": report.weights_source, "shards": len(report.shards)}))  # fmt: skip
 
 
+def io_floor(hf_dir: Path, scratch: Path, block: int = 64 << 20) -> dict[str, float]:
+    """Seconds to read the Hugging Face shards once, and to copy them (read + write the same bytes), measured in the
+    same run and the same page-cache state as the conversions: the floor the goal "within 2x of reading plus
+    writing the bytes" is measured against."""
+    shards = sorted(hf_dir.glob("*.safetensors"))
+    buffer = bytearray(block)
+    started = time.perf_counter()
+    for shard in shards:
+        with shard.open("rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+    read_s = time.perf_counter() - started
+    scratch.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for shard in shards:
+        shutil.copyfile(shard, scratch / shard.name)
+    copy_s = time.perf_counter() - started
+    shutil.rmtree(scratch)
+    return {"read_s": read_s, "copy_s": copy_s, "bytes": sum(shard.stat().st_size for shard in shards)}
+
+
 def _child(*args: str) -> dict[str, Any]:
     result = Path(args[-1])
     started = time.perf_counter()
@@ -173,18 +196,27 @@ def main() -> None:
     print("import:", imported)
     export = _child(*base, "--phase", "export", str(ckpt), str(exported), str(work / "export.json"))
     print("export:", export)
+    floor = io_floor(hf_dir, work / "copy")
+    print("bytes alone:", floor)
     rows = [
         {"direction": "hf_to_ours", "seconds": imported["load_s"], "peak_host_gib": imported["peak_rss_gib_after_load"],
-         "model_gib": model_gib, "note": "load_hf_weights into a built TP1 GPTModel (CPU); the model itself is "
+         "model_gib": model_gib, "io_floor_s": floor["read_s"],
+         "io_floor": "reading the Hugging Face files",
+         "note": "load_hf_weights into a built TP1 GPTModel (CPU); the model itself is "
          f"{model_gib:.1f} GiB of that memory; building it took {imported['build_s']:.1f} s"},
         {"direction": "ours_to_dist_checkpoint", "seconds": imported["save_s"],
-         "peak_host_gib": imported["peak_rss_gib"], "model_gib": model_gib,
+         "peak_host_gib": imported["peak_rss_gib"], "model_gib": model_gib, "io_floor_s": None,
          "note": "dist_checkpointing.save of that model (the export's input)"
          + (" with tests/helpers.py's CPU stubs" if imported["save_cuda_stubbed"] else "")},
         {"direction": "ours_to_hf", "seconds": export["export_s"], "peak_host_gib": export["peak_rss_gib"],
-         "model_gib": model_gib,
+         "model_gib": model_gib, "io_floor_s": floor["copy_s"],
+         "io_floor": "copying the Hugging Face files (reading and writing the same bytes)",
          "note": f"export_to_hf, {export['shards']} shards; weights: {export['weights_source']}"},
     ]  # fmt: skip
+    for row in rows:
+        floor_s = row["io_floor_s"]
+        row["seconds_over_io_floor"] = row["seconds"] / floor_s if floor_s else None
+        row["peak_over_model"] = row["peak_host_gib"] / model_gib
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"layers": args.layers, "machine": _machine(), "rows": rows}, indent=2))
     print(json.dumps(rows, indent=2))

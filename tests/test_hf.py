@@ -9,6 +9,7 @@ checked in ``tests/gpu/test_hf_parity.py``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,10 @@ def test_export_round_trip_is_bitwise_and_loads_in_transformers(imported: dict[s
     exported = SafetensorsDir(out)
     state = imported["state"]
     assert set(exported.names()) == set(state)
+    umask = os.umask(0)
+    os.umask(umask)
+    for shard in report.shards:  # safetensors writes 0600 files; the export gives them the umask's mode
+        assert (out / shard).stat().st_mode & 0o777 == 0o666 & ~umask, shard
     for name, value in state.items():
         assert torch.equal(exported.read(name), value), name  # HF -> ours (TP2) -> checkpoint -> HF: bitwise
 
@@ -284,3 +289,16 @@ def test_yaml_init_weights_reaches_the_module(tmp_path: Path) -> None:
     arch = _arch_from(model)
     assert (arch.num_layers, arch.num_query_groups, arch.vocab_size) == (2, 2, 1000)
     assert _arch_from({}).num_layers == 32  # no init_weights: still the 8B default
+
+
+def test_a_failed_background_shard_write_is_raised(tmp_path: Path) -> None:
+    from lightning_llama_fp8.hf.files import ShardedSafetensorsWriter
+
+    directory = tmp_path / "out"
+    directory.mkdir()
+    writer = ShardedSafetensorsWriter(directory, max_shard_bytes=1024)
+    directory.rmdir()  # the shard's write (in the writer thread) fails: it must surface, not vanish
+    writer.add("a", torch.zeros(512))
+    with pytest.raises(Exception, match=r"No such file|not found|exist"):
+        writer.add("b", torch.zeros(512))  # fills the shard: the first one is written in the background
+        writer.finish()

@@ -5,9 +5,10 @@ single ``model.safetensors``, every shard it names present, and each shard's hea
 is found from the header's offsets, without reading tensor data). Tensors are then read one slice at a time with
 ``safetensors.safe_open(...).get_slice``, so a tensor-parallel rank reads only its own rows or columns.
 
-Writing buffers tensors until a shard is full, writes it, and forgets it: peak memory is one shard plus what the
-caller holds, whatever the model size. The files get Hugging Face's names (``model-00001-of-00004.safetensors``)
-and an index once the number of shards is known.
+Writing buffers tensors until a shard is full and hands the shard to a background thread, which writes it while the
+caller reads and converts the next one (safetensors' serializer releases the GIL, so reading and writing overlap):
+peak memory is about two shards plus what the caller holds, whatever the model size. The files get Hugging Face's
+names (``model-00001-of-00004.safetensors``) and an index once the number of shards is known.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,9 @@ def _numel(shape: list[int]) -> int:
 class ShardedSafetensorsWriter:
     """Write tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes`` plus an index.
 
-    Call :meth:`add` per tensor (in the order they should appear), then :meth:`finish`.
+    Call :meth:`add` per tensor (in the order they should appear), then :meth:`finish`. One shard is written in
+    the background at a time; a write error is raised by the next :meth:`add` that fills a shard, or by
+    :meth:`finish`.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
@@ -146,6 +150,9 @@ class ShardedSafetensorsWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
+        self._in_flight: Future[None] | None = None
+        self._file_mode = _default_file_mode()  # read here: os.umask is process-wide, not safe in the writer thread
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -157,17 +164,25 @@ class ShardedSafetensorsWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         file = self.directory / f".shard-{len(self._written):05d}.safetensors.partial"
-        save_file(self._pending, str(file), metadata={"format": "pt"})
+        self._wait()  # at most one shard in the background: memory stays about two shards
+        self._in_flight = self._executor.submit(_write_shard, self._pending, file, self._file_mode)
         self._written.append((file, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()  # re-raises the writer thread's error here
 
     def finish(self) -> list[Path]:
         """Write the last shard, give every shard its final name and write the index; return the shard paths."""
         if self._pending:
             self._flush()
+        try:
+            self._wait()
+        finally:
+            self._executor.shutdown(wait=True)
         count = len(self._written)
         weight_map: dict[str, str] = {}
         final = []
@@ -179,3 +194,19 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return final
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], file: Path, mode: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); give the shard the mode any new file gets
+    # here, so a model directory shared with other users (or a serving container) stays readable.
+    os.chmod(file, mode)
+
+
+def _default_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file under the current umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
