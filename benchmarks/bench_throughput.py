@@ -7,6 +7,12 @@ on mock data, with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` sc
     python benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
     torchrun --nproc_per_node 2 benchmarks/bench_throughput.py --cp 2 ...
     python benchmarks/bench_throughput.py --layers 32 --recompute full --optimizer-offload-fraction 0.5 ...
+    python benchmarks/bench_throughput.py --steps 160 --save-every 80 --save-mode async --ckpt-dir /tmp/ckpts ...
+
+With ``--save-every N`` a ModelCheckpoint saves every N steps (``save_top_k=1``), synchronously or in the background
+(``--save-mode``), and the record's ``checkpoint`` part has, per save, how long training was blocked (the save call
+plus the finalize step that published it) and the median tokens/s of the steps run during a background write
+relative to the other steps (``benchmarks/gpu_stage.sh checkpoint-stall``).
 
 With ``--allow-oom`` a CUDA out-of-memory error ends the run with a record (``"fits": false``, the peak so far)
 instead of a traceback, for "does this fit?" runs. Every record carries ``plan_gib``, what ``llama-fp8 plan``
@@ -22,13 +28,16 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 # The recipe's setting; must be in place before CUDA starts (it orders communication kernels).
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_llama_fp8 import (
@@ -90,6 +99,86 @@ class StepLog(Callback):
             self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
+class CheckpointStall(Callback):
+    """What each checkpoint save costs the training loop, and how fast the steps run during a background write.
+
+    A save is timed from ModelCheckpoint's call into ``strategy.save_checkpoint`` to its return (sync: the whole
+    write; async: state dicts, planning, the copy to host memory, and waiting for a previous save), plus the
+    ``on_train_batch_start`` of the strategy that published it (async). Step times run from a step's start to its
+    end (the loss read waits for the GPU), without those two, so nothing is counted twice; a step "during the
+    write" started while a background save was pending.
+    """
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.saves: list[dict[str, Any]] = []
+        self.steps: list[tuple[int, float, bool]] = []  # (step, seconds, during a background write)
+        self.exit_wait_s = 0.0
+        self._step_start = 0.0
+        self._during_write = False
+        self._published_s = 0.0
+
+    def setup(self, trainer: Trainer, pl_module: object, stage: str) -> None:
+        strategy: Any = trainer.strategy
+        save, batch_start, train_end = strategy.save_checkpoint, strategy.on_train_batch_start, strategy.on_train_end
+
+        def timed_save(*args: Any, **kwargs: Any) -> None:
+            begin = time.perf_counter()
+            save(*args, **kwargs)
+            self.saves.append({"step": trainer.global_step, "save_call_s": time.perf_counter() - begin})
+
+        def timed_batch_start(*args: Any, **kwargs: Any) -> None:
+            pending = strategy.pending_checkpoint
+            begin = time.perf_counter()
+            batch_start(*args, **kwargs)
+            if pending is not None and strategy.pending_checkpoint is None:  # published here
+                self._published_s = time.perf_counter() - begin
+                self.saves[-1].update(publish_s=self._published_s, published_at_step=trainer.global_step)
+
+        def timed_train_end() -> None:
+            begin = time.perf_counter()
+            train_end()
+            self.exit_wait_s = time.perf_counter() - begin  # the last save's write, awaited before fit returns
+
+        strategy.save_checkpoint, strategy.on_train_batch_start = timed_save, timed_batch_start
+        strategy.on_train_end = timed_train_end
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: object, batch: object, idx: int) -> None:
+        # Callbacks run before the strategy's hook, so this start includes the strategy's finalize.
+        self._during_write = getattr(trainer.strategy, "pending_checkpoint", None) is not None
+        self._published_s = 0.0
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
+        # Before ModelCheckpoint's own on_train_batch_end (Lightning runs checkpoint callbacks last).
+        seconds = time.perf_counter() - self._step_start - self._published_s
+        self.steps.append((trainer.global_step, seconds, self._during_write))
+
+    def summary(self, mode: str, ckpt_dir: Path, tokens_per_step: int) -> dict[str, Any]:
+        timed = [(step, seconds, during) for step, seconds, during in self.steps if step > self.warmup]
+        saved_steps = {save["step"] + 1 for save in self.saves}  # the step right after a save: caches refilled
+        normal = [seconds for step, seconds, during in timed if not during and step not in saved_steps]
+        during = [seconds for _, seconds, during in timed if during]
+        files = [f for f in ckpt_dir.rglob("*") if f.is_file() and not f.is_symlink()] if ckpt_dir.is_dir() else []
+        newest = max((f.parent for f in files), key=lambda d: d.stat().st_mtime, default=None)
+        for save in self.saves:
+            save["blocked_s"] = save["save_call_s"] + save.get("publish_s", 0.0)
+        return {
+            "mode": mode,
+            "checkpoint_gib": sum(f.stat().st_size for f in files if f.parent == newest) / 2**30,
+            "saves": self.saves,
+            "blocked_s": [save["blocked_s"] for save in self.saves],
+            "exit_wait_s": self.exit_wait_s,
+            "steps_during_write": len(during),
+            "tokens_per_s_normal": tokens_per_step / statistics.median(normal) if normal else None,
+            "tokens_per_s_during_write": tokens_per_step / statistics.median(during) if during else None,
+            "tokens_per_s_during_write_ratio": statistics.median(normal) / statistics.median(during)
+            if normal and during
+            else None,
+            "step_times": self.steps,
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
@@ -114,6 +203,9 @@ def main() -> None:
     parser.add_argument("--optimizer-offload-fraction", type=float, default=0.0, help="0: optimizer on the GPU")
     parser.add_argument("--no-fp8-param-gather", action="store_true", help="keep BF16 weights in FP8 runs")
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
+    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
+    parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
+    parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/bench_throughput_ckpts"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks/plot_training.py)")
     args = parser.parse_args()
@@ -137,6 +229,10 @@ def main() -> None:
     callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
         callbacks.append(NaNGuard(policy=args.nan_guard))
+    stall = CheckpointStall(args.warmup) if args.save_every else None
+    if stall is not None:
+        # save_top_k=1: the previous checkpoint is deleted once the next one is complete (two on disk at most).
+        callbacks += [stall, ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=args.save_every, save_top_k=1)]
     devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     trainer = Trainer(
         accelerator="gpu",
@@ -149,13 +245,14 @@ def main() -> None:
             use_cpu_initialization=args.cpu_init,
             activation_recompute=recompute,
             optimizer_offload=offload,
+            async_save=args.save_mode == "async",
         ),
         plugins=[plugin],
         max_steps=args.steps,
         callbacks=callbacks,
         logger=CSVLogger(args.log_dir, name="ours") if args.log_dir else False,
         log_every_n_steps=1,
-        enable_checkpointing=False,
+        enable_checkpointing=stall is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -260,6 +357,8 @@ def main() -> None:
         "grad_norms": step_log.grad_norms,
         "telemetry": telemetry.last_metrics,  # ThroughputMonitor over the timed steps
     }
+    if stall is not None:
+        result["checkpoint"] = stall.summary(args.save_mode, args.ckpt_dir, args.gbs * args.seq // world)
     if trainer.is_global_zero:
         print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses", "grad_norms")}))
         if args.out:

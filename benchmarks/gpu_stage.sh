@@ -36,6 +36,10 @@
 #                       dependency warnings; TensorBoard log) -> OUT/telemetry/ (~6 min est.); then on a CPU:
 #                       python benchmarks/plot_training.py --ours OUT/telemetry/ours_csv \
 #                         --megatron-lm OUT/telemetry/megatron_lm_fp8.log --out OUT/telemetry/loss_speed.png
+#   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
+#                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=70 steps apart):
+#                       blocked s per save, tokens/s during the background write -> OUT/checkpoint_stall.json
+#                       (~8.5 min est.; two checkpoints on disk at most, under $CKPT_STALL_DIR)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
@@ -44,6 +48,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
+  checkpoint-stall) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -192,6 +197,42 @@ PY
     python3 benchmarks/real_text.py training --real-csv "$t/real_csv/run/version_0/metrics.csv" \
       --mock-csv "$t/mock_csv/run/version_0/metrics.csv" --corpus-json "$t/corpus.json" --sidecar "$t/real_text.corpus.json" --max-steps 300 \
       --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$t/real_text_training.json" ;;
+  checkpoint-stall)
+    # The sync saves block ~75 s each, so they come 10 steps apart; the async ones far enough apart for the first
+    # background write to be published before the second save (else that save waits for it, which counts as blocked).
+    c="$out/checkpoint_stall"; mkdir -p "$c"; ckpts="${CKPT_STALL_DIR:-/tmp/checkpoint_stall}"; every="${CKPT_ASYNC_EVERY:-70}"
+    rm -rf "$ckpts"
+    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
+      --save-mode sync --ckpt-dir "$ckpts/sync" --out "$c/sync.json" > "$c/sync.log" 2>&1; echo "sync exit $?"
+    rm -rf "$ckpts"  # the sync run's checkpoint: the disk holds two of them at most
+    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) --warmup 6 \
+      --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/async.json" > "$c/async.log" 2>&1
+    echo "async exit $?"; rm -rf "$ckpts"
+    python3 - "$c" "$out/checkpoint_stall.json" <<'PY'
+import json, sys
+from pathlib import Path
+c, rows, card = Path(sys.argv[1]), [], None
+for mode in ("sync", "async"):
+    path = c / f"{mode}.json"
+    if not path.is_file():
+        rows.append({"mode": mode, "error": f"no record; see {mode}.log"}); continue
+    record = json.loads(path.read_text()); card = record["device"]; ckpt = record["checkpoint"]
+    rows.append({
+        "mode": mode,
+        "checkpoint_gib": ckpt["checkpoint_gib"],
+        "blocked_s": max(ckpt["blocked_s"]) if ckpt["blocked_s"] else None,  # the worse of the saves
+        "blocked_s_per_save": ckpt["blocked_s"],
+        "tokens_per_s_during_write_ratio": ckpt["tokens_per_s_during_write_ratio"],  # None for sync: no steps run
+        "tokens_per_s_normal": ckpt["tokens_per_s_normal"],
+        "tokens_per_s_during_write": ckpt["tokens_per_s_during_write"],
+        "steps_during_write": ckpt["steps_during_write"],
+        "exit_wait_s": ckpt["exit_wait_s"],
+        "saves": ckpt["saves"],
+    })
+summary = {"card": card, "rows": rows}
+Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
   recipes-1)
     # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
     mkdir -p "$out/recipes"

@@ -86,6 +86,11 @@ DEPENDENCY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     # torch logs this when it imports its C++-extension helper (megatron-core does, at import) on a machine that has a
     # CUDA toolkit but no GPU: the CPU-only commands (plan, --help, the pre-flight) need no CUDA runtime.
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+    # megatron-core 0.19.2 logs this once per process at the first distributed checkpoint save, synchronous ones
+    # included (its synchronous save runs the same "mcore" writer in the foreground), asking for NVIDIA Resiliency
+    # Extension instead: not part of this stack, so a user cannot act on it; MegatronCPStrategy(async_save=True)
+    # uses megatron-core's own writer on purpose (async_checkpoint.py).
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
 )
 
 

@@ -433,41 +433,61 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
     Megatron's own collectives during ``write`` that hits rank 0 alone still ends only at the process-group
     timeout; the write probe in the first phase catches the common cause, a file system rank 0 cannot write.)
     """
-    tmp = path.with_name(path.name + ".saving")
-    old = path.with_name(path.name + ".replaced")
-
-    def prepare() -> None:
-        if old.is_dir() and not path.exists() and not path.is_symlink():
-            old.rename(path)  # the previous version of an interrupted replacement comes back first
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        tmp.mkdir(parents=True)
-        probe = tmp / ".write_probe"  # a read-only or full file system fails here, before Megatron's collectives
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
-
-    def publish() -> None:
-        if path.is_dir() and not path.is_symlink():
-            path.rename(old)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-
-    _run_and_agree(prepare if is_rank_zero else None, agree)
-    _run_and_agree(lambda: write(tmp), agree)
-    _run_and_agree(publish if is_rank_zero else None, agree)
+    tmp = saving_directory(path)
+    run_and_agree((lambda: prepare_saving_directory(path)) if is_rank_zero else None, agree)
+    run_and_agree(lambda: write(tmp), agree)
+    run_and_agree((lambda: publish_saving_directory(path)) if is_rank_zero else None, agree)
 
 
-def _run_and_agree(step: Any, agree: Any) -> None:
+def saving_directory(path: Path) -> Path:
+    """Where a save of ``path`` writes until it is complete (``<path>.saving``)."""
+    return path.with_name(path.name + ".saving")
+
+
+def prepare_saving_directory(path: Path) -> Path:
+    """First phase of a save of ``path`` (rank 0): an empty, writable ``<path>.saving``; returns it.
+
+    If an earlier save stopped between the two renames of :func:`publish_saving_directory`, the previous version
+    goes back to ``path`` first; leftovers of an interrupted save are removed.
+    """
+    tmp, old = saving_directory(path), path.with_name(path.name + ".replaced")
+    if old.is_dir() and not path.exists() and not path.is_symlink():
+        old.rename(path)  # the previous version of an interrupted replacement comes back first
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    probe = tmp / ".write_probe"  # a read-only or full file system fails here, before Megatron's collectives
+    probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+    return tmp
+
+
+def publish_saving_directory(path: Path) -> None:
+    """Last phase of a save of ``path`` (rank 0): the complete ``<path>.saving`` replaces ``path``.
+
+    A checkpoint already at ``path`` is moved aside to ``<path>.replaced`` and deleted only once the new one is in
+    place, so a kill between the renames loses neither.
+    """
+    tmp, old = saving_directory(path), path.with_name(path.name + ".replaced")
+    if path.is_dir() and not path.is_symlink():
+        path.rename(old)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run_and_agree(step: Any, agree: Any) -> None:
     """Run ``step`` (``None``: nothing on this rank), then raise on every rank if it failed on any."""
     error = None
     if step is not None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             step()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
             error = err
     failure = agree(f"{type(error).__name__}: {error}" if error is not None else None)
     if error is not None:
@@ -518,19 +538,32 @@ def _megatron_sharded_state_dict(
 
 
 def save_megatron_state(
-    directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, sharding: str, dp_cp_group: Any
-) -> None:
+    directory: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: Any,
+    sharding: str,
+    dp_cp_group: Any,
+    *,
+    in_background: bool = False,
+) -> Any:
     """Write ``modules`` (unwrapped Megatron models, by key) and ``optimizer`` into ``directory``; all ranks call.
 
     ``sharding`` is the distributed optimizer's ``distrib_optim_sharding_type``; it is stored as the checkpoint's
-    content metadata, from which :func:`load_megatron_state` takes it back.
+    content metadata, from which :func:`load_megatron_state` takes it back. ``in_background=True`` only plans the
+    write and returns Megatron's ``AsyncRequest`` for it (see ``async_checkpoint.py``); otherwise returns ``None``
+    once the files are written.
     """
     from megatron.core import dist_checkpointing
 
     metadata = _sharded_metadata(sharding, dp_cp_group)
     state = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=False)
     content = {key: value for key, value in metadata.items() if key != "dp_cp_group"}  # a group is not data
-    dist_checkpointing.save(state, str(directory), content_metadata=content)
+    if not in_background:
+        return dist_checkpointing.save(state, str(directory), content_metadata=content)
+    # megatron-core's own background writer ("mcore"): its default, "nvrx", needs nvidia-resiliency-ext.
+    return dist_checkpointing.save(
+        state, str(directory), content_metadata=content, async_sharded_save=True, async_strategy="mcore"
+    )
 
 
 def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
@@ -544,9 +577,12 @@ def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], op
     content = dist_checkpointing.load_content_metadata(str(directory)) or {}
     metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
     template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(template, str(directory))
-    except Exception as err:  # torch.distributed.checkpoint / Megatron raise many kinds; say which checkpoint
+    # torch.distributed.checkpoint / Megatron raise many kinds (CheckpointException is a BaseException): name the path
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(
             f"Checkpoint {directory}: reading its shards failed ({type(err).__name__}: {err}). Its files are damaged "
             "or do not belong together, or it holds another model than this one; resume from another checkpoint."

@@ -20,6 +20,7 @@ another layout.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from contextlib import contextmanager
@@ -30,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 
 from lightning_llama_fp8 import _lightning_compat as compat
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
 from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
+from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.precision import MegatronPrecision
@@ -75,6 +77,12 @@ class MegatronCPStrategy(ParallelStrategy):
             ``dp_reshardable`` (Megatron-LM's default: every rank writes its own shard, no gathering; resumes with
             the same TP and CP and any DP size) or ``fully_reshardable`` (gathered per parameter on save; resumes
             with any layout). Model weights reload into any layout either way.
+        async_save: write checkpoints in the background (Megatron-Core's asynchronous ``dist_checkpointing``, see
+            ``async_checkpoint.py``): ``save_checkpoint`` copies the shards to host memory and returns, and the
+            checkpoint appears under its name, complete, some training steps later (at the latest before the next
+            save and before ``fit`` returns); the older checkpoint ModelCheckpoint replaces is deleted only then.
+            Needs host memory for a copy of this rank's share of one checkpoint. Saves outside a running ``fit``
+            stay synchronous. Off (the default): training waits for each save.
         activation_recompute: recompute activations in the backward pass instead of keeping them
             (:class:`~lightning_llama_fp8.memory.RecomputeSettings`: ``selective`` modules or ``full`` layers;
             Megatron's ``recompute_*`` fields). ``None``: keep everything.
@@ -104,6 +112,7 @@ class MegatronCPStrategy(ParallelStrategy):
         use_cpu_initialization: bool = False,
         seed: int | None = None,
         checkpoint_optimizer_sharding: ckpt.OptimizerSharding = "dp_reshardable",
+        async_save: bool = False,
         activation_recompute: RecomputeSettings | None = None,
         optimizer_offload: OptimizerOffloadSettings | None = None,
         process_group_backend: str | None = None,
@@ -146,6 +155,8 @@ class MegatronCPStrategy(ParallelStrategy):
                 f"{checkpoint_optimizer_sharding!r}."
             )
         self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
+        self.async_save = async_save
+        self._async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
         self.activation_recompute = activation_recompute
         self.optimizer_offload = optimizer_offload
         if optimizer_offload is not None:
@@ -450,17 +461,82 @@ class MegatronCPStrategy(ParallelStrategy):
             **startup_checks.resume_records(self.lightning_module),
         )
 
+        def write_info(directory: Path) -> None:
+            # Written last: the sizes and digests of everything above, checked before any later load.
+            (directory / ckpt.INFO_FILENAME).write_text(replace(info, files=ckpt.record_files(directory)).to_json())
+
+        if self._saves_in_background():
+            self._save_in_background(path, modules, optimizer, checkpoint, write_info)
+            return
+
         def write(directory: Path) -> None:
             ckpt.save_megatron_state(
                 directory, modules, optimizer, self.checkpoint_optimizer_sharding, self.data_parallel_group()
             )
             if self.is_global_zero:
                 torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
-                # Written last: the sizes and digests of everything above, checked before any later load.
-                (directory / ckpt.INFO_FILENAME).write_text(replace(info, files=ckpt.record_files(directory)).to_json())
+                write_info(directory)
 
         with self._parameters_gathered():
             ckpt.save_directory_atomically(path, write, self.is_global_zero, self._first_failure)
+
+    def _saves_in_background(self) -> bool:
+        """``async_save`` inside a running ``fit``, whose next steps and end publish the save; any other save (e.g.
+        ``trainer.save_checkpoint`` after ``fit``, when nothing would publish it) is written at once."""
+        state = self.lightning_module.trainer.state
+        return self.async_save and state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
+
+    def _save_in_background(
+        self,
+        path: Path,
+        modules: dict[str, torch.nn.Module],
+        optimizer: Any,
+        checkpoint: dict[str, Any],
+        write_info: Any,
+    ) -> None:
+        """Schedule Megatron's write of the shards; ``lightning.pt`` and the info file follow when it is done."""
+        # Lightning's state as it is now: the loops, callbacks and any other optimizer change in place during the
+        # steps the shards take to write, so rank 0 pickles it here and writes the bytes at the finalize.
+        lightning_state = io.BytesIO()
+        ckpt.run_and_agree(
+            (lambda: torch.save(checkpoint, lightning_state)) if self.is_global_zero else None, self._first_failure
+        )
+
+        def write_rank_zero_files(directory: Path) -> None:
+            (directory / ckpt.LIGHTNING_FILENAME).write_bytes(lightning_state.getbuffer())
+            write_info(directory)
+
+        def plan_shards(directory: Path) -> Any:
+            return ckpt.save_megatron_state(
+                directory,
+                modules,
+                optimizer,
+                self.checkpoint_optimizer_sharding,
+                self.data_parallel_group(),
+                in_background=True,
+            )
+
+        if self._async_saver is None:
+            self._async_saver = AsyncCheckpointSaver(self._first_failure)
+        # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
+        with self._parameters_gathered():
+            self._async_saver.save(path, self.is_global_zero, plan_shards, write_rank_zero_files)
+
+    @property
+    def pending_checkpoint(self) -> Path | None:
+        """The checkpoint being written in the background (``async_save``) and not yet under its name, if any."""
+        return self._async_saver.pending_path if self._async_saver is not None else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Where Megatron-LM finalizes too, at the start of each iteration: publish a background save whose writes
+        # are done on every rank (one all-reduce while one is pending, nothing otherwise); never waits.
+        if self._async_saver is not None:
+            self._async_saver.finalize(blocking=False)
+
+    def on_train_end(self) -> None:
+        # fit returns with its last checkpoint published (ModelCheckpoint's last save comes just before this hook).
+        if self._async_saver is not None:
+            self._async_saver.finalize(blocking=True)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizers) from
@@ -474,6 +550,8 @@ class MegatronCPStrategy(ParallelStrategy):
                 "MegatronCPStrategy checkpoints cannot be loaded with weights_only=True: they hold pickled data "
                 "(torch.distributed.checkpoint's index, Transformer Engine's FP8 state). Load only trusted ones."
             )
+        if self._async_saver is not None:  # the checkpoint asked for may be the one still being written
+            self._async_saver.finalize(blocking=True)
         path = Path(self.broadcast(str(checkpoint_path)))
         optimizer = self._megatron_optimizer()
         self.check_checkpoint(path, with_optimizer=optimizer is not None)
@@ -533,7 +611,13 @@ class MegatronCPStrategy(ParallelStrategy):
                 optimizer.load_state_dict(state)
 
     def remove_checkpoint(self, filepath: Any) -> None:
-        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it."""
+        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it.
+
+        With a background save pending, only once that save is published: until then the checkpoint it replaces
+        is the newest complete one.
+        """
+        if self._async_saver is not None and self._async_saver.remove_after_pending_save(Path(filepath)):
+            return
         if self.is_global_zero:
             ckpt.remove_checkpoint_directory(Path(filepath))
 
@@ -647,6 +731,9 @@ class MegatronCPStrategy(ParallelStrategy):
     def teardown(self) -> None:
         from megatron.core import parallel_state
 
+        if self._async_saver is not None:  # the run waits for a pending save before it exits
+            self._async_saver.wait_before_exit()
+            self._async_saver = None
         self._ddp_modules = []
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

@@ -1,0 +1,168 @@
+"""Asynchronous distributed checkpoints: Megatron-Core writes the shards in a background process, training goes on.
+
+One save with ``MegatronCPStrategy(async_save=True)``, as :class:`AsyncCheckpointSaver` runs it:
+
+1. ``save_checkpoint`` (every rank; training waits): rank 0 prepares ``<path>.saving``; every rank builds its sharded
+   state dict and Megatron plans the write (``dist_checkpointing.save(..., async_sharded_save=True)``, which returns
+   an ``AsyncRequest``); scheduling it on Megatron's ``AsyncCallsQueue`` copies every shard to host memory and forks
+   the process that writes them. Then ``save_checkpoint`` returns and training goes on.
+2. Finalize (every rank): at the start of each training step without waiting, and waiting before the next save,
+   before a load, at the end of fitting and in ``teardown``. Megatron first agrees over all ranks that every writer
+   is done (one all-reduce), then runs the finalize functions on all ranks: the shard index (``.metadata``) and
+   ``metadata.json``, then ours: rank 0 writes ``lightning.pt`` and ``lightning_llama_fp8.json`` (with the sizes and
+   digests of the finished files) and renames ``<path>.saving`` to ``<path>``.
+
+So a checkpoint appears under its name only complete, as with synchronous saves, just some steps later; the older
+checkpoints ModelCheckpoint deletes right after ``save_checkpoint`` returns (``save_top_k``) are deleted only then
+(:meth:`AsyncCheckpointSaver.remove_after_pending_save`). A kill during the background write leaves ``<path>.saving``
+and every earlier checkpoint as it was; ``last.ckpt`` (``save_last="link"``) may point at the unpublished path,
+which :func:`~lightning_llama_fp8.checkpoint.resolve_last_checkpoint` sees through. A failed write is raised on every
+rank at the next finalize, naming the checkpoint; nothing saved before is touched.
+
+Why training may change the weights right after step 1 (checked in megatron-core 0.19.2,
+``dist_checkpointing/strategies/filesystem_async.py`` and ``async_utils.py``): ``FileSystemWriterAsync.
+prepare_write_data`` keeps references to the tensors (dequantized copies for FP8 weights on the GPU, clones for CPU
+views), and ``TemporalAsyncCaller.schedule_async_call`` runs its ``preload_fn`` (``preload_tensors``: ``.to("cpu")``
+of every GPU tensor, then ``torch.cuda.synchronize()``) before it forks the writer. When scheduling returns, the
+writer holds host copies taken before the next optimizer step; CPU tensors (optimizer offload) are not copied, but
+the forked writer sees the memory as it was at the fork (copy-on-write). The host copy is as large as the rank's
+share of the checkpoint and lives until the save is finalized, which is why one save is pending at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_llama_fp8 import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+#: A collective over all ranks: each passes its failure text (or None) and gets the first rank's failure (or None).
+Agree = Callable[[str | None], str | None]
+
+
+@dataclass
+class _PendingSave:
+    """A save whose shards are being written; published (and ``removals`` deleted) at its finalize."""
+
+    path: Path
+    is_rank_zero: bool
+    removals: list[Path] = field(default_factory=list)
+
+
+class AsyncCheckpointSaver:
+    """Megatron's ``AsyncCallsQueue`` with at most one checkpoint directory being written in the background.
+
+    Every method but :attr:`pending_path` is collective: all ranks call it at the same point.
+    """
+
+    def __init__(self, agree: Agree) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        # Not persistent: a forked writer per save (Megatron-LM's default). The persistent worker is spawned and
+        # would need the whole request pickled; a fork shares the host copy instead.
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._agree = agree
+        self._pending: _PendingSave | None = None
+
+    @property
+    def pending_path(self) -> Path | None:
+        """The checkpoint being written in the background and not yet published, if any."""
+        return self._pending.path if self._pending is not None else None
+
+    def save(
+        self,
+        path: Path,
+        is_rank_zero: bool,
+        plan_shards: Callable[[Path], Any],
+        write_rank_zero_files: Callable[[Path], None],
+    ) -> None:
+        """Start saving ``path``; returns once every shard is in host memory and its writer runs.
+
+        ``plan_shards(directory)`` returns Megatron's ``AsyncRequest`` for the shards (every rank);
+        ``write_rank_zero_files(directory)`` writes the rest into the finished directory before it is published
+        (rank 0, at the finalize).
+        """
+        self.finalize(blocking=True)  # one at a time: each holds a host copy as large as the checkpoint
+        tmp = ckpt.saving_directory(path)
+        ckpt.run_and_agree((lambda: ckpt.prepare_saving_directory(path)) if is_rank_zero else None, self._agree)
+        planned: list[Any] = []
+        ckpt.run_and_agree(lambda: planned.append(plan_shards(tmp)), self._agree)
+        request = planned[0]
+
+        def publish() -> None:  # a finalize function: on all ranks, after all of them finished writing
+            def on_rank_zero() -> None:
+                write_rank_zero_files(tmp)
+                ckpt.publish_saving_directory(path)
+
+            ckpt.run_and_agree(on_rank_zero if is_rank_zero else None, self._agree)
+
+        request.add_finalize_fn(publish)  # after Megatron's own (shard index, metadata.json)
+        self._queue.schedule_async_request(request)  # the host copy is taken here (see the module docstring)
+        self._pending = _PendingSave(path, is_rank_zero)
+
+    def finalize(self, blocking: bool) -> None:
+        """Publish the pending save if every rank's write is done (``blocking``: wait for it).
+
+        Raises:
+            CheckpointError: on every rank, if the background write or the publishing failed anywhere.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            finished = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+            self._pending = None  # Megatron dropped the request; the next save starts afresh
+            # Every rank is here: Megatron broadcasts a failed write to all ranks (rank 0 alone has the details)
+            # and run_and_agree raises a failed publish everywhere; share rank 0's text so each rank names it.
+            failure = self._agree(f"{type(err).__name__}: {err}")
+            raise ckpt.CheckpointError(self._failure_message(pending, failure)) from err
+        if not finished:
+            return
+        self._pending = None
+        if pending.is_rank_zero:
+            for removal in pending.removals:
+                ckpt.remove_checkpoint_directory(removal)
+
+    def remove_after_pending_save(self, path: Path) -> bool:
+        """Delete ``path`` only once the pending save is published; ``False``: none is pending, delete it now.
+
+        ModelCheckpoint deletes the checkpoint that the new one replaces right after ``save_checkpoint`` returns;
+        deleting it then would leave no complete checkpoint if the run died during the background write.
+        """
+        if self._pending is None:
+            return False
+        self._pending.removals.append(path)
+        return True
+
+    def wait_before_exit(self) -> None:
+        """Publish a pending save before the process ends (``teardown``); a failure is logged, not raised.
+
+        Reached with a save pending only when the run stopped on an error after scheduling it: that error is the
+        one to raise, and the checkpoint is published if its write completes.
+        """
+        try:
+            self.finalize(blocking=True)
+        except Exception as err:  # finalize raises CheckpointError for any failure of the save itself
+            log.error("%s", err)
+
+    @staticmethod
+    def _failure_message(pending: _PendingSave, failure: str | None) -> str:
+        kept = (
+            " (including " + ", ".join(str(path) for path in pending.removals) + ", kept instead of deleted)"
+            if pending.removals
+            else ""
+        )
+        return (
+            f"Saving checkpoint {pending.path} in the background failed: {failure}. It was not published (its "
+            f"unfinished files are in {ckpt.saving_directory(pending.path)}); every checkpoint saved before it is "
+            f"as it was{kept}. Check the file system (space, permissions), then resume from the newest complete "
+            "checkpoint (ckpt_path='last')."
+        )
