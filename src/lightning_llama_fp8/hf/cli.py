@@ -31,7 +31,10 @@ def convert_main(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="a checkpoint directory saved by MegatronCPStrategy (e.g. .../last.ckpt)")
     parser.add_argument("output", help="the Hugging Face directory to write (must not exist or be empty)")
-    parser.add_argument("--tokenizer", help="a tokenizer.json, or a directory with tokenizer files, to include")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer to include: 'llama3' (the bundled Llama 3 one), a tokenizer.json, or a tokenizer directory",
+    )
     parser.add_argument(
         "--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, help="safetensors shard size (5)"
     )

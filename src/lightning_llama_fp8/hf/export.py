@@ -186,7 +186,7 @@ def export_to_hf(
     output = Path(output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; choose another directory or pass --overwrite.")
-    tokenizer_files = _tokenizer_files(Path(tokenizer)) if tokenizer is not None else []
+    tokenizer_files = _tokenizer_files(_tokenizer_path(tokenizer)) if tokenizer is not None else []
     partial = output.with_name(output.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -233,6 +233,15 @@ def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: Shar
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
+def _tokenizer_path(tokenizer: str | os.PathLike[str]) -> Path:
+    """``"llama3"`` names the bundled Llama 3 ``tokenizer.json`` (as for ``llama-fp8 preprocess``); else a path."""
+    from lightning_llama_fp8.data.tokenizer import DEFAULT_TOKENIZER, resolve_tokenizer
+
+    if str(tokenizer) == DEFAULT_TOKENIZER and not Path(tokenizer).exists():
+        return resolve_tokenizer(DEFAULT_TOKENIZER).path
+    return Path(tokenizer)
+
+
 def _tokenizer_files(path: Path) -> list[Path]:
     """The tokenizer files to copy from a directory, or the one ``tokenizer.json`` given (checked to load)."""
     from tokenizers import Tokenizer
