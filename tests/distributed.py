@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -39,16 +40,36 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result."""
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any, timeout_s: float = 900.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result.
+
+    The ranks' exits are polled with ``is_alive`` (waitpid) rather than left to torch's ``join``, which waits on a
+    pipe that a process forked by a rank (Megatron's checkpoint writer) inherits and keeps open after the rank died;
+    ranks still running after ``timeout_s`` are killed and the test fails instead of hanging CI.
+    """
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(
+    context = mp.start_processes(
         _worker,
         args=(world_size, free_port(), fn, args, str(tmp_path)),
         nprocs=world_size,
-        join=True,
+        join=False,
         start_method="spawn",
     )
+    deadline = time.monotonic() + timeout_s
+    while any(process.is_alive() for process in context.processes):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"ranks {alive} of {world_size} still running after {timeout_s:.0f} s: killed")
+        time.sleep(0.2)
+    for rank, process in enumerate(context.processes):
+        if process.exitcode != 0 and not Path(tmp_path, f"rank{rank}.pkl").exists():
+            code = process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise AssertionError(f"rank {rank} exited ({how}) before reporting a result")
     results = []
     for rank in range(world_size):
         status, value = pickle.loads(Path(tmp_path, f"rank{rank}.pkl").read_bytes())
