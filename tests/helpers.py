@@ -9,6 +9,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_llama_fp8 import LlamaLightningModule
+
 
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now (for gloo rendezvous)."""
@@ -86,3 +88,29 @@ def allow_dist_checkpointing_on_cpu() -> None:
 
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
+class NeverBuilt(LlamaLightningModule):
+    """Fails the test if Lightning gets as far as building the model."""
+
+    def configure_model(self) -> None:
+        raise AssertionError("configure_model ran: the error came too late")
+
+
+def fit_never_built(plugin: object, arch: Any = None, **strategy_kwargs: Any) -> None:
+    """``Trainer.fit`` of a tiny model on one CPU process that must fail before the model is built."""
+    from lightning_llama_fp8 import MegatronCPStrategy, MockDataModule, get_preset
+
+    module = NeverBuilt(arch or get_preset("llama_tiny", transformer_impl="local"))
+    data = MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, micro_batch_size=1)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=MegatronCPStrategy(**strategy_kwargs),
+        plugins=[plugin],
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=data)

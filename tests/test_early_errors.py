@@ -8,41 +8,18 @@ from lightning.pytorch import Trainer
 
 from lightning_llama_fp8 import (
     FP8UnavailableError,
-    LlamaLightningModule,
     MegatronCPStrategy,
     MegatronPrecision,
     MockDataModule,
     TEFP8Precision,
     get_preset,
 )
-
-
-class NeverBuilt(LlamaLightningModule):
-    """Fails the test if Lightning gets as far as building the model."""
-
-    def configure_model(self) -> None:
-        raise AssertionError("configure_model ran: the error came too late")
-
-
-def _fit(plugin: object, **strategy_kwargs: object) -> None:
-    module = NeverBuilt(get_preset("llama_tiny", transformer_impl="local"))
-    data = MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, micro_batch_size=1)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=MegatronCPStrategy(**strategy_kwargs),
-        plugins=[plugin],
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
-    trainer.fit(module, datamodule=data)
+from tests.helpers import NeverBuilt, fit_never_built
 
 
 def test_fp8_on_a_machine_without_fp8_fails_first() -> None:
     with pytest.raises(FP8UnavailableError, match=r"compute capability >= 8\.9.*fallback='bf16'"):
-        _fit(TEFP8Precision())
+        fit_never_built(TEFP8Precision())
     assert not torch.distributed.is_initialized()
 
 
@@ -50,7 +27,7 @@ def test_cpu_initialization_of_fp8_weights_fails_first(monkeypatch: pytest.Monke
     # As on an FP8 GPU: the support check passes, so the combination itself must be refused.
     monkeypatch.setattr("lightning_llama_fp8.precision.fp8_support", lambda *args, **kwargs: (True, ""))
     with pytest.raises(ValueError, match=r"use_cpu_initialization=False .* or fp8_param_gather=False"):
-        _fit(TEFP8Precision(fp8_param_gather=True), use_cpu_initialization=True)
+        fit_never_built(TEFP8Precision(fp8_param_gather=True), use_cpu_initialization=True)
     assert not torch.distributed.is_initialized()
     strategy = MegatronCPStrategy()  # the GPU init (default) with FP8 weights passes the same check
     strategy.precision_plugin = TEFP8Precision(fp8_param_gather=True)
@@ -59,7 +36,7 @@ def test_cpu_initialization_of_fp8_weights_fails_first(monkeypatch: pytest.Monke
 
 def test_layout_that_cannot_work_fails_first() -> None:
     with pytest.raises(ValueError, match="num_attention_heads 8 is not divisible by TP 3"):
-        _fit(MegatronPrecision(), tensor_model_parallel_size=3)
+        fit_never_built(MegatronPrecision(), tensor_model_parallel_size=3)
 
 
 def test_lightning_precision_flag_is_rejected_with_the_fix() -> None:

@@ -13,12 +13,12 @@ from lightning_llama_fp8 import (
     LlamaLightningModule,
     MegatronCPStrategy,
     MegatronPrecision,
-    MockDataModule,
     TEFP8Precision,
     get_preset,
 )
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from tests.distributed import run_distributed
+from tests.helpers import fit_never_built
 
 LOCAL_TINY = dict(transformer_impl="local", apply_rope_fusion=False)
 
@@ -181,36 +181,15 @@ def test_recompute_settings_reach_the_megatron_model(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- refused early
-class NeverBuilt(LlamaLightningModule):
-    def configure_model(self) -> None:
-        raise AssertionError("configure_model ran: the error came too late")
-
-
-def _fit(plugin: object, arch: Any = None, **strategy_kwargs: Any) -> None:
-    module = NeverBuilt(arch or get_preset("llama_tiny", transformer_impl="local"))
-    data = MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4, micro_batch_size=1)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=MegatronCPStrategy(**strategy_kwargs),
-        plugins=[plugin],
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
-    trainer.fit(module, datamodule=data)
-
-
 def test_recompute_beyond_the_model_fails_before_anything_is_built() -> None:
     with pytest.raises(ValueError, match=r"num_layers \(3, layers per chunk\) must be between 1 and the model's 2"):
-        _fit(MegatronPrecision(), activation_recompute=RecomputeSettings("full", num_layers=3))
+        fit_never_built(MegatronPrecision(), activation_recompute=RecomputeSettings("full", num_layers=3))
     assert not torch.distributed.is_initialized()
 
 
 def test_layernorm_recompute_with_transformer_engine_fails_before_anything_is_built() -> None:
     with pytest.raises(ValueError, match=r"'layernorm' recomputes nothing"):
-        _fit(
+        fit_never_built(
             MegatronPrecision(),
             arch=get_preset("llama_tiny"),  # transformer_impl: transformer_engine
             activation_recompute=RecomputeSettings("selective", modules=["layernorm"]),
@@ -235,7 +214,9 @@ def test_offload_needs_the_distributed_optimizer() -> None:
 def test_offload_with_fp8_weights_needs_delayed_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lightning_llama_fp8.precision.fp8_support", lambda *args, **kwargs: (True, ""))
     with pytest.raises(ValueError, match=r"with FP8 weights \(fp8_param_gather\) it needs the delayed recipe"):
-        _fit(TEFP8Precision(recipe="current", fp8_param_gather=True), optimizer_offload=OptimizerOffloadSettings(0.5))
+        fit_never_built(
+            TEFP8Precision(recipe="current", fp8_param_gather=True), optimizer_offload=OptimizerOffloadSettings(0.5)
+        )
     assert not torch.distributed.is_initialized()
 
 
