@@ -25,7 +25,7 @@
 #                       6 steps; then the same without offload (expected not to fit) -> OUT/full_8b_one_gpu.json
 #                       (~6 min est.; needs ~70 GiB of host RAM)
 #   hf-parity       (1) issue 13: tests/gpu/test_hf_parity.py: logits, KL, greedy vs transformers; FP8 export
-#                       -> OUT/hf_parity.json (~6 min est.)
+#                       -> OUT/hf_parity.json; the FP32 cases again with TF32 allowed (~2 min)
 #   hf-convert-8b   (1) issue 13: benchmarks/hf_convert.py, Llama 3 8B both ways -> OUT/hf_convert_8b.json
 #                       (~48 GB of disk under $HF_BENCH_DIR, ~20 GB of host RAM; ~15 min est.)
 #   real-text       (1) issue 12: text files installed on the GPU machine (its Python packages' .py/.md/.rst/.txt)
@@ -134,8 +134,12 @@ summary = {
 PY
     ;;
   hf-parity)
+    # The tests turn TF32 off for FP32 GEMMs (NVIDIA_TF32_OVERRIDE=0); the FP32 cases once more with it allowed
+    # record what TF32 costs, in OUT/tf32_allowed/hf_parity.json.
     HF_PARITY_OUT="$out" python3 -m pytest -m gpu -q tests/gpu/test_hf_parity.py -p no:cacheprovider 2>&1 \
-      | tee "$out/hf_parity.log" ;;
+      | tee "$out/hf_parity.log"
+    NVIDIA_TF32_OVERRIDE=1 HF_PARITY_OUT="$out/tf32_allowed" python3 -m pytest -m gpu -q tests/gpu/test_hf_parity.py \
+      -k fp32 -p no:cacheprovider > "$out/hf_parity_tf32_allowed.log" 2>&1; tail -1 "$out/hf_parity_tf32_allowed.log" ;;
   hf-convert-8b)
     python3 benchmarks/hf_convert.py --work-dir "${HF_BENCH_DIR:-/tmp/hf_convert_bench}" \
       --out "$out/hf_convert_8b.json" 2>&1 | tee "$out/hf_convert_8b.log" ;;

@@ -557,7 +557,7 @@ def test_save_gathers_parameters_that_overlapped_gathers_left_stale() -> None:
     strategy = MegatronCPStrategy()
     training, validating = _FakeDDP(hooks_on=True), _FakeDDP(hooks_on=False)  # validation already synced
     strategy._ddp_modules = [training, validating]
-    with strategy._parameters_gathered():
+    with strategy.checkpointing.parameters_gathered():
         assert training.calls == ["disable(param_sync=True)"]
     assert training.calls == ["disable(param_sync=True)", "enable"]
     assert validating.calls == []

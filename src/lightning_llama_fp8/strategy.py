@@ -20,25 +20,22 @@ another layout.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_llama_fp8 import _lightning_compat as compat
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
-from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
-from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver
+from lightning_llama_fp8.checkpointing import StrategyCheckpointing
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.precision import MegatronPrecision
@@ -156,7 +153,7 @@ class MegatronCPStrategy(ParallelStrategy):
             )
         self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
         self.async_save = async_save
-        self._async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
+        self.checkpointing = StrategyCheckpointing(self)
         self.activation_recompute = activation_recompute
         self.optimizer_offload = optimizer_offload
         if optimizer_offload is not None:
@@ -166,7 +163,6 @@ class MegatronCPStrategy(ParallelStrategy):
         self.num_nodes = 1
         self._ddp_modules: list[torch.nn.Module] = []
         self._skip_reason: str | None = None
-        self._lightning_state: tuple[Path, dict[str, Any]] | None = None  # read by the check before building
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -236,7 +232,7 @@ class MegatronCPStrategy(ParallelStrategy):
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
         self.initialize_parallel_state()
         # The checkpoint to load and every output directory, before data, model and optimizer are built.
-        self._lightning_state = startup_checks.check_before_building(self)
+        self.checkpointing.early_state = startup_checks.check_before_building(self)
 
     def initialize_parallel_state(self) -> None:
         """Build Megatron's TP/CP/DP groups and seed its RNG streams (idempotent for one layout)."""
@@ -427,7 +423,7 @@ class MegatronCPStrategy(ParallelStrategy):
         """Veto the optimizer step in progress; call from ``on_before_optimizer_step`` (e.g. ``NaNGuard``)."""
         self._skip_reason = reason
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (checkpointing.py)
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Write a distributed checkpoint directory at ``filepath``; every rank calls it (ModelCheckpoint does).
 
@@ -437,106 +433,20 @@ class MegatronCPStrategy(ParallelStrategy):
         """
         if storage_options is not None:
             raise TypeError("MegatronCPStrategy.save_checkpoint does not take storage_options.")
-        prepare_checkpoint_writer()  # before Megatron's writer spawns a process that re-runs an unguarded script
-        path = Path(self.broadcast(str(filepath)))
-        modules = self._megatron_models()
-        optimizer = self._megatron_optimizer() if "optimizer_states" in checkpoint else None
-        module_state = checkpoint.pop("state_dict", {})
-        checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in modules}
-        arch = getattr(self.lightning_module, "arch", None)
-        info = ckpt.CheckpointInfo(
-            path=path,
-            global_step=int(checkpoint.get("global_step", 0)),
-            tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
-            context_parallel_size=self.layout.context_parallel_size,
-            world_size=self.world_size,
-            arch=asdict(arch) if arch is not None else {},
-            optimizer_sharding=(
-                None
-                if optimizer is None
-                else self.checkpoint_optimizer_sharding
-                if self.use_distributed_optimizer
-                else "not_distributed"  # a plain Megatron optimizer's state follows the weights into any layout
-            ),
-            **startup_checks.resume_records(self.lightning_module),
-        )
-
-        def write_info(directory: Path) -> None:
-            # Written last: the sizes and digests of everything above, checked before any later load.
-            (directory / ckpt.INFO_FILENAME).write_text(replace(info, files=ckpt.record_files(directory)).to_json())
-
-        if self._saves_in_background():
-            self._save_in_background(path, modules, optimizer, checkpoint, write_info)
-            return
-
-        def write(directory: Path) -> None:
-            ckpt.save_megatron_state(
-                directory, modules, optimizer, self.checkpoint_optimizer_sharding, self.data_parallel_group()
-            )
-            if self.is_global_zero:
-                torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
-                write_info(directory)
-
-        with self._parameters_gathered():
-            ckpt.save_directory_atomically(path, write, self.is_global_zero, self._first_failure)
-
-    def _saves_in_background(self) -> bool:
-        """``async_save`` inside a running ``fit``, whose next steps and end publish the save; any other save (e.g.
-        ``trainer.save_checkpoint`` after ``fit``, when nothing would publish it) is written at once."""
-        state = self.lightning_module.trainer.state
-        return self.async_save and state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
-
-    def _save_in_background(
-        self,
-        path: Path,
-        modules: dict[str, torch.nn.Module],
-        optimizer: Any,
-        checkpoint: dict[str, Any],
-        write_info: Any,
-    ) -> None:
-        """Schedule Megatron's write of the shards; ``lightning.pt`` and the info file follow when it is done."""
-        # Lightning's state as it is now: the loops, callbacks and any other optimizer change in place during the
-        # steps the shards take to write, so rank 0 pickles it here and writes the bytes at the finalize.
-        lightning_state = io.BytesIO()
-        ckpt.run_and_agree(
-            (lambda: torch.save(checkpoint, lightning_state)) if self.is_global_zero else None, self._first_failure
-        )
-
-        def write_rank_zero_files(directory: Path) -> None:
-            (directory / ckpt.LIGHTNING_FILENAME).write_bytes(lightning_state.getbuffer())
-            write_info(directory)
-
-        def plan_shards(directory: Path) -> Any:
-            return ckpt.save_megatron_state(
-                directory,
-                modules,
-                optimizer,
-                self.checkpoint_optimizer_sharding,
-                self.data_parallel_group(),
-                in_background=True,
-            )
-
-        if self._async_saver is None:
-            self._async_saver = AsyncCheckpointSaver(self._first_failure)
-        # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
-        with self._parameters_gathered():
-            self._async_saver.save(path, self.is_global_zero, plan_shards, write_rank_zero_files)
+        self.checkpointing.save(checkpoint, filepath)
 
     @property
     def pending_checkpoint(self) -> Path | None:
         """The checkpoint being written in the background (``async_save``) and not yet under its name, if any."""
-        return self._async_saver.pending_path if self._async_saver is not None else None
+        return self.checkpointing.pending_path
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Where Megatron-LM finalizes too, at the start of each iteration: publish a background save whose writes
-        # are done on every rank (one all-reduce while one is pending, nothing otherwise); never waits.
-        if self._async_saver is not None:
-            self._async_saver.finalize(blocking=False)
+        # Where Megatron-LM finalizes too, at the start of each iteration: publish a finished background save.
+        self.checkpointing.publish_finished_save()
 
     def on_train_end(self) -> None:
         # fit returns with its last checkpoint published (ModelCheckpoint's last save comes just before this hook).
-        if self._async_saver is not None:
-            self._async_saver.finalize(blocking=True)
+        self.checkpointing.finish_pending_save()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizers) from
@@ -550,43 +460,18 @@ class MegatronCPStrategy(ParallelStrategy):
                 "MegatronCPStrategy checkpoints cannot be loaded with weights_only=True: they hold pickled data "
                 "(torch.distributed.checkpoint's index, Transformer Engine's FP8 state). Load only trusted ones."
             )
-        if self._async_saver is not None:  # the checkpoint asked for may be the one still being written
-            self._async_saver.finalize(blocking=True)
-        path = Path(self.broadcast(str(checkpoint_path)))
-        optimizer = self._megatron_optimizer()
-        self.check_checkpoint(path, with_optimizer=optimizer is not None)
-        ckpt.load_megatron_state(path, self._megatron_models(), optimizer, self.data_parallel_group())
-        early, self._lightning_state = self._lightning_state, None
-        state = early[1] if early is not None and early[0] == path else ckpt.load_lightning_state(path)
-        self._load_other_optimizers(state.get("optimizer_states") or [])
-        return state
+        return self.checkpointing.load(checkpoint_path)
 
     def check_checkpoint(
         self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any
     ) -> ckpt.CheckpointInfo:
         """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here
         (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
-        info = ckpt.read_checkpoint_info(path)
-        ckpt.check_can_resume(
-            info,
-            getattr(self.lightning_module, "arch", None),
-            self.layout.tensor_model_parallel_size,
-            self.layout.context_parallel_size,
-            with_optimizer=with_optimizer,
-            **resume_settings,
-        )
-        return info
+        return self.checkpointing.check(path, with_optimizer, **resume_settings)
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         """Restore the module's state outside the Megatron model (which ``load_checkpoint`` already loaded)."""
-        megatron = tuple(f"{name}." for name in self._megatron_models())
-        result = self.lightning_module.load_state_dict(checkpoint.get("state_dict") or {}, strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith(megatron)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"The checkpoint does not fit the module's non-Megatron state: missing {missing}, unexpected "
-                f"{result.unexpected_keys}. Set LightningModule.strict_loading = False to load it anyway."
-            )
+        self.checkpointing.load_module_state(checkpoint, strict)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """A Megatron optimizer: nothing here (its ``state_dict()`` lacks the distributed shards;
@@ -596,30 +481,10 @@ class MegatronCPStrategy(ParallelStrategy):
 
         return {} if isinstance(optimizer, MegatronOptimizer) else optimizer.state_dict()
 
-    def _load_other_optimizers(self, states: list[dict[str, Any]]) -> None:
-        """Restore the optimizers that are not Megatron's from their saved ``state_dict()`` (when fitting)."""
-        from megatron.core.optimizer import MegatronOptimizer
-
-        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING or not states:
-            return
-        if len(states) != len(self.optimizers):
-            raise ckpt.CheckpointError(
-                f"The checkpoint has the state of {len(states)} optimizers, this run has {len(self.optimizers)}."
-            )
-        for optimizer, state in zip(self.optimizers, states, strict=True):
-            if not isinstance(optimizer, MegatronOptimizer):
-                optimizer.load_state_dict(state)
-
     def remove_checkpoint(self, filepath: Any) -> None:
-        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it.
-
-        With a background save pending, only once that save is published: until then the checkpoint it replaces
-        is the newest complete one.
-        """
-        if self._async_saver is not None and self._async_saver.remove_after_pending_save(Path(filepath)):
-            return
-        if self.is_global_zero:
-            ckpt.remove_checkpoint_directory(Path(filepath))
+        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation) once no pending background
+        save still needs it as the newest complete one; rank 0 does it."""
+        self.checkpointing.remove(filepath)
 
     def _first_failure(self, failure: str | None) -> str | None:
         """Collective: the first rank's failure text, or None when every rank succeeded."""
@@ -628,49 +493,6 @@ class MegatronCPStrategy(ParallelStrategy):
         failures: list[str | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(failures, failure)
         return next((text for text in failures if text is not None), None)
-
-    @contextmanager
-    def _parameters_gathered(self) -> Generator[None, None, None]:
-        """Finish the parameter all-gathers that ``overlap_param_gather`` defers to the next forward pass.
-
-        After an optimizer step each DP x CP rank holds updated values only for its own shard of the parameters;
-        the rest arrive during the next forward. A checkpoint written in between would store the previous step's
-        values for them (found on 2 GPUs: a CP2 checkpoint resumed with its first loss 1% off). Megatron-LM
-        brackets its saves the same way. During validation the hooks are already off and parameters in sync.
-        """
-        paused = [ddp for ddp in self._ddp_modules if getattr(ddp, "remove_forward_pre_hook_handles", None)]
-        for ddp in paused:
-            ddp.disable_forward_pre_hook(param_sync=True)
-        try:
-            yield
-        finally:
-            for ddp in paused:
-                ddp.enable_forward_pre_hook()
-
-    def _megatron_models(self) -> dict[str, torch.nn.Module]:
-        """The LightningModule's Megatron models by attribute name, without their DDP wrappers."""
-        from megatron.core.transformer.module import MegatronModule
-        from megatron.core.utils import unwrap_model
-
-        return {
-            name: unwrap_model(child)
-            for name, child in self.lightning_module.named_children()
-            if isinstance(child, MegatronModule)
-        }
-
-    def _megatron_optimizer(self) -> Any:
-        """The Megatron optimizer while fitting, else ``None`` (validation loads weights only)."""
-        from megatron.core.optimizer import MegatronOptimizer
-
-        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
-            return None
-        megatron = [opt for opt in self.optimizers if isinstance(opt, MegatronOptimizer)]
-        if len(megatron) > 1:
-            raise ckpt.CheckpointError(
-                f"MegatronCPStrategy checkpoints one Megatron optimizer, the module has {len(megatron)}; return one "
-                "(get_megatron_optimizer chains several parameter groups into one) from configure_optimizers."
-            )
-        return megatron[0] if megatron else None
 
     # ------------------------------------------------------------------ validation around overlapped gathers
     def on_validation_start(self) -> None:
@@ -731,9 +553,7 @@ class MegatronCPStrategy(ParallelStrategy):
     def teardown(self) -> None:
         from megatron.core import parallel_state
 
-        if self._async_saver is not None:  # the run waits for a pending save before it exits
-            self._async_saver.wait_before_exit()
-            self._async_saver = None
+        self.checkpointing.close()  # the run waits for a pending save before it exits
         self._ddp_modules = []
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

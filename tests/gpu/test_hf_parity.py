@@ -19,6 +19,12 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+# FP32 parity needs FP32 GEMMs: Transformer Engine's cuBLASLt GEMMs may run FP32 inputs on TF32 tensor cores, which
+# torch's allow_tf32 flags do not reach. cuBLAS honours this variable for every handle created after it is set, and
+# pytest imports this module before any test touches CUDA. Set it to 1 (as the hf-parity stage does once) to
+# measure what TF32 costs.
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+
 transformers = pytest.importorskip("transformers")
 
 SHAPE = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4, num_attention_heads=16,
@@ -38,7 +44,21 @@ BF16_MAX_ABS, BF16_KL = 0.25, 2e-3
 LOSS_BF16_ABS, LOSS_FP8_ABS = 0.01, 0.05
 SEQ, BATCH, NEW_TOKENS = 256, 2, 32
 
-RESULTS: dict[str, Any] = {"cases": []}
+RESULTS: dict[str, Any] = {"cases": [], "nvidia_tf32_override": os.environ["NVIDIA_TF32_OVERRIDE"]}
+# Megatron-Core selects an attention backend by setting these in the process environment when a model is built
+# with one, and refuses to build a later "auto" model while they are set: each test restores them.
+ATTENTION_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@pytest.fixture(autouse=True)
+def _restore_attention_env() -> Any:
+    saved = {name: os.environ.get(name) for name in ATTENTION_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _out_dir() -> Path | None:
@@ -143,6 +163,7 @@ def test_logits_match_transformers(megatron_one_gpu: Any, tmp_path: Path, case: 
     tokens = torch.randint(0, vocab, (BATCH, SEQ), generator=generator).cuda()
     reference, mine = _hf_logits(hf, tokens), _our_logits(ours, tokens, vocab)
     max_abs, kl = float((reference - mine).abs().max()), _kl(reference, mine)
+    layer_diffs = _hidden_state_diffs(hf, ours, tokens)
 
     prompt = tokens[:1, :16]
     hf_tokens, hf_last = _greedy(lambda t: _hf_logits(hf, t), prompt)
@@ -159,7 +180,7 @@ def test_logits_match_transformers(megatron_one_gpu: Any, tmp_path: Path, case: 
         "name": case, "dtype": str(dtype).removeprefix("torch."), "max_abs_logit_diff": max_abs, "kl": kl,
         "greedy_tokens_equal": greedy_equal, "greedy_first_difference": first_difference,
         "greedy_top2_gap_at_difference": gap, "roundtrip_bitwise": roundtrip,
-        "logit_std": float(reference.std()), "tokens": [BATCH, SEQ],
+        "logit_std": float(reference.std()), "tokens": [BATCH, SEQ], "hidden_state_max_abs_diff": layer_diffs,
     })  # fmt: skip
     assert roundtrip
     if dtype == torch.float32:
@@ -169,6 +190,35 @@ def test_logits_match_transformers(megatron_one_gpu: Any, tmp_path: Path, case: 
         assert max_abs <= BF16_MAX_ABS and kl <= BF16_KL, (max_abs, kl)
         # BF16 noise may flip a near-tie: allowed only where transformers' own top-2 gap is within the noise.
         assert greedy_equal or gap <= 2 * max_abs, (first_difference, gap, max_abs)
+
+
+def _hidden_state_diffs(hf: Any, ours: Any, tokens: torch.Tensor) -> dict[str, float]:
+    """Where the two models part: max abs difference after the embedding, each layer and the final norm."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            value = output[0] if isinstance(output, tuple) else output
+            captured[name] = value.detach().transpose(0, 1).float()  # Megatron is [s, b, h]; transformers [b, s, h]
+
+        return hook
+
+    decoder = ours.decoder
+    handles = [ours.embedding.register_forward_hook(keep("embedding"))]
+    handles += [layer.register_forward_hook(keep(f"layer_{i}")) for i, layer in enumerate(decoder.layers)]
+    handles.append(decoder.final_layernorm.register_forward_hook(keep("final_norm")))
+    try:
+        _our_logits(ours, tokens, 1)
+        with torch.no_grad():
+            theirs = hf(tokens, output_hidden_states=True).hidden_states  # embedding, layers 0..L-2, final norm
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = ["embedding"] + [f"layer_{i}" for i in range(len(decoder.layers) - 1)] + ["final_norm"]
+    assert len(theirs) == len(names), (len(theirs), names)
+    return {
+        name: float((captured[name] - state.float()).abs().max()) for name, state in zip(names, theirs, strict=True)
+    }
 
 
 def _roundtrip_bitwise(hf_dir: Path, arch: Any, model: Any) -> bool:

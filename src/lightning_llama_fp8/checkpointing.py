@@ -1,0 +1,276 @@
+"""The strategy's checkpoint hooks: save, check, load and remove Megatron distributed checkpoints under Lightning.
+
+:class:`StrategyCheckpointing` does what ``MegatronCPStrategy``'s ``save_checkpoint`` / ``load_checkpoint`` /
+``remove_checkpoint`` / ``load_model_state_dict`` / ``optimizer_state`` promise Lightning; the strategy hands each
+of those calls to it. The checkpoint format itself (directory layout, info file, resume checks, Megatron's sharded
+save and load) is ``checkpoint.py``; background writes are ``async_checkpoint.py``.
+
+A checkpoint is a directory: the Megatron model chunks and optimizer in Megatron's sharded format (every rank writes
+its shards; it reloads into another layout), and everything else Lightning put into the checkpoint dict (loops,
+callbacks, LR scheduler, data position, the module's non-Megatron state, any other optimizer) in ``lightning.pt``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+from lightning_llama_fp8 import checkpoint as ckpt
+from lightning_llama_fp8 import startup_checks
+from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
+from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from lightning_llama_fp8.strategy import MegatronCPStrategy
+
+
+class StrategyCheckpointing:
+    """Checkpoint I/O for one :class:`~lightning_llama_fp8.strategy.MegatronCPStrategy`.
+
+    Reads the strategy's settings (``checkpoint_optimizer_sharding``, ``async_save``, the layout) at each call, so
+    changing them on the strategy takes effect at the next save.
+    """
+
+    def __init__(self, strategy: MegatronCPStrategy) -> None:
+        self.strategy = strategy
+        self.async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
+        # (path, lightning.pt contents) read by the checks before the model was built, reused by the load.
+        self.early_state: tuple[Path, dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ save
+    def save(self, checkpoint: dict[str, Any], filepath: Any) -> None:
+        """Write a distributed checkpoint directory at ``filepath``; every rank calls it (ModelCheckpoint does).
+
+        A ``weights_only`` save (no ``optimizer_states`` in ``checkpoint``) leaves the optimizers out.
+        """
+        strategy = self.strategy
+        prepare_checkpoint_writer()  # before Megatron's writer spawns a process that re-runs an unguarded script
+        path = Path(strategy.broadcast(str(filepath)))
+        modules = self.megatron_models()
+        optimizer = self.megatron_optimizer() if "optimizer_states" in checkpoint else None
+        module_state = checkpoint.pop("state_dict", {})
+        checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in modules}
+        arch = getattr(strategy.lightning_module, "arch", None)
+        info = ckpt.CheckpointInfo(
+            path=path,
+            global_step=int(checkpoint.get("global_step", 0)),
+            tensor_model_parallel_size=strategy.layout.tensor_model_parallel_size,
+            context_parallel_size=strategy.layout.context_parallel_size,
+            world_size=strategy.world_size,
+            arch=asdict(arch) if arch is not None else {},
+            optimizer_sharding=(
+                None
+                if optimizer is None
+                else strategy.checkpoint_optimizer_sharding
+                if strategy.use_distributed_optimizer
+                else "not_distributed"  # a plain Megatron optimizer's state follows the weights into any layout
+            ),
+            **startup_checks.resume_records(strategy.lightning_module),
+        )
+
+        def write_info(directory: Path) -> None:
+            # Written last: the sizes and digests of everything above, checked before any later load.
+            (directory / ckpt.INFO_FILENAME).write_text(replace(info, files=ckpt.record_files(directory)).to_json())
+
+        if self._saves_in_background():
+            self._save_in_background(path, modules, optimizer, checkpoint, write_info)
+            return
+
+        def write(directory: Path) -> None:
+            ckpt.save_megatron_state(
+                directory, modules, optimizer, strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
+            )
+            if strategy.is_global_zero:
+                torch.save(checkpoint, directory / ckpt.LIGHTNING_FILENAME)
+                write_info(directory)
+
+        with self.parameters_gathered():
+            ckpt.save_directory_atomically(path, write, strategy.is_global_zero, strategy._first_failure)
+
+    def _saves_in_background(self) -> bool:
+        """``async_save`` inside a running ``fit``, whose next steps and end publish the save; any other save (e.g.
+        ``trainer.save_checkpoint`` after ``fit``, when nothing would publish it) is written at once."""
+        state = self.strategy.lightning_module.trainer.state
+        return self.strategy.async_save and state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
+
+    def _save_in_background(
+        self,
+        path: Path,
+        modules: dict[str, torch.nn.Module],
+        optimizer: Any,
+        checkpoint: dict[str, Any],
+        write_info: Any,
+    ) -> None:
+        """Schedule Megatron's write of the shards; ``lightning.pt`` and the info file follow when it is done."""
+        strategy = self.strategy
+        # Lightning's state as it is now: the loops, callbacks and any other optimizer change in place during the
+        # steps the shards take to write, so rank 0 pickles it here and writes the bytes at the finalize.
+        lightning_state = io.BytesIO()
+        ckpt.run_and_agree(
+            (lambda: torch.save(checkpoint, lightning_state)) if strategy.is_global_zero else None,
+            strategy._first_failure,
+        )
+
+        def write_rank_zero_files(directory: Path) -> None:
+            (directory / ckpt.LIGHTNING_FILENAME).write_bytes(lightning_state.getbuffer())
+            write_info(directory)
+
+        def plan_shards(directory: Path) -> Any:
+            return ckpt.save_megatron_state(
+                directory,
+                modules,
+                optimizer,
+                strategy.checkpoint_optimizer_sharding,
+                strategy.data_parallel_group(),
+                in_background=True,
+            )
+
+        if self.async_saver is None:
+            self.async_saver = AsyncCheckpointSaver(strategy._first_failure)
+        # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
+        with self.parameters_gathered():
+            self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
+
+    @property
+    def pending_path(self) -> Path | None:
+        """The checkpoint being written in the background and not yet under its name, if any."""
+        return self.async_saver.pending_path if self.async_saver is not None else None
+
+    def publish_finished_save(self) -> None:
+        """Publish a background save whose writes are done on every rank; never waits (one all-reduce while one is
+        pending, nothing otherwise)."""
+        if self.async_saver is not None:
+            self.async_saver.finalize(blocking=False)
+
+    def finish_pending_save(self) -> None:
+        """Wait for a background save and publish it."""
+        if self.async_saver is not None:
+            self.async_saver.finalize(blocking=True)
+
+    def close(self) -> None:
+        """Before the process groups go: wait for a pending save (the run does not exit without it)."""
+        if self.async_saver is not None:
+            self.async_saver.wait_before_exit()
+            self.async_saver = None
+
+    @contextmanager
+    def parameters_gathered(self) -> Generator[None, None, None]:
+        """Finish the parameter all-gathers that ``overlap_param_gather`` defers to the next forward pass.
+
+        After an optimizer step each DP x CP rank holds updated values only for its own shard of the parameters;
+        the rest arrive during the next forward. A checkpoint written in between would store the previous step's
+        values for them (found on 2 GPUs: a CP2 checkpoint resumed with its first loss 1% off). Megatron-LM
+        brackets its saves the same way. During validation the hooks are already off and parameters in sync.
+        """
+        paused = [ddp for ddp in self.strategy.ddp_modules if getattr(ddp, "remove_forward_pre_hook_handles", None)]
+        for ddp in paused:
+            ddp.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for ddp in paused:
+                ddp.enable_forward_pre_hook()
+
+    # ------------------------------------------------------------------ load
+    def load(self, checkpoint_path: Any) -> dict[str, Any]:
+        """Check the checkpoint against this run, load the Megatron model (and, when fitting, the optimizers) from
+        it, and return the rest for Lightning to restore."""
+        strategy = self.strategy
+        self.finish_pending_save()  # the checkpoint asked for may be the one still being written
+        path = Path(strategy.broadcast(str(checkpoint_path)))
+        optimizer = self.megatron_optimizer()
+        self.check(path, with_optimizer=optimizer is not None)
+        ckpt.load_megatron_state(path, self.megatron_models(), optimizer, strategy.data_parallel_group())
+        early, self.early_state = self.early_state, None
+        state = early[1] if early is not None and early[0] == path else ckpt.load_lightning_state(path)
+        self._load_other_optimizers(state.get("optimizer_states") or [])
+        return state
+
+    def check(self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any) -> ckpt.CheckpointInfo:
+        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here
+        (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
+        strategy = self.strategy
+        info = ckpt.read_checkpoint_info(path)
+        ckpt.check_can_resume(
+            info,
+            getattr(strategy.lightning_module, "arch", None),
+            strategy.layout.tensor_model_parallel_size,
+            strategy.layout.context_parallel_size,
+            with_optimizer=with_optimizer,
+            **resume_settings,
+        )
+        return info
+
+    def load_module_state(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        """Restore the module's state outside the Megatron model (which :meth:`load` already loaded)."""
+        megatron = tuple(f"{name}." for name in self.megatron_models())
+        result = self.strategy.lightning_module.load_state_dict(checkpoint.get("state_dict") or {}, strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith(megatron)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"The checkpoint does not fit the module's non-Megatron state: missing {missing}, unexpected "
+                f"{result.unexpected_keys}. Set LightningModule.strict_loading = False to load it anyway."
+            )
+
+    def _load_other_optimizers(self, states: list[dict[str, Any]]) -> None:
+        """Restore the optimizers that are not Megatron's from their saved ``state_dict()`` (when fitting)."""
+        from megatron.core.optimizer import MegatronOptimizer
+
+        strategy = self.strategy
+        if strategy.lightning_module.trainer.state.fn != TrainerFn.FITTING or not states:
+            return
+        if len(states) != len(strategy.optimizers):
+            raise ckpt.CheckpointError(
+                f"The checkpoint has the state of {len(states)} optimizers, this run has {len(strategy.optimizers)}."
+            )
+        for optimizer, state in zip(strategy.optimizers, states, strict=True):
+            if not isinstance(optimizer, MegatronOptimizer):
+                optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------ remove
+    def remove(self, filepath: Any) -> None:
+        """Delete a checkpoint directory (ModelCheckpoint's ``save_top_k`` rotation); rank 0 does it.
+
+        With a background save pending, only once that save is published: until then the checkpoint it replaces
+        is the newest complete one.
+        """
+        if self.async_saver is not None and self.async_saver.remove_after_pending_save(Path(filepath)):
+            return
+        if self.strategy.is_global_zero:
+            ckpt.remove_checkpoint_directory(Path(filepath))
+
+    # ------------------------------------------------------------------ what is saved
+    def megatron_models(self) -> dict[str, torch.nn.Module]:
+        """The LightningModule's Megatron models by attribute name, without their DDP wrappers."""
+        from megatron.core.transformer.module import MegatronModule
+        from megatron.core.utils import unwrap_model
+
+        return {
+            name: unwrap_model(child)
+            for name, child in self.strategy.lightning_module.named_children()
+            if isinstance(child, MegatronModule)
+        }
+
+    def megatron_optimizer(self) -> Any:
+        """The Megatron optimizer while fitting, else ``None`` (validation loads weights only)."""
+        from megatron.core.optimizer import MegatronOptimizer
+
+        strategy = self.strategy
+        if strategy.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return None
+        megatron = [opt for opt in strategy.optimizers if isinstance(opt, MegatronOptimizer)]
+        if len(megatron) > 1:
+            raise ckpt.CheckpointError(
+                f"MegatronCPStrategy checkpoints one Megatron optimizer, the module has {len(megatron)}; return one "
+                "(get_megatron_optimizer chains several parameter groups into one) from configure_optimizers."
+            )
+        return megatron[0] if megatron else None
