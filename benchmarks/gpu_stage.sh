@@ -37,9 +37,9 @@
 #                       python benchmarks/plot_training.py --ours OUT/telemetry/ours_csv \
 #                         --megatron-lm OUT/telemetry/megatron_lm_fp8.log --out OUT/telemetry/loss_speed.png
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
-#                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=70 steps apart):
+#                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=60 steps apart):
 #                       blocked s per save, tokens/s during the background write -> OUT/checkpoint_stall.json
-#                       (~8.5 min est.; two checkpoints on disk at most, under $CKPT_STALL_DIR)
+#                       (5.8 min measured; two checkpoints at most, under $CKPT_STALL_DIR, default /dev/shm)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
@@ -170,8 +170,10 @@ data = MockDataModule(seq_length=arch.seq_length, vocab_size=arch.vocab_size, gl
 trainer.fit(LlamaLightningModule(arch, OptimizerSettings(warmup_steps=1)), datamodule=data)
 print("saved", sorted(os.listdir(sys.argv[1])), flush=True)
 PY
-    timeout 300 python3 "$t/train_unguarded.py" "$t/unguarded_ckpts" > "$t/unguarded.log" 2>&1
-    echo "unguarded exit $?"; grep -E "^(top level|saved)" "$t/unguarded.log" ;;
+    # Its checkpoints outside OUT: they would make the returned archive too large (as on 2026-12-03).
+    rm -rf /tmp/unguarded_ckpts
+    timeout 300 python3 "$t/train_unguarded.py" /tmp/unguarded_ckpts > "$t/unguarded.log" 2>&1
+    echo "unguarded exit $?"; grep -E "^(top level|saved)" "$t/unguarded.log"; rm -rf /tmp/unguarded_ckpts ;;
   real-text)
     t="$out/real_text"; mkdir -p "$t"
     site="$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
@@ -204,7 +206,9 @@ PY
   checkpoint-stall)
     # The sync saves block ~75 s each, so they come 10 steps apart; the async ones far enough apart for the first
     # background write to be published before the second save (else that save waits for it, which counts as blocked).
-    c="$out/checkpoint_stall"; mkdir -p "$c"; ckpts="${CKPT_STALL_DIR:-/tmp/checkpoint_stall}"; every="${CKPT_ASYNC_EVERY:-70}"
+    # Default directory: /dev/shm (RAM), as measured on 2026-12-03; the H200 machine's disk had room for one 25 GiB
+    # checkpoint only. Set CKPT_STALL_DIR to measure a disk.
+    c="$out/checkpoint_stall"; mkdir -p "$c"; ckpts="${CKPT_STALL_DIR:-/dev/shm/checkpoint_stall}"; every="${CKPT_ASYNC_EVERY:-60}"
     rm -rf "$ckpts"
     python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
       --save-mode sync --ckpt-dir "$ckpts/sync" --out "$c/sync.json" > "$c/sync.log" 2>&1; echo "sync exit $?"

@@ -21,7 +21,10 @@ def main() -> None:
     from megatron.core import parallel_state
 
     out_dir, tp, cp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    strategy = MegatronCPStrategy(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    pp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    strategy = MegatronCPStrategy(
+        tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp
+    )
     trainer = Trainer(
         accelerator="cpu", devices=2, num_nodes=2, strategy=strategy, plugins=[MegatronPrecision()], logger=False
     )
@@ -42,6 +45,9 @@ def main() -> None:
         "tp": ranks(parallel_state.get_tensor_model_parallel_group()),
         "cp": ranks(parallel_state.get_context_parallel_group()),
         "dp": ranks(parallel_state.get_data_parallel_group()),
+        "pp": ranks(parallel_state.get_pipeline_model_parallel_group()),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "embedding": ranks(parallel_state.get_embedding_group()),
         "sampler": strategy.distributed_sampler_kwargs,
         "reduced": strategy.reduce(torch.tensor([float(strategy.global_rank)]), reduce_op="sum").item(),
     }

@@ -42,6 +42,7 @@ def make_hf_model(
     heads: int = 8,
     groups: int = 4,
     vocab: int = 1000,
+    layers: int = 2,
     seed: int = 0,
     max_shard_size: str | None = None,
     **config: Any,
@@ -51,7 +52,7 @@ def make_hf_model(
         vocab_size=vocab,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=groups,
         max_position_embeddings=16384 if rope_scaling else 2048,
@@ -142,22 +143,22 @@ def test_zero_centered_gamma_stores_weight_minus_one(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- real GPTModel
-def _module_from_hf(hf_dir: str, tp: int, world_size: int) -> tuple[Any, Any]:
-    """``LlamaLightningModule(init_weights=hf_dir)`` built by MegatronCPStrategy(tp) the way configure_model runs."""
+def module_from_hf(hf_dir: str, world_size: int, arch_overrides: dict[str, Any], **strategy: Any) -> tuple[Any, Any]:
+    """``LlamaLightningModule(init_weights=hf_dir)`` built by ``MegatronCPStrategy(**strategy)`` as configure_model
+    runs it (also used by the pipeline tests)."""
     from lightning.pytorch import Trainer
 
     from lightning_llama_fp8 import LlamaLightningModule, MegatronCPStrategy, MegatronPrecision
 
-    strategy = MegatronCPStrategy(tensor_model_parallel_size=tp)
-    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, plugins=[MegatronPrecision()],
-                      logger=False, enable_checkpointing=False)  # fmt: skip
-    module = LlamaLightningModule(arch=LlamaConfig.from_hf(hf_dir, **CPU_ARCH), init_weights=hf_dir)
-    strategy.connect(module)
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=MegatronCPStrategy(**strategy),
+                      plugins=[MegatronPrecision()], logger=False, enable_checkpointing=False)  # fmt: skip
+    module = LlamaLightningModule(arch=LlamaConfig.from_hf(hf_dir, **arch_overrides), init_weights=hf_dir)
+    trainer.strategy.connect(module)
     module.trainer = trainer
-    strategy.setup_environment()
+    trainer.strategy.setup_environment()
     torch.manual_seed(1)
     module.configure_model()
-    return strategy, module
+    return trainer.strategy, module
 
 
 def _import_and_save_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: str, tp: int) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def _import_and_save_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: s
     from tests.helpers import allow_dist_checkpointing_on_cpu
 
     allow_dist_checkpointing_on_cpu()
-    strategy, module = _module_from_hf(hf_dir, tp, world_size)
+    strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH, tensor_model_parallel_size=tp)
     local = {name: param.detach().clone() for name, param in module.model.named_parameters()}
     strategy.save_checkpoint({"global_step": 3, "state_dict": module.state_dict()}, ckpt_dir)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -153,10 +153,10 @@ def test_cli_preflight_refuses_a_bad_init_weights(hf_dir: Path, tmp_path: Path, 
 # ---------------------------------------------------------------------------------------------- export
 def _save_worker(rank: int, world_size: int, hf_dir: str, ckpt: str) -> None:
     from tests.helpers import allow_dist_checkpointing_on_cpu
-    from tests.test_hf import _module_from_hf
+    from tests.test_hf import CPU_ARCH, module_from_hf
 
     allow_dist_checkpointing_on_cpu()
-    strategy, module = _module_from_hf(hf_dir, 1, world_size)
+    strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH)
     strategy.save_checkpoint({"global_step": 1, "state_dict": module.state_dict()}, ckpt)
     strategy.teardown()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -199,11 +200,13 @@ def test_several_problems_are_listed_together() -> None:
     assert found[4].startswith("global batch size 7 is not divisible by micro batch size 2 x data-parallel size 1")
 
 
-@pytest.mark.parametrize("world,tp,cp", [(8, 0, 1), (8, 1, 0), (8, -2, 1), (0, 1, 1), (-1, 1, 1)])
-def test_sizes_below_one(world: int, tp: int, cp: int) -> None:
-    expected = f"Parallel sizes must be >= 1 (got TP={tp}, CP={cp}, world size={world})."
+@pytest.mark.parametrize(
+    "world,tp,cp,pp", [(8, 0, 1, 1), (8, 1, 0, 1), (8, -2, 1, 1), (0, 1, 1, 1), (-1, 1, 1, 1), (8, 1, 1, 0)]
+)
+def test_sizes_below_one(world: int, tp: int, cp: int, pp: int) -> None:
+    expected = f"Parallel sizes must be >= 1 (got TP={tp}, CP={cp}, PP={pp}, world size={world})."
     with pytest.raises(LayoutError) as err:
-        validate_layout(layout(tp, cp), world, arch=llama3_8b())
+        validate_layout(replace(layout(tp, cp), pipeline_model_parallel_size=pp), world, arch=llama3_8b())
     assert str(err.value) == expected
     assert isinstance(err.value, ValueError)  # LayoutError is a ValueError for callers that catch those
 

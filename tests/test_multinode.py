@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import free_port
 
 PROBE = Path(__file__).with_name("multinode_probe.py")
@@ -49,8 +51,9 @@ def _records(out_dir: Path, world_size: int) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-def test_torchrun_two_nodes_two_processes_each(tmp_path: Path) -> None:
-    """Two ``torchrun --nnodes 2 --nproc_per_node 2 --node_rank i`` on localhost, TP2 x DP2."""
+@pytest.mark.parametrize("pp", [1, 2], ids=["tp2xdp2", "tp2xpp2"])
+def test_torchrun_two_nodes_two_processes_each(tmp_path: Path, pp: int) -> None:
+    """Two ``torchrun --nnodes 2 --nproc_per_node 2 --node_rank i`` on localhost, TP2 x DP2 or TP2 x PP2."""
     port = free_port()
     nodes = [
         subprocess.Popen(
@@ -72,6 +75,7 @@ def test_torchrun_two_nodes_two_processes_each(tmp_path: Path) -> None:
                 str(tmp_path),
                 "2",
                 "1",
+                str(pp),
             ],
             env=_clean_env(),
             stdout=subprocess.PIPE,
@@ -86,12 +90,18 @@ def test_torchrun_two_nodes_two_processes_each(tmp_path: Path) -> None:
     assert [r["global_rank"] for r in records] == [r["torch_rank"] for r in records] == [0, 1, 2, 3]
     assert [(r["node_rank"], r["local_rank"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["world_size"] == r["torch_world_size"] == 4 for r in records)
-    # TP inside a node, DP across the nodes.
+    # TP inside a node; DP (or the pipeline stages) across the nodes.
     assert [r["tp"] for r in records] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [r["dp"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert all(len({records[rank]["node_rank"] for rank in r["tp"]}) == 1 for r in records)
-    assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1)]
-    assert [r["reduced"] for r in records] == [2.0, 4.0, 2.0, 4.0]  # sums over each DP group's global ranks
+    if pp == 1:
+        assert [r["dp"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+        assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1)]
+        assert [r["reduced"] for r in records] == [2.0, 4.0, 2.0, 4.0]  # sums over each DP group's global ranks
+    else:  # stage 0 on node 0, stage 1 on node 1; one model replica, both stages read the same samples
+        assert [r["pp_rank"] for r in records] == [0, 0, 1, 1]
+        assert [r["pp"] for r in records] == [r["embedding"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+        assert [r["dp"] for r in records] == [[0], [1], [2], [3]]
+        assert [r["sampler"] for r in records] == [{"num_replicas": 1, "rank": 0}] * 4
 
 
 def test_slurm_two_nodes_two_tasks_each(tmp_path: Path) -> None:

@@ -295,3 +295,67 @@ def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[
     assert re.search(r"Recompute +off", capsys.readouterr().out)
     assert main([*args, "--recompute", "full", "--recompute-num-layers", "99"]) == 2
     assert "num_layers (99, layers per chunk)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+@pytest.mark.parametrize("pp,vpp,micro_batches", [(4, None, 8), (4, None, 2), (4, 2, 8), (8, 5, 64), (2, 2, 2)])
+def test_micro_batches_in_flight_follow_megatrons_warmup(pp: int, vpp: int | None, micro_batches: int) -> None:
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    from lightning_llama_fp8.plan import micro_batches_in_flight
+
+    layout = ParallelLayout(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    for rank in range(pp):
+        group = SimpleNamespace(size=lambda: pp, rank=lambda rank=rank: rank)
+        p2p = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp)
+        total, _, warmup, _ = get_pp_rank_microbatches(micro_batches, vpp or 1, pp, p2p_communicator=p2p)
+        assert micro_batches_in_flight(layout, rank, micro_batches) == min(warmup + 1, total), rank
+
+
+def test_pipeline_stages_hold_the_model_once() -> None:
+    from lightning_llama_fp8.plan import parameters_per_stage
+
+    for arch in (get_preset("llama3_70b"), get_preset("llama3_2_1b")):  # untied, tied
+        layout = ParallelLayout(tensor_model_parallel_size=4, pipeline_model_parallel_size=4)
+        stages = [parameters_per_stage(arch, layout, rank) for rank in range(4)]
+        whole = parameters_per_rank(arch, 4)
+        copy = whole.embedding if arch.tie_embeddings else 0  # the last stage's own copy of tied embeddings
+        assert sum(stage.total for stage in stages) == whole.total + copy
+        assert [bool(stage.embedding) for stage in stages] == [True, False, False, False]
+        assert [bool(stage.output_layer) for stage in stages] == [False, False, False, True]
+
+
+def test_plan_of_megatron_lms_70b_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    """Megatron-LM's published Llama 3 70B FP8 layout (examples/llama/README.md: 64 GPUs, TP4 x PP8 x VP5, GBS 128)."""
+    layout = ParallelLayout(
+        tensor_model_parallel_size=4, sequence_parallel=True, pipeline_model_parallel_size=8,
+        virtual_pipeline_model_parallel_size=5,
+    )  # fmt: skip
+    plan = plan_training("llama3_70b", layout, 64, 128, 1, "fp8")
+    assert plan.data_parallel_size == 2 and plan.num_microbatches == 64
+    assert plan.bubble_fraction == pytest.approx(7 / (5 * 64 + 7))
+    assert len(plan.stages) == 8 and [len(stage.layers) for stage in plan.stages] == [5] * 8
+    assert plan.stages[0].layers[:2] == (range(0, 2), range(16, 18))
+    assert plan.memory == max((stage.memory for stage in plan.stages), key=lambda memory: memory.total)
+    # The first stage keeps the most chunk forwards alive: (PP - 1) x 2 + (VP - 1) x PP + 1 = 47.
+    assert [stage.activations.in_flight for stage in plan.stages] == [47, 45, 43, 41, 39, 37, 35, 33]
+    text = format_plan(plan, gpu_memory_gib=80)
+    assert "TP 4 x CP 1 x PP 8 x DP 2 = 64 GPUs" in text
+    assert "interleaved, 5 chunks per stage; layers per stage 10, 10, 10, 10, 10, 10, 10, 10; bubble 2.1%" in text
+    assert re.search(r"stage 0 +\d+\.\d+ GiB \(layers 0-1, 16-17, 32-33, 48-49, 64-65 \+ embedding", text)
+    assert "layers 14-15, 30-31, 46-47, 62-63, 78-79 + output layer" in text
+    assert "Fits 80 GiB per GPU" in text
+
+
+def test_plan_pipeline_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+
+    assert main(["plan", "--arch", "llama3_8b", "--gpus", "4", "--pp", "4", "--global-batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "1F1B, one chunk per stage; layers per stage 8, 8, 8, 8; bubble 27.3% of each step (8 micro batches)" in out
+    assert main(["plan", "--arch", "llama3_8b", "--gpus", "4", "--pp", "4", "--vpp", "3"]) != 0
+    assert "do not split into virtual_pipeline_model_parallel_size 3" in capsys.readouterr().err
+    assert main(["plan", "--arch", "llama3_8b", "--gpus", "2", "--pp", "2", "--first-stage-layers", "15"]) == 0
+    assert "layers per stage 15, 17" in capsys.readouterr().out

@@ -16,7 +16,8 @@ def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
     from megatron.core import parallel_state
 
     from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
-    from lightning_llama_fp8.model import masked_token_loss, reduce_loss_reports, split_for_context_parallel
+    from lightning_llama_fp8.model import masked_token_loss, split_for_context_parallel
+    from lightning_llama_fp8.pipeline import reduce_pipeline_loss
 
     strategy = MegatronCPStrategy(tensor_model_parallel_size=tp, context_parallel_size=cp)
     trainer = Trainer(
@@ -53,8 +54,7 @@ def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
     per_token = torch.full((1, 4), 1.0 + dp_rank * 10 + cp_rank)
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]]) if cp_rank == 0 else torch.ones(1, 4)
     reports = [masked_token_loss(mask, per_token)[2] for _ in range(2)]  # two micro batches
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    loss_sum, tokens, local = reduce_loss_reports(reports, group)
+    loss_sum, tokens, local = reduce_pipeline_loss(reports, torch.device("cpu"))
     out["local_tokens"] = local[1].item()
     out["loss"] = (loss_sum / tokens).item()
     out["tokens"] = tokens.item()

@@ -93,6 +93,12 @@ class CheckpointInfo:
     context_parallel_size: int
     world_size: int
     arch: dict[str, Any] = field(default_factory=dict)
+    #: The pipeline split: (PP, virtual PP, layers of the first stage, of the last stage); None: not split there.
+    #: Checkpoints written before pipeline parallelism existed have none: (1, None, None, None).
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     #: How the optimizer state is sharded; ``None``: the checkpoint has no optimizer state.
     optimizer_sharding: str | None = None
     #: What the data module needs to continue the same samples (``GPTDataModule.checkpoint_info()``: the global
@@ -102,6 +108,16 @@ class CheckpointInfo:
     optimizer_settings: dict[str, Any] = field(default_factory=dict)
     #: Every other file of the checkpoint: ``{name: {"size": bytes, "digest": hex}}`` (see :func:`file_digest`).
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def pipeline_split(self) -> tuple[int, int | None, int | None, int | None]:
+        """(PP, virtual PP, first-stage layers, last-stage layers) the checkpoint was saved with."""
+        return (
+            self.pipeline_model_parallel_size,
+            self.virtual_pipeline_model_parallel_size,
+            self.num_layers_in_first_pipeline_stage,
+            self.num_layers_in_last_pipeline_stage,
+        )
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -342,12 +358,14 @@ def check_can_resume(
     context_parallel_size: int,
     with_optimizer: bool,
     *,
+    pipeline: tuple[int, int | None, int | None, int | None] = (1, None, None, None),
     global_batch_size: int | None = None,
     optimizer_settings: dict[str, Any] | None = None,
 ) -> None:
     """Refuse, before the model is built, a checkpoint whose weights or optimizer state cannot load here.
 
-    Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size.
+    Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size (the same
+    TP, CP and pipeline split: ``pipeline`` is this run's (PP, virtual PP, first-stage layers, last-stage layers)).
     ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check. The global batch size
     and the learning rates that Megatron pairs optimizer groups by (``optimizer_settings``, an ``OptimizerSettings``
     as a dict) must be the checkpoint's; pass them when training resumes (``None``: not checked). Optimizer state
@@ -404,15 +422,26 @@ def check_can_resume(
             "'transformer_engine' from a checkpoint saved with it; this checkpoint's weights still load for "
             "validation (llama-fp8 validate / trainer.validate(ckpt_path=...))."
         )
-    saved = (info.tensor_model_parallel_size, info.context_parallel_size)
-    here = (tensor_model_parallel_size, context_parallel_size)
+    saved = (info.tensor_model_parallel_size, info.context_parallel_size, *info.pipeline_split)
+    here = (tensor_model_parallel_size, context_parallel_size, *pipeline)
     if info.optimizer_sharding == "dp_reshardable" and saved != here:
         raise CheckpointError(
-            f"Checkpoint {info.path} was saved with TP={saved[0]}, CP={saved[1]} and optimizer state sharded "
-            f"'dp_reshardable', which only reloads with the same TP and CP (any DP size); this run has TP={here[0]}, "
-            f"CP={here[1]}. Resume with TP={saved[0]}, CP={saved[1]}, or save with "
+            f"Checkpoint {info.path} was saved with {_describe_layout(saved)} and optimizer state sharded "
+            "'dp_reshardable', which only reloads with the same TP, CP and pipeline split (any DP size); this run has "
+            f"{_describe_layout(here)}. Resume with the checkpoint's layout, or save with "
             "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
         )
+
+
+def _describe_layout(layout: tuple[Any, ...]) -> str:
+    tp, cp, pp, vpp, first, last = layout
+    text = f"TP={tp}, CP={cp}"
+    if pp > 1:
+        text += f", PP={pp}"
+        text += f", virtual PP={vpp}" if vpp is not None else ""
+        text += f", {first} layers in the first stage" if first is not None else ""
+        text += f", {last} layers in the last stage" if last is not None else ""
+    return text
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -435,8 +464,32 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
     """
     tmp = saving_directory(path)
     run_and_agree((lambda: prepare_saving_directory(path)) if is_rank_zero else None, agree)
-    run_and_agree(lambda: write(tmp), agree)
+
+    def write_or_explain() -> None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            write(tmp)
+        except (Exception, CheckpointException) as err:  # torch's writer says "unexpected pos" for a full disk
+            raise CheckpointError(write_failure_message(path, f"{type(err).__name__}: {err}")) from err
+
+    run_and_agree(write_or_explain, agree)
     run_and_agree((lambda: publish_saving_directory(path)) if is_rank_zero else None, agree)
+
+
+def write_failure_message(path: Path, failure: str) -> str:
+    """What a failed write of checkpoint ``path`` tells the user: the cause, what is intact, the free space."""
+    from lightning_llama_fp8.outputs import free_bytes
+
+    free = free_bytes(path.parent)
+    space = f"{free / 2**30:.1f} GiB free there now" if free is not None else "free space unknown"
+    return (
+        f"Writing checkpoint {path} failed: {failure[:600]}. Nothing was replaced: the checkpoint that was at this "
+        f"name (if any) and every other one are as they were; the unfinished files are in {saving_directory(path)}. "
+        f"A full disk is the usual cause ({space}; a checkpoint with its optimizer state takes about 14 bytes per "
+        "parameter): free space or save elsewhere (ModelCheckpoint(dirpath=...)), check permissions, then resume from "
+        "the newest complete checkpoint (ckpt_path='last')."
+    )
 
 
 def saving_directory(path: Path) -> Path:

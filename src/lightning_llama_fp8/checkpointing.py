@@ -58,13 +58,18 @@ class StrategyCheckpointing:
         modules = self.megatron_models()
         optimizer = self.megatron_optimizer() if "optimizer_states" in checkpoint else None
         module_state = checkpoint.pop("state_dict", {})
-        checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in modules}
+        attributes = megatron_children(strategy.lightning_module)
+        checkpoint["state_dict"] = {k: v for k, v in module_state.items() if k.split(".", 1)[0] not in attributes}
         arch = getattr(strategy.lightning_module, "arch", None)
         info = ckpt.CheckpointInfo(
             path=path,
             global_step=int(checkpoint.get("global_step", 0)),
             tensor_model_parallel_size=strategy.layout.tensor_model_parallel_size,
             context_parallel_size=strategy.layout.context_parallel_size,
+            pipeline_model_parallel_size=strategy.layout.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=strategy.layout.virtual_pipeline_model_parallel_size,
+            num_layers_in_first_pipeline_stage=strategy.layout.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=strategy.layout.num_layers_in_last_pipeline_stage,
             world_size=strategy.world_size,
             arch=asdict(arch) if arch is not None else {},
             optimizer_sharding=(
@@ -206,13 +211,14 @@ class StrategyCheckpointing:
             strategy.layout.tensor_model_parallel_size,
             strategy.layout.context_parallel_size,
             with_optimizer=with_optimizer,
+            pipeline=strategy.layout.pipeline_split,
             **resume_settings,
         )
         return info
 
     def load_module_state(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         """Restore the module's state outside the Megatron model (which :meth:`load` already loaded)."""
-        megatron = tuple(f"{name}." for name in self.megatron_models())
+        megatron = tuple(f"{name}." for name in megatron_children(self.strategy.lightning_module))
         result = self.strategy.lightning_module.load_state_dict(checkpoint.get("state_dict") or {}, strict=False)
         missing = [key for key in result.missing_keys if not key.startswith(megatron)]
         if strict and (missing or result.unexpected_keys):
@@ -250,15 +256,21 @@ class StrategyCheckpointing:
 
     # ------------------------------------------------------------------ what is saved
     def megatron_models(self) -> dict[str, torch.nn.Module]:
-        """The LightningModule's Megatron models by attribute name, without their DDP wrappers."""
-        from megatron.core.transformer.module import MegatronModule
+        """The LightningModule's Megatron models without their DDP wrappers, by checkpoint key.
+
+        A model attribute is saved under its name; the chunks of a ``ModuleList`` attribute (virtual pipeline
+        stages) under the name and their index (``model0``, ``model1``, as Megatron-LM keys them). The weights are
+        stored by global layer index either way, so they reload into any pipeline split.
+        """
         from megatron.core.utils import unwrap_model
 
-        return {
-            name: unwrap_model(child)
-            for name, child in self.strategy.lightning_module.named_children()
-            if isinstance(child, MegatronModule)
-        }
+        models: dict[str, torch.nn.Module] = {}
+        for name, child in megatron_children(self.strategy.lightning_module).items():
+            if isinstance(child, torch.nn.ModuleList):
+                models.update({f"{name}{index}": unwrap_model(chunk) for index, chunk in enumerate(child)})
+            else:
+                models[name] = unwrap_model(child)
+        return models
 
     def megatron_optimizer(self) -> Any:
         """The Megatron optimizer while fitting, else ``None`` (validation loads weights only)."""
@@ -274,3 +286,18 @@ class StrategyCheckpointing:
                 "(get_megatron_optimizer chains several parameter groups into one) from configure_optimizers."
             )
         return megatron[0] if megatron else None
+
+
+def megatron_children(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The attributes of ``module`` that are Megatron models: a model, or a ``ModuleList`` of model chunks."""
+    from megatron.core.transformer.module import MegatronModule
+
+    def is_megatron(child: torch.nn.Module) -> bool:
+        return isinstance(child, MegatronModule)
+
+    return {
+        name: child
+        for name, child in module.named_children()
+        if is_megatron(child)
+        or (isinstance(child, torch.nn.ModuleList) and len(child) > 0 and all(map(is_megatron, child)))
+    }

@@ -159,6 +159,10 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         sequence_parallel=bool(strategy.get("sequence_parallel", False))
         and int(strategy.get("tensor_model_parallel_size", 1)) > 1,
         cp_comm_type=strategy.get("cp_comm_type", "p2p"),
+        pipeline_model_parallel_size=int(strategy.get("pipeline_model_parallel_size", 1)),
+        virtual_pipeline_model_parallel_size=_optional_int(strategy.get("virtual_pipeline_model_parallel_size")),
+        num_layers_in_first_pipeline_stage=_optional_int(strategy.get("num_layers_in_first_pipeline_stage")),
+        num_layers_in_last_pipeline_stage=_optional_int(strategy.get("num_layers_in_last_pipeline_stage")),
     )
     return plan_training(
         _arch_from(config.get("model") or {}),
@@ -174,6 +178,10 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _settings(cls: Any, value: Any) -> Any:
@@ -294,6 +302,7 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             layout.tensor_model_parallel_size,
             layout.context_parallel_size,
             with_optimizer=fitting,
+            pipeline=layout.pipeline_split,
             global_batch_size=int(data["global_batch_size"]) if fitting and data.get("global_batch_size") else None,
             optimizer_settings=asdict(_optimizer_settings(config)) if fitting else None,
         )
@@ -349,6 +358,10 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--arch", help="preset name, overriding the config's model.arch")
     parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
     parser.add_argument("--cp", type=int, help="context_parallel_size")
+    parser.add_argument("--pp", type=int, help="pipeline_model_parallel_size")
+    parser.add_argument("--vpp", type=int, help="virtual_pipeline_model_parallel_size (0: none)")
+    parser.add_argument("--first-stage-layers", type=int, help="num_layers_in_first_pipeline_stage")
+    parser.add_argument("--last-stage-layers", type=int, help="num_layers_in_last_pipeline_stage")
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--micro-batch-size", type=int)
@@ -397,9 +410,14 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
         ("tensor_model_parallel_size", args.tp),
         ("context_parallel_size", args.cp),
         ("sequence_parallel", args.sequence_parallel),
+        ("pipeline_model_parallel_size", args.pp),
+        ("num_layers_in_first_pipeline_stage", args.first_stage_layers),
+        ("num_layers_in_last_pipeline_stage", args.last_stage_layers),
     ):
         if value is not None:
             strategy_args[key] = value
+    if args.vpp is not None:
+        strategy_args["virtual_pipeline_model_parallel_size"] = args.vpp or None
     _apply_memory_overrides(strategy_args, args)
     if args.global_batch_size is not None:
         data_args["global_batch_size"] = args.global_batch_size

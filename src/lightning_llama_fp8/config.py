@@ -189,12 +189,25 @@ class LlamaConfig:
             return get_gpt_layer_with_transformer_engine_spec()
         return get_gpt_layer_local_spec(normalization="RMSNorm")
 
-    def build_model(self, config: TransformerConfig) -> GPTModel:
-        """Instantiate Megatron's GPTModel. ``parallel_state`` must already be initialised."""
+    def build_model(
+        self,
+        config: TransformerConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ) -> GPTModel:
+        """Instantiate Megatron's GPTModel (with pipeline parallelism: one chunk, see ``pipeline.py``).
+
+        ``parallel_state`` must already be initialised. ``pre_process``: the chunk has the embedding;
+        ``post_process``: the final norm, output layer and loss; ``vp_stage``: its virtual pipeline stage.
+        """
         from megatron.core.models.gpt import GPTModel
 
         return GPTModel(
             config=config,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
             transformer_layer_spec=self.layer_spec(),
             vocab_size=self.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=self.seq_length,

@@ -1,4 +1,4 @@
-"""Parallel layout (TP x CP x DP) and its validation.
+"""Parallel layout (TP x CP x PP x DP) and its validation.
 
 Every check here runs on the CPU before a process group, a model or a dataset exists, so a layout that
 cannot work fails in seconds with a message that names the numbers and the fix, instead of minutes later
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.pipeline_layout import interleaved_schedule_problems, pipeline_problems
 
 CPCommType = Literal["p2p", "a2a", "all_gather"]
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "a2a", "all_gather")
@@ -22,16 +23,46 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How the GPUs are split. Data parallelism takes whatever TP x CP leaves of the world size."""
+    """How the GPUs are split. Data parallelism takes whatever TP x CP x PP leaves of the world size.
+
+    Pipeline parallelism (PP) splits the layers into ``pipeline_model_parallel_size`` stages, each with
+    ``virtual_pipeline_model_parallel_size`` model chunks for the interleaved schedule (None: one chunk, 1F1B).
+    ``num_layers_in_first/last_pipeline_stage`` give the first / last stage another number of layers than the
+    even split (they also hold the embedding and the output layer); the middle stages share the rest evenly.
+    """
 
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     cp_comm_type: CPCommType = "p2p"
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.context_parallel_size
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def chunks_per_stage(self) -> int:
+        """Model chunks on each pipeline stage: the virtual pipeline size, or 1."""
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    @property
+    def pipeline_split(self) -> tuple[int, int | None, int | None, int | None]:
+        """(PP, virtual PP, first-stage layers, last-stage layers): what a dp_reshardable optimizer state depends on."""
+        return (
+            self.pipeline_model_parallel_size,
+            self.virtual_pipeline_model_parallel_size,
+            self.num_layers_in_first_pipeline_stage,
+            self.num_layers_in_last_pipeline_stage,
+        )
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether Megatron runs its interleaved (virtual-pipeline) schedule."""
+        return self.pipeline_model_parallel_size > 1 and self.virtual_pipeline_model_parallel_size is not None
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
@@ -49,18 +80,21 @@ def validate_layout(
     ``arch`` and the batch sizes are optional so the strategy can check what it knows early and the
     data module and ``llama-fp8 plan`` can check the rest.
     """
-    tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
+    tp, cp, pp = layout.tensor_model_parallel_size, layout.context_parallel_size, layout.pipeline_model_parallel_size
     problems: list[str] = []
-    if tp < 1 or cp < 1 or world_size < 1:
-        raise LayoutError(f"Parallel sizes must be >= 1 (got TP={tp}, CP={cp}, world size={world_size}).")
-    if world_size % (tp * cp) != 0:
+    if tp < 1 or cp < 1 or pp < 1 or world_size < 1:
+        raise LayoutError(f"Parallel sizes must be >= 1 (got TP={tp}, CP={cp}, PP={pp}, world size={world_size}).")
+    model_parallel = layout.model_parallel_size
+    if world_size % model_parallel != 0:
+        sizes = f"TP {tp} x CP {cp}" + (f" x PP {pp}" if pp > 1 else "")
         problems.append(
-            f"world size {world_size} is not divisible by TP {tp} x CP {cp} = {tp * cp}: use a number of "
-            f"GPUs (devices x nodes) that is a multiple of {tp * cp}, or change tensor_model_parallel_size / "
-            "context_parallel_size."
+            f"world size {world_size} is not divisible by {sizes} = {model_parallel}: use a number of GPUs "
+            f"(devices x nodes) that is a multiple of {model_parallel}, or change tensor_model_parallel_size / "
+            "context_parallel_size / pipeline_model_parallel_size."
         )
     if layout.cp_comm_type not in CP_COMM_TYPES:
         problems.append(f"cp_comm_type {layout.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}.")
+    problems += pipeline_problems(layout, arch.num_layers if arch is not None else None)
     if arch is not None:
         problems += _model_problems(layout, arch)
     dp = max(layout.data_parallel_size(world_size), 1)
@@ -73,6 +107,8 @@ def validate_layout(
             f"{micro_batch_size} x data-parallel size {dp} = {micro_batch_size * dp}: pick a global batch "
             f"that is a multiple of {micro_batch_size * dp}."
         )
+    elif batch_given and layout.interleaved:
+        problems += interleaved_schedule_problems(layout, global_batch_size // (micro_batch_size * dp))
     if problems:
         raise LayoutError("Invalid parallel layout:\n  - " + "\n  - ".join(problems))
     return dp

@@ -22,6 +22,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_llama_fp8._warnings import filter_manual_optimization_checkpoint_warning
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
+from lightning_llama_fp8.pipeline import build_model_chunks, chunk_data_iterators, reduce_pipeline_loss
 from lightning_llama_fp8.precision import MegatronPrecision
 
 Batch = dict[str, Tensor]
@@ -152,14 +153,26 @@ class LlamaLightningModule(LightningModule):
         )
 
     def configure_model(self) -> None:
-        """Build GPTModel with the layout from the strategy and the precision from the plugin."""
+        """Build GPTModel with the layout from the strategy and the precision from the plugin.
+
+        With pipeline parallelism: this rank's stage; with a virtual pipeline, its chunks as a ``ModuleList``.
+        """
         if self.model is not None:
             return
-        self.model = self.arch.build_model(self.transformer_config())
+        chunks = build_model_chunks(self.arch, self.transformer_config())
         if self.init_weights is not None:
             from lightning_llama_fp8.hf import load_hf_weights
 
-            load_hf_weights(self.model, self.init_weights, self.arch)
+            for chunk in chunks:
+                load_hf_weights(chunk, self.init_weights, self.arch)
+        self.model = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+
+    @property
+    def model_chunks(self) -> list[torch.nn.Module]:
+        """The model chunks of this rank in virtual-stage order (one without a virtual pipeline), as trained."""
+        if self.model is None:
+            return []
+        return list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
 
     def transformer_config(self) -> Any:
         """The TransformerConfig this run uses: architecture + strategy layout + precision."""
@@ -199,7 +212,7 @@ class LlamaLightningModule(LightningModule):
             **strategy.optimizer_config_kwargs(),  # distributed optimizer, CPU offload
             **strategy.precision_plugin.optimizer_config_kwargs(),
         )
-        optimizer = get_megatron_optimizer(config, [self.model])
+        optimizer = get_megatron_optimizer(config, self.model_chunks)
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
     def lr_scheduler(self, optimizer: Any) -> Any:
@@ -274,22 +287,22 @@ class LlamaLightningModule(LightningModule):
         Both are summed over all micro batches and all data-parallel x context-parallel ranks, so every rank
         returns the same numbers and ``loss_sum / num_tokens`` is the per-token loss of the global batch.
         """
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
-        micro_batches = iter([{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)])
+        micro_batches = [{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)]
+        chunks = self.model_chunks
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
-            data_iterator=micro_batches,
-            model=[self.model],
+            data_iterator=chunk_data_iterators(micro_batches, len(chunks)),
+            model=chunks,
             num_microbatches=num_microbatches,
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        loss_sum, num_tokens, local = reduce_loss_reports(losses, group)
+        # Only the last pipeline stage has the losses; every rank gets the global sums.
+        loss_sum, num_tokens, local = reduce_pipeline_loss(losses, batch["tokens"].device)
         if not forward_only:
             # This rank's own share, before the DP x CP sum: lets NaNGuard's report say which rank went bad.
             self.last_local_loss = local[0] / local[1]
@@ -343,19 +356,6 @@ def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor,
     num_tokens = mask.sum().detach().to(torch.int)
     report = torch.stack([loss.detach(), num_tokens.to(loss.dtype)])
     return loss, num_tokens, {"lm loss": report}
-
-
-def reduce_loss_reports(reports: list[dict[str, Tensor]], group: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum the micro batches' (loss sum, token count) reports, then over the DP x CP ``group``.
-
-    Summing before dividing makes the result the per-token loss of the whole global batch, whatever the
-    layout: each token counts once, however the batch was split over micro batches, DP and CP ranks.
-    Returns the global loss sum, the global token count, and this rank's own ``[loss sum, token count]``.
-    """
-    local = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
-    totals = local.clone()
-    torch.distributed.all_reduce(totals, group=group)
-    return totals[0], totals[1], local
 
 
 def split_for_context_parallel(micro_batch: Batch, cp_group: Any) -> Batch:

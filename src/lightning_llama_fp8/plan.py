@@ -11,7 +11,11 @@ What is exact and what is an estimate:
 * Activation bytes are an **estimate**: the tensors a Llama layer built from Transformer Engine modules with
   flash / fused attention saves for backward, for the one micro batch that is alive at a time under
   Megatron's no-pipeline schedule, plus the logits and cross-entropy buffers. Transient tensors inside a
-  single kernel or a single layer's backward are not counted. With activation recompute
+  single kernel or a single layer's backward are not counted. With pipeline parallelism each stage is planned
+  on its own (its layers, the embedding on the first, the output layer on the last, and a copy of tied
+  embeddings there too) and holds the activations of every micro batch (chunk) it has run forward but not yet
+  backward at the peak of Megatron's schedule: PP - rank of them under 1F1B, the interleaved schedule's warm-up
+  count + 1 chunks with virtual stages. With activation recompute
   (:class:`~lightning_llama_fp8.memory.RecomputeSettings`): selective recompute drops the recomputed modules'
   tensors from every layer; full recompute keeps one input per checkpointed chunk of layers and, in the
   backward pass, the activations of the one chunk being recomputed (or the logits, whichever is larger).
@@ -37,6 +41,7 @@ from typing import Literal
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
 
 PrecisionName = Literal["fp8", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16")
@@ -88,6 +93,39 @@ def parameters_per_rank(arch: LlamaConfig, tensor_model_parallel_size: int) -> P
     )
 
 
+def parameters_per_stage(arch: LlamaConfig, layout: ParallelLayout, pipeline_rank: int) -> ParameterCounts:
+    """Parameters one tensor-parallel rank of pipeline stage ``pipeline_rank`` holds (all its chunks)."""
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    whole = parameters_per_rank(arch, tp)
+    layers = stage_layer_counts(layout, arch.num_layers)[pipeline_rank]
+    first, last = pipeline_rank == 0, pipeline_rank == pp - 1
+    # Tied embeddings across stages: the last stage keeps its own copy of the embedding as the output weight.
+    output = whole.embedding if last and (not arch.tie_embeddings or pp > 1) else 0
+    return ParameterCounts(
+        embedding=whole.embedding if first else 0,
+        output_layer=output,
+        linear=whole.linear // arch.num_layers * layers,
+        norms=2 * arch.hidden_size * layers + (arch.hidden_size if last else 0),
+    )
+
+
+def micro_batches_in_flight(layout: ParallelLayout, pipeline_rank: int, num_microbatches: int) -> int:
+    """Chunk forward passes whose activations stage ``pipeline_rank`` holds at once at the peak of the schedule.
+
+    1F1B: its warm-up forwards (PP - rank - 1) and the one of the steady state. Interleaved (Megatron-Core's
+    ``get_pp_rank_microbatches``): (PP - rank - 1) x 2 + (chunks - 1) x PP warm-up chunk forwards, + 1, at most
+    all of them. Without PP: one micro batch.
+    """
+    pp = layout.pipeline_model_parallel_size
+    if pp == 1:
+        return 1
+    if not layout.interleaved:
+        return min(pp - pipeline_rank, num_microbatches)
+    total = num_microbatches * layout.chunks_per_stage
+    warmup = (pp - pipeline_rank - 1) * 2 + (layout.chunks_per_stage - 1) * pp
+    return min(warmup + 1, total)
+
+
 # ------------------------------------------------------------------------------------------ activations
 @dataclass(frozen=True)
 class ActivationEstimate:
@@ -110,6 +148,9 @@ class ActivationEstimate:
     checkpointed_inputs: int = 0
     layers_kept: int | None = None  # None: all layers
     recompute_window: int = 0
+    #: Under pipeline parallelism: chunk forward passes alive at once (each keeping ``kept_bytes``), see
+    #: :func:`micro_batches_in_flight`; ``num_layers`` are then one chunk's.
+    in_flight: int = 1
 
     @property
     def layer_bytes(self) -> int:
@@ -128,7 +169,7 @@ class ActivationEstimate:
     @property
     def total(self) -> int:
         """The peak: at the loss (kept + head), or while a chunk is recomputed (kept + that chunk's layers)."""
-        return self.kept_bytes + max(self.head_bytes, self.recompute_window * self.layer_bytes)
+        return self.in_flight * self.kept_bytes + max(self.head_bytes, self.recompute_window * self.layer_bytes)
 
 
 # Names of the layer terms that recompute drops or keeps.
@@ -218,14 +259,20 @@ def estimate_activations(
     micro_batch_size: int,
     precision: PrecisionName,
     recompute: RecomputeSettings | None = None,
+    *,
+    pipeline_rank: int = 0,
+    num_microbatches: int = 1,
 ) -> ActivationEstimate:
-    """Estimate the activation bytes of one micro batch on one GPU (see the module docstring)."""
+    """Estimate the activation bytes on one GPU (see the module docstring): one micro batch without PP, else the
+    micro batches (chunks) pipeline stage ``pipeline_rank`` holds at the peak of its schedule."""
     tokens = micro_batch_size * arch.seq_length // layout.context_parallel_size
     terms = _layer_activation_terms(arch, layout, tokens, precision)
-    head = _head_activation_terms(arch, layout, tokens)
-    layers = arch.num_layers
+    last = pipeline_rank == layout.pipeline_model_parallel_size - 1
+    head = _head_activation_terms(arch, layout, tokens) if last else ()
+    layers = stage_layer_counts(layout, arch.num_layers)[pipeline_rank] // layout.chunks_per_stage
+    in_flight = micro_batches_in_flight(layout, pipeline_rank, num_microbatches)
     if recompute is None:
-        return ActivationEstimate(tokens, terms, head, layers)
+        return ActivationEstimate(tokens, terms, head, layers, in_flight=in_flight)
     if recompute.granularity == "selective":
         dropped = _selectively_recomputed(recompute.resolved_modules, precision)
         return ActivationEstimate(
@@ -235,6 +282,7 @@ def estimate_activations(
             layers,
             recompute=recompute,
             recomputed_per_layer=tuple(t for t in terms if t[0] in dropped),
+            in_flight=in_flight,
         )
     # Full recompute: each checkpointed chunk keeps its input hidden states (what the layer input term counts).
     k = recompute.resolved_num_layers(layers)
@@ -254,6 +302,7 @@ def estimate_activations(
         checkpointed_inputs=chunks,
         layers_kept=kept,
         recompute_window=window,
+        in_flight=in_flight,
     )
 
 
@@ -278,6 +327,17 @@ class MemoryBreakdown:
     def __post_init__(self) -> None:
         peak = max(self.activations, self.optimizer_step)
         object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + peak)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage's share of a :class:`TrainingPlan` (the whole model without PP), per GPU."""
+
+    pipeline_rank: int
+    layers: tuple[range, ...]  # global layer indices of each of its chunks
+    parameter_counts: ParameterCounts
+    memory: MemoryBreakdown
+    activations: ActivationEstimate
 
 
 @dataclass(frozen=True)
@@ -309,6 +369,11 @@ class TrainingPlan:
     flops_per_token: float
     flops_per_step: float
     flops_per_gpu_per_step: float
+    #: Every pipeline stage (one without PP); ``memory``, ``parameter_counts`` and ``activations`` above are
+    #: those of the stage with the highest peak, the one that decides whether the layout fits.
+    stages: tuple[StagePlan, ...] = ()
+    #: Share of each step the stages idle while the pipeline fills and drains (0 without PP).
+    bubble_fraction: float = 0.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -376,31 +441,42 @@ def plan_training(
     Raises :class:`~lightning_llama_fp8.layout.LayoutError` for a layout that cannot run and ``ValueError``
     for an unknown precision, FP8 param gather without FP8, or recompute / offload settings the strategy would
     refuse (``fp8_recipe`` is only read for those checks). Activation memory is an estimate (one micro batch
-    alive at a time, no pipeline parallelism); CUDA context, NCCL buffers, allocator fragmentation and TE
-    workspaces are not counted.
+    alive at a time, or under PP the micro batches a stage's schedule keeps alive); CUDA context, NCCL buffers,
+    allocator fragmentation and TE workspaces are not counted.
     """
     cfg = resolve_arch(arch)
     _check_precision(precision, fp8_param_gather)
     dp = validate_layout(layout, world_size, cfg, global_batch_size, micro_batch_size)
     recipe = fp8_recipe if precision == "fp8" else None
+    chunk_layers = min(len(chunk.layers) for chunk in model_chunks(layout, cfg.num_layers))
     if recompute is not None:
-        recompute.check(cfg.num_layers, cfg.transformer_impl, recipe)
+        recompute.check(chunk_layers, cfg.transformer_impl, recipe)
     if optimizer_offload is not None:
         optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
     tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
-    counts = parameters_per_rank(cfg, tp)
-    activations = estimate_activations(cfg, layout, micro_batch_size, precision, recompute)
-    optimizer, optimizer_step, host = _optimizer_bytes(
-        counts, dp * cp, use_distributed_optimizer, grad_reduce_in_fp32, optimizer_offload
-    )
-    memory = MemoryBreakdown(
-        weights=_weight_bytes(counts, precision, fp8_param_gather),
-        gradients=_gradient_bytes(counts, grad_reduce_in_fp32),
-        optimizer=optimizer,
-        activations=activations.total,
-        optimizer_step=optimizer_step,
-        host=host,
-    )
+    num_microbatches = global_batch_size // (micro_batch_size * dp)
+
+    def stage(rank: int) -> StagePlan:
+        counts = parameters_per_stage(cfg, layout, rank)
+        activations = estimate_activations(
+            cfg, layout, micro_batch_size, precision, recompute, pipeline_rank=rank, num_microbatches=num_microbatches
+        )
+        optimizer, optimizer_step, host = _optimizer_bytes(
+            counts, dp * cp, use_distributed_optimizer, grad_reduce_in_fp32, optimizer_offload
+        )
+        memory = MemoryBreakdown(
+            weights=_weight_bytes(counts, precision, fp8_param_gather),
+            gradients=_gradient_bytes(counts, grad_reduce_in_fp32),
+            optimizer=optimizer,
+            activations=activations.total,
+            optimizer_step=optimizer_step,
+            host=host,
+        )
+        layers = tuple(chunk.layers for chunk in model_chunks(layout, cfg.num_layers, rank))
+        return StagePlan(rank, layers, counts, memory, activations)
+
+    stages = tuple(stage(rank) for rank in range(layout.pipeline_model_parallel_size))
+    peak = max(stages, key=lambda plan: plan.memory.total)
     flops_per_step = cfg.flops_per_token() * global_batch_size * cfg.seq_length
     return TrainingPlan(
         arch=cfg,
@@ -415,15 +491,17 @@ def plan_training(
         recompute=recompute,
         optimizer_offload=optimizer_offload,
         data_parallel_size=dp,
-        num_microbatches=global_batch_size // (micro_batch_size * dp),
+        num_microbatches=num_microbatches,
         total_parameters=cfg.num_parameters(tp),
-        parameters_per_gpu=counts.total,
-        parameter_counts=counts,
-        memory=memory,
-        activations=activations,
+        parameters_per_gpu=peak.parameter_counts.total,
+        parameter_counts=peak.parameter_counts,
+        memory=peak.memory,
+        activations=peak.activations,
         flops_per_token=cfg.flops_per_token(),
         flops_per_step=flops_per_step,
         flops_per_gpu_per_step=flops_per_step / world_size,
+        stages=stages,
+        bubble_fraction=bubble_fraction(layout, num_microbatches),
     )
 
 
@@ -447,10 +525,12 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ),
         (
             "Layout",
-            f"TP {lay.tensor_model_parallel_size} x CP {lay.context_parallel_size} x DP "
-            f"{plan.data_parallel_size} = {plan.world_size} GPU{'s' if plan.world_size != 1 else ''}, "
+            f"TP {lay.tensor_model_parallel_size} x CP {lay.context_parallel_size}"
+            + (f" x PP {lay.pipeline_model_parallel_size}" if lay.pipeline_model_parallel_size > 1 else "")
+            + f" x DP {plan.data_parallel_size} = {plan.world_size} GPU{'s' if plan.world_size != 1 else ''}, "
             f"sequence parallel {_on_off(lay.sequence_parallel)}",
         ),
+        *_pipeline_rows(plan),
         (
             "Batch",
             f"global {plan.global_batch_size:,}, micro {plan.micro_batch_size:,}, "
@@ -466,6 +546,56 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ("Recompute", plan.recompute.describe(a.num_layers) if plan.recompute else "off"),
         ("Optimizer offload", plan.optimizer_offload.describe() if plan.optimizer_offload else "off"),
     ]
+
+
+def _pipeline_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
+    lay = plan.layout
+    if lay.pipeline_model_parallel_size == 1:
+        return []
+    schedule = (
+        f"interleaved, {lay.chunks_per_stage} chunks per stage" if lay.interleaved else "1F1B, one chunk per stage"
+    )
+    counts = stage_layer_counts(lay, plan.arch.num_layers)
+    return [
+        (
+            "Pipeline",
+            f"{schedule}; layers per stage {', '.join(map(str, counts))}; bubble {plan.bubble_fraction:.1%} of each "
+            f"step ({plan.num_microbatches} micro batches)",
+        )
+    ]
+
+
+def _peak_stage_note(plan: TrainingPlan) -> str:
+    if len(plan.stages) < 2:
+        return ""
+    peak = max(plan.stages, key=lambda stage: stage.memory.total)
+    return f" (stage {peak.pipeline_rank}, the fullest)"
+
+
+def _stage_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
+    if len(plan.stages) < 2:
+        return []
+    rows = [("Memory per stage (peak)", "")]
+    unit = "chunk forward passes" if plan.layout.interleaved else "micro batches"
+    for stage in plan.stages:
+        parts = ", ".join(f"{chunk.start}-{chunk.stop - 1}" for chunk in stage.layers)
+        extras = [
+            name
+            for name, present in (
+                ("embedding", stage.parameter_counts.embedding),
+                ("output layer", stage.parameter_counts.output_layer),
+            )
+            if present
+        ]
+        where = f"layers {parts}" + (f" + {' + '.join(extras)}" if extras else "")
+        rows.append(
+            (
+                f"  stage {stage.pipeline_rank}",
+                f"{_gib(stage.memory.total)} ({where}; activations {_gib(stage.memory.activations)}: "
+                f"{stage.activations.in_flight} {unit} in flight)",
+            )
+        )
+    return rows
 
 
 def _activation_detail(act: ActivationEstimate) -> str:
@@ -523,7 +653,7 @@ def _flops_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
 def format_plan(plan: TrainingPlan, gpu_memory_gib: float | None = None) -> str:
     """Render ``plan`` as a readable two-column table; with ``gpu_memory_gib``, say whether it fits."""
     rows = _header_rows(plan)
-    rows += [("Memory per GPU", ""), *_memory_rows(plan)]
+    rows += [("Memory per GPU" + _peak_stage_note(plan), ""), *_memory_rows(plan), *_stage_rows(plan)]
     if gpu_memory_gib is not None:
         rows.append(_fit_row(plan, gpu_memory_gib))
     rows += [("Compute (Megatron-LM count)", ""), *_flops_rows(plan)]

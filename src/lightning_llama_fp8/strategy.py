@@ -1,4 +1,4 @@
-"""``MegatronCPStrategy``: Megatron-Core tensor, sequence, context and data parallelism under Lightning.
+"""``MegatronCPStrategy``: Megatron-Core tensor, sequence, context, pipeline and data parallelism under Lightning.
 
 What it does, in the order Lightning calls it:
 
@@ -6,16 +6,17 @@ What it does, in the order Lightning calls it:
    torch.distributed (one process per GPU, from ``torchrun`` or Lightning's own launcher), builds Megatron's
    ``parallel_state`` groups and seeds Megatron's model-parallel CUDA RNG.
 2. The LightningModule's ``configure_model`` then builds the Megatron model, reading
-   :meth:`transformer_config_kwargs` for the layout.
-3. ``setup``: wraps every top-level Megatron child of the LightningModule in Megatron's
-   ``DistributedDataParallel`` (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter,
-   distributed optimizer), builds the optimizer, and wires Megatron's schedule hooks (grad sync, loss scale,
-   ``finalize_model_grads``) into the model config.
+   :meth:`transformer_config_kwargs` for the layout; with pipeline parallelism, this rank's model chunks
+   (``pipeline.py``).
+3. ``setup``: wraps every Megatron model (chunk) of the LightningModule in Megatron's ``DistributedDataParallel``
+   (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter, distributed optimizer), builds the
+   optimizer, and wires Megatron's schedule hooks (grad sync, loss scale, ``finalize_model_grads``) into the model
+   config.
 
 Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks only: TP and CP ranks of one
 model replica read the same samples), an ``optimizer_step`` that runs Megatron's optimizer, and checkpoints in
-Megatron's distributed format (``checkpoint.py``): every rank writes its shards, and a checkpoint reloads into
-another layout.
+Megatron's distributed format (``checkpointing.py``, ``checkpoint.py``): every rank writes its shards, and a
+checkpoint reloads into another layout.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from torch import Tensor
 from lightning_llama_fp8 import _lightning_compat as compat
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
-from lightning_llama_fp8.checkpointing import StrategyCheckpointing
+from lightning_llama_fp8.checkpointing import StrategyCheckpointing, megatron_children
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.pipeline import pipeline_config_kwargs
+from lightning_llama_fp8.pipeline_layout import model_chunks
 from lightning_llama_fp8.precision import MegatronPrecision
 
 if TYPE_CHECKING:
@@ -50,13 +53,21 @@ log = logging.getLogger(__name__)
 
 
 class MegatronCPStrategy(ParallelStrategy):
-    """Tensor x context x data parallel training of Megatron-Core models.
+    """Tensor x context x pipeline x data parallel training of Megatron-Core models.
 
     Args:
         tensor_model_parallel_size: GPUs that split each layer's weights (TP).
         context_parallel_size: GPUs that split each sequence (CP); needs the Transformer Engine layer spec.
         sequence_parallel: also split norms/dropout activations along the sequence over the TP group.
         cp_comm_type: how CP ranks exchange keys/values: ``p2p`` (ring), ``a2a`` or ``all_gather``.
+        pipeline_model_parallel_size: GPUs that split the layers into consecutive stages (PP), run by Megatron's
+            1F1B schedule over the micro batches of each step.
+        virtual_pipeline_model_parallel_size: model chunks per pipeline stage for Megatron's interleaved schedule
+            (a smaller bubble for more point-to-point traffic); needs a multiple of PP micro batches per step.
+            None: one chunk per stage.
+        num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage: give the first / last stage
+            (which also hold the embedding / the output layer and loss) fewer or more layers than an even split;
+            the middle stages share the rest evenly. None: the even split.
         use_distributed_optimizer: shard fp32 main weights and Adam moments over DP x CP (ZeRO-1).
         overlap_grad_reduce: reduce-scatter gradient buckets during the backward pass.
         overlap_param_gather: all-gather updated parameters during the next forward pass.
@@ -98,6 +109,10 @@ class MegatronCPStrategy(ParallelStrategy):
         context_parallel_size: int = 1,
         sequence_parallel: bool = False,
         cp_comm_type: CPCommType = "p2p",
+        pipeline_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: int | None = None,
+        num_layers_in_first_pipeline_stage: int | None = None,
+        num_layers_in_last_pipeline_stage: int | None = None,
         use_distributed_optimizer: bool = True,
         overlap_grad_reduce: bool = True,
         overlap_param_gather: bool = True,
@@ -135,6 +150,10 @@ class MegatronCPStrategy(ParallelStrategy):
             context_parallel_size=context_parallel_size,
             sequence_parallel=sequence_parallel,
             cp_comm_type=cp_comm_type,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
         )
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
@@ -235,22 +254,37 @@ class MegatronCPStrategy(ParallelStrategy):
         self.checkpointing.early_state = startup_checks.check_before_building(self)
 
     def initialize_parallel_state(self) -> None:
-        """Build Megatron's TP/CP/DP groups and seed its RNG streams (idempotent for one layout)."""
+        """Build Megatron's TP/CP/PP/DP groups and seed its RNG streams (idempotent for one layout)."""
         from megatron.core import parallel_state
 
+        layout = self.layout
+        wanted = (
+            layout.tensor_model_parallel_size,
+            layout.context_parallel_size,
+            layout.pipeline_model_parallel_size,
+            layout.virtual_pipeline_model_parallel_size,
+        )
         if parallel_state.model_parallel_is_initialized():
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            cp = parallel_state.get_context_parallel_world_size()
-            if (tp, cp) != (self.layout.tensor_model_parallel_size, self.layout.context_parallel_size):
+            found = (
+                parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_context_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            )
+            if found != wanted:
                 raise RuntimeError(
-                    f"Megatron parallel_state is already initialised with TP={tp}, CP={cp}; this strategy wants "
-                    f"TP={self.layout.tensor_model_parallel_size}, CP={self.layout.context_parallel_size}. Call "
+                    "Megatron parallel_state is already initialised with (TP, CP, PP, virtual PP) = "
+                    f"{found}; this strategy wants {wanted}. Call "
                     "megatron.core.parallel_state.destroy_model_parallel() between runs with different layouts."
                 )
         else:
+            # Megatron's default rank order (TP fastest, then CP, DP, PP): the stages of one model replica are
+            # world / PP ranks apart, so on several nodes TP and CP stay inside a node.
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
-                context_parallel_size=self.layout.context_parallel_size,
+                tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                context_parallel_size=layout.context_parallel_size,
+                pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+                virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
             )
         if self.root_device.type == "cuda":
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -292,7 +326,8 @@ class MegatronCPStrategy(ParallelStrategy):
             self.activation_recompute.check(self._layers_per_stage(arch), arch.transformer_impl, fp8_recipe)
 
     def _layers_per_stage(self, arch: Any) -> int:
-        return arch.num_layers // getattr(self.layout, "pipeline_model_parallel_size", 1)
+        """The fewest transformer layers any model chunk holds (what recompute_num_layers must fit)."""
+        return min(len(chunk.layers) for chunk in model_chunks(self.layout, arch.num_layers))
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout (and activation recompute) fields of the model's ``TransformerConfig``."""
@@ -305,6 +340,7 @@ class MegatronCPStrategy(ParallelStrategy):
         }
         if cp > 1:
             kwargs["cp_comm_type"] = self.layout.cp_comm_type
+        kwargs.update(pipeline_config_kwargs(self.layout))
         if self.activation_recompute is not None:
             arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
             if arch is None:
@@ -359,21 +395,35 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def _wrap_megatron_modules(self) -> None:
-        """Replace each top-level Megatron child of the LightningModule with Megatron DDP around it."""
+        """Replace each Megatron model of the LightningModule with Megatron DDP around it.
+
+        A Megatron model is a direct attribute (``self.model = GPTModel(...)``) or each element of a
+        ``torch.nn.ModuleList`` attribute (the model chunks of a virtual pipeline stage), wrapped in place.
+        """
         from megatron.core.distributed import DistributedDataParallel
-        from megatron.core.transformer.module import MegatronModule
+
+        def wrap(child: torch.nn.Module, chunk_index: int) -> torch.nn.Module:
+            if isinstance(child, DistributedDataParallel):
+                return child
+            # As Megatron-LM: only the first chunk is bucketed; the others reduce in one bucket each, whose
+            # reduce-scatter happens while the earlier chunks still run their backward.
+            wrapped = DistributedDataParallel(
+                config=child.config, ddp_config=self.ddp_config, module=child, disable_bucketing=chunk_index > 0
+            )
+            # Same weights on every DP rank even if a user's init is not seeded identically.
+            wrapped.broadcast_params()
+            return wrapped
 
         module = self.lightning_module
         self._ddp_modules = []
-        for name, child in list(module.named_children()):
-            if isinstance(child, DistributedDataParallel):
-                self._ddp_modules.append(child)
-            elif isinstance(child, MegatronModule):
-                wrapped = DistributedDataParallel(config=child.config, ddp_config=self.ddp_config, module=child)
-                # Same weights on every DP rank even if a user's init is not seeded identically.
-                wrapped.broadcast_params()
-                setattr(module, name, wrapped)
-                self._ddp_modules.append(wrapped)
+        for name, child in megatron_children(module).items():
+            if isinstance(child, torch.nn.ModuleList):
+                for index, chunk in enumerate(child):
+                    child[index] = wrap(chunk, index)
+                    self._ddp_modules.append(child[index])
+            else:
+                setattr(module, name, wrap(child, 0))
+                self._ddp_modules.append(getattr(module, name))
         if not self._ddp_modules:
             raise TypeError(
                 f"{type(module).__name__} has no Megatron-Core model as a direct attribute after configure_model(); "
@@ -381,18 +431,32 @@ class MegatronCPStrategy(ParallelStrategy):
             )
 
     def _connect_schedule_hooks(self) -> None:
-        """Give Megatron's forward-backward schedule the DDP and optimizer hooks Megatron-LM wires up."""
+        """Give Megatron's forward-backward schedule the DDP and optimizer hooks Megatron-LM wires up.
+
+        The chunks of one rank share one TransformerConfig, which the schedule reads: the per-chunk hooks go in as
+        lists (one per chunk, as Megatron-LM's ``train`` sets them), a single chunk's as the function itself.
+        """
         from megatron.core.distributed import finalize_model_grads
 
+        chunks = self._ddp_modules
+        if not chunks:
+            return
+        config = chunks[0].config
+
+        def per_chunk(method: str) -> Any:
+            hooks = [getattr(ddp, method) for ddp in chunks]
+            return hooks[0] if len(hooks) == 1 else hooks
+
+        config.no_sync_func = per_chunk("no_sync")
+        if self.overlap_grad_reduce and self.layout.pipeline_model_parallel_size > 1:
+            # Start each chunk's gradient reduce as soon as its last micro batch's backward is done.
+            config.grad_sync_func = per_chunk("start_grad_sync")
+        config.finalize_model_grads_func = finalize_model_grads
         optimizer = self.optimizers[0] if self.optimizers else None
-        for ddp in self._ddp_modules:
-            config = ddp.config
-            config.no_sync_func = ddp.no_sync
-            config.finalize_model_grads_func = finalize_model_grads
-            if optimizer is not None:
-                config.grad_scale_func = optimizer.scale_loss
-            if self.overlap_param_gather and self.align_param_gather:
-                config.param_sync_func = ddp.start_param_sync
+        if optimizer is not None:
+            config.grad_scale_func = optimizer.scale_loss
+        if self.overlap_param_gather and self.align_param_gather:
+            config.param_sync_func = per_chunk("start_param_sync")
 
     @property
     def ddp_modules(self) -> list[torch.nn.Module]:

@@ -38,8 +38,11 @@ CASES = {
 # Tolerances (logits of random models with initializer_range 0.1, so that they are peaked: std ~ 3).
 # FP32: both sides in fp32 with TF32 off; the remaining difference is summation order.
 FP32_MAX_ABS, FP32_KL = 2e-3, 1e-7
-# BF16: both sides in bf16; each rounds its activations at different points.
-BF16_MAX_ABS, BF16_KL = 0.25, 2e-3
+# BF16: both sides in bf16 round their activations at different points, and these random models' residual streams
+# are large (~1e3), so bf16's own error is large too (first GPU run: max abs 2.3, KL 0.035 between the two). The
+# tolerance is measured in the same test: against transformers in FP32, our BF16 logits may be at most this many
+# times as far off as transformers' own BF16 logits (max abs difference and KL).
+BF16_NOISE_FACTOR = 2.0
 # Loss of the FP8-trained, exported model: transformers (BF16) vs ours with FP8 off (BF16) and on.
 LOSS_BF16_ABS, LOSS_FP8_ABS = 0.01, 0.05
 SEQ, BATCH, NEW_TOKENS = 256, 2, 32
@@ -176,20 +179,36 @@ def test_logits_match_transformers(megatron_one_gpu: Any, tmp_path: Path, case: 
         gap = float(top2[0] - top2[1])
 
     roundtrip = _roundtrip_bitwise(hf_dir, arch, ours)
+    against_fp32 = _bf16_against_fp32(hf_dir, tokens, reference, mine) if dtype == torch.bfloat16 else None
     RESULTS["cases"].append({
         "name": case, "dtype": str(dtype).removeprefix("torch."), "max_abs_logit_diff": max_abs, "kl": kl,
         "greedy_tokens_equal": greedy_equal, "greedy_first_difference": first_difference,
         "greedy_top2_gap_at_difference": gap, "roundtrip_bitwise": roundtrip,
         "logit_std": float(reference.std()), "tokens": [BATCH, SEQ], "hidden_state_max_abs_diff": layer_diffs,
+        "against_transformers_fp32": against_fp32,
     })  # fmt: skip
     assert roundtrip
-    if dtype == torch.float32:
+    if against_fp32 is None:
         assert max_abs <= FP32_MAX_ABS and kl <= FP32_KL, (max_abs, kl)
         assert greedy_equal, (hf_tokens, our_tokens)
     else:
-        assert max_abs <= BF16_MAX_ABS and kl <= BF16_KL, (max_abs, kl)
+        for metric in ("max_abs_logit_diff", "kl"):
+            ours_error, their_error = against_fp32["ours_bf16"][metric], against_fp32["transformers_bf16"][metric]
+            assert ours_error <= BF16_NOISE_FACTOR * their_error, (metric, against_fp32)
         # BF16 noise may flip a near-tie: allowed only where transformers' own top-2 gap is within the noise.
         assert greedy_equal or gap <= 2 * max_abs, (first_difference, gap, max_abs)
+
+
+def _bf16_against_fp32(hf_dir: Path, tokens: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
+    """How far transformers' BF16 logits and ours are from transformers' FP32 logits on the same tokens."""
+    hf32 = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    reference = _hf_logits(hf32.cuda().eval(), tokens)
+    del hf32
+
+    def error(logits: torch.Tensor) -> dict[str, float]:
+        return {"max_abs_logit_diff": float((reference - logits).abs().max()), "kl": _kl(reference, logits)}
+
+    return {"transformers_bf16": error(theirs), "ours_bf16": error(ours)}
 
 
 def _hidden_state_diffs(hf: Any, ours: Any, tokens: torch.Tensor) -> dict[str, float]:
@@ -269,9 +288,11 @@ def test_fp8_trained_model_exports_to_transformers(megatron_one_gpu: Any, tmp_pa
     report = export_to_hf(at_end.checkpoint, out)
     assert report.weights_source == (SOURCE_MAIN if fp8_weights else SOURCE_MODEL)
     exported, original = SafetensorsDir(out), SafetensorsDir(hf_dir)
-    # Trained 4 steps at lr <= 1.5e-5 from the Hugging Face weights: the export stays next to them (a model whose
-    # fp32 main weights had kept the random initialisation would be ~0.1 away).
-    drift = max(float((exported.read(n).float() - original.read(n).float()).abs().max()) for n in original.names())
+    # Trained 4 steps at lr <= 1.5e-5 from the Hugging Face weights: the export stays next to them, relative to each
+    # tensor's largest value (one bf16 rounding step is <= 2^-8 of it; first GPU run: 0.0039 absolute on a norm
+    # weight near 1, i.e. one step). A model whose fp32 main weights had kept the random initialisation would be
+    # ~1 away (other random values of the same size).
+    drift = max(_relative_difference(exported.read(n), original.read(n)) for n in original.names())
 
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -287,16 +308,21 @@ def test_fp8_trained_model_exports_to_transformers(megatron_one_gpu: Any, tmp_pa
     RESULTS["cases"].append({
         "name": f"fp8_trained_{'fp8' if fp8_weights else 'bf16'}_weights", "dtype": "bf16", "steps": steps,
         "train_losses": probe.losses, "weights_source": report.weights_source, "hf_loss": hf_loss,
-        "our_loss_fp8": fp8_loss, "our_loss_bf16": bf16_loss, "max_weight_drift_from_hf": drift,
+        "our_loss_fp8": fp8_loss, "our_loss_bf16": bf16_loss, "max_relative_weight_drift_from_hf": drift,
         "dp_reshardable_refused": refused, "max_abs_logit_diff": None, "kl": None, "greedy_tokens_equal": None,
         "roundtrip_bitwise": None,
     })  # fmt: skip
-    assert drift < 2e-3, drift
+    assert drift < 2e-2, drift
     assert abs(fp8_loss - hf_loss) <= LOSS_FP8_ABS, (fp8_loss, hf_loss)
     if bf16_loss is not None:
         assert abs(bf16_loss - hf_loss) <= LOSS_BF16_ABS, (bf16_loss, hf_loss)
     if fp8_weights:
         assert refused is not None and "dp_reshardable" in refused
+
+
+def _relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.float()
+    return float((value.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
 class _SaveAndMeasureAtTrainEnd(Callback):

@@ -38,6 +38,8 @@ from lightning.pytorch import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -109,20 +111,22 @@ class FaultInjector(Callback):
         # only after the setup hooks, and the strategy wraps them (renaming) just before this hook.
         self._remove_hook()
         self._rank = trainer.global_rank
+        # Names with global layer numbers: under pipeline parallelism the layer is on one stage only.
+        all_modules = dict(pl_module.named_modules())
         if self.target == "gradient":
-            params = dict(pl_module.named_parameters())
-            if self.name not in params:
+            params = {global_module_name(n, all_modules): p for n, p in pl_module.named_parameters()}
+            if not _held_by_some_stage(self.name in params):
                 raise ValueError(_unknown_name("parameter", self.name, list(params), "named_parameters"))
-            param = params[self.name]
-            if not param.requires_grad:
+            param = params.get(self.name)
+            if param is not None and not param.requires_grad:
                 raise ValueError(f"FaultInjector: parameter {self.name!r} does not require grad; it gets no gradient.")
-            if self._injects_here():
+            if param is not None and self._injects_here():
                 self._handle = param.register_hook(self._poison_gradient)
         else:
-            modules = dict(pl_module.named_modules())
-            if self.name not in modules:
+            modules = {global_module_name(n, all_modules): m for n, m in all_modules.items()}
+            if not _held_by_some_stage(self.name in modules):
                 raise ValueError(_unknown_name("module", self.name, list(modules), "named_modules"))
-            if self._injects_here():
+            if self.name in modules and self._injects_here():
                 self._handle = modules[self.name].register_forward_hook(self._poison_output)
         if self._handle is not None and trainer.global_step > self.step:
             log.warning(
@@ -224,6 +228,18 @@ def _poison_first(output: Any, value: float) -> tuple[Any, bool]:
                     return type(output)(*items), True
                 return type(output)(items), True
     return output, False
+
+
+def _held_by_some_stage(held_here: bool) -> bool:
+    """Whether this rank or another pipeline stage of its model replica holds the name (collective under PP)."""
+    if pipeline_stage() is None:
+        return held_here
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    held: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(held, held_here, group=group)
+    return any(held)
 
 
 def _unknown_name(kind: str, name: str, known: Sequence[str], method: str) -> str:

@@ -32,12 +32,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_llama_fp8.callbacks.te_debug import TEDebugSession, validated_te_debug_args
 from lightning_llama_fp8.fp8_state import scaling_summary
+from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -112,15 +114,22 @@ class FP8StatsMonitor(Callback):
         self._candidates = []
         self._last_logged_step = -1
         self.last_summary = {}
-        if not trainer.is_global_zero:
+        # With pipeline parallelism each stage holds other layers: every rank reads its own, rank 0 logs them all.
+        self._gather_stages = pipeline_stage() is not None
+        if not trainer.is_global_zero and not self._gather_stages:
             return
         if not trainer.loggers:
             rank_zero_warn("FP8StatsMonitor: the Trainer has no logger, so there is nothing to log FP8 stats to.")
             return
         # TE modules have an fp8_meta dict from construction, but create their scaling state only in their first
-        # FP8 forward; so keep every module that has fp8_meta and look for the state when logging.
-        with_meta = [(n, m) for n, m in pl_module.named_modules() if isinstance(getattr(m, "fp8_meta", None), dict)]
-        self._candidates = [(n, m) for n, m in with_meta if self._selected(n)]
+        # FP8 forward; so keep every module that has fp8_meta and look for the state when logging. Names carry
+        # global layer numbers (the same metric name whatever the pipeline split).
+        modules = dict(pl_module.named_modules())
+        with_meta = [(n, m) for n, m in modules.items() if isinstance(getattr(m, "fp8_meta", None), dict)]
+        self._candidates = [(global_module_name(n, modules), m) for n, m in with_meta if self._selected(n)]
+        if self._gather_stages:
+            self._active = True  # every stage takes part in the gather, even one whose layers none match
+            return
         if not self._candidates:
             if with_meta:
                 rank_zero_warn(
@@ -160,6 +169,11 @@ class FP8StatsMonitor(Callback):
             return
         self._last_logged_step = step
         summary = scaling_summary(self._candidates)
+        if self._gather_stages:
+            summary = _gathered_over_stages(summary)
+            if not trainer.is_global_zero:
+                self._active = bool(summary)
+                return
         if not summary:
             self._active = False
             rank_zero_warn(
@@ -196,3 +210,13 @@ class FP8StatsMonitor(Callback):
 
     def _selected(self, name: str) -> bool:
         return self.modules is None or any(part in name for part in self.modules)
+
+
+def _gathered_over_stages(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every pipeline stage's summary of this model replica, merged (a collective over the pipeline group)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    parts: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(parts, summary, group=group)
+    return {name: stats for part in parts for name, stats in part.items()}

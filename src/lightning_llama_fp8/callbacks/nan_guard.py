@@ -60,6 +60,7 @@ from lightning_llama_fp8.fp8_state import (
     nonfinite_fp8_state,
     sanitize_fp8_state,
 )
+from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 Policy = Literal["raise", "skip", "rollback"]
 # Megatron's transformer layers as LightningModule submodules: "model.module.decoder.layers.3".
 TRANSFORMER_LAYERS = r"(^|\.)layers\.\d+$"
+_GLOBAL_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 POLICIES = ("raise", "skip", "rollback")
 
 
@@ -343,7 +345,7 @@ class NaNGuard(Callback):
         first_fp8 = next((name for r in ranks for name in r["nonfinite_fp8_modules"]), None)
         first_fwd = next((name for r in ranks for name in r["nonfinite_fp8_forward_modules"]), None)
         first_output = min(
-            (r["nonfinite_outputs"][0] for r in ranks if r["nonfinite_outputs"]), key=self._watch_order, default=None
+            (r["nonfinite_outputs"][0] for r in ranks if r["nonfinite_outputs"]), key=self._forward_order, default=None
         )
         loss_bad, grads_bad, fp8_bad = flags
         report = {
@@ -374,8 +376,13 @@ class NaNGuard(Callback):
             report["path"] = str(path)
         return report
 
-    def _watch_order(self, name: str) -> int:
-        return self._watched.index(name) if name in self._watched else len(self._watched)
+    def _forward_order(self, name: str) -> tuple[int, int]:
+        """Where a watched module runs in the forward pass: transformer layers by their global index (the same on
+        every pipeline stage), then the others in this rank's watch order."""
+        match = _GLOBAL_LAYER.search(name)
+        if match is not None:
+            return (0, int(match.group(1)))
+        return (1, self._watched.index(name) if name in self._watched else len(self._watched))
 
     def _local_findings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         loss = getattr(pl_module, "last_local_loss", None)  # this rank's share, if the module keeps it
@@ -386,8 +393,18 @@ class NaNGuard(Callback):
         bad_fp8 = nonfinite_fp8_state(pl_module)
         bad_fp8_forward = nonfinite_fp8_state(pl_module, direction="fwd") if bad_fp8 else []
         summary = fp8_scaling_summary(pl_module) if bad_fp8 else {}
+        # Under pipeline parallelism each stage numbers its layers from 0: report global layer numbers and the stage.
+        modules = dict(pl_module.named_modules())
+
+        def named(names: list[str]) -> list[str]:
+            return [global_module_name(name, modules) for name in names]
+
+        bad_params = named(bad_params)
+        bad_outputs, bad_fp8, bad_fp8_forward = named(bad_outputs), named(bad_fp8), named(bad_fp8_forward)
+        summary = {global_module_name(name, modules): value for name, value in summary.items()}
         return {
             "rank": trainer.global_rank,
+            "pipeline_stage": pipeline_stage(),
             "loss": float(loss) if isinstance(loss, Tensor) else None,
             "loss_nonfinite": isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach().float()).all()),
             "nonfinite_gradient_count": len(bad_params),

@@ -24,6 +24,7 @@ from lightning_llama_fp8.hf.mapping import (
     megatron_tensor,
     parse_megatron_name,
 )
+from lightning_llama_fp8.pipeline import chunk_layer_offset
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ def load_hf_weights(
 ) -> None:
     """Copy the Hugging Face weights of ``path`` into ``model`` (an unwrapped GPTModel built for ``arch``).
 
-    ``tp_rank``/``tp_size`` default to Megatron's ``parallel_state``. Every parameter of the model is written;
-    one without a Hugging Face counterpart is an error, not left at its random initial value.
+    ``model`` may be one pipeline chunk: its layers are matched by their global layer numbers, and a last stage's
+    copy of tied embeddings gets the embedding too. ``tp_rank``/``tp_size`` default to Megatron's
+    ``parallel_state``. Every parameter of the model is written; one without a Hugging Face counterpart is an
+    error, not left at its random initial value.
     """
     if tp_rank is None or tp_size is None:
         from megatron.core import parallel_state
@@ -108,9 +111,11 @@ def load_hf_weights(
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     weights = check_hf_weights(path, arch)
+    offset = chunk_layer_offset(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             kind, layer = parse_megatron_name(name)
+            layer = None if layer is None else layer + offset
             value = megatron_tensor(kind, layer, weights, arch, tp_rank, tp_size)
             if tuple(value.shape) != tuple(param.shape):
                 raise HFConfigError(
@@ -118,7 +123,13 @@ def load_hf_weights(
                     f"{tp_size}, the model has {list(param.shape)}; was the model built for another architecture?"
                 )
             _assign(param, value)
-    log.info("Initialised the model from the Hugging Face weights in %s (TP rank %d of %d).", path, tp_rank, tp_size)
+    log.info(
+        "Initialised the model from the Hugging Face weights in %s (TP rank %d of %d, layers from %d).",
+        path,
+        tp_rank,
+        tp_size,
+        offset,
+    )
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:

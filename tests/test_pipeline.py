@@ -1,0 +1,288 @@
+"""Pipeline parallelism on the CPU: layer assignment, layout rules, groups, chunks, loss and checkpoints on gloo.
+
+Megatron-Core's pipeline schedules and point-to-point sends need CUDA, so a pipelined training step runs only on
+GPUs; everything around it runs here for real: the layer-to-stage assignment against Megatron-Core's own functions,
+the rules checked before anything is built, the process groups of 4 gloo ranks, the model chunks each rank builds
+(with Hugging Face weights), the loss every stage logs, and distributed checkpoints saved with PP and loaded into
+another pipeline split, exported to Hugging Face bitwise.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_llama_fp8 import LayoutError, ParallelLayout, validate_layout
+from lightning_llama_fp8.config import LlamaConfig, llama3_70b, llama_tiny
+from lightning_llama_fp8.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
+from tests.distributed import run_distributed
+
+CPU_ARCH = {"transformer_impl": "local", "apply_rope_fusion": False}
+
+
+def pipeline(pp: int, vpp: int | None = None, first: int | None = None, last: int | None = None) -> ParallelLayout:
+    return ParallelLayout(
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- layer assignment
+SPLITS = [  # (num_layers, pp, vpp, first, last)
+    (8, 2, None, None, None),
+    (32, 4, None, None, None),
+    (8, 2, 2, None, None),
+    (16, 4, 2, None, None),
+    (80, 4, 5, None, None),  # Megatron-LM's Llama 3 70B layout: PP4 x VPP5, 4 layers a chunk
+    (10, 4, None, 1, 3),
+    (8, 3, None, 2, None),
+    (7, 2, None, None, 3),
+    (12, 4, 2, 2, 2),
+    (14, 3, 2, 4, 2),
+]
+
+
+@pytest.mark.parametrize("num_layers,pp,vpp,first,last", SPLITS)
+def test_chunks_hold_the_layers_megatron_core_assigns(
+    num_layers: int, pp: int, vpp: int | None, first: int | None, last: int | None
+) -> None:
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    layout = pipeline(pp, vpp, first, last)
+    assert validate_layout(layout, pp, arch=llama_tiny(num_layers=num_layers)) == 1
+    config = TransformerConfig(
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last, pipeline_dtype=torch.bfloat16,
+    )  # fmt: skip
+    chunks = model_chunks(layout, num_layers)
+    for chunk in chunks:
+        vp_stage = chunk.virtual_stage if vpp is not None else None
+        count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=chunk.pipeline_rank)
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=chunk.pipeline_rank)
+        assert chunk.layers == range(offset, offset + count), chunk
+    # Every layer in exactly one chunk; the embedding in the first chunk of stage 0, the output in the last one.
+    assert sorted(layer for chunk in chunks for layer in chunk.layers) == list(range(num_layers))
+    assert [(c.pipeline_rank, c.virtual_stage) for c in chunks if c.has_embedding] == [(0, 0)]
+    assert [(c.pipeline_rank, c.virtual_stage) for c in chunks if c.has_output_layer] == [(pp - 1, (vpp or 1) - 1)]
+    assert sum(stage_layer_counts(layout, num_layers)) == num_layers
+
+
+def test_interleaved_chunks_take_turns_over_the_stages() -> None:
+    chunks = model_chunks(pipeline(2, 2), 8)
+    assert [(c.pipeline_rank, c.virtual_stage, list(c.layers)) for c in chunks] == [
+        (0, 0, [0, 1]), (0, 1, [4, 5]), (1, 0, [2, 3]), (1, 1, [6, 7]),
+    ]  # fmt: skip
+    assert model_chunks(pipeline(2, 2), 8, pipeline_rank=1) == chunks[2:]
+
+
+def test_bubble_fraction() -> None:
+    assert bubble_fraction(ParallelLayout(), 8) == 0.0
+    assert bubble_fraction(pipeline(4), 8) == pytest.approx(3 / 11)  # 1F1B: (p - 1) / (m + p - 1)
+    assert bubble_fraction(pipeline(4, 2), 8) == pytest.approx(3 / 19)  # interleaved: (p - 1) / (v m + p - 1)
+
+
+# ---------------------------------------------------------------------------------------------- refused layouts
+@pytest.mark.parametrize(
+    "layout,num_layers,message",
+    [
+        (pipeline(3), 32, "num_layers 32 is not divisible by pipeline_model_parallel_size 3"),
+        (pipeline(4, 3), 32, "each pipeline stage's 8 layers do not split into virtual_pipeline_model_parallel_size 3"),
+        (pipeline(1, 2), 32, "virtual_pipeline_model_parallel_size=2 needs pipeline_model_parallel_size >= 2"),
+        (pipeline(2, 1), 32, "virtual_pipeline_model_parallel_size must be None or >= 2 (got 1)"),
+        (pipeline(1, first=4), 32, "need pipeline_model_parallel_size >= 2 (got 1)"),
+        (pipeline(4, first=0), 32, "num_layers_in_first_pipeline_stage must be >= 1 (got 0)"),
+        (pipeline(4, first=20, last=20), 32, "leaving -8 for 2 middle stage(s)"),
+        (pipeline(2, first=20, last=20), 32, "the stages must hold exactly 32 layers"),
+        (pipeline(3, first=5), 32, "the 27 layers left after the first/last stages do not split evenly over the 2"),
+        (pipeline(3, 2, first=3), 31, "stages of 3 layers do not split into virtual_pipeline_model_parallel_size 2"),
+    ],
+)
+def test_pipeline_layouts_megatron_cannot_build_are_refused(
+    layout: ParallelLayout, num_layers: int, message: str
+) -> None:
+    world = layout.pipeline_model_parallel_size
+    with pytest.raises(LayoutError, match="Invalid parallel layout") as err:
+        validate_layout(layout, world, arch=llama_tiny(num_layers=num_layers))
+    assert message in str(err.value)
+
+
+def test_interleaved_schedule_needs_whole_groups_of_micro_batches() -> None:
+    arch = llama_tiny(num_layers=8)
+    layout = pipeline(2, 2)
+    with pytest.raises(LayoutError, match=r"groups of PP 2, but each step has 3 \(global batch"):
+        validate_layout(layout, 4, arch=arch, global_batch_size=6, micro_batch_size=1)  # DP2: 3 micro batches
+    assert validate_layout(layout, 4, arch=arch, global_batch_size=8, micro_batch_size=1) == 2
+    assert validate_layout(pipeline(2), 4, arch=arch, global_batch_size=6, micro_batch_size=1) == 2  # 1F1B: any
+
+
+def test_world_size_counts_pipeline_stages() -> None:
+    with pytest.raises(LayoutError, match=r"world size 6 is not divisible by TP 2 x CP 1 x PP 2 = 4"):
+        validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6)
+    assert validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 8) == 2
+
+
+def test_strategy_takes_the_pipeline_settings() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+    from lightning_llama_fp8.pipeline import pipeline_config_kwargs
+
+    strategy = MegatronCPStrategy(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=5)
+    assert strategy.layout == pipeline(4, 5)
+    kwargs = pipeline_config_kwargs(strategy.layout)
+    assert kwargs["pipeline_model_parallel_size"] == 4 and kwargs["virtual_pipeline_model_parallel_size"] == 5
+    assert kwargs["pipeline_dtype"] is torch.bfloat16
+    assert kwargs["overlap_p2p_comm"] is True and kwargs["batch_p2p_comm"] is False  # interleaved
+    assert pipeline_config_kwargs(pipeline(2))["batch_p2p_comm"] is True  # 1F1B cannot overlap its sends
+    assert pipeline_config_kwargs(ParallelLayout()) == {}
+    # Megatron accepts them:
+    config = llama3_70b(**CPU_ARCH).transformer_config(**pipeline_config_kwargs(strategy.layout))
+    assert config.pipeline_model_parallel_size == 4 and config.virtual_pipeline_model_parallel_size == 5
+
+
+# ---------------------------------------------------------------------------------------------- gloo ranks
+def _pp_worker(
+    rank: int, world_size: int, tp: int, pp: int, vpp: int | None, hf_dir: str, ckpt_dir: str
+) -> dict[str, Any]:
+    from megatron.core import parallel_state
+
+    from tests.helpers import allow_dist_checkpointing_on_cpu
+    from tests.test_hf import module_from_hf
+
+    allow_dist_checkpointing_on_cpu()
+    strategy, module = module_from_hf(
+        hf_dir, world_size, CPU_ARCH, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )  # fmt: skip
+
+    def ranks(group: object) -> list[int]:
+        return torch.distributed.get_process_group_ranks(group)
+
+    chunks = module.model_chunks
+    record: dict[str, Any] = {
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp": ranks(parallel_state.get_pipeline_model_parallel_group()),
+        "tp": ranks(parallel_state.get_tensor_model_parallel_group()),
+        "dp": ranks(parallel_state.get_data_parallel_group()),
+        "embedding": ranks(parallel_state.get_embedding_group()),
+        "sampler": strategy.distributed_sampler_kwargs,
+        "model_is_module_list": isinstance(module.model, torch.nn.ModuleList),
+        "chunks": [
+            {
+                "layers": [int(layer.layer_number) - 1 for layer in chunk.decoder.layers],
+                "embedding": hasattr(chunk, "embedding"),
+                "output_layer": hasattr(chunk, "output_layer"),
+                "final_norm": getattr(chunk.decoder, "final_layernorm", None) is not None,
+                "parameters": sum(p.numel() for p in chunk.parameters()),
+            }
+            for chunk in chunks
+        ],
+    }
+    # The loss every stage logs: only the last stage has the schedule's reports (as Megatron's schedules return them).
+    last = parallel_state.is_pipeline_last_stage()
+    from lightning_llama_fp8.model import masked_token_loss
+    from lightning_llama_fp8.pipeline import reduce_pipeline_loss
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    reports = [masked_token_loss(torch.ones(1, 4), torch.full((1, 4), 2.0 + dp_rank))[2]] if last else []
+    loss_sum, tokens, local = reduce_pipeline_loss(reports, torch.device("cpu"))
+    record.update(loss=(loss_sum / tokens).item(), tokens=tokens.item(), local=local.tolist())
+    # What the callbacks report and resolve: layers by their global number; a name held by another stage is known.
+    from lightning_llama_fp8.callbacks.fault_injection import _held_by_some_stage
+    from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+
+    modules = dict(module.named_modules())
+    layers = [name for name in modules if re.search(r"layers\.\d+$", name)]
+    record["global_layer_names"] = [global_module_name(name, modules) for name in layers]
+    record["stage"] = pipeline_stage()
+    last_layer = "model.decoder.layers.3" if vpp is None else "model.1.decoder.layers.3"
+    record["held_anywhere"] = _held_by_some_stage(last_layer in record["global_layer_names"])
+    record["missing_anywhere"] = _held_by_some_stage(False)
+    strategy.save_checkpoint({"global_step": 3, "state_dict": module.state_dict()}, ckpt_dir)
+    strategy.teardown()
+    return record
+
+
+def _load_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: str) -> dict[str, Any]:
+    """The PP checkpoint's weights, loaded into one process without PP, next to the same HF import."""
+    from tests.test_hf import module_from_hf
+
+    strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH)
+    imported = {name: param.detach().clone() for name, param in module.model.named_parameters()}
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.zero_()
+    strategy.load_checkpoint(ckpt_dir)
+    loaded = {name: param.detach().clone() for name, param in module.model.named_parameters()}
+    strategy.teardown()
+    return {"imported": imported, "loaded": loaded}
+
+
+@pytest.mark.parametrize(
+    "tp,pp,vpp", [(2, 2, None), (1, 2, 2)], ids=["pp2xtp2", "pp2xvpp2xdp2"]
+)  # fmt: skip
+def test_pipeline_on_four_gloo_processes(tmp_path: Path, tp: int, pp: int, vpp: int | None) -> None:
+    from lightning_llama_fp8.hf.files import SafetensorsDir
+    from tests.test_hf import make_hf_model
+
+    hf_dir, ckpt = tmp_path / "hf", tmp_path / "pp.ckpt"
+    state = make_hf_model(hf_dir, groups=4, vocab=1000, layers=4)
+    records = run_distributed(_pp_worker, 4, tmp_path / "workers", tp, pp, vpp, str(hf_dir), str(ckpt))
+    arch = LlamaConfig.from_hf(hf_dir, **CPU_ARCH)
+
+    # Megatron's rank order: TP fastest, then DP, then PP: the stages of one replica are world / PP ranks apart.
+    assert [r["pp_rank"] for r in records] == [0, 0, 1, 1]
+    assert [r["pp"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["embedding"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]  # first and last stage
+    if tp == 2:
+        assert [r["tp"] for r in records] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+        assert [r["dp"] for r in records] == [[0], [1], [2], [3]]
+    else:
+        assert [r["dp"] for r in records] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    # Both stages of a replica read the same samples: the last stage's labels belong to the first stage's tokens.
+    assert [r["sampler"]["rank"] for r in records] == ([0, 0, 0, 0] if tp == 2 else [0, 1, 0, 1])
+
+    expected_chunks = model_chunks(pipeline(pp, vpp), 4)
+    for record in records:
+        mine = [c for c in expected_chunks if c.pipeline_rank == record["pp_rank"]]
+        assert [c["layers"] for c in record["chunks"]] == [list(c.layers) for c in mine]
+        assert [c["embedding"] for c in record["chunks"]] == [c.has_embedding for c in mine]
+        assert [c["output_layer"] for c in record["chunks"]] == [c.has_output_layer for c in mine]
+        assert [c["final_norm"] for c in record["chunks"]] == [c.has_output_layer for c in mine]
+        assert record["model_is_module_list"] == (vpp is not None)
+        assert record["stage"] == record["pp_rank"]
+        chunk_of = [f"model.{i}." if vpp is not None else "model." for i in range(len(mine))]
+        assert record["global_layer_names"] == [
+            f"{prefix}decoder.layers.{layer}" for prefix, c in zip(chunk_of, mine, strict=True) for layer in c.layers
+        ]
+    assert all(r["held_anywhere"] for r in records) and not any(r["missing_anywhere"] for r in records)
+    # The chunks of one model replica hold the whole model once: TP splits every weight but the norms, which each TP
+    # rank holds whole (2 per layer and the final one).
+    replica = [r for r in records if r["sampler"]["rank"] == 0]
+    norms = (2 * arch.num_layers + 1) * arch.hidden_size
+    assert sum(c["parameters"] for r in replica for c in r["chunks"]) == arch.num_parameters() + (tp - 1) * norms
+
+    # The same global loss on every rank: replicas' last stages had losses 2.0 and 3.0 (with DP2), 4 tokens each.
+    assert {r["loss"] for r in records} == {2.0 if tp == 2 else 2.5}
+    assert {r["tokens"] for r in records} == {4.0 if tp == 2 else 8.0}
+
+    # The checkpoint written by the pipeline stages: exported bitwise, and loaded into one process without PP.
+    from lightning_llama_fp8.hf import export_to_hf
+
+    export_to_hf(ckpt, tmp_path / "exported")
+    exported = SafetensorsDir(tmp_path / "exported")
+    assert set(exported.names()) == set(state)
+    for name, value in state.items():
+        assert torch.equal(exported.read(name), value), name
+    (loaded,) = run_distributed(_load_worker, 1, tmp_path / "load", str(hf_dir), str(ckpt))
+    assert set(loaded["loaded"]) == set(loaded["imported"])
+    for name, value in loaded["imported"].items():
+        assert torch.equal(loaded["loaded"][name], value), name
