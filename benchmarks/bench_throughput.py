@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--cp-comm-type", choices=("p2p", "a2a", "all_gather"), default="p2p")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size")
+    parser.add_argument("--vpp", type=int, help="virtual_pipeline_model_parallel_size")
+    parser.add_argument("--init-weights", type=Path, help="start from this Hugging Face directory (its arch, --seq)")
     parser.add_argument("--arch", choices=("recipe", "small"), default="recipe")
     parser.add_argument("--cpu-init", action="store_true", help="same initial weights for every TP size")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the recipe's four learning rates")
@@ -218,7 +221,10 @@ def main() -> None:
     fp8_param_gather = args.precision == "fp8" and not args.no_fp8_param_gather
 
     seed_everything(1234)
-    arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
+    if args.init_weights is not None:  # the same initial weights in every layout, pipeline splits included
+        arch = LlamaConfig.from_hf(args.init_weights, seq_length=args.seq)
+    else:
+        arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     plugin = (
         TEFP8Precision(recipe=args.recipe, fp8_param_gather=fp8_param_gather)
         if args.precision == "fp8"
@@ -242,6 +248,8 @@ def main() -> None:
             context_parallel_size=args.cp,
             sequence_parallel=args.tp > 1,
             cp_comm_type=args.cp_comm_type,
+            pipeline_model_parallel_size=args.pp,
+            virtual_pipeline_model_parallel_size=args.vpp,
             use_cpu_initialization=args.cpu_init,
             activation_recompute=recompute,
             optimizer_offload=offload,
@@ -269,6 +277,7 @@ def main() -> None:
             decoupled_lr=5e-4 * scale,
             decoupled_min_lr=4.5e-5 * scale,
         ),
+        init_weights=None if args.init_weights is None else str(args.init_weights),
     )
     data = MockDataModule(
         seq_length=args.seq, vocab_size=arch.vocab_size, global_batch_size=args.gbs, micro_batch_size=args.mbs
@@ -280,6 +289,8 @@ def main() -> None:
             context_parallel_size=args.cp,
             sequence_parallel=args.tp > 1,
             cp_comm_type=args.cp_comm_type,
+            pipeline_model_parallel_size=args.pp,
+            virtual_pipeline_model_parallel_size=args.vpp,
         ),
         int(os.environ.get("WORLD_SIZE", devices)),
         args.gbs,
@@ -338,6 +349,9 @@ def main() -> None:
         "micro_batch_size": args.mbs,
         "tp": args.tp,
         "cp": args.cp,
+        "pp": args.pp,
+        "vpp": args.vpp,
+        "init_weights": None if args.init_weights is None else str(args.init_weights),
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

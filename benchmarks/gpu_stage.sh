@@ -7,6 +7,9 @@
 # Stages (GPUs needed; wall time measured on H200 unless marked as an estimate):
 #   equivalence-2   (2) issue 3: 1-GPU references + TP2, CP2 p2p/a2a/all_gather, DP2 in BF16 and FP8  (~9 min)
 #   equivalence-4   (4) issue 3: the references + DP2, TP2 x CP2, CP2 x DP2 only                     (~8.6 min)
+#   pipeline-2      (2) issues 14/16: PP2 and PP2 x VPP2 against one GPU from the same HF weights, BF16 and FP8
+#                       -> OUT/pipeline/equivalence.json (~7 min est.)
+#   pipeline-4      (4) issues 14/16: TP2 x PP2 and PP2 x DP2, the same way (~7 min est.)
 #   speed-2         (2) issue 3: ours vs Megatron-LM, FP8, CP2 and TP2+SP, 4 layers                    (~5 min)
 #   speed-tp2-32    (2) issue 3: ours vs Megatron-LM, FP8, TP2+SP, all 32 layers (H200: ~84 GB/card)  (~4.6 min)
 #   speed-8b-4      (4) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP2, ours vs Megatron-LM           (~8 min est.)
@@ -44,7 +47,7 @@ set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
 case "$stage" in
-  equivalence-2|equivalence-4|speed-2|speed-tp2-32|speed-8b-4|speed-8b-2|nan-safety|gpu-tests|recipes-1) ;;
+  equivalence-2|equivalence-4|pipeline-2|pipeline-4|speed-2|speed-tp2-32|speed-8b-4|speed-8b-2|nan-safety|gpu-tests|recipes-1) ;;
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
@@ -63,6 +66,10 @@ case "$stage" in
   equivalence-4)
     python3 benchmarks/parallel_equivalence.py --out-dir "$out/equivalence" --gpus 4 --fp8 \
       --only dp2 tp2xcp2 cp2xdp2 ;;
+  pipeline-2)
+    python3 benchmarks/parallel_equivalence.py --out-dir "$out/pipeline" --gpus 2 --fp8 --only pp2 pp2-vpp2 ;;
+  pipeline-4)
+    python3 benchmarks/parallel_equivalence.py --out-dir "$out/pipeline" --gpus 4 --fp8 --only tp2xpp2 pp2xdp2 ;;
   speed-2)
     python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_cp2" --precisions fp8 --cp 2 --nproc 2 &&
     python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_tp2" --precisions fp8 --tp 2 --nproc 2 ;;

@@ -34,10 +34,12 @@ class Layout:
     cp: int = 1
     dp: int = 1
     cp_comm_type: str = "p2p"
+    pp: int = 1
+    vpp: int | None = None
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.cp * self.dp
+        return self.tp * self.cp * self.dp * self.pp
 
 
 LAYOUTS = [
@@ -48,14 +50,25 @@ LAYOUTS = [
     Layout("dp2", dp=2),
     Layout("tp2xcp2", tp=2, cp=2),
     Layout("cp2xdp2", cp=2, dp=2),
+    # Pipeline stages draw their initial weights from their own RNG streams: these layouts and their one-GPU
+    # reference start from the same Hugging Face weights instead (written once by this script).
+    Layout("pp2", pp=2),
+    Layout("pp2-vpp2", pp=2, vpp=2),
+    Layout("tp2xpp2", tp=2, pp=2),
+    Layout("pp2xdp2", pp=2, dp=2),
 ]
 
 
 def train(
-    layout: Layout, precision: str, args: argparse.Namespace, cpu_init: bool = False, gpu: int | None = None
+    layout: Layout,
+    precision: str,
+    args: argparse.Namespace,
+    cpu_init: bool = False,
+    gpu: int | None = None,
+    init_weights: Path | None = None,
 ) -> dict:
     """One ``bench_throughput.py`` run; ``gpu`` pins a one-GPU run to that card so two can run side by side."""
-    tag = f"{layout.name}_{precision}{'_cpuinit' if cpu_init else ''}"
+    tag = f"{layout.name}_{precision}{'_cpuinit' if cpu_init else ''}{'_hfinit' if init_weights else ''}"
     out = args.out_dir / f"{tag}.json"
     if args.reuse and out.exists():
         print(f"reusing {out.name}", flush=True)
@@ -64,7 +77,9 @@ def train(
         str(HERE / "bench_throughput.py"), "--arch", "small", "--layers", str(args.layers), "--seq", str(args.seq),
         "--gbs", str(args.gbs), "--mbs", "1", "--steps", str(args.steps), "--warmup", "2",
         "--lr-scale", str(args.lr_scale), "--precision", precision, "--tp", str(layout.tp), "--cp", str(layout.cp),
-        "--cp-comm-type", layout.cp_comm_type, "--out", str(out), *(["--cpu-init"] if cpu_init else []),
+        "--cp-comm-type", layout.cp_comm_type, "--pp", str(layout.pp), "--out", str(out),
+        *(["--vpp", str(layout.vpp)] if layout.vpp else []), *(["--cpu-init"] if cpu_init else []),
+        *(["--init-weights", str(init_weights)] if init_weights else []),
     ]  # fmt: skip
     if layout.gpus > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(layout.gpus)]
@@ -84,6 +99,23 @@ def train(
     return json.loads(out.read_text())
 
 
+def write_hf_weights(directory: Path, num_layers: int, seq_length: int) -> Path:
+    """Random Hugging Face weights of ``bench_throughput.py``'s small architecture (written with transformers)."""
+    if (directory / "config.json").exists():
+        return directory
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=num_layers, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=128, vocab_size=32000, max_position_embeddings=seq_length,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02,
+    )  # fmt: skip
+    torch.manual_seed(1234)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
@@ -92,7 +124,8 @@ def compare(
     layout: Layout, reference: dict, bf16: dict, fp8: dict | None, fp8_bf16: dict | None, compared_steps: int
 ) -> dict:
     """One row of the report; ``*_ok`` are the issue's acceptance checks."""
-    row: dict = {"layout": layout.name, "gpus": layout.gpus, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp}
+    row: dict = {"layout": layout.name, "gpus": layout.gpus, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp,
+                 "pp": layout.pp, "vpp": layout.vpp}  # fmt: skip
     if layout.cp > 1:
         row["cp_comm_type"] = layout.cp_comm_type
     if "error" in bf16 or "error" in reference:
@@ -147,27 +180,33 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         ref_gpu = pool.submit(train, one_gpu, "bf16", args, False, 0)
         ref_cpu = pool.submit(train, one_gpu, "bf16", args, True, 1 if args.gpus > 1 else 0)
-        references = {False: ref_gpu.result(), True: ref_cpu.result()}
+        references: dict[str, dict] = {"gpu": ref_gpu.result(), "cpu": ref_cpu.result()}
+    init_dir = None
+    if any(layout.pp > 1 for layout in layouts):
+        init_dir = write_hf_weights(args.out_dir / "hf_init", args.layers, args.seq)
+        references["hf"] = train(one_gpu, "bf16", args, init_weights=init_dir)
     rows, ok = [], all("error" not in ref for ref in references.values())
     for layout in layouts:
-        cpu_init = layout.tp > 1
-        bf16 = train(layout, "bf16", args, cpu_init)
+        init = "hf" if layout.pp > 1 else "cpu" if layout.tp > 1 else "gpu"
+        cpu_init, weights = init == "cpu", init_dir if init == "hf" else None
+        bf16 = train(layout, "bf16", args, cpu_init, init_weights=weights)
         fp8 = fp8_bf16 = None
         if args.fp8 and "error" not in bf16:
-            # FP8 is compared with BF16 of the same layout and initialisation: both use Megatron's GPU init.
-            fp8_bf16 = train(layout, "bf16", args) if cpu_init else bf16
-            fp8 = train(layout, "fp8", args)
-        row = compare(layout, references[cpu_init], bf16, fp8, fp8_bf16, args.compared_steps)
-        row["initialisation"] = "cpu (sliced full weights)" if cpu_init else "gpu"
+            # FP8 is compared with BF16 of the same layout and initialisation (GPU init, or the HF weights).
+            fp8_bf16 = train(layout, "bf16", args, init_weights=weights) if cpu_init else bf16
+            fp8 = train(layout, "fp8", args, init_weights=weights)
+        row = compare(layout, references[init], bf16, fp8, fp8_bf16, args.compared_steps)
+        row["initialisation"] = {"cpu": "cpu (sliced full weights)", "gpu": "gpu", "hf": "Hugging Face weights"}[init]
         ok = ok and row.get("bf16_ok", False) and (not args.fp8 or row.get("fp8_ok", False))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("losses")}), flush=True)
 
     summary = {
-        "device": references[False].get("device"),
+        "device": references["gpu"].get("device"),
         "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "only")},
-        "reference": {k: references[False].get(k) for k in ("losses", "grad_norms", "error")},
-        "reference_cpu_init": {k: references[True].get(k) for k in ("losses", "grad_norms", "error")},
+        "reference": {k: references["gpu"].get(k) for k in ("losses", "grad_norms", "error")},
+        "reference_cpu_init": {k: references["cpu"].get(k) for k in ("losses", "grad_norms", "error")},
+        "reference_hf_init": {k: references.get("hf", {}).get(k) for k in ("losses", "grad_norms", "error")},
         "rows": rows,
     }
     (args.out_dir / "equivalence.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -77,7 +77,9 @@ class MegatronCPStrategy(ParallelStrategy):
         bucket_size: gradient bucket size in elements (``None``: Megatron's default).
         check_for_nan_in_grad: have Megatron DDP assert that gradients are finite before reducing them.
         use_cpu_initialization: draw every full weight on the CPU from one seed and give each TP rank its slice,
-            so any TP size starts from exactly the weights of one GPU (for reproducing runs across layouts). Off:
+            so any TP size starts from exactly the weights of one GPU (for reproducing runs across TP layouts; not
+            across pipeline splits, where each stage draws from its own RNG stream: start those from a checkpoint
+            or Hugging Face weights to compare them). Off:
             each TP rank draws its own slice on the GPU (Megatron's default, much faster for big models). Always
             on when training on CPU. Not with FP8 weights (``TEFP8Precision(fp8_param_gather=True)``).
         seed: seed for Megatron's model-parallel RNG streams (defaults to Lightning's global seed or 1234).
