@@ -99,6 +99,14 @@ class StepLog(Callback):
             self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
+def _host_memory_stats() -> dict[str, float]:
+    """The time and byte counters of torch's pinned host-memory allocator (empty where torch has none)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not torch.cuda.is_available():
+        return {}
+    return {k: float(v) for k, v in stats().items() if isinstance(v, (int, float)) and ("time" in k or "bytes" in k)}
+
+
 class CheckpointStall(Callback):
     """What each checkpoint save costs the training loop, and how fast the steps run during a background write.
 
@@ -123,9 +131,14 @@ class CheckpointStall(Callback):
         save, batch_start, train_end = strategy.save_checkpoint, strategy.on_train_batch_start, strategy.on_train_end
 
         def timed_save(*args: Any, **kwargs: Any) -> None:
+            host_before = _host_memory_stats()
             begin = time.perf_counter()
             save(*args, **kwargs)
-            self.saves.append({"step": trainer.global_step, "save_call_s": time.perf_counter() - begin})
+            seconds = time.perf_counter() - begin
+            # torch's pinned host allocator around the save: a first save that allocates (and pins) its host
+            # buffers shows here, later saves that reuse them do not.
+            host = {k: v - host_before.get(k, 0) for k, v in _host_memory_stats().items()}
+            self.saves.append({"step": trainer.global_step, "save_call_s": seconds, "host_allocator_delta": host})
 
         def timed_batch_start(*args: Any, **kwargs: Any) -> None:
             pending = strategy.pending_checkpoint

@@ -42,7 +42,9 @@
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
 #                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=60 steps apart):
 #                       blocked s per save, tokens/s during the background write -> OUT/checkpoint_stall.json
-#                       (5.8 min measured; two checkpoints at most, under $CKPT_STALL_DIR, default /dev/shm)
+#                       then the async run again with torch's host-register pinned allocator (5.8 min measured
+#                       without that run, ~8.5 min with it; two checkpoints at most, under $CKPT_STALL_DIR, default
+#                       /dev/shm)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
@@ -223,17 +225,27 @@ PY
     python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) --warmup 6 \
       --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/async.json" > "$c/async.log" 2>&1
     echo "async exit $?"; rm -rf "$ckpts"
+    # The same with torch's pinned host allocator registering (pre-faulted, multi-threaded) pages instead of
+    # cudaHostAlloc: the first save's host buffers are what it blocks on (2026-12-03: 13.8 s vs 0.57 s).
+    PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) --warmup 6 \
+      --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/async_host_register.json" \
+      > "$c/async_host_register.log" 2>&1
+    echo "async (host register) exit $?"; rm -rf "$ckpts"
     python3 - "$c" "$out/checkpoint_stall.json" <<'PY'
 import json, sys
 from pathlib import Path
 c, rows, card = Path(sys.argv[1]), [], None
-for mode in ("sync", "async"):
-    path = c / f"{mode}.json"
+settings = {"async_host_register": "PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8"}
+for name in ("sync", "async", "async_host_register"):
+    mode = name.split("_")[0]
+    path = c / f"{name}.json"
     if not path.is_file():
-        rows.append({"mode": mode, "error": f"no record; see {mode}.log"}); continue
+        rows.append({"mode": mode, "settings": settings.get(name), "error": f"no record; see {name}.log"}); continue
     record = json.loads(path.read_text()); card = record["device"]; ckpt = record["checkpoint"]
     rows.append({
         "mode": mode,
+        "settings": settings.get(name),
         "checkpoint_gib": ckpt["checkpoint_gib"],
         "blocked_s": max(ckpt["blocked_s"]) if ckpt["blocked_s"] else None,  # the worse of the saves
         "blocked_s_per_save": ckpt["blocked_s"],
