@@ -206,9 +206,24 @@ def _pp_worker(
     last_layer = "model.decoder.layers.3" if vpp is None else "model.1.decoder.layers.3"
     record["held_anywhere"] = _held_by_some_stage(last_layer in record["global_layer_names"])
     record["missing_anywhere"] = _held_by_some_stage(False)
+    # The interleaved schedule's micro-batch rule, from the data module too (Python users skip `llama-fp8 fit`'s check).
+    from lightning_llama_fp8 import MockDataModule
+
+    data = MockDataModule(
+        seq_length=arch_seq(module), vocab_size=1000, global_batch_size=6, micro_batch_size=1, train_samples=12
+    )
+    try:
+        data.setup("fit")
+        record["gbs6_refused"] = None
+    except ValueError as err:
+        record["gbs6_refused"] = str(err)
     strategy.save_checkpoint({"global_step": 3, "state_dict": module.state_dict()}, ckpt_dir)
     strategy.teardown()
     return record
+
+
+def arch_seq(module: Any) -> int:
+    return int(module.arch.seq_length)
 
 
 def _load_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: str) -> dict[str, Any]:
@@ -264,6 +279,12 @@ def test_pipeline_on_four_gloo_processes(tmp_path: Path, tp: int, pp: int, vpp: 
             f"{prefix}decoder.layers.{layer}" for prefix, c in zip(chunk_of, mine, strict=True) for layer in c.layers
         ]
     assert all(r["held_anywhere"] for r in records) and not any(r["missing_anywhere"] for r in records)
+    # GBS 6: 3 micro batches per step with DP2 (interleaved: refused), 6 with DP1 (1F1B: fine).
+    for record in records:
+        if vpp is None:
+            assert record["gbs6_refused"] is None
+        else:
+            assert "groups of PP 2, but each step has 3" in record["gbs6_refused"], record["gbs6_refused"]
     # The chunks of one model replica hold the whole model once: TP splits every weight but the norms, which each TP
     # rank holds whole (2 per layer and the final one).
     replica = [r for r in records if r["sampler"]["rank"] == 0]

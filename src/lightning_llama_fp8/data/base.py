@@ -279,6 +279,23 @@ def _data_parallel_size_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
+def _pipeline_schedule_problems(num_microbatches: int) -> list[str]:
+    """What Megatron's interleaved pipeline schedule (if this run has one) refuses about the micro batches per step."""
+    if not parallel_state.model_parallel_is_initialized():
+        return []
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if virtual is None:
+        return []
+    from lightning_llama_fp8.layout import ParallelLayout
+    from lightning_llama_fp8.pipeline_layout import interleaved_schedule_problems
+
+    layout = ParallelLayout(
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=virtual,
+    )
+    return interleaved_schedule_problems(layout, num_microbatches)
+
+
 class GPTDataModule(LightningDataModule):
     """Base of the DataModules over Megatron's ``GPTDataset`` family; subclasses implement :meth:`build_datasets`.
 
@@ -434,6 +451,9 @@ class GPTDataModule(LightningDataModule):
                 "data-parallel ranks) so that it divides."
             )
         self.num_microbatches = self.global_batch_size // per_step
+        problems = _pipeline_schedule_problems(self.num_microbatches)
+        if problems:
+            raise ValueError(problems[0].replace("the interleaved", "data: the interleaved", 1))
 
         need_train = stage in (None, "fit")
         train_samples = self._resolve_train_samples(need_train)
