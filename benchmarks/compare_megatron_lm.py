@@ -22,15 +22,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _launch import MEGATRON_LM_BASELINE, log_tail, max_allocated, megatron_lm_baseline_env, run_logged, torchrun
 from parse_megatron_log import parse_iteration_times, parse_losses
 
 HERE = Path(__file__).resolve().parent
@@ -52,19 +51,15 @@ RECOMPUTE_ROWS: dict[str, tuple[list[str], list[str]]] = {
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
-    start = time.time()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log tail:\n{tail}")
-    return time.time() - start
+    code, wall = run_logged(cmd, env, log)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}); log tail:\n{log_tail(log, 40)}")
+    return wall
 
 
 def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()) -> dict:
     result_file = out_dir / f"ours_{precision}{tag}.json"
-    cmd = [
-        sys.executable,
+    script = [
         str(HERE / "bench_throughput.py"),
         "--precision",
         precision,
@@ -84,8 +79,7 @@ def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "",
         str(result_file),
         *extra,
     ]
-    if args.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), *cmd[1:]]
+    cmd = [*torchrun(args.nproc), *script] if args.nproc > 1 else [sys.executable, *script]
     wall = run(cmd, dict(os.environ), out_dir / f"ours_{precision}{tag}.log")
     result = json.loads(result_file.read_text())
     result["wall_s"] = wall
@@ -96,17 +90,16 @@ def megatron_lm(
     args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()
 ) -> dict:
     log = out_dir / f"megatron_lm_{precision}{tag}.log"
-    env = dict(
-        os.environ,
-        PRECISION=precision,
-        NPROC=str(args.nproc),
-        NUM_LAYERS=str(args.layers),
-        GBS=str(args.gbs),
-        ITERS=str(args.steps),
-        TP=str(args.tp),
-        CP=str(args.cp),
+    settings = megatron_lm_baseline_env(
+        precision=precision,
+        nproc=args.nproc,
+        layers=args.layers,
+        gbs=args.gbs,
+        iters=args.steps,
+        tp=args.tp,
+        cp=args.cp,
     )
-    wall = run(["bash", str(HERE / "megatron_lm_baseline.sh"), *extra], env, log)
+    wall = run(["bash", str(MEGATRON_LM_BASELINE), *extra], {**os.environ, **settings}, log)
     text = log.read_text()
     times = [t / 1000.0 for t in parse_iteration_times(text)]
     timed = times[args.warmup :]
@@ -129,14 +122,22 @@ def megatron_lm(
 
 def peak_allocated_gib(log_text: str) -> float | None:
     """Largest ``max allocated`` of Megatron-LM's memory reports, which it prints in MiB (``/ 1024 / 1024``)."""
-    peaks = [
-        float(part.split(":")[1])
-        for line in log_text.splitlines()
-        if "max allocated" in line
-        for part in line.split("|")
-        if "max allocated" in part
-    ]
+    peaks = max_allocated(log_text)
     return max(peaks) / 1024 if peaks else None
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's shape and step counts, as both ``compare.json`` and ``recompute.json`` record them."""
+    return {
+        "layers": args.layers,
+        "seq_length": 8192,
+        "micro_batch_size": 1,
+        "global_batch_size": args.gbs,
+        "tp": args.tp,
+        "cp": args.cp,
+        "steps": args.steps,
+        "warmup_steps_excluded": args.warmup,
+    }
 
 
 def compare_recompute(args: argparse.Namespace) -> None:
@@ -180,18 +181,7 @@ def compare_recompute(args: argparse.Namespace) -> None:
             row[f"{side}_max_loss_diff_vs_none"] = max((abs(a - b) for a, b in pairs), default=None)
     summary = {
         "card": torch.cuda.get_device_name(),
-        "config": {
-            "precision": precision,
-            "layers": args.layers,
-            "seq_length": 8192,
-            "micro_batch_size": 1,
-            "global_batch_size": args.gbs,
-            "tp": args.tp,
-            "cp": args.cp,
-            "steps": args.steps,
-            "warmup_steps_excluded": args.warmup,
-            "megatron_lm_commit": theirs["commit"],
-        },
+        "config": {"precision": precision, **run_config(args), "megatron_lm_commit": theirs["commit"]},
         "rows": rows,
     }
     (args.out_dir / "recompute.json").write_text(json.dumps(summary, indent=2))
@@ -246,16 +236,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name(),
         "gpus": args.nproc,
-        "config": {
-            "layers": args.layers,
-            "seq_length": 8192,
-            "micro_batch_size": 1,
-            "global_batch_size": args.gbs,
-            "tp": args.tp,
-            "cp": args.cp,
-            "steps": args.steps,
-            "warmup_steps_excluded": args.warmup,
-        },
+        "config": run_config(args),
         "results": rows,
     }
     (args.out_dir / "compare.json").write_text(json.dumps(summary, indent=2))

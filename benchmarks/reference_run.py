@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,14 @@ CONFIG = REPO / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"
 GLOBAL_BATCH, SEQ = 128, 8192
 sys.path.insert(0, str(HERE))
 
+from _launch import MEGATRON_LM_BASELINE, log_tail, max_allocated, megatron_lm_baseline_env, run_logged, torchrun  # noqa: E402
 from parse_megatron_log import parse_iteration_times, parse_losses  # noqa: E402
 
 
 def ours_command(gpus: int, cp: int, steps: int, out_dir: Path) -> list[str]:
     """torchrun + the CLI on the shipped YAML; only steps, layout size, logger and evaluation differ from it."""
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(gpus),
+        *torchrun(gpus),
         "-m",
         "lightning_llama_fp8.cli",
         "fit",
@@ -71,15 +67,7 @@ def ours_command(gpus: int, cp: int, steps: int, out_dir: Path) -> list[str]:
 
 def megatron_lm_env(gpus: int, cp: int, steps: int) -> dict[str, str]:
     """``megatron_lm_baseline.sh`` settings for the full model and the recipe's global batch."""
-    return {
-        "PRECISION": "fp8",
-        "NPROC": str(gpus),
-        "NUM_LAYERS": "32",
-        "GBS": str(GLOBAL_BATCH),
-        "ITERS": str(steps),
-        "TP": "1",
-        "CP": str(cp),
-    }
+    return megatron_lm_baseline_env(precision="fp8", nproc=gpus, layers=32, gbs=GLOBAL_BATCH, iters=steps, tp=1, cp=cp)
 
 
 def read_ours(out_dir: Path) -> dict[str, list[float]]:
@@ -150,15 +138,10 @@ def compare(ours_dir: Path, lm_dir: Path, warmup: int) -> dict[str, Any]:
 
 
 def _lm_peak_memory_gib(log_text: str) -> float | None:
-    """Largest ``max allocated`` of Megatron-LM's per-rank memory reports (MB), in GiB."""
-    peaks = [
-        float(part.split(":")[1])
-        for line in log_text.splitlines()
-        if "max allocated" in line
-        for part in line.split("|")
-        if "max allocated" in part
-    ]
-    return max(peaks) * 1e6 / 2**30 if peaks else None
+    """Largest ``max allocated`` of Megatron-LM's per-rank memory reports, in GiB (Megatron-LM prints MiB: its
+    ``report_memory`` divides by 1024 * 1024)."""
+    peaks = max_allocated(log_text)
+    return max(peaks) / 1024 if peaks else None
 
 
 def run_side(side: str, args: argparse.Namespace) -> None:
@@ -171,7 +154,7 @@ def run_side(side: str, args: argparse.Namespace) -> None:
     else:
         cmd = [
             "bash",
-            str(HERE / "megatron_lm_baseline.sh"),
+            str(MEGATRON_LM_BASELINE),
             "--lr-warmup-iters",
             "30518",
             "--lr-decay-iters",
@@ -179,11 +162,9 @@ def run_side(side: str, args: argparse.Namespace) -> None:
         ]  # the YAML's schedule (recipe samples / 128), so both sides train alike
         env, log = {**os.environ, **megatron_lm_env(args.gpus, args.cp, args.steps)}, "megatron_lm.log"
     print(" ".join(cmd), flush=True)
-    with (args.out_dir / log).open("w") as fh:
-        code = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+    code, _ = run_logged(cmd, env, args.out_dir / log)
     if code:
-        tail = "".join((args.out_dir / log).read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{side} run failed with exit code {code}; log tail:\n{tail}")
+        raise SystemExit(f"{side} run failed with exit code {code}; log tail:\n{log_tail(args.out_dir / log, 30)}")
 
 
 def main(argv: list[str] | None = None) -> None:

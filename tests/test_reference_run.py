@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from tests.test_parse_megatron_log import _iteration_line
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _launch  # noqa: E402
+import compare_megatron_lm  # noqa: E402
 import reference_run  # noqa: E402
 
 
@@ -94,7 +99,7 @@ def test_compare_reads_both_sides_and_does_the_arithmetic(tmp_path: Path) -> Non
     assert ours["tflops_per_gpu"] == pytest.approx(per_token * 128 * 8192 / 9.0 / 8 / 1e12)
     assert ours["tflops_per_gpu_causal"] < ours["tflops_per_gpu"]
     assert ours["peak_memory_gib"] == pytest.approx(71.29)
-    assert lm["peak_memory_gib"] == pytest.approx(76000.5e6 / 2**30)
+    assert lm["peak_memory_gib"] == pytest.approx(76000.5 / 1024)  # Megatron-LM reports MiB
     assert len(ours["losses"]) == 30 and lm["losses"][0] == pytest.approx(11.9)
 
 
@@ -103,3 +108,65 @@ def test_compare_says_which_side_is_missing(tmp_path: Path) -> None:
     (tmp_path / "ours" / "run.json").write_text(json.dumps({"gpus": 8, "cp": 2}))
     with pytest.raises(FileNotFoundError, match="did the 'ours' run finish"):
         reference_run.compare(tmp_path / "ours", tmp_path / "lm", warmup=10)
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch, code: int = 0) -> list[dict[str, Any]]:
+    """Stand-in for the runs ``_launch.run_logged`` starts: records them and writes what each side reads back."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(cmd: list[str], *, env: dict[str, str], stdout: Any, stderr: int, check: bool) -> Any:
+        calls.append({"cmd": cmd, "env": env, "log": Path(stdout.name), "stderr": stderr, "check": check})
+        if "--out" in cmd:  # bench_throughput.py's result file
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_sec_per_gpu": 1.0}))
+        stdout.write("".join(_iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
+        return subprocess.CompletedProcess(cmd, code)
+
+    monkeypatch.setattr(_launch.subprocess, "run", fake_run)
+    return calls
+
+
+def test_compare_megatron_lm_launches_the_same_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_launches(monkeypatch)
+    args = argparse.Namespace(layers=4, gbs=8, steps=30, warmup=10, tp=2, cp=1, nproc=2)
+    compare_megatron_lm.ours(args, "fp8", tmp_path)
+    compare_megatron_lm.megatron_lm(args, "bf16", tmp_path, "_recompute_full", ["--recompute-granularity", "full"])
+
+    ours, lm = calls
+    assert ours["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "benchmarks" / "bench_throughput.py"), "--precision", "fp8", "--layers", "4",
+                           "--gbs", "8", "--steps", "30", "--warmup", "10", "--tp", "2", "--cp", "1",
+                           "--out", str(tmp_path / "ours_fp8.json")]  # fmt: skip
+    assert ours["env"] == dict(os.environ) and ours["log"] == tmp_path / "ours_fp8.log"
+    assert lm["cmd"] == [
+        "bash",
+        str(ROOT / "benchmarks" / "megatron_lm_baseline.sh"),
+        "--recompute-granularity",
+        "full",
+    ]
+    assert lm["env"] == {**os.environ, "PRECISION": "bf16", "NPROC": "2", "NUM_LAYERS": "4", "GBS": "8", "ITERS": "30",
+                         "TP": "2", "CP": "1"}  # fmt: skip
+    assert lm["log"] == tmp_path / "megatron_lm_bf16_recompute_full.log"
+    assert all(c["stderr"] == subprocess.STDOUT and c["check"] is False for c in calls)
+    args.nproc = 1  # one process: bench_throughput.py straight under this interpreter
+    compare_megatron_lm.ours(args, "fp8", tmp_path)
+    assert calls[-1]["cmd"][:2] == [sys.executable, str(ROOT / "benchmarks" / "bench_throughput.py")]
+
+
+def test_reference_run_launches_the_same_commands_and_fails_with_the_log_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_launches(monkeypatch)
+    args = argparse.Namespace(out_dir=tmp_path, gpus=8, cp=1, steps=30)
+    reference_run.run_side("ours", args)
+    assert calls[-1]["cmd"] == reference_run.ours_command(8, 1, 30, tmp_path)
+    assert calls[-1]["env"] == dict(os.environ) and calls[-1]["log"] == tmp_path / "ours.log"
+
+    calls = record_launches(monkeypatch, code=3)
+    with pytest.raises(SystemExit) as excinfo:
+        reference_run.run_side("megatron-lm", args)
+    assert calls[-1]["cmd"] == ["bash", str(ROOT / "benchmarks" / "megatron_lm_baseline.sh"), "--lr-warmup-iters",
+                                "30518", "--lr-decay-iters", "15228271"]  # fmt: skip
+    assert calls[-1]["env"] == {**os.environ, **reference_run.megatron_lm_env(8, 1, 30)}
+    log = (tmp_path / "megatron_lm.log").read_text()
+    tail = "".join(log.splitlines(keepends=True)[-30:])
+    assert str(excinfo.value) == f"megatron-lm run failed with exit code 3; log tail:\n{tail}"
