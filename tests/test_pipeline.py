@@ -196,7 +196,7 @@ def _pp_worker(
     loss_sum, tokens, local = reduce_pipeline_loss(reports, torch.device("cpu"))
     record.update(loss=(loss_sum / tokens).item(), tokens=tokens.item(), local=local.tolist())
     # What the callbacks report and resolve: layers by their global number; a name held by another stage is known.
-    from lightning_llama_fp8.callbacks.fault_injection import _held_by_some_stage
+    from lightning_llama_fp8.callbacks.fault_injection import _from_every_stage
     from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
 
     modules = dict(module.named_modules())
@@ -204,8 +204,8 @@ def _pp_worker(
     record["global_layer_names"] = [global_module_name(name, modules) for name in layers]
     record["stage"] = pipeline_stage()
     last_layer = "model.decoder.layers.3" if vpp is None else "model.1.decoder.layers.3"
-    record["held_anywhere"] = _held_by_some_stage(last_layer in record["global_layer_names"])
-    record["missing_anywhere"] = _held_by_some_stage(False)
+    record["held_anywhere"] = any(_from_every_stage(last_layer in record["global_layer_names"]))
+    record["missing_anywhere"] = any(_from_every_stage(False))
     # The interleaved schedule's micro-batch rule, from the data module too (Python users skip `llama-fp8 fit`'s check).
     from lightning_llama_fp8 import MockDataModule
 
@@ -320,3 +320,30 @@ def test_equivalence_benchmark_writes_the_small_arch_as_hf_weights(tmp_path: Pat
 
     directory = parallel_equivalence.write_hf_weights(tmp_path / "hf", 2, 4096)
     assert LlamaConfig.from_hf(directory, seq_length=4096) == bench_throughput.small_arch(2, 4096)
+
+
+def test_recompute_num_layers_fits_the_largest_chunk_of_an_uneven_split() -> None:
+    """One recompute_num_layers for every chunk; Megatron clamps it to each chunk's own layer count."""
+    from lightning_llama_fp8 import MegatronCPStrategy, RecomputeSettings
+    from lightning_llama_fp8.plan import plan_training
+
+    layout = pipeline(4, first=2, last=2)  # stages of 2, 14, 14, 2 layers
+    block = RecomputeSettings("full", "block", 8)
+    strategy = MegatronCPStrategy(
+        pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=2
+    )
+    assert strategy._layers_per_stage(llama_tiny(num_layers=32)) == 14
+    arch = llama_tiny(num_layers=32, **CPU_ARCH)
+    plan = plan_training(arch, layout, 4, 8, 1, "bf16", recompute=block)
+    assert [stage.activations.layers_kept for stage in plan.stages] == [0, 6, 6, 0]  # 14 - 8 kept whole
+    with pytest.raises(ValueError, match="must be between 1 and the model's 14 transformer layers"):
+        plan_training(arch, layout, 4, 8, 1, "bf16", recompute=RecomputeSettings("full", "block", 15))
+
+
+def test_bf16_end_layers_fit_megatrons_per_stage_limit() -> None:
+    from lightning_llama_fp8.precision import check_bf16_layers
+
+    check_bf16_layers(8, 8, 32, 4)  # num_layers / PP = 8 at either end
+    with pytest.raises(ValueError, match=r"at most num_layers / PP = 8 BF16 layers at either end"):
+        check_bf16_layers(10, 0, 32, 4)
+    check_bf16_layers(10, 0, 32, 1)  # without PP only "some layer stays in FP8"

@@ -249,7 +249,13 @@ def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
         None if vocab_size is None else int(vocab_size),
     )
     _, fp8 = _precision_from(config.get("trainer") or {})
-    check_bf16_layers(int(fp8.get("bf16_first_layers", 0)), int(fp8.get("bf16_last_layers", 0)), arch.num_layers)
+    strategy = _init_args((config.get("trainer") or {}).get("strategy"))
+    check_bf16_layers(
+        int(fp8.get("bf16_first_layers", 0)),
+        int(fp8.get("bf16_last_layers", 0)),
+        arch.num_layers,
+        int(strategy.get("pipeline_model_parallel_size", 1)),
+    )
     if fitting:
         trainer = config.get("trainer") or {}
         max_steps = int(trainer.get("max_steps") or -1)

@@ -448,7 +448,8 @@ def plan_training(
     _check_precision(precision, fp8_param_gather)
     dp = validate_layout(layout, world_size, cfg, global_batch_size, micro_batch_size)
     recipe = fp8_recipe if precision == "fp8" else None
-    chunk_layers = min(len(chunk.layers) for chunk in model_chunks(layout, cfg.num_layers))
+    # One recompute_num_layers for all chunks, clamped by Megatron to each chunk's layers: up to the largest.
+    chunk_layers = max(len(chunk.layers) for chunk in model_chunks(layout, cfg.num_layers))
     if recompute is not None:
         recompute.check(chunk_layers, cfg.transformer_impl, recipe)
     if optimizer_offload is not None:

@@ -128,8 +128,9 @@ class MegatronPrecision(Precision):
     def check_supported(self) -> None:
         """Raise if this machine cannot train in this precision. BF16 runs wherever Megatron does."""
 
-    def check_num_layers(self, num_layers: int) -> None:
-        """Raise if a setting of this plugin cannot take effect on a model of ``num_layers`` transformer layers."""
+    def check_num_layers(self, num_layers: int, pipeline_model_parallel_size: int = 1) -> None:
+        """Raise if a setting of this plugin cannot take effect on a model of ``num_layers`` transformer layers
+        split over ``pipeline_model_parallel_size`` stages."""
 
     @property
     def fp8_active(self) -> bool:
@@ -262,9 +263,10 @@ class TEFP8Precision(MegatronPrecision):
         """True if some transformer layers stay in BF16."""
         return self.bf16_first_layers > 0 or self.bf16_last_layers > 0
 
-    def check_num_layers(self, num_layers: int) -> None:
-        """Refuse BF16 first/last layers that leave no layer in FP8 (the strategy calls it before building)."""
-        check_bf16_layers(self.bf16_first_layers, self.bf16_last_layers, num_layers)
+    def check_num_layers(self, num_layers: int, pipeline_model_parallel_size: int = 1) -> None:
+        """Refuse BF16 first/last layers that leave no layer in FP8 or that Megatron refuses for the pipeline split
+        (the strategy calls it before building)."""
+        check_bf16_layers(self.bf16_first_layers, self.bf16_last_layers, num_layers, pipeline_model_parallel_size)
 
     # ------------------------------------------------------------------ support
     def check_supported(self) -> None:
@@ -438,9 +440,18 @@ class TEFP8Precision(MegatronPrecision):
             yield
 
 
-def check_bf16_layers(first: int, last: int, num_layers: int) -> None:
+def check_bf16_layers(first: int, last: int, num_layers: int, pipeline_model_parallel_size: int = 1) -> None:
     """Raise ``ValueError`` if ``first`` + ``last`` BF16 layers cover all ``num_layers``: every layer would run in
-    BF16 while the log says FP8 (Megatron accepts it; only the LM head and embeddings are outside FP8 anyway)."""
+    BF16 while the log says FP8 (Megatron accepts it; only the LM head and embeddings are outside FP8 anyway); or if
+    either exceeds the layers per pipeline stage, which Megatron's TransformerConfig refuses once the model is built.
+    """
+    per_stage = num_layers // max(pipeline_model_parallel_size, 1)
+    if pipeline_model_parallel_size > 1 and max(first, last) > per_stage:
+        raise ValueError(
+            f"TEFP8Precision(bf16_first_layers={first}, bf16_last_layers={last}): with pipeline_model_parallel_size "
+            f"{pipeline_model_parallel_size} Megatron allows at most num_layers / PP = {per_stage} BF16 layers at "
+            f"either end; lower them to <= {per_stage}."
+        )
     if (first or last) and first + last >= num_layers:
         raise ValueError(
             f"TEFP8Precision(bf16_first_layers={first}, bf16_last_layers={last}) keeps {first + last} layers in BF16, "

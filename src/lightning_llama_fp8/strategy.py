@@ -246,7 +246,7 @@ class MegatronCPStrategy(ParallelStrategy):
         arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
         validate_layout(self.layout, self.world_size, arch=arch)
         if arch is not None:
-            self.precision_plugin.check_num_layers(arch.num_layers)
+            self.precision_plugin.check_num_layers(arch.num_layers, self.layout.pipeline_model_parallel_size)
         self._check_memory_settings(arch)
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         self._process_group_backend = backend
@@ -328,8 +328,9 @@ class MegatronCPStrategy(ParallelStrategy):
             self.activation_recompute.check(self._layers_per_stage(arch), arch.transformer_impl, fp8_recipe)
 
     def _layers_per_stage(self, arch: Any) -> int:
-        """The fewest transformer layers any model chunk holds (what recompute_num_layers must fit)."""
-        return min(len(chunk.layers) for chunk in model_chunks(self.layout, arch.num_layers))
+        """The most transformer layers a model chunk holds: all chunks share one ``recompute_num_layers``, which
+        Megatron clamps to each chunk's own layer count (``recompute.py``), so it may go up to the largest."""
+        return max(len(chunk.layers) for chunk in model_chunks(self.layout, arch.num_layers))
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout (and activation recompute) fields of the model's ``TransformerConfig``."""

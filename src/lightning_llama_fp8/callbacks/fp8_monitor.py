@@ -126,7 +126,8 @@ class FP8StatsMonitor(Callback):
         # global layer numbers (the same metric name whatever the pipeline split).
         modules = dict(pl_module.named_modules())
         with_meta = [(n, m) for n, m in modules.items() if isinstance(getattr(m, "fp8_meta", None), dict)]
-        self._candidates = [(global_module_name(n, modules), m) for n, m in with_meta if self._selected(n)]
+        named = [(global_module_name(n, modules), m) for n, m in with_meta]
+        self._candidates = [(n, m) for n, m in named if self._selected(n)]
         if self._gather_stages:
             self._active = True  # every stage takes part in the gather, even one whose layers none match
             return
