@@ -36,6 +36,7 @@ from typing import Any
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch
+from kernel_profile import StepProfiler
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
     parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
     parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/bench_throughput_ckpts"))
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile N steps after --warmup (0: none)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks/plot_training.py)")
     args = parser.parse_args()
@@ -248,6 +250,9 @@ def main() -> None:
     callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
         callbacks.append(NaNGuard(policy=args.nan_guard))
+    profiler = StepProfiler(args.warmup, args.profile_steps) if args.profile_steps else None
+    if profiler is not None:
+        callbacks.append(profiler)
     stall = CheckpointStall(args.warmup) if args.save_every else None
     if stall is not None:
         # save_top_k=1: the previous checkpoint is deleted once the next one is complete (two on disk at most).
@@ -386,6 +391,8 @@ def main() -> None:
     }
     if stall is not None:
         result["checkpoint"] = stall.summary(args.save_mode, args.ckpt_dir, args.gbs * args.seq // world)
+    if profiler is not None:
+        result["kernel_profile"] = profiler.summary  # kernel_profile.py; profiled steps run slower than timed ones
     if trainer.is_global_zero:
         print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses", "grad_norms")}))
         if args.out:

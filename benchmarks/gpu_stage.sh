@@ -21,6 +21,8 @@
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~3.5 min)
 #   gpu-tests       (1) tests/gpu except the checkpoint tests (stage `checkpoints`)                    (~6 min)
 #   checkpoints     (2) distributed checkpoints: resume on 1 GPU; CP2 -> TP2, DP2 -> DP2/DP1 on 2 GPUs  (~7.5 min)
+#   profile-fp8     (1) issue 15: where the FP8 step loses time: ours FP8 and BF16, 4 layers, 3 steps profiled after
+#                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 #   recompute       (1) issue 14: no / selective / full recompute, ours vs Megatron-LM, FP8, 4 layers, GBS 8:
 #                       s/step, peak memory, plan -> OUT/recompute.json (RECOMPUTE_ROWS adds selective-mlp) (~6 min est.)
@@ -53,7 +55,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall) ;;
+  checkpoint-stall|profile-fp8) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -258,6 +260,23 @@ for name in ("sync", "async", "async_host_register"):
     })
 summary = {"card": card, "rows": rows}
 Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
+  profile-fp8)
+    mkdir -p "$out/profile"
+    for precision in fp8 bf16; do
+      python3 benchmarks/bench_throughput.py --precision "$precision" --layers 4 --steps 13 --warmup 10 \
+        --profile-steps 3 --out "$out/profile/$precision.json" > "$out/profile/$precision.log" 2>&1
+      echo "$precision exit $?"
+    done
+    python3 - "$out/profile" <<'PY'
+import json, sys
+from pathlib import Path
+rows = {p.stem: json.loads(p.read_text()).get("kernel_profile") for p in Path(sys.argv[1]).glob("*.json")}
+for name, summary in sorted(rows.items()):
+    if summary:
+        print(name, f"wall {summary['wall_s_per_step']:.3f} s/step, idle {summary['gpu_idle_s_per_step']:.3f}",
+              {k: round(v, 4) for k, v in summary["kernel_s_per_step_by_kind"].items()})
 PY
     ;;
   recipes-1)

@@ -1,0 +1,110 @@
+"""Where a training step's GPU time goes: kernel time by kind and the GPU's idle time, from ``torch.profiler``.
+
+Used by ``bench_throughput.py --profile-steps N`` (a Lightning callback that profiles N steps after the warm-up) to
+compare FP8 and BF16 steps kind by kind (METHOD: count, predict, measure, compare in one run): GEMMs (FP8 and
+16-bit apart), attention, norms, FP8 casts / transposes / amax and scale updates, communication, the optimizer,
+and the rest; plus the time no kernel ran (host gaps) within the profiled steps' wall time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from lightning.pytorch import Callback
+
+# Checked in order; the first match decides a kernel's kind.
+KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("communication", re.compile(r"nccl|all_?gather|reduce_?scatter|all_?reduce|sendrecv", re.I)),
+    ("attention", re.compile(r"flash|fmha|cudnn|attn|sdpa|softmax", re.I)),
+    ("norm", re.compile(r"rmsnorm|layernorm|layer_norm|rms_norm", re.I)),  # before casts: TE norms may emit FP8
+    ("gemm_fp8", re.compile(r"(gemm|nvjet|xmma|matmul|cutlass).*(e4m3|e5m2|f8)|(e4m3|e5m2|f8).*(gemm|nvjet)", re.I)),
+    ("gemm_16bit", re.compile(r"gemm|nvjet|xmma|matmul|cutlass|ampere_|sm90_", re.I)),
+    ("fp8_cast_amax", re.compile(r"cast|transpose|amax|quantiz|fp8|delayed_scaling|scale", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|l2norm", re.I)),
+    ("cross_entropy", re.compile(r"cross_entropy|log_softmax|nll", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel by its name (``other`` when none matches)."""
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def summarize_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float, steps: int) -> dict[str, Any]:
+    """Per-step kernel time by kind, the busiest kernels, and the GPU's idle share of ``wall_s``.
+
+    ``kernels``: ``(name, start_us, end_us)`` of every kernel in the profiled steps (all streams). Busy time is the
+    union of their intervals, so overlapping kernels (communication beside compute) count once there.
+    """
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    intervals = []
+    for name, start, end in kernels:
+        seconds = (end - start) / 1e6
+        by_kind[kernel_kind(name)] += seconds
+        by_name[name] += seconds
+        intervals.append((start, end))
+    busy_us, current_end = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if start > current_end:
+            busy_us += end - start
+            current_end = end
+        elif end > current_end:
+            busy_us += end - current_end
+            current_end = end
+    steps = max(steps, 1)
+    busy_s = busy_us / 1e6
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:15]
+    return {
+        "steps": steps,
+        "wall_s_per_step": wall_s / steps,
+        "kernel_s_per_step_by_kind": {kind: seconds / steps for kind, seconds in sorted(by_kind.items())},
+        "gpu_busy_s_per_step": busy_s / steps,
+        "gpu_idle_s_per_step": max(wall_s - busy_s, 0.0) / steps,
+        "top_kernels_s_per_step": [
+            {"name": name[:160], "kind": kernel_kind(name), "s": seconds / steps} for name, seconds in top
+        ],
+    }
+
+
+class StepProfiler(Callback):
+    """A Lightning callback: profile ``steps`` optimizer steps starting after ``warmup`` (CUDA activity only).
+
+    ``summary`` holds :func:`summarize_kernels` of them once done (``None`` before, or where nothing was seen).
+    """
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        super().__init__()
+        self.first, self.last = warmup + 1, warmup + steps
+        self.summary: dict[str, Any] | None = None
+        self._profiler: Any = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        import torch
+
+        if trainer.global_step + 1 != self.first or self._profiler is not None:
+            return
+        torch.cuda.synchronize()
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self._profiler.__enter__()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        import torch
+
+        if self._profiler is None or trainer.global_step < self.last or self.summary is not None:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self._start
+        self._profiler.__exit__(None, None, None)
+        kernels = [
+            (event.name, event.time_range.start, event.time_range.end)
+            for event in self._profiler.events()
+            if str(getattr(event, "device_type", "")).endswith("CUDA")
+        ]
+        self.summary = summarize_kernels(kernels, wall, self.last - self.first + 1)

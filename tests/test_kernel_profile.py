@@ -1,0 +1,42 @@
+"""benchmarks/kernel_profile.py: kernel kinds by name and the per-step sums of a profiled step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kernel_profile import kernel_kind, summarize_kernels
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_kernel__5x_cublas", "gemm_fp8"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "gemm_16bit"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", "attention"),
+        ("void transformer_engine::detail::cast_transpose_fused_kernel<true, float, __nv_fp8_e4m3>", "fp8_cast_amax"),
+        ("void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel<__nv_fp8_e4m3>", "norm"),
+        ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+    ],
+)
+def test_kernel_kinds(name: str, kind: str) -> None:
+    assert kernel_kind(name) == kind
+
+
+def test_summary_per_step_and_idle_time() -> None:
+    kernels = [  # (name, start us, end us) over 2 steps of 1 s wall each
+        ("sm90_xmma_gemm_e4m3bf16_tn", 0, 400_000),
+        ("ncclDevKernel_AllGather_RING_LL", 100_000, 300_000),  # overlaps the GEMM: busy time counts it once
+        ("rmsnorm_fwd_tuned_kernel", 500_000, 600_000),
+        ("sm90_xmma_gemm_e4m3bf16_tn", 1_000_000, 1_400_000),
+    ]
+    summary = summarize_kernels(kernels, wall_s=2.0, steps=2)
+    assert summary["kernel_s_per_step_by_kind"] == pytest.approx({"gemm_fp8": 0.4, "communication": 0.1, "norm": 0.05})
+    assert summary["gpu_busy_s_per_step"] == pytest.approx(0.45)
+    assert summary["gpu_idle_s_per_step"] == pytest.approx(0.55)
+    assert summary["top_kernels_s_per_step"][0] == {"name": "sm90_xmma_gemm_e4m3bf16_tn", "kind": "gemm_fp8", "s": 0.4}
