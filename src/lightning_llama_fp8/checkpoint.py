@@ -112,12 +112,9 @@ class CheckpointInfo:
     @property
     def pipeline_split(self) -> tuple[int, int | None, int | None, int | None]:
         """(PP, virtual PP, first-stage layers, last-stage layers) the checkpoint was saved with."""
-        return (
-            self.pipeline_model_parallel_size,
-            self.virtual_pipeline_model_parallel_size,
-            self.num_layers_in_first_pipeline_stage,
-            self.num_layers_in_last_pipeline_stage,
-        )
+        from lightning_llama_fp8.layout import PIPELINE_FIELDS
+
+        return tuple(getattr(self, name) for name in PIPELINE_FIELDS)  # type: ignore[return-value]
 
     def to_json(self) -> str:
         data = asdict(self)

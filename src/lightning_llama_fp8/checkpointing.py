@@ -26,6 +26,7 @@ from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
 from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
 from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver
+from lightning_llama_fp8.layout import PIPELINE_FIELDS
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -66,10 +67,7 @@ class StrategyCheckpointing:
             global_step=int(checkpoint.get("global_step", 0)),
             tensor_model_parallel_size=strategy.layout.tensor_model_parallel_size,
             context_parallel_size=strategy.layout.context_parallel_size,
-            pipeline_model_parallel_size=strategy.layout.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=strategy.layout.virtual_pipeline_model_parallel_size,
-            num_layers_in_first_pipeline_stage=strategy.layout.num_layers_in_first_pipeline_stage,
-            num_layers_in_last_pipeline_stage=strategy.layout.num_layers_in_last_pipeline_stage,
+            **{name: getattr(strategy.layout, name) for name in PIPELINE_FIELDS},
             world_size=strategy.world_size,
             arch=asdict(arch) if arch is not None else {},
             optimizer_sharding=(

@@ -17,6 +17,15 @@ CPCommType = Literal["p2p", "a2a", "all_gather"]
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "a2a", "all_gather")
 
 
+#: The fields that make the pipeline split (what a dp_reshardable optimizer state depends on, with TP and CP).
+PIPELINE_FIELDS: tuple[str, ...] = (
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "num_layers_in_first_pipeline_stage",
+    "num_layers_in_last_pipeline_stage",
+)
+
+
 class LayoutError(ValueError):
     """A parallel layout that cannot run; the message lists every problem found."""
 
@@ -52,12 +61,7 @@ class ParallelLayout:
     @property
     def pipeline_split(self) -> tuple[int, int | None, int | None, int | None]:
         """(PP, virtual PP, first-stage layers, last-stage layers): what a dp_reshardable optimizer state depends on."""
-        return (
-            self.pipeline_model_parallel_size,
-            self.virtual_pipeline_model_parallel_size,
-            self.num_layers_in_first_pipeline_stage,
-            self.num_layers_in_last_pipeline_stage,
-        )
+        return tuple(getattr(self, name) for name in PIPELINE_FIELDS)  # type: ignore[return-value]
 
     @property
     def interleaved(self) -> bool:
