@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from typing import Any
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch
-from kernel_profile import StepProfiler
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -250,7 +250,14 @@ def main() -> None:
     callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
         callbacks.append(NaNGuard(policy=args.nan_guard))
-    profiler = StepProfiler(args.warmup, args.profile_steps) if args.profile_steps else None
+    profiler = None
+    if args.profile_steps:
+        # Imported here: the GPU tests import this file as benchmarks.bench_throughput, where a top-level
+        # `import kernel_profile` (a sibling script) would not resolve.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernel_profile import StepProfiler
+
+        profiler = StepProfiler(args.warmup, args.profile_steps)
     if profiler is not None:
         callbacks.append(profiler)
     stall = CheckpointStall(args.warmup) if args.save_every else None
