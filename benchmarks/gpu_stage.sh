@@ -21,6 +21,9 @@
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~3.5 min)
 #   gpu-tests       (1) tests/gpu except the checkpoint tests (stage `checkpoints`)                    (~6 min)
 #   checkpoints     (2) distributed checkpoints: resume on 1 GPU; CP2 -> TP2, DP2 -> DP2/DP1 on 2 GPUs  (~7.5 min)
+#   speed-1         (1) issue 15: ours vs Megatron-LM, FP8 and BF16, SPEED_LAYERS (4) layers of Llama 3 8B, GBS 8
+#                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
+#                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
 #   profile-fp8     (1) issue 15: where the FP8 step loses time: ours FP8 and BF16, 4 layers, 3 steps profiled after
 #                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
@@ -55,7 +58,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall|profile-fp8) ;;
+  checkpoint-stall|profile-fp8|speed-1) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -259,6 +262,24 @@ for name in ("sync", "async", "async_host_register"):
         "saves": ckpt["saves"],
     })
 summary = {"card": card, "rows": rows}
+Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
+  speed-1)
+    layers="${SPEED_LAYERS:-4}"
+    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_${layers}l" --precisions fp8 bf16 \
+      --layers "$layers" --gbs 8 --steps 20 --warmup 8
+    python3 - "$out/speed_${layers}l/compare.json" "$out/speed_summary.json" "${SPEED_SETTINGS:-the defaults of this commit}" <<'PY'
+import json, sys
+from pathlib import Path
+compare, settings = json.loads(Path(sys.argv[1]).read_text()), sys.argv[3]
+rows = [{
+    "layers": compare["config"]["layers"], "precision": r["precision"],
+    "ours_s_per_step": r["ours"].get("median_step_time_s"),
+    "megatron_lm_s_per_step": r["megatron_lm"].get("median_step_time_s"),
+    "ours_over_megatron_lm": r.get("ratio"), "settings": settings,
+} for r in compare["results"]]  # fmt: skip
+summary = {"card": compare["device"], "rows": rows}
 Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
 PY
     ;;
