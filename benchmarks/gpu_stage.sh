@@ -24,6 +24,9 @@
 #   speed-1         (1) issue 15: ours vs Megatron-LM, FP8 and BF16, SPEED_LAYERS (4) layers of Llama 3 8B, GBS 8
 #                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
 #                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
+#   lever-1         (1) issue 15: one speed lever against today's defaults, same call, alternating (A B A B): ours
+#                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS (default --grad-accum-fusion) are the
+#                       bench_throughput flags of B -> OUT/lever/summary.json (s/step, loss difference) (~4 min est.)
 #   profile-fp8     (1) issue 15: where the FP8 step loses time: ours FP8 and BF16, 4 layers, 3 steps profiled after
 #                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
@@ -58,7 +61,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall|profile-fp8|speed-1) ;;
+  checkpoint-stall|profile-fp8|speed-1|lever-1) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -281,6 +284,34 @@ rows = [{
 } for r in compare["results"]]  # fmt: skip
 summary = {"card": compare["device"], "rows": rows}
 Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
+  lever-1)
+    l="$out/lever"; mkdir -p "$l"; lever="${LEVER_ARGS:---grad-accum-fusion}"
+    for run in a1 b1 a2 b2; do
+      extra=""; [ "${run:0:1}" = b ] && extra="$lever"
+      python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 $extra \
+        --out "$l/$run.json" > "$l/$run.log" 2>&1
+      echo "$run ($extra) exit $?"
+    done
+    python3 - "$l" "$lever" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+l, lever = Path(sys.argv[1]), sys.argv[2]
+runs = {p.stem: json.loads(p.read_text()) for p in l.glob("[ab][12].json")}
+def side(tag):
+    rs = [r for name, r in sorted(runs.items()) if name.startswith(tag)]
+    return {"s_per_step": [r["median_step_time_s"] for r in rs], "losses": [r["losses"] for r in rs]}
+a, b = side("a"), side("b")
+noise = max(abs(x - y) for x, y in zip(*a["losses"])) if len(a["losses"]) == 2 else None
+diff = max(abs(x - y) for x, y in zip(a["losses"][0], b["losses"][0])) if a["losses"] and b["losses"] else None
+summary = {
+    "card": next(iter(runs.values()), {}).get("device"), "lever": lever,
+    "default_s_per_step": a["s_per_step"], "lever_s_per_step": b["s_per_step"],
+    "speedup": (statistics.mean(a["s_per_step"]) / statistics.mean(b["s_per_step"])) if a["s_per_step"] and b["s_per_step"] else None,
+    "max_loss_diff_default_vs_default": noise, "max_loss_diff_default_vs_lever": diff,
+}  # fmt: skip
+(l / "summary.json").write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
 PY
     ;;
   profile-fp8)

@@ -44,3 +44,24 @@ def test_lightning_precision_flag_is_rejected_with_the_fix() -> None:
     trainer = Trainer(accelerator="cpu", devices=1, strategy=MegatronCPStrategy(), precision="bf16-mixed", logger=False)
     with pytest.raises(TypeError, match=r"plugins=\[TEFP8Precision\(\)\]"):
         trainer.fit(module, datamodule=MockDataModule(seq_length=256, vocab_size=1024, global_batch_size=4))
+
+
+def test_gradient_accumulation_fusion_needs_transformer_engine_layers_and_fails_first() -> None:
+    with pytest.raises(ValueError, match=r"gradient_accumulation_fusion=True\) fuses .* local layer spec"):
+        fit_never_built(MegatronPrecision(), gradient_accumulation_fusion=True)
+    assert not torch.distributed.is_initialized()
+
+
+def test_gradient_accumulation_fusion_switches_the_te_modules_only() -> None:
+    """What the strategy does once the model is wrapped: TE's modules add into main_grad, Megatron's own do not."""
+    from lightning_llama_fp8.strategy import fuse_te_weight_gradient_accumulation
+
+    te_linear = type("Linear", (torch.nn.Linear,), {"__module__": "transformer_engine.pytorch.module.linear"})
+    megatron_linear = type("ColumnParallelLinear", (torch.nn.Linear,), {"__module__": "megatron.core.tensor_parallel"})
+    model = torch.nn.Sequential(te_linear(2, 2), megatron_linear(2, 2))
+    for module in model:
+        module.fuse_wgrad_accumulation = False
+    assert fuse_te_weight_gradient_accumulation([model]) == 1
+    assert model[0].fuse_wgrad_accumulation is True and model[1].fuse_wgrad_accumulation is False
+    with pytest.raises(ValueError, match="found no Transformer Engine layer"):
+        fuse_te_weight_gradient_accumulation([torch.nn.Sequential(megatron_linear(2, 2))])

@@ -76,6 +76,11 @@ class MegatronCPStrategy(ParallelStrategy):
         average_in_collective: average gradients inside the collective rather than before it.
         bucket_size: gradient bucket size in elements (``None``: Megatron's default).
         check_for_nan_in_grad: have Megatron DDP assert that gradients are finite before reducing them.
+        gradient_accumulation_fusion: Transformer Engine's layers add their weight gradients straight into Megatron
+            DDP's gradient buffer (TE's ``fuse_wgrad_accumulation``, Megatron-LM's ``--gradient-accumulation-fusion``)
+            instead of returning them for DDP's hook to add. Only for the TE layers: the output layer is
+            Megatron's own linear, whose fused kernel needs APEX. Needs the Transformer Engine layer spec. Off by
+            default until measured (``benchmarks/gpu_stage.sh lever-1``).
         use_cpu_initialization: draw every full weight on the CPU from one seed and give each TP rank its slice,
             so any TP size starts from exactly the weights of one GPU (for reproducing runs across TP layouts; not
             across pipeline splits, where each stage draws from its own RNG stream: start those from a checkpoint
@@ -123,6 +128,7 @@ class MegatronCPStrategy(ParallelStrategy):
         average_in_collective: bool = False,
         bucket_size: int | None = None,
         check_for_nan_in_grad: bool = False,
+        gradient_accumulation_fusion: bool = False,
         use_cpu_initialization: bool = False,
         seed: int | None = None,
         checkpoint_optimizer_sharding: ckpt.OptimizerSharding = "dp_reshardable",
@@ -165,6 +171,7 @@ class MegatronCPStrategy(ParallelStrategy):
         self.average_in_collective = average_in_collective
         self.bucket_size = bucket_size
         self.check_for_nan_in_grad = check_for_nan_in_grad
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
         if checkpoint_optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):
@@ -248,6 +255,7 @@ class MegatronCPStrategy(ParallelStrategy):
         if arch is not None:
             self.precision_plugin.check_num_layers(arch.num_layers, self.layout.pipeline_model_parallel_size)
         self._check_memory_settings(arch)
+        self._check_gradient_accumulation_fusion(arch)
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         self._process_group_backend = backend
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
@@ -315,6 +323,15 @@ class MegatronCPStrategy(ParallelStrategy):
                 "MegatronCPStrategy(use_cpu_initialization=True) cannot initialise FP8 weights "
                 "(TEFP8Precision(fp8_param_gather=True)): Megatron's CPU init crashes filling them. Turn one off: "
                 "use_cpu_initialization=False (the default) or fp8_param_gather=False."
+            )
+
+    def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
+        if self.gradient_accumulation_fusion and arch is not None and arch.transformer_impl != "transformer_engine":
+            raise ValueError(
+                "MegatronCPStrategy(gradient_accumulation_fusion=True) fuses the weight-gradient accumulation of "
+                "Transformer Engine's layers; this model uses Megatron-Core's local layer spec "
+                f"(transformer_impl: {arch.transformer_impl!r}). Set transformer_impl: transformer_engine, or "
+                "gradient_accumulation_fusion: false."
             )
 
     def _check_memory_settings(self, arch: Any) -> None:
@@ -389,6 +406,8 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._wrap_megatron_modules()
+            if self.gradient_accumulation_fusion:
+                fuse_te_weight_gradient_accumulation(self._ddp_modules)
             self.setup_optimizers(trainer)
             self._connect_schedule_hooks()
         self.setup_precision_plugin()
@@ -632,6 +651,31 @@ class MegatronCPStrategy(ParallelStrategy):
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Megatron-Core TP x CP x DP strategy")
+
+
+def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module]) -> int:
+    """Have every Transformer Engine module under ``ddp_modules`` accumulate its weight gradients into the
+    parameters' ``main_grad`` (Megatron DDP's buffer, which exists once the model is wrapped); returns how many.
+
+    The switch is TE's ``fuse_wgrad_accumulation`` attribute, which its modules read at every forward; Megatron's
+    own linear layers (the output layer) keep theirs off. Raises if there is no TE module to switch.
+    """
+    modules = [
+        module
+        for ddp in ddp_modules
+        for module in ddp.modules()
+        if type(module).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
+        and hasattr(module, "fuse_wgrad_accumulation")
+    ]
+    if not modules:
+        raise ValueError(
+            "MegatronCPStrategy(gradient_accumulation_fusion=True) found no Transformer Engine layer in the model; "
+            "build it with the Transformer Engine layer spec or turn the setting off."
+        )
+    for module in modules:
+        module.fuse_wgrad_accumulation = True
+    log.info("Gradient accumulation fusion: %d Transformer Engine modules add into main_grad.", len(modules))
+    return len(modules)
 
 
 if MegatronCPStrategy.strategy_name not in StrategyRegistry:
