@@ -226,11 +226,17 @@ def arch_seq(module: Any) -> int:
     return int(module.arch.seq_length)
 
 
-def _load_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: str) -> dict[str, Any]:
-    """The PP checkpoint's weights, loaded into one process without PP, next to the same HF import."""
+def _load_worker(
+    rank: int, world_size: int, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, vpp: int | None = None
+) -> dict[str, Any]:
+    """The PP checkpoint's weights, loaded into TP x PP (x VPP) (default: one process without PP), next to the same
+    HF import."""
     from tests.test_hf import module_from_hf
 
-    strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH)
+    strategy, module = module_from_hf(
+        hf_dir, world_size, CPU_ARCH, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )  # fmt: skip
     imported = {name: param.detach().clone() for name, param in module.model.named_parameters()}
     with torch.no_grad():
         for param in module.model.parameters():
@@ -304,9 +310,12 @@ def test_pipeline_on_four_gloo_processes(tmp_path: Path, tp: int, pp: int, vpp: 
     for name, value in state.items():
         assert torch.equal(exported.read(name), value), name
     (loaded,) = run_distributed(_load_worker, 1, tmp_path / "load", str(hf_dir), str(ckpt))
-    assert set(loaded["loaded"]) == set(loaded["imported"])
-    for name, value in loaded["imported"].items():
-        assert torch.equal(loaded["loaded"][name], value), name
+    # ... and back into the layout that wrote it, on 4 ranks (weights; the optimizer needs CUDA DDP).
+    reloaded = run_distributed(_load_worker, 4, tmp_path / "reload", str(hf_dir), str(ckpt), tp, pp, vpp)
+    for result in [loaded, *reloaded]:
+        assert set(result["loaded"]) == set(result["imported"])
+        for name, value in result["imported"].items():
+            assert torch.equal(result["loaded"][name], value), name
 
 
 def test_equivalence_benchmark_writes_the_small_arch_as_hf_weights(tmp_path: Path) -> None:
