@@ -196,16 +196,15 @@ def _pp_worker(
     loss_sum, tokens, local = reduce_pipeline_loss(reports, torch.device("cpu"))
     record.update(loss=(loss_sum / tokens).item(), tokens=tokens.item(), local=local.tolist())
     # What the callbacks report and resolve: layers by their global number; a name held by another stage is known.
-    from lightning_llama_fp8.callbacks.fault_injection import _from_every_stage
-    from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+    from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
 
     modules = dict(module.named_modules())
     layers = [name for name in modules if re.search(r"layers\.\d+$", name)]
     record["global_layer_names"] = [global_module_name(name, modules) for name in layers]
     record["stage"] = pipeline_stage()
     last_layer = "model.decoder.layers.3" if vpp is None else "model.1.decoder.layers.3"
-    record["held_anywhere"] = any(_from_every_stage(last_layer in record["global_layer_names"]))
-    record["missing_anywhere"] = any(_from_every_stage(False))
+    record["held_anywhere"] = any(gather_over_pipeline(last_layer in record["global_layer_names"]))
+    record["missing_anywhere"] = any(gather_over_pipeline(False))
     # The interleaved schedule's micro-batch rule, from the data module too (Python users skip `llama-fp8 fit`'s check).
     from lightning_llama_fp8 import MockDataModule
 
@@ -341,7 +340,9 @@ def test_recompute_num_layers_fits_the_largest_chunk_of_an_uneven_split() -> Non
     strategy = MegatronCPStrategy(
         pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=2
     )
-    assert strategy._layers_per_stage(llama_tiny(num_layers=32)) == 14
+    from lightning_llama_fp8.pipeline_layout import largest_chunk_layers
+
+    assert largest_chunk_layers(strategy.layout, 32) == 14
     arch = llama_tiny(num_layers=32, **CPU_ARCH)
     plan = plan_training(arch, layout, 4, 8, 1, "bf16", recompute=block)
     assert [stage.activations.layers_kept for stage in plan.stages] == [0, 6, 6, 0]  # 14 - 8 kept whole

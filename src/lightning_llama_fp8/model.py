@@ -163,8 +163,7 @@ class LlamaLightningModule(LightningModule):
         if self.init_weights is not None:
             from lightning_llama_fp8.hf import load_hf_weights
 
-            for chunk in chunks:
-                load_hf_weights(chunk, self.init_weights, self.arch)
+            load_hf_weights(chunks, self.init_weights, self.arch)
         self.model = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
 
     @property

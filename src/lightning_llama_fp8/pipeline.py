@@ -38,12 +38,11 @@ def pipeline_config_kwargs(layout: ParallelLayout) -> dict[str, Any]:
     """
     if layout.pipeline_model_parallel_size == 1:
         return {}
+    from lightning_llama_fp8.layout import PIPELINE_FIELDS
+
     overlap = layout.interleaved
     return {
-        "pipeline_model_parallel_size": layout.pipeline_model_parallel_size,
-        "virtual_pipeline_model_parallel_size": layout.virtual_pipeline_model_parallel_size,
-        "num_layers_in_first_pipeline_stage": layout.num_layers_in_first_pipeline_stage,
-        "num_layers_in_last_pipeline_stage": layout.num_layers_in_last_pipeline_stage,
+        **{name: getattr(layout, name) for name in PIPELINE_FIELDS},  # the same names in TransformerConfig
         "pipeline_dtype": torch.bfloat16,
         "deallocate_pipeline_outputs": True,
         "variable_seq_lengths": False,
@@ -133,6 +132,19 @@ def global_module_name(name: str, modules: dict[str, torch.nn.Module]) -> str:
         return name
     prefix = match.group(1)[: -len(match.group(2))]
     return f"{prefix}{number - 1}{name[len(match.group(1)) :]}"
+
+
+def gather_over_pipeline(value: Any) -> list[Any]:
+    """``value`` of every pipeline stage of this rank's model replica, in stage order (a collective over the
+    pipeline group; ``[value]`` without pipeline parallelism)."""
+    if pipeline_stage() is None:
+        return [value]
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    values: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(values, value, group=group)
+    return values
 
 
 def pipeline_stage() -> int | None:

@@ -69,6 +69,12 @@ def model_chunks(layout: ParallelLayout, num_layers: int, pipeline_rank: int | N
     return chunks
 
 
+def largest_chunk_layers(layout: ParallelLayout, num_layers: int) -> int:
+    """The most transformer layers a model chunk holds. All chunks share one ``recompute_num_layers``, which
+    Megatron clamps to each chunk's own layer count (``recompute.py``), so it may go up to this."""
+    return max(len(chunk.layers) for chunk in model_chunks(layout, num_layers))
+
+
 def pipeline_problems(layout: ParallelLayout, num_layers: int | None) -> list[str]:
     """What Megatron would refuse (or silently not do) about the pipeline split; ``num_layers`` None: not known."""
     pp, vpp = layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size

@@ -41,7 +41,7 @@ from typing import Literal
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
+from lightning_llama_fp8.pipeline_layout import bubble_fraction, largest_chunk_layers, model_chunks, stage_layer_counts
 
 PrecisionName = Literal["fp8", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16")
@@ -448,10 +448,8 @@ def plan_training(
     _check_precision(precision, fp8_param_gather)
     dp = validate_layout(layout, world_size, cfg, global_batch_size, micro_batch_size)
     recipe = fp8_recipe if precision == "fp8" else None
-    # One recompute_num_layers for all chunks, clamped by Megatron to each chunk's layers: up to the largest.
-    chunk_layers = max(len(chunk.layers) for chunk in model_chunks(layout, cfg.num_layers))
     if recompute is not None:
-        recompute.check(chunk_layers, cfg.transformer_impl, recipe)
+        recompute.check(largest_chunk_layers(layout, cfg.num_layers), cfg.transformer_impl, recipe)
     if optimizer_offload is not None:
         optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
     tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size

@@ -40,7 +40,7 @@ from lightning_llama_fp8.checkpointing import StrategyCheckpointing, megatron_ch
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.pipeline import pipeline_config_kwargs
-from lightning_llama_fp8.pipeline_layout import model_chunks
+from lightning_llama_fp8.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
 
 if TYPE_CHECKING:
@@ -342,12 +342,8 @@ class MegatronCPStrategy(ParallelStrategy):
             fp8_param_gather = bool(plugin.ddp_config_kwargs().get("fp8_param_gather"))
             self.optimizer_offload.check(self.use_distributed_optimizer, fp8_recipe, fp8_param_gather)
         if self.activation_recompute is not None and arch is not None:
-            self.activation_recompute.check(self._layers_per_stage(arch), arch.transformer_impl, fp8_recipe)
-
-    def _layers_per_stage(self, arch: Any) -> int:
-        """The most transformer layers a model chunk holds: all chunks share one ``recompute_num_layers``, which
-        Megatron clamps to each chunk's own layer count (``recompute.py``), so it may go up to the largest."""
-        return max(len(chunk.layers) for chunk in model_chunks(self.layout, arch.num_layers))
+            chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
+            self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout (and activation recompute) fields of the model's ``TransformerConfig``."""
@@ -368,7 +364,9 @@ class MegatronCPStrategy(ParallelStrategy):
                     "MegatronCPStrategy(activation_recompute=...) needs the LightningModule's `arch` (a LlamaConfig) "
                     "to check and size the recompute settings."
                 )
-            kwargs.update(self.activation_recompute.transformer_config_kwargs(self._layers_per_stage(arch)))
+            kwargs.update(
+                self.activation_recompute.transformer_config_kwargs(largest_chunk_layers(self.layout, arch.num_layers))
+            )
         return kwargs
 
     def optimizer_config_kwargs(self) -> dict[str, Any]:

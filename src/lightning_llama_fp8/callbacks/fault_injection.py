@@ -38,7 +38,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -116,8 +116,10 @@ class FaultInjector(Callback):
         if self.target == "gradient":
             params = {global_module_name(n, all_modules): p for n, p in pl_module.named_parameters()}
             param = params.get(self.name)
-            # (held here, requires grad here), from every pipeline stage: each rank raises the same error.
-            found = _from_every_stage((param is not None, param is not None and param.requires_grad))
+            # (held here, requires grad here), from every pipeline stage: a name may belong to a layer on another
+            # stage, and all ranks raise the same error or none does (one raising alone would leave the others
+            # waiting in the first collective).
+            found = gather_over_pipeline((param is not None, param is not None and param.requires_grad))
             if not any(held for held, _ in found):
                 raise ValueError(_unknown_name("parameter", self.name, list(params), "named_parameters"))
             if not any(grad for _, grad in found):
@@ -126,7 +128,7 @@ class FaultInjector(Callback):
                 self._handle = param.register_hook(self._poison_gradient)
         else:
             modules = {global_module_name(n, all_modules): m for n, m in all_modules.items()}
-            if not any(_from_every_stage(self.name in modules)):
+            if not any(gather_over_pipeline(self.name in modules)):
                 raise ValueError(_unknown_name("module", self.name, list(modules), "named_modules"))
             if self.name in modules and self._injects_here():
                 self._handle = modules[self.name].register_forward_hook(self._poison_output)
@@ -230,21 +232,6 @@ def _poison_first(output: Any, value: float) -> tuple[Any, bool]:
                     return type(output)(*items), True
                 return type(output)(items), True
     return output, False
-
-
-def _from_every_stage(value: Any) -> list[Any]:
-    """``value`` of every pipeline stage of this rank's model replica (a collective under PP; ``[value]`` without).
-
-    A name may belong to a layer on another stage: each rank learns what the others hold, so all raise the same
-    error or none does (a rank that raised alone would leave the others waiting in the first collective)."""
-    if pipeline_stage() is None:
-        return [value]
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    values: list[Any] = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(values, value, group=group)
-    return values
 
 
 def _unknown_name(kind: str, name: str, known: Sequence[str], method: str) -> str:

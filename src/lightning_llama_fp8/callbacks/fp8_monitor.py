@@ -32,14 +32,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_llama_fp8.callbacks.te_debug import TEDebugSession, validated_te_debug_args
 from lightning_llama_fp8.fp8_state import scaling_summary
-from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -170,8 +169,8 @@ class FP8StatsMonitor(Callback):
             return
         self._last_logged_step = step
         summary = scaling_summary(self._candidates)
-        if self._gather_stages:
-            summary = _gathered_over_stages(summary)
+        if self._gather_stages:  # every stage's layers of this model replica, merged
+            summary = {name: stats for part in gather_over_pipeline(summary) for name, stats in part.items()}
             if not trainer.is_global_zero:
                 self._active = bool(summary)
                 return
@@ -211,13 +210,3 @@ class FP8StatsMonitor(Callback):
 
     def _selected(self, name: str) -> bool:
         return self.modules is None or any(part in name for part in self.modules)
-
-
-def _gathered_over_stages(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Every pipeline stage's summary of this model replica, merged (a collective over the pipeline group)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    parts: list[Any] = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(parts, summary, group=group)
-    return {name: stats for part in parts for name, stats in part.items()}

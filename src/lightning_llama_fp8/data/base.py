@@ -453,7 +453,7 @@ class GPTDataModule(LightningDataModule):
         self.num_microbatches = self.global_batch_size // per_step
         problems = _pipeline_schedule_problems(self.num_microbatches)
         if problems:
-            raise ValueError(problems[0].replace("the interleaved", "data: the interleaved", 1))
+            raise ValueError("data: " + problems[0])
 
         need_train = stage in (None, "fit")
         train_samples = self._resolve_train_samples(need_train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -92,7 +93,7 @@ def check_hf_weights(path: str | os.PathLike[str], arch: LlamaConfig) -> Safeten
 
 
 def load_hf_weights(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     path: str | os.PathLike[str],
     arch: LlamaConfig,
     tp_rank: int | None = None,
@@ -100,10 +101,10 @@ def load_hf_weights(
 ) -> None:
     """Copy the Hugging Face weights of ``path`` into ``model`` (an unwrapped GPTModel built for ``arch``).
 
-    ``model`` may be one pipeline chunk: its layers are matched by their global layer numbers, and a last stage's
-    copy of tied embeddings gets the embedding too. ``tp_rank``/``tp_size`` default to Megatron's
-    ``parallel_state``. Every parameter of the model is written; one without a Hugging Face counterpart is an
-    error, not left at its random initial value.
+    ``model`` may be one pipeline chunk or this rank's list of them (the files are checked once): layers are
+    matched by their global layer numbers, and a last stage's copy of tied embeddings gets the embedding too.
+    ``tp_rank``/``tp_size`` default to Megatron's ``parallel_state``. Every parameter of the model is written; one
+    without a Hugging Face counterpart is an error, not left at its random initial value.
     """
     if tp_rank is None or tp_size is None:
         from megatron.core import parallel_state
@@ -111,25 +112,27 @@ def load_hf_weights(
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     weights = check_hf_weights(path, arch)
-    offset = chunk_layer_offset(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            kind, layer = parse_megatron_name(name)
-            layer = None if layer is None else layer + offset
-            value = megatron_tensor(kind, layer, weights, arch, tp_rank, tp_size)
-            if tuple(value.shape) != tuple(param.shape):
-                raise HFConfigError(
-                    f"{name}: the Hugging Face weights give a {list(value.shape)} shard at TP rank {tp_rank} of "
-                    f"{tp_size}, the model has {list(param.shape)}; was the model built for another architecture?"
-                )
-            _assign(param, value)
-    log.info(
-        "Initialised the model from the Hugging Face weights in %s (TP rank %d of %d, layers from %d).",
-        path,
-        tp_rank,
-        tp_size,
-        offset,
-    )
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    for chunk in chunks:
+        offset = chunk_layer_offset(chunk)
+        with torch.no_grad():
+            for name, param in chunk.named_parameters():
+                kind, layer = parse_megatron_name(name)
+                layer = None if layer is None else layer + offset
+                value = megatron_tensor(kind, layer, weights, arch, tp_rank, tp_size)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise HFConfigError(
+                        f"{name}: the Hugging Face weights give a {list(value.shape)} shard at TP rank {tp_rank} of "
+                        f"{tp_size}, the model has {list(param.shape)}; was the model built for another architecture?"
+                    )
+                _assign(param, value)
+        log.info(
+            "Initialised the model from the Hugging Face weights in %s (TP rank %d of %d, layers from %d).",
+            path,
+            tp_rank,
+            tp_size,
+            offset,
+        )
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
