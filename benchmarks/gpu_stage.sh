@@ -26,15 +26,19 @@
 #                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
 #   lever-1         (1) issue 15: one speed lever against today's defaults, same call, alternating (A B A B): ours
 #                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS (default --grad-accum-fusion) are the
-#                       bench_throughput flags of B -> OUT/lever/summary.json (s/step, loss difference) (~4 min est.)
+#                       bench_throughput flags of B, LEVER_ENV its environment (VAR=value ...)
+#                       -> OUT/lever/summary.json (s/step, loss difference) (~4 min est.)
+#   fp8-casts       (1) issue 15: which FP8 cast-transpose kernel TE runs (NVRTC-tuned or the general one), where the
+#                       CUDA headers NVRTC needs are, and the cast's GB/s per setting -> OUT/fp8_casts/*.json (~1 min est.)
+#                       then e.g. LEVER_ENV="NVTE_CUDA_INCLUDE_DIR=<dir>" bash gpu_stage.sh lever-1 OUT (A/B, same call)
 #   profile-fp8     (1) issue 15: where the FP8 step loses time: ours FP8 and BF16, 4 layers, 3 steps profiled after
 #                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.)
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 #   recompute       (1) issue 14: no / selective / full recompute, ours vs Megatron-LM, FP8, 4 layers, GBS 8:
-#                       s/step, peak memory, plan -> OUT/recompute.json (RECOMPUTE_ROWS adds selective-mlp) (~6 min est.)
+#                       s/step, peak memory, plan -> OUT/recompute.json (RECOMPUTE_ROWS adds selective-mlp) (~6.5 min measured)
 #   full-8b-1gpu    (1, H200) issue 14: all 32 layers on one GPU, full recompute + half the optimizer on the CPU,
 #                       6 steps; then the same without offload (expected not to fit) -> OUT/full_8b_one_gpu.json
-#                       (~6 min est.; needs ~70 GiB of host RAM)
+#                       (3.6 min measured; needs ~70 GiB of host RAM)
 #   hf-parity       (1) issue 13: tests/gpu/test_hf_parity.py: logits, KL, greedy vs transformers; FP8 export
 #                       -> OUT/hf_parity.json; the FP32 cases again with TF32 allowed (~2 min)
 #   hf-convert-8b   (1) issue 13: benchmarks/hf_convert.py, Llama 3 8B both ways -> OUT/hf_convert_8b.json
@@ -44,7 +48,7 @@
 #                       same config on mock data 200 steps -> OUT/real_text/real_text_training.json (~8 min est.)
 #   telemetry       (1) issue 15: ThroughputMonitor in bench_throughput (CSV log) + Megatron-LM, FP8, 4 layers,
 #                       30 steps each; the 1B config through `llama-fp8 fit` for 30 steps (console: step bar, no
-#                       dependency warnings; TensorBoard log) -> OUT/telemetry/ (~6 min est.); then on a CPU:
+#                       dependency warnings; TensorBoard log) -> OUT/telemetry/ (4.5 min measured); then on a CPU:
 #                       python benchmarks/plot_training.py --ours OUT/telemetry/ours_csv \
 #                         --megatron-lm OUT/telemetry/megatron_lm_fp8.log --out OUT/telemetry/loss_speed.png
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
@@ -61,7 +65,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall|profile-fp8|speed-1|lever-1) ;;
+  checkpoint-stall|profile-fp8|speed-1|lever-1|fp8-casts) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -287,13 +291,17 @@ Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(su
 PY
     ;;
   lever-1)
-    l="$out/lever"; mkdir -p "$l"; lever="${LEVER_ARGS:---grad-accum-fusion}"
+    # LEVER_ENV: environment assignments (VAR=value ...) for the B runs only, for levers that are settings of a
+    # dependency rather than flags of bench_throughput.py; then LEVER_ARGS defaults to none.
+    l="$out/lever"; mkdir -p "$l"
+    if [ -n "${LEVER_ENV:-}" ]; then lever="${LEVER_ARGS:-}"; else lever="${LEVER_ARGS:---grad-accum-fusion}"; fi
     for run in a1 b1 a2 b2; do
-      extra=""; [ "${run:0:1}" = b ] && extra="$lever"
-      python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 $extra \
-        --out "$l/$run.json" > "$l/$run.log" 2>&1
-      echo "$run ($extra) exit $?"
+      extra=""; envs=""; [ "${run:0:1}" = b ] && extra="$lever" && envs="${LEVER_ENV:-}"
+      env $envs python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 \
+        $extra --out "$l/$run.json" > "$l/$run.log" 2>&1
+      echo "$run ($envs $extra) exit $?"
     done
+    lever="${LEVER_ENV:+$LEVER_ENV }$lever"
     python3 - "$l" "$lever" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -331,6 +339,53 @@ for name, summary in sorted(rows.items()):
               {k: round(v, 4) for k, v in summary["kernel_s_per_step_by_kind"].items()})
 PY
     ;;
+  fp8-casts)
+    # TE casts activations and gradients to FP8 (with the transpose the wgrad GEMM needs) in a tuned kernel it
+    # compiles at run time with NVRTC, or else in a statically compiled general one: the 2026-12-03 profile showed
+    # only the general kernel (cast_transpose_general_kernel, 69 ms of a 0.99 s step). Where are the CUDA headers
+    # NVRTC needs, which kernel runs, and how fast, by setting: default, NVRTC off, each header directory found.
+    c="$out/fp8_casts"; mkdir -p "$c"
+    python3 -c 'import os, transformer_engine.pytorch; print("NVTE_CUDA_INCLUDE_DIR after import:", os.environ.get("NVTE_CUDA_INCLUDE_DIR"))' \
+      > "$c/te_env.txt" 2>&1
+    find / -xdev -name cuda_runtime.h -path "*include*" 2>/dev/null | head -20 > "$c/cuda_runtime_h.txt"
+    find / -xdev -name "libnvrtc*.so*" 2>/dev/null | head -20 > "$c/libnvrtc.txt"
+    cat "$c/te_env.txt" "$c/cuda_runtime_h.txt" "$c/libnvrtc.txt"
+    cat > "$c/cast_probe.py" <<'PY'
+import json, os, sys
+import torch
+import transformer_engine_torch as tex
+from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
+from torch.profiler import ProfilerActivity, profile
+
+rows = []
+for shape in ((8192, 4096), (8192, 14336)):
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    quantizer = Float8Quantizer(torch.ones(1, device="cuda"), torch.zeros(1, device="cuda"), tex.DType.kFloat8E4M3,
+                                rowwise=True, columnwise=True)
+    for _ in range(5):
+        quantizer(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        quantizer(x)
+    end.record(); torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 50
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        quantizer(x); torch.cuda.synchronize()
+    kernels = sorted({e.name[:120] for e in prof.events() if e.device_type.name == "CUDA"})
+    moved = x.numel() * (2 + 1 + 1)  # read bf16, write the FP8 data and its transpose
+    rows.append({"shape": shape, "s": seconds, "gb_per_s": moved / seconds / 1e9, "kernels": kernels})
+out = {"setting": sys.argv[2], "env": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")}, "rows": rows}
+print(json.dumps(out)); open(sys.argv[1], "w").write(json.dumps(out, indent=2))
+PY
+    python3 "$c/cast_probe.py" "$c/default.json" default 2>&1 | tail -2
+    NVTE_DISABLE_NVRTC=1 python3 "$c/cast_probe.py" "$c/nvrtc_off.json" nvrtc_off 2>&1 | tail -2
+    i=0
+    for header in $(cat "$c/cuda_runtime_h.txt"); do
+      i=$((i + 1)); dir="$(dirname "$header")"; dir="${dir%/include}"
+      NVTE_CUDA_INCLUDE_DIR="$dir" python3 "$c/cast_probe.py" "$c/include_$i.json" "include $dir" 2>&1 | tail -2
+      [ "$i" -ge 3 ] && break
+    done ;;
   recipes-1)
     # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
     mkdir -p "$out/recipes"

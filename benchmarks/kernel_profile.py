@@ -21,7 +21,14 @@ KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("communication", re.compile(r"nccl|all_?gather|reduce_?scatter|all_?reduce|sendrecv", re.I)),
     ("attention", re.compile(r"flash|fmha|cudnn|attn|sdpa|softmax", re.I)),
     ("norm", re.compile(r"rmsnorm|layernorm|layer_norm|rms_norm", re.I)),  # before casts: TE norms may emit FP8
-    ("gemm_fp8", re.compile(r"(gemm|nvjet|xmma|matmul|cutlass).*(e4m3|e5m2|f8)|(e4m3|e5m2|f8).*(gemm|nvjet)", re.I)),
+    # cuBLAS's nvjet kernels name their operand types after the architecture: "nvjet_sm90_tst_..." is BF16,
+    # "nvjet_sm90_qqtst_..." (E4M3 x E4M3) and "..._qrtst_..." (E4M3 x E5M2) are FP8 (seen on an H200 with CUDA 13).
+    (
+        "gemm_fp8",
+        re.compile(
+            r"(gemm|nvjet|xmma|matmul|cutlass).*(e4m3|e5m2|f8)|(e4m3|e5m2|f8).*(gemm|nvjet)|nvjet_sm\d+\w?_[qr]", re.I
+        ),
+    ),
     ("gemm_16bit", re.compile(r"gemm|nvjet|xmma|matmul|cutlass|ampere_|sm90_", re.I)),
     ("fp8_cast_amax", re.compile(r"cast|transpose|amax|quantiz|fp8|delayed_scaling|scale", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|l2norm", re.I)),

@@ -16,6 +16,10 @@ from kernel_profile import kernel_kind, summarize_kernels
     [
         ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_kernel__5x_cublas", "gemm_fp8"),
         ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "gemm_16bit"),
+        # Names from an H200 profile (CUDA 13 cuBLAS): BF16, then FP8 E4M3 x E4M3 and E4M3 x E5M2.
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "gemm_16bit"),
+        ("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN", "gemm_fp8"),
+        ("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", "gemm_fp8"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", "attention"),
         ("void transformer_engine::detail::cast_transpose_fused_kernel<true, float, __nv_fp8_e4m3>", "fp8_cast_amax"),
         ("void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel<__nv_fp8_e4m3>", "norm"),
