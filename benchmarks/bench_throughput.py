@@ -220,7 +220,10 @@ def main() -> None:
     parser.add_argument("--optimizer-offload-fraction", type=float, default=0.0, help="0: optimizer on the GPU")
     parser.add_argument("--no-fp8-param-gather", action="store_true", help="keep BF16 weights in FP8 runs")
     parser.add_argument(
-        "--grad-accum-fusion", action="store_true", help="MegatronCPStrategy(gradient_accumulation_fusion=True)"
+        "--grad-accum-fusion",
+        choices=("default", "on", "off"),
+        default="default",
+        help="MegatronCPStrategy(gradient_accumulation_fusion=None|True|False); default: on with TE layers",
     )
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
@@ -282,7 +285,7 @@ def main() -> None:
             activation_recompute=recompute,
             optimizer_offload=offload,
             async_save=args.save_mode == "async",
-            gradient_accumulation_fusion=args.grad_accum_fusion,
+            gradient_accumulation_fusion={"default": None, "on": True, "off": False}[args.grad_accum_fusion],
         ),
         plugins=[plugin],
         max_steps=args.steps,
@@ -381,7 +384,9 @@ def main() -> None:
         "pp": args.pp,
         "vpp": args.vpp,
         "init_weights": None if args.init_weights is None else str(args.init_weights),
-        "gradient_accumulation_fusion": args.grad_accum_fusion,
+        # What ran (the default resolves per model), and what was asked for.
+        "gradient_accumulation_fusion": getattr(trainer.strategy, "gradient_accumulation_fused", None),
+        "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

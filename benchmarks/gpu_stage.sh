@@ -25,8 +25,8 @@
 #                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
 #                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
 #   lever-1         (1) issue 15: one speed lever against today's defaults, same call, alternating (A B A B): ours
-#                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS (default --grad-accum-fusion) are the
-#                       bench_throughput flags of B, LEVER_ENV its environment (VAR=value ...)
+#                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS are the bench_throughput flags of B,
+#                       LEVER_ENV its environment (VAR=value ...), one of them needed
 #                       -> OUT/lever/summary.json (s/step, loss difference) (~4 min est.)
 #   fp8-casts       (1) issue 15: which FP8 cast-transpose kernel TE runs (NVRTC-tuned or the general one), where the
 #                       CUDA headers NVRTC needs are, and the cast's GB/s per setting -> OUT/fp8_casts/*.json (~1 min est.)
@@ -293,8 +293,10 @@ PY
   lever-1)
     # LEVER_ENV: environment assignments (VAR=value ...) for the B runs only, for levers that are settings of a
     # dependency rather than flags of bench_throughput.py; then LEVER_ARGS defaults to none.
-    l="$out/lever"; mkdir -p "$l"
-    if [ -n "${LEVER_ENV:-}" ]; then lever="${LEVER_ARGS:-}"; else lever="${LEVER_ARGS:---grad-accum-fusion}"; fi
+    # (The first lever, --grad-accum-fusion, is the default since its measurement: LEVER_ARGS="--grad-accum-fusion off"
+    # measures it again.)
+    if [ -z "${LEVER_ARGS:-}${LEVER_ENV:-}" ]; then echo "lever-1 needs LEVER_ARGS and/or LEVER_ENV" >&2; exit 2; fi
+    l="$out/lever"; mkdir -p "$l"; lever="${LEVER_ARGS:-}"
     for run in a1 b1 a2 b2; do
       extra=""; envs=""; [ "${run:0:1}" = b ] && extra="$lever" && envs="${LEVER_ENV:-}"
       env $envs python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 \

@@ -52,6 +52,38 @@ def test_gradient_accumulation_fusion_needs_transformer_engine_layers_and_fails_
     assert not torch.distributed.is_initialized()
 
 
+def _attached_strategy(arch_impl: str, callbacks: list, **strategy_kwargs: object) -> MegatronCPStrategy:
+    """A strategy whose module (with a TE or local arch) is attached to a Trainer with ``callbacks``."""
+    strategy = MegatronCPStrategy(**strategy_kwargs)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, callbacks=callbacks, logger=False)
+    module = NeverBuilt(get_preset("llama_tiny", transformer_impl=arch_impl))
+    module.trainer = trainer
+    strategy.connect(module)
+    return strategy
+
+
+def test_gradient_accumulation_fusion_default_is_on_only_where_it_applies() -> None:
+    from lightning_llama_fp8.callbacks import FaultInjector
+
+    gradient_fault = FaultInjector("gradient", "model.embedding.word_embeddings.weight", step=1)
+    activation_fault = FaultInjector("activation", "model.decoder", step=1)
+    assert gradient_fault.needs_unfused_weight_gradients and not activation_fault.needs_unfused_weight_gradients
+    assert _attached_strategy("transformer_engine", [])._fuses_gradient_accumulation() is True
+    assert _attached_strategy("transformer_engine", [activation_fault])._fuses_gradient_accumulation() is True
+    assert _attached_strategy("local", [])._fuses_gradient_accumulation() is False
+    # A gradient injection hooks the unfused gradient: the default leaves the fusion off for it.
+    assert _attached_strategy("transformer_engine", [gradient_fault])._fuses_gradient_accumulation() is False
+    off = _attached_strategy("transformer_engine", [], gradient_accumulation_fusion=False)
+    assert off._fuses_gradient_accumulation() is False
+    # Asked for explicitly, it is refused with such a callback (before anything is built: setup_environment's check).
+    on = _attached_strategy("transformer_engine", [gradient_fault], gradient_accumulation_fusion=True)
+    with pytest.raises(ValueError, match=r"with FaultInjector: .* the gradient hook that callback relies on"):
+        on._check_gradient_accumulation_fusion(on.lightning_module.arch)
+    on_alone = _attached_strategy("transformer_engine", [], gradient_accumulation_fusion=True)
+    on_alone._check_gradient_accumulation_fusion(on_alone.lightning_module.arch)
+    assert on_alone._fuses_gradient_accumulation() is True
+
+
 def test_gradient_accumulation_fusion_switches_the_te_modules_only() -> None:
     """What the strategy does once the model is wrapped: TE's modules add into main_grad, Megatron's own do not."""
     from lightning_llama_fp8.strategy import fuse_te_weight_gradient_accumulation
@@ -65,3 +97,5 @@ def test_gradient_accumulation_fusion_switches_the_te_modules_only() -> None:
     assert model[0].fuse_wgrad_accumulation is True and model[1].fuse_wgrad_accumulation is False
     with pytest.raises(ValueError, match="found no Transformer Engine layer"):
         fuse_te_weight_gradient_accumulation([torch.nn.Sequential(megatron_linear(2, 2))])
+    # The default setting asks for it only where TE modules exist: none is no error there.
+    assert fuse_te_weight_gradient_accumulation([torch.nn.Sequential(megatron_linear(2, 2))], required=False) == 0

@@ -79,8 +79,12 @@ class MegatronCPStrategy(ParallelStrategy):
         gradient_accumulation_fusion: Transformer Engine's layers add their weight gradients straight into Megatron
             DDP's gradient buffer (TE's ``fuse_wgrad_accumulation``, Megatron-LM's ``--gradient-accumulation-fusion``)
             instead of returning them for DDP's hook to add. Only for the TE layers: the output layer is
-            Megatron's own linear, whose fused kernel needs APEX. Needs the Transformer Engine layer spec. Off by
-            default until measured (``benchmarks/gpu_stage.sh lever-1``).
+            Megatron's own linear, whose fused kernel needs APEX (Megatron-LM turns the whole option off without
+            APEX; this package needs none). ``None`` (default): on for models with the Transformer Engine layer spec
+            (one H200, 4 layers, FP8: 1.0097x, losses within run-to-run noise,
+            benchmarks/results/2026-12-03-h200-fp8-profile), unless a callback needs the unfused weight gradients
+            (``FaultInjector(target="gradient")`` hooks them); off otherwise. ``True``: on, refused without TE layers
+            or with such a callback. ``False``: off.
         use_cpu_initialization: draw every full weight on the CPU from one seed and give each TP rank its slice,
             so any TP size starts from exactly the weights of one GPU (for reproducing runs across TP layouts; not
             across pipeline splits, where each stage draws from its own RNG stream: start those from a checkpoint
@@ -128,7 +132,7 @@ class MegatronCPStrategy(ParallelStrategy):
         average_in_collective: bool = False,
         bucket_size: int | None = None,
         check_for_nan_in_grad: bool = False,
-        gradient_accumulation_fusion: bool = False,
+        gradient_accumulation_fusion: bool | None = None,
         use_cpu_initialization: bool = False,
         seed: int | None = None,
         checkpoint_optimizer_sharding: ckpt.OptimizerSharding = "dp_reshardable",
@@ -172,6 +176,8 @@ class MegatronCPStrategy(ParallelStrategy):
         self.bucket_size = bucket_size
         self.check_for_nan_in_grad = check_for_nan_in_grad
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
+        #: Whether TE's layers accumulate into main_grad in this fit (resolved in ``setup``).
+        self.gradient_accumulation_fused = False
         self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
         if checkpoint_optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):
@@ -326,13 +332,43 @@ class MegatronCPStrategy(ParallelStrategy):
             )
 
     def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
-        if self.gradient_accumulation_fusion and arch is not None and arch.transformer_impl != "transformer_engine":
+        if self.gradient_accumulation_fusion is not True:
+            return
+        if arch is not None and arch.transformer_impl != "transformer_engine":
             raise ValueError(
                 "MegatronCPStrategy(gradient_accumulation_fusion=True) fuses the weight-gradient accumulation of "
                 "Transformer Engine's layers; this model uses Megatron-Core's local layer spec "
                 f"(transformer_impl: {arch.transformer_impl!r}). Set transformer_impl: transformer_engine, or "
-                "gradient_accumulation_fusion: false."
+                "gradient_accumulation_fusion: false (or leave it unset: on only where it applies)."
             )
+        needing = self._callbacks_needing_unfused_weight_gradients()
+        if needing:
+            raise ValueError(
+                f"MegatronCPStrategy(gradient_accumulation_fusion=True) with {', '.join(needing)}: the fused path "
+                "adds Transformer Engine's weight gradients into Megatron's buffer inside the GEMM, so the gradient "
+                "hook that callback relies on never sees them. Set gradient_accumulation_fusion: false, or leave it "
+                "unset (then it is off while such a callback is there)."
+            )
+
+    def _callbacks_needing_unfused_weight_gradients(self) -> list[str]:
+        try:
+            callbacks = self.lightning_module.trainer.callbacks if self._lightning_module is not None else []
+        except RuntimeError:  # a module not attached to a Trainer (LightningModule.trainer raises)
+            callbacks = []
+        return [type(cb).__name__ for cb in callbacks if getattr(cb, "needs_unfused_weight_gradients", False)]
+
+    def _fuses_gradient_accumulation(self) -> bool:
+        """Resolve ``gradient_accumulation_fusion`` for this fit (checked already in ``setup_environment``)."""
+        if self.gradient_accumulation_fusion is not None:
+            return self.gradient_accumulation_fusion
+        arch = getattr(self.lightning_module, "arch", None)
+        if arch is None or arch.transformer_impl != "transformer_engine":
+            return False
+        needing = self._callbacks_needing_unfused_weight_gradients()
+        if needing:
+            log.info("Gradient accumulation fusion off: %s hooks the unfused weight gradients.", ", ".join(needing))
+            return False
+        return True
 
     def _check_memory_settings(self, arch: Any) -> None:
         """Refuse recompute / offload settings that cannot take effect here (before any process group exists)."""
@@ -404,8 +440,12 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._wrap_megatron_modules()
-            if self.gradient_accumulation_fusion:
-                fuse_te_weight_gradient_accumulation(self._ddp_modules)
+            self.gradient_accumulation_fused = self._fuses_gradient_accumulation()
+            if self.gradient_accumulation_fused:
+                # Required when asked for explicitly; by default only where TE modules exist.
+                required = self.gradient_accumulation_fusion is True
+                fused = fuse_te_weight_gradient_accumulation(self._ddp_modules, required=required)
+                self.gradient_accumulation_fused = fused > 0
             self.setup_optimizers(trainer)
             self._connect_schedule_hooks()
         self.setup_precision_plugin()
@@ -651,12 +691,13 @@ class MegatronCPStrategy(ParallelStrategy):
         strategy_registry.register(cls.strategy_name, cls, description="Megatron-Core TP x CP x DP strategy")
 
 
-def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module]) -> int:
+def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module], required: bool = True) -> int:
     """Have every Transformer Engine module under ``ddp_modules`` accumulate its weight gradients into the
     parameters' ``main_grad`` (Megatron DDP's buffer, which exists once the model is wrapped); returns how many.
 
     The switch is TE's ``fuse_wgrad_accumulation`` attribute, which its modules read at every forward; Megatron's
-    own linear layers (the output layer) keep theirs off. Raises if there is no TE module to switch.
+    own linear layers (the output layer) keep theirs off. With ``required``, raises if there is no TE module to
+    switch; without, returns 0.
     """
     modules = [
         module
@@ -665,6 +706,8 @@ def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module]) -> 
         if type(module).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
         and hasattr(module, "fuse_wgrad_accumulation")
     ]
+    if not modules and not required:
+        return 0
     if not modules:
         raise ValueError(
             "MegatronCPStrategy(gradient_accumulation_fusion=True) found no Transformer Engine layer in the model; "

@@ -16,7 +16,9 @@ whose ``trainer.global_step`` equals ``step``):
 * ``gradient``: ``param.register_hook`` on the named parameter returns the gradient with its first element
   replaced. Tensor hooks run before the gradient is accumulated, so the poisoned value reaches ``param.grad`` and,
   under Megatron DDP, the ``main_grad`` buffer it copies from there. (With ``gradient_accumulation_fusion`` the
-  weight-gradient GEMM writes into ``main_grad`` directly and no hook sees it; the project leaves it off.)
+  weight-gradient GEMM of Transformer Engine's layers writes into ``main_grad`` directly and no hook sees it:
+  :attr:`FaultInjector.needs_unfused_weight_gradients` has ``MegatronCPStrategy`` leave that fusion off by
+  default, and refuse it when asked for.)
 
 The poisoned output or gradient is a new tensor (a clone), never an in-place edit of one autograd may have saved.
 The replaced element is a constant for autograd: gradients turn non-finite only where the model's own arithmetic
@@ -104,6 +106,12 @@ class FaultInjector(Callback):
         self._armed = False
         self._rank = 0
         self._current_step = -1
+
+    @property
+    def needs_unfused_weight_gradients(self) -> bool:
+        """A gradient injection hooks the parameter's gradient, which gradient accumulation fusion never produces
+        for Transformer Engine's layers: ``MegatronCPStrategy`` reads this to leave that fusion off (or refuse it)."""
+        return self.target == "gradient"
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
