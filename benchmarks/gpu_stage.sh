@@ -349,8 +349,8 @@ PY
     c="$out/fp8_casts"; mkdir -p "$c"
     python3 -c 'import os, transformer_engine.pytorch; print("NVTE_CUDA_INCLUDE_DIR after import:", os.environ.get("NVTE_CUDA_INCLUDE_DIR"))' \
       > "$c/te_env.txt" 2>&1
-    find / -xdev -name cuda_runtime.h -path "*include*" 2>/dev/null | head -20 > "$c/cuda_runtime_h.txt"
-    find / -xdev -name "libnvrtc*.so*" 2>/dev/null | head -20 > "$c/libnvrtc.txt"
+    timeout 60 find / -xdev -name cuda_runtime.h -path "*include*" 2>/dev/null | head -20 > "$c/cuda_runtime_h.txt"
+    timeout 60 find / -xdev -name "libnvrtc*.so*" 2>/dev/null | head -20 > "$c/libnvrtc.txt"
     cat "$c/te_env.txt" "$c/cuda_runtime_h.txt" "$c/libnvrtc.txt"
     cat > "$c/cast_probe.py" <<'PY'
 import json, os, sys
