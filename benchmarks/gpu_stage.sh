@@ -355,6 +355,7 @@ PY
     cat > "$c/cast_probe.py" <<'PY'
 import json, os, sys
 import torch
+import transformer_engine.pytorch  # noqa: F401  (loads TE's libraries; its torch extension imports after it)
 import transformer_engine_torch as tex
 from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
 from torch.profiler import ProfilerActivity, profile

@@ -8,10 +8,13 @@ and the rest; plus the time no kernel ran (host gaps) within the profiled steps'
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
@@ -41,19 +44,43 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
-def summarize_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float, steps: int) -> dict[str, Any]:
+def kernels_from_chrome_trace(trace: dict[str, Any]) -> list[tuple[str, float, float, tuple[int, ...] | None]]:
+    """``(name, start_us, end_us, grid)`` of every GPU kernel in a ``torch.profiler`` Chrome trace.
+
+    The trace (``export_chrome_trace``) has what ``profiler.events()`` lacks: each launch's grid, from which a
+    kernel's problem size can be read back (which tensor a cast kernel worked on, say).
+    """
+    kernels = []
+    for event in trace.get("traceEvents", []):
+        if event.get("cat") != "kernel" or "dur" not in event:
+            continue
+        grid = (event.get("args") or {}).get("grid")
+        start = float(event["ts"])
+        kernels.append((event["name"], start, start + float(event["dur"]), tuple(grid) if grid else None))
+    return kernels
+
+
+def summarize_kernels(kernels: Iterable[tuple[Any, ...]], wall_s: float, steps: int) -> dict[str, Any]:
     """Per-step kernel time by kind, the busiest kernels, and the GPU's idle share of ``wall_s``.
 
-    ``kernels``: ``(name, start_us, end_us)`` of every kernel in the profiled steps (all streams). Busy time is the
-    union of their intervals, so overlapping kernels (communication beside compute) count once there.
+    ``kernels``: ``(name, start_us, end_us)`` or ``(name, start_us, end_us, grid)`` of every kernel in the profiled
+    steps (all streams). Busy time is the union of their intervals, so overlapping kernels (communication beside
+    compute) count once there. The busiest kernels come with their launches per step, mean duration and (where
+    given) their most frequent launch grids.
     """
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    grids: dict[str, dict[tuple[int, ...], int]] = defaultdict(lambda: defaultdict(int))
     intervals = []
-    for name, start, end in kernels:
+    for kernel in kernels:
+        name, start, end = kernel[:3]
         seconds = (end - start) / 1e6
         by_kind[kernel_kind(name)] += seconds
         by_name[name] += seconds
+        calls[name] += 1
+        if len(kernel) > 3 and kernel[3] is not None:
+            grids[name][tuple(kernel[3])] += 1
         intervals.append((start, end))
     busy_us, current_end = 0.0, float("-inf")
     for start, end in sorted(intervals):
@@ -73,9 +100,25 @@ def summarize_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float
         "gpu_busy_s_per_step": busy_s / steps,
         "gpu_idle_s_per_step": max(wall_s - busy_s, 0.0) / steps,
         "top_kernels_s_per_step": [
-            {"name": name[:160], "kind": kernel_kind(name), "s": seconds / steps} for name, seconds in top
+            {
+                "name": name[:160],
+                "kind": kernel_kind(name),
+                "s": seconds / steps,
+                "calls_per_step": calls[name] / steps,
+                "mean_us": seconds / calls[name] * 1e6,
+                **(
+                    {"grids": [{"grid": list(g), "calls": n} for g, n in _most_common(grids[name], 3)]}
+                    if grids.get(name)
+                    else {}
+                ),
+            }
+            for name, seconds in top
         ],
     }
+
+
+def _most_common(counts: dict[tuple[int, ...], int], n: int) -> list[tuple[tuple[int, ...], int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
 
 
 class StepProfiler(Callback):
@@ -109,9 +152,14 @@ class StepProfiler(Callback):
         torch.cuda.synchronize()
         wall = time.perf_counter() - self._start
         self._profiler.__exit__(None, None, None)
-        kernels = [
-            (event.name, event.time_range.start, event.time_range.end)
-            for event in self._profiler.events()
-            if str(getattr(event, "device_type", "")).endswith("CUDA")
-        ]
+        with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace carries each launch's grid
+            path = Path(tmp) / "trace.json"
+            self._profiler.export_chrome_trace(str(path))
+            kernels: list[tuple[Any, ...]] = kernels_from_chrome_trace(json.loads(path.read_text()))
+        if not kernels:  # a trace format without "kernel" events: the profiler's own list, without grids
+            kernels = [
+                (event.name, event.time_range.start, event.time_range.end)
+                for event in self._profiler.events()
+                if str(getattr(event, "device_type", "")).endswith("CUDA")
+            ]
         self.summary = summarize_kernels(kernels, wall, self.last - self.first + 1)

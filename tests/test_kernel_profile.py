@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kernel_profile import kernel_kind, summarize_kernels
+from kernel_profile import kernel_kind, kernels_from_chrome_trace, summarize_kernels
 
 
 @pytest.mark.parametrize(
@@ -43,4 +43,26 @@ def test_summary_per_step_and_idle_time() -> None:
     assert summary["kernel_s_per_step_by_kind"] == pytest.approx({"gemm_fp8": 0.4, "communication": 0.1, "norm": 0.05})
     assert summary["gpu_busy_s_per_step"] == pytest.approx(0.45)
     assert summary["gpu_idle_s_per_step"] == pytest.approx(0.55)
-    assert summary["top_kernels_s_per_step"][0] == {"name": "sm90_xmma_gemm_e4m3bf16_tn", "kind": "gemm_fp8", "s": 0.4}
+    assert summary["top_kernels_s_per_step"][0] == {
+        "name": "sm90_xmma_gemm_e4m3bf16_tn", "kind": "gemm_fp8", "s": 0.4, "calls_per_step": 1.0, "mean_us": 400_000,
+    }  # fmt: skip
+
+
+def test_chrome_trace_kernels_carry_their_grids() -> None:
+    """What ``export_chrome_trace`` writes (torch 2.11): kernels under cat "kernel" with ts/dur in us and args.grid."""
+    cast = "void transformer_engine::detail::cast_transpose_general_kernel<4ul, 4ul, __nv_bfloat16, __nv_fp8_e4m3>"
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5},
+            {"ph": "X", "cat": "kernel", "name": cast, "ts": 10, "dur": 30, "args": {"grid": [2048, 1, 1]}},
+            {"ph": "X", "cat": "kernel", "name": cast, "ts": 50, "dur": 30, "args": {"grid": [2048, 1, 1]}},
+            {"ph": "X", "cat": "kernel", "name": cast, "ts": 90, "dur": 90, "args": {"grid": [7168, 1, 1]}},
+            {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_qqtst_192x192", "ts": 200, "dur": 100},
+        ]
+    }  # fmt: skip
+    kernels = kernels_from_chrome_trace(trace)
+    assert kernels[0] == (cast, 10.0, 40.0, (2048, 1, 1)) and kernels[-1][3] is None and len(kernels) == 4
+    top = {k["name"]: k for k in summarize_kernels(kernels, wall_s=1e-3, steps=1)["top_kernels_s_per_step"]}
+    assert top[cast]["calls_per_step"] == 3 and top[cast]["mean_us"] == pytest.approx(50)
+    assert top[cast]["grids"] == [{"grid": [2048, 1, 1], "calls": 2}, {"grid": [7168, 1, 1], "calls": 1}]
+    assert "grids" not in top["nvjet_sm90_qqtst_192x192"] and top["nvjet_sm90_qqtst_192x192"]["kind"] == "gemm_fp8"
