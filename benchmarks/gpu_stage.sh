@@ -72,7 +72,10 @@ esac
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_RESULTS_DIR="$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt"
-git rev-parse HEAD > "$out/commit.txt" 2>/dev/null || true
+# The device tool copies the working tree, whose .git may lag behind it: pass STAGE_COMMIT=<hash> to record the
+# commit that really ran (plus "dirty" when the tree had changes); else the copy's HEAD, marked as such.
+if [ -n "${STAGE_COMMIT:-}" ]; then echo "$STAGE_COMMIT" > "$out/commit.txt"
+else echo "$(git rev-parse HEAD 2>/dev/null) (HEAD of the copy; may lag the working tree)" > "$out/commit.txt"; fi
 
 case "$stage" in
   equivalence-2)
