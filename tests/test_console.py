@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,213 @@ def test_llama_module_installs_the_checkpoint_warning_filter() -> None:
             action == "ignore" and message is not None and message.pattern == MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
             for action, message, *_ in warnings.filters
         )
+
+
+# ---------------------------------------------------------------------------------------------- filters, one by one
+OWN_WARNING = "a warning of lightning_llama_fp8 itself"
+
+
+def shown_warnings(emit: Any) -> list[str]:
+    """Messages of the warnings ``emit()`` raises that still show with the dependency filters installed.
+
+    Every warning is shown ("always"), except what the filters drop: they are installed in front of that rule, as
+    ``import lightning_llama_fp8`` installs them in front of the default ones. This package's own warning is raised
+    after ``emit()`` and has to show.
+    """
+    from lightning_llama_fp8._warnings import filter_dependency_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_dependency_warnings()
+        emit()
+        warnings.warn(OWN_WARNING, UserWarning, stacklevel=1)
+    return [str(w.message) for w in caught]
+
+
+def warn_from(module: str, message: str, category: type[Warning]) -> None:
+    """Raise ``message`` as if ``module`` had raised it (filters match the module of the warning's frame)."""
+    warnings.warn_explicit(message, category, filename=module.replace(".", "/") + ".py", lineno=1, module=module)
+
+
+BARRIER_WARNING = (
+    "barrier(): using the device under current context. "
+    "You can specify `device_id` in `init_process_group` to mute this warning."
+)
+
+
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    """A one-process gloo group (torch.distributed.barrier needs one), destroyed afterwards if made here."""
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    if made:
+        dist.destroy_process_group()
+
+
+def test_torchs_barrier_device_warning_is_real_and_filtered_exactly(
+    process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+    import torch.distributed.c10d_logger
+    import torch.distributed.distributed_c10d as c10d
+
+    # barrier() as on a GPU node with a group not bound to a device: it warns, then (no GPU here) fails.
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(c10d, "_get_object_coll_device", lambda group=None: "cuda")
+    c10d_logger = torch.distributed.c10d_logger.__name__  # barrier() is wrapped by its exception logger
+
+    def barrier() -> None:
+        with pytest.raises(RuntimeError):
+            dist.barrier()
+        warn_from(c10d_logger, "another c10d warning", UserWarning)
+        warn_from("lightning_llama_fp8.strategy", BARRIER_WARNING, UserWarning)  # same text, this package's module
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        barrier()
+    assert [str(w.message) for w in caught] == [BARRIER_WARNING, "another c10d warning", BARRIER_WARNING]
+    assert Path(caught[0].filename).name == "c10d_logger.py"  # as in the GPU run's stderr
+    assert shown_warnings(barrier) == ["another c10d warning", BARRIER_WARNING, OWN_WARNING]
+
+
+def test_the_model_summarys_precision_warning_is_real_and_filtered_exactly() -> None:
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from lightning_llama_fp8 import TEFP8Precision
+
+    def summarize_an_fp8_module() -> None:
+        trainer = Trainer(
+            accelerator="cpu", plugins=[TEFP8Precision()], logger=False, enable_checkpointing=False, barebones=True
+        )
+        module = Regression()
+        module.trainer = trainer
+        summarize(module)
+        warn_from("lightning.pytorch.utilities.model_summary.model_summary", "another summary warning", UserWarning)
+
+    unfiltered: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summarize_an_fp8_module()
+        unfiltered = [str(w.message) for w in caught]
+    assert any(
+        m.startswith("Precision transformer-engine-fp8 is not supported by the model summary") for m in unfiltered
+    )
+    assert shown_warnings(summarize_an_fp8_module) == ["another summary warning", OWN_WARNING]
+
+
+def test_lightnings_pytree_deprecation_is_real_and_filtered_exactly() -> None:
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    def flatten() -> None:
+        _tree_flatten([1, {"a": torch.zeros(1)}])
+        warn_from("lightning.pytorch.utilities._pytree", "another pytree warning", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flatten()
+    assert any("`isinstance(treespec, LeafSpec)` is deprecated" in str(w.message) for w in caught)
+    assert shown_warnings(flatten) == ["another pytree warning", OWN_WARNING]
+
+
+def logged(logger_name: str, emit: Any, filtered: bool = True) -> list[str]:
+    """Messages ``emit(logger)`` logs on ``logger_name`` that pass that logger: with the dependency filters installed,
+    or (``filtered=False``) with this package's filters taken off that logger for the call."""
+    import logging
+
+    from lightning_llama_fp8._warnings import _DropMessage, filter_dependency_warnings
+
+    filter_dependency_warnings()
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    ours = [] if filtered else [f for f in logger.filters if isinstance(f, _DropMessage)]
+    handler, level = Keep(), logger.level
+    for f in ours:
+        logger.removeFilter(f)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        emit(logger)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for f in ours:
+            logger.addFilter(f)
+    return records
+
+
+def source_text(module: Any) -> str:
+    """A module's source with adjacent string literals joined, to find a message split over several lines."""
+    return re.sub(r'"\s+"', "", Path(module.__file__).read_text())
+
+
+GPT_DEPRECATION = (
+    "GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes, no new features. Please reference the "
+    "migration guide `docs/user-guide/hybrid-model-migration.md` for details on how to use `HybridModel`"
+)
+DDP_LAYOUT = (
+    "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True. Auto-computing "
+    "layout inside DDP. Callers should pre-compute layouts via DistributedOptimizer.compute_full_param_layout() and "
+    "pass them in."
+)
+
+
+@pytest.mark.parametrize(
+    "module,message",
+    [
+        ("megatron.core.models.gpt.gpt_model", GPT_DEPRECATION),
+        ("megatron.core.distributed.distributed_data_parallel", DDP_LAYOUT),
+    ],
+)
+def test_megatrons_log_records_are_filtered_exactly(module: str, message: str) -> None:
+    import importlib
+    import logging
+
+    from megatron.core.utils import log_single_rank
+
+    source = importlib.import_module(module)
+    assert source.logger.name == module  # the logger the message is logged on
+    assert message in source_text(source)  # the exact message of the installed megatron-core
+
+    def emit(logger: logging.Logger) -> None:
+        log_single_rank(logger, logging.WARNING, message)  # as megatron-core logs it
+        log_single_rank(logger, logging.WARNING, "another Megatron message")
+
+    assert logged(module, emit, filtered=False) == [message, "another Megatron message"]
+    assert logged(module, emit) == ["another Megatron message"]
+
+
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+
+
+def test_lightnings_tensor_core_advice_is_real_and_filtered_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from lightning.fabric.accelerators import cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "_is_ampere_or_later", lambda device=None: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    def emit(logger: logging.Logger) -> None:
+        cuda._check_cuda_matmul_precision.__wrapped__(torch.device("cuda", 0))  # the real message, uncached
+        rank_zero_info(LITLOGGER_TIP)  # kept on purpose: a logger a user may choose to install
+
+    unfiltered = logged("lightning.pytorch.utilities.rank_zero", emit, filtered=False)
+    assert unfiltered[0].startswith("You are using a CUDA device ('NVIDIA H200') that has Tensor Cores.")
+    assert logged("lightning.pytorch.utilities.rank_zero", emit) == [LITLOGGER_TIP]
 
 
 # ---------------------------------------------------------------------------------------------- unguarded script

@@ -1,10 +1,12 @@
 """Warnings of this package's dependencies that a user of this package cannot act on, filtered where they start.
 
 Importing megatron-core and Transformer Engine prints a dozen warnings on every ``llama-fp8`` command, ``--help``
-included, and Lightning adds one on every checkpointed run. Each filter below names the exact message and the
-module that emits it, and says why nothing is lost; everything else (this package's own warnings and errors, and
-any other message of the same libraries) is shown as before. ``lightning_llama_fp8/__init__.py`` imports this
-module first, before anything imports megatron-core or Transformer Engine, so the import-time ones are caught.
+included; a GPU ``fit`` adds torch's, Lightning's and megatron-core's own (barrier device, model summary bit width,
+pytree deprecation, GPTModel deprecation, DDP layout, TF32 advice), and Lightning one on every checkpointed run of a
+manual-optimization module. Each filter below names the exact message and the module (or logger) that emits it, and
+says why nothing is lost; everything else (this package's own warnings and errors, and any other message of the same
+libraries) is shown as before. ``lightning_llama_fp8/__init__.py`` imports this module first, before anything imports
+megatron-core or Transformer Engine, so the import-time ones are caught.
 """
 
 from __future__ import annotations
@@ -62,6 +64,39 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
         # A docstring in Megatron's inference code, printed when Python first compiles that file.
         "inference code, compiled once",
     ),
+    (
+        r"barrier\(\): using the device under current context\. You can specify `device_id` in `init_process_group`",
+        UserWarning,
+        # torch.distributed.barrier is wrapped by c10d_logger's exception logger, so that is the warning's module.
+        r"torch\.distributed\.c10d_logger",
+        # Emitted by barrier() calls without device_ids on an NCCL group not bound to a device: Megatron's
+        # (dataset builder before training, distributed-checkpoint save at the end); MegatronCPStrategy.barrier
+        # passes device_ids. Its concern, every rank falling back to GPU 0, cannot happen here: Lightning's
+        # CUDAAccelerator.setup_device calls torch.cuda.set_device(this rank's GPU) before the process group starts.
+        # Binding the group instead (init_process_group(device_id=...), as Lightning's DDPStrategy does) is not done:
+        # it makes torch create every NCCL communicator of Megatron's ~20 parallel groups eagerly by ncclCommSplit
+        # (GPU memory the measured runs and the plan do not include; split collectives that every rank must join),
+        # and Megatron-LM itself does not bind it.
+        "the current device is already this rank's GPU; the advice is for whoever calls init_process_group",
+    ),
+    (
+        r"Precision transformer-engine-fp8 is not supported by the model summary\.",
+        UserWarning,
+        r"lightning\.pytorch\.utilities\.model_summary\.model_summary",
+        # Lightning's summary knows only its own precision strings (a table inside the method, no way to add one).
+        # A TEFP8Precision model has no one bit width to give it: BF16 weights (FP8 ones with fp8_param_gather), FP8
+        # GEMM inputs cast per step by Transformer Engine, FP32 main weights in the distributed optimizer. The line
+        # "Total estimated model params size (MB)" stays Lightning's estimate at 4 bytes per parameter.
+        "Lightning's summary cannot be told the bit width of a TE FP8 model",
+    ),
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        r"lightning\.pytorch\.utilities\._pytree",
+        # Lightning 2.6's CombinedLoader flattens batches with torch's LeafSpec, which torch 2.11 deprecates; it still
+        # works the same (the deprecated class is a leaf TreeSpec), and only a Lightning release can change the call.
+        "Lightning's own use of a torch API, unchanged in behaviour",
+    ),
 )
 
 # Lightning's ModelCheckpoint, for any module with manual optimization, on the first save of every run.
@@ -91,6 +126,24 @@ DEPENDENCY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     # Extension instead: not part of this stack, so a user cannot act on it; MegatronCPStrategy(async_save=True)
     # uses megatron-core's own writer on purpose (async_checkpoint.py).
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+    # Once per run when the package builds the model: megatron-core 0.19.2 deprecates GPTModel in favour of its
+    # HybridModel. LlamaLightningModule builds the GPTModel itself, so only this package can migrate.
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+    # MegatronCPStrategy wraps each model chunk in Megatron's DDP without a precomputed parameter layout, so DDP
+    # computes it itself: DistributedOptimizer.compute_full_param_layout on the same parameters, the intra-instance
+    # DP (and expert DP) group sizes and the bucket size DDP has just derived. Precomputing it here would mean
+    # copying DDP's bucket-size rules (default from the DP group size, none without overlap_grad_reduce, none for
+    # later chunks and PP ranks > 0) into the strategy, where a megatron-core upgrade could silently make the two
+    # layouts differ; the fallback is by construction the layout DDP uses. Nothing a user can change.
+    (
+        "megatron.core.distributed.distributed_data_parallel",
+        "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True",
+    ),
+    # Lightning's CUDA accelerator (lightning.fabric.accelerators.cuda) logs this through its rank-zero logger while
+    # torch's float32 matmul precision is "highest". Every GEMM of this package's models takes BF16 or FP8 inputs
+    # (BF16 parameters, Transformer Engine's cuBLASLt GEMMs; RoPE frequencies and the FP32 loss are elementwise), so
+    # the setting it suggests changes no matmul here, and changing it globally is not this package's call.
+    ("lightning.pytorch.utilities.rank_zero", "You are using a CUDA device ("),
 )
 
 
