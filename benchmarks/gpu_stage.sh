@@ -39,6 +39,8 @@
 #   full-8b-1gpu    (1, H200) issue 14: all 32 layers on one GPU, full recompute + half the optimizer on the CPU,
 #                       6 steps; then the same without offload (expected not to fit) -> OUT/full_8b_one_gpu.json
 #                       (3.6 min measured; needs ~70 GiB of host RAM)
+#   offload-check   (1) issue 14: FP8, 8 layers, optimizer offload 0.5 against two runs without (losses, s/step, peak)
+#                       -> OUT/offload/summary.json (~4 min est.)
 #   hf-parity       (1) issue 13: tests/gpu/test_hf_parity.py: logits, KL, greedy vs transformers; FP8 export
 #                       -> OUT/hf_parity.json; the FP32 cases again with TF32 allowed (~2 min)
 #   hf-convert-8b   (1) issue 13: benchmarks/hf_convert.py, Llama 3 8B both ways -> OUT/hf_convert_8b.json
@@ -65,7 +67,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall|profile-fp8|speed-1|lever-1|fp8-casts) ;;
+  checkpoint-stall|profile-fp8|speed-1|lever-1|fp8-casts|offload-check) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -392,6 +394,31 @@ PY
       NVTE_CUDA_INCLUDE_DIR="$dir" python3 "$c/cast_probe.py" "$c/include_$i.json" "include $dir" 2>&1 | tail -2
       [ "$i" -ge 3 ] && break
     done ;;
+  offload-check)
+    # Does optimizer CPU offload (HybridDeviceOptimizer, with FP8 weights) train like the GPU optimizer? The full 8B
+    # on one H200 (full-8b-1gpu) can only run offloaded; 8 layers fit both ways: same seed and data, the offloaded run
+    # against two runs without (their difference is the run-to-run noise).
+    o="$out/offload"; mkdir -p "$o"
+    for run in gpu_a offload gpu_b; do
+      fraction=0.0; [ "$run" = offload ] && fraction=0.5
+      python3 benchmarks/bench_throughput.py --precision fp8 --layers 8 --gbs 8 --steps 12 --warmup 4 \
+        --optimizer-offload-fraction "$fraction" --out "$o/$run.json" > "$o/$run.log" 2>&1
+      echo "$run (offload $fraction) exit $?"
+    done
+    python3 - "$o" <<'PY'
+import json, sys
+from pathlib import Path
+o = Path(sys.argv[1]); runs = {p.stem: json.loads(p.read_text()) for p in o.glob("*.json")}
+def gap(a, b):
+    return max(abs(x - y) for x, y in zip(runs[a]["losses"], runs[b]["losses"])) if a in runs and b in runs else None
+summary = {"card": next(iter(runs.values()), {}).get("device"),
+           "losses": {k: r.get("losses") for k, r in runs.items()},
+           "s_per_step": {k: r.get("median_step_time_s") for k, r in runs.items()},
+           "peak_gib": {k: r.get("peak_memory_gib") for k, r in runs.items()},
+           "max_loss_gap_gpu_vs_gpu": gap("gpu_a", "gpu_b"), "max_loss_gap_offload_vs_gpu": gap("gpu_a", "offload")}
+(o / "summary.json").write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))
+PY
+    ;;
   recipes-1)
     # Same shapes and flags as the speed comparisons (seq 8192, GBS 8), one GPU, one process per run.
     mkdir -p "$out/recipes"
