@@ -9,9 +9,10 @@ What it does, in the order Lightning calls it:
    :meth:`transformer_config_kwargs` for the layout; with pipeline parallelism, this rank's model chunks
    (``pipeline.py``).
 3. ``setup``: wraps every Megatron model (chunk) of the LightningModule in Megatron's ``DistributedDataParallel``
-   (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter, distributed optimizer), builds the
-   optimizer, and wires Megatron's schedule hooks (grad sync, loss scale, ``finalize_model_grads``) into the model
-   config.
+   (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter, distributed optimizer; with
+   Transformer Engine's weight-gradient accumulation fused into those buffers by default), builds the optimizer, and
+   wires Megatron's schedule hooks (grad sync, loss scale, ``finalize_model_grads``) into the model config
+   (``megatron_ddp.py``).
 
 Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks only: TP and CP ranks of one
 model replica read the same samples), an ``optimizer_step`` that runs Megatron's optimizer, and checkpoints in
@@ -35,8 +36,8 @@ from torch import Tensor
 
 from lightning_llama_fp8 import _lightning_compat as compat
 from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8 import startup_checks
-from lightning_llama_fp8.checkpointing import StrategyCheckpointing, megatron_children
+from lightning_llama_fp8 import megatron_ddp, startup_checks
+from lightning_llama_fp8.checkpointing import StrategyCheckpointing
 from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.pipeline import pipeline_config_kwargs
@@ -332,43 +333,24 @@ class MegatronCPStrategy(ParallelStrategy):
             )
 
     def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
-        if self.gradient_accumulation_fusion is not True:
-            return
-        if arch is not None and arch.transformer_impl != "transformer_engine":
-            raise ValueError(
-                "MegatronCPStrategy(gradient_accumulation_fusion=True) fuses the weight-gradient accumulation of "
-                "Transformer Engine's layers; this model uses Megatron-Core's local layer spec "
-                f"(transformer_impl: {arch.transformer_impl!r}). Set transformer_impl: transformer_engine, or "
-                "gradient_accumulation_fusion: false (or leave it unset: on only where it applies)."
-            )
-        needing = self._callbacks_needing_unfused_weight_gradients()
-        if needing:
-            raise ValueError(
-                f"MegatronCPStrategy(gradient_accumulation_fusion=True) with {', '.join(needing)}: the fused path "
-                "adds Transformer Engine's weight gradients into Megatron's buffer inside the GEMM, so the gradient "
-                "hook that callback relies on never sees them. Set gradient_accumulation_fusion: false, or leave it "
-                "unset (then it is off while such a callback is there)."
-            )
+        problem = megatron_ddp.gradient_accumulation_fusion_problem(
+            self.gradient_accumulation_fusion, arch, self._trainer_callbacks()
+        )
+        if problem:
+            raise ValueError(problem)
 
-    def _callbacks_needing_unfused_weight_gradients(self) -> list[str]:
+    def _trainer_callbacks(self) -> list[Any]:
         try:
-            callbacks = self.lightning_module.trainer.callbacks if self._lightning_module is not None else []
+            return list(self.lightning_module.trainer.callbacks) if self._lightning_module is not None else []
         except RuntimeError:  # a module not attached to a Trainer (LightningModule.trainer raises)
-            callbacks = []
-        return [type(cb).__name__ for cb in callbacks if getattr(cb, "needs_unfused_weight_gradients", False)]
+            return []
 
     def _fuses_gradient_accumulation(self) -> bool:
         """Resolve ``gradient_accumulation_fusion`` for this fit (checked already in ``setup_environment``)."""
-        if self.gradient_accumulation_fusion is not None:
-            return self.gradient_accumulation_fusion
         arch = getattr(self.lightning_module, "arch", None)
-        if arch is None or arch.transformer_impl != "transformer_engine":
-            return False
-        needing = self._callbacks_needing_unfused_weight_gradients()
-        if needing:
-            log.info("Gradient accumulation fusion off: %s hooks the unfused weight gradients.", ", ".join(needing))
-            return False
-        return True
+        return megatron_ddp.resolve_gradient_accumulation_fusion(
+            self.gradient_accumulation_fusion, arch, self._trainer_callbacks()
+        )
 
     def _check_memory_settings(self, arch: Any) -> None:
         """Refuse recompute / offload settings that cannot take effect here (before any process group exists)."""
@@ -444,7 +426,7 @@ class MegatronCPStrategy(ParallelStrategy):
             if self.gradient_accumulation_fused:
                 # Required when asked for explicitly; by default only where TE modules exist.
                 required = self.gradient_accumulation_fusion is True
-                fused = fuse_te_weight_gradient_accumulation(self._ddp_modules, required=required)
+                fused = megatron_ddp.fuse_te_weight_gradient_accumulation(self._ddp_modules, required=required)
                 self.gradient_accumulation_fused = fused > 0
             self.setup_optimizers(trainer)
             self._connect_schedule_hooks()
@@ -455,68 +437,18 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def _wrap_megatron_modules(self) -> None:
-        """Replace each Megatron model of the LightningModule with Megatron DDP around it.
-
-        A Megatron model is a direct attribute (``self.model = GPTModel(...)``) or each element of a
-        ``torch.nn.ModuleList`` attribute (the model chunks of a virtual pipeline stage), wrapped in place.
-        """
-        from megatron.core.distributed import DistributedDataParallel
-
-        def wrap(child: torch.nn.Module, chunk_index: int) -> torch.nn.Module:
-            if isinstance(child, DistributedDataParallel):
-                return child
-            # As Megatron-LM: only the first chunk is bucketed; the others reduce in one bucket each, whose
-            # reduce-scatter happens while the earlier chunks still run their backward.
-            wrapped = DistributedDataParallel(
-                config=child.config, ddp_config=self.ddp_config, module=child, disable_bucketing=chunk_index > 0
-            )
-            # Same weights on every DP rank even if a user's init is not seeded identically.
-            wrapped.broadcast_params()
-            return wrapped
-
-        module = self.lightning_module
-        self._ddp_modules = []
-        for name, child in megatron_children(module).items():
-            if isinstance(child, torch.nn.ModuleList):
-                for index, chunk in enumerate(child):
-                    child[index] = wrap(chunk, index)
-                    self._ddp_modules.append(child[index])
-            else:
-                setattr(module, name, wrap(child, 0))
-                self._ddp_modules.append(getattr(module, name))
-        if not self._ddp_modules:
-            raise TypeError(
-                f"{type(module).__name__} has no Megatron-Core model as a direct attribute after configure_model(); "
-                "MegatronCPStrategy needs one (e.g. self.model = GPTModel(...)) to wrap in Megatron DDP."
-            )
+        """Wrap each Megatron model (chunk) of the LightningModule in Megatron DDP (``megatron_ddp.py``)."""
+        self._ddp_modules = megatron_ddp.wrap_megatron_modules(self.lightning_module, self.ddp_config)
 
     def _connect_schedule_hooks(self) -> None:
-        """Give Megatron's forward-backward schedule the DDP and optimizer hooks Megatron-LM wires up.
-
-        The chunks of one rank share one TransformerConfig, which the schedule reads: the per-chunk hooks go in as
-        lists (one per chunk, as Megatron-LM's ``train`` sets them), a single chunk's as the function itself.
-        """
-        from megatron.core.distributed import finalize_model_grads
-
-        chunks = self._ddp_modules
-        if not chunks:
-            return
-        config = chunks[0].config
-
-        def per_chunk(method: str) -> Any:
-            hooks = [getattr(ddp, method) for ddp in chunks]
-            return hooks[0] if len(hooks) == 1 else hooks
-
-        config.no_sync_func = per_chunk("no_sync")
-        if self.overlap_grad_reduce and self.layout.pipeline_model_parallel_size > 1:
-            # Start each chunk's gradient reduce as soon as its last micro batch's backward is done.
-            config.grad_sync_func = per_chunk("start_grad_sync")
-        config.finalize_model_grads_func = finalize_model_grads
-        optimizer = self.optimizers[0] if self.optimizers else None
-        if optimizer is not None:
-            config.grad_scale_func = optimizer.scale_loss
-        if self.overlap_param_gather and self.align_param_gather:
-            config.param_sync_func = per_chunk("start_param_sync")
+        megatron_ddp.connect_schedule_hooks(
+            self._ddp_modules,
+            self.optimizers[0] if self.optimizers else None,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            pipelined=self.layout.pipeline_model_parallel_size > 1,
+            overlap_param_gather=self.overlap_param_gather,
+            align_param_gather=self.align_param_gather,
+        )
 
     @property
     def ddp_modules(self) -> list[torch.nn.Module]:
@@ -689,34 +621,6 @@ class MegatronCPStrategy(ParallelStrategy):
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Megatron-Core TP x CP x DP strategy")
-
-
-def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module], required: bool = True) -> int:
-    """Have every Transformer Engine module under ``ddp_modules`` accumulate its weight gradients into the
-    parameters' ``main_grad`` (Megatron DDP's buffer, which exists once the model is wrapped); returns how many.
-
-    The switch is TE's ``fuse_wgrad_accumulation`` attribute, which its modules read at every forward; Megatron's
-    own linear layers (the output layer) keep theirs off. With ``required``, raises if there is no TE module to
-    switch; without, returns 0.
-    """
-    modules = [
-        module
-        for ddp in ddp_modules
-        for module in ddp.modules()
-        if type(module).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
-        and hasattr(module, "fuse_wgrad_accumulation")
-    ]
-    if not modules and not required:
-        return 0
-    if not modules:
-        raise ValueError(
-            "MegatronCPStrategy(gradient_accumulation_fusion=True) found no Transformer Engine layer in the model; "
-            "build it with the Transformer Engine layer spec or turn the setting off."
-        )
-    for module in modules:
-        module.fuse_wgrad_accumulation = True
-    log.info("Gradient accumulation fusion: %d Transformer Engine modules add into main_grad.", len(modules))
-    return len(modules)
 
 
 if MegatronCPStrategy.strategy_name not in StrategyRegistry:
