@@ -230,6 +230,21 @@ def test_export_round_trip_is_bitwise_and_loads_in_transformers(imported: dict[s
     assert torch.equal(model(tokens).logits, original(tokens).logits)
 
 
+def test_export_direct_reads_equal_the_librarys_reader(
+    imported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export reads stored tensors' bytes straight into its buffers; torch's own reader (the fallback where
+    torch's internal helpers are missing) must give the very same files."""
+    from lightning_llama_fp8.hf import export
+
+    direct = export_to_hf(imported["ckpt"], tmp_path / "direct", max_shard_bytes=200_000)
+    monkeypatch.setattr(export, "narrow_tensor_by_index", None)
+    library = export_to_hf(imported["ckpt"], tmp_path / "library", max_shard_bytes=200_000)
+    assert direct.shards == library.shards
+    for shard in direct.shards:
+        assert (tmp_path / "direct" / shard).read_bytes() == (tmp_path / "library" / shard).read_bytes(), shard
+
+
 def test_export_with_tokenizer_file(imported: dict[str, Any], tmp_path: Path) -> None:
     tokenizer_json = _llama3_tokenizer_json()
     out = tmp_path / "with_tokenizer"

@@ -1,10 +1,11 @@
 """A training checkpoint (Megatron ``torch_dist`` directory, any layout) -> a Hugging Face Llama directory.
 
 Streams: one layer's weights at a time are read from the distributed checkpoint (torch.distributed.checkpoint's
-reader, which megatron-core's ``torch_dist`` format is written with, asked for one layer of each layer-stacked
-tensor; CPU only, no process group), turned into Hugging Face tensors and handed to a sharded safetensors writer
-that keeps at most one shard in memory. The fp32 model is never materialised; peak host memory is about one shard
-plus one layer.
+load, which megatron-core's ``torch_dist`` format is written with, asked for one layer of each layer-stacked
+tensor; CPU only, no process group; each stored tensor's bytes are read straight into a reused buffer), turned
+into Hugging Face tensors (views of those buffers where the layout allows) and written by a background thread into
+safetensors shards whose layout is fixed in advance, so no shard is held in memory. The fp32 model is never
+materialised; peak host memory is about two layers plus one [vocab, hidden] matrix.
 
 Where the weights come from: with FP8 weights (``TEFP8Precision(fp8_param_gather=True)``) the model tensors in a
 checkpoint are FP8 values, so the export takes the fp32 main weights from the optimizer state instead, which a
@@ -18,26 +19,44 @@ fp32 main weights rounded to BF16.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.futures import Future as TorchFuture
+
+try:  # torch-internal helpers of its own file reader (torch 2.11); without them, the library's reader is used
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint.utils import _create_file_view
+except ImportError:  # pragma: no cover - another torch
+    narrow_tensor_by_index = _create_file_view = None
 
 from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama
-from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
-from lightning_llama_fp8.hf.mapping import LAYER_TENSORS, MODEL_TENSORS, hf_tensors
+from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, PlannedSafetensorsWriter
+from lightning_llama_fp8.hf.mapping import (
+    HF_LAYER_TENSORS,
+    HF_MODEL_TENSORS,
+    LAYER_TENSORS,
+    MODEL_TENSORS,
+    expected_hf_shapes,
+    hf_layer_name,
+    hf_tensors,
+)
 
 #: Where the exported weights came from (printed and returned).
 SOURCE_MODEL = "model weights (BF16)"
@@ -86,10 +105,9 @@ class _CheckpointTensors:
     """Reads slices of a distributed checkpoint's tensors; knows which tensor holds each weight's best copy."""
 
     def __init__(self, info: CheckpointInfo, arch: LlamaConfig, allow_fp8_weights: bool) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.path, self.arch = info.path, arch
-        self.reader = FileSystemReader(str(info.path))
+        direct = narrow_tensor_by_index is not None and _create_file_view is not None
+        self.reader = (_DirectFileSystemReader if direct else FileSystemReader)(str(info.path))
         self.metadata = self.reader.read_metadata().state_dict_metadata
         self._check_shapes(info)
         main_keys = {key for key in self.metadata if key.startswith("optimizer") and ".param." in key}
@@ -130,16 +148,27 @@ class _CheckpointTensors:
                     f"lightning_llama_fp8.json implies {list(shape)}; the checkpoint and its record disagree."
                 )
 
-    def read(self, keys: list[str], layer: int | None) -> dict[str, torch.Tensor]:
-        """The named tensors (one layer of each, if ``layer``), from the main weights where those are used."""
+    def read(
+        self, keys: list[str], layer: int | None, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors (one layer of each, if ``layer``), from the main weights where those are used.
+
+        ``into`` keeps the read buffers (by stored name) for the next call to read into again: on a machine whose
+        first touch of fresh memory is slow, reusing a layer's buffers for a later layer saves that cost per layer.
+        """
         import torch.distributed.checkpoint as dcp
 
         buffers, offsets = {}, {}
+        into = {} if into is None else into
         for key in keys:
             stored = self.main_key.get(key, key)
             size = tuple(self.metadata[stored].size)
             shape = (1, *size[1:]) if layer is not None else size
-            buffers[stored] = torch.empty(shape, dtype=self.metadata[stored].properties.dtype)
+            dtype = self.metadata[stored].properties.dtype
+            kept = into.get(stored)
+            if kept is None or tuple(kept.shape) != shape or kept.dtype != dtype:
+                into[stored] = kept = torch.empty(shape, dtype=dtype)
+            buffers[stored] = kept
             offsets[stored] = (layer, *[0] * (len(size) - 1)) if layer is not None else (0,) * len(size)
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -167,6 +196,70 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn]  # the box's buffer; the read items' destination offsets are box-relative
 
 
+class _DirectFileSystemReader(FileSystemReader):
+    """torch.distributed.checkpoint's file reader, reading each stored tensor's bytes straight into the buffer the
+    planner asks for.
+
+    The library's reader ``torch.load``s every stored item into a new tensor and copies it into the buffer: two
+    passes over fresh memory per byte, which is most of an export's time (and on a VM whose first touch of memory
+    is slow, more so). Here ``torch.load(map_location="meta")`` reads only the item's small pickle and gives the
+    stored tensor's layout and its data's offset in the item; where the requested part of it and the destination
+    are both contiguous (every item of this package's checkpoints), the bytes are read into the destination with one
+    ``readinto``. Anything else (transformed or byte items, strided parts) goes through the library's own path.
+    """
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> TorchFuture[None]:
+        rest = []
+        by_file: dict[str, list[tuple[int, ReadItem]]] = {}
+        for item in plan.items:
+            stored = self.storage_data[item.storage_index]
+            if item.type != LoadItemType.TENSOR or stored.transform_descriptors:
+                rest.append(item)
+            else:
+                by_file.setdefault(stored.relative_path, []).append((stored.offset, item))
+        for relative_path, items in by_file.items():
+            with open(os.path.join(str(self.path), relative_path), "rb", buffering=0) as file:
+                for _, item in sorted(items, key=lambda pair: pair[0]):  # one forward pass over the file
+                    if not self._read_direct(file, item, planner):
+                        rest.append(item)
+        if rest:
+            return super().read_data(LoadPlan(rest, plan.storage_data), planner)
+        done: TorchFuture[None] = TorchFuture()
+        done.set_result(None)
+        return done
+
+    def _read_direct(self, file: io.RawIOBase, item: ReadItem, planner: LoadPlanner) -> bool:
+        """Read ``item`` into its destination with one ``readinto``; False (nothing read) where that is not possible."""
+        stored = self.storage_data[item.storage_index]
+        layout = torch.load(
+            _create_file_view(file, stored.offset, stored.length), map_location="meta", weights_only=True
+        )
+        # Where torch.load(mmap=True) would map the storage from. The bytes are taken as stored: torch.load would
+        # byte-swap a storage saved on a big-endian host, but this package's checkpoints come from little-endian
+        # GPU hosts (x86-64, aarch64).
+        data_offset = getattr(layout.untyped_storage(), "_checkpoint_offset", None)
+        part = narrow_tensor_by_index(layout, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if data_offset is None or not part.is_contiguous() or not target.is_contiguous():
+            return False
+        if target.dtype != part.dtype or target.size() != part.size():
+            raise AssertionError(f"read item {item.storage_index}: {part.dtype} {part.size()} into {target.dtype} "
+                                 f"{target.size()}")  # fmt: skip
+        nbytes = part.numel() * part.element_size()
+        file.seek(stored.offset + data_offset + part.storage_offset() * part.element_size())
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        done = 0
+        while done < nbytes:  # a raw read may return fewer bytes than asked
+            count = file.readinto(view[done:])
+            if not count:
+                raise CheckpointError(
+                    f"{self.path}/{stored.relative_path} ends inside tensor {item.storage_index.fqn}."
+                )
+            done += count
+        planner.commit_tensor(item, target)
+        return True
+
+
 def export_to_hf(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -192,8 +285,11 @@ def export_to_hf(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     tensors = _CheckpointTensors(info, arch, allow_fp8_weights)
-    writer = ShardedSafetensorsWriter(partial, max_shard_bytes)
-    _stream_weights(tensors, arch, writer)
+    writer = PlannedSafetensorsWriter(partial, _hf_layout(arch), max_shard_bytes)
+    try:
+        _stream_weights(tensors, arch, writer)
+    finally:
+        writer.close()
     shards = writer.finish()
     bos, eos = _copy_tokenizer(tokenizer_files, partial)
     config = hf_config_from_llama(arch, bos_token_id=bos, eos_token_id=eos)
@@ -214,22 +310,81 @@ def export_to_hf(
     )
 
 
-def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: ShardedSafetensorsWriter) -> None:
-    """Embedding, then the layers one at a time, then the final norm and output layer, in Hugging Face's order."""
-    embedding = MODEL_TENSORS["embedding"]
-    for name, value in hf_tensors("embedding", None, tensors.read([embedding], None)[embedding], arch).items():
-        writer.add(name, value)
-    layer_keys = {kind: f"decoder.layers.{names[0]}" for kind, names in LAYER_TENSORS.items()}
+def _hf_layout(arch: LlamaConfig) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The exported tensors in the order :func:`_stream_weights` writes them (Hugging Face's), all BF16."""
+    shapes = expected_hf_shapes(arch)
+    names = [HF_MODEL_TENSORS["embedding"]]
     for layer in range(arch.num_layers):
-        loaded = tensors.read(list(layer_keys.values()), layer)
-        for kind, key in layer_keys.items():
-            for name, value in hf_tensors(kind, layer, loaded.pop(key), arch).items():
-                writer.add(name, value)
-    tail = [MODEL_TENSORS["final_norm"]] + ([] if arch.tie_embeddings else [MODEL_TENSORS["output"]])
-    loaded = tensors.read(tail, None)
-    for kind in ("final_norm", "output")[: len(tail)]:
-        for name, value in hf_tensors(kind, None, loaded[MODEL_TENSORS[kind]], arch).items():
-            writer.add(name, value)
+        names += [hf_layer_name(layer, suffix) for kind in LAYER_TENSORS for suffix in HF_LAYER_TENSORS[kind]]
+    names += [HF_MODEL_TENSORS["final_norm"]] + ([] if arch.tie_embeddings else [HF_MODEL_TENSORS["output"]])
+    return [(name, torch.bfloat16, shapes[name]) for name in names]
+
+
+def _hf_pieces(kind: str, layer: int | None, full: torch.Tensor, arch: LlamaConfig) -> dict[str, list[torch.Tensor]]:
+    """The Hugging Face tensors made from ``full``, each as the contiguous pieces that make it up.
+
+    q, k and v are row blocks of the fused ``linear_qkv`` (per key/value group: its query heads, its key head, its
+    value head; see :mod:`lightning_llama_fp8.hf.mapping`): each is written as one block per group, views of the
+    read buffer, instead of being copied into a tensor of its own first. Everything else is
+    :func:`~lightning_llama_fp8.hf.mapping.hf_tensors`' (views of ``full`` where it already is BF16 and contiguous).
+    """
+    if kind != "qkv":
+        return {name: [value] for name, value in hf_tensors(kind, layer, full, arch).items()}
+    assert layer is not None
+    full = full.to(torch.bfloat16).contiguous()
+    groups, hd = arch.num_query_groups, arch.kv_channels
+    per_group = arch.num_attention_heads // groups
+    grouped = full.reshape(groups, per_group + 2, hd, full.shape[-1])
+    q, k, v = (hf_layer_name(layer, suffix) for suffix in HF_LAYER_TENSORS["qkv"])
+    return {q: list(grouped[:, :per_group].unbind(0)), k: list(grouped[:, per_group].unbind(0)),
+            v: list(grouped[:, per_group + 1].unbind(0))}  # fmt: skip
+
+
+def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: PlannedSafetensorsWriter) -> None:
+    """Embedding, then the layers one at a time, then the final norm and output layer, in Hugging Face's order.
+
+    A writer thread writes one group of tensors while the next is read (file reads and writes release the GIL).
+    Two sets of layer buffers alternate: layer ``i + 2`` is read into layer ``i``'s once layer ``i`` is written, and
+    the output layer into the embedding's, so the export touches fresh memory for about two layers and one
+    [vocab, hidden] matrix, whatever the number of layers; its peak memory is about that too.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-export-writer") as pool:
+        pending: deque[Future[None]] = deque()
+
+        def write(pieces: dict[str, list[torch.Tensor]], keep: int) -> None:
+            pending.append(pool.submit(_write_pieces, writer, pieces))
+            while len(pending) > keep:  # the buffers of all but the newest ``keep`` writes are free after this
+                pending.popleft().result()  # re-raises the writer thread's error here
+
+        embedding, vocab_rows = MODEL_TENSORS["embedding"], {}  # vocab_rows: the [vocab, hidden] buffer, reused
+        loaded = tensors.read([embedding], None, vocab_rows)
+        write(_hf_pieces("embedding", None, loaded.pop(embedding), arch), keep=1)
+        embedding_written = pending[-1]
+        layer_keys = {kind: f"decoder.layers.{names[0]}" for kind, names in LAYER_TENSORS.items()}
+        slots: list[dict[str, torch.Tensor]] = [{}, {}]
+        for layer in range(arch.num_layers):
+            loaded = tensors.read(list(layer_keys.values()), layer, slots[layer % 2])
+            pieces = {}
+            for kind, key in layer_keys.items():
+                pieces.update(_hf_pieces(kind, layer, loaded.pop(key), arch))
+            write(pieces, keep=1)  # the previous layer's write is done: its slot can take the next layer
+        slots.clear()
+        tail = [MODEL_TENSORS["final_norm"]] + ([] if arch.tie_embeddings else [MODEL_TENSORS["output"]])
+        # The output layer goes into the embedding's buffer, written long ago (writes run in order), while the last
+        # layer is still being written.
+        embedding_written.result()
+        into = {tensors.main_key.get(MODEL_TENSORS["output"], MODEL_TENSORS["output"]): buffer
+                for buffer in vocab_rows.values()}  # fmt: skip
+        loaded = tensors.read(tail, None, into)
+        pieces = {}
+        for kind in ("final_norm", "output")[: len(tail)]:
+            pieces.update(_hf_pieces(kind, None, loaded[MODEL_TENSORS[kind]], arch))
+        write(pieces, keep=0)
+
+
+def _write_pieces(writer: PlannedSafetensorsWriter, pieces: dict[str, list[torch.Tensor]]) -> None:
+    for name, parts in pieces.items():
+        writer.write(name, parts)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

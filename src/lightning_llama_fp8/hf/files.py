@@ -9,6 +9,8 @@ Writing buffers tensors until a shard is full and hands the shard to a backgroun
 caller reads and converts the next one (safetensors' serializer releases the GIL, so reading and writing overlap):
 peak memory is about two shards plus what the caller holds, whatever the model size. The files get Hugging Face's
 names (``model-00001-of-00004.safetensors``) and an index once the number of shards is known.
+:class:`PlannedSafetensorsWriter` (the export's) writes the same files when every tensor's name, dtype and shape is
+known in advance: each tensor goes to its place in its shard as it arrives, so nothing is buffered.
 """
 
 from __future__ import annotations
@@ -210,3 +212,116 @@ def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+#: safetensors' names of the torch dtypes a planned writer takes.
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
+_SAFETENSORS_DTYPE.update({torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"})
+
+
+class PlannedSafetensorsWriter:
+    """Write tensors whose names, dtypes and shapes are known in advance straight into their shard files.
+
+    The shards (the same split :class:`ShardedSafetensorsWriter` makes for the same tensors in the same order) and
+    each file's header are fixed by ``layout``, so each tensor is written where it belongs as soon as it arrives and
+    nothing is kept: the caller can reuse its buffers once :meth:`write` returns, and no shard is ever held in
+    memory. A tensor can come as several contiguous pieces whose bytes, concatenated, are the tensor's (e.g. a
+    strided slice of a fused weight, one block per attention group) instead of being copied into one tensor.
+    Tensors must be written in ``layout``'s order; :meth:`finish` names the shards and writes the index.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> None:
+        self.directory = directory
+        self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = []
+        shard_bytes = 0
+        for name, dtype, shape in layout:
+            nbytes = _numel(list(shape)) * dtype.itemsize
+            if not self._shards or (self._shards[-1] and shard_bytes + nbytes > max_shard_bytes):
+                self._shards.append([])
+                shard_bytes = 0
+            self._shards[-1].append((name, dtype, tuple(shape), nbytes))
+            shard_bytes += nbytes
+        self._order = [(number, entry) for number, shard in enumerate(self._shards) for entry in shard]
+        self._next = 0
+        self._file: Any = None  # the open shard (raw, unbuffered: writes go from the caller's memory to the kernel)
+        self._shard = -1
+        self.total_bytes = sum(entry[3] for _, entry in self._order)
+
+    def _partial(self, number: int) -> Path:
+        return self.directory / f".shard-{number:05d}.safetensors.partial"
+
+    def write(self, name: str, pieces: list[torch.Tensor]) -> None:
+        """Write tensor ``name`` (the next one in the layout) from ``pieces``, contiguous and in order."""
+        if self._next >= len(self._order) or self._order[self._next][1][0] != name:
+            expected = self._order[self._next][1][0] if self._next < len(self._order) else "nothing more"
+            raise ValueError(f"Safetensors writer: got tensor {name}, expected {expected} (the layout's order).")
+        number, (_, dtype, shape, nbytes) = self._order[self._next]
+        if any(piece.dtype != dtype or not piece.is_contiguous() for piece in pieces):
+            raise ValueError(f"Tensor {name}: every piece must be a contiguous {dtype} tensor.")
+        if sum(piece.numel() for piece in pieces) * dtype.itemsize != nbytes:
+            raise ValueError(f"Tensor {name}: the pieces hold {sum(p.numel() for p in pieces)} values, not {shape}.")
+        if number != self._shard:
+            self._open(number)
+        for piece in pieces:
+            _write_all(self._file, piece)
+        self._next += 1
+
+    def _open(self, number: int) -> None:
+        self._close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape, nbytes in self._shards[number]:
+            entry = {
+                "dtype": _SAFETENSORS_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            header[name] = entry
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor data starts 8-byte aligned
+        self._file = self._partial(number).open("wb", buffering=0)
+        self._shard = number
+        _write_all(self._file, memoryview(struct.pack("<Q", len(text)) + text))
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Close the open shard (after an error; :meth:`finish` closes it otherwise)."""
+        self._close()
+
+    def finish(self) -> list[Path]:
+        """Give every shard its final name and write the index; return the shard paths."""
+        if self._next != len(self._order):
+            raise ValueError(f"Safetensors writer: {len(self._order) - self._next} tensor(s) were not written.")
+        self._close()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        final = []
+        for number, shard in enumerate(self._shards):
+            target = self.directory / f"model-{number + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self._partial(number), target)
+            final.append(target)
+            weight_map.update({entry[0]: target.name for entry in shard})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+def _write_all(file: Any, data: torch.Tensor | memoryview) -> None:
+    """Write all of ``data`` (a contiguous tensor's bytes, read in place) to a raw file, which may write less."""
+    if isinstance(data, torch.Tensor):
+        if data.numel() == 0:
+            return
+        data = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+    written, total = 0, len(data)
+    while written < total:
+        written += file.write(data[written:])
