@@ -422,12 +422,13 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._wrap_megatron_modules()
-            self.gradient_accumulation_fused = self._fuses_gradient_accumulation()
-            if self.gradient_accumulation_fused:
-                # Required when asked for explicitly; by default only where TE modules exist.
-                required = self.gradient_accumulation_fusion is True
-                fused = megatron_ddp.fuse_te_weight_gradient_accumulation(self._ddp_modules, required=required)
-                self.gradient_accumulation_fused = fused > 0
+            # Required when asked for explicitly; by default only where TE modules exist.
+            self.gradient_accumulation_fused = self._fuses_gradient_accumulation() and (
+                megatron_ddp.fuse_te_weight_gradient_accumulation(
+                    self._ddp_modules, required=self.gradient_accumulation_fusion is True
+                )
+                > 0
+            )
             self.setup_optimizers(trainer)
             self._connect_schedule_hooks()
         self.setup_precision_plugin()

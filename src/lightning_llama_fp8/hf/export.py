@@ -55,7 +55,7 @@ from lightning_llama_fp8.hf.mapping import (
     MODEL_TENSORS,
     expected_hf_shapes,
     hf_layer_name,
-    hf_tensors,
+    hf_tensor_pieces,
 )
 
 #: Where the exported weights came from (printed and returned).
@@ -320,26 +320,6 @@ def _hf_layout(arch: LlamaConfig) -> list[tuple[str, torch.dtype, tuple[int, ...
     return [(name, torch.bfloat16, shapes[name]) for name in names]
 
 
-def _hf_pieces(kind: str, layer: int | None, full: torch.Tensor, arch: LlamaConfig) -> dict[str, list[torch.Tensor]]:
-    """The Hugging Face tensors made from ``full``, each as the contiguous pieces that make it up.
-
-    q, k and v are row blocks of the fused ``linear_qkv`` (per key/value group: its query heads, its key head, its
-    value head; see :mod:`lightning_llama_fp8.hf.mapping`): each is written as one block per group, views of the
-    read buffer, instead of being copied into a tensor of its own first. Everything else is
-    :func:`~lightning_llama_fp8.hf.mapping.hf_tensors`' (views of ``full`` where it already is BF16 and contiguous).
-    """
-    if kind != "qkv":
-        return {name: [value] for name, value in hf_tensors(kind, layer, full, arch).items()}
-    assert layer is not None
-    full = full.to(torch.bfloat16).contiguous()
-    groups, hd = arch.num_query_groups, arch.kv_channels
-    per_group = arch.num_attention_heads // groups
-    grouped = full.reshape(groups, per_group + 2, hd, full.shape[-1])
-    q, k, v = (hf_layer_name(layer, suffix) for suffix in HF_LAYER_TENSORS["qkv"])
-    return {q: list(grouped[:, :per_group].unbind(0)), k: list(grouped[:, per_group].unbind(0)),
-            v: list(grouped[:, per_group + 1].unbind(0))}  # fmt: skip
-
-
 def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: PlannedSafetensorsWriter) -> None:
     """Embedding, then the layers one at a time, then the final norm and output layer, in Hugging Face's order.
 
@@ -358,7 +338,7 @@ def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: Plan
 
         embedding, vocab_rows = MODEL_TENSORS["embedding"], {}  # vocab_rows: the [vocab, hidden] buffer, reused
         loaded = tensors.read([embedding], None, vocab_rows)
-        write(_hf_pieces("embedding", None, loaded.pop(embedding), arch), keep=1)
+        write(hf_tensor_pieces("embedding", None, loaded.pop(embedding), arch), keep=1)
         embedding_written = pending[-1]
         layer_keys = {kind: f"decoder.layers.{names[0]}" for kind, names in LAYER_TENSORS.items()}
         slots: list[dict[str, torch.Tensor]] = [{}, {}]
@@ -366,7 +346,7 @@ def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: Plan
             loaded = tensors.read(list(layer_keys.values()), layer, slots[layer % 2])
             pieces = {}
             for kind, key in layer_keys.items():
-                pieces.update(_hf_pieces(kind, layer, loaded.pop(key), arch))
+                pieces.update(hf_tensor_pieces(kind, layer, loaded.pop(key), arch))
             write(pieces, keep=1)  # the previous layer's write is done: its slot can take the next layer
         slots.clear()
         tail = [MODEL_TENSORS["final_norm"]] + ([] if arch.tie_embeddings else [MODEL_TENSORS["output"]])
@@ -378,7 +358,7 @@ def _stream_weights(tensors: _CheckpointTensors, arch: LlamaConfig, writer: Plan
         loaded = tensors.read(tail, None, into)
         pieces = {}
         for kind in ("final_norm", "output")[: len(tail)]:
-            pieces.update(_hf_pieces(kind, None, loaded[MODEL_TENSORS[kind]], arch))
+            pieces.update(hf_tensor_pieces(kind, None, loaded[MODEL_TENSORS[kind]], arch))
         write(pieces, keep=0)
 
 

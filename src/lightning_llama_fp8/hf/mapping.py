@@ -193,6 +193,33 @@ def hf_tensors(kind: str, layer: int | None, full: torch.Tensor, arch: LlamaConf
     return {name: value.to(torch.bfloat16).contiguous() for name, value in out.items()}
 
 
+def hf_tensor_pieces(
+    kind: str, layer: int | None, full: torch.Tensor, arch: LlamaConfig
+) -> dict[str, list[torch.Tensor]]:
+    """:func:`hf_tensors`, each tensor as contiguous BF16 pieces whose concatenation (along rows) is the tensor.
+
+    q, k and v are row blocks of the fused ``linear_qkv``, one per key/value group: given as those blocks (views of
+    ``full`` once it is BF16 and contiguous), a writer can write them without copying them into tensors of their
+    own first. Every other tensor is one piece.
+    """
+    if kind != "qkv":
+        return {name: [value] for name, value in hf_tensors(kind, layer, full, arch).items()}
+    assert layer is not None
+    names = [hf_layer_name(layer, suffix) for suffix in HF_LAYER_TENSORS[kind]]
+    blocks = _qkv_blocks(full.to(torch.bfloat16).contiguous(), arch)
+    return {name: list(block.unbind(0)) for name, block in zip(names, blocks, strict=True)}
+
+
+def _qkv_blocks(full: torch.Tensor, arch: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a fused ``linear_qkv`` as [groups, rows of the group, hidden] views: Megatron stores each key/value
+    group's query heads, then its key head, then its value head."""
+    hd, groups = arch.kv_channels, arch.num_query_groups
+    heads_per_group = arch.num_attention_heads // groups
+    grouped = full.reshape(groups, heads_per_group + 2, hd, full.shape[-1])
+    q = grouped[:, :heads_per_group].reshape(groups, heads_per_group * hd, full.shape[-1])
+    return q, grouped[:, heads_per_group], grouped[:, heads_per_group + 1]
+
+
 def _hf_tensors(kind: str, layer: int | None, full: torch.Tensor, arch: LlamaConfig) -> dict[str, torch.Tensor]:
     if kind in NORM_KINDS:
         weight = full.float() + 1.0 if arch.zero_centered_gamma else full
@@ -205,12 +232,9 @@ def _hf_tensors(kind: str, layer: int | None, full: torch.Tensor, arch: LlamaCon
     assert layer is not None
     names = [hf_layer_name(layer, suffix) for suffix in HF_LAYER_TENSORS[kind]]
     if kind == "qkv":
-        hd, groups = arch.kv_channels, arch.num_query_groups
-        heads_per_group = arch.num_attention_heads // groups
-        grouped = full.reshape(groups, heads_per_group + 2, hd, full.shape[-1])
-        q = grouped[:, :heads_per_group].reshape(-1, full.shape[-1])
-        return {names[0]: q, names[1]: grouped[:, heads_per_group].reshape(-1, full.shape[-1]),
-                names[2]: grouped[:, heads_per_group + 1].reshape(-1, full.shape[-1])}  # fmt: skip
+        return {
+            name: block.reshape(-1, full.shape[-1]) for name, block in zip(names, _qkv_blocks(full, arch), strict=True)
+        }
     if kind == "fc1":
         gate, up = full.chunk(2, dim=0)
         return {names[0]: gate, names[1]: up}
