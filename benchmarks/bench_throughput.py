@@ -230,6 +230,9 @@ def main() -> None:
     parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
     parser.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/bench_throughput_ckpts"))
     parser.add_argument("--profile-steps", type=int, default=0, help="profile N steps after --warmup (0: none)")
+    parser.add_argument(
+        "--profile-stacks", action="store_true", help="with --profile-steps: which Python code launched the FP8 casts"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks/plot_training.py)")
     args = parser.parse_args()
@@ -263,7 +266,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from kernel_profile import StepProfiler
 
-        profiler = StepProfiler(args.warmup, args.profile_steps)
+        profiler = StepProfiler(args.warmup, args.profile_steps, stacks=args.profile_stacks)
     if profiler is not None:
         callbacks.append(profiler)
     stall = CheckpointStall(args.warmup) if args.save_every else None

@@ -32,7 +32,8 @@
 #                       CUDA headers NVRTC needs are, and the cast's GB/s per setting -> OUT/fp8_casts/*.json (~1 min est.)
 #                       then e.g. LEVER_ENV="NVTE_CUDA_INCLUDE_DIR=<dir>" bash gpu_stage.sh lever-1 OUT (A/B, same call)
 #   profile-fp8     (1) issue 15: where the FP8 step loses time: ours FP8 and BF16, 4 layers, 3 steps profiled after
-#                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.)
+#                       10 (torch.profiler; kernel time by kind, GPU idle) -> OUT/profile/{fp8,bf16}.json (~3 min est.);
+#                       PROFILE_STACKS=1: one more FP8 step with Python stacks, which code launched each FP8 cast
 #   recipes-1       (1) issue 4: tokens/s of BF16 and each FP8 recipe (+ NaNGuard) on Llama-3-8B layers x4 (~5 min est.)
 #   recompute       (1) issue 14: no / selective / full recompute, ours vs Megatron-LM, FP8, 4 layers, GBS 8:
 #                       s/step, peak memory, plan -> OUT/recompute.json (RECOMPUTE_ROWS adds selective-mlp) (~6.5 min measured)
@@ -330,12 +331,19 @@ summary = {
 PY
     ;;
   profile-fp8)
+    # PROFILE_PRECISIONS (default "fp8 bf16"); PROFILE_STACKS=1 adds one FP8 step profiled with Python stacks
+    # (fp8_stacks.json: kernel_profile.launch_sites, which code launched the FP8 casts; its step times are slower).
     mkdir -p "$out/profile"
-    for precision in fp8 bf16; do
+    for precision in ${PROFILE_PRECISIONS:-fp8 bf16}; do
       python3 benchmarks/bench_throughput.py --precision "$precision" --layers 4 --steps 13 --warmup 10 \
         --profile-steps 3 --out "$out/profile/$precision.json" > "$out/profile/$precision.log" 2>&1
       echo "$precision exit $?"
     done
+    if [ -n "${PROFILE_STACKS:-}" ]; then
+      python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --steps 11 --warmup 10 --profile-steps 1 \
+        --profile-stacks --out "$out/profile/fp8_stacks.json" > "$out/profile/fp8_stacks.log" 2>&1
+      echo "fp8 with stacks exit $?"
+    fi
     python3 - "$out/profile" <<'PY'
 import json, sys
 from pathlib import Path
@@ -344,6 +352,9 @@ for name, summary in sorted(rows.items()):
     if summary:
         print(name, f"wall {summary['wall_s_per_step']:.3f} s/step, idle {summary['gpu_idle_s_per_step']:.3f}",
               {k: round(v, 4) for k, v in summary["kernel_s_per_step_by_kind"].items()})
+        for site in summary.get("launch_sites", [])[:6]:
+            print(f"  {site['s']:.4f} s {site['calls']} calls {site['kernel'][:90]} grids {site['grids'][:2]}")
+            print("     " + "\n     ".join(site["frames"][:6]))
 PY
     ;;
   fp8-casts)

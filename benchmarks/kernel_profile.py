@@ -60,6 +60,71 @@ def kernels_from_chrome_trace(trace: dict[str, Any]) -> list[tuple[str, float, f
     return kernels
 
 
+def launch_sites(
+    trace: dict[str, Any], kinds: tuple[str, ...] = ("fp8_cast_amax",), frames: int = 8, top: int = 12
+) -> list[dict[str, Any]]:
+    """Which Python code launched the kernels of ``kinds``: grouped by kernel and innermost Python frames.
+
+    Needs a trace recorded with CPU activity and ``with_stack=True``: kernels and the runtime (or driver, for
+    NVRTC-compiled kernels) calls that launched them share a ``correlation`` id, and the ``python_function`` events
+    open on that thread at the launch are its Python stack (they nest properly per thread). Returns the ``top``
+    groups by GPU time, each with ``kernel``, ``frames`` (innermost first, ``frames`` of them), ``calls``, ``s`` and
+    the most frequent launch grids.
+    """
+    events = trace.get("traceEvents", [])
+    launches: dict[Any, tuple[Any, float]] = {}  # correlation -> (thread, launch time)
+    python: dict[Any, list[tuple[float, float, str]]] = defaultdict(list)
+    for event in events:
+        cat, args = event.get("cat"), event.get("args") or {}
+        if cat in ("cuda_runtime", "cuda_driver") and "correlation" in args:
+            launches[args["correlation"]] = ((event.get("pid"), event.get("tid")), float(event["ts"]))
+        elif cat == "python_function" and "dur" in event:
+            start = float(event["ts"])
+            python[(event.get("pid"), event.get("tid"))].append((start, start + float(event["dur"]), event["name"]))
+    wanted: list[tuple[Any, float, str, float, tuple[int, ...] | None]] = []  # thread, launch time, kernel, s, grid
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") != "kernel" or kernel_kind(event["name"]) not in kinds:
+            continue
+        launch = launches.get(args.get("correlation"))
+        if launch is not None:
+            grid = tuple(args["grid"]) if args.get("grid") else None
+            wanted.append((launch[0], launch[1], event["name"], float(event["dur"]) / 1e6, grid))
+    groups: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+    by_thread: dict[Any, list[tuple[float, str, float, tuple[int, ...] | None]]] = defaultdict(list)
+    for thread, at, name, seconds, grid in wanted:
+        by_thread[thread].append((at, name, seconds, grid))
+    for thread, calls in by_thread.items():
+        functions = sorted(python.get(thread, []), key=lambda f: (f[0], -f[1]))
+        open_stack: list[tuple[float, float, str]] = []
+        i = 0
+        for at, name, seconds, grid in sorted(calls, key=lambda c: c[0]):
+            while i < len(functions) and functions[i][0] <= at:
+                while open_stack and open_stack[-1][1] < functions[i][0]:
+                    open_stack.pop()
+                open_stack.append(functions[i])
+                i += 1
+            while open_stack and open_stack[-1][1] < at:
+                open_stack.pop()
+            stack = tuple(f[2] for f in reversed(open_stack[-frames:]))
+            group = groups.setdefault((name, stack), {"calls": 0, "s": 0.0, "grids": defaultdict(int)})
+            group["calls"] += 1
+            group["s"] += seconds
+            if grid is not None:
+                group["grids"][grid] += 1
+    ranked = sorted(groups.items(), key=lambda item: -item[1]["s"])[:top]
+    return [
+        {
+            "kernel": name[:160],
+            "frames": list(stack),
+            "calls": group["calls"],
+            "s": group["s"],
+            "grids": [{"grid": list(g), "calls": n} for g, n in _most_common(group["grids"], 3)],
+        }
+        for (name, stack), group in ranked
+    ]
+
+
 def summarize_kernels(kernels: Iterable[tuple[Any, ...]], wall_s: float, steps: int) -> dict[str, Any]:
     """Per-step kernel time by kind, the busiest kernels, and the GPU's idle share of ``wall_s``.
 
@@ -125,11 +190,14 @@ class StepProfiler(Callback):
     """A Lightning callback: profile ``steps`` optimizer steps starting after ``warmup`` (CUDA activity only).
 
     ``summary`` holds :func:`summarize_kernels` of them once done (``None`` before, or where nothing was seen).
+    With ``stacks``, CPU activity and Python stacks are recorded too (slower steps, a far larger trace) and
+    ``summary["launch_sites"]`` says which Python code launched the FP8 cast kernels (:func:`launch_sites`).
     """
 
-    def __init__(self, warmup: int, steps: int) -> None:
+    def __init__(self, warmup: int, steps: int, stacks: bool = False) -> None:
         super().__init__()
         self.first, self.last = warmup + 1, warmup + steps
+        self.stacks = stacks
         self.summary: dict[str, Any] | None = None
         self._profiler: Any = None
         self._start = 0.0
@@ -140,7 +208,10 @@ class StepProfiler(Callback):
         if trainer.global_step + 1 != self.first or self._profiler is not None:
             return
         torch.cuda.synchronize()
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        if self.stacks:
+            activities.append(torch.profiler.ProfilerActivity.CPU)
+        self._profiler = torch.profiler.profile(activities=activities, with_stack=self.stacks)
         self._profiler.__enter__()
         self._start = time.perf_counter()
 
@@ -155,7 +226,8 @@ class StepProfiler(Callback):
         with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace carries each launch's grid
             path = Path(tmp) / "trace.json"
             self._profiler.export_chrome_trace(str(path))
-            kernels: list[tuple[Any, ...]] = kernels_from_chrome_trace(json.loads(path.read_text()))
+            trace = json.loads(path.read_text())
+        kernels: list[tuple[Any, ...]] = kernels_from_chrome_trace(trace)
         if not kernels:  # a trace format without "kernel" events: the profiler's own list, without grids
             kernels = [
                 (event.name, event.time_range.start, event.time_range.end)
@@ -163,3 +235,5 @@ class StepProfiler(Callback):
                 if str(getattr(event, "device_type", "")).endswith("CUDA")
             ]
         self.summary = summarize_kernels(kernels, wall, self.last - self.first + 1)
+        if self.stacks:
+            self.summary["launch_sites"] = launch_sites(trace)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kernel_profile import kernel_kind, kernels_from_chrome_trace, summarize_kernels
+from kernel_profile import kernel_kind, kernels_from_chrome_trace, launch_sites, summarize_kernels
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,46 @@ def test_chrome_trace_kernels_carry_their_grids() -> None:
     assert top[cast]["calls_per_step"] == 3 and top[cast]["mean_us"] == pytest.approx(50)
     assert top[cast]["grids"] == [{"grid": [2048, 1, 1], "calls": 2}, {"grid": [7168, 1, 1], "calls": 1}]
     assert "grids" not in top["nvjet_sm90_qqtst_192x192"] and top["nvjet_sm90_qqtst_192x192"]["kind"] == "gemm_fp8"
+
+
+def _python(name: str, ts: int, dur: int) -> dict:
+    return {"ph": "X", "cat": "python_function", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 7}
+
+
+def _launch(correlation: int, ts: int, cat: str = "cuda_runtime") -> dict:
+    name = "cuLaunchKernel" if cat == "cuda_driver" else "cudaLaunchKernel"  # NVRTC kernels: the driver API
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": 2, "args": {"correlation": correlation}, "pid": 1,
+            "tid": 7}  # fmt: skip
+
+
+def _kernel(name: str, correlation: int, ts: int, dur: int, grid: list[int] | None = None) -> dict:
+    args = {"correlation": correlation, **({"grid": grid} if grid else {})}
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_launch_sites_name_the_python_code_that_launched_a_cast() -> None:
+    """Kernel -> its launch (shared correlation id) -> the Python functions open on that thread at the launch."""
+    cast = "void transformer_engine::detail::cast_transpose_general_kernel<4ul, 4ul, __nv_bfloat16, __nv_fp8_e4m3>"
+    trace = {
+        "traceEvents": [
+            _python("model.py(10): forward", 0, 100),
+            _python("linear.py(5): _quantize", 10, 20),
+            _launch(1, 15),
+            _python("optim.py(3): step", 40, 30),
+            _launch(2, 50, cat="cuda_driver"),
+            _launch(3, 80),
+            _launch(4, 85),
+            _kernel(cast, 1, 20, 30, [64, 1, 1]),
+            _kernel(cast, 2, 60, 500, [9, 1, 1]),
+            _kernel(cast, 3, 600, 10, [2, 1, 1]),
+            _kernel("nvjet_sm90_qqtst", 4, 700, 99),
+        ]
+    }
+    sites = launch_sites(trace)
+    assert [(s["frames"], s["calls"]) for s in sites] == [
+        (["optim.py(3): step", "model.py(10): forward"], 1),
+        (["linear.py(5): _quantize", "model.py(10): forward"], 1),
+        (["model.py(10): forward"], 1),  # launched after _quantize and step had returned
+    ]
+    assert sites[0]["s"] == pytest.approx(500e-6) and sites[0]["grids"] == [{"grid": [9, 1, 1], "calls": 1}]
+    assert all(s["kernel"] == cast for s in sites)  # the GEMM is not a cast kind
