@@ -225,6 +225,12 @@ def main() -> None:
         default="default",
         help="MegatronCPStrategy(gradient_accumulation_fusion=None|True|False); default: on with TE layers",
     )
+    parser.add_argument(
+        "--weight-refresh",
+        choices=("fast", "te"),
+        default="fast",
+        help="TEFP8Precision(fast_weight_refresh=True|False): FP8 weights refreshed without TE's discarded transposes",
+    )
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
     parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
@@ -250,7 +256,9 @@ def main() -> None:
     else:
         arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     plugin = (
-        TEFP8Precision(recipe=args.recipe, fp8_param_gather=fp8_param_gather)
+        TEFP8Precision(
+            recipe=args.recipe, fp8_param_gather=fp8_param_gather, fast_weight_refresh=args.weight_refresh == "fast"
+        )
         if args.precision == "fp8"
         else MegatronPrecision()
     )
@@ -390,6 +398,7 @@ def main() -> None:
         # What ran (the default resolves per model), and what was asked for.
         "gradient_accumulation_fusion": getattr(trainer.strategy, "gradient_accumulation_fused", None),
         "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
+        "weight_refresh": args.weight_refresh,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

@@ -24,6 +24,9 @@
 #   speed-1         (1) issue 15: ours vs Megatron-LM, FP8 and BF16, SPEED_LAYERS (4) layers of Llama 3 8B, GBS 8
 #                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
 #                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
+#   weight-refresh  (1) issue 15: FP8 weights refreshed from the main weights without TE's discarded transposes
+#                       (fp8_weights.py): bitwise against Megatron's path, per-cast time, then lever-1 with B = TE's
+#                       own path (--weight-refresh te) -> OUT/fp8_weight_refresh_*.json, OUT/lever/ (~5.5 min est.)
 #   lever-1         (1) issue 15: one speed lever against today's defaults, same call, alternating (A B A B): ours
 #                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS are the bench_throughput flags of B,
 #                       LEVER_ENV its environment (VAR=value ...), one of them needed
@@ -68,7 +71,7 @@ case "$stage" in
   checkpoints|recompute|full-8b-1gpu) ;;
   hf-parity|hf-convert-8b) ;;
   telemetry|real-text) ;;
-  checkpoint-stall|profile-fp8|speed-1|lever-1|fp8-casts|offload-check) ;;
+  checkpoint-stall|profile-fp8|speed-1|lever-1|fp8-casts|offload-check|weight-refresh) ;;
   ref8-ours-cp2|ref8-lm-cp2|ref8-ours-cp1|ref8-lm-cp1) ;;
   *) echo "unknown stage '$stage' (see the list at the top of $0)" >&2; exit 2 ;;
 esac
@@ -108,6 +111,11 @@ case "$stage" in
     python3 benchmarks/reference_run.py "$side" --out-dir "$out/ref8_${stage#ref8-}" --gpus 8 --cp "$cp" --steps 30 ;;
   nan-safety)
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
+  weight-refresh)
+    # The FP8 weight refresh without TE's discarded transposes: same bytes as Megatron's path, kernels and time per
+    # cast (tests/gpu/test_fp8_weight_refresh.py), then the training step with and without it (lever-1, A B A B).
+    python3 -m pytest -m gpu -q tests/gpu/test_fp8_weight_refresh.py -p no:cacheprovider 2>&1 | tee "$out/weight_refresh.log" | tail -3
+    LEVER_ARGS="--weight-refresh te" bash "$0" lever-1 "$out" ;;
   gpu-tests)
     # Without the checkpoint tests, which have their own stage: together they would not fit one 10-minute call.
     python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider --ignore tests/gpu/test_checkpoint_resume.py \

@@ -653,8 +653,9 @@ def test_te_recipe_fp8_attention(fake_te: FakeTE, recipe: str, expected: Any) ->
 def test_describe_reference_recipe() -> None:
     assert TEFP8Precision(fp8_param_gather=True).describe() == (
         "FP8 delayed scaling: format hybrid, margin 0, amax history 1024 (max), FP8 param gather on, "
-        "BF16 layers: none, FP8 attention off"
+        "fast weight refresh on, BF16 layers: none, FP8 attention off"
     )
+    assert "fast weight refresh off" in TEFP8Precision(fp8_param_gather=True, fast_weight_refresh=False).describe()
 
 
 @pytest.mark.parametrize(
@@ -1005,6 +1006,7 @@ def test_cli_yaml_with_new_fp8_args(tmp_path: Path, capsys: pytest.CaptureFixtur
         "bf16_last_layers": 1,
         "fp8_attention": True,
         "fallback": None,
+        "fast_weight_refresh": True,
     }
 
 

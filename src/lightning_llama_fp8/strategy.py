@@ -474,7 +474,8 @@ class MegatronCPStrategy(ParallelStrategy):
             log.warning("Optimizer step skipped: %s", self._skip_reason)
             self._skip_reason = None
             return (False, None, None) if isinstance(optimizer, MegatronOptimizer) else None
-        return optimizer.step()
+        with self.precision_plugin.optimizer_step_context(self._ddp_modules):
+            return optimizer.step()
 
     def skip_optimizer_step(self, reason: str) -> None:
         """Veto the optimizer step in progress; call from ``on_before_optimizer_step`` (e.g. ``NaNGuard``)."""
