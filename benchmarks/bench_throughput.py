@@ -120,8 +120,10 @@ class CheckpointStall(Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
+        self.strategy: Any = None  # set in setup
         self.saves: list[dict[str, Any]] = []
-        self.steps: list[tuple[int, float, bool]] = []  # (step, seconds, during a background write)
+        # (step, seconds, during a background write, while host memory for the first save was being pinned)
+        self.steps: list[tuple[int, float, bool, bool]] = []
         self.exit_wait_s = 0.0
         self._step_start = 0.0
         self._during_write = False
@@ -129,6 +131,7 @@ class CheckpointStall(Callback):
 
     def setup(self, trainer: Trainer, pl_module: object, stage: str) -> None:
         strategy: Any = trainer.strategy
+        self.strategy = strategy
         save, batch_start, train_end = strategy.save_checkpoint, strategy.on_train_batch_start, strategy.on_train_end
 
         def timed_save(*args: Any, **kwargs: Any) -> None:
@@ -166,10 +169,14 @@ class CheckpointStall(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
         # Before ModelCheckpoint's own on_train_batch_end (Lightning runs checkpoint callbacks last).
         seconds = time.perf_counter() - self._step_start - self._published_s
-        self.steps.append((trainer.global_step, seconds, self._during_write))
+        reserve = getattr(getattr(trainer.strategy, "checkpointing", None), "host_reserve", None)
+        pinning = reserve is not None and reserve.seconds is None
+        self.steps.append((trainer.global_step, seconds, self._during_write, pinning))
 
     def summary(self, mode: str, ckpt_dir: Path, tokens_per_step: int) -> dict[str, Any]:
-        timed = [(step, seconds, during) for step, seconds, during in self.steps if step > self.warmup]
+        timed = [(step, seconds, during) for step, seconds, during, _ in self.steps if step > self.warmup]
+        # Pinning starts after step 1, within the warm-up: compare with the steps after it (the first 2 compile).
+        pinning = [seconds for step, seconds, _, pin in self.steps if pin and step > 2]
         saved_steps = {save["step"] + 1 for save in self.saves}  # the step right after a save: caches refilled
         normal = [seconds for step, seconds, during in timed if not during and step not in saved_steps]
         during = [seconds for _, seconds, during in timed if during]
@@ -189,7 +196,25 @@ class CheckpointStall(Callback):
             "tokens_per_s_during_write_ratio": statistics.median(normal) / statistics.median(during)
             if normal and during
             else None,
+            "host_reserve": self.host_reserve(trainer_strategy=self.strategy, pinning=pinning, normal=normal),
             "step_times": self.steps,
+        }
+
+    @staticmethod
+    def host_reserve(trainer_strategy: Any, pinning: list[float], normal: list[float]) -> dict[str, Any] | None:
+        """The background pinning before the first async save (``PinnedHostReserve``): size, time, step times."""
+        reserve = getattr(getattr(trainer_strategy, "checkpointing", None), "host_reserve", None)
+        if reserve is None:
+            return None
+        return {
+            "reserved_gib": reserve.reserved_bytes / 2**30,
+            "seconds": reserve.seconds,
+            "error": repr(reserve.error) if reserve.error else None,
+            "steps_while_pinning": len(pinning),
+            "step_s_while_pinning_median": statistics.median(pinning) if pinning else None,
+            "tokens_per_s_while_pinning_ratio": statistics.median(normal) / statistics.median(pinning)
+            if normal and pinning
+            else None,
         }
 
 

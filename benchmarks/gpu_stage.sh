@@ -60,9 +60,8 @@
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
 #                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=60 steps apart):
 #                       blocked s per save, tokens/s during the background write -> OUT/checkpoint_stall.json
-#                       then the async run again with torch's host-register pinned allocator (5.8 min measured
-#                       without that run, ~8.5 min with it; two checkpoints at most, under $CKPT_STALL_DIR, default
-#                       /dev/shm)
+#                       (5.8 min measured; CKPT_STALL_RUNS picks runs; two checkpoints at most, under
+#                       $CKPT_STALL_DIR, default /dev/shm)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"
@@ -239,25 +238,26 @@ PY
       --mock-csv "$t/mock_csv/run/version_0/metrics.csv" --corpus-json "$t/corpus.json" --sidecar "$t/real_text.corpus.json" --max-steps 300 \
       --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$t/real_text_training.json" ;;
   checkpoint-stall)
-    # The sync saves block ~75 s each, so they come 10 steps apart; the async ones far enough apart for the first
+    # The sync saves block 23-38 s each (on /dev/shm; 75 s on a disk), so they come 10 steps apart; the async ones far enough apart for the first
     # background write to be published before the second save (else that save waits for it, which counts as blocked).
     # Default directory: /dev/shm (RAM), as measured on 2026-12-03; the H200 machine's disk had room for one 25 GiB
     # checkpoint only. Set CKPT_STALL_DIR to measure a disk.
     c="$out/checkpoint_stall"; mkdir -p "$c"; ckpts="${CKPT_STALL_DIR:-/dev/shm/checkpoint_stall}"; every="${CKPT_ASYNC_EVERY:-60}"
+    # CKPT_STALL_RUNS: any of sync, async, async_host_register (torch's cudaHostRegister-based pinned allocator:
+    # measured 2026-12-04 to pin faster but copy slower, 14.7 s and 10.1 s blocked; off by default).
+    for run in ${CKPT_STALL_RUNS:-sync async}; do
+      rm -rf "$ckpts"  # one run's checkpoints at a time: the disk holds two of them at most
+      if [ "$run" = sync ]; then
+        python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
+          --save-mode sync --ckpt-dir "$ckpts/sync" --out "$c/sync.json" > "$c/sync.log" 2>&1
+      else
+        envs=""; [ "$run" = async_host_register ] && envs="PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+        env $envs python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) \
+          --warmup 6 --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/$run.json" > "$c/$run.log" 2>&1
+      fi
+      echo "$run exit $?"
+    done
     rm -rf "$ckpts"
-    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
-      --save-mode sync --ckpt-dir "$ckpts/sync" --out "$c/sync.json" > "$c/sync.log" 2>&1; echo "sync exit $?"
-    rm -rf "$ckpts"  # the sync run's checkpoint: the disk holds two of them at most
-    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) --warmup 6 \
-      --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/async.json" > "$c/async.log" 2>&1
-    echo "async exit $?"; rm -rf "$ckpts"
-    # The same with torch's pinned host allocator registering (pre-faulted, multi-threaded) pages instead of
-    # cudaHostAlloc: the first save's host buffers are what it blocks on (2026-12-03: 13.8 s vs 0.57 s).
-    PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
-    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) --warmup 6 \
-      --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/async_host_register.json" \
-      > "$c/async_host_register.log" 2>&1
-    echo "async (host register) exit $?"; rm -rf "$ckpts"
     python3 - "$c" "$out/checkpoint_stall.json" <<'PY'
 import json, sys
 from pathlib import Path
@@ -267,7 +267,9 @@ for name in ("sync", "async", "async_host_register"):
     mode = name.split("_")[0]
     path = c / f"{name}.json"
     if not path.is_file():
-        rows.append({"mode": mode, "settings": settings.get(name), "error": f"no record; see {name}.log"}); continue
+        if (c / f"{name}.log").is_file():
+            rows.append({"mode": mode, "settings": settings.get(name), "error": f"no record; see {name}.log"})
+        continue
     record = json.loads(path.read_text()); card = record["device"]; ckpt = record["checkpoint"]
     rows.append({
         "mode": mode,
@@ -281,6 +283,7 @@ for name in ("sync", "async", "async_host_register"):
         "steps_during_write": ckpt["steps_during_write"],
         "exit_wait_s": ckpt["exit_wait_s"],
         "saves": ckpt["saves"],
+        "host_reserve": ckpt.get("host_reserve"),  # the pinning ahead of the first async save
     })
 summary = {"card": card, "rows": rows}
 Path(sys.argv[2]).write_text(json.dumps(summary, indent=2)); print(json.dumps(summary, indent=2))

@@ -364,3 +364,101 @@ def test_a_failed_background_write_is_raised_on_every_rank_and_damages_nothing(t
     assert listing[STEP.format(2)] == "complete"  # size and digest of every file as saved
     assert STEP.format(4) not in listing
     assert resolve_last_checkpoint([directory]) == directory / STEP.format(2)
+
+
+# ---------------------------------------------------------------------------------------------- pinned host memory
+def test_pinned_host_reserve_holds_every_block_until_all_are_pinned() -> None:
+    """Freed one by one, each block would only be reused by the next request of its size class: all are held, then
+    dropped together (into torch's host cache)."""
+    import weakref
+
+    from lightning_llama_fp8.async_checkpoint import PinnedHostReserve
+
+    alive: list[weakref.ref] = []
+    seen_alive: list[int] = []
+
+    class Block:
+        pass
+
+    def allocate(nbytes: int) -> Block:
+        seen_alive.append(sum(ref() is not None for ref in alive))
+        block = Block()
+        alive.append(weakref.ref(block))
+        return block
+
+    reserve = PinnedHostReserve(allocate)
+    reserve.start([4096, 2**20, 2**20])
+    reserve.wait()
+    assert seen_alive == [0, 1, 2]  # the earlier blocks were still held at each allocation
+    assert all(ref() is None for ref in alive)  # and all dropped at the end
+    assert reserve.reserved_bytes == 4096 + 2**21 and reserve.seconds is not None and reserve.error is None
+
+
+def test_pinned_host_reserve_failure_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    from lightning_llama_fp8.async_checkpoint import PinnedHostReserve
+
+    def allocate(nbytes: int) -> None:
+        raise RuntimeError("CUDA error: out of memory (host)")
+
+    reserve = PinnedHostReserve(allocate)
+    reserve.start([3 * 2**30])
+    reserve.wait()
+    assert isinstance(reserve.error, RuntimeError) and reserve.reserved_bytes == 0 and reserve.seconds is not None
+    assert "Could not pin 3.0 GiB of host memory ahead of the first background checkpoint" in caplog.text
+    assert "that save will pin it itself" in caplog.text
+    PinnedHostReserve().wait()  # never started: returns at once
+
+
+class _FakeCheckpointTrainer:
+    def __init__(self, global_step: int, savers: list[Any]) -> None:
+        self.global_step, self.checkpoint_callbacks = global_step, savers
+
+
+@pytest.mark.parametrize(
+    ("async_save", "step", "savers", "device", "expect"),
+    [
+        (True, 1, ["full"], "cuda", "model+optimizer"),  # after the first step: the optimizer state exists
+        (True, 1, ["weights"], "cuda", "model"),  # every saver weights-only: no optimizer in the save
+        (True, 1, ["weights", "full"], "cuda", "model+optimizer"),
+        (True, 0, ["full"], "cuda", None),  # before the first step (then at the next, below)
+        (False, 3, ["full"], "cuda", None),  # synchronous saves pin nothing ahead
+        (True, 3, [], "cuda", None),  # nothing will save during fit
+        (True, 3, ["full"], "cpu", None),  # no pinned memory without CUDA
+    ],
+)
+def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
+    monkeypatch: pytest.MonkeyPatch, async_save: bool, step: int, savers: list[str], device: str, expect: str | None
+) -> None:
+    from types import SimpleNamespace
+
+    from lightning_llama_fp8 import async_checkpoint
+    from lightning_llama_fp8.checkpointing import StrategyCheckpointing
+
+    started: list[tuple[list[int], Any]] = []
+    monkeypatch.setattr(
+        async_checkpoint.PinnedHostReserve, "start", lambda self, sizes, device: started.append((sizes, device))
+    )
+    asked: list[str] = []
+
+    def host_copy_sizes(models: Any, optimizer: Any, sharding: str, group: Any) -> list[int]:
+        asked.append("model+optimizer" if optimizer is not None else "model")
+        return [2**20, 2**30]
+
+    monkeypatch.setattr(ckpt, "host_copy_sizes", host_copy_sizes)
+    trainer = _FakeCheckpointTrainer(step, [SimpleNamespace(save_weights_only=s == "weights") for s in savers])
+    strategy = SimpleNamespace(
+        async_save=async_save,
+        lightning_module=SimpleNamespace(trainer=trainer),
+        root_device=torch.device(device),
+        checkpoint_optimizer_sharding="dp_reshardable",
+        data_parallel_group=lambda: None,
+    )
+    checkpointing = StrategyCheckpointing(strategy)  # type: ignore[arg-type]
+    monkeypatch.setattr(checkpointing, "megatron_models", lambda: {"model": None})
+    monkeypatch.setattr(checkpointing, "megatron_optimizer", lambda: "the optimizer")
+    checkpointing.reserve_host_copy()
+    assert asked == ([expect] if expect else [])
+    assert started == ([([2**20, 2**30], torch.device(device))] if expect else [])
+    trainer.global_step += 1
+    checkpointing.reserve_host_copy()  # the next step: a second reserve never, a first one only after step 0
+    assert len(started) == (1 if expect or (step == 0 and async_save) else 0)

@@ -104,6 +104,29 @@ def _load_worker(rank: int, world_size: int, path: str, tp: int) -> dict[str, An
     return {"before": before, "after": after, "restored": {k: v for k, v in restored.items() if k != "state_dict"}}
 
 
+def _host_copy_sizes_worker(rank: int, world_size: int, tp: int) -> tuple[list[int], int, int]:
+    strategy, module = _module_on_strategy(tp, world_size, seed=0)
+    models = strategy.checkpointing.megatron_models()
+    group = strategy.data_parallel_group()
+    sizes = ckpt.host_copy_sizes(models, None, "dp_reshardable", group, device_type="cpu")
+    full_bytes = sum(w.numel() * w.element_size() for w in _full_weights(module).values())
+    params = len(list(module.model.parameters()))
+    strategy.teardown()
+    return sizes, full_bytes, params
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_host_copy_sizes_count_each_weight_once_over_the_ranks(tp: int, tmp_path: Path) -> None:
+    """What the pinned-memory reserve for the first background save is sized by (``PinnedHostReserve``): together
+    the ranks copy every weight exactly once (a TP-replicated norm by one rank only), split as Megatron's save splits
+    them (SwiGLU's fused fc1 into its two halves: more tensors than parameters)."""
+    results = run_distributed(_host_copy_sizes_worker, tp, tmp_path, tp)
+    full_bytes, params = results[0][1], results[0][2]
+    assert sum(sum(sizes) for sizes, _, _ in results) == full_bytes
+    assert all(size > 0 for sizes, _, _ in results for size in sizes)
+    assert len(results[0][0]) == params + _tiny().num_layers  # each layer's fc1 in two
+
+
 @pytest.fixture(scope="module")
 def tp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A checkpoint of the tiny Llama saved by two gloo ranks at TP2, and the full weights it holds."""

@@ -27,11 +27,22 @@ of every GPU tensor, then ``torch.cuda.synchronize()``) before it forks the writ
 writer holds host copies taken before the next optimizer step; CPU tensors (optimizer offload) are not copied, but
 the forked writer sees the memory as it was at the fork (copy-on-write). The host copy is as large as the rank's
 share of the checkpoint and lives until the save is finalized, which is why one save is pending at a time.
+
+Why the first save would block longest, and :class:`PinnedHostReserve`: ``.to("cpu", non_blocking=True)`` takes
+pinned blocks from torch's caching host allocator, which rounds each request up to a power of two and reuses freed
+blocks of the same size. The first save finds that cache empty and pins every block itself: on an H200, 11.7 s of
+the 11.95 s its scheduling blocked went to pinning 29.1 GB in 112 blocks, while the next save, served from the
+cache, blocked 0.55 s (``benchmarks/results/2026-12-04-h200-checkpoint-stall/``). So after the first optimizer
+step (when the optimizer state exists) the blocks a save will need are pinned once in a background thread and
+freed into the cache, and the first save finds them there. (Torch's ``pinned_use_cuda_host_register`` allocator
+pinned faster but made the copies slower: 14.7 s and 10.1 s blocked in the same run.)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +63,62 @@ class _PendingSave:
     path: Path
     is_rank_zero: bool
     removals: list[Path] = field(default_factory=list)
+
+
+class PinnedHostReserve:
+    """Pin host blocks of the given sizes in a background thread, then free them into torch's host cache.
+
+    ``allocate(nbytes)`` returns one pinned block (default: a pinned ``uint8`` tensor); every block is held until
+    all are allocated (a block freed at once would only be reused by the next request of its size class), then all
+    are dropped together. Torch releases the GIL while it pins, so training goes on meanwhile. A failure (host
+    memory short of the checkpoint's size, say) is logged: the first save then pins what it needs itself.
+    """
+
+    def __init__(self, allocate: Callable[[int], Any] | None = None) -> None:
+        self._allocate = allocate or _pinned_block
+        self._thread: threading.Thread | None = None
+        self.reserved_bytes = 0
+        self.seconds: float | None = None  # how long the pinning took, once done
+        self.error: Exception | None = None
+
+    def start(self, sizes: list[int], device: Any = None) -> None:
+        """Begin pinning ``sizes`` (bytes each) in a daemon thread; ``device``: the CUDA device the thread uses."""
+        self._thread = threading.Thread(
+            target=self._run, args=(list(sizes), device), name="pinned-host-reserve", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once the pinning is over (at once if it never started)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, sizes: list[int], device: Any) -> None:
+        start = time.perf_counter()
+        try:
+            if device is not None:  # else a new thread would pin through (and create a context on) GPU 0
+                import torch
+
+                torch.cuda.set_device(device)
+            blocks = [self._allocate(size) for size in sizes]
+            self.reserved_bytes = sum(sizes)
+            del blocks
+        except Exception as err:  # raised in a thread it would vanish: logged; the save then pins what it needs
+            self.error = err
+            log.warning(
+                "Could not pin %.1f GiB of host memory ahead of the first background checkpoint (%s: %s); that save "
+                "will pin it itself and block training while it does.",
+                sum(sizes) / 2**30,
+                type(err).__name__,
+                err,
+            )
+        self.seconds = time.perf_counter() - start
+
+
+def _pinned_block(nbytes: int) -> Any:
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 class AsyncCheckpointSaver:

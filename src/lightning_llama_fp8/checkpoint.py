@@ -616,6 +616,32 @@ def save_megatron_state(
     )
 
 
+def host_copy_sizes(
+    modules: dict[str, torch.nn.Module], optimizer: Any, sharding: str, dp_cp_group: Any, device_type: str = "cuda"
+) -> list[int]:
+    """The bytes of each tensor this rank copies to host memory in a background save of ``modules`` / ``optimizer``.
+
+    The same sharded state dict :func:`save_megatron_state` writes, after the preprocessing Megatron's save applies
+    (factories that split fused weights, non-persistent entries dropped), without its collective checks; only the
+    tensors on ``device_type`` that this rank writes (the main replica: Megatron's torch_dist writer drops the
+    others). FP8 weights count at their nominal dtype (BF16): the writer dequantizes them before the copy.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    state = _megatron_sharded_state_dict(modules, optimizer, _sharded_metadata(sharding, dp_cp_group), loading=False)
+    sharded, _ = save_preprocess(state, validate_access_integrity=False)
+    sizes = []
+    for item in nested_values(sharded):
+        if not isinstance(item, ShardedTensor) or not is_main_replica(item.replica_id):
+            continue
+        data = item.data
+        if isinstance(data, torch.Tensor) and data.device.type == device_type:
+            sizes.append(data.numel() * torch.empty((), dtype=data.dtype).element_size())
+    return sizes
+
+
 def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
     """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call.
 

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
 from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
-from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver
+from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver, PinnedHostReserve
 from lightning_llama_fp8.layout import PIPELINE_FIELDS
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class StrategyCheckpointing:
     def __init__(self, strategy: MegatronCPStrategy) -> None:
         self.strategy = strategy
         self.async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
+        self.host_reserve: PinnedHostReserve | None = None  # started by reserve_host_copy(), once per process
+        self._host_copy_planned = False
         # (path, lightning.pt contents) read by the checks before the model was built, reused by the load.
         self.early_state: tuple[Path, dict[str, Any]] | None = None
 
@@ -137,11 +140,40 @@ class StrategyCheckpointing:
                 in_background=True,
             )
 
+        if self.host_reserve is not None:
+            self.host_reserve.wait()  # else this save would pin a second set of blocks beside the reserved ones
         if self.async_saver is None:
             self.async_saver = AsyncCheckpointSaver(strategy._first_failure)
         # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
         with self.parameters_gathered():
             self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
+
+    def reserve_host_copy(self) -> None:
+        """With ``async_save``, once the optimizer state exists (after the first step): pin, in the background, the
+        host memory a background save copies the checkpoint into, so that the first save does not block training
+        while it pins (``async_checkpoint.py``). Only where a checkpoint callback will save during ``fit``; once
+        per strategy (the blocks stay in torch's host cache, as they would after the first save)."""
+        strategy = self.strategy
+        trainer = strategy.lightning_module.trainer
+        if self._host_copy_planned or not strategy.async_save or trainer.global_step < 1:
+            return
+        self._host_copy_planned = True  # once, whatever comes of it
+        savers = trainer.checkpoint_callbacks
+        if not savers or strategy.root_device.type != "cuda":
+            return
+        weights_only = all(getattr(saver, "save_weights_only", False) for saver in savers)
+        optimizer = None if weights_only else self.megatron_optimizer()
+        sizes = ckpt.host_copy_sizes(
+            self.megatron_models(), optimizer, strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
+        )
+        if not sizes:
+            return
+        self.host_reserve = PinnedHostReserve()
+        self.host_reserve.start(sizes, device=strategy.root_device)
+        rank_zero_info(
+            f"Pinning {sum(sizes) / 2**30:.1f} GiB of host memory per rank for background checkpoints "
+            f"({len(sizes)} blocks), in the background"
+        )
 
     @property
     def pending_path(self) -> Path | None:

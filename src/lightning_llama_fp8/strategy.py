@@ -501,6 +501,7 @@ class MegatronCPStrategy(ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Where Megatron-LM finalizes too, at the start of each iteration: publish a finished background save.
         self.checkpointing.publish_finished_save()
+        self.checkpointing.reserve_host_copy()  # once, after the first step, with async_save
 
     def on_train_end(self) -> None:
         # fit returns with its last checkpoint published (ModelCheckpoint's last save comes just before this hook).
