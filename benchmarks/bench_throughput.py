@@ -256,6 +256,7 @@ def main() -> None:
         default="fast",
         help="TEFP8Precision(fast_weight_refresh=True|False): FP8 weights refreshed without TE's discarded transposes",
     )
+    parser.add_argument("--fp8-attention", action="store_true", help="TEFP8Precision(fp8_attention=True)")
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
     parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
@@ -282,7 +283,10 @@ def main() -> None:
         arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     plugin = (
         TEFP8Precision(
-            recipe=args.recipe, fp8_param_gather=fp8_param_gather, fast_weight_refresh=args.weight_refresh == "fast"
+            recipe=args.recipe,
+            fp8_param_gather=fp8_param_gather,
+            fast_weight_refresh=args.weight_refresh == "fast",
+            fp8_attention=args.fp8_attention,
         )
         if args.precision == "fp8"
         else MegatronPrecision()
@@ -424,6 +428,7 @@ def main() -> None:
         "gradient_accumulation_fusion": getattr(trainer.strategy, "gradient_accumulation_fused", None),
         "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
         "weight_refresh": args.weight_refresh,
+        "fp8_attention": args.fp8_attention,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

@@ -23,10 +23,10 @@
 #   checkpoints     (2) distributed checkpoints: resume on 1 GPU; CP2 -> TP2, DP2 -> DP2/DP1 on 2 GPUs  (~7.5 min)
 #   speed-1         (1) issue 15: ours vs Megatron-LM, FP8 and BF16, SPEED_LAYERS (4) layers of Llama 3 8B, GBS 8
 #                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
-#                       (~5 min est. at 4 layers; 16 layers ~9 min est.)
+#                       (3.9 min measured at 4 layers; 16 layers ~8 min est.)
 #   weight-refresh  (1) issue 15: FP8 weights refreshed from the main weights without TE's discarded transposes
 #                       (fp8_weights.py): bitwise against Megatron's path, per-cast time, then lever-1 with B = TE's
-#                       own path (--weight-refresh te) -> OUT/fp8_weight_refresh_*.json, OUT/lever/ (~5.5 min est.)
+#                       own path (--weight-refresh te) -> OUT/fp8_weight_refresh_*.json, OUT/lever/ (4.9 min measured)
 #   lever-1         (1) issue 15: one speed lever against today's defaults, same call, alternating (A B A B): ours
 #                       FP8, 4 layers, GBS 8, 20 steps; LEVER_ARGS are the bench_throughput flags of B,
 #                       LEVER_ENV its environment (VAR=value ...), one of them needed
@@ -60,8 +60,8 @@
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
 #                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=60 steps apart):
 #                       blocked s per save, tokens/s during the background write -> OUT/checkpoint_stall.json
-#                       (5.8 min measured; CKPT_STALL_RUNS picks runs; two checkpoints at most, under
-#                       $CKPT_STALL_DIR, default /dev/shm)
+#                       (~6 min est.; 8.9 min measured with a third run; CKPT_STALL_RUNS picks runs; two checkpoints
+#                       at most, under $CKPT_STALL_DIR, default /dev/shm)
 set -uo pipefail
 stage="${1:?usage: gpu_stage.sh STAGE OUT_DIR}"
 out="${2:?usage: gpu_stage.sh STAGE OUT_DIR}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -404,9 +405,18 @@ def test_pinned_host_reserve_failure_is_logged_not_raised(caplog: pytest.LogCapt
     reserve.start([3 * 2**30])
     reserve.wait()
     assert isinstance(reserve.error, RuntimeError) and reserve.reserved_bytes == 0 and reserve.seconds is not None
-    assert "Could not pin 3.0 GiB of host memory ahead of the first background checkpoint" in caplog.text
+    # 3 GiB as torch would pin it: rounded up to a power of two.
+    assert "Could not pin 4.0 GiB of host memory ahead of the first background checkpoint" in caplog.text
     assert "that save will pin it itself" in caplog.text
     PinnedHostReserve().wait()  # never started: returns at once
+
+
+def test_pinned_bytes_rounds_each_block_up_to_a_power_of_two() -> None:
+    from lightning_llama_fp8.async_checkpoint import pinned_bytes
+
+    # As torch's caching host allocator does (PowerOf2Ceil): 25.1 GiB of tensors pinned 29.1 GB on an H200.
+    assert pinned_bytes([3, 4096, 5000, 0]) == 4 + 4096 + 8192
+    assert pinned_bytes([2**30 + 1]) == 2**31
 
 
 class _FakeCheckpointTrainer:
@@ -414,27 +424,27 @@ class _FakeCheckpointTrainer:
         self.global_step, self.checkpoint_callbacks = global_step, savers
 
 
-@pytest.mark.parametrize(
-    ("async_save", "step", "savers", "device", "expect"),
-    [
-        (True, 1, ["full"], "cuda", "model+optimizer"),  # after the first step: the optimizer state exists
-        (True, 1, ["weights"], "cuda", "model"),  # every saver weights-only: no optimizer in the save
-        (True, 1, ["weights", "full"], "cuda", "model+optimizer"),
-        (True, 0, ["full"], "cuda", None),  # before the first step (then at the next, below)
-        (False, 3, ["full"], "cuda", None),  # synchronous saves pin nothing ahead
-        (True, 3, [], "cuda", None),  # nothing will save during fit
-        (True, 3, ["full"], "cpu", None),  # no pinned memory without CUDA
-    ],
-)
-def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
-    monkeypatch: pytest.MonkeyPatch, async_save: bool, step: int, savers: list[str], device: str, expect: str | None
-) -> None:
-    from types import SimpleNamespace
+class _FakeMegatronOptimizer:
+    """A Megatron optimizer around a torch optimizer whose state appears at its first real step."""
 
+    def __init__(self, has_state: bool) -> None:
+        self.optimizer = SimpleNamespace(state={0: {"exp_avg": None}} if has_state else {})
+
+
+def _reserve_setup(
+    monkeypatch: pytest.MonkeyPatch,
+    step: int,
+    savers: list[str],
+    async_save: bool = True,
+    device: str = "cuda",
+    sharding: str = "dp_reshardable",
+    optimizer: Any = None,
+    sizing_error: Exception | None = None,
+) -> tuple[Any, Any, list[str], list[Any]]:
     from lightning_llama_fp8 import async_checkpoint
     from lightning_llama_fp8.checkpointing import StrategyCheckpointing
 
-    started: list[tuple[list[int], Any]] = []
+    started: list[Any] = []
     monkeypatch.setattr(
         async_checkpoint.PinnedHostReserve, "start", lambda self, sizes, device: started.append((sizes, device))
     )
@@ -442,6 +452,8 @@ def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
 
     def host_copy_sizes(models: Any, optimizer: Any, sharding: str, group: Any) -> list[int]:
         asked.append("model+optimizer" if optimizer is not None else "model")
+        if sizing_error is not None:
+            raise sizing_error
         return [2**20, 2**30]
 
     monkeypatch.setattr(ckpt, "host_copy_sizes", host_copy_sizes)
@@ -450,15 +462,63 @@ def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
         async_save=async_save,
         lightning_module=SimpleNamespace(trainer=trainer),
         root_device=torch.device(device),
-        checkpoint_optimizer_sharding="dp_reshardable",
+        checkpoint_optimizer_sharding=sharding,
         data_parallel_group=lambda: None,
     )
     checkpointing = StrategyCheckpointing(strategy)  # type: ignore[arg-type]
     monkeypatch.setattr(checkpointing, "megatron_models", lambda: {"model": None})
-    monkeypatch.setattr(checkpointing, "megatron_optimizer", lambda: "the optimizer")
+    the_optimizer = optimizer if optimizer is not None else _FakeMegatronOptimizer(has_state=True)
+    monkeypatch.setattr(checkpointing, "megatron_optimizer", lambda: the_optimizer)
+    return checkpointing, trainer, asked, started
+
+
+@pytest.mark.parametrize(
+    ("options", "expect"),
+    [
+        ({"step": 1, "savers": ["full"]}, "model+optimizer"),  # after the first step: the optimizer state exists
+        ({"step": 1, "savers": ["weights"]}, "model"),  # every saver weights-only: no optimizer in the save
+        ({"step": 1, "savers": ["weights", "full"]}, "model+optimizer"),
+        # fully_reshardable gathers the optimizer state into CPU tensors the save does not copy: not built here.
+        ({"step": 1, "savers": ["full"], "sharding": "fully_reshardable"}, "model"),
+        ({"step": 3, "savers": ["full"], "async_save": False}, None),  # synchronous saves pin nothing ahead
+        ({"step": 3, "savers": []}, None),  # nothing will save during fit
+        ({"step": 3, "savers": ["full"], "device": "cpu"}, None),  # no pinned memory without CUDA
+    ],
+)
+def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], expect: str | None
+) -> None:
+    checkpointing, trainer, asked, started = _reserve_setup(monkeypatch, **options)
     checkpointing.reserve_host_copy()
     assert asked == ([expect] if expect else [])
-    assert started == ([([2**20, 2**30], torch.device(device))] if expect else [])
+    assert started == ([([2**20, 2**30], torch.device(options.get("device", "cuda")))] if expect else [])
     trainer.global_step += 1
-    checkpointing.reserve_host_copy()  # the next step: a second reserve never, a first one only after step 0
-    assert len(started) == (1 if expect or (step == 0 and async_save) else 0)
+    checkpointing.reserve_host_copy()  # the next step: never a second reserve
+    assert len(started) == (1 if expect else 0)
+
+
+def test_reserve_host_copy_waits_for_a_first_step_and_an_optimizer_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 0, and a first step whose update was skipped (Megatron creates the optimizer state lazily): not yet."""
+    optimizer = _FakeMegatronOptimizer(has_state=False)
+    checkpointing, trainer, asked, started = _reserve_setup(monkeypatch, 0, ["full"], optimizer=optimizer)
+    checkpointing.reserve_host_copy()
+    trainer.global_step = 1
+    checkpointing.reserve_host_copy()
+    assert asked == [] and started == []
+    optimizer.optimizer.state[0] = {"exp_avg": None}  # the second step updated
+    trainer.global_step = 2
+    checkpointing.reserve_host_copy()
+    assert asked == ["model+optimizer"] and len(started) == 1
+
+
+def test_reserve_host_copy_logs_a_sizing_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpointing, trainer, asked, started = _reserve_setup(
+        monkeypatch, 1, ["full"], sizing_error=KeyError("master_param")
+    )
+    checkpointing.reserve_host_copy()  # does not raise: the save will pin for itself
+    assert started == [] and "Could not size the host copy of a checkpoint" in caplog.text
+    trainer.global_step = 2
+    checkpointing.reserve_host_copy()
+    assert asked == ["model+optimizer"]  # tried once only

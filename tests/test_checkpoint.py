@@ -104,27 +104,46 @@ def _load_worker(rank: int, world_size: int, path: str, tp: int) -> dict[str, An
     return {"before": before, "after": after, "restored": {k: v for k, v in restored.items() if k != "state_dict"}}
 
 
-def _host_copy_sizes_worker(rank: int, world_size: int, tp: int) -> tuple[list[int], int, int]:
+def _host_copy_sizes_worker(rank: int, world_size: int, tp: int, path: str) -> dict[str, Any]:
+    """``host_copy_sizes`` against what Megatron's writer really stages in a save of the same model on this rank."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from tests.helpers import allow_dist_checkpointing_on_cpu
+
+    allow_dist_checkpointing_on_cpu()
     strategy, module = _module_on_strategy(tp, world_size, seed=0)
     models = strategy.checkpointing.megatron_models()
-    group = strategy.data_parallel_group()
-    sizes = ckpt.host_copy_sizes(models, None, "dp_reshardable", group, device_type="cpu")
+    sizes = ckpt.host_copy_sizes(models, None, "dp_reshardable", strategy.data_parallel_group(), device_type="cpu")
+    staged: list[int] = []
+    preload = FileSystemWriterAsync.preload_tensors
+
+    def recording_preload(write_buckets: Any, non_blocking: bool = True) -> Any:
+        for _, _, (_, tensor_data) in write_buckets:
+            staged.extend(tensor.numel() * tensor.dtype.itemsize for _, tensor in tensor_data)
+        return preload(write_buckets, non_blocking)
+
+    FileSystemWriterAsync.preload_tensors = staticmethod(recording_preload)  # type: ignore[method-assign]
+    try:
+        strategy.save_checkpoint({"global_step": 1, "state_dict": module.state_dict()}, path)
+    finally:
+        FileSystemWriterAsync.preload_tensors = staticmethod(preload)  # type: ignore[method-assign]
     full_bytes = sum(w.numel() * w.element_size() for w in _full_weights(module).values())
     params = len(list(module.model.parameters()))
     strategy.teardown()
-    return sizes, full_bytes, params
+    return {"sizes": sizes, "staged": staged, "full_bytes": full_bytes, "params": params}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_host_copy_sizes_count_each_weight_once_over_the_ranks(tp: int, tmp_path: Path) -> None:
-    """What the pinned-memory reserve for the first background save is sized by (``PinnedHostReserve``): together
-    the ranks copy every weight exactly once (a TP-replicated norm by one rank only), split as Megatron's save splits
-    them (SwiGLU's fused fc1 into its two halves: more tensors than parameters)."""
-    results = run_distributed(_host_copy_sizes_worker, tp, tmp_path, tp)
-    full_bytes, params = results[0][1], results[0][2]
-    assert sum(sum(sizes) for sizes, _, _ in results) == full_bytes
-    assert all(size > 0 for sizes, _, _ in results for size in sizes)
-    assert len(results[0][0]) == params + _tiny().num_layers  # each layer's fc1 in two
+def test_host_copy_sizes_are_what_the_writer_stages(tp: int, tmp_path: Path) -> None:
+    """What the pinned-memory reserve for the first background save is sized by (``PinnedHostReserve``): on each
+    rank, the very tensor sizes Megatron's writer stages for host memory in a real save (its ``preload_tensors``);
+    together the ranks copy every weight once (a TP-replicated norm by one rank only), split as the save splits them
+    (SwiGLU's fused fc1 into its two halves: more tensors than parameters)."""
+    results = run_distributed(_host_copy_sizes_worker, tp, tmp_path / "workers", tp, str(tmp_path / "step=1.ckpt"))
+    for result in results:
+        assert sorted(result["sizes"]) == sorted(result["staged"]) and result["sizes"]
+    assert sum(sum(r["sizes"]) for r in results) == results[0]["full_bytes"]
+    assert len(results[0]["sizes"]) == results[0]["params"] + _tiny().num_layers  # each layer's fc1 in two
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,7 @@ def test_print_config_round_trip(
             "amax_compute_algo": "max",
             "fp8_param_gather": False,
             "fallback": None,
+            "fast_weight_refresh": True,
             **raw_plugin["init_args"],
         }
 

@@ -70,19 +70,20 @@ class PinnedHostReserve:
 
     ``allocate(nbytes)`` returns one pinned block (default: a pinned ``uint8`` tensor); every block is held until
     all are allocated (a block freed at once would only be reused by the next request of its size class), then all
-    are dropped together. Torch releases the GIL while it pins, so training goes on meanwhile. A failure (host
+    are dropped together. Torch releases the GIL while it pins; whether the driver's pinning slows the training
+    thread's launches meanwhile is what ``bench_throughput.py``'s ``host_reserve`` record measures. A failure (host
     memory short of the checkpoint's size, say) is logged: the first save then pins what it needs itself.
     """
 
     def __init__(self, allocate: Callable[[int], Any] | None = None) -> None:
         self._allocate = allocate or _pinned_block
         self._thread: threading.Thread | None = None
-        self.reserved_bytes = 0
+        self.reserved_bytes = 0  # what torch pinned: each size rounded up to a power of two
         self.seconds: float | None = None  # how long the pinning took, once done
         self.error: Exception | None = None
 
     def start(self, sizes: list[int], device: Any = None) -> None:
-        """Begin pinning ``sizes`` (bytes each) in a daemon thread; ``device``: the CUDA device the thread uses."""
+        """Begin pinning ``sizes`` (bytes each) in a daemon thread; ``device``: the rank's CUDA device."""
         self._thread = threading.Thread(
             target=self._run, args=(list(sizes), device), name="pinned-host-reserve", daemon=True
         )
@@ -96,23 +97,28 @@ class PinnedHostReserve:
     def _run(self, sizes: list[int], device: Any) -> None:
         start = time.perf_counter()
         try:
-            if device is not None:  # else a new thread would pin through (and create a context on) GPU 0
+            if device is not None:  # pin through the rank's own device, as its training thread would
                 import torch
 
                 torch.cuda.set_device(device)
             blocks = [self._allocate(size) for size in sizes]
-            self.reserved_bytes = sum(sizes)
+            self.reserved_bytes = pinned_bytes(sizes)
             del blocks
         except Exception as err:  # raised in a thread it would vanish: logged; the save then pins what it needs
             self.error = err
             log.warning(
                 "Could not pin %.1f GiB of host memory ahead of the first background checkpoint (%s: %s); that save "
                 "will pin it itself and block training while it does.",
-                sum(sizes) / 2**30,
+                pinned_bytes(sizes) / 2**30,
                 type(err).__name__,
                 err,
             )
         self.seconds = time.perf_counter() - start
+
+
+def pinned_bytes(sizes: list[int]) -> int:
+    """The host memory torch's caching host allocator pins for blocks of ``sizes``: each rounded up to a power of 2."""
+    return sum(1 << max(size - 1, 0).bit_length() for size in sizes if size > 0)
 
 
 def _pinned_block(nbytes: int) -> Any:

@@ -622,7 +622,8 @@ def host_copy_sizes(
     """The bytes of each tensor this rank copies to host memory in a background save of ``modules`` / ``optimizer``.
 
     The same sharded state dict :func:`save_megatron_state` writes, after the preprocessing Megatron's save applies
-    (factories that split fused weights, non-persistent entries dropped), without its collective checks; only the
+    (factories that split fused weights, non-persistent entries dropped), without its collective checks (building a
+    ``fully_reshardable`` optimizer state gathers it: pass ``optimizer=None`` there); only the
     tensors on ``device_type`` that this rank writes (the main replica: Megatron's torch_dist writer drops the
     others). FP8 weights count at their nominal dtype (BF16): the writer dequantizes them before the copy.
     """
@@ -638,7 +639,7 @@ def host_copy_sizes(
             continue
         data = item.data
         if isinstance(data, torch.Tensor) and data.device.type == device_type:
-            sizes.append(data.numel() * torch.empty((), dtype=data.dtype).element_size())
+            sizes.append(data.numel() * data.dtype.itemsize)
     return sizes
 
 

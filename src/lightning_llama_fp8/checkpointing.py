@@ -13,6 +13,7 @@ callbacks, LR scheduler, data position, the module's non-Megatron state, any oth
 from __future__ import annotations
 
 import io
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -26,13 +27,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_llama_fp8 import checkpoint as ckpt
 from lightning_llama_fp8 import startup_checks
 from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
-from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver, PinnedHostReserve
+from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
 from lightning_llama_fp8.layout import PIPELINE_FIELDS
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from lightning_llama_fp8.strategy import MegatronCPStrategy
+
+log = logging.getLogger(__name__)
 
 
 class StrategyCheckpointing:
@@ -149,30 +152,41 @@ class StrategyCheckpointing:
             self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
 
     def reserve_host_copy(self) -> None:
-        """With ``async_save``, once the optimizer state exists (after the first step): pin, in the background, the
-        host memory a background save copies the checkpoint into, so that the first save does not block training
-        while it pins (``async_checkpoint.py``). Only where a checkpoint callback will save during ``fit``; once
-        per strategy (the blocks stay in torch's host cache, as they would after the first save)."""
+        """With ``async_save``, once the optimizer state exists (after the first step that updated it): pin, in the
+        background, the host memory a background save copies the checkpoint into, so that the first save does not
+        block training while it pins (``async_checkpoint.py``). Only where a checkpoint callback will save during
+        ``fit``; once per strategy (the blocks stay in torch's host cache, as they would after the first save). A
+        failure to size or pin is logged: the first save then pins for itself."""
         strategy = self.strategy
         trainer = strategy.lightning_module.trainer
         if self._host_copy_planned or not strategy.async_save or trainer.global_step < 1:
             return
-        self._host_copy_planned = True  # once, whatever comes of it
         savers = trainer.checkpoint_callbacks
         if not savers or strategy.root_device.type != "cuda":
+            self._host_copy_planned = True
             return
         weights_only = all(getattr(saver, "save_weights_only", False) for saver in savers)
         optimizer = None if weights_only else self.megatron_optimizer()
-        sizes = ckpt.host_copy_sizes(
-            self.megatron_models(), optimizer, strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
-        )
+        if strategy.checkpoint_optimizer_sharding != "dp_reshardable":
+            # fully_reshardable gathers the optimizer state into CPU tensors, which the save does not copy again;
+            # building it here would all-gather the whole state for nothing.
+            optimizer = None
+        if optimizer is not None and not _optimizer_state_exists(optimizer):
+            return  # a first step that was skipped (NaNGuard, a vetoed update): Megatron creates the state lazily
+        self._host_copy_planned = True
+        try:
+            sharding, group = strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
+            sizes = ckpt.host_copy_sizes(self.megatron_models(), optimizer, sharding, group)
+        except Exception as err:  # an optimization only: the save itself will say what is wrong, if anything is
+            log.warning("Could not size the host copy of a checkpoint ahead of the first background save: %r", err)
+            return
         if not sizes:
             return
         self.host_reserve = PinnedHostReserve()
         self.host_reserve.start(sizes, device=strategy.root_device)
         rank_zero_info(
-            f"Pinning {sum(sizes) / 2**30:.1f} GiB of host memory per rank for background checkpoints "
-            f"({len(sizes)} blocks), in the background"
+            f"Pinning {pinned_bytes(sizes) / 2**30:.1f} GiB of host memory ({len(sizes)} blocks) in the background "
+            "for the host copy of background checkpoints (rank 0's share)"
         )
 
     @property
@@ -331,3 +345,13 @@ def megatron_children(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
         if is_megatron(child)
         or (isinstance(child, torch.nn.ModuleList) and len(child) > 0 and all(map(is_megatron, child)))
     }
+
+
+def _optimizer_state_exists(optimizer: Any) -> bool:
+    """Whether the torch optimizer(s) inside Megatron's ``optimizer`` hold state yet (they create it at their first
+    step); ``True`` where that cannot be told."""
+    for part in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        state = getattr(getattr(part, "optimizer", None), "state", None)
+        if state is not None and len(state) == 0:
+            return False
+    return True

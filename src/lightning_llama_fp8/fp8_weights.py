@@ -54,11 +54,12 @@ def delayed_scaling_weight_quantizers(modules: Iterable[torch.nn.Module]) -> lis
 
 @contextlib.contextmanager
 def rowwise_only(quantizers: Iterable[Any]) -> Iterator[int]:
-    """Switch each quantizer's columnwise usage off while inside; restore every usage on the way out (errors too)."""
-    saved = [(q, q.rowwise_usage, q.columnwise_usage) for q in quantizers if q.columnwise_usage]
+    """Switch off the columnwise usage of each quantizer that has both usages while inside; restore them on the way
+    out (errors too). One without rowwise usage is left alone: TE would write its transpose only, not its data."""
+    saved = [(q, q.rowwise_usage, q.columnwise_usage) for q in quantizers if q.rowwise_usage and q.columnwise_usage]
     try:
         for quantizer, _, _ in saved:
-            quantizer.set_usage(rowwise=True, columnwise=False)
+            quantizer.set_usage(columnwise=False)
         yield len(saved)
     finally:
         for quantizer, rowwise, columnwise in saved:

@@ -73,7 +73,8 @@ def refresh(layer: Any, rowwise_only: bool, group: Any) -> dict[str, Any]:
     quantizer = weight._quantizer
     return {
         "data": weight._data.view(torch.uint8).clone(),
-        "transpose": weight._transpose.view(torch.uint8).clone(),
+        # None where the GEMMs take FP8 operands untransposed (Blackwell): then there is no transpose to compare.
+        "transpose": None if weight._transpose is None else weight._transpose.view(torch.uint8).clone(),
         "scale_inv": weight._scale_inv.clone(),
         "amax_history": layer.fp8_meta["scaling_fwd"].amax_history.clone(),
         "usage_after": (quantizer.rowwise_usage, quantizer.columnwise_usage),
@@ -99,8 +100,12 @@ def test_rowwise_refresh_writes_the_same_fp8_weight(shape: tuple[int, int], proc
     )
     assert ours["switched"] == 1
     for key in ("data", "transpose", "scale_inv", "amax_history"):
+        if te_path[key] is None and ours[key] is None:
+            continue
         assert torch.equal(te_path[key], ours[key]), key
     assert ours["usage_after"] == te_path["usage_after"] == (True, True)  # the layer's usages came back
-    assert any("cast_transpose_general_kernel" in k for k in te_path["kernels"])  # what the fix avoids
     assert not any("cast_transpose" in k for k in ours["kernels"])
-    assert ours["ms_per_cast"] < te_path["ms_per_cast"]
+    if te_path["transpose"] is not None:  # Hopper: TE's path runs the general kernel the fix avoids
+        assert any("cast_transpose_general_kernel" in k for k in te_path["kernels"])
+    if shape[0] * shape[1] > 2**25:  # small shards are launch-bound either way (2026-12-04: 0.595 vs 0.578 ms)
+        assert ours["ms_per_cast"] < te_path["ms_per_cast"] / 2
