@@ -59,3 +59,14 @@ def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback], **ov
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def one_rank_process_group(port: int) -> Any:
+    """torch.distributed as a one-rank NCCL group on this GPU (unless a test before made one); its WORLD group."""
+    import os
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    return torch.distributed.group.WORLD

@@ -9,21 +9,18 @@ identical TE layers with delayed-scaling FP8 weights: once as Megatron-LM runs i
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import pytest
 import torch
 
+from tests.gpu.probes import one_rank_process_group
+
 
 @pytest.fixture(scope="module")
 def process_group() -> Any:
     """A one-rank group for the amax reduction inside the cast (the one the tests before may have made)."""
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29561")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    return torch.distributed.group.WORLD
+    return one_rank_process_group(port=29561)
 
 
 def fp8_layer(out_features: int, in_features: int) -> Any:

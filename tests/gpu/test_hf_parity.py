@@ -19,6 +19,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from tests.gpu.probes import one_rank_process_group
+
 # FP32 parity needs FP32 GEMMs: Transformer Engine's cuBLASLt GEMMs may run FP32 inputs on TF32 tensor cores, which
 # torch's allow_tf32 flags do not reach. cuBLAS honours this variable for every handle created after it is set, and
 # pytest imports this module before any test touches CUDA. Set it to 1 (as the hf-parity stage does once) to
@@ -95,10 +97,7 @@ def megatron_one_gpu() -> Any:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    one_rank_process_group(port=29533)
     torch.cuda.set_device(0)
     parallel_state.initialize_model_parallel(1)
     model_parallel_cuda_manual_seed(1234)
