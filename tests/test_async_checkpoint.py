@@ -8,6 +8,7 @@ Megatron model is a small ``MegatronModule`` of which each rank holds its own sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -440,6 +441,8 @@ def _reserve_setup(
     sharding: str = "dp_reshardable",
     optimizer: Any = None,
     sizing_error: Exception | None = None,
+    available: int | None = 2**40,
+    ranks: int = 1,
 ) -> tuple[Any, Any, list[str], list[Any]]:
     from lightning_llama_fp8 import async_checkpoint
     from lightning_llama_fp8.checkpointing import StrategyCheckpointing
@@ -457,6 +460,7 @@ def _reserve_setup(
         return [2**20, 2**30]
 
     monkeypatch.setattr(ckpt, "host_copy_sizes", host_copy_sizes)
+    monkeypatch.setattr(async_checkpoint, "available_host_memory", lambda: available)
     trainer = _FakeCheckpointTrainer(step, [SimpleNamespace(save_weights_only=s == "weights") for s in savers])
     strategy = SimpleNamespace(
         async_save=async_save,
@@ -464,6 +468,7 @@ def _reserve_setup(
         root_device=torch.device(device),
         checkpoint_optimizer_sharding=sharding,
         data_parallel_group=lambda: None,
+        num_processes=ranks,
     )
     checkpointing = StrategyCheckpointing(strategy)  # type: ignore[arg-type]
     monkeypatch.setattr(checkpointing, "megatron_models", lambda: {"model": None})
@@ -522,3 +527,29 @@ def test_reserve_host_copy_logs_a_sizing_failure(
     trainer.global_step = 2
     checkpointing.reserve_host_copy()
     assert asked == ["model+optimizer"]  # tried once only
+
+
+@pytest.mark.parametrize(
+    ("available", "ranks", "pinned"), [(3 * 2**29, 1, True), (3 * 2**29, 2, False), (None, 8, True)]
+)
+def test_reserve_host_copy_pins_nothing_ahead_that_the_machine_cannot_hold(
+    monkeypatch: pytest.MonkeyPatch, available: int | None, ranks: int, pinned: bool
+) -> None:
+    """Blocks of 1 MiB and 1 GiB: 1.001 GiB per rank, which 1.5 GiB available holds for one rank but not for two;
+    ``None``: /proc/meminfo unreadable, nothing to check against."""
+    checkpointing, _, _, started = _reserve_setup(monkeypatch, 1, ["full"], available=available, ranks=ranks)
+    expect_warning = pytest.warns(UserWarning, match=r"\(2 ranks on this machine: 2.0 GiB\), more than the 1.5 GiB")
+    with contextlib.nullcontext() if pinned else expect_warning:
+        checkpointing.reserve_host_copy()
+    assert len(started) == (1 if pinned else 0)
+
+
+def test_available_host_memory_reads_memavailable(tmp_path: Path) -> None:
+    from lightning_llama_fp8.async_checkpoint import available_host_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20480000 kB\n")
+    assert available_host_memory(str(meminfo)) == 20480000 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")  # an old kernel without MemAvailable
+    assert available_host_memory(str(meminfo)) is None
+    assert available_host_memory(str(tmp_path / "missing")) is None

@@ -121,6 +121,18 @@ def pinned_bytes(sizes: list[int]) -> int:
     return sum(1 << max(size - 1, 0).bit_length() for size in sizes if size > 0)
 
 
+def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host memory the kernel can hand out now (``MemAvailable``, bytes); ``None`` where it cannot be read."""
+    try:
+        with open(meminfo) as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _pinned_block(nbytes: int) -> Any:
     import torch
 

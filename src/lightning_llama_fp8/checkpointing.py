@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_llama_fp8 import async_checkpoint, startup_checks
 from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8 import startup_checks
 from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
 from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
 from lightning_llama_fp8.layout import PIPELINE_FIELDS
@@ -181,6 +181,17 @@ class StrategyCheckpointing:
             log.warning("Could not size the host copy of a checkpoint ahead of the first background save: %r", err)
             return
         if not sizes:
+            return
+        need, ranks = pinned_bytes(sizes), max(int(getattr(strategy, "num_processes", 1) or 1), 1)
+        available = async_checkpoint.available_host_memory()
+        if available is not None and need * ranks > available:
+            # Pinned memory cannot be swapped: pinning it ahead could get the run killed now rather than at a save.
+            rank_zero_warn(
+                f"Background checkpoints copy {need / 2**30:.1f} GiB per rank into pinned host memory ({ranks} ranks "
+                f"on this machine: {need * ranks / 2**30:.1f} GiB), more than the {available / 2**30:.1f} GiB the "
+                "machine has available now. Not pinned ahead; the first background save may fail or be killed for "
+                "lack of memory. Use MegatronCPStrategy(async_save=False), or more host memory per rank."
+            )
             return
         self.host_reserve = PinnedHostReserve()
         self.host_reserve.start(sizes, device=strategy.root_device)
