@@ -136,3 +136,56 @@ def test_bf16_precision_and_the_bf16_fallback_change_nothing(monkeypatch: pytest
     monkeypatch.setattr(precision_mod, "fp8_support", lambda recipe="delayed", fp8_attention=False: (False, "no GPU"))
     fallback = TEFP8Precision(fp8_param_gather=False, fallback="bf16")
     assert isinstance(fallback.optimizer_step_context([]), contextlib.nullcontext)
+
+
+def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
+    """Two steps through MegatronCPStrategy (without Megatron's DDP, which needs CUDA) with a precision whose
+    optimizer-step context records what ran inside it."""
+    from lightning.pytorch import LightningModule
+
+    from lightning_llama_fp8 import MegatronCPStrategy, MockDataModule
+    from tests.helpers import cpu_trainer
+
+    events: list[str] = []
+
+    class RecordingPrecision(MegatronPrecision):
+        @contextlib.contextmanager
+        def optimizer_step_context(self, modules: list[nn.Module]) -> Any:
+            events.append(f"enter {len(modules)}")
+            yield
+            events.append("exit")
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return ((self.weight - 1.0) ** 2).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            step = optimizer.step
+
+            def recorded_step(*args: Any, **kwargs: Any) -> Any:
+                events.append("optimizer.step")
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded_step  # type: ignore[method-assign]
+            return optimizer
+
+    class WithoutDDP(MegatronCPStrategy):
+        def _wrap_megatron_modules(self) -> None:
+            self._ddp_modules = []  # Megatron's DDP needs CUDA; the context is handed this list
+
+    data = MockDataModule(seq_length=16, vocab_size=100, global_batch_size=1, micro_batch_size=1, num_workers=0)
+    trainer = cpu_trainer(devices=1, strategy=WithoutDDP(), plugins=[RecordingPrecision()], max_steps=2)
+    trainer.fit(Tiny(), datamodule=data)
+    return {"events": events}
+
+
+def test_the_strategy_runs_each_optimizer_step_inside_the_precisions_context(tmp_path: Any) -> None:
+    from tests.distributed import run_distributed
+
+    (result,) = run_distributed(_fit_with_recording_precision, 1, tmp_path)
+    assert result["events"] == ["enter 0", "optimizer.step", "exit"] * 2
