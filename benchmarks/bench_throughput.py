@@ -169,7 +169,7 @@ class CheckpointStall(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
         # Before ModelCheckpoint's own on_train_batch_end (Lightning runs checkpoint callbacks last).
         seconds = time.perf_counter() - self._step_start - self._published_s
-        reserve = getattr(getattr(trainer.strategy, "checkpointing", None), "host_reserve", None)
+        reserve = self._reserve()
         pinning = reserve is not None and reserve.seconds is None
         self.steps.append((trainer.global_step, seconds, self._during_write, pinning))
 
@@ -196,14 +196,17 @@ class CheckpointStall(Callback):
             "tokens_per_s_during_write_ratio": statistics.median(normal) / statistics.median(during)
             if normal and during
             else None,
-            "host_reserve": self.host_reserve(trainer_strategy=self.strategy, pinning=pinning, normal=normal),
+            "host_reserve": self.host_reserve(pinning, normal),
             "step_times": self.steps,
         }
 
-    @staticmethod
-    def host_reserve(trainer_strategy: Any, pinning: list[float], normal: list[float]) -> dict[str, Any] | None:
+    def _reserve(self) -> Any:
+        """The strategy's ``PinnedHostReserve`` for the first async save, once started (else None)."""
+        return getattr(getattr(self.strategy, "checkpointing", None), "host_reserve", None)
+
+    def host_reserve(self, pinning: list[float], normal: list[float]) -> dict[str, Any] | None:
         """The background pinning before the first async save (``PinnedHostReserve``): size, time, step times."""
-        reserve = getattr(getattr(trainer_strategy, "checkpointing", None), "host_reserve", None)
+        reserve = self._reserve()
         if reserve is None:
             return None
         return {

@@ -238,8 +238,9 @@ PY
       --mock-csv "$t/mock_csv/run/version_0/metrics.csv" --corpus-json "$t/corpus.json" --sidecar "$t/real_text.corpus.json" --max-steps 300 \
       --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$t/real_text_training.json" ;;
   checkpoint-stall)
-    # The sync saves block 23-38 s each (on /dev/shm; 75 s on a disk), so they come 10 steps apart; the async ones far enough apart for the first
-    # background write to be published before the second save (else that save waits for it, which counts as blocked).
+    # The sync saves block 23-38 s each (on /dev/shm; 75 s on a disk), so they come 10 steps apart; the async ones far
+    # enough apart for the first background write to be published before the second save (else that save waits for
+    # it, which counts as blocked).
     # Default directory: /dev/shm (RAM), as measured on 2026-12-03; the H200 machine's disk had room for one 25 GiB
     # checkpoint only. Set CKPT_STALL_DIR to measure a disk.
     c="$out/checkpoint_stall"; mkdir -p "$c"; ckpts="${CKPT_STALL_DIR:-/dev/shm/checkpoint_stall}"; every="${CKPT_ASYNC_EVERY:-60}"

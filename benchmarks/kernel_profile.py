@@ -81,7 +81,8 @@ def launch_sites(
         elif cat == "python_function" and "dur" in event:
             start = float(event["ts"])
             python[(event.get("pid"), event.get("tid"))].append((start, start + float(event["dur"]), event["name"]))
-    wanted: list[tuple[Any, float, str, float, tuple[int, ...] | None]] = []  # thread, launch time, kernel, s, grid
+    # thread -> (launch time, kernel, seconds, grid) of each wanted kernel
+    by_thread: dict[Any, list[tuple[float, str, float, tuple[int, ...] | None]]] = defaultdict(list)
     for event in events:
         args = event.get("args") or {}
         if event.get("cat") != "kernel" or kernel_kind(event["name"]) not in kinds:
@@ -89,11 +90,8 @@ def launch_sites(
         launch = launches.get(args.get("correlation"))
         if launch is not None:
             grid = tuple(args["grid"]) if args.get("grid") else None
-            wanted.append((launch[0], launch[1], event["name"], float(event["dur"]) / 1e6, grid))
+            by_thread[launch[0]].append((launch[1], event["name"], float(event["dur"]) / 1e6, grid))
     groups: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
-    by_thread: dict[Any, list[tuple[float, str, float, tuple[int, ...] | None]]] = defaultdict(list)
-    for thread, at, name, seconds, grid in wanted:
-        by_thread[thread].append((at, name, seconds, grid))
     for thread, calls in by_thread.items():
         functions = sorted(python.get(thread, []), key=lambda f: (f[0], -f[1]))
         open_stack: list[tuple[float, float, str]] = []

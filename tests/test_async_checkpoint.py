@@ -544,12 +544,16 @@ def test_reserve_host_copy_pins_nothing_ahead_that_the_machine_cannot_hold(
     assert len(started) == (1 if pinned else 0)
 
 
-def test_available_host_memory_reads_memavailable(tmp_path: Path) -> None:
+def test_available_host_memory_reads_memavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
     from lightning_llama_fp8.async_checkpoint import available_host_memory
 
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20480000 kB\n")
-    assert available_host_memory(str(meminfo)) == 20480000 * 1024
-    meminfo.write_text("MemTotal:       24576000 kB\n")  # an old kernel without MemAvailable
-    assert available_host_memory(str(meminfo)) is None
-    assert available_host_memory(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=20480000 * 1024))
+    assert available_host_memory() == 20480000 * 1024
+
+    def unreadable() -> None:
+        raise OSError("/proc/meminfo: no such file")  # e.g. a sandbox without /proc
+
+    monkeypatch.setattr(psutil, "virtual_memory", unreadable)
+    assert available_host_memory() is None

@@ -121,16 +121,15 @@ def pinned_bytes(sizes: list[int]) -> int:
     return sum(1 << max(size - 1, 0).bit_length() for size in sizes if size > 0)
 
 
-def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
-    """The host memory the kernel can hand out now (``MemAvailable``, bytes); ``None`` where it cannot be read."""
+def available_host_memory() -> int | None:
+    """The host memory the kernel can hand out now (psutil's ``available``: Linux's ``MemAvailable``), bytes;
+    ``None`` where it cannot be read."""
+    import psutil
+
     try:
-        with open(meminfo) as lines:
-            for line in lines:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # in kB
-    except (OSError, ValueError, IndexError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
         return None
-    return None
 
 
 def _pinned_block(nbytes: int) -> Any:

@@ -48,7 +48,7 @@ class StrategyCheckpointing:
     def __init__(self, strategy: MegatronCPStrategy) -> None:
         self.strategy = strategy
         self.async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
-        self.host_reserve: PinnedHostReserve | None = None  # started by reserve_host_copy(), once per process
+        self.host_reserve: PinnedHostReserve | None = None  # started by reserve_host_copy(), once per strategy
         self._host_copy_planned = False
         # (path, lightning.pt contents) read by the checks before the model was built, reused by the load.
         self.early_state: tuple[Path, dict[str, Any]] | None = None
@@ -196,7 +196,7 @@ class StrategyCheckpointing:
         self.host_reserve = PinnedHostReserve()
         self.host_reserve.start(sizes, device=strategy.root_device)
         rank_zero_info(
-            f"Pinning {pinned_bytes(sizes) / 2**30:.1f} GiB of host memory ({len(sizes)} blocks) in the background "
+            f"Pinning {need / 2**30:.1f} GiB of host memory ({len(sizes)} blocks) in the background "
             "for the host copy of background checkpoints (rank 0's share)"
         )
 
