@@ -25,6 +25,7 @@ GPU), the same quantity as Megatron-LM's "elapsed time per iteration" at ``--log
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -260,6 +261,12 @@ def main() -> None:
         help="TEFP8Precision(fast_weight_refresh=True|False): FP8 weights refreshed without TE's discarded transposes",
     )
     parser.add_argument("--fp8-attention", action="store_true", help="TEFP8Precision(fp8_attention=True)")
+    parser.add_argument(
+        "--cross-entropy",
+        choices=("default", "te", "native"),
+        default="default",
+        help="LlamaConfig(cross_entropy_fusion_impl=None|'te'|'native'); default: TE's kernel with TE layers",
+    )
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
     parser.add_argument("--save-mode", choices=("sync", "async"), default="sync", help="MegatronCPStrategy(async_save)")
@@ -284,6 +291,8 @@ def main() -> None:
         arch = LlamaConfig.from_hf(args.init_weights, seq_length=args.seq)
     else:
         arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
+    if args.cross_entropy != "default":
+        arch = dataclasses.replace(arch, cross_entropy_fusion_impl=args.cross_entropy)
     plugin = (
         TEFP8Precision(
             recipe=args.recipe,
@@ -432,6 +441,7 @@ def main() -> None:
         "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
         "weight_refresh": args.weight_refresh,
         "fp8_attention": args.fp8_attention,
+        "cross_entropy": arch.cross_entropy_impl,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

@@ -412,3 +412,46 @@ def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
         OptimizerSettings().check_schedule(-1)
     with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than decay_steps \(50\)"):
         OptimizerSettings().check_schedule(50)
+
+
+def test_cross_entropy_is_tes_with_the_te_spec_and_megatrons_with_the_local_one() -> None:
+    # TE's kernel rebuilds the logits' gradient in FP32 from two passes over the bf16 logits; the local spec runs
+    # without TE, so it keeps Megatron's torch.compile'd one.
+    assert get_preset("llama_tiny").cross_entropy_impl == "te"
+    assert get_preset("llama_tiny", apply_rope_fusion=False).transformer_config().cross_entropy_fusion_impl == "te"
+    assert cpu_arch("llama_tiny").cross_entropy_impl == "native"
+    assert cpu_arch("llama_tiny").transformer_config().cross_entropy_fusion_impl == "native"
+    explicit = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion_impl="native")
+    assert explicit.transformer_config().cross_entropy_fusion_impl == "native"
+
+
+def test_tes_cross_entropy_is_refused_without_te_or_with_a_te_that_has_the_bf16_gradient_bug(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+
+    with pytest.raises(ValueError, match="cross_entropy_fusion_impl='te' needs Transformer Engine, which"):
+        cpu_arch("llama_tiny", cross_entropy_fusion_impl="te")
+    with pytest.raises(ValueError, match="must be 'te', 'native' or None, got 'triton'"):
+        get_preset("llama_tiny", cross_entropy_fusion_impl="triton")
+
+    real_version = importlib.metadata.version
+
+    def installed(te_version: str) -> None:
+        monkeypatch.setattr(
+            importlib.metadata,
+            "version",
+            lambda name: te_version if name == "transformer_engine" else real_version(name),
+        )
+
+    installed("2.17.1")
+    with pytest.raises(ValueError, match=r"needs Transformer Engine >= 2\.18 .*this machine has 2\.17\.1"):
+        get_preset("llama_tiny", apply_rope_fusion=False).transformer_config()
+    # Not asked for: Megatron's own cross entropy, or no fusion at all, need no particular TE.
+    native = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion_impl="native")
+    assert native.transformer_config().cross_entropy_fusion_impl == "native"
+    unfused = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion=False).transformer_config()
+    assert unfused.cross_entropy_loss_fusion is False
+    for fixed in ("2.18.0", "2.20.2", "2.21.0.dev0+abc"):
+        installed(fixed)
+        assert get_preset("llama_tiny", apply_rope_fusion=False).transformer_config().cross_entropy_fusion_impl == "te"

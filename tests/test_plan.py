@@ -139,7 +139,7 @@ def test_activation_estimate_by_hand_bf16_one_gpu() -> None:
         + 2 * 2 * FFN  # fc1 output
         + 2 * FFN  # fc2 input
     )  # fmt: skip
-    head = n * (2 * H + 4 + 2 * H) + n * VOCAB * (2 + 4)
+    head = n * (2 * H + 4 + 2 * H) + n * VOCAB * (2 + 2)  # bf16 logits and the copy TE's cross entropy keeps
     assert plan.activations.layer_bytes == n * per_token_layer
     assert plan.memory.activations == 4 * n * per_token_layer + head
     assert plan.num_microbatches == 8 and plan.data_parallel_size == 1
@@ -256,7 +256,7 @@ def test_full_8b_on_one_h200_needs_optimizer_offload() -> None:
     assert m.host == 16 * on_host  # fp32 main weight, two moments, fp32 gradient per offloaded parameter
     assert m.optimizer == 16 * (TOTAL_8B - on_host) and m.optimizer_step == 0
     assert m.total == m.weights + m.gradients + m.optimizer + m.activations
-    assert 90 * GIB < m.total < 92 * GIB
+    assert 88 * GIB < m.total < 90 * GIB  # 89.3 GiB (91.2 with Megatron's cross entropy, as measured 2026-12-03)
     everything = one_gpu_8b(recompute=RecomputeSettings("full"), optimizer_offload=OptimizerOffloadSettings(1.0))
     assert everything.memory.optimizer == 0 and everything.memory.host == 16 * TOTAL_8B
     text = format_plan(half, gpu_memory_gib=140)
@@ -286,9 +286,9 @@ def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[
     shipped = capsys.readouterr().out
     assert "full (uniform, 1 layer per chunk)" in shipped and "Host memory per GPU" in shipped
     assert "Fits 140 GiB per GPU" in shipped and "yes, " in shipped
-    # The shipped one-GPU 8B plan is 91.24 GiB; measured runs needed up to 13% more (11.86 GiB here).
+    # The shipped one-GPU 8B plan is 89.28 GiB; measured runs needed up to 13% more (11.61 GiB here).
     assert main([*args[:-1], "100"]) == 0
-    assert "tight: 8.76 GiB left, less than the up to 13% above the plan (11.86 GiB)" in capsys.readouterr().out
+    assert "tight: 10.72 GiB left, less than the up to 13% above the plan (11.61 GiB)" in capsys.readouterr().out
     assert main([*args, "--optimizer-offload-fraction", "0"]) == 0
     no_offload = capsys.readouterr().out
     assert re.search(r"Optimizer offload +off", no_offload) and "no, " in no_offload

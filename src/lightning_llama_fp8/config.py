@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 TransformerImpl = Literal["transformer_engine", "local"]
 AttentionBackend = Literal["auto", "flash", "fused", "unfused", "local"]
+CrossEntropyImpl = Literal["te", "native"]
+
+#: Transformer Engine's fused cross entropy computes the logits' gradient in FP32 from TE 2.18 on (TE #3193); before,
+#: it kept the gradient in the BF16 logits buffer, which Megatron-LM saw diverge and now rejects by default.
+TE_CROSS_ENTROPY_MIN_VERSION = "2.18"
 
 
 @dataclass
@@ -57,6 +62,13 @@ class LlamaConfig:
     # "flash" is flash-attention, "auto" lets TE choose.
     attention_backend: AttentionBackend = "auto"
     cross_entropy_fusion: bool = True
+    # Which fused cross entropy (with cross_entropy_fusion): "te" is Transformer Engine's Triton kernel, which keeps
+    # the bf16 logits and per-token softmax statistics and rebuilds the gradient in FP32 in backward: two passes
+    # over the logits where Megatron's "native" one (torch.compile'd) makes about six and keeps an FP32 softmax.
+    # None: "te" with the TE layer spec, "native" with
+    # the local one (which runs without TE). Megatron-LM's own validation still rejects "te" for the bug TE 2.18
+    # fixed; this package needs TE >= 2.18 for it.
+    cross_entropy_fusion_impl: CrossEntropyImpl | None = None
     # Kernel fusions Megatron-LM enables by default; they change speed, not the function computed.
     apply_rope_fusion: bool = True
     bias_activation_fusion: bool = True
@@ -85,11 +97,28 @@ class LlamaConfig:
         backends = ("auto", "flash", "fused", "unfused", "local")
         if self.attention_backend not in backends:
             raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {', '.join(backends)}.")
+        if self.cross_entropy_fusion_impl not in (None, "te", "native"):
+            raise ValueError(
+                f"cross_entropy_fusion_impl must be 'te', 'native' or None, got {self.cross_entropy_fusion_impl!r}."
+            )
+        if self.cross_entropy_fusion_impl == "te" and self.transformer_impl == "local":
+            raise ValueError(
+                "cross_entropy_fusion_impl='te' needs Transformer Engine, which transformer_impl='local' runs "
+                "without; use 'native' (or None: native with the local spec)."
+            )
         if self.zero_centered_gamma and self.transformer_impl == "local":
             raise ValueError(
                 "zero_centered_gamma needs transformer_impl='transformer_engine' (Megatron-Core's local spec builds "
                 "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
             )
+
+    @property
+    def cross_entropy_impl(self) -> CrossEntropyImpl:
+        """The fused cross entropy the model runs: ``cross_entropy_fusion_impl``, or by default "te" with the TE layer
+        spec and "native" with the local one."""
+        if self.cross_entropy_fusion_impl is not None:
+            return self.cross_entropy_fusion_impl
+        return "te" if self.transformer_impl == "transformer_engine" else "native"
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
@@ -168,6 +197,7 @@ class LlamaConfig:
             masked_softmax_fusion=self.masked_softmax_fusion,
             bias_dropout_fusion=self.bias_dropout_fusion,
             cross_entropy_loss_fusion=self.cross_entropy_fusion,
+            cross_entropy_fusion_impl=self._checked_cross_entropy_impl(),
             attention_backend=AttnBackend[self.attention_backend],
             # The loss is summed over tokens and divided once by the global token count (Megatron-LM's
             # --calculate-per-token-loss), so every layout computes the same per-token mean.
@@ -177,6 +207,27 @@ class LlamaConfig:
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+    def _checked_cross_entropy_impl(self) -> CrossEntropyImpl:
+        """``cross_entropy_impl``, refused where the installed Transformer Engine still has the BF16-gradient bug
+        (where TE is not installed at all, the TE layer spec says so when the model is built)."""
+        impl = self.cross_entropy_impl
+        if impl == "te" and self.cross_entropy_fusion:
+            from importlib.metadata import PackageNotFoundError, version
+
+            from packaging.version import Version
+
+            try:
+                installed = version("transformer_engine")
+            except PackageNotFoundError:
+                return impl
+            if Version(installed).release < Version(TE_CROSS_ENTROPY_MIN_VERSION).release:
+                raise ValueError(
+                    f"cross_entropy_fusion_impl='te' needs Transformer Engine >= {TE_CROSS_ENTROPY_MIN_VERSION} (older "
+                    f"versions keep the loss gradient in BF16); this machine has {installed}. Upgrade Transformer "
+                    "Engine, or set LlamaConfig(cross_entropy_fusion_impl='native')."
+                )
+        return impl
 
     def layer_spec(self) -> ModuleSpec:
         """The Megatron layer spec: Transformer Engine modules, or Megatron-Core's local ones."""

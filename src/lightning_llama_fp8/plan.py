@@ -242,14 +242,21 @@ def _head_activation_terms(arch: LlamaConfig, layout: ParallelLayout, tokens: in
     sp = tp if layout.sequence_parallel else 1
     n, h = tokens, arch.hidden_size
     vocab_shard = arch.padded_vocab_size(tp) // tp
+    if arch.cross_entropy_impl == "te":
+        # TE's kernel copies the bf16 logits and keeps the copy (plus two fp32 statistics per token) for backward,
+        # where it overwrites the copy with the logits' gradient.
+        loss_term = ("cross-entropy saved logits / grad, vocab shard (bf16)", BF16_BYTES * n * vocab_shard)
+    else:
+        # Megatron's kernel turns an fp32 copy into the softmax in place and keeps it for backward (where it becomes
+        # the logits' gradient).
+        loss_term = ("cross-entropy softmax / grad, vocab shard (fp32)", FP32_BYTES * n * vocab_shard)
     return (
         ("final_norm input (bf16)", BF16_BYTES * n * h // sp),
         ("final_norm rstd (fp32)", FP32_BYTES * n // sp),
         ("output layer input (bf16)", BF16_BYTES * n * h // sp),
-        # Peak at the loss: the bf16 logits of this rank's vocab shard and the fp32 buffer cross entropy
-        # turns into the softmax in place and keeps for backward (where it becomes the logits' gradient).
+        # Peak at the loss: the bf16 logits of this rank's vocab shard and the buffer cross entropy keeps.
         ("logits, vocab shard (bf16)", BF16_BYTES * n * vocab_shard),
-        ("cross-entropy softmax / grad, vocab shard (fp32)", FP32_BYTES * n * vocab_shard),
+        loss_term,
     )
 
 
