@@ -23,7 +23,7 @@
 #   checkpoints     (2) distributed checkpoints: resume on 1 GPU; CP2 -> TP2, DP2 -> DP2/DP1 on 2 GPUs  (~7.5 min)
 #   speed-1         (1) issue 15: ours vs Megatron-LM, FP8 and BF16, SPEED_LAYERS (4) layers of Llama 3 8B, GBS 8
 #                       -> OUT/speed_summary.json (rows: layers, precision, s/step both sides, SPEED_SETTINGS)
-#                       (3.9 min measured at 4 layers; 16 layers ~8 min est.)
+#                       (3.9 min measured at 4 layers; 16 layers with SPEED_STEPS=12 SPEED_WARMUP=5: 5.6 min measured)
 #   weight-refresh  (1) issue 15: FP8 weights refreshed from the main weights without TE's discarded transposes
 #                       (fp8_weights.py): bitwise against Megatron's path, per-cast time, then lever-1 with B = TE's
 #                       own path (--weight-refresh te) -> OUT/fp8_weight_refresh_*.json, OUT/lever/ (4.9 min measured)
@@ -293,7 +293,7 @@ PY
   speed-1)
     layers="${SPEED_LAYERS:-4}"
     python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_${layers}l" --precisions fp8 bf16 \
-      --layers "$layers" --gbs 8 --steps 20 --warmup 8
+      --layers "$layers" --gbs 8 --steps "${SPEED_STEPS:-20}" --warmup "${SPEED_WARMUP:-8}"
     python3 - "$out/speed_${layers}l/compare.json" "$out/speed_summary.json" "${SPEED_SETTINGS:-the defaults of this commit}" <<'PY'
 import json, sys
 from pathlib import Path

@@ -473,3 +473,21 @@ def test_megatrons_default_writer_queue_would_run_an_unguarded_script_again(tmp_
     assert result.stdout.count("top level runs in") == 2, result.stdout  # __main__, then __mp_main__
     assert "top level runs in __mp_main__" in result.stdout
     assert result.returncode != 0 and "queue made" not in result.stdout
+
+
+def test_megatrons_stale_te_cross_entropy_warning_is_real_and_filtered_exactly() -> None:
+    # The TE layer spec's default cross entropy is TE's; megatron-core warns about a bug TE 2.18 fixed, on every
+    # TransformerConfig. LlamaConfig refuses older TE versions itself (tests/test_config.py).
+    from lightning_llama_fp8.config import get_preset
+
+    def build_config() -> None:
+        get_preset("llama_tiny", apply_rope_fusion=False).transformer_config()
+        warn_from("megatron.core.transformer.transformer_config", "another config warning", UserWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_config()
+    assert any(
+        "Transformer Engine cross entropy loss fusion has known stability issues" in str(w.message) for w in caught
+    )
+    assert shown_warnings(build_config) == ["another config warning", OWN_WARNING]

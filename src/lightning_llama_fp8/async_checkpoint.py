@@ -33,9 +33,11 @@ pinned blocks from torch's caching host allocator, which rounds each request up 
 blocks of the same size. The first save finds that cache empty and pins every block itself: on an H200, 11.7 s of
 the 11.95 s its scheduling blocked went to pinning 29.1 GB in 112 blocks, while the next save, served from the
 cache, blocked 0.55 s (``benchmarks/results/2026-12-04-h200-checkpoint-stall/``). So after the first optimizer
-step (when the optimizer state exists) the blocks a save will need are pinned once in a background thread and
-freed into the cache, and the first save finds them there. (Torch's ``pinned_use_cuda_host_register`` allocator
-pinned faster but made the copies slower: 14.7 s and 10.1 s blocked in the same run.)
+step (when the optimizer state exists) the blocks a save will need are pinned once and freed into the cache, and
+the first save finds them there: it then blocked 0.70 s (``2026-12-04-h200-checkpoint-reserve/``). The pinning runs
+in a thread, but on that H200 no training step finished while it ran (27.1 GiB in 14.4 s): the cost moved from
+the first save, mid-run, to one announced wait after the first step. (Torch's ``pinned_use_cuda_host_register``
+allocator pinned faster but made the copies slower: 14.7 s and 10.1 s blocked in the same run.)
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ class PinnedHostReserve:
 
     ``allocate(nbytes)`` returns one pinned block (default: a pinned ``uint8`` tensor); every block is held until
     all are allocated (a block freed at once would only be reused by the next request of its size class), then all
-    are dropped together. Torch releases the GIL while it pins; whether the driver's pinning slows the training
-    thread's launches meanwhile is what ``bench_throughput.py``'s ``host_reserve`` record measures. A failure (host
+    are dropped together. The thread lets training go on where the pinning allows it; on an H200 it did not (no step
+    finished while 27.1 GiB were pinned; ``bench_throughput.py`` records this as ``host_reserve``). A failure (host
     memory short of the checkpoint's size, say) is logged: the first save then pins what it needs itself.
     """
 

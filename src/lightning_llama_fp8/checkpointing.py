@@ -152,9 +152,10 @@ class StrategyCheckpointing:
             self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
 
     def reserve_host_copy(self) -> None:
-        """With ``async_save``, once the optimizer state exists (after the first step that updated it): pin, in the
-        background, the host memory a background save copies the checkpoint into, so that the first save does not
-        block training while it pins (``async_checkpoint.py``). Only where a checkpoint callback will save during
+        """With ``async_save``, once the optimizer state exists (after the first step that updated it): pin, in a
+        thread, the host memory a background save copies the checkpoint into, so that the first save does not
+        block training while it pins (training may wait for the pinning itself, once, after the first step:
+        ``async_checkpoint.py``). Only where a checkpoint callback will save during
         ``fit``; once per strategy (the blocks stay in torch's host cache, as they would after the first save). A
         failure to size or pin is logged: the first save then pins for itself."""
         strategy = self.strategy
@@ -196,8 +197,9 @@ class StrategyCheckpointing:
         self.host_reserve = PinnedHostReserve()
         self.host_reserve.start(sizes, device=strategy.root_device)
         rank_zero_info(
-            f"Pinning {need / 2**30:.1f} GiB of host memory ({len(sizes)} blocks) in the background "
-            "for the host copy of background checkpoints (rank 0's share)"
+            f"Pinning {need / 2**30:.1f} GiB of host memory ({len(sizes)} blocks) for the host copy of background "
+            "checkpoints (rank 0's share), once, so that the first save does not stall mid-run; training may wait "
+            "for it (an H200 pinned 27.1 GiB in 14 s)"
         )
 
     @property
