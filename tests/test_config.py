@@ -5,6 +5,8 @@ they produce, vocabulary padding, FLOPs and preset lookup. CPU only; models are 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -425,33 +427,52 @@ def test_cross_entropy_is_tes_with_the_te_spec_and_megatrons_with_the_local_one(
     assert explicit.transformer_config().cross_entropy_fusion_impl == "native"
 
 
-def test_tes_cross_entropy_is_refused_without_te_or_with_a_te_that_has_the_bf16_gradient_bug(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def installed_te(monkeypatch: pytest.MonkeyPatch, te_version: str) -> None:
+    """Make importlib.metadata report this Transformer Engine version (TE is not installed on the CPU machines)."""
     import importlib.metadata
 
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: te_version if name == "transformer_engine" else real_version(name)
+    )
+
+
+def test_tes_cross_entropy_is_refused_where_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="cross_entropy_fusion_impl='te' needs Transformer Engine, which"):
         cpu_arch("llama_tiny", cross_entropy_fusion_impl="te")
     with pytest.raises(ValueError, match="must be 'te', 'native' or None, got 'triton'"):
         get_preset("llama_tiny", cross_entropy_fusion_impl="triton")
+    # A kernel choice without the fusion would be silently ignored: refused.
+    for impl in ("te", "native"):
+        with pytest.raises(ValueError, match=f"cross_entropy_fusion_impl='{impl}' has no effect with cross_entropy"):
+            get_preset("llama_tiny", cross_entropy_fusion=False, cross_entropy_fusion_impl=impl)
+    unfused = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion=False)
+    assert unfused.cross_entropy_impl == "unfused"
+    assert unfused.transformer_config().cross_entropy_loss_fusion is False
 
-    real_version = importlib.metadata.version
 
-    def installed(te_version: str) -> None:
-        monkeypatch.setattr(
-            importlib.metadata,
-            "version",
-            lambda name: te_version if name == "transformer_engine" else real_version(name),
-        )
-
-    installed("2.17.1")
-    with pytest.raises(ValueError, match=r"needs Transformer Engine >= 2\.18 .*this machine has 2\.17\.1"):
-        get_preset("llama_tiny", apply_rope_fusion=False).transformer_config()
-    # Not asked for: Megatron's own cross entropy, or no fusion at all, need no particular TE.
+@pytest.mark.parametrize("old", ["2.17.1", "2.19.1", "2.20.2.dev0", "not-a-version"])
+def test_an_older_te_falls_back_to_megatrons_cross_entropy_by_default_and_refuses_it_when_asked(
+    old: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    installed_te(monkeypatch, old)
+    default = get_preset("llama_tiny", apply_rope_fusion=False)
+    assert default.cross_entropy_impl == "native"
+    with caplog.at_level(logging.INFO, logger="lightning_llama_fp8.config"):
+        assert default.transformer_config().cross_entropy_fusion_impl == "native"
+    assert f"is not used with the installed TE {old}" in caplog.text
+    needs = rf"needs Transformer Engine >= 2\.20\.2 .*this machine has {re.escape(old)}"
+    with pytest.raises(ValueError, match=needs):
+        get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion_impl="te").transformer_config()
+    with pytest.raises(ValueError, match=needs):  # the same through the overrides the strategy passes
+        default.transformer_config(cross_entropy_fusion_impl="te")
     native = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion_impl="native")
     assert native.transformer_config().cross_entropy_fusion_impl == "native"
-    unfused = get_preset("llama_tiny", apply_rope_fusion=False, cross_entropy_fusion=False).transformer_config()
-    assert unfused.cross_entropy_loss_fusion is False
-    for fixed in ("2.18.0", "2.20.2", "2.21.0.dev0+abc"):
-        installed(fixed)
-        assert get_preset("llama_tiny", apply_rope_fusion=False).transformer_config().cross_entropy_fusion_impl == "te"
+
+
+@pytest.mark.parametrize("new", ["2.20.2", "2.21.0", "2.21.0.dev0+abc123"])
+def test_a_te_with_the_kernel_runs_tes_cross_entropy(new: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed_te(monkeypatch, new)
+    arch = get_preset("llama_tiny", apply_rope_fusion=False)
+    assert arch.cross_entropy_impl == "te"
+    assert arch.transformer_config().cross_entropy_fusion_impl == "te"

@@ -476,8 +476,8 @@ def test_megatrons_default_writer_queue_would_run_an_unguarded_script_again(tmp_
 
 
 def test_megatrons_stale_te_cross_entropy_warning_is_real_and_filtered_exactly() -> None:
-    # The TE layer spec's default cross entropy is TE's; megatron-core warns about a bug TE 2.18 fixed, on every
-    # TransformerConfig. LlamaConfig refuses older TE versions itself (tests/test_config.py).
+    # The TE layer spec's default cross entropy is TE's; megatron-core warns about a bug later TE versions fixed, on
+    # every TransformerConfig. LlamaConfig refuses older TE versions itself (tests/test_config.py).
     from lightning_llama_fp8.config import get_preset
 
     def build_config() -> None:

@@ -55,8 +55,9 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
         r"megatron\.core\.",
         # megatron-core 0.19.2 warns on every TransformerConfig with cross_entropy_fusion_impl="te", this package's
         # default with the TE layer spec. The issue it names (TE kept the logits' gradient in BF16) was fixed in
-        # TE 2.18 (TE #3193, FP32 gradients rebuilt in backward); LlamaConfig refuses "te" with an older TE, naming
-        # the version, so the warning can only be stale where it would print.
+        # TE 2.18 (TE #3193, FP32 gradients); LlamaConfig.transformer_config refuses "te" with a TE older than
+        # config.TE_CROSS_ENTROPY_MIN_VERSION (2.20.2, which also has #3273's bf16 logits + FP32 statistics), naming
+        # the version, so the warning can only be stale where this package's configs print it.
         "LlamaConfig refuses the Transformer Engine versions it is about",
     ),
     (

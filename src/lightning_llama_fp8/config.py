@@ -8,6 +8,7 @@ strategy and the precision plugin own those and hand their settings to :meth:`Ll
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -23,9 +24,31 @@ TransformerImpl = Literal["transformer_engine", "local"]
 AttentionBackend = Literal["auto", "flash", "fused", "unfused", "local"]
 CrossEntropyImpl = Literal["te", "native"]
 
-#: Transformer Engine's fused cross entropy computes the logits' gradient in FP32 from TE 2.18 on (TE #3193); before,
-#: it kept the gradient in the BF16 logits buffer, which Megatron-LM saw diverge and now rejects by default.
-TE_CROSS_ENTROPY_MIN_VERSION = "2.18"
+#: The first Transformer Engine whose fused cross entropy is the one measured here (a bf16 copy of the logits and two
+#: FP32 statistics per token kept for backward, the gradient rebuilt there in FP32: TE #3273, on top of #3193's FP32
+#: gradients). 2.20.2 has it; the 2.19 branch does not. Before #3193, TE kept the gradient in the BF16 logits buffer,
+#: which Megatron-LM saw diverge and still rejects by default; between the two, TE kept an FP32 gradient buffer.
+TE_CROSS_ENTROPY_MIN_VERSION = "2.20.2"
+
+log = logging.getLogger(__name__)
+
+
+def te_cross_entropy_support() -> tuple[bool, str | None]:
+    """Whether the installed Transformer Engine has the fused cross entropy this package defaults to, and its version
+    (``None`` where TE is not installed: then this package assumes the pinned stack's, for plans made on a machine
+    without it, and the TE layer spec says TE is missing when a model is built)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        installed = version("transformer_engine")
+    except PackageNotFoundError:
+        return True, None
+    try:
+        return Version(installed) >= Version(TE_CROSS_ENTROPY_MIN_VERSION), installed
+    except InvalidVersion:
+        return False, installed
 
 
 @dataclass
@@ -68,9 +91,10 @@ class LlamaConfig:
     # keeps an FP32 softmax.
     # Measured on an H200 at 8192 tokens x vocab 128256: 2.5 vs 12.6 ms per micro batch, half the memory kept for
     # backward, the same error against FP64; training 1.084x faster with losses within run-to-run noise
-    # (benchmarks/results/2026-12-04-h200-cross-entropy/). None: "te" with the TE layer spec, "native" with
-    # the local one (which runs without TE). Megatron-LM's own validation still rejects "te" for the bug TE 2.18
-    # fixed; this package needs TE >= 2.18 for it.
+    # (benchmarks/results/2026-12-04-h200-cross-entropy/). None: "te" with the TE layer spec where the installed TE
+    # is >= TE_CROSS_ENTROPY_MIN_VERSION (else "native", logged), "native" with the local spec (which runs without
+    # TE). Megatron-LM's own validation still rejects "te" for a bug that later TE versions fixed; an explicit "te"
+    # with an older TE is refused. Only with cross_entropy_fusion (without it Megatron runs its unfused one).
     cross_entropy_fusion_impl: CrossEntropyImpl | None = None
     # Kernel fusions Megatron-LM enables by default; they change speed, not the function computed.
     apply_rope_fusion: bool = True
@@ -104,6 +128,11 @@ class LlamaConfig:
             raise ValueError(
                 f"cross_entropy_fusion_impl must be 'te', 'native' or None, got {self.cross_entropy_fusion_impl!r}."
             )
+        if self.cross_entropy_fusion_impl is not None and not self.cross_entropy_fusion:
+            raise ValueError(
+                f"cross_entropy_fusion_impl={self.cross_entropy_fusion_impl!r} has no effect with "
+                "cross_entropy_fusion=False (Megatron then runs its unfused cross entropy); drop one of the two."
+            )
         if self.cross_entropy_fusion_impl == "te" and self.transformer_impl == "local":
             raise ValueError(
                 "cross_entropy_fusion_impl='te' needs Transformer Engine, which transformer_impl='local' runs "
@@ -116,12 +145,17 @@ class LlamaConfig:
             )
 
     @property
-    def cross_entropy_impl(self) -> CrossEntropyImpl:
-        """The fused cross entropy the model runs: ``cross_entropy_fusion_impl``, or by default "te" with the TE layer
-        spec and "native" with the local one."""
+    def cross_entropy_impl(self) -> Literal["te", "native", "unfused"]:
+        """The cross entropy the model runs: "unfused" without ``cross_entropy_fusion``; else
+        ``cross_entropy_fusion_impl``, or by default "te" with the TE layer spec where the installed Transformer Engine
+        has the kernel (``te_cross_entropy_support``) and "native" otherwise."""
+        if not self.cross_entropy_fusion:
+            return "unfused"
         if self.cross_entropy_fusion_impl is not None:
             return self.cross_entropy_fusion_impl
-        return "te" if self.transformer_impl == "transformer_engine" else "native"
+        if self.transformer_impl != "transformer_engine":
+            return "native"
+        return "te" if te_cross_entropy_support()[0] else "native"
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
@@ -200,7 +234,7 @@ class LlamaConfig:
             masked_softmax_fusion=self.masked_softmax_fusion,
             bias_dropout_fusion=self.bias_dropout_fusion,
             cross_entropy_loss_fusion=self.cross_entropy_fusion,
-            cross_entropy_fusion_impl=self._checked_cross_entropy_impl(),
+            cross_entropy_fusion_impl="native" if self.cross_entropy_impl == "unfused" else self.cross_entropy_impl,
             attention_backend=AttnBackend[self.attention_backend],
             # The loss is summed over tokens and divided once by the global token count (Megatron-LM's
             # --calculate-per-token-loss), so every layout computes the same per-token mean.
@@ -209,28 +243,29 @@ class LlamaConfig:
             params_dtype=torch.bfloat16,
         )
         kwargs.update(overrides)
+        self._check_cross_entropy(kwargs)
         return TransformerConfig(**kwargs)
 
-    def _checked_cross_entropy_impl(self) -> CrossEntropyImpl:
-        """``cross_entropy_impl``, refused where the installed Transformer Engine still has the BF16-gradient bug
-        (where TE is not installed at all, the TE layer spec says so when the model is built)."""
-        impl = self.cross_entropy_impl
-        if impl == "te" and self.cross_entropy_fusion:
-            from importlib.metadata import PackageNotFoundError, version
-
-            from packaging.version import Version
-
-            try:
-                installed = version("transformer_engine")
-            except PackageNotFoundError:
-                return impl
-            if Version(installed).release < Version(TE_CROSS_ENTROPY_MIN_VERSION).release:
-                raise ValueError(
-                    f"cross_entropy_fusion_impl='te' needs Transformer Engine >= {TE_CROSS_ENTROPY_MIN_VERSION} (older "
-                    f"versions keep the loss gradient in BF16); this machine has {installed}. Upgrade Transformer "
-                    "Engine, or set LlamaConfig(cross_entropy_fusion_impl='native')."
-                )
-        return impl
+    def _check_cross_entropy(self, kwargs: dict[str, Any]) -> None:
+        """Refuse TE's cross entropy, asked for here or in the overrides, where the installed Transformer Engine lacks
+        the kernel measured here; log where the default falls back to Megatron's for that reason."""
+        supported, installed = te_cross_entropy_support()
+        if supported or not kwargs.get("cross_entropy_loss_fusion"):
+            return
+        if kwargs.get("cross_entropy_fusion_impl") == "te":
+            raise ValueError(
+                f"cross_entropy_fusion_impl='te' needs Transformer Engine >= {TE_CROSS_ENTROPY_MIN_VERSION} (the fused "
+                "cross entropy that keeps bf16 logits and rebuilds an FP32 gradient; older versions keep the gradient "
+                f"in BF16 or a full FP32 buffer); this machine has {installed}. Upgrade Transformer Engine, or set "
+                "LlamaConfig(cross_entropy_fusion_impl='native')."
+            )
+        if self.cross_entropy_fusion_impl is None and self.transformer_impl == "transformer_engine":
+            log.info(
+                "Cross entropy: Megatron's (native) fused kernel; Transformer Engine's, the default with TE >= %s, "
+                "is not used with the installed TE %s.",
+                TE_CROSS_ENTROPY_MIN_VERSION,
+                installed,
+            )
 
     def layer_spec(self) -> ModuleSpec:
         """The Megatron layer spec: Transformer Engine modules, or Megatron-Core's local ones."""

@@ -243,12 +243,12 @@ def _head_activation_terms(arch: LlamaConfig, layout: ParallelLayout, tokens: in
     n, h = tokens, arch.hidden_size
     vocab_shard = arch.padded_vocab_size(tp) // tp
     if arch.cross_entropy_impl == "te":
-        # TE's kernel copies the bf16 logits and keeps the copy (plus two fp32 statistics per token) for backward,
-        # where it overwrites the copy with the logits' gradient.
+        # TE's kernel (TE >= config.TE_CROSS_ENTROPY_MIN_VERSION) copies the bf16 logits and keeps the copy (plus two
+        # fp32 statistics per token) for backward, where it overwrites the copy with the logits' gradient.
         loss_term = ("cross-entropy saved logits / grad, vocab shard (bf16)", BF16_BYTES * n * vocab_shard)
     else:
-        # Megatron's kernel turns an fp32 copy into the softmax in place and keeps it for backward (where it becomes
-        # the logits' gradient).
+        # Megatron's kernels (fused or not) turn an fp32 copy into the softmax in place and keep it for backward
+        # (where it becomes the logits' gradient).
         loss_term = ("cross-entropy softmax / grad, vocab shard (fp32)", FP32_BYTES * n * vocab_shard)
     return (
         ("final_norm input (bf16)", BF16_BYTES * n * h // sp),

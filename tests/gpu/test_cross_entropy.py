@@ -125,5 +125,9 @@ def test_tes_cross_entropy_matches_megatrons_and_is_faster(process_group: Any, r
     # Gradients: bf16 rounding of the same FP32 values (relative error ~2^-8 at most, per element).
     assert te_err["grad_max_abs_rel_to_max"] < 2**-7
     assert te_err["grad_mean_abs_rel_to_mean"] <= 1.25 * native_err["grad_mean_abs_rel_to_mean"] + 1e-6
-    assert te["held_for_backward_gib"] < native["held_for_backward_gib"]
+    # What llama-fp8 plan counts: TE keeps a bf16 copy of the logits (plus 8 bytes of statistics per token), Megatron
+    # an FP32 softmax (measured 2026-12-04: 1.9571 and 3.9142 GiB).
+    logits_gib = TOKENS * VOCAB / 2**30
+    assert te["held_for_backward_gib"] == pytest.approx(2 * logits_gib, rel=0.01)
+    assert native["held_for_backward_gib"] == pytest.approx(4 * logits_gib, rel=0.01)
     assert te["ms_fwd_bwd"] < native["ms_fwd_bwd"]
