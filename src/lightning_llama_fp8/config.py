@@ -212,6 +212,7 @@ class LlamaConfig:
         from megatron.core.transformer import TransformerConfig
         from megatron.core.transformer.enums import AttnBackend
 
+        cross_entropy = self.cross_entropy_impl
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -234,7 +235,8 @@ class LlamaConfig:
             masked_softmax_fusion=self.masked_softmax_fusion,
             bias_dropout_fusion=self.bias_dropout_fusion,
             cross_entropy_loss_fusion=self.cross_entropy_fusion,
-            cross_entropy_fusion_impl="native" if self.cross_entropy_impl == "unfused" else self.cross_entropy_impl,
+            # Megatron reads the kernel choice only with the fusion on; "native" is its own default.
+            cross_entropy_fusion_impl="native" if cross_entropy == "unfused" else cross_entropy,
             attention_backend=AttnBackend[self.attention_backend],
             # The loss is summed over tokens and divided once by the global token count (Megatron-LM's
             # --calculate-per-token-loss), so every layout computes the same per-token mean.
