@@ -52,9 +52,9 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
-from lightning_llama_fp8.layout import ParallelLayout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.plan import plan_training
+from lightning_llama_fp8.parallel.layout import ParallelLayout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.plan.estimate import plan_training
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:

@@ -87,7 +87,7 @@ def phase_import(hf_dir: Path, ckpt: Path, layers: int, result: Path) -> None:
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import parallel_state
 
-    from lightning_llama_fp8 import checkpoint as ckpt_module
+    from lightning_llama_fp8.checkpoint import info as ckpt_module
     from lightning_llama_fp8.hf import load_hf_weights
 
     parallel_state.initialize_model_parallel(1)

@@ -119,7 +119,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}"}
     ours_prefix, lm_prefix = work / "ours", work / "megatron_lm"
     ours = [
-        sys.executable, "-m", "lightning_llama_fp8.cli", "preprocess", "--input", str(args.input),
+        sys.executable, "-m", "lightning_llama_fp8.cli.fit", "preprocess", "--input", str(args.input),
         "--output-prefix", str(ours_prefix), "--workers", str(args.workers), "--overwrite", "--no-progress",
     ]  # fmt: skip
     lm_env = {**os.environ, "PYTHONPATH": str(args.megatron_lm)}

@@ -42,7 +42,7 @@ def ours_command(gpus: int, cp: int, steps: int, out_dir: Path) -> list[str]:
     return [
         *torchrun(gpus),
         "-m",
-        "lightning_llama_fp8.cli",
+        "lightning_llama_fp8.cli.fit",
         "fit",
         "--config",
         str(CONFIG),

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8.checkpoint import read_checkpoint_info, resolve_last_checkpoint
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.info import read_checkpoint_info, resolve_last_checkpoint
 from tests.distributed import run_distributed
 
 SEQ, VOCAB, GBS = 16, 1000, 4
@@ -312,7 +312,7 @@ def _resume(rank: int, world_size: int, root: str, ckpt_path: str) -> dict[str, 
 
 def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_to_resume_from(tmp_path: Path) -> None:
     """SIGKILL on every rank at the start of step 5: step 4's shards are written or being written, not published."""
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     with pytest.raises(Exception, match=r"signal|SIGKILL|exited"):
         run_distributed(_killed_during_the_write, 2, tmp_path / "workers", str(tmp_path))
@@ -374,7 +374,7 @@ def test_pinned_host_reserve_holds_every_block_until_all_are_pinned() -> None:
     dropped together (into torch's host cache)."""
     import weakref
 
-    from lightning_llama_fp8.async_checkpoint import PinnedHostReserve
+    from lightning_llama_fp8.checkpoint.background import PinnedHostReserve
 
     alive: list[weakref.ref] = []
     seen_alive: list[int] = []
@@ -397,7 +397,7 @@ def test_pinned_host_reserve_holds_every_block_until_all_are_pinned() -> None:
 
 
 def test_pinned_host_reserve_failure_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    from lightning_llama_fp8.async_checkpoint import PinnedHostReserve
+    from lightning_llama_fp8.checkpoint.background import PinnedHostReserve
 
     def allocate(nbytes: int) -> None:
         raise RuntimeError("CUDA error: out of memory (host)")
@@ -413,7 +413,7 @@ def test_pinned_host_reserve_failure_is_logged_not_raised(caplog: pytest.LogCapt
 
 
 def test_pinned_bytes_rounds_each_block_up_to_a_power_of_two() -> None:
-    from lightning_llama_fp8.async_checkpoint import pinned_bytes
+    from lightning_llama_fp8.checkpoint.background import pinned_bytes
 
     # As torch's caching host allocator does (PowerOf2Ceil): 25.1 GiB of tensors pinned 29.1 GB on an H200.
     assert pinned_bytes([3, 4096, 5000, 0]) == 4 + 4096 + 8192
@@ -444,8 +444,8 @@ def _reserve_setup(
     available: int | None = 2**40,
     ranks: int = 1,
 ) -> tuple[Any, Any, list[str], list[Any]]:
-    from lightning_llama_fp8 import async_checkpoint
-    from lightning_llama_fp8.checkpointing import StrategyCheckpointing
+    from lightning_llama_fp8.checkpoint import background as async_checkpoint
+    from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
 
     started: list[Any] = []
     monkeypatch.setattr(
@@ -547,7 +547,7 @@ def test_reserve_host_copy_pins_nothing_ahead_that_the_machine_cannot_hold(
 def test_available_host_memory_reads_memavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
-    from lightning_llama_fp8.async_checkpoint import available_host_memory
+    from lightning_llama_fp8.checkpoint.background import available_host_memory
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=20480000 * 1024))
     assert available_host_memory() == 20480000 * 1024

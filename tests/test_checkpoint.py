@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, check_can_resume, read_checkpoint_info
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, check_can_resume, read_checkpoint_info
 from lightning_llama_fp8.config import get_preset
-from lightning_llama_fp8.layout import ParallelLayout
+from lightning_llama_fp8.parallel.layout import ParallelLayout
 from tests.distributed import run_distributed
 
 ARCH_OVERRIDES = {"transformer_impl": "local", "apply_rope_fusion": False}
@@ -509,7 +509,7 @@ def _config(ckpt_path: Path, arch: str = "llama_tiny", tp: int = 1) -> dict[str,
 def test_cli_refuses_a_bad_ckpt_path_before_building_anything(
     case: str, expected: str, tp2_checkpoint: tuple[Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     path = tmp_path / "nope.ckpt" if case == "missing" else tp2_checkpoint[0]
     config = _config(path, arch="llama3_8b" if case == "other_arch" else "llama_tiny")
@@ -522,7 +522,7 @@ def test_cli_refuses_a_bad_ckpt_path_before_building_anything(
 def test_cli_lets_validate_load_weights_only_checkpoints(
     tp2_checkpoint: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     cli.check_checkpoint_from_config(_config(tp2_checkpoint[0]), ParallelLayout(), fitting=False)  # no exit
     cli.check_checkpoint_from_config({**_config(tp2_checkpoint[0]), "ckpt_path": "last"}, ParallelLayout(), True)
@@ -673,7 +673,7 @@ def test_changed_learning_rates_give_a_clear_error(monkeypatch: pytest.MonkeyPat
 def test_cli_refuses_a_file_ckpt_path_without_loading_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """LightningCLI would torch.load a file ckpt_path (weights_only=True) right after parsing; a file holding
     anything but plain tensors then fails with an unpickling error. The CLI says what is wrong instead."""
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     file = tmp_path / "lightning.pt"
     torch.save({"hyper_parameters": {"arch": get_preset("llama_tiny")}}, file)  # what weights_only refuses

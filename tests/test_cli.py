@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-import lightning_llama_fp8.cli as cli
-from lightning_llama_fp8.cli import EXIT_CANNOT_TRAIN, LlamaCLI, main, plan_from_config
+import lightning_llama_fp8.cli.fit as cli
+from lightning_llama_fp8.cli.fit import EXIT_CANNOT_TRAIN, LlamaCLI, main, plan_from_config
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.data.preprocess import preprocess
-from lightning_llama_fp8.plan import GIB
+from lightning_llama_fp8.plan.estimate import GIB
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -322,7 +322,7 @@ def test_plan_from_config_reads_devices_and_nodes() -> None:
 # ---------------------------------------------------------------------------------------------- packaging
 def test_console_script_entry_point() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["llama-fp8"] == "lightning_llama_fp8.cli:main"
+    assert scripts["llama-fp8"] == "lightning_llama_fp8.cli.fit:main"
     module_name, attr = scripts["llama-fp8"].split(":")
     entry = getattr(importlib.import_module(module_name), attr)
     assert callable(entry)

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_llama_fp8._warnings import MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
+from lightning_llama_fp8._compat.warnings import MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
 from lightning_llama_fp8.callbacks import StepProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ CLI_ARGS = ["--trainer.accelerator=cpu", "--trainer.max_steps=5", "--data=lightn
     ],
 )
 def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) -> None:
-    from lightning_llama_fp8.cli import LlamaCLI
+    from lightning_llama_fp8.cli.fit import LlamaCLI
     from lightning_llama_fp8.data import GPTDataModule
     from lightning_llama_fp8.model import LlamaLightningModule
 
@@ -123,7 +123,7 @@ def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) ->
 # ---------------------------------------------------------------------------------------------- warnings
 def llama_fp8(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("llama-fp8")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli.fit"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
     return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -159,7 +159,7 @@ def test_the_checkpoint_warning_for_manual_optimization_is_real_and_filtered_exa
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if filtered:
-                from lightning_llama_fp8._warnings import filter_manual_optimization_checkpoint_warning
+                from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
 
                 filter_manual_optimization_checkpoint_warning()
             trainer.fit(Regression(manual=True))
@@ -196,7 +196,7 @@ def shown_warnings(emit: Any) -> list[str]:
     ``import lightning_llama_fp8`` installs them in front of the default ones. This package's own warning is raised
     after ``emit()`` and has to show.
     """
-    from lightning_llama_fp8._warnings import filter_dependency_warnings
+    from lightning_llama_fp8._compat.warnings import filter_dependency_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -302,7 +302,7 @@ def logged(logger_name: str, emit: Any, filtered: bool = True) -> list[str]:
     or (``filtered=False``) with this package's filters taken off that logger for the call."""
     import logging
 
-    from lightning_llama_fp8._warnings import _DropMessage, filter_dependency_warnings
+    from lightning_llama_fp8._compat.warnings import _DropMessage, filter_dependency_warnings
 
     filter_dependency_warnings()
     records: list[str] = []

@@ -86,7 +86,7 @@ def test_gradient_accumulation_fusion_default_is_on_only_where_it_applies() -> N
 
 def test_gradient_accumulation_fusion_switches_the_te_modules_only() -> None:
     """What the strategy does once the model is wrapped: TE's modules add into main_grad, Megatron's own do not."""
-    from lightning_llama_fp8.megatron_ddp import fuse_te_weight_gradient_accumulation
+    from lightning_llama_fp8.parallel.ddp import fuse_te_weight_gradient_accumulation
 
     te_linear = type("Linear", (torch.nn.Linear,), {"__module__": "transformer_engine.pytorch.module.linear"})
     megatron_linear = type("ColumnParallelLinear", (torch.nn.Linear,), {"__module__": "megatron.core.tensor_parallel"})

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_llama_fp8.fp8_state import (
+from lightning_llama_fp8.fp8.state import (
     any_nonfinite,
     fp8_modules,
     fp8_scaling_summary,
@@ -282,7 +282,7 @@ def test_load_names_missing_unexpected_modules_and_keys() -> None:
 
 def test_nonfinite_fp8_state_by_direction() -> None:
     """Forward state locates where a NaN first appeared; backward state goes bad in every layer it crosses."""
-    from lightning_llama_fp8.fp8_state import nonfinite_fp8_state as nonfinite
+    from lightning_llama_fp8.fp8.state import nonfinite_fp8_state as nonfinite
 
     class State:
         def __init__(self) -> None:

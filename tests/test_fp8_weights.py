@@ -17,7 +17,7 @@ from torch import nn
 
 import lightning_llama_fp8.precision as precision_mod
 from lightning_llama_fp8 import MegatronPrecision, TEFP8Precision
-from lightning_llama_fp8.fp8_weights import delayed_scaling_weight_quantizers, rowwise_only, rowwise_only_weight_refresh
+from lightning_llama_fp8.fp8.weights import delayed_scaling_weight_quantizers, rowwise_only, rowwise_only_weight_refresh
 
 
 class FakeQuantizer:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lightning_llama_fp8.checkpoint import INFO_FILENAME, CheckpointError
+from lightning_llama_fp8.checkpoint.info import INFO_FILENAME, CheckpointError
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf import HFConfigError, export_to_hf, llama_config_from_hf
 from lightning_llama_fp8.hf.files import INDEX_FILE
@@ -137,7 +137,7 @@ def test_arch_that_disagrees_with_config_json(hf_dir: Path) -> None:
 
 
 def test_cli_preflight_refuses_a_bad_init_weights(hf_dir: Path, tmp_path: Path, capsys: Any) -> None:
-    from lightning_llama_fp8.cli import preflight
+    from lightning_llama_fp8.cli.fit import preflight
 
     copy = _copy(hf_dir, tmp_path)
     _edit_config(copy, model_type="gpt2")

@@ -13,8 +13,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_llama_fp8.config import LlamaConfig, get_preset, llama3_8b
-from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
 from lightning_llama_fp8.model import LlamaLightningModule
+from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from lightning_llama_fp8.precision import MegatronPrecision
 from lightning_llama_fp8.strategy import MegatronCPStrategy
 from tests.helpers import free_port

@@ -17,7 +17,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_llama_fp8 import _lightning_compat as compat
+from lightning_llama_fp8._compat import lightning as compat
 from tests.helpers import cpu_trainer, free_port
 
 

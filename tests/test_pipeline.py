@@ -18,7 +18,7 @@ import torch
 
 from lightning_llama_fp8 import LayoutError, ParallelLayout, validate_layout
 from lightning_llama_fp8.config import LlamaConfig, llama3_70b, llama_tiny
-from lightning_llama_fp8.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
+from lightning_llama_fp8.parallel.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
 from tests.distributed import run_distributed
 
 CPU_ARCH = {"transformer_impl": "local", "apply_rope_fusion": False}
@@ -132,7 +132,7 @@ def test_world_size_counts_pipeline_stages() -> None:
 
 def test_strategy_takes_the_pipeline_settings() -> None:
     from lightning_llama_fp8 import MegatronCPStrategy
-    from lightning_llama_fp8.pipeline import pipeline_config_kwargs
+    from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
 
     strategy = MegatronCPStrategy(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=5)
     assert strategy.layout == pipeline(4, 5)
@@ -189,14 +189,14 @@ def _pp_worker(
     # The loss every stage logs: only the last stage has the schedule's reports (as Megatron's schedules return them).
     last = parallel_state.is_pipeline_last_stage()
     from lightning_llama_fp8.model import masked_token_loss
-    from lightning_llama_fp8.pipeline import reduce_pipeline_loss
+    from lightning_llama_fp8.parallel.pipeline import reduce_pipeline_loss
 
     dp_rank = parallel_state.get_data_parallel_rank()
     reports = [masked_token_loss(torch.ones(1, 4), torch.full((1, 4), 2.0 + dp_rank))[2]] if last else []
     loss_sum, tokens, local = reduce_pipeline_loss(reports, torch.device("cpu"))
     record.update(loss=(loss_sum / tokens).item(), tokens=tokens.item(), local=local.tolist())
     # What the callbacks report and resolve: layers by their global number; a name held by another stage is known.
-    from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
+    from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
 
     modules = dict(module.named_modules())
     layers = [name for name in modules if re.search(r"layers\.\d+$", name)]
@@ -333,14 +333,14 @@ def test_equivalence_benchmark_writes_the_small_arch_as_hf_weights(tmp_path: Pat
 def test_recompute_num_layers_fits_the_largest_chunk_of_an_uneven_split() -> None:
     """One recompute_num_layers for every chunk; Megatron clamps it to each chunk's own layer count."""
     from lightning_llama_fp8 import MegatronCPStrategy, RecomputeSettings
-    from lightning_llama_fp8.plan import plan_training
+    from lightning_llama_fp8.plan.estimate import plan_training
 
     layout = pipeline(4, first=2, last=2)  # stages of 2, 14, 14, 2 layers
     block = RecomputeSettings("full", "block", 8)
     strategy = MegatronCPStrategy(
         pipeline_model_parallel_size=4, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=2
     )
-    from lightning_llama_fp8.pipeline_layout import largest_chunk_layers
+    from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 
     assert largest_chunk_layers(strategy.layout, 32) == 14
     arch = llama_tiny(num_layers=32, **CPU_ARCH)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lightning_llama_fp8.config import get_preset, llama3_8b
-from lightning_llama_fp8.layout import LayoutError, ParallelLayout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.plan import (
+from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.plan.estimate import (
     GIB,
     PrecisionName,
     TrainingPlan,
@@ -279,7 +279,7 @@ def test_plan_refuses_what_the_strategy_refuses() -> None:
 
 
 def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli import main
+    from lightning_llama_fp8.cli.fit import main
 
     args = ["plan", "--config", str(CONFIG_1GPU), "--gpu-memory-gib", "140"]
     assert main(args) == 0
@@ -307,7 +307,7 @@ def test_micro_batches_in_flight_follow_megatrons_warmup(pp: int, vpp: int | Non
 
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
 
-    from lightning_llama_fp8.plan import micro_batches_in_flight
+    from lightning_llama_fp8.plan.estimate import micro_batches_in_flight
 
     layout = ParallelLayout(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
     for rank in range(pp):
@@ -318,7 +318,7 @@ def test_micro_batches_in_flight_follow_megatrons_warmup(pp: int, vpp: int | Non
 
 
 def test_pipeline_stages_hold_the_model_once() -> None:
-    from lightning_llama_fp8.plan import parameters_per_stage
+    from lightning_llama_fp8.plan.estimate import parameters_per_stage
 
     for arch in (get_preset("llama3_70b"), get_preset("llama3_2_1b")):  # untied, tied
         layout = ParallelLayout(tensor_model_parallel_size=4, pipeline_model_parallel_size=4)
@@ -353,7 +353,7 @@ def test_plan_of_megatron_lms_70b_layout(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_plan_pipeline_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli import main
+    from lightning_llama_fp8.cli.fit import main
 
     assert main(["plan", "--arch", "llama3_8b", "--gpus", "4", "--pp", "4", "--global-batch-size", "8"]) == 0
     out = capsys.readouterr().out

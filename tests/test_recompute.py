@@ -16,7 +16,7 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
     get_preset,
 )
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from tests.distributed import run_distributed
 from tests.helpers import fit_never_built
 
@@ -237,7 +237,7 @@ def test_offload_settings_reach_megatron_optimizer_config() -> None:
 
 # ---------------------------------------------------------------------------------------------- YAML
 def test_memory_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_llama_fp8.cli as cli
+    import lightning_llama_fp8.cli.fit as cli
 
     monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
     config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightning_llama_fp8.cli import main
+from lightning_llama_fp8.cli.fit import main
 from lightning_llama_fp8.config import get_preset
 from tests.test_parse_megatron_log import _iteration_line
 
@@ -26,7 +26,7 @@ import reference_run  # noqa: E402
 
 
 def printed_config(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setattr("lightning_llama_fp8.cli.preflight", lambda config: None)
+    monkeypatch.setattr("lightning_llama_fp8.cli.fit.preflight", lambda config: None)
     capsys.readouterr()
     with pytest.raises(SystemExit) as excinfo:
         main([*args, "--print_config"])
@@ -39,7 +39,7 @@ def test_ours_runs_the_shipped_yaml_changing_only_steps_layout_and_logger(
 ) -> None:
     command = reference_run.ours_command(gpus=8, cp=1, steps=30, out_dir=tmp_path)
     assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "8"]
-    cli_args = command[command.index("lightning_llama_fp8.cli") + 1 :]
+    cli_args = command[command.index("lightning_llama_fp8.cli.fit") + 1 :]
     ours = printed_config(cli_args, capsys, monkeypatch)
     shipped = printed_config(["fit", "--config", str(reference_run.CONFIG)], capsys, monkeypatch)
 

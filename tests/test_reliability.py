@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8.checkpoint import CheckpointError, check_can_resume, read_checkpoint_info
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.info import CheckpointError, check_can_resume, read_checkpoint_info
 from lightning_llama_fp8.config import get_preset
 from tests.distributed import run_distributed
 
@@ -161,7 +161,7 @@ def test_a_changed_data_seed_on_resume_is_refused(tmp_path: Path) -> None:
     (path / ckpt.INFO_FILENAME).write_text("{}")
     from unittest import mock
 
-    from lightning_llama_fp8 import _lightning_compat as compat
+    from lightning_llama_fp8._compat import lightning as compat
 
     arguments = compat.CheckpointArguments(str(path), str(path), None)
     info = ckpt.CheckpointInfo(path, 2, 1, 1, 1, data={"train_index": [{"samples": 8, "seed": 1234}]})
@@ -188,7 +188,7 @@ def test_bf16_layers_that_cover_every_layer_are_refused() -> None:
 
 
 def test_cli_refuses_bf16_layers_that_cover_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     config = _cli_config(arch="llama_tiny")  # 2 layers
     config["trainer"]["plugins"] = [
@@ -217,7 +217,7 @@ def test_checkpoint_arguments_are_the_callers(tmp_path: Path) -> None:
     from lightning.pytorch import Callback
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lightning_llama_fp8 import _lightning_compat as compat
+    from lightning_llama_fp8._compat import lightning as compat
     from tests.helpers import cpu_trainer
 
     class Capture(Callback):
@@ -249,7 +249,7 @@ def test_dangling_last_link_is_resolved_or_refused_with_the_paths(tmp_path: Path
     )
     assert not refused["data_built"]
     # The command line resolves it itself and resumes from the newest complete checkpoint.
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     config = {"trainer": {"callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(directory)}}]}}
     assert cli.resolve_last_from_config(config) == str(newest)
@@ -304,7 +304,7 @@ def test_output_locations_cover_loggers_and_te_debug_output(tmp_path: Path) -> N
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_llama_fp8.callbacks import FP8StatsMonitor, NaNGuard
-    from lightning_llama_fp8.outputs import output_locations, unwritable_reason
+    from lightning_llama_fp8.checkpoint.outputs import output_locations, unwritable_reason
 
     monitor = FP8StatsMonitor.__new__(FP8StatsMonitor)  # only its settings are read; nothing of TE is set up
     monitor.te_debug_stats = ["underflows%"]
@@ -444,7 +444,7 @@ def _write_empty_index(path: Path) -> None:
 
 
 def test_cli_refuses_changed_batch_size_and_learning_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     path = _fake_resumable_checkpoint(tmp_path)
     config = _cli_config(ckpt_path=path)
@@ -457,14 +457,14 @@ def test_cli_refuses_changed_batch_size_and_learning_rates(tmp_path: Path, capsy
     with pytest.raises(SystemExit):
         cli.preflight(config, fitting=True)
     assert "lr: checkpoint 0.0003, this run 0.001" in capsys.readouterr().err
-    from lightning_llama_fp8.layout import ParallelLayout
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
 
     cli.check_checkpoint_from_config(_cli_config(ckpt_path=path), ParallelLayout(), fitting=True)  # same: passes
     assert capsys.readouterr().err == ""
 
 
 def test_cli_refuses_a_val_check_interval_larger_than_the_run(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     config = _cli_config()
     config["trainer"].update(max_steps=500, val_check_interval=1000)
@@ -574,7 +574,7 @@ def test_resuming_with_the_local_layer_spec_is_refused() -> None:
 def test_malformed_config_files_get_one_sentence(
     subcommand: str, content: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     path = tmp_path / "config.yaml"
     if content is not None:
@@ -605,7 +605,7 @@ def test_odd_data_paths_get_one_sentence(data_path: Any, expected: str) -> None:
 
 
 def test_cli_refuses_odd_data_paths_before_building(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     config = _cli_config()
     config["data"] = {
@@ -644,8 +644,9 @@ def test_default_checkpoint_dir_is_probed_and_free_space_checked(
     from lightning.pytorch import Trainer
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from lightning_llama_fp8 import outputs, startup_checks
-    from lightning_llama_fp8.outputs import output_locations
+    from lightning_llama_fp8.checkpoint import outputs
+    from lightning_llama_fp8.checkpoint import preflight as startup_checks
+    from lightning_llama_fp8.checkpoint.outputs import output_locations
 
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
     (location,) = output_locations(trainer)
@@ -667,7 +668,7 @@ def test_cli_resolves_last_past_a_dangling_link(
     pre-flight (which then refuses this one for having no optimizer state: it was saved without)."""
     import yaml
 
-    from lightning_llama_fp8 import cli
+    from lightning_llama_fp8.cli import fit as cli
 
     directory = tmp_path / "ckpts"
     directory.mkdir()

@@ -17,7 +17,7 @@ def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
 
     from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision
     from lightning_llama_fp8.model import masked_token_loss, split_for_context_parallel
-    from lightning_llama_fp8.pipeline import reduce_pipeline_loss
+    from lightning_llama_fp8.parallel.pipeline import reduce_pipeline_loss
 
     strategy = MegatronCPStrategy(tensor_model_parallel_size=tp, context_parallel_size=cp)
     trainer = Trainer(

@@ -13,13 +13,13 @@ Public API::
 """
 
 # First: filters for dependency warnings nobody can act on, in place before megatron-core / TE are imported.
-import lightning_llama_fp8._warnings  # noqa: F401
-from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
+import lightning_llama_fp8._compat.warnings  # noqa: F401
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset
 from lightning_llama_fp8.data import GPTDataModule, IndexedDataModule, MockDataModule
-from lightning_llama_fp8.layout import LayoutError, ParallelLayout, validate_layout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
+from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.precision import FP8UnavailableError, MegatronPrecision, TEFP8Precision
 from lightning_llama_fp8.strategy import MegatronCPStrategy
 

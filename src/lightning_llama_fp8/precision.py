@@ -339,10 +339,10 @@ class TEFP8Precision(MegatronPrecision):
 
     def optimizer_step_context(self, modules: list[nn.Module]) -> contextlib.AbstractContextManager[Any]:
         """With FP8 weights and delayed scaling (and ``fast_weight_refresh``): the weight refresh at the end of
-        the step casts without the discarded transposes (:func:`~lightning_llama_fp8.fp8_weights.
+        the step casts without the discarded transposes (:func:`~lightning_llama_fp8.fp8.weights.
         rowwise_only_weight_refresh`)."""
         if self.fast_weight_refresh and self.fp8_param_gather and self.recipe == "delayed" and self.fp8_active:
-            from lightning_llama_fp8.fp8_weights import rowwise_only_weight_refresh
+            from lightning_llama_fp8.fp8.weights import rowwise_only_weight_refresh
 
             return rowwise_only_weight_refresh(modules)
         return contextlib.nullcontext()

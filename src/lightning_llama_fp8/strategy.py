@@ -34,14 +34,15 @@ from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from lightning_llama_fp8 import _lightning_compat as compat
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8 import megatron_ddp, startup_checks
-from lightning_llama_fp8.checkpointing import StrategyCheckpointing
-from lightning_llama_fp8.layout import CPCommType, ParallelLayout, validate_layout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.pipeline import pipeline_config_kwargs
-from lightning_llama_fp8.pipeline_layout import largest_chunk_layers
+from lightning_llama_fp8._compat import lightning as compat
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint import preflight as startup_checks
+from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
+from lightning_llama_fp8.parallel import ddp as megatron_ddp
+from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
+from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
 
 if TYPE_CHECKING:
@@ -104,10 +105,10 @@ class MegatronCPStrategy(ParallelStrategy):
             Needs host memory for a copy of this rank's share of one checkpoint. Saves outside a running ``fit``
             stay synchronous. Off (the default): training waits for each save.
         activation_recompute: recompute activations in the backward pass instead of keeping them
-            (:class:`~lightning_llama_fp8.memory.RecomputeSettings`: ``selective`` modules or ``full`` layers;
+            (:class:`~lightning_llama_fp8.parallel.memory.RecomputeSettings`: ``selective`` modules or ``full`` layers;
             Megatron's ``recompute_*`` fields). ``None``: keep everything.
         optimizer_offload: keep (part of) the distributed optimizer's state in CPU memory and step it there
-            (:class:`~lightning_llama_fp8.memory.OptimizerOffloadSettings`; Megatron's ``optimizer_cpu_offload``).
+            (:class:`~.parallel.memory.OptimizerOffloadSettings`; Megatron's ``optimizer_cpu_offload``).
             ``None``: all on the GPU.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
@@ -524,7 +525,7 @@ class MegatronCPStrategy(ParallelStrategy):
     def check_checkpoint(
         self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any
     ) -> ckpt.CheckpointInfo:
-        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here
+        """Raise :class:`~lightning_llama_fp8.checkpoint.info.CheckpointError` if ``path`` cannot be loaded here
         (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
         return self.checkpointing.check(path, with_optimizer, **resume_settings)
 

@@ -41,7 +41,7 @@ def refresh(layer: Any, rowwise_only: bool, group: Any) -> dict[str, Any]:
     """Cast new main weights into ``layer.weight`` as Megatron's optimizer does; what came out, kernels, time."""
     from megatron.core.fp8_utils import post_all_gather_processing, quantize_param_shard
 
-    from lightning_llama_fp8.fp8_weights import rowwise_only_weight_refresh
+    from lightning_llama_fp8.fp8.weights import rowwise_only_weight_refresh
 
     weight = layer.weight
     torch.manual_seed(1)

@@ -259,7 +259,7 @@ def test_fp8_trained_model_exports_to_transformers(megatron_one_gpu: Any, tmp_pa
     from megatron.core import parallel_state
 
     from lightning_llama_fp8 import LlamaConfig, LlamaLightningModule, MegatronPrecision, MockDataModule, TEFP8Precision
-    from lightning_llama_fp8.checkpoint import CheckpointError
+    from lightning_llama_fp8.checkpoint.info import CheckpointError
     from lightning_llama_fp8.hf import export_to_hf
     from lightning_llama_fp8.hf.export import SOURCE_MAIN, SOURCE_MODEL
     from lightning_llama_fp8.hf.files import SafetensorsDir

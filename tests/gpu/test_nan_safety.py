@@ -108,7 +108,7 @@ def test_inf_activation_shows_in_fp8_state_and_is_cleaned_up(record: Any, tmp_pa
     The Inf goes into linear_fc1's output; SwiGLU carries it into linear_fc2's input, whose FP8 cast turns it into
     the largest FP8 value. The guard sees it in the FP8 state, names the module, drops the update and zeroes it.
     """
-    from lightning_llama_fp8.fp8_state import nonfinite_fp8_state
+    from lightning_llama_fp8.fp8.state import nonfinite_fp8_state
 
     guard = NaNGuard(policy="skip", report_dir=tmp_path)
     injector = FaultInjector("activation", ACTIVATION, step=FAULT_STEP, value="inf")

@@ -16,7 +16,7 @@ from lightning_llama_fp8 import (
     OptimizerSettings,
     TEFP8Precision,
 )
-from lightning_llama_fp8.cli import LlamaCLI
+from lightning_llama_fp8.cli.fit import LlamaCLI
 from tests.gpu.probes import StepProbe, one_gpu_trainer
 
 REPO = Path(__file__).resolve().parents[2]

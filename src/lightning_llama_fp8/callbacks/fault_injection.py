@@ -40,7 +40,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name
+from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

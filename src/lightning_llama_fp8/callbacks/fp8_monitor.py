@@ -2,7 +2,7 @@
 
 Delayed scaling picks each tensor's FP8 scale from past amaxes; a layer whose amax creeps up (or whose scale
 collapses) is where overflow, and later NaN, starts. This callback logs, per TE module with delayed-scaling
-state, ``fp8/<module name>/<stat>`` for the stats of :func:`~lightning_llama_fp8.fp8_state.fp8_scaling_summary`
+state, ``fp8/<module name>/<stat>`` for the stats of :func:`~lightning_llama_fp8.fp8.state.fp8_scaling_summary`
 (``fwd_amax``, ``bwd_amax``, ``fwd_scale_min``, ``fwd_scale_max``, ``bwd_scale_min``, ``bwd_scale_max``), at
 ``trainer.global_step`` N, 2N, ...
 
@@ -37,8 +37,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_llama_fp8.callbacks.te_debug import TEDebugSession, validated_te_debug_args
-from lightning_llama_fp8.fp8_state import scaling_summary
-from lightning_llama_fp8.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
+from lightning_llama_fp8.fp8.state import scaling_summary
+from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

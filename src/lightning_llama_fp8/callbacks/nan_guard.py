@@ -53,14 +53,14 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_llama_fp8.fp8_state import (
+from lightning_llama_fp8.fp8.state import (
     any_nonfinite,
     fp8_scaling_summary,
     fp8_state_tensors,
     nonfinite_fp8_state,
     sanitize_fp8_state,
 )
-from lightning_llama_fp8.pipeline import global_module_name, pipeline_stage
+from lightning_llama_fp8.parallel.pipeline import global_module_name, pipeline_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

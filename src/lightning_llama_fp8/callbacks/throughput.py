@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_llama_fp8 import _lightning_compat as compat
+from lightning_llama_fp8._compat import lightning as compat
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

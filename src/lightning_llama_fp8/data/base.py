@@ -33,8 +33,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
-from lightning_llama_fp8 import _lightning_compat as compat
-from lightning_llama_fp8 import checkpoint as ckpt
+from lightning_llama_fp8._compat import lightning as compat
+from lightning_llama_fp8.checkpoint import info as ckpt
 
 __all__ = [
     "BATCH_KEYS",
@@ -286,8 +286,8 @@ def _pipeline_schedule_problems(num_microbatches: int) -> list[str]:
     virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if virtual is None:
         return []
-    from lightning_llama_fp8.layout import ParallelLayout
-    from lightning_llama_fp8.pipeline_layout import interleaved_schedule_problems
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
+    from lightning_llama_fp8.parallel.pipeline_layout import interleaved_schedule_problems
 
     layout = ParallelLayout(
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),

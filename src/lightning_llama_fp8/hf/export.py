@@ -44,7 +44,7 @@ try:  # torch-internal helpers of its own file reader (torch 2.11); without them
 except ImportError:  # pragma: no cover - another torch
     narrow_tensor_by_index = _create_file_view = None
 
-from lightning_llama_fp8.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, PlannedSafetensorsWriter

@@ -25,7 +25,7 @@ from lightning_llama_fp8.hf.mapping import (
     megatron_tensor,
     parse_megatron_name,
 )
-from lightning_llama_fp8.pipeline import chunk_layer_offset
+from lightning_llama_fp8.parallel.pipeline import chunk_layer_offset
 
 log = logging.getLogger(__name__)
 

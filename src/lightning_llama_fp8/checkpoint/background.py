@@ -16,7 +16,7 @@ So a checkpoint appears under its name only complete, as with synchronous saves,
 checkpoints ModelCheckpoint deletes right after ``save_checkpoint`` returns (``save_top_k``) are deleted only then
 (:meth:`AsyncCheckpointSaver.remove_after_pending_save`). A kill during the background write leaves ``<path>.saving``
 and every earlier checkpoint as it was; ``last.ckpt`` (``save_last="link"``) may point at the unpublished path,
-which :func:`~lightning_llama_fp8.checkpoint.resolve_last_checkpoint` sees through. A failed write is raised on every
+which :func:`~.info.resolve_last_checkpoint` sees through. A failed write is raised on every
 rank at the next finalize, naming the checkpoint; nothing saved before is touched.
 
 Why training may change the weights right after step 1 (checked in megatron-core 0.19.2,
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_llama_fp8 import checkpoint as ckpt
+from lightning_llama_fp8.checkpoint import info as ckpt
 
 log = logging.getLogger(__name__)
 

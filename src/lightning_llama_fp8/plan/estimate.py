@@ -16,12 +16,12 @@ What is exact and what is an estimate:
   embeddings there too) and holds the activations of every micro batch (chunk) it has run forward but not yet
   backward at the peak of Megatron's schedule: PP - rank of them under 1F1B, the interleaved schedule's warm-up
   count + 1 chunks with virtual stages. With activation recompute
-  (:class:`~lightning_llama_fp8.memory.RecomputeSettings`): selective recompute drops the recomputed modules'
+  (:class:`~lightning_llama_fp8.parallel.memory.RecomputeSettings`): selective recompute drops the recomputed modules'
   tensors from every layer; full recompute keeps one input per checkpointed chunk of layers and, in the
   backward pass, the activations of the one chunk being recomputed (or the logits, whichever is larger).
 * The optimizer step: with gradients reduced in bf16, Megatron's optimizer makes an fp32 copy of this rank's
   gradient shard before it steps (freed at the next ``zero_grad``); activations are gone by then, so the peak
-  is the larger of the two. With optimizer CPU offload (:class:`~lightning_llama_fp8.memory.OptimizerOffloadSettings`,
+  is the larger of the two. With optimizer CPU offload (:class:`~..parallel.memory.OptimizerOffloadSettings`,
   Megatron's ``HybridDeviceOptimizer``) the offloaded share of the fp32 main weights, Adam moments and fp32
   gradients (16 bytes per parameter) lives in pinned host memory; the share left on the GPU keeps its fp32
   gradients between steps.
@@ -39,9 +39,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig, resolve_arch
-from lightning_llama_fp8.layout import ParallelLayout, validate_layout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.pipeline_layout import bubble_fraction, largest_chunk_layers, model_chunks, stage_layer_counts
+from lightning_llama_fp8.parallel.layout import ParallelLayout, validate_layout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.pipeline_layout import (
+    bubble_fraction,
+    largest_chunk_layers,
+    model_chunks,
+    stage_layer_counts,
+)
 
 PrecisionName = Literal["fp8", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp8", "bf16")
@@ -445,7 +450,7 @@ def plan_training(
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
-    Raises :class:`~lightning_llama_fp8.layout.LayoutError` for a layout that cannot run and ``ValueError``
+    Raises :class:`~lightning_llama_fp8.parallel.layout.LayoutError` for a layout that cannot run and ``ValueError``
     for an unknown precision, FP8 param gather without FP8, or recompute / offload settings the strategy would
     refuse (``fp8_recipe`` is only read for those checks). Activation memory is an estimate (one micro batch
     alive at a time, or under PP the micro batches a stage's schedule keeps alive); CUDA context, NCCL buffers,

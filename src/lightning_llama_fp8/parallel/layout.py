@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig
-from lightning_llama_fp8.pipeline_layout import interleaved_schedule_problems, pipeline_problems
+from lightning_llama_fp8.parallel.pipeline_layout import interleaved_schedule_problems, pipeline_problems
 
 CPCommType = Literal["p2p", "a2a", "all_gather"]
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "a2a", "all_gather")

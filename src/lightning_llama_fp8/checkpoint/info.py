@@ -112,7 +112,7 @@ class CheckpointInfo:
     @property
     def pipeline_split(self) -> tuple[int, int | None, int | None, int | None]:
         """(PP, virtual PP, first-stage layers, last-stage layers) the checkpoint was saved with."""
-        from lightning_llama_fp8.layout import PIPELINE_FIELDS
+        from lightning_llama_fp8.parallel.layout import PIPELINE_FIELDS
 
         return tuple(getattr(self, name) for name in PIPELINE_FIELDS)  # type: ignore[return-value]
 
@@ -476,7 +476,7 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
 
 def write_failure_message(path: Path, failure: str) -> str:
     """What a failed write of checkpoint ``path`` tells the user: the cause, what is intact, the free space."""
-    from lightning_llama_fp8.outputs import free_bytes
+    from lightning_llama_fp8.checkpoint.outputs import free_bytes
 
     free = free_bytes(path.parent)
     space = f"{free / 2**30:.1f} GiB free there now" if free is not None else "free space unknown"

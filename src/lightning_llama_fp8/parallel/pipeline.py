@@ -25,7 +25,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_llama_fp8.config import LlamaConfig
-    from lightning_llama_fp8.layout import ParallelLayout
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
 
 
 def pipeline_config_kwargs(layout: ParallelLayout) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def pipeline_config_kwargs(layout: ParallelLayout) -> dict[str, Any]:
     """
     if layout.pipeline_model_parallel_size == 1:
         return {}
-    from lightning_llama_fp8.layout import PIPELINE_FIELDS
+    from lightning_llama_fp8.parallel.layout import PIPELINE_FIELDS
 
     overlap = layout.interleaved
     return {

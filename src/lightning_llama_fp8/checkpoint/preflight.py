@@ -8,7 +8,7 @@ big model) or hours (the first save). Here, in ``setup_environment``:
   restore after setup), ``ckpt_path="last"`` must be the newest complete checkpoint (Lightning treats a dangling
   ``last.ckpt`` link as "no checkpoint" and would start a new run), and the checkpoint must be complete, intact and
   fit this run: architecture, layout, global batch size, learning rates, a readable ``lightning.pt``;
-- every directory the run will write into (:mod:`lightning_llama_fp8.outputs`), on the ranks that write there.
+- every directory the run will write into (:mod:`.outputs`), on the ranks that write there.
 
 A failure on any rank is raised on every rank, so none waits for the others at the next collective.
 """
@@ -22,9 +22,9 @@ from typing import Any
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_llama_fp8 import _lightning_compat as compat
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8.outputs import (
+from lightning_llama_fp8._compat import lightning as compat
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.outputs import (
     UnwritableOutputError,
     checkpoint_bytes_estimate,
     free_bytes,
@@ -120,7 +120,7 @@ def _check_last_is_newest(trainer: Any, chosen: Any) -> None:
 def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint, as far as this module and data module say.
 
-    Keyword arguments of :func:`~lightning_llama_fp8.checkpoint.check_can_resume`: ``global_batch_size`` (a
+    Keyword arguments of :func:`~lightning_llama_fp8.checkpoint.info.check_can_resume`: ``global_batch_size`` (a
     ``GPTDataModule``'s) and ``optimizer_settings`` (``LlamaLightningModule.optim`` as a dict); ``None`` where the
     module or data module has no such thing.
     """

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_llama_fp8.checkpoint import (
+from lightning_llama_fp8.checkpoint.info import (
     CheckpointError,
     check_can_resume,
     load_lightning_state,
@@ -32,10 +32,10 @@ from lightning_llama_fp8.config import LlamaConfig, resolve_arch
 from lightning_llama_fp8.data import GPTDataModule
 from lightning_llama_fp8.data.base import check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
-from lightning_llama_fp8.layout import LayoutError, ParallelLayout
-from lightning_llama_fp8.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
-from lightning_llama_fp8.plan import TrainingPlan, format_plan, plan_training
+from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout
+from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.plan.estimate import TrainingPlan, format_plan, plan_training
 from lightning_llama_fp8.precision import check_bf16_layers, fp8_support
 
 EXIT_CANNOT_TRAIN = 2
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if words and words[0] == "plan":
         return plan_main(words[1:])
     if words and words[0] == "convert":
-        from lightning_llama_fp8.hf.cli import convert_main
+        from lightning_llama_fp8.cli.convert import convert_main
 
         return convert_main(words[1:])
     if words and words[0] == "preprocess":

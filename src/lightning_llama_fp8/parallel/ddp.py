@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_llama_fp8.checkpointing import megatron_children
+from lightning_llama_fp8.checkpoint.hooks import megatron_children
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallelConfig

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lightning_llama_fp8.layout import ParallelLayout
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,12 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_llama_fp8 import async_checkpoint, startup_checks
-from lightning_llama_fp8 import checkpoint as ckpt
-from lightning_llama_fp8._save_workers import prepare_checkpoint_writer
-from lightning_llama_fp8.async_checkpoint import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
-from lightning_llama_fp8.layout import PIPELINE_FIELDS
+from lightning_llama_fp8.checkpoint import background as async_checkpoint
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint import preflight as startup_checks
+from lightning_llama_fp8.checkpoint.background import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
+from lightning_llama_fp8.checkpoint.save_workers import prepare_checkpoint_writer
+from lightning_llama_fp8.parallel.layout import PIPELINE_FIELDS
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -258,7 +259,7 @@ class StrategyCheckpointing:
         return state
 
     def check(self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any) -> ckpt.CheckpointInfo:
-        """Raise :class:`~lightning_llama_fp8.checkpoint.CheckpointError` if ``path`` cannot be loaded here
+        """Raise :class:`~lightning_llama_fp8.checkpoint.info.CheckpointError` if ``path`` cannot be loaded here
         (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
         strategy = self.strategy
         info = ckpt.read_checkpoint_info(path)

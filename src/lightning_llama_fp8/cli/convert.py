@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lightning_llama_fp8.checkpoint import CheckpointError
+from lightning_llama_fp8.checkpoint.info import CheckpointError
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.export import export_to_hf
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES
