@@ -62,7 +62,7 @@ def make_hf_dir(directory: Path, layers: int) -> float:
     """A random BF16 Hugging Face Llama directory of the 8B shapes; returns its size in GiB."""
     import torch
 
-    from lightning_llama_fp8.hf.config import hf_config_from_llama
+    from lightning_llama_fp8.hf.arch import hf_config_from_llama
     from lightning_llama_fp8.hf.files import ShardedSafetensorsWriter
     from lightning_llama_fp8.hf.mapping import expected_hf_shapes
 
@@ -88,6 +88,7 @@ def phase_import(hf_dir: Path, ckpt: Path, layers: int, result: Path) -> None:
     from megatron.core import parallel_state
 
     from lightning_llama_fp8.checkpoint import info as ckpt_module
+    from lightning_llama_fp8.checkpoint import state_io
     from lightning_llama_fp8.hf import load_hf_weights
 
     parallel_state.initialize_model_parallel(1)
@@ -106,7 +107,7 @@ def phase_import(hf_dir: Path, ckpt: Path, layers: int, result: Path) -> None:
         allow_dist_checkpointing_on_cpu()
     ckpt.mkdir(parents=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    ckpt_module.save_megatron_state(ckpt, {"model": model}, None, "dp_reshardable", group)
+    state_io.save_megatron_state(ckpt, {"model": model}, None, "dp_reshardable", group)
     torch.save({"global_step": 0, "state_dict": {}}, ckpt / ckpt_module.LIGHTNING_FILENAME)
     from dataclasses import asdict
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from lightning_llama_fp8.checkpoint import info as ckpt
-from lightning_llama_fp8.checkpoint.info import read_checkpoint_info, resolve_last_checkpoint
+from lightning_llama_fp8.checkpoint import state_io
+from lightning_llama_fp8.checkpoint.info import read_checkpoint_info
+from lightning_llama_fp8.checkpoint.resume import resolve_last_checkpoint
 from tests.distributed import run_distributed
 
 SEQ, VOCAB, GBS = 16, 1000, 4
@@ -244,8 +246,8 @@ def test_async_checkpoint_equals_the_sync_one_of_the_same_step(
         assert set(async_tensors) == {"linear.weight", "linear.bias"}
         assert async_tensors["linear.weight"].shape == (2, 4, 4)  # both ranks' slices were written
         torch.testing.assert_close(async_tensors, sync_tensors, rtol=0, atol=0)
-        sync_state = ckpt.load_lightning_state(sync)
-        async_state = ckpt.load_lightning_state(asynchronous)
+        sync_state = state_io.load_lightning_state(sync)
+        async_state = state_io.load_lightning_state(asynchronous)
         for key in ("global_step", "epoch", "loops", "state_dict", "optimizer_states", "lr_schedulers"):
             torch.testing.assert_close(async_state[key], sync_state[key], rtol=0, atol=0)
         assert read_checkpoint_info(asynchronous).global_step == step

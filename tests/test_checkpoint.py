@@ -18,8 +18,10 @@ import pytest
 import torch
 import yaml
 
+from lightning_llama_fp8.checkpoint import directories, state_io
 from lightning_llama_fp8.checkpoint import info as ckpt
-from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, check_can_resume, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.resume import check_can_resume
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from tests.distributed import run_distributed
@@ -113,7 +115,7 @@ def _host_copy_sizes_worker(rank: int, world_size: int, tp: int, path: str) -> d
     allow_dist_checkpointing_on_cpu()
     strategy, module = _module_on_strategy(tp, world_size, seed=0)
     models = strategy.checkpointing.megatron_models()
-    sizes = ckpt.host_copy_sizes(models, None, "dp_reshardable", strategy.data_parallel_group(), device_type="cpu")
+    sizes = state_io.host_copy_sizes(models, None, "dp_reshardable", strategy.data_parallel_group(), device_type="cpu")
     staged: list[int] = []
     preload = FileSystemWriterAsync.preload_tensors
 
@@ -326,7 +328,7 @@ def _write_marker(text: str) -> Any:
 
 def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_complete(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
-    save = ckpt.save_directory_atomically
+    save = directories.save_directory_atomically
     save(path, _write_marker("old"), is_rank_zero=True, agree=lambda failure: failure)
 
     def crash(directory: Path) -> None:
@@ -362,7 +364,7 @@ def test_a_save_stopped_between_the_renames_loses_nothing(tmp_path: Path) -> Non
         raise OSError("killed again")
 
     with pytest.raises(CheckpointError, match="killed again"):
-        ckpt.save_directory_atomically(path, crash, is_rank_zero=True, agree=lambda failure: failure)
+        directories.save_directory_atomically(path, crash, is_rank_zero=True, agree=lambda failure: failure)
     assert (path / "marker").read_text() == "old"
     assert not replaced.exists()
 
@@ -376,7 +378,7 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
         return "PermissionError: read-only file system" if len(calls) == 1 else None
 
     with pytest.raises(CheckpointError, match=r"failed on another rank .*read-only file system.*nothing was replaced"):
-        ckpt.save_directory_atomically(tmp_path / "x.ckpt", _write_marker("x"), is_rank_zero=False, agree=agree)
+        directories.save_directory_atomically(tmp_path / "x.ckpt", _write_marker("x"), is_rank_zero=False, agree=agree)
     assert calls == [None]  # this rank had nothing to do in that phase and stopped right after it
 
 
@@ -386,7 +388,7 @@ def test_remove_checkpoint_directory(tmp_path: Path) -> None:
     (path / "x").write_text("x")
     path.with_name("step=2.ckpt.saving").mkdir()
     path.with_name("step=2.ckpt.replaced").mkdir()
-    ckpt.remove_checkpoint_directory(path)
+    directories.remove_checkpoint_directory(path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -542,7 +544,7 @@ class _PickledFP8State(torch.nn.Module):
         return b"pickled amax history"
 
     def set_extra_state(self, state: object) -> None:
-        if os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV) != "1":  # what TE 2.20's set_extra_state does
+        if os.environ.get(state_io.TE_UNSAFE_PICKLE_ENV) != "1":  # what TE 2.20's set_extra_state does
             raise RuntimeError("Refusing to load pickled Transformer Engine extra state for TELinear. ...")
         self.loaded_extra_state = state
 
@@ -563,14 +565,14 @@ def test_te_fp8_pickles_load_with_the_opt_in_scoped_to_the_load(
     monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
     monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"model": saved})
     if preset is None:
-        monkeypatch.delenv(ckpt.TE_UNSAFE_PICKLE_ENV, raising=False)
+        monkeypatch.delenv(state_io.TE_UNSAFE_PICKLE_ENV, raising=False)
     else:
-        monkeypatch.setenv(ckpt.TE_UNSAFE_PICKLE_ENV, preset)
+        monkeypatch.setenv(state_io.TE_UNSAFE_PICKLE_ENV, preset)
     with pytest.raises(RuntimeError, match="Refusing to load pickled"):  # what TE does outside our load
         layer.load_state_dict(saved)
-    ckpt.load_megatron_state(tmp_path, {"model": layer}, None, None)
+    state_io.load_megatron_state(tmp_path, {"model": layer}, None, None)
     assert layer.loaded_extra_state == b"pickled amax history" and torch.equal(layer.weight, torch.ones(2))
-    assert os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV) == preset
+    assert os.environ.get(state_io.TE_UNSAFE_PICKLE_ENV) == preset
 
 
 def test_weights_only_loading_is_refused_with_the_reason() -> None:
@@ -667,13 +669,14 @@ def test_changed_learning_rates_give_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
     monkeypatch.setattr(dist_checkpointing, "load", lambda template, directory: {"optimizer": {}})
     with pytest.raises(CheckpointError, match=r"optimizer state does not fit .* resume with the optimizer settings"):
-        ckpt.load_megatron_state(tmp_path, {}, ChangedGroups(), None)
+        state_io.load_megatron_state(tmp_path, {}, ChangedGroups(), None)
 
 
 def test_cli_refuses_a_file_ckpt_path_without_loading_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """LightningCLI would torch.load a file ckpt_path (weights_only=True) right after parsing; a file holding
     anything but plain tensors then fails with an unpickling error. The CLI says what is wrong instead."""
     from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.cli import main as llama_fp8
 
     file = tmp_path / "lightning.pt"
     torch.save({"hyper_parameters": {"arch": get_preset("llama_tiny")}}, file)  # what weights_only refuses
@@ -683,6 +686,6 @@ def test_cli_refuses_a_file_ckpt_path_without_loading_it(tmp_path: Path, capsys:
     settings["data"] = {"class_path": "lightning_llama_fp8.MockDataModule", "init_args": {"global_batch_size": 4}}
     config.write_text(yaml.safe_dump(settings))
     with pytest.raises(SystemExit) as excinfo:
-        cli.main(["fit", "--config", str(config), "--ckpt_path", str(file)])
+        llama_fp8(["fit", "--config", str(config), "--ckpt_path", str(file)])
     assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
     assert "is a file, but MegatronCPStrategy checkpoints are directories" in capsys.readouterr().err

@@ -15,7 +15,9 @@ import torch
 import yaml
 
 import lightning_llama_fp8.cli.fit as cli
-from lightning_llama_fp8.cli.fit import EXIT_CANNOT_TRAIN, LlamaCLI, main, plan_from_config
+from lightning_llama_fp8.cli import config_file, main
+from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, plan_from_config
+from lightning_llama_fp8.cli.fit import LlamaCLI
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.data.preprocess import preprocess
 from lightning_llama_fp8.plan.estimate import GIB
@@ -368,7 +370,7 @@ def test_example_validation_schedule_allows_a_short_run(path: Path) -> None:
 )
 @no_gpu
 def test_gpu_count_read_like_lightning(devices: Any, expected: int | None) -> None:
-    assert cli._gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)
+    assert config_file.gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)
 
 
 @pytest.mark.parametrize(

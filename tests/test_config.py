@@ -13,14 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_llama_fp8.config import (
-    PRESETS,
-    LlamaConfig,
-    get_preset,
-    llama3_8b,
-    llama3_8b_4layers,
-    resolve_arch,
-)
+from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset, llama3_8b, llama3_8b_4layers
+from lightning_llama_fp8.hf.arch import resolve_arch
 from tests.helpers import free_port
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).

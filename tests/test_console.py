@@ -123,7 +123,7 @@ def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) ->
 # ---------------------------------------------------------------------------------------------- warnings
 def llama_fp8(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("llama-fp8")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli.fit"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
     return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -174,7 +174,7 @@ def test_cli_refuses_a_missing_corpus_before_building(
 
 
 def test_cli_accepts_indexed_data_in_yaml(corpora: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
     args = ["fit", "--config", str(config), "--data", "lightning_llama_fp8.IndexedDataModule"]
@@ -191,7 +191,7 @@ def test_yaml_weights_may_be_numbers(
     corpora: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``data_path: [0.7, prefix, 0.3, prefix]`` in YAML: the weights arrive as floats and still parse."""
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     extra = tmp_path / "data.yaml"
     extra.write_text(

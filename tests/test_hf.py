@@ -273,7 +273,7 @@ def _llama3_tokenizer_json() -> Path:
 
 
 def test_convert_cli_writes_the_directory(imported: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     out = tmp_path / "cli_out"
     assert main(["convert", str(imported["ckpt"]), str(out)]) == 0
@@ -284,7 +284,7 @@ def test_convert_cli_writes_the_directory(imported: dict[str, Any], tmp_path: Pa
 
 
 def test_convert_help_is_readable(capsys: Any) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
@@ -306,7 +306,7 @@ def test_module_takes_the_architecture_from_config_json(tmp_path: Path) -> None:
 
 def test_yaml_init_weights_reaches_the_module(tmp_path: Path) -> None:
     """``model.init_weights`` in a LightningCLI config: the CLI's pre-flight and the module see the HF architecture."""
-    from lightning_llama_fp8.cli.fit import _arch_from
+    from lightning_llama_fp8.cli.config_file import arch_from as _arch_from
 
     make_hf_model(tmp_path, groups=2)
     model = {"class_path": "lightning_llama_fp8.LlamaLightningModule", "init_args": {"init_weights": str(tmp_path)}}

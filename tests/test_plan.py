@@ -279,7 +279,7 @@ def test_plan_refuses_what_the_strategy_refuses() -> None:
 
 
 def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     args = ["plan", "--config", str(CONFIG_1GPU), "--gpu-memory-gib", "140"]
     assert main(args) == 0
@@ -353,7 +353,7 @@ def test_plan_of_megatron_lms_70b_layout(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_plan_pipeline_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     assert main(["plan", "--arch", "llama3_8b", "--gpus", "4", "--pp", "4", "--global-batch-size", "8"]) == 0
     out = capsys.readouterr().out

@@ -27,7 +27,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import nn
 
 import lightning_llama_fp8.precision as precision_mod
-from lightning_llama_fp8.cli.fit import main as cli_main
+from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.precision import (
     RECIPES,

@@ -244,7 +244,7 @@ def test_interrupted_run_leaves_no_corpus(tmp_path: Path) -> None:
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli.fit import main
+    from lightning_llama_fp8.cli import main
 
     good = write_jsonl(tmp_path / "in.jsonl", DOCUMENTS)
     assert main(["preprocess", "--input", str(good), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 0

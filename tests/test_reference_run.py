@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightning_llama_fp8.cli.fit import main
+from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.config import get_preset
 from tests.test_parse_megatron_log import _iteration_line
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from lightning_llama_fp8.checkpoint import info as ckpt
-from lightning_llama_fp8.checkpoint.info import CheckpointError, check_can_resume, read_checkpoint_info
+from lightning_llama_fp8.checkpoint import resume, state_io
+from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.resume import check_can_resume
 from lightning_llama_fp8.config import get_preset
 from tests.distributed import run_distributed
 
@@ -242,7 +244,7 @@ def test_dangling_last_link_is_resolved_or_refused_with_the_paths(tmp_path: Path
     link = directory / "last.ckpt"
     link.unlink()
     link.symlink_to("epoch=0-step=2.ckpt")  # deleted by save_top_k=1 before the kill
-    assert ckpt.resolve_last_checkpoint([directory]) == newest
+    assert resume.resolve_last_checkpoint([directory]) == newest
     (refused,) = _runs(tmp_path / "again", ("last", {"max_steps": 6, "dirpath": directory}))
     _refused_before_building(
         refused, "CheckpointError", r"Lightning found nothing \(.*last\.ckpt: a link whose target is gone.*step=4\.ckpt"
@@ -259,10 +261,10 @@ def test_last_with_only_damaged_checkpoints_stops_with_their_paths(tmp_path: Pat
     (tmp_path / "last.ckpt").symlink_to("gone.ckpt")
     (tmp_path / "epoch=0-step=2.ckpt").mkdir()
     with pytest.raises(CheckpointError, match=r"no complete checkpoint in ") as excinfo:
-        ckpt.resolve_last_checkpoint([tmp_path])
+        resume.resolve_last_checkpoint([tmp_path])
     assert "last.ckpt is a link to gone.ckpt, which does not exist" in str(excinfo.value)
     assert re.search(r"step=2\.ckpt is not a complete .*save did not finish", str(excinfo.value))
-    assert ckpt.resolve_last_checkpoint([tmp_path / "empty"]) is None  # nothing there yet: a new run
+    assert resume.resolve_last_checkpoint([tmp_path / "empty"]) is None  # nothing there yet: a new run
 
 
 # ---------------------------------------------------------------------------------------------- steps lost late
@@ -547,7 +549,7 @@ def test_shard_read_errors_name_the_checkpoint(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(dist_checkpointing, "load_content_metadata", lambda directory: {})
     monkeypatch.setattr(dist_checkpointing, "load", fail)
     with pytest.raises(CheckpointError, match=rf"Checkpoint {re.escape(str(tmp_path))}: reading its shards failed .*"):
-        ckpt.load_megatron_state(tmp_path, {}, None, None)
+        state_io.load_megatron_state(tmp_path, {}, None, None)
 
 
 def test_resuming_with_the_local_layer_spec_is_refused() -> None:
@@ -575,11 +577,12 @@ def test_malformed_config_files_get_one_sentence(
     subcommand: str, content: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.cli import main as llama_fp8
 
     path = tmp_path / "config.yaml"
     if content is not None:
         path.write_text(content)
-    assert cli.main([subcommand, "--config", str(path)]) == cli.EXIT_CANNOT_TRAIN
+    assert llama_fp8([subcommand, "--config", str(path)]) == cli.EXIT_CANNOT_TRAIN
     err = capsys.readouterr().err.strip()
     assert re.search(rf"^llama-fp8 {subcommand}: config file .*config\.yaml {expected}", err), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -669,6 +672,7 @@ def test_cli_resolves_last_past_a_dangling_link(
     import yaml
 
     from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.cli import main as llama_fp8
 
     directory = tmp_path / "ckpts"
     directory.mkdir()
@@ -683,7 +687,7 @@ def test_cli_resolves_last_past_a_dangling_link(
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as excinfo:
-        cli.main(["fit", "--config", str(path), "--ckpt_path", "last"])
+        llama_fp8(["fit", "--config", str(path), "--ckpt_path", "last"])
     assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
     out, err = capsys.readouterr()
     assert f"ckpt_path 'last': resuming from {directory / 'epoch=0-step=7.ckpt'} (step 7)" in out

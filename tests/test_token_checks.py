@@ -13,7 +13,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from lightning_llama_fp8 import IndexedDataModule
-from lightning_llama_fp8.cli.fit import main as cli_main
+from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.data import check_corpus, check_token_ids, resolve_tokenizer
 from lightning_llama_fp8.data import indexed as indexed_module
 from lightning_llama_fp8.data.preprocess import preprocess

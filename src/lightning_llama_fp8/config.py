@@ -158,12 +158,24 @@ class LlamaConfig:
         return "te" if te_cross_entropy_support()[0] else "native"
 
     @classmethod
-    def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
-        """The architecture of a Hugging Face Llama 3 / 3.1 / 3.2 directory (its ``config.json``); ``overrides`` set
-        training-side fields such as ``seq_length``. Unsupported settings raise, naming the field."""
-        from lightning_llama_fp8.hf.config import llama_config_from_hf
+    def from_hf(cls, path: str | os.PathLike[str] | dict[str, Any], **overrides: Any) -> LlamaConfig:
+        """The architecture of a Hugging Face Llama 3 / 3.1 / 3.2 directory (its ``config.json``, or the parsed
+        file); ``overrides`` set training-side fields such as ``seq_length``, ``zero_centered_gamma`` or
+        ``transformer_impl``. Fields that ``config.json`` decides cannot be overridden; unsupported settings raise
+        ``HFConfigError`` naming the field."""
+        from lightning_llama_fp8.hf.config import HF_DEFINED_FIELDS, HFConfigError, hf_architecture
 
-        return llama_config_from_hf(path, **overrides)
+        fields, source = hf_architecture(path)
+        fixed = sorted(set(overrides) & set(HF_DEFINED_FIELDS))
+        if fixed:
+            raise HFConfigError(f"{', '.join(fixed)} come from {source} and cannot be overridden.")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise HFConfigError(f"Unknown LlamaConfig field(s) {unknown}.")
+        try:
+            return cls(**{**fields, **overrides})
+        except ValueError as err:
+            raise HFConfigError(f"{source}: {err}") from err
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """The embedding size Megatron allocates: vocab rounded up to ``divisible_by * TP``."""
@@ -397,19 +409,3 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     if unknown:
         raise ValueError(f"Unknown LlamaConfig field(s) {sorted(unknown)} in overrides for preset {name!r}.")
     return PRESETS[name](**overrides)
-
-
-def resolve_arch(arch: str | LlamaConfig | None, init_weights: str | os.PathLike[str] | None = None) -> LlamaConfig:
-    """Accept a preset name, a ready config or a Hugging Face model directory (what the CLI and Python users pass).
-
-    With ``init_weights`` (a Hugging Face directory) the architecture is that of its ``config.json``: ``arch`` may
-    be left out (None) and must otherwise agree with it. None without ``init_weights`` is Llama 3 8B.
-    """
-    is_hf_dir = isinstance(arch, (str, os.PathLike)) and str(arch) not in PRESETS and os.path.isdir(arch)
-    if init_weights is not None or is_hf_dir:
-        from lightning_llama_fp8.hf.load import arch_for_hf
-
-        return arch_for_hf(arch, init_weights)
-    if arch is None:
-        return get_preset("llama3_8b")
-    return get_preset(arch) if isinstance(arch, str) else arch

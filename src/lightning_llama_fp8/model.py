@@ -21,7 +21,8 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
-from lightning_llama_fp8.config import LlamaConfig, resolve_arch
+from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.pipeline import build_model_chunks, chunk_data_iterators, reduce_pipeline_loss
 from lightning_llama_fp8.precision import MegatronPrecision
 

@@ -546,7 +546,7 @@ class MegatronCPStrategy(ParallelStrategy):
         save still needs it as the newest complete one; rank 0 does it."""
         self.checkpointing.remove(filepath)
 
-    def _first_failure(self, failure: str | None) -> str | None:
+    def first_failure(self, failure: str | None) -> str | None:
         """Collective: the first rank's failure text, or None when every rank succeeded."""
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return failure

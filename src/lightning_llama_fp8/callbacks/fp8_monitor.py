@@ -36,7 +36,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_llama_fp8.callbacks.te_debug import TEDebugSession, validated_te_debug_args
+from lightning_llama_fp8.callbacks.te_debug import TE_DEBUG_DIR, TEDebugSession, validated_te_debug_args
 from lightning_llama_fp8.fp8.state import scaling_summary
 from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
 
@@ -96,13 +96,23 @@ class FP8StatsMonitor(Callback):
         self._last_logged_step = -1
         self._te_debug: TEDebugSession | None = None
 
+    def output_directories(self, trainer: pl.Trainer) -> list[tuple[Path, bool, str]]:
+        """With TE debug statistics: TE's debug output, which every rank writes (the strategy's pre-flight check)."""
+        if not self.te_debug_stats:
+            return []
+        return [(Path(trainer.log_dir or trainer.default_root_dir) / TE_DEBUG_DIR, True, "TE debug output")]
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Setup runs before configure_model builds the model: TE's debug API has to exist before TE's modules.
         if self.te_debug_stats is None or stage != "fit":
             return
         self._stop_te_debug()
         self.last_te_debug_stats = {}
-        self._te_debug = TEDebugSession.start(self, trainer)
+        self._te_debug = TEDebugSession.start(
+            trainer, self.te_debug_stats, self.te_debug_tensors, self.every_n_steps, self.modules
+        )
+        if self._te_debug is not None:
+            self.te_debug_config_path = self._te_debug.config_path
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Fit start rather than setup: LightningModules such as LlamaLightningModule build their model in

@@ -151,6 +151,10 @@ class NaNGuard(Callback):
         self._fp8_resume_step: int | None = None  # first step that runs in FP8 again after a BF16 window
 
     # ------------------------------------------------------------------ Lightning hooks
+    def output_directories(self, trainer: pl.Trainer) -> list[tuple[Path, bool, str]]:
+        """Where the reports of bad steps go (global rank zero writes them), for the strategy's pre-flight check."""
+        return [(self.report_dir or Path(trainer.log_dir or trainer.default_root_dir), False, "report_dir")]
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.bf16_steps_after_rollback and not callable(getattr(trainer.precision_plugin, "set_fp8_enabled", None)):
             raise ValueError(

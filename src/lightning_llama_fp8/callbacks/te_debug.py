@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import Logger
 
-    from lightning_llama_fp8.callbacks.fp8_monitor import FP8StatsMonitor
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +169,27 @@ class TEDebugSession:
         self.te_module_type = te_module_type
         self.weight_needs_high_precision = weight_needs_high_precision
         self.last_step = 0
+        self.config_path: Path | None = None  # the config given to TE, written by global rank zero
         self._handlers_before: list[logging.Handler] = []
 
     @classmethod
-    def start(cls, monitor: FP8StatsMonitor, trainer: pl.Trainer) -> TEDebugSession | None:
-        """Set up TE's debug API on every rank, before the model is built; ``None`` where there is nothing to do."""
-        stats, tensors = monitor.te_debug_stats, monitor.te_debug_tensors
-        assert stats is not None and tensors is not None
+    def start(
+        cls,
+        trainer: pl.Trainer,
+        stats: Sequence[str],
+        tensors: Sequence[str],
+        every_n_steps: int,
+        modules: Sequence[str] | None,
+    ) -> TEDebugSession | None:
+        """Set up TE's debug API on every rank, before the model is built, for ``FP8StatsMonitor``'s statistics
+        ``stats`` of ``tensors`` every ``every_n_steps`` on the layers named by ``modules``; ``None`` where there is
+        nothing to do. Global rank zero writes the config it gives TE to :attr:`config_path`."""
         if not _worth_starting(trainer):
             return None
         api, base_logger, metric_logger, debug_state, te_module_type, feature_dir = _import_te_debug()
         _check_usable(api, debug_state, stats, getattr(trainer.precision_plugin, "recipe", None))
         fp8_weights = bool(getattr(trainer.precision_plugin, "fp8_param_gather", False))
-        config = te_debug_config(stats, tensors, monitor.every_n_steps, monitor.modules, fp8_weights)
+        config = te_debug_config(stats, tensors, every_n_steps, modules, fp8_weights)
         struct = config["fp8_stats_monitor"]["transformer_engine"]["LogFp8TensorStats"]["tensors_struct"]
         # A subclass of nvdlfw-inspect's BaseLogger: initialize() accepts nothing else.
         collector_type = type("LightningStatsLogger", (TEDebugStatsCollector, base_logger), {})
@@ -194,7 +201,7 @@ class TEDebugSession:
 
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / TE_DEBUG_DIR  # log_dir: call on every rank
         if trainer.is_global_zero:
-            monitor.te_debug_config_path = _save_config(config, out_dir)
+            session.config_path = _save_config(config, out_dir)
             dropped = [s for s in stats if s in NEEDS_HIGH_PRECISION]
             if fp8_weights and "weight" in tensors and dropped:
                 log.info("FP8StatsMonitor: weights are kept in FP8, so 'weight' gets no %s.", ", ".join(dropped))
@@ -202,8 +209,8 @@ class TEDebugSession:
                 "FP8StatsMonitor: TE debug statistics %s on %s every %d steps; config: %s",
                 stats,
                 [t["tensor"] for t in struct],
-                monitor.every_n_steps,
-                monitor.te_debug_config_path,
+                every_n_steps,
+                session.config_path,
             )
         session._handlers_before = list(logging.getLogger(NVDLFW_LOGGER_NAME).handlers)
         try:

@@ -50,7 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.directories import (
+    prepare_saving_directory,
+    publish_saving_directory,
+    remove_checkpoint_directory,
+    run_and_agree,
+    saving_directory,
+)
+from lightning_llama_fp8.checkpoint.info import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +181,18 @@ class AsyncCheckpointSaver:
         (rank 0, at the finalize).
         """
         self.finalize(blocking=True)  # one at a time: each holds a host copy as large as the checkpoint
-        tmp = ckpt.saving_directory(path)
-        ckpt.run_and_agree((lambda: ckpt.prepare_saving_directory(path)) if is_rank_zero else None, self._agree)
+        tmp = saving_directory(path)
+        run_and_agree((lambda: prepare_saving_directory(path)) if is_rank_zero else None, self._agree)
         planned: list[Any] = []
-        ckpt.run_and_agree(lambda: planned.append(plan_shards(tmp)), self._agree)
+        run_and_agree(lambda: planned.append(plan_shards(tmp)), self._agree)
         request = planned[0]
 
         def publish() -> None:  # a finalize function: on all ranks, after all of them finished writing
             def on_rank_zero() -> None:
                 write_rank_zero_files(tmp)
-                ckpt.publish_saving_directory(path)
+                publish_saving_directory(path)
 
-            ckpt.run_and_agree(on_rank_zero if is_rank_zero else None, self._agree)
+            run_and_agree(on_rank_zero if is_rank_zero else None, self._agree)
 
         request.add_finalize_fn(publish)  # after Megatron's own (shard index, metadata.json)
         self._queue.schedule_async_request(request)  # the host copy is taken here (see the module docstring)
@@ -209,13 +216,13 @@ class AsyncCheckpointSaver:
             # Every rank is here: Megatron broadcasts a failed write to all ranks (rank 0 alone has the details)
             # and run_and_agree raises a failed publish everywhere; share rank 0's text so each rank names it.
             failure = self._agree(f"{type(err).__name__}: {err}")
-            raise ckpt.CheckpointError(self._failure_message(pending, failure)) from err
+            raise CheckpointError(self._failure_message(pending, failure)) from err
         if not finished:
             return
         self._pending = None
         if pending.is_rank_zero:
             for removal in pending.removals:
-                ckpt.remove_checkpoint_directory(removal)
+                remove_checkpoint_directory(removal)
 
     def remove_after_pending_save(self, path: Path) -> bool:
         """Delete ``path`` only once the pending save is published; ``False``: none is pending, delete it now.
@@ -248,7 +255,7 @@ class AsyncCheckpointSaver:
         )
         return (
             f"Saving checkpoint {pending.path} in the background failed: {failure}. It was not published (its "
-            f"unfinished files are in {ckpt.saving_directory(pending.path)}); every checkpoint saved before it is "
+            f"unfinished files are in {saving_directory(pending.path)}); every checkpoint saved before it is "
             f"as it was{kept}. Check the file system (space, permissions), then resume from the newest complete "
             "checkpoint (ckpt_path='last')."
         )

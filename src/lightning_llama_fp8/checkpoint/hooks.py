@@ -18,35 +18,65 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_llama_fp8.checkpoint import background as async_checkpoint
+from lightning_llama_fp8.checkpoint import directories, resume, state_io
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import preflight as startup_checks
 from lightning_llama_fp8.checkpoint.background import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
 from lightning_llama_fp8.checkpoint.save_workers import prepare_checkpoint_writer
+from lightning_llama_fp8.parallel.ddp import megatron_children
 from lightning_llama_fp8.parallel.layout import PIPELINE_FIELDS
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from lightning_llama_fp8.strategy import MegatronCPStrategy
+    import lightning.pytorch as pl
+
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointingStrategy(Protocol):
+    """What the checkpoint hooks read of their strategy (``MegatronCPStrategy`` has all of it)."""
+
+    layout: ParallelLayout
+    async_save: bool
+    checkpoint_optimizer_sharding: str
+    use_distributed_optimizer: bool
+    ddp_modules: list[torch.nn.Module]
+
+    @property
+    def lightning_module(self) -> pl.LightningModule: ...
+    @property
+    def optimizers(self) -> list[Any]: ...
+    @property
+    def is_global_zero(self) -> bool: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def root_device(self) -> torch.device: ...
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+    def data_parallel_group(self) -> Any: ...
+    def first_failure(self, failure: str | None) -> str | None:
+        """Collective: the first rank's failure text, or None when every rank succeeded."""
+        ...
+
+
 class StrategyCheckpointing:
-    """Checkpoint I/O for one :class:`~lightning_llama_fp8.strategy.MegatronCPStrategy`.
+    """Checkpoint I/O for one strategy (:class:`~lightning_llama_fp8.strategy.MegatronCPStrategy`).
 
     Reads the strategy's settings (``checkpoint_optimizer_sharding``, ``async_save``, the layout) at each call, so
     changing them on the strategy takes effect at the next save.
     """
 
-    def __init__(self, strategy: MegatronCPStrategy) -> None:
+    def __init__(self, strategy: CheckpointingStrategy) -> None:
         self.strategy = strategy
         self.async_saver: AsyncCheckpointSaver | None = None  # created by the first background save
         self.host_reserve: PinnedHostReserve | None = None  # started by reserve_host_copy(), once per strategy
@@ -96,7 +126,7 @@ class StrategyCheckpointing:
             return
 
         def write(directory: Path) -> None:
-            ckpt.save_megatron_state(
+            state_io.save_megatron_state(
                 directory, modules, optimizer, strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
             )
             if strategy.is_global_zero:
@@ -104,7 +134,7 @@ class StrategyCheckpointing:
                 write_info(directory)
 
         with self.parameters_gathered():
-            ckpt.save_directory_atomically(path, write, strategy.is_global_zero, strategy._first_failure)
+            directories.save_directory_atomically(path, write, strategy.is_global_zero, strategy.first_failure)
 
     def _saves_in_background(self) -> bool:
         """``async_save`` inside a running ``fit``, whose next steps and end publish the save; any other save (e.g.
@@ -125,9 +155,9 @@ class StrategyCheckpointing:
         # Lightning's state as it is now: the loops, callbacks and any other optimizer change in place during the
         # steps the shards take to write, so rank 0 pickles it here and writes the bytes at the finalize.
         lightning_state = io.BytesIO()
-        ckpt.run_and_agree(
+        directories.run_and_agree(
             (lambda: torch.save(checkpoint, lightning_state)) if strategy.is_global_zero else None,
-            strategy._first_failure,
+            strategy.first_failure,
         )
 
         def write_rank_zero_files(directory: Path) -> None:
@@ -135,7 +165,7 @@ class StrategyCheckpointing:
             write_info(directory)
 
         def plan_shards(directory: Path) -> Any:
-            return ckpt.save_megatron_state(
+            return state_io.save_megatron_state(
                 directory,
                 modules,
                 optimizer,
@@ -147,7 +177,7 @@ class StrategyCheckpointing:
         if self.host_reserve is not None:
             self.host_reserve.wait()  # else this save would pin a second set of blocks beside the reserved ones
         if self.async_saver is None:
-            self.async_saver = AsyncCheckpointSaver(strategy._first_failure)
+            self.async_saver = AsyncCheckpointSaver(strategy.first_failure)
         # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
         with self.parameters_gathered():
             self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
@@ -178,7 +208,7 @@ class StrategyCheckpointing:
         self._host_copy_planned = True
         try:
             sharding, group = strategy.checkpoint_optimizer_sharding, strategy.data_parallel_group()
-            sizes = ckpt.host_copy_sizes(self.megatron_models(), optimizer, sharding, group)
+            sizes = state_io.host_copy_sizes(self.megatron_models(), optimizer, sharding, group)
         except Exception as err:  # an optimization only: the save itself will say what is wrong, if anything is
             log.warning("Could not size the host copy of a checkpoint ahead of the first background save: %r", err)
             return
@@ -252,9 +282,9 @@ class StrategyCheckpointing:
         path = Path(strategy.broadcast(str(checkpoint_path)))
         optimizer = self.megatron_optimizer()
         self.check(path, with_optimizer=optimizer is not None)
-        ckpt.load_megatron_state(path, self.megatron_models(), optimizer, strategy.data_parallel_group())
+        state_io.load_megatron_state(path, self.megatron_models(), optimizer, strategy.data_parallel_group())
         early, self.early_state = self.early_state, None
-        state = early[1] if early is not None and early[0] == path else ckpt.load_lightning_state(path)
+        state = early[1] if early is not None and early[0] == path else state_io.load_lightning_state(path)
         self._load_other_optimizers(state.get("optimizer_states") or [])
         return state
 
@@ -263,7 +293,7 @@ class StrategyCheckpointing:
         (``resume_settings``: ``check_can_resume``'s ``global_batch_size`` / ``optimizer_settings``)."""
         strategy = self.strategy
         info = ckpt.read_checkpoint_info(path)
-        ckpt.check_can_resume(
+        resume.check_can_resume(
             info,
             getattr(strategy.lightning_module, "arch", None),
             strategy.layout.tensor_model_parallel_size,
@@ -310,7 +340,7 @@ class StrategyCheckpointing:
         if self.async_saver is not None and self.async_saver.remove_after_pending_save(Path(filepath)):
             return
         if self.strategy.is_global_zero:
-            ckpt.remove_checkpoint_directory(Path(filepath))
+            directories.remove_checkpoint_directory(Path(filepath))
 
     # ------------------------------------------------------------------ what is saved
     def megatron_models(self) -> dict[str, torch.nn.Module]:
@@ -344,21 +374,6 @@ class StrategyCheckpointing:
                 "(get_megatron_optimizer chains several parameter groups into one) from configure_optimizers."
             )
         return megatron[0] if megatron else None
-
-
-def megatron_children(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The attributes of ``module`` that are Megatron models: a model, or a ``ModuleList`` of model chunks."""
-    from megatron.core.transformer.module import MegatronModule
-
-    def is_megatron(child: torch.nn.Module) -> bool:
-        return isinstance(child, MegatronModule)
-
-    return {
-        name: child
-        for name, child in module.named_children()
-        if is_megatron(child)
-        or (isinstance(child, torch.nn.ModuleList) and len(child) > 0 and all(map(is_megatron, child)))
-    }
 
 
 def _optimizer_state_exists(optimizer: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Distributed checkpoints: Megatron-Core's ``dist_checkpointing`` (``torch_dist``) format under Lightning.
+"""The checkpoint format: what a checkpoint directory holds, its info file, and the cheap checks that it is complete.
 
 A checkpoint is a directory, written by every rank at once:
 
@@ -10,32 +10,24 @@ A checkpoint is a directory, written by every rank at once:
   position, and any parameters of the LightningModule outside the Megatron model), written by rank 0;
 - ``lightning_llama_fp8.json``: what wrote it (architecture, layout, step), readable without torch, written last.
 
-Saving writes into ``<path>.saving`` and only then replaces ``<path>``, so an interrupted save never damages a
-checkpoint saved earlier under the same name (``last.ckpt``). :func:`read_checkpoint_info` checks a directory
-cheaply (no tensor is read) before anything expensive happens: that it exists, is complete, that every shard file
-its index names is there and long enough, that every file is the one the save wrote (sizes and sampled digests
-recorded in ``lightning_llama_fp8.json``), that the weight shapes in the shard index are those of the architecture
-the JSON names, and :func:`check_can_resume` that it fits the model, layout, batch size and learning rates.
-:func:`resolve_last_checkpoint` finds the newest complete checkpoint of a directory (``ckpt_path="last"``).
+:func:`read_checkpoint_info` checks a directory cheaply (no tensor is read) before anything expensive happens: that it
+exists, is complete, that every shard file its index names is there and long enough, that every file is the one the
+save wrote (sizes and sampled digests recorded in ``lightning_llama_fp8.json``), and that the weight shapes in the
+shard index are those of the architecture the JSON names. Whether it fits this run is ``resume.py``; how it is
+written is ``directories.py`` and ``state_io.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 if TYPE_CHECKING:
-    from lightning_llama_fp8.config import LlamaConfig
+    pass
 
 __all__ = [
     "INFO_FILENAME",
@@ -43,17 +35,13 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "OptimizerSharding",
-    "check_can_resume",
     "read_checkpoint_info",
-    "resolve_last_checkpoint",
-    "save_directory_atomically",
 ]
 
 FORMAT = "lightning_llama_fp8/megatron-torch_dist/1"
 INFO_FILENAME = "lightning_llama_fp8.json"
 LIGHTNING_FILENAME = "lightning.pt"
 MEGATRON_METADATA_FILENAME = "metadata.json"  # written last by dist_checkpointing.save
-TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 OptimizerSharding = Literal["dp_reshardable", "fully_reshardable"]
 
@@ -69,10 +57,6 @@ SHAPE_FIELDS: tuple[str, ...] = (
     "make_vocab_size_divisible_by",
     "tie_embeddings",
 )
-
-#: ``OptimizerSettings`` fields by which Megatron pairs saved optimizer groups with the current ones (their
-#: ``max_lr``/``min_lr``); a change makes Megatron's load fail, so it is refused before anything is built.
-PAIRED_OPTIMIZER_FIELDS: tuple[str, ...] = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr")
 
 #: Files up to this size are digested whole; larger ones (shards) by :data:`DIGEST_BLOCKS` blocks spread over them.
 DIGEST_WHOLE_FILE_BYTES = 8 * 2**20
@@ -299,420 +283,3 @@ def _check_shapes_match_arch(path: Path, metadata: Any, info: CheckpointInfo) ->
             + "; ".join(different)
             + f". The {INFO_FILENAME} was edited or copied from another checkpoint; resume from another checkpoint."
         )
-
-
-def resolve_last_checkpoint(directories: list[Path]) -> Path | None:
-    """The newest complete checkpoint in ``directories`` (by global step, then modification time), for
-    ``ckpt_path="last"``; ``None`` if the directories hold no checkpoint at all.
-
-    Unlike Lightning's lookup (the newest ``last*.ckpt`` by modification time, a dangling link counting as none)
-    this sees through what an interrupted save leaves: a ``last.ckpt`` link whose target was deleted before the
-    link was renewed (``save_top_k`` with ``save_last="link"``), a ``.saving`` or ``.replaced`` directory.
-
-    Raises:
-        CheckpointError: there are checkpoints, but none is complete (the message lists each and what is wrong).
-    """
-    candidates: list[tuple[int, float, Path]] = []
-    problems: list[str] = []
-    for directory in directories:
-        if not directory.is_dir():
-            continue
-        for entry in sorted(directory.iterdir()):
-            if not entry.name.endswith(".ckpt"):  # leaves out <name>.ckpt.saving / .replaced
-                continue
-            try:  # the step from the info file alone first: fully checking every checkpoint would read them all
-                step = int(json.loads((entry / INFO_FILENAME).read_text())["global_step"])
-                candidates.append((step, entry.resolve().stat().st_mtime, entry))
-            except (OSError, ValueError, KeyError, TypeError):
-                try:
-                    read_checkpoint_info(entry)
-                except CheckpointError as err:
-                    problems.append(str(err))
-        for entry in sorted(directory.glob("*.ckpt.replaced")):
-            problems.append(f"{entry} is the previous version of {entry.name[: -len('.replaced')]} set aside by a save")
-    for _, _, entry in sorted(candidates, key=lambda item: item[:2], reverse=True):  # newest first
-        try:
-            read_checkpoint_info(entry)
-        except CheckpointError as err:
-            problems.append(str(err))
-            continue
-        return entry
-    if problems:
-        raise CheckpointError(
-            "ckpt_path='last': no complete checkpoint in "
-            + ", ".join(str(d) for d in directories)
-            + ". Found: "
-            + " | ".join(problems)
-            + ". Pass ckpt_path=<one of them> once repaired, or leave ckpt_path unset to start a new run."
-        )
-    return None
-
-
-def check_can_resume(
-    info: CheckpointInfo,
-    arch: LlamaConfig | None,
-    tensor_model_parallel_size: int,
-    context_parallel_size: int,
-    with_optimizer: bool,
-    *,
-    pipeline: tuple[int, int | None, int | None, int | None] = (1, None, None, None),
-    global_batch_size: int | None = None,
-    optimizer_settings: dict[str, Any] | None = None,
-) -> None:
-    """Refuse, before the model is built, a checkpoint whose weights or optimizer state cannot load here.
-
-    Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size (the same
-    TP, CP and pipeline split: ``pipeline`` is this run's (PP, virtual PP, first-stage layers, last-stage layers)).
-    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check. The global batch size
-    and the learning rates that Megatron pairs optimizer groups by (``optimizer_settings``, an ``OptimizerSettings``
-    as a dict) must be the checkpoint's; pass them when training resumes (``None``: not checked). Optimizer state
-    (``with_optimizer``) must be there and fit the layout, and not go into Megatron-Core's local layer spec.
-    """
-    current = asdict(arch) if arch is not None else dict(info.arch)
-    different = [
-        f"{name}: checkpoint {info.arch[name]!r}, model {current[name]!r}"
-        for name in SHAPE_FIELDS
-        if name in info.arch and info.arch[name] != current.get(name)
-    ]
-    if different:
-        raise CheckpointError(
-            f"Checkpoint {info.path} holds another architecture than the model being trained ("
-            + "; ".join(different)
-            + "). Set model.arch to the checkpoint's (see its lightning_llama_fp8.json)."
-        )
-    saved_batch = info.data.get("global_batch_size")
-    if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
-        raise CheckpointError(
-            f"Checkpoint {info.path} was trained with global_batch_size {saved_batch}, this run has "
-            f"{global_batch_size}: its data position ({info.global_step} global batches) would mean other samples "
-            f"here. Resume with data.global_batch_size={saved_batch}."
-        )
-    saved_optimizer = info.optimizer_settings
-    if optimizer_settings is not None and saved_optimizer:
-        changed = [
-            f"{name}: checkpoint {saved_optimizer[name]!r}, this run {optimizer_settings.get(name)!r}"
-            for name in PAIRED_OPTIMIZER_FIELDS
-            if name in saved_optimizer and not _same_number(saved_optimizer[name], optimizer_settings.get(name))
-        ]
-        if changed:
-            raise CheckpointError(
-                f"Checkpoint {info.path} was trained with other learning rates ("
-                + "; ".join(changed)
-                + "). Megatron pairs the saved optimizer state with this run's parameter groups by them, so they must "
-                "stay the checkpoint's: set model.optimizer back to them (warmup, decay steps, weight decay and the "
-                "schedule may change)."
-            )
-    if not with_optimizer:
-        return
-    if info.optimizer_sharding is None:
-        raise CheckpointError(
-            f"Checkpoint {info.path} has no optimizer state, so training cannot resume from it. Load its weights "
-            "with trainer.validate(ckpt_path=...), or start a new run."
-        )
-    if arch is not None and arch.transformer_impl == "local":
-        # Found by an audit on GPUs: Megatron's distributed optimizer asserts on the empty state of the torch Adam it
-        # falls back to without Transformer Engine (`assert len(steps) == 1`), and loading into the local spec's
-        # fp32 norm weights fails with an in-place write to a leaf view.
-        raise CheckpointError(
-            f"Checkpoint {info.path}: training cannot resume with model.arch.transformer_impl 'local' (Megatron-Core's "
-            "distributed optimizer cannot reload its state into the local layer spec). Resume with transformer_impl "
-            "'transformer_engine' from a checkpoint saved with it; this checkpoint's weights still load for "
-            "validation (llama-fp8 validate / trainer.validate(ckpt_path=...))."
-        )
-    saved = (info.tensor_model_parallel_size, info.context_parallel_size, *info.pipeline_split)
-    here = (tensor_model_parallel_size, context_parallel_size, *pipeline)
-    if info.optimizer_sharding == "dp_reshardable" and saved != here:
-        raise CheckpointError(
-            f"Checkpoint {info.path} was saved with {_describe_layout(saved)} and optimizer state sharded "
-            "'dp_reshardable', which only reloads with the same TP, CP and pipeline split (any DP size); this run has "
-            f"{_describe_layout(here)}. Resume with the checkpoint's layout, or save with "
-            "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
-        )
-
-
-def _describe_layout(layout: tuple[Any, ...]) -> str:
-    tp, cp, pp, vpp, first, last = layout
-    text = f"TP={tp}, CP={cp}"
-    if pp > 1:
-        text += f", PP={pp}"
-        text += f", virtual PP={vpp}" if vpp is not None else ""
-        text += f", {first} layers in the first stage" if first is not None else ""
-        text += f", {last} layers in the last stage" if last is not None else ""
-    return text
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is b
-    return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
-
-
-def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree: Any) -> None:
-    """Run ``write(tmp_dir)`` on every rank, then make ``tmp_dir`` appear at ``path`` in one rename.
-
-    A checkpoint already at ``path`` (``last.ckpt`` saved again) is moved aside to ``<path>.replaced`` only once
-    the new one is complete, and deleted only once the new one is in place; an interrupted save leaves
-    ``<path>.saving`` behind and the old checkpoint untouched. If a save stopped between the two renames, the
-    next save first moves the previous version back. ``agree(text_or_none)`` is a collective over all ranks that
-    returns the first rank's failure text (or None): after each phase every rank learns whether any rank failed,
-    and all raise together instead of some waiting for the others at the next collective. (A failure inside one of
-    Megatron's own collectives during ``write`` that hits rank 0 alone still ends only at the process-group
-    timeout; the write probe in the first phase catches the common cause, a file system rank 0 cannot write.)
-    """
-    tmp = saving_directory(path)
-    run_and_agree((lambda: prepare_saving_directory(path)) if is_rank_zero else None, agree)
-
-    def write_or_explain() -> None:
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        try:
-            write(tmp)
-        except (Exception, CheckpointException) as err:  # torch's writer says "unexpected pos" for a full disk
-            raise CheckpointError(write_failure_message(path, f"{type(err).__name__}: {err}")) from err
-
-    run_and_agree(write_or_explain, agree)
-    run_and_agree((lambda: publish_saving_directory(path)) if is_rank_zero else None, agree)
-
-
-def write_failure_message(path: Path, failure: str) -> str:
-    """What a failed write of checkpoint ``path`` tells the user: the cause, what is intact, the free space."""
-    from lightning_llama_fp8.checkpoint.outputs import free_bytes
-
-    free = free_bytes(path.parent)
-    space = f"{free / 2**30:.1f} GiB free there now" if free is not None else "free space unknown"
-    return (
-        f"Writing checkpoint {path} failed: {failure[:600]}. Nothing was replaced: the checkpoint that was at this "
-        f"name (if any) and every other one are as they were; the unfinished files are in {saving_directory(path)}. "
-        f"A full disk is the usual cause ({space}; a checkpoint with its optimizer state takes about 14 bytes per "
-        "parameter): free space or save elsewhere (ModelCheckpoint(dirpath=...)), check permissions, then resume from "
-        "the newest complete checkpoint (ckpt_path='last')."
-    )
-
-
-def saving_directory(path: Path) -> Path:
-    """Where a save of ``path`` writes until it is complete (``<path>.saving``)."""
-    return path.with_name(path.name + ".saving")
-
-
-def prepare_saving_directory(path: Path) -> Path:
-    """First phase of a save of ``path`` (rank 0): an empty, writable ``<path>.saving``; returns it.
-
-    If an earlier save stopped between the two renames of :func:`publish_saving_directory`, the previous version
-    goes back to ``path`` first; leftovers of an interrupted save are removed.
-    """
-    tmp, old = saving_directory(path), path.with_name(path.name + ".replaced")
-    if old.is_dir() and not path.exists() and not path.is_symlink():
-        old.rename(path)  # the previous version of an interrupted replacement comes back first
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir(parents=True)
-    probe = tmp / ".write_probe"  # a read-only or full file system fails here, before Megatron's collectives
-    probe.write_bytes(b"\0" * 4096)
-    probe.unlink()
-    return tmp
-
-
-def publish_saving_directory(path: Path) -> None:
-    """Last phase of a save of ``path`` (rank 0): the complete ``<path>.saving`` replaces ``path``.
-
-    A checkpoint already at ``path`` is moved aside to ``<path>.replaced`` and deleted only once the new one is in
-    place, so a kill between the renames loses neither.
-    """
-    tmp, old = saving_directory(path), path.with_name(path.name + ".replaced")
-    if path.is_dir() and not path.is_symlink():
-        path.rename(old)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def run_and_agree(step: Any, agree: Any) -> None:
-    """Run ``step`` (``None``: nothing on this rank), then raise on every rank if it failed on any."""
-    error = None
-    if step is not None:
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        try:
-            step()
-        except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
-            error = err
-    failure = agree(f"{type(error).__name__}: {error}" if error is not None else None)
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise CheckpointError(f"Saving the checkpoint failed on another rank ({failure}); nothing was replaced.")
-
-
-def remove_checkpoint_directory(path: Path) -> None:
-    """Delete a checkpoint directory (or a file/link of that name) and any unfinished save or set-aside copy."""
-    for target in (path, path.with_name(path.name + ".saving"), path.with_name(path.name + ".replaced")):
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-
-
-def load_lightning_state(path: Path) -> dict[str, Any]:
-    """Lightning's part of a checkpoint (unpickled in full: it holds hyper-parameter dataclasses and callback state)."""
-    try:
-        return torch.load(path / LIGHTNING_FILENAME, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(
-            f"Checkpoint {path}: {LIGHTNING_FILENAME} cannot be read ({type(err).__name__}: {err}). If the file is "
-            "damaged, resume from another checkpoint; if a class it names cannot be imported, install what wrote it."
-        ) from err
-
-
-# ---------------------------------------------------------------------- Megatron's sharded state
-def _sharded_metadata(sharding: str, dp_cp_group: Any) -> dict[str, Any]:
-    """The ``metadata`` Megatron's ``sharded_state_dict`` methods take (the keys Megatron-LM passes)."""
-    return {
-        "distrib_optim_sharding_type": sharding,
-        "singleton_local_shards": False,
-        "chained_optim_avoid_prefix": True,
-        "dp_cp_group": dp_cp_group,
-    }
-
-
-def _megatron_sharded_state_dict(
-    modules: dict[str, torch.nn.Module], optimizer: Any, metadata: dict[str, Any], loading: bool
-) -> dict[str, Any]:
-    state = {name: module.sharded_state_dict(metadata=metadata) for name, module in modules.items()}
-    if optimizer is not None:
-        # The optimizer's entries are keyed by the model's, so it is built from (and saved with) the model dict.
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
-    return state
-
-
-def save_megatron_state(
-    directory: Path,
-    modules: dict[str, torch.nn.Module],
-    optimizer: Any,
-    sharding: str,
-    dp_cp_group: Any,
-    *,
-    in_background: bool = False,
-) -> Any:
-    """Write ``modules`` (unwrapped Megatron models, by key) and ``optimizer`` into ``directory``; all ranks call.
-
-    ``sharding`` is the distributed optimizer's ``distrib_optim_sharding_type``; it is stored as the checkpoint's
-    content metadata, from which :func:`load_megatron_state` takes it back. ``in_background=True`` only plans the
-    write and returns Megatron's ``AsyncRequest`` for it (see ``async_checkpoint.py``); otherwise returns ``None``
-    once the files are written.
-    """
-    from megatron.core import dist_checkpointing
-
-    metadata = _sharded_metadata(sharding, dp_cp_group)
-    state = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=False)
-    content = {key: value for key, value in metadata.items() if key != "dp_cp_group"}  # a group is not data
-    if not in_background:
-        return dist_checkpointing.save(state, str(directory), content_metadata=content)
-    # megatron-core's own background writer ("mcore"): its default, "nvrx", needs nvidia-resiliency-ext.
-    return dist_checkpointing.save(
-        state, str(directory), content_metadata=content, async_sharded_save=True, async_strategy="mcore"
-    )
-
-
-def host_copy_sizes(
-    modules: dict[str, torch.nn.Module], optimizer: Any, sharding: str, dp_cp_group: Any, device_type: str = "cuda"
-) -> list[int]:
-    """The bytes of each tensor this rank copies to host memory in a background save of ``modules`` / ``optimizer``.
-
-    The same sharded state dict :func:`save_megatron_state` writes, after the preprocessing Megatron's save applies
-    (factories that split fused weights, non-persistent entries dropped), without its collective checks (building a
-    ``fully_reshardable`` optimizer state gathers it: pass ``optimizer=None`` there); only the
-    tensors on ``device_type`` that this rank writes (the main replica: Megatron's torch_dist writer drops the
-    others). FP8 weights count at their nominal dtype (BF16): the writer dequantizes them before the copy.
-    """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
-    state = _megatron_sharded_state_dict(modules, optimizer, _sharded_metadata(sharding, dp_cp_group), loading=False)
-    sharded, _ = save_preprocess(state, validate_access_integrity=False)
-    sizes = []
-    for item in nested_values(sharded):
-        if not isinstance(item, ShardedTensor) or not is_main_replica(item.replica_id):
-            continue
-        data = item.data
-        if isinstance(data, torch.Tensor) and data.device.type == device_type:
-            sizes.append(data.numel() * data.dtype.itemsize)
-    return sizes
-
-
-def load_megatron_state(directory: Path, modules: dict[str, torch.nn.Module], optimizer: Any, dp_cp_group: Any) -> None:
-    """Load what :func:`save_megatron_state` wrote into ``modules`` (any layout) and ``optimizer``; all ranks call.
-
-    Like every torch checkpoint this unpickles data (torch.distributed.checkpoint's index and objects, Transformer
-    Engine's delayed-scaling FP8 state): load only checkpoints you trust.
-    """
-    from megatron.core import dist_checkpointing
-
-    content = dist_checkpointing.load_content_metadata(str(directory)) or {}
-    metadata = {**_sharded_metadata("dp_reshardable", dp_cp_group), **content, "dp_cp_group": dp_cp_group}
-    template = _megatron_sharded_state_dict(modules, optimizer, metadata, loading=optimizer is not None)
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        loaded = dist_checkpointing.load(template, str(directory))
-    # torch.distributed.checkpoint / Megatron raise many kinds (CheckpointException is a BaseException): name the path
-    except (Exception, CheckpointException) as err:
-        raise CheckpointError(
-            f"Checkpoint {directory}: reading its shards failed ({type(err).__name__}: {err}). Its files are damaged "
-            "or do not belong together, or it holds another model than this one; resume from another checkpoint."
-        ) from err
-    with _te_extra_state_pickles_allowed():
-        for name, module in modules.items():
-            module.load_state_dict(loaded[name])
-    if optimizer is not None:
-        try:
-            optimizer.load_state_dict(loaded["optimizer"])
-        except (KeyError, ValueError) as err:  # Megatron pairs saved and current parameter groups by their settings
-            raise CheckpointError(
-                f"Checkpoint {directory}: its optimizer state does not fit this run's parameter groups ({err!r}). "
-                "Megatron pairs them by learning rate, min_lr, decoupled_lr and weight decay: resume with the "
-                "optimizer settings the checkpoint was trained with (its lightning.pt holds them as hyper-parameters)."
-            ) from err
-        _requantize_fp8_weights_from_main_params(optimizer, modules)
-
-
-def _requantize_fp8_weights_from_main_params(optimizer: Any, modules: dict[str, torch.nn.Module]) -> None:
-    """Rebuild FP8 weights (``fp8_param_gather``) from the fp32 main weights, as every optimizer step does.
-
-    An FP8 weight is checkpointed dequantized (FP8 value x a non-power-of-two scale, rounded to BF16), and loading
-    quantizes that again: near a rounding boundary it lands on the neighbouring FP8 value. Training itself always
-    quantizes from the fp32 main weights, which the optimizer state holds exactly, so do that (Megatron's own
-    end-of-step copy) and all-gather the result. Found on one H200: without it the first resumed step's loss was
-    6e-4 off the uninterrupted run's.
-    """
-    if not any(_is_quantized(param) for module in modules.values() for param in module.parameters()):
-        return
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        part._copy_main_params_to_model_params()  # Megatron-private; the call its optimizer.step() makes
-    for model_chunk in getattr(optimizer, "model_chunks", []):  # the DDP-wrapped models, once each
-        model_chunk.start_param_sync(force_sync=True)
-
-
-def _is_quantized(param: torch.Tensor) -> bool:
-    """Whether ``param`` is stored in a Transformer Engine low-precision format (FP8 weights)."""
-    return type(param).__module__.startswith("transformer_engine") or type(param.data).__module__.startswith(
-        "transformer_engine"
-    )
-
-
-@contextmanager
-def _te_extra_state_pickles_allowed() -> Iterator[None]:
-    """Transformer Engine's opt-in for its pickled FP8 state (``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``), for
-    this load only: TE 2.20 refuses that state by default, including in checkpoints it wrote itself."""
-    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
-    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(TE_UNSAFE_PICKLE_ENV, None)
-        else:
-            os.environ[TE_UNSAFE_PICKLE_ENV] = previous

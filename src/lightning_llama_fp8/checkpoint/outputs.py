@@ -47,14 +47,13 @@ class OutputLocation:
 def output_locations(trainer: Any) -> list[OutputLocation]:
     """The local directories this ``trainer``'s callbacks and loggers will write into (remote URLs left out).
 
-    ``ModelCheckpoint`` (its ``dirpath``; every rank writes its shards), the loggers (rank 0), ``NaNGuard``
-    (its ``report_dir``, else the log directory; rank 0) and ``FP8StatsMonitor`` with TE debug statistics (every
-    rank). A callback of another kind can add its own by defining ``output_directories(trainer)`` returning
-    ``[(path, every_rank), ...]``. Call on every rank: ``trainer.log_dir`` is a collective.
+    ``ModelCheckpoint`` (its ``dirpath``; every rank writes its shards), the loggers (rank 0), and every callback
+    that says where it writes by defining ``output_directories(trainer)`` returning ``[(path, every_rank), ...]``
+    (or ``(path, every_rank, what)``)
+    (``NaNGuard``'s reports, ``FP8StatsMonitor``'s TE debug output). Call on every rank: ``trainer.log_dir`` is a
+    collective.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_llama_fp8.callbacks.te_debug import TE_DEBUG_DIR
 
     log_dir = trainer.log_dir or trainer.default_root_dir
     found: list[OutputLocation] = []
@@ -64,14 +63,10 @@ def output_locations(trainer: Any) -> list[OutputLocation]:
             # Without a dirpath Lightning saves into <log dir>/checkpoints (<default_root_dir>/... if no logger).
             directory = Path(callback.dirpath) if callback.dirpath is not None else Path(log_dir) / "checkpoints"
             found.append(OutputLocation(directory, f"{name} dirpath", every_rank=True))
-        elif name == "NaNGuard":
-            report_dir = getattr(callback, "report_dir", None) or log_dir
-            found.append(OutputLocation(Path(report_dir), f"{name} report_dir", every_rank=False))
-        elif name == "FP8StatsMonitor" and getattr(callback, "te_debug_stats", None):
-            found.append(OutputLocation(Path(log_dir) / TE_DEBUG_DIR, f"{name} TE debug output", every_rank=True))
         extra = getattr(callback, "output_directories", None)
         if callable(extra):
-            found += [OutputLocation(Path(path), name, bool(every)) for path, every in extra(trainer)]
+            for path, every_rank, *what in extra(trainer):
+                found.append(OutputLocation(Path(path), " ".join([name, *what]), bool(every_rank)))
     for logger in trainer.loggers:
         directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if directory:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint import resume, state_io
 from lightning_llama_fp8.checkpoint.outputs import (
     UnwritableOutputError,
     checkpoint_bytes_estimate,
@@ -59,15 +60,15 @@ def check_before_building(strategy: Any) -> tuple[Path, dict[str, Any]] | None:
             resuming = fitting and getattr(module, "arch", None) is not None
             settings = resume_settings(module, trainer.datamodule) if fitting else {}
             strategy.check_checkpoint(path, with_optimizer=resuming, **settings)
-            early = (path, ckpt.load_lightning_state(path))
+            early = (path, state_io.load_lightning_state(path))
     except ckpt.CheckpointError as err:
         error = err
-    failure = strategy._first_failure(str(error) if error is not None else None)
+    failure = strategy.first_failure(str(error) if error is not None else None)
     if error is not None:
         raise error
     if failure is not None:
         raise ckpt.CheckpointError(failure)
-    check_output_locations(trainer, strategy.is_global_zero, strategy._first_failure)
+    check_output_locations(trainer, strategy.is_global_zero, strategy.first_failure)
     return early
 
 
@@ -94,7 +95,7 @@ def checkpoint_to_load(trainer: Any) -> Path | None:
 
 def _check_last_is_newest(trainer: Any, chosen: Any) -> None:
     directories = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    newest = ckpt.resolve_last_checkpoint(directories)  # raises when checkpoints exist but none is complete
+    newest = resume.resolve_last_checkpoint(directories)  # raises when checkpoints exist but none is complete
     if newest is None:
         return
     newest_step = ckpt.read_checkpoint_info(newest).global_step
@@ -120,7 +121,7 @@ def _check_last_is_newest(trainer: Any, chosen: Any) -> None:
 def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint, as far as this module and data module say.
 
-    Keyword arguments of :func:`~lightning_llama_fp8.checkpoint.info.check_can_resume`: ``global_batch_size`` (a
+    Keyword arguments of :func:`~lightning_llama_fp8.checkpoint.resume.check_can_resume`: ``global_batch_size`` (a
     ``GPTDataModule``'s) and ``optimizer_settings`` (``LlamaLightningModule.optim`` as a dict); ``None`` where the
     module or data module has no such thing.
     """

@@ -1,12 +1,17 @@
-"""Data modules for Llama 3 pretraining on megatron-core datasets."""
+"""Data modules for Llama 3 pretraining on megatron-core datasets, and the corpus tools behind them."""
 
-from lightning_llama_fp8.data.base import GPTDataModule, ResumableDataLoader, ShardSampler, check_split_sizes
-from lightning_llama_fp8.data.indexed import IndexedDataModule, check_corpus, check_token_ids, parse_data_path
-from lightning_llama_fp8.data.mock import MockDataModule
+from __future__ import annotations
 
-# The function preprocess() stays in its module: exported here, it would shadow the module of the same name.
-from lightning_llama_fp8.data.preprocess import CorpusInputError, PreprocessSummary, read_sidecar
-from lightning_llama_fp8.data.tokenizer import TokenizerSpec, resolve_tokenizer
+from typing import TYPE_CHECKING
+
+from lightning_llama_fp8._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_llama_fp8.data.base import GPTDataModule, ResumableDataLoader, ShardSampler, check_split_sizes
+    from lightning_llama_fp8.data.indexed import IndexedDataModule, check_corpus, check_token_ids, parse_data_path
+    from lightning_llama_fp8.data.mock import MockDataModule
+    from lightning_llama_fp8.data.preprocess import CorpusInputError, PreprocessSummary, read_sidecar
+    from lightning_llama_fp8.data.tokenizer import TokenizerSpec, resolve_tokenizer
 
 __all__ = [
     "CorpusInputError",
@@ -24,3 +29,23 @@ __all__ = [
     "read_sidecar",
     "resolve_tokenizer",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "CorpusInputError": "lightning_llama_fp8.data.preprocess",
+        "GPTDataModule": "lightning_llama_fp8.data.base",
+        "IndexedDataModule": "lightning_llama_fp8.data.indexed",
+        "MockDataModule": "lightning_llama_fp8.data.mock",
+        "PreprocessSummary": "lightning_llama_fp8.data.preprocess",
+        "ResumableDataLoader": "lightning_llama_fp8.data.base",
+        "ShardSampler": "lightning_llama_fp8.data.base",
+        "TokenizerSpec": "lightning_llama_fp8.data.tokenizer",
+        "check_corpus": "lightning_llama_fp8.data.indexed",
+        "check_split_sizes": "lightning_llama_fp8.data.base",
+        "check_token_ids": "lightning_llama_fp8.data.indexed",
+        "parse_data_path": "lightning_llama_fp8.data.indexed",
+        "read_sidecar": "lightning_llama_fp8.data.preprocess",
+        "resolve_tokenizer": "lightning_llama_fp8.data.tokenizer",
+    },
+)

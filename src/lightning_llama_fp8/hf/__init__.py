@@ -9,9 +9,17 @@
 ``safetensors`` is the only dependency; ``transformers`` is used by the tests only.
 """
 
-from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama, llama_config_from_hf
-from lightning_llama_fp8.hf.export import export_to_hf
-from lightning_llama_fp8.hf.load import arch_for_hf, check_hf_weights, load_hf_weights
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning_llama_fp8._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_llama_fp8.hf.arch import arch_for_hf, hf_config_from_llama, llama_config_from_hf
+    from lightning_llama_fp8.hf.config import HFConfigError
+    from lightning_llama_fp8.hf.export import export_to_hf
+    from lightning_llama_fp8.hf.load import check_hf_weights, load_hf_weights
 
 __all__ = [
     "HFConfigError",
@@ -22,3 +30,16 @@ __all__ = [
     "llama_config_from_hf",
     "load_hf_weights",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "HFConfigError": "lightning_llama_fp8.hf.config",
+        "arch_for_hf": "lightning_llama_fp8.hf.arch",
+        "check_hf_weights": "lightning_llama_fp8.hf.load",
+        "export_to_hf": "lightning_llama_fp8.hf.export",
+        "hf_config_from_llama": "lightning_llama_fp8.hf.arch",
+        "llama_config_from_hf": "lightning_llama_fp8.hf.arch",
+        "load_hf_weights": "lightning_llama_fp8.hf.load",
+    },
+)

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> :class:`~lightning_llama_fp8.config.LlamaConfig`.
+"""Hugging Face ``config.json`` read into the fields of :class:`~lightning_llama_fp8.config.LlamaConfig`.
 
 Only what Megatron-Core's GPTModel computes exactly like ``transformers.LlamaForCausalLM`` is accepted: RMSNorm,
 SwiGLU (``silu``), RoPE without or with Llama 3.1's ``llama3`` frequency scaling (low 1, high 4, original context
@@ -8,13 +8,10 @@ the field that is unsupported, so a model is never trained (or exported) as a di
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
-
-from lightning_llama_fp8.config import LlamaConfig
 
 CONFIG_FILENAME = "config.json"
 
@@ -80,12 +77,11 @@ def rope_settings(config: dict[str, Any], source: str = CONFIG_FILENAME) -> tupl
     return float(config.get("rope_theta", 10000.0)), scaling
 
 
-def llama_config_from_hf(path_or_config: str | Path | dict[str, Any], **overrides: Any) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a Hugging Face Llama 3 / 3.1 / 3.2 model (``config.json``).
+def hf_architecture(path_or_config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The :class:`~lightning_llama_fp8.config.LlamaConfig` fields that a Hugging Face Llama 3 / 3.1 / 3.2
+    ``config.json`` (a model directory, the file, or its parsed contents) decides, and where they came from.
 
-    ``overrides`` set training-side fields (``seq_length``, ``zero_centered_gamma``, ``transformer_impl``, ...);
-    fields that ``config.json`` decides cannot be overridden. ``seq_length`` defaults to 8192, or to
-    ``max_position_embeddings`` if that is smaller.
+    ``seq_length`` is 8192, or ``max_position_embeddings`` if that is smaller.
 
     Raises:
         HFConfigError: naming the field, for anything GPTModel would compute differently from
@@ -95,12 +91,6 @@ def llama_config_from_hf(path_or_config: str | Path | dict[str, Any], **override
         config, source = path_or_config, CONFIG_FILENAME
     else:
         config, source = read_hf_config(path_or_config), str(_config_file(Path(path_or_config)))
-    fixed = sorted(set(overrides) & set(HF_DEFINED_FIELDS))
-    if fixed:
-        raise HFConfigError(f"{', '.join(fixed)} come from {source} and cannot be overridden.")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)})
-    if unknown:
-        raise HFConfigError(f"Unknown LlamaConfig field(s) {unknown}.")
     _refuse_unsupported(config, source)
 
     def required(name: str) -> Any:
@@ -129,10 +119,7 @@ def llama_config_from_hf(path_or_config: str | Path | dict[str, Any], **override
     )
     max_positions = config.get("max_position_embeddings")
     fields["seq_length"] = min(LLAMA3_CONTEXT, int(max_positions)) if max_positions else LLAMA3_CONTEXT
-    try:
-        return LlamaConfig(**{**fields, **overrides})
-    except ValueError as err:
-        raise HFConfigError(f"{source}: {err}") from err
+    return fields, source
 
 
 def _config_file(path: Path) -> Path:
@@ -179,57 +166,3 @@ def _refuse_unsupported(config: dict[str, Any], source: str) -> None:
                 problems.append(f"RoPE scaling factor is {scaling.get('factor')!r} (must be > 0)")
     if problems:
         raise HFConfigError(f"{source} describes a model this package cannot represent: " + "; ".join(problems) + ".")
-
-
-def hf_config_from_llama(
-    arch: LlamaConfig, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None
-) -> dict[str, Any]:
-    """The ``config.json`` of ``arch`` for ``transformers.LlamaForCausalLM`` (BF16 weights).
-
-    RoPE is written both as transformers 5's ``rope_parameters`` and as the older ``rope_theta`` / ``rope_scaling``
-    fields, so transformers 4.x and tools that read those (vLLM) get the same model. ``max_position_embeddings`` is
-    Meta's published context (8192, or 131072 with ``llama3`` scaling), or the training ``seq_length`` if longer.
-    """
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(arch.rotary_base)}
-    scaling = None
-    if arch.rope_scaling:
-        scaling = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE}
-        rope = {**scaling, "rope_theta": float(arch.rotary_base)}
-    context = LLAMA3_1_CONTEXT if arch.rope_scaling else LLAMA3_CONTEXT
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "head_dim": arch.kv_channels,
-        "hidden_act": "silu",
-        "hidden_size": arch.hidden_size,
-        "initializer_range": arch.init_method_std,
-        "intermediate_size": arch.ffn_hidden_size,
-        "max_position_embeddings": max(context, arch.seq_length),
-        "mlp_bias": False,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_hidden_layers": arch.num_layers,
-        "num_key_value_heads": arch.num_query_groups,
-        "pretraining_tp": 1,
-        "rms_norm_eps": arch.norm_epsilon,
-        "rope_parameters": rope,
-        "rope_theta": float(arch.rotary_base),
-        "rope_scaling": scaling,
-        "tie_word_embeddings": arch.tie_embeddings,
-        "dtype": "bfloat16",
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": arch.vocab_size,
-    }
-
-
-def hf_defined_differences(arch: LlamaConfig, other: LlamaConfig) -> list[str]:
-    """``field: a vs b`` for every field that config.json decides and the two configs disagree on."""
-    return [
-        f"{name}: {getattr(arch, name)!r} vs {getattr(other, name)!r}"
-        for name in HF_DEFINED_FIELDS
-        if getattr(arch, name) != getattr(other, name) and not (name == "rope_scaling_factor" and not arch.rope_scaling)
-    ]

@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - another torch
 
 from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
-from lightning_llama_fp8.hf.config import HFConfigError, hf_config_from_llama
+from lightning_llama_fp8.hf.arch import hf_config_from_llama
+from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, PlannedSafetensorsWriter
 from lightning_llama_fp8.hf.mapping import (
     HF_LAYER_TENSORS,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_llama_fp8.config import LlamaConfig, get_preset
-from lightning_llama_fp8.hf.config import HFConfigError, hf_defined_differences, llama_config_from_hf
+from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.files import SafetensorsDir
 from lightning_llama_fp8.hf.mapping import (
     HF_IGNORED_SUFFIXES,
@@ -28,36 +28,6 @@ from lightning_llama_fp8.hf.mapping import (
 from lightning_llama_fp8.parallel.pipeline import chunk_layer_offset
 
 log = logging.getLogger(__name__)
-
-
-def arch_for_hf(arch: str | LlamaConfig | None, init_weights: str | os.PathLike[str] | None) -> LlamaConfig:
-    """The architecture to train when weights come from the Hugging Face directory ``init_weights``.
-
-    ``arch`` None (or the same directory): the one ``config.json`` describes. A preset name, a LlamaConfig or
-    another Hugging Face directory must agree with it on every field config.json decides, else HFConfigError.
-    """
-    hf_dir = init_weights if init_weights is not None else arch
-    assert isinstance(hf_dir, (str, os.PathLike))
-    from_file = llama_config_from_hf(hf_dir)
-    if arch is None or (isinstance(arch, (str, os.PathLike)) and _same_path(arch, hf_dir)):
-        return from_file
-    if isinstance(arch, LlamaConfig):
-        given = arch
-    elif Path(arch, "config.json").is_file():
-        given = llama_config_from_hf(arch)
-    else:
-        given = get_preset(str(arch))
-    differences = hf_defined_differences(given, from_file)
-    if differences:
-        raise HFConfigError(
-            f"model.arch disagrees with {Path(hf_dir) / 'config.json'} on {'; '.join(differences)} (arch vs "
-            "config.json). Leave model.arch out to take the architecture from config.json, or make it agree."
-        )
-    return given
-
-
-def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def check_hf_weights(path: str | os.PathLike[str], arch: LlamaConfig) -> SafetensorsDir:

@@ -16,12 +16,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_llama_fp8.checkpoint.hooks import megatron_children
-
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallelConfig
 
 log = logging.getLogger(__name__)
+
+
+def megatron_children(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The attributes of ``module`` that are Megatron models: a model, or a ``ModuleList`` of model chunks."""
+    from megatron.core.transformer.module import MegatronModule
+
+    def is_megatron(child: torch.nn.Module) -> bool:
+        return isinstance(child, MegatronModule)
+
+    return {
+        name: child
+        for name, child in module.named_children()
+        if is_megatron(child)
+        or (isinstance(child, torch.nn.ModuleList) and len(child) > 0 and all(map(is_megatron, child)))
+    }
 
 
 def wrap_megatron_modules(module: torch.nn.Module, ddp_config: DistributedDataParallelConfig) -> list[torch.nn.Module]:

@@ -11,10 +11,24 @@ virtual chunk 0 of every stage in stage order holds the first layers, then chunk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from lightning_llama_fp8.parallel.layout import ParallelLayout
+
+class PipelineSplit(Protocol):
+    """The pipeline fields of a layout (:class:`~lightning_llama_fp8.parallel.layout.ParallelLayout` has them)."""
+
+    @property
+    def pipeline_model_parallel_size(self) -> int: ...
+    @property
+    def virtual_pipeline_model_parallel_size(self) -> int | None: ...
+    @property
+    def num_layers_in_first_pipeline_stage(self) -> int | None: ...
+    @property
+    def num_layers_in_last_pipeline_stage(self) -> int | None: ...
+    @property
+    def chunks_per_stage(self) -> int:
+        """Model chunks per stage: the virtual pipeline size, or 1."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class ModelChunk:
     has_output_layer: bool  # the last chunk of the last stage (final norm, output layer, loss)
 
 
-def stage_layer_counts(layout: ParallelLayout, num_layers: int) -> list[int]:
+def stage_layer_counts(layout: PipelineSplit, num_layers: int) -> list[int]:
     """Transformer layers per pipeline stage (all its chunks together)."""
     pp = layout.pipeline_model_parallel_size
     first, last = layout.num_layers_in_first_pipeline_stage, layout.num_layers_in_last_pipeline_stage
@@ -45,7 +59,7 @@ def stage_layer_counts(layout: ParallelLayout, num_layers: int) -> list[int]:
     return counts
 
 
-def model_chunks(layout: ParallelLayout, num_layers: int, pipeline_rank: int | None = None) -> list[ModelChunk]:
+def model_chunks(layout: PipelineSplit, num_layers: int, pipeline_rank: int | None = None) -> list[ModelChunk]:
     """Every model chunk of the layout (or of one pipeline rank), in (pipeline rank, virtual stage) order.
 
     Assumes ``pipeline_problems(layout, num_layers)`` is empty.
@@ -69,13 +83,13 @@ def model_chunks(layout: ParallelLayout, num_layers: int, pipeline_rank: int | N
     return chunks
 
 
-def largest_chunk_layers(layout: ParallelLayout, num_layers: int) -> int:
+def largest_chunk_layers(layout: PipelineSplit, num_layers: int) -> int:
     """The most transformer layers a model chunk holds. All chunks share one ``recompute_num_layers``, which
     Megatron clamps to each chunk's own layer count (``recompute.py``), so it may go up to this."""
     return max(len(chunk.layers) for chunk in model_chunks(layout, num_layers))
 
 
-def pipeline_problems(layout: ParallelLayout, num_layers: int | None) -> list[str]:
+def pipeline_problems(layout: PipelineSplit, num_layers: int | None) -> list[str]:
     """What Megatron would refuse (or silently not do) about the pipeline split; ``num_layers`` None: not known."""
     pp, vpp = layout.pipeline_model_parallel_size, layout.virtual_pipeline_model_parallel_size
     first, last = layout.num_layers_in_first_pipeline_stage, layout.num_layers_in_last_pipeline_stage
@@ -143,7 +157,7 @@ def pipeline_problems(layout: ParallelLayout, num_layers: int | None) -> list[st
     return problems
 
 
-def interleaved_schedule_problems(layout: ParallelLayout, num_microbatches: int) -> list[str]:
+def interleaved_schedule_problems(layout: PipelineSplit, num_microbatches: int) -> list[str]:
     """Megatron's interleaved schedule runs micro batches in groups of PP per chunk: it needs a whole number of them."""
     pp = layout.pipeline_model_parallel_size
     if num_microbatches >= pp and num_microbatches % pp == 0:
@@ -156,7 +170,7 @@ def interleaved_schedule_problems(layout: ParallelLayout, num_microbatches: int)
     ]
 
 
-def bubble_fraction(layout: ParallelLayout, num_microbatches: int) -> float:
+def bubble_fraction(layout: PipelineSplit, num_microbatches: int) -> float:
     """The share of a step each stage idles while the pipeline fills and drains (0 without PP).
 
     Megatron's papers (Narayanan et al. 2021) give the bubble as (PP - 1) / (chunks x micro batches) of the ideal

@@ -38,7 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_llama_fp8.config import LlamaConfig, resolve_arch
+from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.pipeline_layout import (

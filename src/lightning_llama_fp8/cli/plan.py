@@ -1,0 +1,117 @@
+"""``llama-fp8 plan``: validate a layout and print its parameters, memory per GPU and FLOPs, on any machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, plan_from_config, precision_from, read_config_file
+from lightning_llama_fp8.parallel.layout import LayoutError
+from lightning_llama_fp8.plan import format_plan
+
+
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llama-fp8 plan", description="Validate a layout and print its cost.")
+    parser.add_argument("--config", type=Path, help="a LightningCLI YAML (examples/configs/*.yaml)")
+    parser.add_argument("--gpus", type=int, help="number of GPUs (default: trainer.devices x num_nodes)")
+    parser.add_argument("--arch", help="preset name, overriding the config's model.arch")
+    parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
+    parser.add_argument("--cp", type=int, help="context_parallel_size")
+    parser.add_argument("--pp", type=int, help="pipeline_model_parallel_size")
+    parser.add_argument("--vpp", type=int, help="virtual_pipeline_model_parallel_size (0: none)")
+    parser.add_argument("--first-stage-layers", type=int, help="num_layers_in_first_pipeline_stage")
+    parser.add_argument("--last-stage-layers", type=int, help="num_layers_in_last_pipeline_stage")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--precision", choices=("fp8", "bf16"))
+    parser.add_argument("--recompute", choices=("off", "selective", "full"), help="activation recompute granularity")
+    parser.add_argument("--recompute-method", choices=("uniform", "block"), help="full recompute only")
+    parser.add_argument("--recompute-num-layers", type=int, help="full recompute: layers per chunk / checkpointed")
+    parser.add_argument("--recompute-modules", nargs="+", help="selective recompute: core_attn, mlp, layernorm")
+    parser.add_argument(
+        "--optimizer-offload-fraction", type=float, help="share of the optimizer state on the CPU (0: off)"
+    )
+    parser.add_argument("--gpu-memory-gib", type=float, help="say whether the plan fits GPUs of this size")
+    args = parser.parse_args(argv)
+
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            config = read_config_file(args.config)
+        except ValueError as err:
+            print(f"llama-fp8 plan: {err}", file=sys.stderr)
+            return EXIT_CANNOT_TRAIN
+    _apply_overrides(config, args)
+    try:
+        plan = plan_from_config(config, gpus=args.gpus)
+    except (LayoutError, ValueError, TypeError) as err:  # TypeError: an unknown key in model.arch
+        print(f"llama-fp8 plan: {err}", file=sys.stderr)
+        return EXIT_CANNOT_TRAIN
+    print(format_plan(plan, gpu_memory_gib=args.gpu_memory_gib))
+    return 0
+
+
+def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
+    trainer = config.setdefault("trainer", {})
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, dict):
+        strategy = trainer["strategy"] = {
+            "class_path": "lightning_llama_fp8.MegatronCPStrategy",
+            "init_args": {},
+        }
+    strategy_args = strategy.setdefault("init_args", {})
+    data = config.setdefault("data", {"init_args": {}})
+    data_args = data.setdefault("init_args", {})
+    if args.arch:
+        config["model"] = {"arch": args.arch}
+    for key, value in (
+        ("tensor_model_parallel_size", args.tp),
+        ("context_parallel_size", args.cp),
+        ("sequence_parallel", args.sequence_parallel),
+        ("pipeline_model_parallel_size", args.pp),
+        ("num_layers_in_first_pipeline_stage", args.first_stage_layers),
+        ("num_layers_in_last_pipeline_stage", args.last_stage_layers),
+    ):
+        if value is not None:
+            strategy_args[key] = value
+    if args.vpp is not None:
+        strategy_args["virtual_pipeline_model_parallel_size"] = args.vpp or None
+    _apply_memory_overrides(strategy_args, args)
+    if args.global_batch_size is not None:
+        data_args["global_batch_size"] = args.global_batch_size
+    if args.micro_batch_size is not None:
+        data_args["micro_batch_size"] = args.micro_batch_size
+    if args.precision == "bf16":
+        trainer["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
+    elif args.precision == "fp8" and precision_from(trainer)[0] != "fp8":
+        trainer["plugins"] = [{"class_path": "lightning_llama_fp8.TEFP8Precision"}]
+
+
+def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--recompute*`` and ``--optimizer-offload-fraction`` into the strategy's init_args."""
+    if args.recompute == "off":
+        strategy_args["activation_recompute"] = None
+    elif args.recompute is not None:
+        strategy_args["activation_recompute"] = {"granularity": args.recompute}
+    given = {
+        "method": args.recompute_method,
+        "num_layers": args.recompute_num_layers,
+        "modules": args.recompute_modules,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        recompute = strategy_args.get("activation_recompute")
+        if not isinstance(recompute, dict):
+            raise SystemExit("llama-fp8 plan: --recompute-method/-num-layers/-modules need --recompute selective|full.")
+        recompute.update(given)
+    if args.optimizer_offload_fraction == 0:
+        strategy_args["optimizer_offload"] = None
+    elif args.optimizer_offload_fraction is not None:
+        offload = strategy_args.get("optimizer_offload")
+        strategy_args["optimizer_offload"] = {
+            **(offload if isinstance(offload, dict) else {}),
+            "fraction": args.optimizer_offload_fraction,
+        }
