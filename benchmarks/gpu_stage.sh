@@ -16,7 +16,7 @@
 #   speed-8b-2      (2) issue 5 fallback: full Llama 3 8B, TP1 CP2 DP1 (96 GiB/GPU measured, H200 only)  (~5.6 min)
 #   ref8-ours-cp2   (8) issue 5: the shipped 8B YAML (CP2 DP4, GBS 128), 30 steps, via the CLI         (~7 min est.)
 #   ref8-lm-cp2     (8) issue 5: Megatron-LM, same flags and layout; then on any machine:
-#                       python3 benchmarks/reference_run.py compare OUT/ref8_ours-cp2 OUT/ref8_lm-cp2
+#                       python3 -m benchmarks.reference_run compare OUT/ref8_ours-cp2 OUT/ref8_lm-cp2
 #   ref8-ours-cp1, ref8-lm-cp1 (8) the same with CP1 DP8, the layout Megatron-LM's shipped script uses
 #   nan-safety      (1) issue 4: tests/gpu/test_nan_safety.py (injections, policies, recipes)        (~3.5 min)
 #   gpu-tests       (1) tests/gpu except the checkpoint tests (stage `checkpoints`)                    (~6 min)
@@ -55,7 +55,7 @@
 #   telemetry       (1) issue 15: ThroughputMonitor in bench_throughput (CSV log) + Megatron-LM, FP8, 4 layers,
 #                       30 steps each; the 1B config through `llama-fp8 fit` for 30 steps (console: step bar, no
 #                       dependency warnings; TensorBoard log) -> OUT/telemetry/ (4.5 min measured); then on a CPU:
-#                       python benchmarks/plot_training.py --ours OUT/telemetry/ours_csv \
+#                       python3 -m benchmarks.plot_training --ours OUT/telemetry/ours_csv \
 #                         --megatron-lm OUT/telemetry/megatron_lm_fp8.log --out OUT/telemetry/loss_speed.png
 #   checkpoint-stall (1) issue 15: the 4-layer model (FP8, seq 8192, GBS 8) saving a checkpoint with its optimizer
 #                       (~26 GB) twice synchronously, then twice with async_save (CKPT_ASYNC_EVERY=60 steps apart):
@@ -84,30 +84,30 @@ else echo "$(git rev-parse HEAD 2>/dev/null) (HEAD of the copy; may lag the work
 
 case "$stage" in
   equivalence-2)
-    python3 benchmarks/parallel_equivalence.py --out-dir "$out/equivalence" --gpus 2 --fp8 ;;
+    python3 -m benchmarks.parallel_equivalence --out-dir "$out/equivalence" --gpus 2 --fp8 ;;
   equivalence-4)
-    python3 benchmarks/parallel_equivalence.py --out-dir "$out/equivalence" --gpus 4 --fp8 \
+    python3 -m benchmarks.parallel_equivalence --out-dir "$out/equivalence" --gpus 4 --fp8 \
       --only dp2 tp2xcp2 cp2xdp2 ;;
   pipeline-2)
-    python3 benchmarks/parallel_equivalence.py --out-dir "$out/pipeline" --gpus 2 --fp8 --only pp2 pp2-vpp2 ;;
+    python3 -m benchmarks.parallel_equivalence --out-dir "$out/pipeline" --gpus 2 --fp8 --only pp2 pp2-vpp2 ;;
   pipeline-4)
-    python3 benchmarks/parallel_equivalence.py --out-dir "$out/pipeline" --gpus 4 --fp8 --only tp2xpp2 pp2xdp2 ;;
+    python3 -m benchmarks.parallel_equivalence --out-dir "$out/pipeline" --gpus 4 --fp8 --only tp2xpp2 pp2xdp2 ;;
   speed-2)
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_cp2" --precisions fp8 --cp 2 --nproc 2 &&
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_tp2" --precisions fp8 --tp 2 --nproc 2 ;;
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_cp2" --precisions fp8 --cp 2 --nproc 2 &&
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_tp2" --precisions fp8 --tp 2 --nproc 2 ;;
   speed-tp2-32)
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_tp2_32l" --precisions fp8 --tp 2 --nproc 2 \
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_tp2_32l" --precisions fp8 --tp 2 --nproc 2 \
       --layers 32 --steps 20 --warmup 8 ;;
   speed-8b-4)
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_8b_tp1cp2dp2" --precisions fp8 --cp 2 \
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_8b_tp1cp2dp2" --precisions fp8 --cp 2 \
       --nproc 4 --layers 32 --gbs 16 --steps 20 --warmup 8 ;;
   speed-8b-2)
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_8b_tp1cp2dp1" --precisions fp8 --cp 2 \
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_8b_tp1cp2dp1" --precisions fp8 --cp 2 \
       --nproc 2 --layers 32 --gbs 16 --steps 16 --warmup 6 ;;
   ref8-*)
     side="${stage#ref8-}"; side="${side%-cp*}"; cp="${stage##*-cp}"
     [ "$side" = lm ] && side=megatron-lm
-    python3 benchmarks/reference_run.py "$side" --out-dir "$out/ref8_${stage#ref8-}" --gpus 8 --cp "$cp" --steps 30 ;;
+    python3 -m benchmarks.reference_run "$side" --out-dir "$out/ref8_${stage#ref8-}" --gpus 8 --cp "$cp" --steps 30 ;;
   nan-safety)
     python3 -m pytest -m gpu -q tests/gpu/test_nan_safety.py -p no:cacheprovider 2>&1 | tee "$out/nan_safety.log" ;;
   weight-refresh)
@@ -124,7 +124,7 @@ case "$stage" in
       -p no:cacheprovider 2>&1 | tee "$out/checkpoints.log" ;;
   recompute)
     # Same shapes and flags as the speed comparisons; fewer steps so three settings x two sides fit one call.
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/recompute" --precisions fp8 \
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/recompute" --precisions fp8 \
       --recompute ${RECOMPUTE_ROWS:-none selective full} --layers "${RECOMPUTE_LAYERS:-4}" --gbs 8 --steps 14 --warmup 6 &&
     cp "$out/recompute/recompute.json" "$out/recompute.json" ;;
   full-8b-1gpu)
@@ -134,7 +134,7 @@ case "$stage" in
     mkdir -p "$out/full_8b"
     run_8b() {  # name, time limit (s), bench_throughput.py flags...
       local name="$1" limit="$2"; shift 2
-      timeout "$limit" python3 benchmarks/bench_throughput.py --layers 32 --gbs 8 --recompute full \
+      timeout "$limit" python3 -m benchmarks.throughput --layers 32 --gbs 8 --recompute full \
         --recompute-method uniform --recompute-num-layers 1 --out "$out/full_8b/$name.json" "$@" \
         > "$out/full_8b/$name.log" 2>&1
       echo "$name: exit $?, $(tail -c 600 "$out/full_8b/$name.log" | tail -1)"
@@ -175,13 +175,13 @@ PY
     NVIDIA_TF32_OVERRIDE=1 HF_PARITY_OUT="$out/tf32_allowed" python3 -m pytest -m gpu -q tests/gpu/test_hf_parity.py \
       -k fp32 -p no:cacheprovider > "$out/hf_parity_tf32_allowed.log" 2>&1; tail -1 "$out/hf_parity_tf32_allowed.log" ;;
   hf-convert-8b)
-    python3 benchmarks/hf_convert.py --work-dir "${HF_BENCH_DIR:-/tmp/hf_convert_bench}" \
+    python3 -m benchmarks.hf_convert --work-dir "${HF_BENCH_DIR:-/tmp/hf_convert_bench}" \
       --out "$out/hf_convert_8b.json" 2>&1 | tee "$out/hf_convert_8b.log" ;;
   telemetry)
     t="$out/telemetry"; mkdir -p "$t"
-    python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --steps 30 --warmup 10 \
+    python3 -m benchmarks.throughput --precision fp8 --layers 4 --steps 30 --warmup 10 \
       --log-dir "$t/ours_csv" --out "$t/ours_fp8.json" > "$t/ours_fp8.log" 2>&1; tail -1 "$t/ours_fp8.log"
-    PRECISION=fp8 NPROC=1 NUM_LAYERS=4 GBS=8 ITERS=30 bash benchmarks/megatron_lm_baseline.sh \
+    PRECISION=fp8 NPROC=1 NUM_LAYERS=4 GBS=8 ITERS=30 bash benchmarks/scripts/megatron_lm_baseline.sh \
       > "$t/megatron_lm_fp8.log" 2>&1; grep -E "iteration +30/" "$t/megatron_lm_fp8.log"
     # The console a user sees (stdout and stderr apart), and the TensorBoard log with throughput/* and fp8/*.
     python3 -m lightning_llama_fp8.cli fit --config examples/configs/llama3_1b_1gpu_fp8.yaml \
@@ -211,7 +211,7 @@ PY
   real-text)
     t="$out/real_text"; mkdir -p "$t"
     site="$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-    python3 benchmarks/real_text.py corpus --root "$site" --min-mb 100 --max-mb 200 --out /tmp/real_text.jsonl \
+    python3 -m benchmarks.real_text corpus --root "$site" --min-mb 100 --max-mb 200 --out /tmp/real_text.jsonl \
       --describe "$t/corpus.json"
     python3 -m lightning_llama_fp8.cli preprocess --input /tmp/real_text.jsonl --output-prefix /tmp/real_text \
       --workers 16 --overwrite > "$t/preprocess.log" 2>&1; echo "preprocess exit $?"; tail -2 "$t/preprocess.log"
@@ -234,7 +234,7 @@ PY
       python3 -m lightning_llama_fp8.cli fit --config "$t/$name.yaml" > "$t/fit_$name.stdout" 2> "$t/fit_$name.stderr"
       echo "fit $name exit $?"; tail -c 400 "$t/fit_$name.stderr"
     done
-    python3 benchmarks/real_text.py training --real-csv "$t/real_csv/run/version_0/metrics.csv" \
+    python3 -m benchmarks.real_text training --real-csv "$t/real_csv/run/version_0/metrics.csv" \
       --mock-csv "$t/mock_csv/run/version_0/metrics.csv" --corpus-json "$t/corpus.json" --sidecar "$t/real_text.corpus.json" --max-steps 300 \
       --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --out "$t/real_text_training.json" ;;
   checkpoint-stall)
@@ -249,11 +249,11 @@ PY
     for run in ${CKPT_STALL_RUNS:-sync async}; do
       rm -rf "$ckpts"  # one run's checkpoints at a time: the disk holds two of them at most
       if [ "$run" = sync ]; then
-        python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
+        python3 -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps 22 --warmup 6 --save-every 10 \
           --save-mode sync --ckpt-dir "$ckpts/sync" --out "$c/sync.json" > "$c/sync.log" 2>&1
       else
         envs=""; [ "$run" = async_host_register ] && envs="PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-        env $envs python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) \
+        env $envs python3 -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps $((2 * every)) \
           --warmup 6 --save-every "$every" --save-mode async --ckpt-dir "$ckpts/async" --out "$c/$run.json" > "$c/$run.log" 2>&1
       fi
       echo "$run exit $?"
@@ -292,7 +292,7 @@ PY
     ;;
   speed-1)
     layers="${SPEED_LAYERS:-4}"
-    python3 benchmarks/compare_megatron_lm.py --out-dir "$out/speed_${layers}l" --precisions fp8 bf16 \
+    python3 -m benchmarks.compare_megatron_lm --out-dir "$out/speed_${layers}l" --precisions fp8 bf16 \
       --layers "$layers" --gbs 8 --steps "${SPEED_STEPS:-20}" --warmup "${SPEED_WARMUP:-8}"
     python3 - "$out/speed_${layers}l/compare.json" "$out/speed_summary.json" "${SPEED_SETTINGS:-the defaults of this commit}" <<'PY'
 import json, sys
@@ -317,7 +317,7 @@ PY
     l="$out/lever"; mkdir -p "$l"; lever="${LEVER_ARGS:-}"
     for run in a1 b1 a2 b2; do
       extra=""; envs=""; [ "${run:0:1}" = b ] && extra="$lever" && envs="${LEVER_ENV:-}"
-      env $envs python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 \
+      env $envs python3 -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 \
         $extra --out "$l/$run.json" > "$l/$run.log" 2>&1
       echo "$run ($envs $extra) exit $?"
     done
@@ -347,12 +347,12 @@ PY
     # (fp8_stacks.json: kernel_profile.launch_sites, which code launched the FP8 casts; its step times are slower).
     mkdir -p "$out/profile"
     for precision in ${PROFILE_PRECISIONS:-fp8 bf16}; do
-      python3 benchmarks/bench_throughput.py --precision "$precision" --layers 4 --steps 13 --warmup 10 \
+      python3 -m benchmarks.throughput --precision "$precision" --layers 4 --steps 13 --warmup 10 \
         --profile-steps 3 --out "$out/profile/$precision.json" > "$out/profile/$precision.log" 2>&1
       echo "$precision exit $?"
     done
     if [ -n "${PROFILE_STACKS:-}" ]; then
-      python3 benchmarks/bench_throughput.py --precision fp8 --layers 4 --steps 11 --warmup 10 --profile-steps 1 \
+      python3 -m benchmarks.throughput --precision fp8 --layers 4 --steps 11 --warmup 10 --profile-steps 1 \
         --profile-stacks --out "$out/profile/fp8_stacks.json" > "$out/profile/fp8_stacks.log" 2>&1
       echo "fp8 with stacks exit $?"
     fi
@@ -424,7 +424,7 @@ PY
     o="$out/offload"; mkdir -p "$o"
     for run in gpu_a offload gpu_b; do
       fraction=0.0; [ "$run" = offload ] && fraction=0.5
-      python3 benchmarks/bench_throughput.py --precision fp8 --layers 8 --gbs 8 --steps 12 --warmup 4 \
+      python3 -m benchmarks.throughput --precision fp8 --layers 8 --gbs 8 --steps 12 --warmup 4 \
         --optimizer-offload-fraction "$fraction" --out "$o/$run.json" > "$o/$run.log" 2>&1
       echo "$run (offload $fraction) exit $?"
     done
@@ -448,7 +448,7 @@ PY
     for run in "bf16 delayed" "fp8 delayed" "fp8 delayed skip" "fp8 current" "fp8 blockwise"; do
       set -- $run
       name="$1${2:+_$2}${3:+_guard_$3}"; [ "$1" = bf16 ] && name=bf16
-      python3 benchmarks/bench_throughput.py --precision "$1" --recipe "$2" ${3:+--nan-guard "$3"} \
+      python3 -m benchmarks.throughput --precision "$1" --recipe "$2" ${3:+--nan-guard "$3"} \
         --layers 4 --steps 20 --warmup 8 --out "$out/recipes/$name.json" > "$out/recipes/$name.log" 2>&1
       tail -1 "$out/recipes/$name.log"
     done ;;

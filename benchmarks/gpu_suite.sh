@@ -15,7 +15,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 benchmarks/compare_megatron_lm.py --out-dir "$out/bench" "$@" 2>&1 | tail -20
+  python3 -m benchmarks.compare_megatron_lm --out-dir "$out/bench" "$@" 2>&1 | tail -20
   status=$(( status || PIPESTATUS[0] ))
 fi
 exit $status
