@@ -1,10 +1,10 @@
 """Ours vs Megatron-LM's ``pretrain_gpt.py``, same config, same GPU(s), one run.
 
-For each precision it runs ``bench_throughput.py`` (this package) and ``megatron_lm_baseline.sh``
+For each precision it runs ``benchmarks.throughput`` (this package) and ``scripts/megatron_lm_baseline.sh``
 (Megatron-LM from the ignored ``.baseline/megatron-lm``), alternating so drift on the machine hits both,
 takes the median iteration time after a warm-up from each, and prints tokens/s/GPU and the ratio.
 
-    python benchmarks/compare_megatron_lm.py --out-dir $OUT --precisions fp8 bf16 --layers 4 --gbs 8
+    python -m benchmarks.compare_megatron_lm --out-dir $OUT --precisions fp8 bf16 --layers 4 --gbs 8
 
 Writes ``compare.json`` plus each run's log into ``--out-dir``.
 
@@ -13,7 +13,7 @@ row runs both sides with the same setting (Megatron-LM's ``--recompute-granulari
 --recompute-num-layers/--recompute-modules``) and ``recompute.json`` gets seconds per step and peak allocated
 memory of both, plus ``llama-fp8 plan``'s prediction:
 
-    python benchmarks/compare_megatron_lm.py --out-dir $OUT --precisions fp8 --recompute none selective full
+    python -m benchmarks.compare_megatron_lm --out-dir $OUT --precisions fp8 --recompute none selective full
 """
 
 from __future__ import annotations
@@ -28,13 +28,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _launch import MEGATRON_LM_BASELINE, log_tail, max_allocated, megatron_lm_baseline_env, run_logged, torchrun
-from parse_megatron_log import parse_iteration_times, parse_losses
+from benchmarks.lib.launch import (
+    MEGATRON_LM_BASELINE,
+    log_tail,
+    max_allocated,
+    megatron_lm_baseline_env,
+    run_logged,
+    torchrun,
+)
+from benchmarks.lib.megatron_log import parse_iteration_times, parse_losses
 
 HERE = Path(__file__).resolve().parent
 
-# Recompute rows: (our bench_throughput.py flags, Megatron-LM pretrain_gpt.py flags), the same setting on each side.
+# Recompute rows: (our benchmarks.throughput flags, Megatron-LM pretrain_gpt.py flags), the same setting on each side.
 RECOMPUTE_ROWS: dict[str, tuple[list[str], list[str]]] = {
     "none": ([], []),
     # Megatron's default selective modules (core_attn), i.e. Megatron-LM's --recompute-activations.
@@ -59,8 +65,9 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
 
 def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()) -> dict:
     result_file = out_dir / f"ours_{precision}{tag}.json"
-    script = [
-        str(HERE / "bench_throughput.py"),
+    module = [
+        "-m",
+        "benchmarks.throughput",
         "--precision",
         precision,
         "--layers",
@@ -79,7 +86,7 @@ def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "",
         str(result_file),
         *extra,
     ]
-    cmd = [*torchrun(args.nproc), *script] if args.nproc > 1 else [sys.executable, *script]
+    cmd = [*torchrun(args.nproc), *module] if args.nproc > 1 else [sys.executable, *module]
     wall = run(cmd, dict(os.environ), out_dir / f"ours_{precision}{tag}.log")
     result = json.loads(result_file.read_text())
     result["wall_s"] = wall

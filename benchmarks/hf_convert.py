@@ -1,6 +1,6 @@
 """Wall time and peak host memory of Hugging Face conversion, both ways, for a Llama-3-8B-shaped model (CPU or GPU).
 
-    python benchmarks/hf_convert.py --work-dir /big/disk/hf_bench --out benchmarks/results/.../hf_convert_8b.json
+    python -m benchmarks.hf_convert --work-dir /big/disk/hf_bench --out benchmarks/results/.../hf_convert_8b.json
 
 1. Writes a random Llama 3 8B-shaped Hugging Face directory (BF16 safetensors, 5 GB shards; 16 GB) tensor by tensor.
 2. ``hf_to_ours``: in a child process, builds the GPTModel (TP1, local layer spec, on the CPU, without random
@@ -8,7 +8,8 @@
    ``load_hf_weights`` (what ``LlamaLightningModule(init_weights=...)`` does on each rank).
    ``ours_to_dist_checkpoint``: the same child then saves it as this package's distributed checkpoint (the input
    of the export). On a machine without CUDA, megatron-core's ``dist_checkpointing.save`` needs the two CUDA calls
-   that ``tests/helpers.allow_dist_checkpointing_on_cpu`` stubs; the script does that and says so.
+   that ``tests/helpers.allow_dist_checkpointing_on_cpu`` stubs (run from the repository root, where ``tests`` is
+   importable); the script does that and says so.
 3. ``ours_to_hf``: in a second child, ``export_to_hf`` (what ``llama-fp8 convert`` runs).
 4. The floors each direction is compared with, in the same run and page-cache state: reading the Hugging Face
    files once (import, ``io_floor_s``); for the export, copying them with ``shutil.copyfile`` (``io_floor_s``: on
@@ -37,9 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "src"), str(REPO)]
-
 
 def _peak_rss_gib() -> float:
     """This process's RSS high-water mark. VmHWM starts afresh at exec; getrusage's ru_maxrss would carry the
@@ -53,7 +51,7 @@ def _peak_rss_gib() -> float:
 
 
 def _arch(layers: int) -> Any:
-    from lightning_llama_fp8.config import get_preset
+    from lightning_llama_fp8 import get_preset
 
     return get_preset("llama3_8b", num_layers=layers, transformer_impl="local", apply_rope_fusion=False)
 
@@ -62,9 +60,8 @@ def make_hf_dir(directory: Path, layers: int) -> float:
     """A random BF16 Hugging Face Llama directory of the 8B shapes; returns its size in GiB."""
     import torch
 
-    from lightning_llama_fp8.hf.arch import hf_config_from_llama
-    from lightning_llama_fp8.hf.files import ShardedSafetensorsWriter
-    from lightning_llama_fp8.hf.mapping import expected_hf_shapes
+    from benchmarks.lib.internals import ShardedSafetensorsWriter, expected_hf_shapes
+    from lightning_llama_fp8.hf import hf_config_from_llama
 
     arch = _arch(layers)
     directory.mkdir(parents=True, exist_ok=True)
@@ -87,8 +84,8 @@ def phase_import(hf_dir: Path, ckpt: Path, layers: int, result: Path) -> None:
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import parallel_state
 
-    from lightning_llama_fp8.checkpoint import info as ckpt_module
-    from lightning_llama_fp8.checkpoint import state_io
+    from benchmarks.lib.internals import INFO_FILENAME, LIGHTNING_FILENAME, save_megatron_state
+    from lightning_llama_fp8 import CheckpointInfo
     from lightning_llama_fp8.hf import load_hf_weights
 
     parallel_state.initialize_model_parallel(1)
@@ -107,12 +104,12 @@ def phase_import(hf_dir: Path, ckpt: Path, layers: int, result: Path) -> None:
         allow_dist_checkpointing_on_cpu()
     ckpt.mkdir(parents=True)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    state_io.save_megatron_state(ckpt, {"model": model}, None, "dp_reshardable", group)
-    torch.save({"global_step": 0, "state_dict": {}}, ckpt / ckpt_module.LIGHTNING_FILENAME)
+    save_megatron_state(ckpt, {"model": model}, None, "dp_reshardable", group)
+    torch.save({"global_step": 0, "state_dict": {}}, ckpt / LIGHTNING_FILENAME)
     from dataclasses import asdict
 
-    info = ckpt_module.CheckpointInfo(ckpt, 0, 1, 1, 1, arch=asdict(arch), optimizer_sharding=None)
-    (ckpt / ckpt_module.INFO_FILENAME).write_text(info.to_json())
+    info = CheckpointInfo(ckpt, 0, 1, 1, 1, arch=asdict(arch), optimizer_sharding=None)
+    (ckpt / INFO_FILENAME).write_text(info.to_json())
     saved = time.perf_counter()
     result.write_text(json.dumps({
         "build_s": built - started, "load_s": loaded - built, "save_s": saved - loaded,
@@ -178,7 +175,7 @@ def _copy_through_user_space(shards: list[Path], target: Path) -> float:
 def _child(*args: str) -> dict[str, Any]:
     result = Path(args[-1])
     started = time.perf_counter()
-    subprocess.run([sys.executable, __file__, *args], check=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.hf_convert", *args], check=True)
     return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started}
 
 

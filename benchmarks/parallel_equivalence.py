@@ -1,12 +1,12 @@
 """Every parallel layout trains like one GPU: same seed, same data, per-step losses and grad norms compared.
 
-Runs ``bench_throughput.py --arch small`` once on one GPU and once per layout (through ``torch.distributed.run``),
+Runs ``benchmarks.throughput --arch small`` once on one GPU and once per layout (through ``torch.distributed.run``),
 then checks, as issue 3 asks:
   * BF16: each of the first ``--compared-steps`` (20) losses within 1% of the one-GPU run, grad norm after
     step 1 within 1%;
   * FP8: no NaN/Inf over the ``--steps`` (50) steps, and each loss within 3% of the same layout's BF16 loss.
 
-    python benchmarks/parallel_equivalence.py --out-dir $OUT/layouts --gpus 4 --fp8
+    python -m benchmarks.parallel_equivalence --out-dir $OUT/layouts --gpus 4 --fp8
 
 Writes ``equivalence.json`` and one JSON/log per run into ``--out-dir``; exits 1 if any check fails.
 """
@@ -23,8 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -67,14 +65,14 @@ def train(
     gpu: int | None = None,
     init_weights: Path | None = None,
 ) -> dict:
-    """One ``bench_throughput.py`` run; ``gpu`` pins a one-GPU run to that card so two can run side by side."""
+    """One ``benchmarks.throughput`` run; ``gpu`` pins a one-GPU run to that card so two can run side by side."""
     tag = f"{layout.name}_{precision}{'_cpuinit' if cpu_init else ''}{'_hfinit' if init_weights else ''}"
     out = args.out_dir / f"{tag}.json"
     if args.reuse and out.exists():
         print(f"reusing {out.name}", flush=True)
         return json.loads(out.read_text())
     cmd = [
-        str(HERE / "bench_throughput.py"), "--arch", "small", "--layers", str(args.layers), "--seq", str(args.seq),
+        "-m", "benchmarks.throughput", "--arch", "small", "--layers", str(args.layers), "--seq", str(args.seq),
         "--gbs", str(args.gbs), "--mbs", "1", "--steps", str(args.steps), "--warmup", "2",
         "--lr-scale", str(args.lr_scale), "--precision", precision, "--tp", str(layout.tp), "--cp", str(layout.cp),
         "--cp-comm-type", layout.cp_comm_type, "--pp", str(layout.pp), "--out", str(out),
@@ -100,7 +98,7 @@ def train(
 
 
 def write_hf_weights(directory: Path, num_layers: int, seq_length: int) -> Path:
-    """Random Hugging Face weights of ``bench_throughput.py``'s small architecture (written with transformers)."""
+    """Random Hugging Face weights of ``benchmarks.throughput``'s small architecture (written with transformers)."""
     if (directory / "config.json").exists():
         return directory
     import torch

@@ -4,16 +4,16 @@ Runs on any machine with matplotlib (``pip install matplotlib``; the GPU machine
 Each ``--ours`` / ``--megatron-lm`` is one run; give several of either, with ``--label`` per run in that order
 (ours first):
 
-    python benchmarks/plot_training.py --out loss_speed.png \\
+    python -m benchmarks.plot_training --out loss_speed.png \\
         --ours OUT/ours_fp8.json --megatron-lm OUT/megatron_lm_fp8.log --title "Llama 3 8B, TP2 + SP, 2 x H200"
 
 What each run can be:
 
-* ours: a ``benchmarks/bench_throughput.py --out`` JSON (``losses``, ``step_times_s``), a Lightning CSV log
+* ours: a ``python -m benchmarks.throughput --out`` JSON (``losses``, ``step_times_s``), a Lightning CSV log
   (``metrics.csv``, or a directory holding ``version_*/metrics.csv``) or a TensorBoard log directory. From Lightning
   logs, tokens/s/GPU is ``throughput/tokens_per_sec_per_gpu`` (``ThroughputMonitor``, averaged over its window) where
   logged, else the module's per-step ``train/tokens_per_sec_per_gpu``; loss is ``train/loss``.
-* Megatron-LM: its ``pretrain_gpt.py`` log (``benchmarks/parse_megatron_log.py`` reads it): ``lm loss`` and
+* Megatron-LM: its ``pretrain_gpt.py`` log (``benchmarks/lib/megatron_log.py`` reads it): ``lm loss`` and
   ``elapsed time per iteration`` per logged iteration, tokens/s/GPU = global batch x ``seq_length`` / time /
   ``world_size`` (the last two from the arguments Megatron-LM prints at start).
 
@@ -31,10 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from parse_megatron_log import parse_iteration_records  # noqa: E402
+from benchmarks.lib.megatron_log import parse_iteration_records
 
 Series = dict[int, float]  # step -> value
 
@@ -48,7 +45,7 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------- ours
 def read_bench_json(path: Path) -> Run:
-    """A bench_throughput.py record: losses of steps 1.., step times of steps 2.. (step 1 has no start)."""
+    """A ``benchmarks.throughput`` record: losses of steps 1.., step times of steps 2.. (step 1 has no start)."""
     record = json.loads(path.read_text())
     tokens_per_step = record["global_batch_size"] * record["seq_length"]
     speed = {step: tokens_per_step / t / record["gpus"] for step, t in enumerate(record["step_times_s"], start=2)}

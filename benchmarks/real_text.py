@@ -1,14 +1,14 @@
 """Real text, offline: a corpus from installed files, preprocessing speed vs Megatron-LM, and the training summary.
 
     # JSON Lines of the text files (.py .md .rst .txt) under the given directories, one document per file:
-    python benchmarks/real_text.py corpus --root .venv/lib/python3.12/site-packages --min-mb 100 --out text.jsonl
+    python -m benchmarks.real_text corpus --root .venv/lib/python3.12/site-packages --min-mb 100 --out text.jsonl
 
     # `llama-fp8 preprocess` vs Megatron-LM's tools/preprocess_data.py (a copy in .baseline/), same input,
     # tokenizer and --workers, alternating runs; wall time, tokens/s, peak memory, byte-identical output:
-    python benchmarks/real_text.py speed --input text.jsonl --workers 2 --repeats 2 --out-dir RESULTS
+    python -m benchmarks.real_text speed --input text.jsonl --workers 2 --repeats 2 --out-dir RESULTS
 
     # real_text_training.json from two `llama-fp8 fit` CSV logs (real corpus and mock data, same config):
-    python benchmarks/real_text.py training --real-csv A/metrics.csv --mock-csv B/metrics.csv \
+    python -m benchmarks.real_text training --real-csv A/metrics.csv --mock-csv B/metrics.csv \
         --corpus-json corpus.json --card "NVIDIA H200" --out RESULTS/real_text_training.json
 
 Peak memory is read from outside the command: the largest resident set of a single process (the kernel's
@@ -108,8 +108,7 @@ def timed(command: list[str], env: dict[str, str], log: Path) -> dict[str, float
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
-    from lightning_llama_fp8.data.preprocess import read_sidecar
-    from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
+    from lightning_llama_fp8.data import read_sidecar, resolve_tokenizer
 
     out_dir: Path = args.out_dir
     work: Path = args.work_dir
@@ -221,7 +220,7 @@ def training(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "card": args.card,
         "corpus": {
-            "extracted": "benchmarks/real_text.py corpus: every UTF-8 .py/.md/.rst/.txt file under the roots, one "
+            "extracted": "benchmarks.real_text corpus: every UTF-8 .py/.md/.rst/.txt file under the roots, one "
             "JSON line per file, sorted by path; then llama-fp8 preprocess with the Llama 3 tokenizer",
             **json.loads(args.corpus_json.read_text()),
             **({"preprocessed": _sidecar_counts(args.sidecar)} if args.sidecar else {}),

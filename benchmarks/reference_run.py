@@ -6,9 +6,9 @@ unchanged except for the number of steps (and the layout's CP size and GPU count
 ``llama-fp8`` CLI under torchrun, with a CSV logger added so the numbers can be read back. One side per call, so
 each fits a 10-minute device call; run the two sides back to back on the same machine, then ``compare``:
 
-    python3 benchmarks/reference_run.py ours --out-dir OUT/ours_cp2 --gpus 8 --cp 2 --steps 30
-    python3 benchmarks/reference_run.py megatron-lm --out-dir OUT/lm_cp2 --gpus 8 --cp 2 --steps 30
-    python3 benchmarks/reference_run.py compare OUT/ours_cp2 OUT/lm_cp2 --warmup 10 --out OUT/compare_cp2.json
+    python3 -m benchmarks.reference_run ours --out-dir OUT/ours_cp2 --gpus 8 --cp 2 --steps 30
+    python3 -m benchmarks.reference_run megatron-lm --out-dir OUT/lm_cp2 --gpus 8 --cp 2 --steps 30
+    python3 -m benchmarks.reference_run compare OUT/ours_cp2 OUT/lm_cp2 --warmup 10 --out OUT/compare_cp2.json
 
 ``--cp 1`` is the layout Megatron-LM's shipped script uses (DP8 on 8 GPUs). Step times are medians after
 ``--warmup`` steps; TFLOP/s/GPU is given in both FLOP counts of ``LlamaConfig.flops_per_token``.
@@ -21,20 +21,24 @@ import csv
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from benchmarks.lib.launch import (
+    MEGATRON_LM_BASELINE,
+    log_tail,
+    max_allocated,
+    megatron_lm_baseline_env,
+    run_logged,
+    torchrun,
+)
+from benchmarks.lib.megatron_log import parse_iteration_times, parse_losses
+
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"
 GLOBAL_BATCH, SEQ = 128, 8192
-sys.path.insert(0, str(HERE))
-
-from _launch import MEGATRON_LM_BASELINE, log_tail, max_allocated, megatron_lm_baseline_env, run_logged, torchrun  # noqa: E402
-from parse_megatron_log import parse_iteration_times, parse_losses  # noqa: E402
 
 
 def ours_command(gpus: int, cp: int, steps: int, out_dir: Path) -> list[str]:

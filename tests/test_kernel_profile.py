@@ -1,14 +1,10 @@
-"""benchmarks/kernel_profile.py: kernel kinds by name and the per-step sums of a profiled step."""
+"""benchmarks/lib/kernel_profile.py: kernel kinds by name and the per-step sums of a profiled step."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kernel_profile import kernel_kind, kernels_from_chrome_trace, launch_sites, summarize_kernels
+from benchmarks.lib.kernel_profile import kernel_kind, kernels_from_chrome_trace, launch_sites, summarize_kernels
 
 
 @pytest.mark.parametrize(

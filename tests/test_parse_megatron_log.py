@@ -1,4 +1,4 @@
-"""CPU tests for benchmarks/parse_megatron_log.py on synthetic Megatron-LM training logs.
+"""CPU tests for benchmarks/lib/megatron_log.py on synthetic Megatron-LM training logs.
 
 The iteration lines follow the field formats of Megatron-LM's ``training_log``
 (megatron/training/training.py, commit recorded in .baseline/COMMIT); the numbers are made up.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.parse_megatron_log import (
+from benchmarks.lib.megatron_log import (
     IterationRecord,
     main,
     parse_iteration_records,

@@ -13,16 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks import compare_megatron_lm, reference_run
+from benchmarks.lib import launch as _launch
 from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.config import get_preset
 from tests.test_parse_megatron_log import _iteration_line
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import _launch  # noqa: E402
-import compare_megatron_lm  # noqa: E402
-import reference_run  # noqa: E402
 
 
 def printed_config(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -116,7 +113,7 @@ def record_launches(monkeypatch: pytest.MonkeyPatch, code: int = 0) -> list[dict
 
     def fake_run(cmd: list[str], *, env: dict[str, str], stdout: Any, stderr: int, check: bool) -> Any:
         calls.append({"cmd": cmd, "env": env, "log": Path(stdout.name), "stderr": stderr, "check": check})
-        if "--out" in cmd:  # bench_throughput.py's result file
+        if "--out" in cmd:  # benchmarks.throughput's result file
             Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_sec_per_gpu": 1.0}))
         stdout.write("".join(_iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
         return subprocess.CompletedProcess(cmd, code)
@@ -133,13 +130,13 @@ def test_compare_megatron_lm_launches_the_same_commands(tmp_path: Path, monkeypa
 
     ours, lm = calls
     assert ours["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(ROOT / "benchmarks" / "bench_throughput.py"), "--precision", "fp8", "--layers", "4",
+                           "-m", "benchmarks.throughput", "--precision", "fp8", "--layers", "4",
                            "--gbs", "8", "--steps", "30", "--warmup", "10", "--tp", "2", "--cp", "1",
                            "--out", str(tmp_path / "ours_fp8.json")]  # fmt: skip
     assert ours["env"] == dict(os.environ) and ours["log"] == tmp_path / "ours_fp8.log"
     assert lm["cmd"] == [
         "bash",
-        str(ROOT / "benchmarks" / "megatron_lm_baseline.sh"),
+        str(ROOT / "benchmarks" / "scripts" / "megatron_lm_baseline.sh"),
         "--recompute-granularity",
         "full",
     ]
@@ -147,9 +144,9 @@ def test_compare_megatron_lm_launches_the_same_commands(tmp_path: Path, monkeypa
                          "TP": "2", "CP": "1"}  # fmt: skip
     assert lm["log"] == tmp_path / "megatron_lm_bf16_recompute_full.log"
     assert all(c["stderr"] == subprocess.STDOUT and c["check"] is False for c in calls)
-    args.nproc = 1  # one process: bench_throughput.py straight under this interpreter
+    args.nproc = 1  # one process: benchmarks.throughput straight under this interpreter
     compare_megatron_lm.ours(args, "fp8", tmp_path)
-    assert calls[-1]["cmd"][:2] == [sys.executable, str(ROOT / "benchmarks" / "bench_throughput.py")]
+    assert calls[-1]["cmd"][:3] == [sys.executable, "-m", "benchmarks.throughput"]
 
 
 def test_reference_run_launches_the_same_commands_and_fails_with_the_log_tail(
@@ -164,8 +161,8 @@ def test_reference_run_launches_the_same_commands_and_fails_with_the_log_tail(
     calls = record_launches(monkeypatch, code=3)
     with pytest.raises(SystemExit) as excinfo:
         reference_run.run_side("megatron-lm", args)
-    assert calls[-1]["cmd"] == ["bash", str(ROOT / "benchmarks" / "megatron_lm_baseline.sh"), "--lr-warmup-iters",
-                                "30518", "--lr-decay-iters", "15228271"]  # fmt: skip
+    assert calls[-1]["cmd"] == ["bash", str(ROOT / "benchmarks" / "scripts" / "megatron_lm_baseline.sh"),
+                                "--lr-warmup-iters", "30518", "--lr-decay-iters", "15228271"]  # fmt: skip
     assert calls[-1]["env"] == {**os.environ, **reference_run.megatron_lm_env(8, 1, 30)}
     log = (tmp_path / "megatron_lm.log").read_text()
     tail = "".join(log.splitlines(keepends=True)[-30:])

@@ -20,7 +20,7 @@ from pathlib import Path
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from benchmarks.bench_throughput import small_arch
+from benchmarks.throughput import small_arch
 from lightning_llama_fp8 import (
     LlamaLightningModule,
     MegatronCPStrategy,

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import seed_everything
 
-from benchmarks.bench_throughput import small_arch
+from benchmarks.throughput import small_arch
 from lightning_llama_fp8 import (
     LlamaLightningModule,
     MockDataModule,

@@ -16,7 +16,7 @@ import pytest
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from benchmarks.bench_throughput import small_arch
+from benchmarks.throughput import small_arch
 from lightning_llama_fp8 import (
     CheckpointError,
     LlamaLightningModule,

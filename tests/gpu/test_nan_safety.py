@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 
-from benchmarks.bench_throughput import small_arch
+from benchmarks.throughput import small_arch
 from lightning_llama_fp8 import (
     LlamaLightningModule,
     MegatronPrecision,

@@ -1,9 +1,8 @@
-"""Launching the benchmark runs, shared by ``compare_megatron_lm.py`` and ``reference_run.py``.
+"""Launching the benchmark runs, shared by ``benchmarks.compare_megatron_lm`` and ``benchmarks.reference_run``.
 
-Both scripts start ours under ``torch.distributed.run`` and Megatron-LM through ``megatron_lm_baseline.sh``
+Both start ours under ``torch.distributed.run`` and Megatron-LM through ``benchmarks/scripts/megatron_lm_baseline.sh``
 (configured by environment variables), send each run's stdout and stderr to one log file, and read Megatron-LM's
-memory reports back from that log. The scripts run as ``python3 benchmarks/<script>.py``, so Python puts this
-directory on ``sys.path`` and they import this module as ``_launch``.
+memory reports back from that log.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-MEGATRON_LM_BASELINE = Path(__file__).resolve().parent / "megatron_lm_baseline.sh"
+MEGATRON_LM_BASELINE = Path(__file__).resolve().parents[1] / "scripts" / "megatron_lm_baseline.sh"
 
 
 def torchrun(nproc: int) -> list[str]:

@@ -8,7 +8,7 @@
 # few layers, a small global batch, a short schedule, mock data, no evaluation
 # and no checkpointing. Our own trainer is compared against its
 # "elapsed time per iteration (ms)" and loss log lines; see
-# benchmarks/parse_megatron_log.py for the parser.
+# benchmarks/lib/megatron_log.py for the parser.
 #
 # Megatron-LM itself is NOT part of this repository and must never be
 # committed. Fetch it into the git-ignored folder `.baseline/megatron-lm`;
@@ -43,12 +43,12 @@
 # script's stdout. Iteration lines are printed by the last rank only.
 #
 # Example:
-#   PRECISION=bf16 NUM_LAYERS=8 bash benchmarks/megatron_lm_baseline.sh | tee megatron.log
-#   python3 benchmarks/parse_megatron_log.py megatron.log --warmup 10
+#   PRECISION=bf16 NUM_LAYERS=8 bash benchmarks/scripts/megatron_lm_baseline.sh | tee megatron.log
+#   python3 -m benchmarks.lib.megatron_log megatron.log --warmup 10
 
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MEGATRON_LM_DIR="${MEGATRON_LM_DIR:-${REPO_ROOT}/.baseline/megatron-lm}"
 
 if [[ ! -f "${MEGATRON_LM_DIR}/pretrain_gpt.py" || ! -d "${MEGATRON_LM_DIR}/megatron" ]]; then

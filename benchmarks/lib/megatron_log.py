@@ -1,4 +1,4 @@
-"""Parse Megatron-LM ``pretrain_gpt.py`` training logs (the baseline run by ``megatron_lm_baseline.sh``).
+"""Parse Megatron-LM ``pretrain_gpt.py`` training logs (the baseline run by ``scripts/megatron_lm_baseline.sh``).
 
 Megatron-LM's ``training_log`` prints one line per logged iteration (from the last rank only), with
 ``|``-separated fields, for example::
@@ -20,7 +20,7 @@ reports and everything else are ignored. Caveats of the source format:
 
 Command line::
 
-    python3 benchmarks/parse_megatron_log.py megatron.log --warmup 10
+    python3 -m benchmarks.lib.megatron_log megatron.log --warmup 10
 """
 
 from __future__ import annotations

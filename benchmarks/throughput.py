@@ -2,17 +2,17 @@
 
 Runs ``Trainer.fit`` with ``LlamaLightningModule`` + ``MegatronCPStrategy`` + ``TEFP8Precision`` (or BF16)
 on mock data, with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` scaled down exactly as
-``benchmarks/megatron_lm_baseline.sh`` scales them, and writes one JSON record.
+``benchmarks/scripts/megatron_lm_baseline.sh`` scales them, and writes one JSON record.
 
-    python benchmarks/bench_throughput.py --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
-    torchrun --nproc_per_node 2 benchmarks/bench_throughput.py --cp 2 ...
-    python benchmarks/bench_throughput.py --layers 32 --recompute full --optimizer-offload-fraction 0.5 ...
-    python benchmarks/bench_throughput.py --steps 160 --save-every 80 --save-mode async --ckpt-dir /tmp/ckpts ...
+    python -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
+    torchrun --nproc_per_node 2 -m benchmarks.throughput --cp 2 ...
+    python -m benchmarks.throughput --layers 32 --recompute full --optimizer-offload-fraction 0.5 ...
+    python -m benchmarks.throughput --steps 160 --save-every 80 --save-mode async --ckpt-dir /tmp/ckpts ...
 
 With ``--save-every N`` a ModelCheckpoint saves every N steps (``save_top_k=1``), synchronously or in the background
 (``--save-mode``), and the record's ``checkpoint`` part has, per save, how long training was blocked (the save call
 plus the finalize step that published it) and the median tokens/s of the steps run during a background write
-relative to the other steps (``benchmarks/gpu_stage.sh checkpoint-stall``).
+relative to the other steps (the ``checkpoint-stall`` stage of ``benchmarks/stages.py``).
 
 With ``--allow-oom`` a CUDA out-of-memory error ends the run with a record (``"fits": false``, the peak so far)
 instead of a traceback, for "does this fit?" runs. Every record carries ``plan_gib``, what ``llama-fp8 plan``
@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,19 +41,21 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from benchmarks.lib.internals import plan_training
+from benchmarks.lib.kernel_profile import StepProfiler
 from lightning_llama_fp8 import (
     LlamaConfig,
     LlamaLightningModule,
     MegatronCPStrategy,
     MegatronPrecision,
     MockDataModule,
+    OptimizerOffloadSettings,
     OptimizerSettings,
+    ParallelLayout,
+    RecomputeSettings,
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
-from lightning_llama_fp8.parallel.layout import ParallelLayout
-from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.plan.estimate import plan_training
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
@@ -276,7 +277,7 @@ def main() -> None:
         "--profile-stacks", action="store_true", help="with --profile-steps: which Python code launched the FP8 casts"
     )
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks/plot_training.py)")
+    parser.add_argument("--log-dir", type=Path, help="also write Lightning CSV logs here (benchmarks.plot_training)")
     args = parser.parse_args()
     recompute = (
         None
@@ -308,14 +309,7 @@ def main() -> None:
     callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
         callbacks.append(NaNGuard(policy=args.nan_guard))
-    profiler = None
-    if args.profile_steps:
-        # Imported here: the GPU tests import this file as benchmarks.bench_throughput, where a top-level
-        # `import kernel_profile` (a sibling script) would not resolve.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from kernel_profile import StepProfiler
-
-        profiler = StepProfiler(args.warmup, args.profile_steps, stacks=args.profile_stacks)
+    profiler = StepProfiler(args.warmup, args.profile_steps, stacks=args.profile_stacks) if args.profile_steps else None
     if profiler is not None:
         callbacks.append(profiler)
     stall = CheckpointStall(args.warmup) if args.save_every else None
@@ -464,7 +458,7 @@ def main() -> None:
     if stall is not None:
         result["checkpoint"] = stall.summary(args.save_mode, args.ckpt_dir, args.gbs * args.seq // world)
     if profiler is not None:
-        result["kernel_profile"] = profiler.summary  # kernel_profile.py; profiled steps run slower than timed ones
+        result["kernel_profile"] = profiler.summary  # lib/kernel_profile.py; profiled steps run slower than timed ones
     if trainer.is_global_zero:
         print(json.dumps({k: v for k, v in result.items() if k not in ("step_times_s", "losses", "grad_norms")}))
         if args.out:

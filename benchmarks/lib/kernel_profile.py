@@ -1,9 +1,9 @@
 """Where a training step's GPU time goes: kernel time by kind and the GPU's idle time, from ``torch.profiler``.
 
-Used by ``bench_throughput.py --profile-steps N`` (a Lightning callback that profiles N steps after the warm-up) to
-compare FP8 and BF16 steps kind by kind (METHOD: count, predict, measure, compare in one run): GEMMs (FP8 and
-16-bit apart), attention, norms, FP8 casts / transposes / amax and scale updates, communication, the optimizer,
-and the rest; plus the time no kernel ran (host gaps) within the profiled steps' wall time.
+Used by ``python -m benchmarks.throughput --profile-steps N`` (a Lightning callback that profiles N steps after the
+warm-up) to compare FP8 and BF16 steps kind by kind (METHOD: count, predict, measure, compare in one run): GEMMs
+(FP8 and 16-bit apart), attention, norms, FP8 casts / transposes / amax and scale updates, communication, the
+optimizer, and the rest; plus the time no kernel ran (host gaps) within the profiled steps' wall time.
 """
 
 from __future__ import annotations

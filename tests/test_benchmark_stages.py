@@ -1,0 +1,249 @@
+"""The GPU stage registry (benchmarks/stages.py) and its runner (python -m benchmarks.stage), on the CPU.
+
+The records are complete, every stage the shell script had is there, the commands a dry run prints name files of
+this repository, several stages' commands are those the shell script ran, and the runner logs, times out and
+reports failures as it says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.lib import stage_functions
+from benchmarks.lib.stage_run import TIMED_OUT, Command, Stage, StageSession, StageUsageError
+from benchmarks.stage import main as stage_main
+from benchmarks.stages import STAGES, STAGES_BY_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The stages of the former benchmarks/gpu_stage.sh (people's notes and the README name them), and its suite.
+SHELL_SCRIPT_STAGES = (
+    "equivalence-2", "equivalence-4", "pipeline-2", "pipeline-4", "speed-2", "speed-tp2-32", "speed-8b-4",
+    "speed-8b-2", "nan-safety", "gpu-tests", "recipes-1", "checkpoints", "recompute", "full-8b-1gpu", "hf-parity",
+    "hf-convert-8b", "telemetry", "real-text", "checkpoint-stall", "profile-fp8", "speed-1", "lever-1", "fp8-casts",
+    "offload-check", "weight-refresh", "ref8-ours-cp2", "ref8-lm-cp2", "ref8-ours-cp1", "ref8-lm-cp1", "suite",
+)  # fmt: skip
+#: Knobs without which a stage refuses to start.
+REQUIRED_KNOBS = {"lever-1": {"LEVER_ARGS": "--grad-accum-fusion off"}}
+#: Where commands name files of this repository.
+REPO_PREFIXES = ("benchmarks/", "tests/", "examples/", "src/", "scripts/")
+
+
+def dry_run(
+    name: str, out: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> tuple[int, StageSession]:
+    environ = {**os.environ, **REQUIRED_KNOBS.get(name, {}), **(env or {})}
+    session = StageSession(STAGES_BY_NAME[name], out, dry_run=True, environ=environ, args=args)
+    return session.run_stage(), session
+
+
+def throughput_runs(session: StageSession) -> list[list[str]]:
+    return [command for command in session.commands if "benchmarks.throughput" in command]
+
+
+def test_every_stage_of_the_shell_script_is_there_once() -> None:
+    names = [stage.name for stage in STAGES]
+    assert len(names) == len(set(names)) == len(STAGES_BY_NAME)
+    assert set(SHELL_SCRIPT_STAGES) == set(names)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_records_are_complete(stage: Stage) -> None:
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", stage.name)
+    assert stage.gpus in (1, 2, 4, 8)
+    assert stage.purpose.strip() and "\n" not in stage.purpose
+    assert 0 < stage.limit_s <= 600  # the device allows 600 s per call, start-up included
+    assert stage.steps and all(isinstance(step, Command) or callable(step) for step in stage.steps)
+    assert stage.outputs and all(output and not output.startswith("/") for output in stage.outputs)
+    assert all(isinstance(default, str) for default in stage.knobs.values())
+
+
+def test_list_prints_every_stage() -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    listing = subprocess.run(
+        [sys.executable, "-m", "benchmarks.stage", "--list"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    rows = listing.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [stage.name for stage in STAGES]
+    assert all(f"{stage.limit_s} s" in row for stage, row in zip(STAGES, rows, strict=True))
+
+
+@pytest.mark.parametrize("name", SHELL_SCRIPT_STAGES)
+def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, session = dry_run(name, out)
+    assert code == 0 and not session.failures
+    assert not out.exists()  # nothing made, nothing run
+    commands = session.commands[2:]  # after nvidia-smi and git rev-parse, which every stage runs
+    assert commands
+    for words in commands:
+        for index, word in enumerate(words):
+            if word.startswith(REPO_PREFIXES):
+                assert (ROOT / word).exists(), f"{name}: {shlex.join(words)} names {word}, not in the repository"
+            if index and words[index - 1] == "-m" and word.startswith(("benchmarks", "lightning_llama_fp8")):
+                module = word.replace(".", "/")
+                package_root = ROOT / "src" if word.startswith("lightning_llama_fp8") else ROOT
+                assert (package_root / f"{module}.py").is_file(), f"{name}: no module {word}"
+
+
+def test_the_shell_script_commands_with_default_knobs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    throughput = ["python3", "-m", "benchmarks.throughput"]
+    _, session = dry_run("checkpoint-stall", out)
+    model = ["--precision", "fp8", "--layers", "4", "--gbs", "8"]
+    assert throughput_runs(session) == [
+        [*throughput, *model, "--steps", "22", "--warmup", "6", "--save-every", "10", "--save-mode", "sync",
+         "--ckpt-dir", "/dev/shm/checkpoint_stall/sync", "--out", f"{out}/checkpoint_stall/sync.json"],
+        ["env", *throughput, *model, "--steps", "120", "--warmup", "6", "--save-every", "60", "--save-mode", "async",
+         "--ckpt-dir", "/dev/shm/checkpoint_stall/async", "--out", f"{out}/checkpoint_stall/async.json"],
+    ]  # fmt: skip
+
+    _, session = dry_run("recompute", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "benchmarks.compare_megatron_lm", "--out-dir", f"{out}/recompute", "--precisions", "fp8",
+         "--recompute", "none", "selective", "full", "--layers", "4", "--gbs", "8", "--steps", "14", "--warmup", "6"],
+        ["cp", f"{out}/recompute/recompute.json", f"{out}/recompute.json"],
+    ]  # fmt: skip
+
+    _, session = dry_run("recipes-1", out)
+    assert [run[run.index("--out") + 1] for run in throughput_runs(session)] == [
+        f"{out}/recipes/{name}.json"
+        for name in ("bf16", "fp8_delayed", "fp8_delayed_guard_skip", "fp8_current", "fp8_blockwise")
+    ]
+    assert throughput_runs(session)[2][3:11] == ["--precision", "fp8", "--recipe", "delayed", "--nan-guard", "skip",
+                                                 "--layers", "4"]  # fmt: skip
+
+    _, session = dry_run("ref8-lm-cp1", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "benchmarks.reference_run", "megatron-lm", "--out-dir", f"{out}/ref8_lm-cp1", "--gpus", "8",
+         "--cp", "1", "--steps", "30"],
+    ]  # fmt: skip
+
+    _, session = dry_run("gpu-tests", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "pytest", "-m", "gpu", "-q", "tests/gpu", "-p", "no:cacheprovider",
+         "--ignore", "tests/gpu/test_checkpoint_resume.py", "--ignore", "tests/gpu/test_checkpoint_layouts.py"],
+    ]  # fmt: skip
+
+
+def test_knobs_change_the_commands(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, session = dry_run("speed-1", out, {"SPEED_LAYERS": "16", "SPEED_STEPS": "12", "SPEED_WARMUP": "5"})
+    assert session.commands[2] == [
+        "python3", "-m", "benchmarks.compare_megatron_lm", "--out-dir", f"{out}/speed_16l", "--precisions", "fp8",
+        "bf16", "--layers", "16", "--gbs", "8", "--steps", "12", "--warmup", "5",
+    ]  # fmt: skip
+
+    runs = {"CKPT_STALL_RUNS": "async_host_register", "CKPT_ASYNC_EVERY": "30", "CKPT_STALL_DIR": "/scratch/c"}
+    _, session = dry_run("checkpoint-stall", out, runs)
+    (run,) = throughput_runs(session)
+    assert run[:2] == ["env", stage_functions.HOST_REGISTER_ALLOC_CONF]
+    assert run[run.index("--steps") + 1] == "60" and run[run.index("--save-every") + 1] == "30"
+    assert run[run.index("--ckpt-dir") + 1] == "/scratch/c/async"
+
+    # B runs get LEVER_ENV as `env` assignments and LEVER_ARGS as flags; A runs neither.
+    _, session = dry_run("lever-1", out, {"LEVER_ARGS": "--cross-entropy native", "LEVER_ENV": "NVTE_X=1 NVTE_Y=2"})
+    a1, b1, a2, b2 = throughput_runs(session)
+    assert a1[:2] == ["env", "python3"] and "--cross-entropy" not in a1
+    assert [w.replace("a1", "a2") for w in a1] == a2 and [w.replace("b1", "b2") for w in b1] == b2
+    assert b1[:4] == ["env", "NVTE_X=1", "NVTE_Y=2", "python3"]
+    assert b1[-4:] == ["--cross-entropy", "native", "--out", f"{out}/lever/b1.json"]
+
+    _, session = dry_run("suite", out, args=("--precisions", "fp8"))
+    assert session.commands[-1][-3:] == [f"{out}/bench", "--precisions", "fp8"]
+    _, session = dry_run("suite", out, {"SKIP_TESTS": "1"})
+    assert not any("pytest" in command for command in session.commands)
+
+
+def test_a_stage_refuses_to_start_without_what_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("LEVER_")}
+    session = StageSession(STAGES_BY_NAME["lever-1"], tmp_path / "o", dry_run=True, environ=environ)
+    with pytest.raises(StageUsageError, match="needs LEVER_ARGS and/or LEVER_ENV"):
+        session.run_stage()
+    assert stage_main(["equivalence-2", str(tmp_path / "o"), "--extra"]) == 2
+    assert stage_main(["no-such-stage", str(tmp_path / "o")]) == 2
+    assert "unknown stage 'no-such-stage'" in capsys.readouterr().err
+
+
+def _python(code: str) -> str:
+    """A command line running ``code`` with this interpreter."""
+    return shlex.join([sys.executable, "-c", code])
+
+
+def test_the_runner_logs_goes_on_after_a_failure_and_reports_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def summary_step(session: StageSession) -> None:
+        session.call(json.loads, "{not json")
+
+    stage = Stage(
+        name="cpu-check",
+        gpus=1,
+        purpose="the runner on the CPU",
+        limit_s=60,
+        steps=(
+            Command(_python("print('tee line'); import sys; print('err line', file=sys.stderr)"), log="{out}/a.log",
+                    tee=True),
+            Command(_python("print('\\n'.join(map(str, range(10))))"), log="{out}/b.log", tail=2),
+            Command(_python("import os, sys; print(os.environ['GPU_RESULTS_DIR'], os.environ['KNOB']); sys.exit(3)"),
+                    env={"KNOB": "{WHAT}"}),
+            Command(_python("print('never')"), after_success=True),
+            summary_step,
+        ),
+        outputs=("a.log", "b.log"),
+        knobs={"WHAT": "default value"},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    session = StageSession(stage, out, environ={**os.environ, "STAGE_COMMIT": "abc123 dirty"})
+    assert session.run_stage() == 1
+    printed = capfd.readouterr()
+    lines = printed.out.splitlines()
+    assert "tee line" in lines and "err line" in lines  # tee: stdout and stderr on the console as well
+    assert (out / "a.log").read_text().splitlines() == ["tee line", "err line"]
+    assert (out / "b.log").read_text().split() == [str(i) for i in range(10)]
+    assert "8" in lines and "9" in lines and "7" not in lines  # only the last two lines of b.log
+    assert f"{out} default value" in lines
+    assert "never" not in lines
+    assert len(session.failures) == 3  # exit 3, the step after it, the summary that raised
+    assert session.failures[0].startswith("exit 3") and "not run" in session.failures[1]
+    assert "JSONDecodeError" in printed.err
+    assert (out / "commit.txt").read_text() == "abc123 dirty\n" and (out / "device.txt").exists()
+
+
+def test_the_time_limit_stops_a_command_and_the_steps_after_it(tmp_path: Path) -> None:
+    stage = Stage(
+        name="slow",
+        gpus=1,
+        purpose="a command past the stage's limit",
+        limit_s=3,
+        steps=(Command(_python("import time; time.sleep(60)")), Command(_python("print(1)"))),
+        outputs=("nothing",),
+    )
+    session = StageSession(stage, tmp_path / "out")
+    started = time.monotonic()
+    assert session.run_stage() == 1
+    assert time.monotonic() - started < 30
+    assert session.failures[0].startswith("timed out") and "spent" in session.failures[1]
+    assert session.run(["true"]) == TIMED_OUT
+
+
+def test_summaries_read_the_run_records(tmp_path: Path) -> None:
+    for name, seconds, losses in (("a1", 1.0, [5.0, 4.0]), ("b1", 0.8, [5.0, 4.1]), ("a2", 1.0, [5.0, 4.05])):
+        record = {"device": "GPU", "median_step_time_s": seconds, "losses": losses}
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    stage_functions.summarize_lever(tmp_path, "--weight-refresh te")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lever"] == "--weight-refresh te" and summary["card"] == "GPU"
+    assert summary["default_s_per_step"] == [1.0, 1.0] and summary["lever_s_per_step"] == [0.8]
+    assert summary["speedup"] == pytest.approx(1.25)
+    assert summary["max_loss_diff_default_vs_default"] == pytest.approx(0.05)
+    assert summary["max_loss_diff_default_vs_lever"] == pytest.approx(0.1)
