@@ -461,7 +461,7 @@ def _reserve_setup(
             raise sizing_error
         return [2**20, 2**30]
 
-    monkeypatch.setattr(ckpt, "host_copy_sizes", host_copy_sizes)
+    monkeypatch.setattr(state_io, "host_copy_sizes", host_copy_sizes)
     monkeypatch.setattr(async_checkpoint, "available_host_memory", lambda: available)
     trainer = _FakeCheckpointTrainer(step, [SimpleNamespace(save_weights_only=s == "weights") for s in savers])
     strategy = SimpleNamespace(

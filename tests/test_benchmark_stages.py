@@ -92,7 +92,9 @@ def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str,
             if index and words[index - 1] == "-m" and word.startswith(("benchmarks", "lightning_llama_fp8")):
                 module = word.replace(".", "/")
                 package_root = ROOT / "src" if word.startswith("lightning_llama_fp8") else ROOT
-                assert (package_root / f"{module}.py").is_file(), f"{name}: no module {word}"
+                module_file = package_root / f"{module}.py"
+                runnable = module_file.is_file() or (package_root / module / "__main__.py").is_file()
+                assert runnable, f"{name}: no module {word}"
 
 
 def test_the_shell_script_commands_with_default_knobs(tmp_path: Path) -> None:

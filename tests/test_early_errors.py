@@ -25,7 +25,7 @@ def test_fp8_on_a_machine_without_fp8_fails_first() -> None:
 
 def test_cpu_initialization_of_fp8_weights_fails_first(monkeypatch: pytest.MonkeyPatch) -> None:
     # As on an FP8 GPU: the support check passes, so the combination itself must be refused.
-    monkeypatch.setattr("lightning_llama_fp8.precision.fp8_support", lambda *args, **kwargs: (True, ""))
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
     with pytest.raises(ValueError, match=r"use_cpu_initialization=False .* or fp8_param_gather=False"):
         fit_never_built(TEFP8Precision(fp8_param_gather=True), use_cpu_initialization=True)
     assert not torch.distributed.is_initialized()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_llama_fp8.precision as precision_mod
+import lightning_llama_fp8.fp8.support as fp8_support_mod
 from lightning_llama_fp8 import MegatronPrecision, TEFP8Precision
 from lightning_llama_fp8.fp8.weights import delayed_scaling_weight_quantizers, rowwise_only, rowwise_only_weight_refresh
 
@@ -108,7 +108,7 @@ def test_without_transformer_engine_nothing_is_switched(monkeypatch: pytest.Monk
 
 @pytest.fixture
 def fp8_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision_mod, "fp8_support", lambda recipe="delayed", fp8_attention=False: (True, "fake"))
+    monkeypatch.setattr(fp8_support_mod, "fp8_support", lambda recipe="delayed", fp8_attention=False: (True, "fake"))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_precision_applies_it_to_fp8_weights_with_delayed_scaling(
 
 def test_bf16_precision_and_the_bf16_fallback_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(MegatronPrecision().optimizer_step_context([]), contextlib.nullcontext)
-    monkeypatch.setattr(precision_mod, "fp8_support", lambda recipe="delayed", fp8_attention=False: (False, "no GPU"))
+    monkeypatch.setattr(fp8_support_mod, "fp8_support", lambda recipe="delayed", fp8_attention=False: (False, "no GPU"))
     fallback = TEFP8Precision(fp8_param_gather=False, fallback="bf16")
     assert isinstance(fallback.optimizer_step_context([]), contextlib.nullcontext)
 

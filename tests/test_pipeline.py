@@ -348,7 +348,7 @@ def test_recompute_num_layers_fits_the_largest_chunk_of_an_uneven_split() -> Non
 
 
 def test_bf16_end_layers_fit_megatrons_per_stage_limit() -> None:
-    from lightning_llama_fp8.precision import check_bf16_layers
+    from lightning_llama_fp8.fp8.recipes import check_bf16_layers
 
     check_bf16_layers(8, 8, 32, 4)  # num_layers / PP = 8 at either end
     with pytest.raises(ValueError, match=r"at most num_layers / PP = 8 BF16 layers at either end"):

@@ -10,14 +10,8 @@ import pytest
 from lightning_llama_fp8.config import get_preset, llama3_8b
 from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.plan.estimate import (
-    GIB,
-    PrecisionName,
-    TrainingPlan,
-    format_plan,
-    parameters_per_rank,
-    plan_training,
-)
+from lightning_llama_fp8.plan.estimate import GIB, PrecisionName, TrainingPlan, parameters_per_rank, plan_training
+from lightning_llama_fp8.plan.report import format_plan
 
 # Llama 3 8B by hand.
 H, FFN, LAYERS, VOCAB, SEQ = 4096, 14336, 32, 128256, 8192

@@ -26,20 +26,13 @@ from jsonargparse import ArgumentParser
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import nn
 
+import lightning_llama_fp8.fp8.support as fp8_support_mod
 import lightning_llama_fp8.precision as precision_mod
 from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.config import get_preset
-from lightning_llama_fp8.precision import (
-    RECIPES,
-    FP8UnavailableError,
-    MegatronPrecision,
-    TEFP8Precision,
-    amax_reduction_group,
-    fp8_support,
-    is_megatron_model,
-    resolve_recipe,
-    supported_recipes,
-)
+from lightning_llama_fp8.fp8.recipes import RECIPES, resolve_recipe
+from lightning_llama_fp8.fp8.support import FP8UnavailableError, fp8_support, supported_recipes
+from lightning_llama_fp8.precision import MegatronPrecision, TEFP8Precision, amax_reduction_group, is_megatron_model
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +69,7 @@ def fake_fp8(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         asked.append(recipe)
         return True, f"Fake H100 (compute capability 9.0) supports {recipe} FP8."
 
-    monkeypatch.setattr(precision_mod, "fp8_support", fake_support)
+    monkeypatch.setattr(fp8_support_mod, "fp8_support", fake_support)
     return asked
 
 
@@ -343,7 +336,7 @@ def test_constructor_does_not_probe_the_machine(monkeypatch: pytest.MonkeyPatch)
     def boom(recipe: str = "delayed") -> tuple[bool, str]:
         raise AssertionError("fp8_support called at construction")
 
-    monkeypatch.setattr(precision_mod, "fp8_support", boom)
+    monkeypatch.setattr(fp8_support_mod, "fp8_support", boom)
     TEFP8Precision()  # the CLI parser instantiates plugins before the pre-flight runs
 
 

@@ -16,7 +16,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tokenizers import Tokenizer
 
-from lightning_llama_fp8.data import preprocess as pp
+from lightning_llama_fp8.data import corpus
 from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 
@@ -77,10 +77,10 @@ def test_bytes_equal_megatrons_builder(tmp_path: Path) -> None:
 
 
 def test_dtype_codes_match_megatron() -> None:
-    for dtype, code in pp._DTYPE_CODES.items():
+    for dtype, code in corpus.DTYPE_CODES.items():
         assert DType.code_from_dtype(dtype) == code
     for vocab in (1000, 65499, 65500, 128257):
-        assert pp.token_dtype(vocab) == DType.optimal_dtype(vocab)
+        assert corpus.token_dtype(vocab) == DType.optimal_dtype(vocab)
 
 
 def test_empty_document_without_special_tokens_is_a_boundary_like_megatron(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ def test_offload_needs_the_distributed_optimizer() -> None:
 
 
 def test_offload_with_fp8_weights_needs_delayed_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_llama_fp8.precision.fp8_support", lambda *args, **kwargs: (True, ""))
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
     with pytest.raises(ValueError, match=r"with FP8 weights \(fp8_param_gather\) it needs the delayed recipe"):
         fit_never_built(
             TEFP8Precision(recipe="current", fp8_param_gather=True), optimizer_offload=OptimizerOffloadSettings(0.5)

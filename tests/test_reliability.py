@@ -178,7 +178,7 @@ def test_a_changed_data_seed_on_resume_is_refused(tmp_path: Path) -> None:
 
 def test_bf16_layers_that_cover_every_layer_are_refused() -> None:
     from lightning_llama_fp8 import TEFP8Precision
-    from lightning_llama_fp8.precision import check_bf16_layers
+    from lightning_llama_fp8.fp8.recipes import check_bf16_layers
 
     plugin = TEFP8Precision(recipe="current", bf16_first_layers=1, bf16_last_layers=1)
     plugin.check_num_layers(3)  # one FP8 layer left

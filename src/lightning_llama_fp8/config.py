@@ -37,13 +37,12 @@ def te_cross_entropy_support() -> tuple[bool, str | None]:
     """Whether the installed Transformer Engine has the fused cross entropy this package defaults to, and its version
     (``None`` where TE is not installed: then this package assumes the pinned stack's, for plans made on a machine
     without it, and the TE layer spec says TE is missing when a model is built)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from packaging.version import InvalidVersion, Version
 
-    try:
-        installed = version("transformer_engine")
-    except PackageNotFoundError:
+    from lightning_llama_fp8._compat.versions import installed_version
+
+    installed = installed_version("transformer_engine")
+    if installed is None:
         return True, None
     try:
         return Version(installed) >= Version(TE_CROSS_ENTROPY_MIN_VERSION), installed

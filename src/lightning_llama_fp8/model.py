@@ -23,6 +23,7 @@ from torchmetrics.aggregation import MeanMetric
 from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf.arch import resolve_arch
+from lightning_llama_fp8.parallel.groups import data_parallel_size_and_rank
 from lightning_llama_fp8.parallel.pipeline import build_model_chunks, chunk_data_iterators, reduce_pipeline_loss
 from lightning_llama_fp8.precision import MegatronPrecision
 
@@ -323,7 +324,7 @@ class LlamaLightningModule(LightningModule):
     # ------------------------------------------------------------------ logging
     def _log_train_step(self, loss: Tensor, grad_norm: float | None, batch: Batch, optimizer: Any) -> None:
         num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
-        global_batch = num_microbatches * micro_batch_size * data_parallel_size()
+        global_batch = num_microbatches * micro_batch_size * data_parallel_size_and_rank()[0]
         loss.item()  # waits for the step's GPU work, so wall time between step ends is the step time
         now = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True, batch_size=global_batch)
@@ -365,9 +366,3 @@ def split_for_context_parallel(micro_batch: Batch, cp_group: Any) -> Batch:
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     return get_batch_on_this_cp_rank(dict(micro_batch), is_hybrid_cp=False, cp_group=cp_group)
-
-
-def data_parallel_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()

@@ -27,72 +27,36 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info
-from packaging.version import InvalidVersion, Version
 from torch import nn
 
+from lightning_llama_fp8.fp8 import support
+from lightning_llama_fp8.fp8.recipes import (
+    BF16_LAYER_RECIPES,
+    DELAYED_DEFAULTS,
+    FP8_ATTENTION_RECIPES,
+    MEGATRON_RECIPE,
+    RECIPE_NEEDS,
+    RECIPE_TITLES,
+    RECIPES,
+    AmaxComputeAlgo,
+    FP8Format,
+    RecipeName,
+    check_bf16_layers,
+    resolve_recipe,
+)
+from lightning_llama_fp8.fp8.support import FP8UnavailableError, fp8_support
+
+# The documented paths lightning_llama_fp8.precision.fp8_support / FP8UnavailableError / RECIPES / check_bf16_layers.
+__all__ = [
+    "RECIPES",
+    "FP8UnavailableError",
+    "MegatronPrecision",
+    "TEFP8Precision",
+    "check_bf16_layers",
+    "fp8_support",
+]
+
 log = logging.getLogger(__name__)
-
-RecipeName = Literal["delayed", "current", "tensorwise", "blockwise", "mxfp8"]
-FP8Format = Literal["hybrid", "e4m3"]
-AmaxComputeAlgo = Literal["max", "most_recent"]
-
-#: The recipes TEFP8Precision offers, in the order messages list them.
-RECIPES: tuple[str, ...] = ("delayed", "current", "blockwise", "mxfp8")
-#: Other accepted names: Megatron (and Megatron-LM's ``--fp8-recipe``) calls current scaling "tensorwise".
-RECIPE_ALIASES: dict[str, str] = {"tensorwise": "current"}
-#: ``TransformerConfig.fp8_recipe`` for each recipe.
-MEGATRON_RECIPE: dict[str, str] = {
-    "delayed": "delayed",
-    "current": "tensorwise",
-    "blockwise": "blockwise",
-    "mxfp8": "mxfp8",
-}
-#: TE's own support check per recipe: ``transformer_engine.pytorch.<name>(return_reason=True)``.
-TE_SUPPORT_CHECK: dict[str, str] = {
-    "delayed": "is_fp8_available",
-    "current": "is_fp8_available",
-    "blockwise": "is_fp8_block_scaling_available",
-    "mxfp8": "is_mxfp8_available",
-}
-#: What each recipe needs from the GPU (the conditions of TE's checks above), for error messages.
-RECIPE_NEEDS: dict[str, str] = {
-    "delayed": "compute capability >= 8.9 (Ada, Hopper, Blackwell)",
-    "current": "compute capability >= 8.9 (Ada, Hopper, Blackwell)",
-    "blockwise": "compute capability >= 9.0 (Hopper, Blackwell) and CUDA >= 12.9",
-    "mxfp8": "compute capability 10.x or 11.x (Blackwell, e.g. B200/GB200)",
-}
-#: Oldest Transformer Engine for each recipe (Megatron's ``fp8_utils.get_fp8_recipe`` gates them the same way).
-MIN_TE_VERSION: dict[str, str] = {"current": "2.2.0.dev0", "blockwise": "2.3.0.dev0", "mxfp8": "2.1.0"}
-#: Recipes that may keep their first/last layers in BF16. Not delayed scaling: its amaxes are reduced when the
-#: one autocast around all layers exits, so per-layer autocasts would break that (Megatron rejects it too).
-BF16_LAYER_RECIPES: tuple[str, ...] = ("current", "blockwise", "mxfp8")
-#: Recipes with FP8 attention. TE's Float8BlockScaling asserts "FP8 attention is not supported" (and Megatron
-#: does not even pass ``fp8_dpa`` to it, so it would silently run attention in BF16).
-FP8_ATTENTION_RECIPES: tuple[str, ...] = ("delayed", "current", "mxfp8")
-#: Oldest Transformer Engine with FP8 attention for a recipe: current scaling arrived in TE 2.9 (and needs
-#: cuDNN >= 9.14), MXFP8 attention in TE 2.16.
-MIN_TE_VERSION_FP8_ATTENTION: dict[str, str] = {"current": "2.9", "mxfp8": "2.16"}
-#: Delayed scaling's own settings and their defaults (the reference recipe's values).
-DELAYED_DEFAULTS: dict[str, Any] = {"margin": 0, "amax_history_len": 1024, "amax_compute_algo": "max"}
-
-_RECIPE_TITLES: dict[str, str] = {
-    "delayed": "delayed scaling",
-    "current": "current scaling (per tensor, Megatron 'tensorwise')",
-    "blockwise": "blockwise scaling (1x128 activation/gradient blocks, 128x128 weight blocks)",
-    "mxfp8": "MXFP8 block scaling (32-element blocks, power-of-2 scales)",
-}
-
-
-class FP8UnavailableError(RuntimeError):
-    """FP8 was asked for on a machine that cannot run it."""
-
-
-def resolve_recipe(name: str) -> str:
-    """The canonical name of recipe ``name`` (``tensorwise`` -> ``current``); ValueError for unknown names."""
-    resolved = RECIPE_ALIASES.get(name, name)
-    if resolved not in RECIPES:
-        raise ValueError(f"Unknown FP8 recipe {name!r}: use delayed, current (alias tensorwise), blockwise or mxfp8.")
-    return resolved
 
 
 def is_megatron_model(module: nn.Module) -> bool:
@@ -287,7 +251,7 @@ class TEFP8Precision(MegatronPrecision):
         """
         if self._fp8_active is not None:
             return
-        ok, reason = fp8_support(self.recipe, fp8_attention=self.fp8_attention)
+        ok, reason = support.fp8_support(self.recipe, fp8_attention=self.fp8_attention)
         if ok:
             self._fp8_active = True
             rank_zero_info(self.describe())
@@ -303,7 +267,7 @@ class TEFP8Precision(MegatronPrecision):
         what = f"{self.recipe} scaling" + (", FP8 attention" if self.fp8_attention else "")
         needs = f"The {self.recipe} recipe needs an NVIDIA GPU with {RECIPE_NEEDS[self.recipe]}."
         bf16 = "TEFP8Precision(fallback='bf16') (or MegatronPrecision()) to train in BF16 instead."
-        working = supported_recipes()
+        working = support.supported_recipes()
         if not working:
             return (
                 f"FP8 training ({what}) is not possible here: {reason} {needs} No FP8 recipe works on this machine: "
@@ -335,7 +299,7 @@ class TEFP8Precision(MegatronPrecision):
         layers = f"first {self.bf16_first_layers} / last {self.bf16_last_layers}" if self.keeps_bf16_layers else "none"
         parts.append(f"BF16 layers: {layers}")
         parts.append(f"FP8 attention {'on' if self.fp8_attention else 'off'}")
-        return f"FP8 {_RECIPE_TITLES[self.recipe]}: {', '.join(parts)}"
+        return f"FP8 {RECIPE_TITLES[self.recipe]}: {', '.join(parts)}"
 
     def optimizer_step_context(self, modules: list[nn.Module]) -> contextlib.AbstractContextManager[Any]:
         """With FP8 weights and delayed scaling (and ``fast_weight_refresh``): the weight refresh at the end of
@@ -463,26 +427,6 @@ class TEFP8Precision(MegatronPrecision):
             yield
 
 
-def check_bf16_layers(first: int, last: int, num_layers: int, pipeline_model_parallel_size: int = 1) -> None:
-    """Raise ``ValueError`` if ``first`` + ``last`` BF16 layers cover all ``num_layers``: every layer would run in
-    BF16 while the log says FP8 (Megatron accepts it; only the LM head and embeddings are outside FP8 anyway); or if
-    either exceeds the layers per pipeline stage, which Megatron's TransformerConfig refuses once the model is built.
-    """
-    per_stage = num_layers // max(pipeline_model_parallel_size, 1)
-    if pipeline_model_parallel_size > 1 and max(first, last) > per_stage:
-        raise ValueError(
-            f"TEFP8Precision(bf16_first_layers={first}, bf16_last_layers={last}): with pipeline_model_parallel_size "
-            f"{pipeline_model_parallel_size} Megatron allows at most num_layers / PP = {per_stage} BF16 layers at "
-            f"either end; lower them to <= {per_stage}."
-        )
-    if (first or last) and first + last >= num_layers:
-        raise ValueError(
-            f"TEFP8Precision(bf16_first_layers={first}, bf16_last_layers={last}) keeps {first + last} layers in BF16, "
-            f"but the model has {num_layers}: no layer would train in FP8. Lower them (first + last < {num_layers}), "
-            "or train in BF16 with MegatronPrecision()."
-        )
-
-
 def amax_reduction_group() -> Any:
     """The group FP8 amaxes are reduced over: TP x DP x CP when Megatron's groups exist, else the world."""
     try:
@@ -492,77 +436,3 @@ def amax_reduction_group() -> Any:
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_amax_reduction_group(with_context_parallel=True)
     return None
-
-
-def te_version() -> Version | None:
-    """The installed Transformer Engine's version, or None if it cannot be read."""
-    try:
-        import transformer_engine
-
-        return Version(str(transformer_engine.__version__))
-    except (ImportError, AttributeError, InvalidVersion):
-        return None
-
-
-def fp8_support(recipe: str = "delayed", fp8_attention: bool = False) -> tuple[bool, str]:
-    """Can this machine run ``recipe`` (with FP8 attention if asked)? Returns (ok, reason).
-
-    The reason names the GPU and, when something is missing, TE's own explanation and the check that gave it
-    (``transformer_engine.pytorch.is_fp8_available`` / ``is_fp8_block_scaling_available`` /
-    ``is_mxfp8_available``), or the Transformer Engine version the recipe needs.
-    """
-    recipe = resolve_recipe(recipe)
-    if not torch.cuda.is_available():
-        return False, _no_gpu_reason()
-    name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
-    gpu = f"{name} (compute capability {major}.{minor})"
-    try:
-        import transformer_engine.pytorch as te
-    except ImportError as err:
-        return False, f"Transformer Engine is not importable on {gpu} ({err})."
-    version = te_version()
-    te_name = f"Transformer Engine {version}" if version is not None else "this Transformer Engine"
-    check_name = TE_SUPPORT_CHECK[recipe]
-    check = getattr(te, check_name, None)
-    if check is None:
-        return False, f"{te_name} has no transformer_engine.pytorch.{check_name}(): too old for the {recipe} recipe."
-    ok, why = check(return_reason=True)
-    if not ok:
-        return (
-            False,
-            f"{gpu} cannot run {recipe} FP8: {why or 'unsupported'} (transformer_engine.pytorch.{check_name}).",
-        )
-    too_old = _te_too_old(version, MIN_TE_VERSION.get(recipe), f"the {recipe} recipe")
-    if too_old is None and fp8_attention:
-        if recipe not in FP8_ATTENTION_RECIPES:
-            return False, f"FP8 attention is not available with the {recipe} recipe."
-        too_old = _te_too_old(version, MIN_TE_VERSION_FP8_ATTENTION.get(recipe), f"FP8 attention with {recipe}")
-    if too_old is not None:
-        return False, f"{too_old} (on {gpu})."
-    with_attention = " with FP8 attention" if fp8_attention else ""
-    return True, f"{gpu} supports {recipe} FP8{with_attention} ({te_name})."
-
-
-def _no_gpu_reason() -> str:
-    reason = "no CUDA GPU is visible (torch.cuda.is_available() is False)."
-    if torch.version.cuda is None:
-        return f"{reason[:-1]}; this torch {torch.__version__} is a CPU-only build."
-    # The usual cause on a machine that does have GPUs: a driver older than torch's CUDA needs.
-    return (
-        f"{reason[:-1]}; this torch {torch.__version__} is built for CUDA {torch.version.cuda}: if the machine has "
-        "NVIDIA GPUs, check that nvidia-smi lists them and that the driver supports that CUDA version (CUDA 13.0 "
-        "needs driver >= 580)."
-    )
-
-
-def _te_too_old(version: Version | None, minimum: str | None, what: str) -> str | None:
-    """Why ``version`` is too old for ``what`` (None if it is new enough, unknown, or there is no minimum)."""
-    if minimum is None or version is None or version >= Version(minimum):
-        return None
-    return f"{what} needs Transformer Engine >= {minimum}, this is {version}"
-
-
-def supported_recipes(fp8_attention: bool = False) -> tuple[str, ...]:
-    """The recipes (of :data:`RECIPES`) this machine runs, by :func:`fp8_support`."""
-    return tuple(r for r in RECIPES if fp8_support(r, fp8_attention=fp8_attention)[0])

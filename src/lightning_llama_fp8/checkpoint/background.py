@@ -30,14 +30,11 @@ share of the checkpoint and lives until the save is finalized, which is why one 
 
 Why the first save would block longest, and :class:`PinnedHostReserve`: ``.to("cpu", non_blocking=True)`` takes
 pinned blocks from torch's caching host allocator, which rounds each request up to a power of two and reuses freed
-blocks of the same size. The first save finds that cache empty and pins every block itself: on an H200, 11.7 s of
-the 11.95 s its scheduling blocked went to pinning 29.1 GB in 112 blocks, while the next save, served from the
-cache, blocked 0.55 s (``benchmarks/results/2026-12-04-h200-checkpoint-stall/``). So after the first optimizer
-step (when the optimizer state exists) the blocks a save will need are pinned once and freed into the cache, and
-the first save finds them there: it then blocked 0.70 s (``2026-12-04-h200-checkpoint-reserve/``). The pinning runs
-in a thread, but on that H200 no training step finished while it ran (27.1 GiB in 14.4 s): the cost moved from
-the first save, mid-run, to one announced wait after the first step. (Torch's ``pinned_use_cuda_host_register``
-allocator pinned faster but made the copies slower: 14.7 s and 10.1 s blocked in the same run.)
+blocks of the same size. The first save finds that cache empty and pins every block itself, which takes most of the
+time its scheduling blocks; later saves are served from the cache. So after the first optimizer step (when the
+optimizer state exists) the blocks a save will need are pinned once, in a thread, and freed into the cache, and the
+first save finds them there. Training may wait for that pinning once, after the first step, instead of at the first
+save mid-run. The measured stalls are in the README ("Checkpoints").
 """
 
 from __future__ import annotations

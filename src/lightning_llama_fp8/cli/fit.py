@@ -28,10 +28,11 @@ from lightning_llama_fp8.cli.config_file import (
 )
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
+from lightning_llama_fp8.fp8.recipes import check_bf16_layers
+from lightning_llama_fp8.fp8.support import fp8_support
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.plan import TrainingPlan, format_plan
-from lightning_llama_fp8.precision import check_bf16_layers, fp8_support
 
 # Registers the strategy's name ("megatron_cp") with Lightning before a config names it.
 from lightning_llama_fp8.strategy import MegatronCPStrategy  # noqa: F401

@@ -52,7 +52,8 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus of that prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess
+    from lightning_llama_fp8.data.corpus import CorpusInputError
+    from lightning_llama_fp8.data.preprocess import preprocess
 
     try:
         summary = preprocess(

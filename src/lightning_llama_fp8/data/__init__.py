@@ -8,9 +8,10 @@ from lightning_llama_fp8._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lightning_llama_fp8.data.base import GPTDataModule, ResumableDataLoader, ShardSampler, check_split_sizes
+    from lightning_llama_fp8.data.corpus import CorpusInputError, read_sidecar
     from lightning_llama_fp8.data.indexed import IndexedDataModule, check_corpus, check_token_ids, parse_data_path
     from lightning_llama_fp8.data.mock import MockDataModule
-    from lightning_llama_fp8.data.preprocess import CorpusInputError, PreprocessSummary, read_sidecar
+    from lightning_llama_fp8.data.preprocess import PreprocessSummary
     from lightning_llama_fp8.data.tokenizer import TokenizerSpec, resolve_tokenizer
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "CorpusInputError": "lightning_llama_fp8.data.preprocess",
+        "CorpusInputError": "lightning_llama_fp8.data.corpus",
         "GPTDataModule": "lightning_llama_fp8.data.base",
         "IndexedDataModule": "lightning_llama_fp8.data.indexed",
         "MockDataModule": "lightning_llama_fp8.data.mock",
@@ -45,7 +46,7 @@ __getattr__, __dir__ = lazy_exports(
         "check_split_sizes": "lightning_llama_fp8.data.base",
         "check_token_ids": "lightning_llama_fp8.data.indexed",
         "parse_data_path": "lightning_llama_fp8.data.indexed",
-        "read_sidecar": "lightning_llama_fp8.data.preprocess",
+        "read_sidecar": "lightning_llama_fp8.data.corpus",
         "resolve_tokenizer": "lightning_llama_fp8.data.tokenizer",
     },
 )

@@ -35,6 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.parallel.groups import data_parallel_size_and_rank
 
 __all__ = [
     "BATCH_KEYS",
@@ -268,17 +269,6 @@ class ResumableDataLoader(DataLoader):
         self.sampler.start_batch = int(state_dict["batches_done"]) % max(self.epoch_length(len(self)), 1)
 
 
-def _data_parallel_size_and_rank() -> tuple[int, int]:
-    """DP size and rank from megatron's parallel_state, or (1, 0) when it is not initialised.
-
-    The DP group excludes tensor/pipeline/context-parallel peers: those ranks must see the same
-    samples, so they count as one data-parallel replica.
-    """
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    return 1, 0
-
-
 def _pipeline_schedule_problems(num_microbatches: int) -> list[str]:
     """What Megatron's interleaved pipeline schedule (if this run has one) refuses about the micro batches per step."""
     if not parallel_state.model_parallel_is_initialized():
@@ -431,7 +421,7 @@ class GPTDataModule(LightningDataModule):
             ValueError: On an invalid batch layout, an unknown number of training samples, or
                 data that cannot give the requested samples.
         """
-        self.dp_size, self.dp_rank = _data_parallel_size_and_rank()
+        self.dp_size, self.dp_rank = data_parallel_size_and_rank()
         for name, value in (
             ("seq_length", self.seq_length),
             ("vocab_size", self.vocab_size),

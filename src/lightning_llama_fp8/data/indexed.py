@@ -6,7 +6,7 @@ documents exactly as Megatron-LM's ``--data-path`` / ``--split`` do (``GPTDatase
 ``BlendedMegatronDatasetBuilder``), so a run sees the samples Megatron-LM would. Every corpus is checked before
 anything is built (:func:`check_corpus`): both files there, a valid index, a ``.bin`` as long as the index says,
 and every token id inside the model's vocabulary (:func:`check_token_ids`: from the ``<prefix>.corpus.json`` that
-``llama-fp8 preprocess`` writes, else by reading the ``.bin``, about 1.5 GB/s from disk). A token id past the
+``llama-fp8 preprocess`` writes, else by reading the ``.bin``). A token id past the
 vocabulary would fail at the first step with TP1 and, with TP > 1, train on silent all-zero embeddings.
 """
 
@@ -28,7 +28,7 @@ from megatron.core.tokenizers import MegatronTokenizer
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
-from lightning_llama_fp8.data.preprocess import read_sidecar
+from lightning_llama_fp8.data.corpus import read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 
 __all__ = ["CorpusInfo", "IndexedDataModule", "check_corpus", "check_token_ids", "parse_data_path"]

@@ -7,9 +7,8 @@ weight as a single row and quantizes it with the weight's own quantizer. That qu
 (columnwise usage: the backward GEMMs on Hopper need it), so TE allocates an ``[N, 1]`` transpose of the one-row
 shard and runs its statically compiled ``cast_transpose_general_kernel`` (a one-row shape does not fit the tuned
 kernel's 32 x 32 tiles), then drops that transpose with the shard view. The weight's real transpose is made later
-from the whole weight (``post_all_gather_processing``), so the work buys nothing. Measured on an H200
-(``benchmarks/results/2026-12-04-h200-fp8-weight-refresh/``): 68 ms of a 0.97 s step for 4 layers of Llama 3 8B
-(16 launches), the largest FP8 overhead of the step; without the transpose the step is 58 ms (1.06x) faster.
+from the whole weight (``post_all_gather_processing``), so the work buys nothing; the README ("Speed") has what it
+costs a step.
 
 :func:`rowwise_only_weight_refresh` turns the columnwise usage of those quantizers off for the duration of the
 optimizer step, so TE runs its plain cast: the same FP8 bytes, scale-inverse and amax (``tests/gpu``, bitwise),
