@@ -321,7 +321,7 @@ def test_plan_from_config_reads_devices_and_nodes() -> None:
 # ---------------------------------------------------------------------------------------------- packaging
 def test_console_script_entry_point() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["llama-fp8"] == "lightning_llama_fp8.cli.fit:main"
+    assert scripts["llama-fp8"] == "lightning_llama_fp8.cli:main"
     module_name, attr = scripts["llama-fp8"].split(":")
     entry = getattr(importlib.import_module(module_name), attr)
     assert callable(entry)

@@ -422,12 +422,13 @@ def test_cross_entropy_is_tes_with_the_te_spec_and_megatrons_with_the_local_one(
 
 
 def installed_te(monkeypatch: pytest.MonkeyPatch, te_version: str) -> None:
-    """Make importlib.metadata report this Transformer Engine version (TE is not installed on the CPU machines)."""
-    import importlib.metadata
+    """Make the package's version probe report this Transformer Engine version (TE is not installed on the CPU
+    machines)."""
+    from lightning_llama_fp8._compat import versions
 
-    real_version = importlib.metadata.version
+    real_version = versions.installed_version
     monkeypatch.setattr(
-        importlib.metadata, "version", lambda name: te_version if name == "transformer_engine" else real_version(name)
+        versions, "installed_version", lambda name: te_version if name == "transformer_engine" else real_version(name)
     )
 
 
