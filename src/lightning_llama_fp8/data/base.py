@@ -20,22 +20,20 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from megatron.core import parallel_state
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix,
-    parse_and_normalize_split,
-)
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.parallel.groups import data_parallel_size_and_rank
+
+if TYPE_CHECKING:
+    # megatron-core is imported where it runs: `llama-fp8 fit --help` and the config checks need none of it.
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
 __all__ = [
     "BATCH_KEYS",
@@ -107,6 +105,11 @@ def check_split_sizes(num_documents: int, split: str, requested_samples: Sequenc
             f"requested_samples has {len(requested_samples)} entries; at most 3 (train, validation, test)."
         )
     requested = list(requested_samples) + [0] * (len(_SPLIT_NAMES) - len(requested_samples))
+
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for name, bookends, wanted in zip(_SPLIT_NAMES, matrix, requested, strict=True):
@@ -271,6 +274,8 @@ class ResumableDataLoader(DataLoader):
 
 def _pipeline_schedule_problems(num_microbatches: int) -> list[str]:
     """What Megatron's interleaved pipeline schedule (if this run has one) refuses about the micro batches per step."""
+    from megatron.core import parallel_state
+
     if not parallel_state.model_parallel_is_initialized():
         return []
     virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()

@@ -16,20 +16,18 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
-from megatron.core.datasets.utils import get_blend_from_list
-from megatron.core.tokenizers import MegatronTokenizer
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
 from lightning_llama_fp8.data.corpus import read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
 __all__ = ["CorpusInfo", "IndexedDataModule", "check_corpus", "check_token_ids", "parse_data_path"]
 
@@ -59,6 +57,8 @@ class CorpusInfo:
 
 def parse_data_path(data_path: str | list[str | float]) -> tuple[list[str], list[float] | None]:
     """Megatron-LM's ``--data-path``: prefixes, or ``weight prefix weight prefix ...`` (a string or a list)."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
     if not isinstance(data_path, (str, list, tuple)):
         raise ValueError(f"data.data_path must be a list or a string of corpus prefixes, got {data_path!r}.")
     words = data_path.split() if isinstance(data_path, str) else [str(word) for word in data_path]
@@ -100,6 +100,8 @@ def check_corpus(prefix: str) -> CorpusInfo:
         FileNotFoundError: a file is missing (the message says which, and how such files are made).
         ValueError: the index is not a Megatron index, or the ``.bin`` is shorter than the index says.
     """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
     missing = [path for path in (bin_path, idx_path) if not os.path.isfile(path)]
     if missing:
@@ -140,6 +142,8 @@ _scanned: dict[tuple[str, int, int], int] = {}  # (bin path, size, mtime_ns) -> 
 
 def _scan_max_token_id(prefix: str, dtype: str) -> int:
     """The largest token id in ``<prefix>.bin``, read in chunks (memory-mapped; cached per file version)."""
+    from megatron.core.datasets.indexed_dataset import get_bin_path
+
     path = get_bin_path(prefix)
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
@@ -171,6 +175,8 @@ def check_token_ids(
     Raises:
         ValueError: a token id past the vocabulary, or a tokenizer mismatch (the message names both sides).
     """
+    from megatron.core.datasets.indexed_dataset import get_bin_path
+
     sidecar = read_sidecar(info.prefix)
     if sidecar is not None:
         tokenizer = sidecar.get("tokenizer") or {}
@@ -274,6 +280,10 @@ class IndexedDataModule(GPTDataModule):
 
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Check every corpus and split, then build Megatron's (blended) ``GPTDataset`` splits."""
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        from megatron.core.tokenizers import MegatronTokenizer
+
         corpora = self.check_files()
         config = GPTDatasetConfig(
             random_seed=self.seed,

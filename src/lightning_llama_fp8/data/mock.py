@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset, MockGPTLowLevelDataset
-from megatron.core.tokenizers import MegatronTokenizer
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
 __all__ = ["MockDataModule"]
 
@@ -64,6 +65,10 @@ class MockDataModule(GPTDataModule):
 
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Megatron-LM's ``--mock-data``: builds on every rank, in well under a second, nothing written to disk."""
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset, MockGPTLowLevelDataset
+        from megatron.core.tokenizers import MegatronTokenizer
+
         # Exactly Megatron-LM's --mock-data: MegatronTokenizer with the null-text library (its
         # NullTokenizer, eod = vocab_size - 1) and a GPTDatasetConfig with blend=None.
         tokenizer = MegatronTokenizer.from_pretrained(
