@@ -33,7 +33,7 @@ echo "scripts/setup.sh: installing lightning-llama-fp8 with torch 2.11.0 (about 
 if command -v nvidia-smi >/dev/null 2>&1 && [ "${SKIP_TE:-0}" != 1 ]; then
   echo "scripts/setup.sh: NVIDIA GPU found; installing Transformer Engine (compiles against torch, takes minutes)"
   # Not fatal: without TE, `llama-fp8 fit` still prints the plan and says what is missing (exit status 2).
-  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "transformer-engine[pytorch]>=2.8" ||
+  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "transformer-engine[pytorch]>=2.8,<2.21" ||
     echo "scripts/setup.sh: Transformer Engine did not install (see pip's error above). It compiles against torch's" \
       "CUDA 13.0 and needs that CUDA toolkit (nvcc) and cuDNN headers; or train in NVIDIA's PyTorch container," \
       "which ships TE. Training refuses to start until TE imports." >&2
