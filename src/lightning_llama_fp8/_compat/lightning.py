@@ -36,6 +36,12 @@ def init_dist_connection(cluster_environment: Any, backend: str, timeout: timede
     _init_dist_connection(cluster_environment, backend, **kwargs)
 
 
+def has_trainer(strategy: Any) -> bool:
+    """Whether ``strategy`` has a LightningModule attached to a Trainer (its protected ``_lightning_module`` and the
+    module's ``_trainer``; the public properties raise or warn without them)."""
+    return strategy._lightning_module is not None and strategy.lightning_module._trainer is not None
+
+
 def set_rank_zero(global_rank: int) -> None:
     """Tell Lightning's ``rank_zero_only`` utilities which rank this process is."""
     rank_zero_only.rank = utils_rank_zero_only.rank = global_rank  # type: ignore[attr-defined]

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_llama_fp8._compat.transformer_engine import reset_debug_state
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -271,9 +273,7 @@ class TEDebugSession:
         finally:
             if self.collector in self.metric_logger.enabled_loggers:
                 self.metric_logger.enabled_loggers.remove(self.collector)
-            # TE's own end_debug hook resets it too, unless setup failed before TE's features were registered;
-            # after the reset, TE modules run without debug (debug_enabled None) and new ones may be built.
-            self.debug_state._reset()
+            reset_debug_state(self.debug_state)
             nvdlfw_logger = logging.getLogger(NVDLFW_LOGGER_NAME)
             for handler in [h for h in nvdlfw_logger.handlers if h not in self._handlers_before]:
                 nvdlfw_logger.removeHandler(handler)

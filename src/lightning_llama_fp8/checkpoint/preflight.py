@@ -46,7 +46,7 @@ def check_before_building(strategy: Any) -> tuple[Path, dict[str, Any]] | None:
     """Everything in the module docstring, on every rank of ``strategy`` (a ``MegatronCPStrategy`` whose process
     groups exist). Returns the checkpoint's path and its ``lightning.pt`` contents, read here to find a damaged one
     early, for the strategy's load to reuse; ``None`` when nothing is loaded (or outside a Trainer method)."""
-    if strategy._lightning_module is None or strategy.lightning_module._trainer is None:
+    if not compat.has_trainer(strategy):
         return None
     module = strategy.lightning_module
     trainer = module.trainer

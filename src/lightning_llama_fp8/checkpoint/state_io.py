@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_llama_fp8._compat.megatron import copy_main_params_to_model_params
 from lightning_llama_fp8.checkpoint.info import LIGHTNING_FILENAME, CheckpointError
 
 TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
@@ -151,8 +152,7 @@ def _requantize_fp8_weights_from_main_params(optimizer: Any, modules: dict[str, 
     """
     if not any(_is_quantized(param) for module in modules.values() for param in module.parameters()):
         return
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        part._copy_main_params_to_model_params()  # Megatron-private; the call its optimizer.step() makes
+    copy_main_params_to_model_params(optimizer)
     for model_chunk in getattr(optimizer, "model_chunks", []):  # the DDP-wrapped models, once each
         model_chunk.start_param_sync(force_sync=True)
 

@@ -38,12 +38,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future as TorchFuture
 
-try:  # torch-internal helpers of its own file reader (torch 2.11); without them, the library's reader is used
-    from torch.distributed._shard._utils import narrow_tensor_by_index
-    from torch.distributed.checkpoint.utils import _create_file_view
-except ImportError:  # pragma: no cover - another torch
-    narrow_tensor_by_index = _create_file_view = None
-
+from lightning_llama_fp8._compat.torch import create_file_view, narrow_tensor_by_index
 from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf.arch import hf_config_from_llama
@@ -107,7 +102,7 @@ class _CheckpointTensors:
 
     def __init__(self, info: CheckpointInfo, arch: LlamaConfig, allow_fp8_weights: bool) -> None:
         self.path, self.arch = info.path, arch
-        direct = narrow_tensor_by_index is not None and _create_file_view is not None
+        direct = narrow_tensor_by_index is not None and create_file_view is not None
         self.reader = (_DirectFileSystemReader if direct else FileSystemReader)(str(info.path))
         self.metadata = self.reader.read_metadata().state_dict_metadata
         self._check_shapes(info)
@@ -233,7 +228,7 @@ class _DirectFileSystemReader(FileSystemReader):
         """Read ``item`` into its destination with one ``readinto``; False (nothing read) where that is not possible."""
         stored = self.storage_data[item.storage_index]
         layout = torch.load(
-            _create_file_view(file, stored.offset, stored.length), map_location="meta", weights_only=True
+            create_file_view(file, stored.offset, stored.length), map_location="meta", weights_only=True
         )
         # Where torch.load(mmap=True) would map the storage from. The bytes are taken as stored: torch.load would
         # byte-swap a storage saved on a big-endian host, but this package's checkpoints come from little-endian

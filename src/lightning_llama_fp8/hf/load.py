@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_llama_fp8._compat.transformer_engine import replace_high_precision_init_val
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.files import SafetensorsDir
@@ -113,12 +114,5 @@ def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
     model is built with ``preserve_high_precision_init_val``). That copy still holds the random initialisation, so
     it is replaced too; otherwise training would start from the random weights with FP8 weights on.
     """
-    initial = getattr(param, "get_high_precision_init_val", None)
-    previous = initial() if callable(initial) else None
-    if previous is not None:
-        param._high_precision_init_val = value.to(device=previous.device, dtype=previous.dtype)  # TE's own attribute
-    elif type(param).__module__.startswith("transformer_engine"):  # an FP8 weight built without that copy
-        from transformer_engine.pytorch.module.base import _attach_high_precision_init_val
-
-        _attach_high_precision_init_val(param, value.detach().to(device="cpu", dtype=param.dtype))
+    replace_high_precision_init_val(param, value)
     param.copy_(value.to(device=param.device, dtype=param.dtype))
