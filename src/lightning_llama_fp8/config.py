@@ -298,7 +298,7 @@ class LlamaConfig:
         post_process: bool = True,
         vp_stage: int | None = None,
     ) -> GPTModel:
-        """Instantiate Megatron's GPTModel (with pipeline parallelism: one chunk, see ``pipeline.py``).
+        """Instantiate Megatron's GPTModel (with pipeline parallelism: one chunk, see ``parallel/pipeline.py``).
 
         ``parallel_state`` must already be initialised. ``pre_process``: the chunk has the embedding;
         ``post_process``: the final norm, output layer and loss; ``vp_stage``: its virtual pipeline stage.

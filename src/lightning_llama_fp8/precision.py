@@ -146,7 +146,7 @@ class TEFP8Precision(MegatronPrecision):
         fallback: ``"bf16"`` to train in BF16 (and say so in the log) on a machine without FP8; ``None`` raises.
         fast_weight_refresh: with ``fp8_param_gather`` and ``delayed``: after each optimizer step, cast the updated
             main weights into the FP8 weights without the transpose TE computes for each one-row shard and then
-            drops (same bytes; 68 ms of a 0.97 s step on 4 layers of Llama 3 8B on an H200; ``fp8_weights.py``).
+            drops (same bytes, faster steps: README "Speed"; ``fp8/weights.py``).
             ``False``: Megatron's and TE's own path, as Megatron-LM runs it. No effect with optimizer offload
             (Megatron's precision-aware optimizer writes the weights back itself).
     """

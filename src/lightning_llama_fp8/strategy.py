@@ -7,16 +7,16 @@ What it does, in the order Lightning calls it:
    ``parallel_state`` groups and seeds Megatron's model-parallel CUDA RNG.
 2. The LightningModule's ``configure_model`` then builds the Megatron model, reading
    :meth:`transformer_config_kwargs` for the layout; with pipeline parallelism, this rank's model chunks
-   (``pipeline.py``).
+   (``parallel/pipeline.py``).
 3. ``setup``: wraps every Megatron model (chunk) of the LightningModule in Megatron's ``DistributedDataParallel``
    (contiguous grad buffers, bucketed and optionally overlapped reduce-scatter, distributed optimizer; with
    Transformer Engine's weight-gradient accumulation fused into those buffers by default), builds the optimizer, and
    wires Megatron's schedule hooks (grad sync, loss scale, ``finalize_model_grads``) into the model config
-   (``megatron_ddp.py``).
+   (``parallel/ddp.py``).
 
 Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks only: TP and CP ranks of one
 model replica read the same samples), an ``optimizer_step`` that runs Megatron's optimizer, and checkpoints in
-Megatron's distributed format (``checkpointing.py``, ``checkpoint.py``): every rank writes its shards, and a
+Megatron's distributed format (``checkpoint/``): every rank writes its shards, and a
 checkpoint reloads into another layout.
 """
 
@@ -36,9 +36,9 @@ from torch import Tensor
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
-from lightning_llama_fp8.checkpoint import preflight as startup_checks
+from lightning_llama_fp8.checkpoint import preflight
 from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
-from lightning_llama_fp8.parallel import ddp as megatron_ddp
+from lightning_llama_fp8.parallel import ddp
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
@@ -99,7 +99,7 @@ class MegatronCPStrategy(ParallelStrategy):
             the same TP and CP and any DP size) or ``fully_reshardable`` (gathered per parameter on save; resumes
             with any layout). Model weights reload into any layout either way.
         async_save: write checkpoints in the background (Megatron-Core's asynchronous ``dist_checkpointing``, see
-            ``async_checkpoint.py``): ``save_checkpoint`` copies the shards to host memory and returns, and the
+            ``checkpoint/background.py``): ``save_checkpoint`` copies the shards to host memory and returns, and the
             checkpoint appears under its name, complete, some training steps later (at the latest before the next
             save and before ``fit`` returns); the older checkpoint ModelCheckpoint replaces is deleted only then.
             Needs host memory for a copy of this rank's share of one checkpoint. Saves outside a running ``fit``
@@ -269,7 +269,7 @@ class MegatronCPStrategy(ParallelStrategy):
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
         self.initialize_parallel_state()
         # The checkpoint to load and every output directory, before data, model and optimizer are built.
-        self.checkpointing.early_state = startup_checks.check_before_building(self)
+        self.checkpointing.early_state = preflight.check_before_building(self)
 
     def initialize_parallel_state(self) -> None:
         """Build Megatron's TP/CP/PP/DP groups and seed its RNG streams (idempotent for one layout)."""
@@ -334,7 +334,7 @@ class MegatronCPStrategy(ParallelStrategy):
             )
 
     def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
-        problem = megatron_ddp.gradient_accumulation_fusion_problem(
+        problem = ddp.gradient_accumulation_fusion_problem(
             self.gradient_accumulation_fusion, arch, self._trainer_callbacks()
         )
         if problem:
@@ -349,7 +349,7 @@ class MegatronCPStrategy(ParallelStrategy):
     def _fuses_gradient_accumulation(self) -> bool:
         """Resolve ``gradient_accumulation_fusion`` for this fit (checked already in ``setup_environment``)."""
         arch = getattr(self.lightning_module, "arch", None)
-        return megatron_ddp.resolve_gradient_accumulation_fusion(
+        return ddp.resolve_gradient_accumulation_fusion(
             self.gradient_accumulation_fusion, arch, self._trainer_callbacks()
         )
 
@@ -425,7 +425,7 @@ class MegatronCPStrategy(ParallelStrategy):
             self._wrap_megatron_modules()
             # Required when asked for explicitly; by default only where TE modules exist.
             self.gradient_accumulation_fused = self._fuses_gradient_accumulation() and (
-                megatron_ddp.fuse_te_weight_gradient_accumulation(
+                ddp.fuse_te_weight_gradient_accumulation(
                     self._ddp_modules, required=self.gradient_accumulation_fusion is True
                 )
                 > 0
@@ -439,11 +439,11 @@ class MegatronCPStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     def _wrap_megatron_modules(self) -> None:
-        """Wrap each Megatron model (chunk) of the LightningModule in Megatron DDP (``megatron_ddp.py``)."""
-        self._ddp_modules = megatron_ddp.wrap_megatron_modules(self.lightning_module, self.ddp_config)
+        """Wrap each Megatron model (chunk) of the LightningModule in Megatron DDP (``parallel/ddp.py``)."""
+        self._ddp_modules = ddp.wrap_megatron_modules(self.lightning_module, self.ddp_config)
 
     def _connect_schedule_hooks(self) -> None:
-        megatron_ddp.connect_schedule_hooks(
+        ddp.connect_schedule_hooks(
             self._ddp_modules,
             self.optimizers[0] if self.optimizers else None,
             overlap_grad_reduce=self.overlap_grad_reduce,
@@ -482,7 +482,7 @@ class MegatronCPStrategy(ParallelStrategy):
         """Veto the optimizer step in progress; call from ``on_before_optimizer_step`` (e.g. ``NaNGuard``)."""
         self._skip_reason = reason
 
-    # ------------------------------------------------------------------ checkpoints (checkpointing.py)
+    # ------------------------------------------------------------------ checkpoints (checkpoint/hooks.py)
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Write a distributed checkpoint directory at ``filepath``; every rank calls it (ModelCheckpoint does).
 
@@ -559,13 +559,13 @@ class MegatronCPStrategy(ParallelStrategy):
         # With overlapped param all-gather, params are gathered by forward pre-hooks that expect an optimizer
         # step before each forward; evaluation has none, so gather synchronously and pause the hooks.
         if self.overlap_param_gather:
-            for ddp in self._ddp_modules:
-                ddp.disable_forward_pre_hook()
+            for wrapped in self._ddp_modules:
+                wrapped.disable_forward_pre_hook()
 
     def on_validation_end(self) -> None:
         if self.overlap_param_gather:
-            for ddp in self._ddp_modules:
-                ddp.enable_forward_pre_hook()
+            for wrapped in self._ddp_modules:
+                wrapped.enable_forward_pre_hook()
 
     # ------------------------------------------------------------------ collectives
     def barrier(self, name: str | None = None) -> None:

@@ -135,7 +135,7 @@ DEPENDENCY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     # megatron-core 0.19.2 logs this once per process at the first distributed checkpoint save, synchronous ones
     # included (its synchronous save runs the same "mcore" writer in the foreground), asking for NVIDIA Resiliency
     # Extension instead: not part of this stack, so a user cannot act on it; MegatronCPStrategy(async_save=True)
-    # uses megatron-core's own writer on purpose (async_checkpoint.py).
+    # uses megatron-core's own writer on purpose (checkpoint/background.py).
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
     # Once per run when the package builds the model: megatron-core 0.19.2 deprecates GPTModel in favour of its
     # HybridModel. LlamaLightningModule builds the GPTModel itself, so only this package can migrate.

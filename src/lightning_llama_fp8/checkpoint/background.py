@@ -77,7 +77,7 @@ class PinnedHostReserve:
     ``allocate(nbytes)`` returns one pinned block (default: a pinned ``uint8`` tensor); every block is held until
     all are allocated (a block freed at once would only be reused by the next request of its size class), then all
     are dropped together. The thread lets training go on where the pinning allows it; on an H200 it did not (no step
-    finished while 27.1 GiB were pinned; ``bench_throughput.py`` records this as ``host_reserve``). A failure (host
+    finished while 27.1 GiB were pinned; ``benchmarks.throughput`` records this as ``host_reserve``). A failure (host
     memory short of the checkpoint's size, say) is logged: the first save then pins what it needs itself.
     """
 

@@ -3,7 +3,7 @@
 :class:`StrategyCheckpointing` does what ``MegatronCPStrategy``'s ``save_checkpoint`` / ``load_checkpoint`` /
 ``remove_checkpoint`` / ``load_model_state_dict`` / ``optimizer_state`` promise Lightning; the strategy hands each
 of those calls to it. The checkpoint format itself (directory layout, info file, resume checks, Megatron's sharded
-save and load) is ``checkpoint.py``; background writes are ``async_checkpoint.py``.
+save and load) is the rest of ``checkpoint/``; background writes are ``background.py``.
 
 A checkpoint is a directory: the Megatron model chunks and optimizer in Megatron's sharded format (every rank writes
 its shards; it reloads into another layout), and everything else Lightning put into the checkpoint dict (loops,
@@ -24,10 +24,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_llama_fp8.checkpoint import background as async_checkpoint
-from lightning_llama_fp8.checkpoint import directories, resume, state_io
+from lightning_llama_fp8.checkpoint import background, directories, preflight, resume, state_io
 from lightning_llama_fp8.checkpoint import info as ckpt
-from lightning_llama_fp8.checkpoint import preflight as startup_checks
 from lightning_llama_fp8.checkpoint.background import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
 from lightning_llama_fp8.checkpoint.save_workers import prepare_checkpoint_writer
 from lightning_llama_fp8.parallel.ddp import megatron_children
@@ -114,7 +112,7 @@ class StrategyCheckpointing:
                 if strategy.use_distributed_optimizer
                 else "not_distributed"  # a plain Megatron optimizer's state follows the weights into any layout
             ),
-            **startup_checks.resume_records(strategy.lightning_module),
+            **preflight.resume_records(strategy.lightning_module),
         )
 
         def write_info(directory: Path) -> None:
@@ -178,7 +176,7 @@ class StrategyCheckpointing:
             self.host_reserve.wait()  # else this save would pin a second set of blocks beside the reserved ones
         if self.async_saver is None:
             self.async_saver = AsyncCheckpointSaver(strategy.first_failure)
-        # Gathered until the host copy is taken, which scheduling does before it returns (async_checkpoint.py).
+        # Gathered until the host copy is taken, which scheduling does before it returns (background.py).
         with self.parameters_gathered():
             self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
 
@@ -186,7 +184,7 @@ class StrategyCheckpointing:
         """With ``async_save``, once the optimizer state exists (after the first step that updated it): pin, in a
         thread, the host memory a background save copies the checkpoint into, so that the first save does not
         block training while it pins (training may wait for the pinning itself, once, after the first step:
-        ``async_checkpoint.py``). Only where a checkpoint callback will save during
+        ``background.py``). Only where a checkpoint callback will save during
         ``fit``; once per strategy (the blocks stay in torch's host cache, as they would after the first save). A
         failure to size or pin is logged: the first save then pins for itself."""
         strategy = self.strategy
@@ -215,7 +213,7 @@ class StrategyCheckpointing:
         if not sizes:
             return
         need, ranks = pinned_bytes(sizes), max(int(getattr(strategy, "num_processes", 1) or 1), 1)
-        available = async_checkpoint.available_host_memory()
+        available = background.available_host_memory()
         if available is not None and need * ranks > available:
             # Pinned memory cannot be swapped: pinning it ahead could get the run killed now rather than at a save.
             rank_zero_warn(

@@ -62,7 +62,7 @@ def save_megatron_state(
 
     ``sharding`` is the distributed optimizer's ``distrib_optim_sharding_type``; it is stored as the checkpoint's
     content metadata, from which :func:`load_megatron_state` takes it back. ``in_background=True`` only plans the
-    write and returns Megatron's ``AsyncRequest`` for it (see ``async_checkpoint.py``); otherwise returns ``None``
+    write and returns Megatron's ``AsyncRequest`` for it (see ``background.py``); otherwise returns ``None``
     once the files are written.
     """
     from megatron.core import dist_checkpointing
