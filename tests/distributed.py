@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -16,7 +17,12 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from tests.helpers import free_port
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now (for gloo rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:

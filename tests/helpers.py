@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -11,12 +11,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_llama_fp8 import LlamaLightningModule
 
+from .distributed import free_port as free_port
+from .distributed import run_distributed as run_distributed
 
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on right now (for gloo rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+#: The repository's root (the directory with pyproject.toml), wherever this file lies under tests/.
+REPO_ROOT = next(parent for parent in Path(__file__).resolve().parents if (parent / "pyproject.toml").is_file())
+#: Scripts the launcher tests start as processes; they lie next to this file.
+LAUNCH_PROBE = Path(__file__).with_name("launch_probe.py")
+MULTINODE_PROBE = Path(__file__).with_name("multinode_probe.py")
 
 
 def cpu_trainer(**kwargs: object) -> Trainer:
@@ -114,3 +116,35 @@ def fit_never_built(plugin: object, arch: Any = None, **strategy_kwargs: Any) ->
         enable_progress_bar=False,
     )
     trainer.fit(module, datamodule=data)
+
+
+def iteration_line(
+    iteration: int,
+    elapsed_ms: float,
+    loss: float | None,
+    *,
+    train_iters: int = 30,
+    gbs: int = 8,
+    tflops: float | None = 401.3,
+    skipped_samples: int = 0,
+    grad_norm: float = 3.14159,
+    timestamp: str = "2026-08-23 10:15:42.123456",
+) -> str:
+    """One training log line, field by field in Megatron-LM's format (numbers made up)."""
+    line = f" [{timestamp}]"
+    line += f" iteration {iteration:8d}/{train_iters:8d} |"
+    line += f" consumed samples: {iteration * gbs:12d} |"
+    if skipped_samples > 0:
+        line += f" skipped samples: {skipped_samples:12d} |"
+    line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
+    if tflops is not None:
+        line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f} |"
+    line += f" learning rate: {1.5e-4 * min(1.0, iteration / 2):.6E} |"
+    line += f" global batch size: {gbs:5d} |"
+    if loss is not None:
+        line += f" lm loss: {loss:.6E} |"
+    line += f" loss scale: {1.0:.1f} |"
+    line += f" grad norm: {grad_norm:.3f} |"
+    line += f" number of skipped iterations: {0:3d} |"
+    line += f" number of nan iterations: {0:3d} |"
+    return line

@@ -22,7 +22,7 @@ from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import state_io
 from lightning_llama_fp8.checkpoint.info import read_checkpoint_info
 from lightning_llama_fp8.checkpoint.resume import resolve_last_checkpoint
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 SEQ, VOCAB, GBS = 16, 1000, 4
 STEP = "epoch=0-step={}.ckpt"

@@ -22,8 +22,9 @@ from benchmarks.lib import stage_functions
 from benchmarks.lib.stage_run import TIMED_OUT, Command, Stage, StageSession, StageUsageError
 from benchmarks.stage import main as stage_main
 from benchmarks.stages import STAGES, STAGES_BY_NAME
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 #: The stages of the former benchmarks/gpu_stage.sh (people's notes and the README name them), and its suite.
 SHELL_SCRIPT_STAGES = (
     "equivalence-2", "equivalence-4", "pipeline-2", "pipeline-4", "speed-2", "speed-tp2-32", "speed-8b-4",

@@ -24,7 +24,7 @@ from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo,
 from lightning_llama_fp8.checkpoint.resume import check_can_resume
 from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.parallel.layout import ParallelLayout
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 ARCH_OVERRIDES = {"transformer_impl": "local", "apply_rope_fusion": False}
 

@@ -13,6 +13,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from lightning_llama_fp8 import IndexedDataModule
 from lightning_llama_fp8.data import check_corpus, parse_data_path
+from tests.helpers import REPO_ROOT
 
 SEQ, VOCAB, GBS, MBS = 64, 1000, 4, 2
 
@@ -176,7 +177,7 @@ def test_cli_refuses_a_missing_corpus_before_building(
 def test_cli_accepts_indexed_data_in_yaml(corpora: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_llama_fp8.cli import main
 
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    config = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
     args = ["fit", "--config", str(config), "--data", "lightning_llama_fp8.IndexedDataModule"]
     args += ["--data.data_path", f"[{corpora['low']}]", "--print_config"]
     with pytest.raises(SystemExit) as excinfo:
@@ -198,7 +199,7 @@ def test_yaml_weights_may_be_numbers(
         "data:\n  class_path: lightning_llama_fp8.IndexedDataModule\n  init_args:\n"
         f"    data_path: [0.25, {corpora['low']}, 0.75, {corpora['high']}]\n"
     )
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    config = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--config", str(extra), "--print_config"])
     assert "- 0.25" in capsys.readouterr().out

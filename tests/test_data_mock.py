@@ -11,8 +11,7 @@ from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 from torch.utils.data import DistributedSampler
 
 from lightning_llama_fp8.data import MockDataModule, check_split_sizes
-from tests.distributed import run_distributed
-from tests.helpers import cpu_trainer, megatron_cpu_trainer
+from tests.helpers import cpu_trainer, megatron_cpu_trainer, run_distributed
 
 SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
 KEYS = ("tokens", "labels", "loss_mask", "position_ids")

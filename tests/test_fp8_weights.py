@@ -185,7 +185,7 @@ def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
 
 
 def test_the_strategy_runs_each_optimizer_step_inside_the_precisions_context(tmp_path: Any) -> None:
-    from tests.distributed import run_distributed
+    from tests.helpers import run_distributed
 
     (result,) = run_distributed(_fit_with_recording_precision, 1, tmp_path)
     assert result["events"] == ["enter 0", "optimizer.step", "exit"] * 2

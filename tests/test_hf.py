@@ -25,7 +25,7 @@ from lightning_llama_fp8.hf.mapping import (
     hf_tensors,
     megatron_tensor,
 )
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 transformers = pytest.importorskip("transformers")
 

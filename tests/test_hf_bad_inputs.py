@@ -13,7 +13,7 @@ from lightning_llama_fp8.checkpoint.info import INFO_FILENAME, CheckpointError
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.hf import HFConfigError, export_to_hf, llama_config_from_hf
 from lightning_llama_fp8.hf.files import INDEX_FILE
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 from tests.test_hf import CPU_ARCH, LLAMA31_ROPE, make_hf_model
 
 transformers = pytest.importorskip("transformers")

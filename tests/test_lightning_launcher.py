@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROBE = Path(__file__).with_name("launch_probe.py")
-REPO = PROBE.parents[1]
+from tests.helpers import LAUNCH_PROBE, REPO_ROOT
+
+PROBE = LAUNCH_PROBE
+REPO = REPO_ROOT
 
 
 def test_lightning_launcher_starts_both_ranks_with_megatron_groups(tmp_path: Path) -> None:

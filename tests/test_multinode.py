@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import MULTINODE_PROBE, REPO_ROOT, free_port
 
-PROBE = Path(__file__).with_name("multinode_probe.py")
-REPO = PROBE.parents[1]
+PROBE = MULTINODE_PROBE
+REPO = REPO_ROOT
 TIMEOUT_S = 300
 
 

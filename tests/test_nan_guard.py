@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_llama_fp8.callbacks.nan_guard import NaNGuard, NonFiniteTrainingError, nonfinite_tensors
-from tests.distributed import run_distributed
-from tests.helpers import cpu_trainer, megatron_cpu_trainer
+from tests.helpers import cpu_trainer, megatron_cpu_trainer, run_distributed
 
 
 class ScalingState:

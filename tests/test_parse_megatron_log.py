@@ -21,39 +21,7 @@ from benchmarks.lib.megatron_log import (
     parse_throughputs,
     summarize,
 )
-
-
-def _iteration_line(
-    iteration: int,
-    elapsed_ms: float,
-    loss: float | None,
-    *,
-    train_iters: int = 30,
-    gbs: int = 8,
-    tflops: float | None = 401.3,
-    skipped_samples: int = 0,
-    grad_norm: float = 3.14159,
-    timestamp: str = "2026-08-23 10:15:42.123456",
-) -> str:
-    """One training log line, field by field in Megatron-LM's format."""
-    line = f" [{timestamp}]"
-    line += f" iteration {iteration:8d}/{train_iters:8d} |"
-    line += f" consumed samples: {iteration * gbs:12d} |"
-    if skipped_samples > 0:
-        line += f" skipped samples: {skipped_samples:12d} |"
-    line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
-    if tflops is not None:
-        line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f} |"
-    line += f" learning rate: {1.5e-4 * min(1.0, iteration / 2):.6E} |"
-    line += f" global batch size: {gbs:5d} |"
-    if loss is not None:
-        line += f" lm loss: {loss:.6E} |"
-    line += f" loss scale: {1.0:.1f} |"
-    line += f" grad norm: {grad_norm:.3f} |"
-    line += f" number of skipped iterations: {0:3d} |"
-    line += f" number of nan iterations: {0:3d} |"
-    return line
-
+from tests.helpers import iteration_line
 
 # A line as Megatron-LM prints it, spelled out so the exact spacing is pinned down.
 LITERAL_LINE = (
@@ -77,7 +45,7 @@ def _log() -> str:
         "[before the start of training step] datetime: 2026-08-23 10:15:20",
     ]
     for i, (ms, loss) in enumerate(zip(TIMES, LOSSES, strict=True), start=1):
-        lines.append(LITERAL_LINE if i == 3 else _iteration_line(i, ms, loss))
+        lines.append(LITERAL_LINE if i == 3 else iteration_line(i, ms, loss))
         if i == 1:
             lines.append(
                 "[Rank 0] (after 1 iterations) memory (MB) | allocated: 31234.56 | max allocated: 45678.90"
@@ -91,7 +59,7 @@ def _log() -> str:
 
 
 def test_literal_line_matches_format() -> None:
-    line = _iteration_line(3, 2345.6, 11.76543, tflops=432.1, grad_norm=4.321, timestamp="2026-08-23 10:15:47.000001")
+    line = iteration_line(3, 2345.6, 11.76543, tflops=432.1, grad_norm=4.321, timestamp="2026-08-23 10:15:47.000001")
     assert line == LITERAL_LINE
 
 
@@ -123,8 +91,8 @@ def test_validation_and_memory_lines_are_ignored() -> None:
 def test_missing_loss_skipped_samples_no_throughput_and_prefix() -> None:
     log = "\n".join(
         [
-            _iteration_line(7, 12345.6, None, train_iters=100, tflops=None),
-            "[default0]:" + _iteration_line(8, 2300.0, 9.5, train_iters=100, skipped_samples=16),
+            iteration_line(7, 12345.6, None, train_iters=100, tflops=None),
+            "[default0]:" + iteration_line(8, 2300.0, 9.5, train_iters=100, skipped_samples=16),
         ]
     )
     records = parse_iteration_records(log)

@@ -19,7 +19,7 @@ import torch
 from lightning_llama_fp8 import LayoutError, ParallelLayout, validate_layout
 from lightning_llama_fp8.config import LlamaConfig, llama3_70b, llama_tiny
 from lightning_llama_fp8.parallel.pipeline_layout import bubble_fraction, model_chunks, stage_layer_counts
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 CPU_ARCH = {"transformer_impl": "local", "apply_rope_fusion": False}
 

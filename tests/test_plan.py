@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -12,6 +11,7 @@ from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.plan.estimate import GIB, PrecisionName, TrainingPlan, parameters_per_rank, plan_training
 from lightning_llama_fp8.plan.report import format_plan
+from tests.helpers import REPO_ROOT
 
 # Llama 3 8B by hand.
 H, FFN, LAYERS, VOCAB, SEQ = 4096, 14336, 32, 128256, 8192
@@ -21,7 +21,7 @@ LINEAR = LAYERS * LINEAR_PER_LAYER
 EMBEDDING = VOCAB * H  # 128256 is already a multiple of 128 x TP for TP <= 2
 NORMS = LAYERS * 2 * H + H
 TOTAL_8B = 8_030_261_248
-CONFIG_1GPU = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
+CONFIG_1GPU = REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
 
 
 def reference_plan(**kwargs: object) -> TrainingPlan:

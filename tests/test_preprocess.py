@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from lightning_llama_fp8.data import corpus
 from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
+from tests.helpers import REPO_ROOT
 
 LLAMA3 = resolve_tokenizer("llama3")
 BOS, EOD = 128000, 128001  # <|begin_of_text|>, <|end_of_text|>
@@ -225,7 +226,7 @@ def test_interrupted_run_leaves_no_corpus(tmp_path: Path) -> None:
         "import sys; from lightning_llama_fp8.data.preprocess import preprocess\n"
         f"preprocess([{str(big)!r}], {str(tmp_path / 'out')!r}, progress=False)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     tmp_bin = tmp_path / "out.bin.tmp"
     for _ in range(600):  # wait until it is writing

@@ -17,8 +17,7 @@ from lightning_llama_fp8 import (
     get_preset,
 )
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from tests.distributed import run_distributed
-from tests.helpers import fit_never_built
+from tests.helpers import REPO_ROOT, fit_never_built, run_distributed
 
 LOCAL_TINY = dict(transformer_impl="local", apply_rope_fusion=False)
 
@@ -240,7 +239,7 @@ def test_memory_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.Mon
     import lightning_llama_fp8.cli.fit as cli
 
     monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
-    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
+    config = REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
     parsed = cli.LlamaCLI(
         LlamaLightningModule,
         cli.GPTDataModule,

@@ -17,9 +17,9 @@ from benchmarks import compare_megatron_lm, reference_run
 from benchmarks.lib import launch as _launch
 from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.config import get_preset
-from tests.test_parse_megatron_log import _iteration_line
+from tests.helpers import REPO_ROOT, iteration_line
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def printed_config(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -79,7 +79,7 @@ def test_compare_reads_both_sides_and_does_the_arithmetic(tmp_path: Path) -> Non
     # Ours: steps 2..30 timed; after dropping warm-up, 9.0 s per step except one outlier the median ignores.
     ours_times = [20.0] * 9 + [9.0] * 19 + [30.0]
     write_ours(ours_dir, ours_times)
-    lm_lines = [_iteration_line(i, 40000.0 if i <= 10 else 10000.0, 12.0 - 0.1 * i, train_iters=30, gbs=128)
+    lm_lines = [iteration_line(i, 40000.0 if i <= 10 else 10000.0, 12.0 - 0.1 * i, train_iters=30, gbs=128)
                 for i in range(1, 31)]  # fmt: skip
     memory = " [Rank 0] (after 1 iterations) memory (MB) | allocated: 7.0 | max allocated: 76000.5 | reserved: 8.0"
     (lm_dir / "megatron_lm.log").write_text("\n".join([memory, *lm_lines]) + "\n")
@@ -115,7 +115,7 @@ def record_launches(monkeypatch: pytest.MonkeyPatch, code: int = 0) -> list[dict
         calls.append({"cmd": cmd, "env": env, "log": Path(stdout.name), "stderr": stderr, "check": check})
         if "--out" in cmd:  # benchmarks.throughput's result file
             Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_sec_per_gpu": 1.0}))
-        stdout.write("".join(_iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
+        stdout.write("".join(iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
         return subprocess.CompletedProcess(cmd, code)
 
     monkeypatch.setattr(_launch.subprocess, "run", fake_run)

@@ -23,7 +23,7 @@ from lightning_llama_fp8.checkpoint import resume, state_io
 from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
 from lightning_llama_fp8.checkpoint.resume import check_can_resume
 from lightning_llama_fp8.config import get_preset
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 SEQ, VOCAB, GBS = 64, 1000, 4
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_llama_fp8 import MegatronCPStrategy
-from tests.distributed import run_distributed
+from tests.helpers import run_distributed
 
 
 def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:

@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_llama_fp8.callbacks import ThroughputMonitor
 from lightning_llama_fp8.callbacks.throughput import bf16_dense_peak
 from lightning_llama_fp8.config import get_preset
-from tests.distributed import run_distributed
-from tests.helpers import MemoryLogger, cpu_trainer
+from tests.helpers import REPO_ROOT, MemoryLogger, cpu_trainer, run_distributed
 
 SEQ, BATCH = 16, 2
 FETCH_S = 0.125  # per sample: 0.25 s per batch (binary fractions, so the sums are exact)
@@ -323,7 +322,7 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 def _plot_module() -> Any:
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_training.py"
+    path = REPO_ROOT / "benchmarks" / "plot_training.py"
     spec = importlib.util.spec_from_file_location("plot_training", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
