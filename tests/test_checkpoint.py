@@ -407,31 +407,16 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Train 4 steps saving every 2 (ModelCheckpoint), then resume a fresh run from step 2: what did each see?"""
     import warnings
 
-    from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_llama_fp8 import MockDataModule
     from tests.helpers import allow_dist_checkpointing_on_cpu, megatron_cpu_trainer
+    from tests.helpers.models import Recorder, mock_data
 
     allow_dist_checkpointing_on_cpu()
 
-    class Recorder(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(3))
-            self.seen: list[list[int]] = []
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            self.seen.append([hash(tuple(s.tolist())) for s in batch["tokens"].reshape(-1, SEQ)])
-            # Same loss on every rank: this test strategy skips Megatron DDP, so nothing averages gradients.
-            return ((self.weight - 1.0) ** 2).sum()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # state that must survive a resume
-
     def run(ckpt_path: str | None, max_steps: int = 4) -> tuple[Recorder, Any, list[str]]:
-        module = Recorder()
-        data = MockDataModule(seq_length=SEQ, vocab_size=1000, global_batch_size=GBS, micro_batch_size=1, num_workers=0)
+        module = Recorder(SEQ, momentum=0.9)  # momentum: optimizer state that must survive a resume
+        data = mock_data(SEQ, GBS)
         saver = ModelCheckpoint(dirpath=Path(root, "ckpts"), every_n_train_steps=2, save_top_k=-1, save_last="link")
         trainer = megatron_cpu_trainer(
             world_size, max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]

@@ -24,6 +24,7 @@ from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint
 from lightning_llama_fp8.checkpoint.resume import check_can_resume
 from lightning_llama_fp8.config import get_preset
 from tests.helpers import run_distributed
+from tests.helpers.corpora import write_corpus
 
 SEQ, VOCAB, GBS = 64, 1000, 4
 
@@ -35,41 +36,23 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
     Returns the samples each step saw (one hash per sample), the module hooks that ran, the global step reached and
     the exception raised (None if the fit finished).
     """
-    from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_llama_fp8 import IndexedDataModule, MockDataModule
+    from lightning_llama_fp8 import IndexedDataModule
     from tests.helpers import allow_dist_checkpointing_on_cpu, megatron_cpu_trainer
+    from tests.helpers.models import Recorder, mock_data
 
     allow_dist_checkpointing_on_cpu()
 
-    class Recorder(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(3))
-            self.seen: list[list[int]] = []
-            self.hooks: list[str] = []
-
-        def setup(self, stage: str) -> None:
-            self.hooks.append("setup")
-
-        def configure_model(self) -> None:
-            self.hooks.append("configure_model")
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            self.seen.append([hash(tuple(s.tolist())) for s in batch["tokens"].reshape(-1, SEQ)])
-            return ((self.weight - 1.0) ** 2).sum()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data_kwargs = dict(seq_length=SEQ, vocab_size=VOCAB, global_batch_size=options.pop("gbs", GBS), num_workers=0)
-    data_kwargs["micro_batch_size"] = 1
+    gbs = options.pop("gbs", GBS)
     if "corpus" in options:
-        data = IndexedDataModule([options.pop("corpus")], split="100,0,0", val_samples=0, **data_kwargs)
+        data = IndexedDataModule(
+            [options.pop("corpus")], split="100,0,0", val_samples=0, seq_length=SEQ, vocab_size=VOCAB,
+            global_batch_size=gbs, micro_batch_size=1, num_workers=0,
+        )  # fmt: skip
     else:
-        data = MockDataModule(**data_kwargs)
-    module = options.pop("module", None) or Recorder()
+        data = mock_data(SEQ, gbs, VOCAB)
+    module = options.pop("module", None) or Recorder(SEQ)
     saver = ModelCheckpoint(
         dirpath=options.pop("dirpath", Path(root, "ckpts")),
         every_n_train_steps=options.pop("every", 2),
@@ -116,18 +99,6 @@ def _refused_before_building(result: dict[str, Any], error_type: str, pattern: s
     assert result["seen"] == [] and "configure_model" not in result["hooks"]
 
 
-def _write_corpus(prefix: Path, documents: int) -> None:
-    import numpy
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    generator = torch.Generator().manual_seed(3)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
-    for _ in range(documents):
-        length = int(torch.randint(20, 200, (1,), generator=generator))
-        builder.add_document(torch.randint(0, VOCAB, (length,), generator=generator, dtype=torch.int32), [length])
-    builder.finalize(f"{prefix}.idx")
-
-
 # ---------------------------------------------------------------------------------------------- silent wrong training
 def test_resume_with_a_larger_max_steps_continues_the_same_samples(tmp_path: Path) -> None:
     """A corpus of ~80 samples per epoch: a 30-step run (GBS 4, 120 samples) spans two epochs, a 60-step one three,
@@ -135,7 +106,7 @@ def test_resume_with_a_larger_max_steps_continues_the_same_samples(tmp_path: Pat
     Resumed at step 20 with max_steps=60, the run must see the 30-step run's steps 20-29, then go on (its first
     index has whole epochs: ~160 samples; the rest comes from a further index)."""
     corpus = tmp_path / "corpus"
-    _write_corpus(corpus, 50)
+    write_corpus(corpus, 50, 0, VOCAB, seed=3)
     common = {"corpus": str(corpus), "every": 10}
     first, fresh_longer, resumed = _runs(
         tmp_path,

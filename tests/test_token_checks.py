@@ -17,14 +17,10 @@ from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.data import check_corpus, check_token_ids, resolve_tokenizer
 from lightning_llama_fp8.data import indexed as indexed_module
 from lightning_llama_fp8.data.preprocess import preprocess
+from tests.helpers.corpora import write_jsonl
 
 LLAMA3_VOCAB = 128256  # model.arch.vocab_size of every Llama 3 preset
 IMAGE = 128256  # <|image|>: in the Llama 3.2 tokenizer.json, one past the text models' vocabulary
-
-
-def write_jsonl(path: Path, documents: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents))
-    return path
 
 
 def megatron_corpus(prefix: Path, documents: list[list[int]]) -> Path:

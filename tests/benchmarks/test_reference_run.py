@@ -17,7 +17,8 @@ from benchmarks import compare_megatron_lm, reference_run
 from benchmarks.lib import launch as _launch
 from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.config import get_preset
-from tests.helpers import REPO_ROOT, iteration_line
+from tests.helpers import REPO_ROOT
+from tests.helpers.megatron_lm import iteration_line
 
 ROOT = REPO_ROOT
 

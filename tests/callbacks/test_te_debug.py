@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_llama_fp8.callbacks.te_debug as te_debug_mod
 from lightning_llama_fp8.callbacks.fp8_monitor import FP8StatsMonitor
-
-from .test_fp8_monitor import MemoryLogger, PredictableFP8Linear, TinyFP8Module, fit
+from tests.helpers import MemoryLogger
+from tests.helpers.fp8_fakes import PredictableFP8Linear, TinyFP8Module, fit
 
 # Transformer Engine's debug statistics (te_debug_stats) through the same fit loop. TE is not installed here, so
 # a small stand-in does what TE does with nvdlfw-inspect (transformer_engine/debug/..., TE 2.20): its modules

@@ -238,8 +238,8 @@ def test_data_wait_is_measured_around_the_real_fetch(tmp_path: Path) -> None:
 
 
 def _dp2_worker(rank: int, world_size: int, root: str) -> dict[str, float]:
-    from lightning_llama_fp8 import MockDataModule
     from tests.helpers import megatron_cpu_trainer
+    from tests.helpers.models import mock_data
 
     clock = FakeClock()
 
@@ -249,7 +249,7 @@ def _dp2_worker(rank: int, world_size: int, root: str) -> dict[str, float]:
 
     monitor = ThroughputMonitor(window=10, log_every_n_steps=1, peak_tflops=1e-4, clock=clock)
     trainer = megatron_cpu_trainer(world_size, max_steps=4, limit_val_batches=0, callbacks=[monitor])
-    data = MockDataModule(seq_length=SEQ, vocab_size=1000, global_batch_size=4, micro_batch_size=1, num_workers=0)
+    data = mock_data(SEQ, 4)
     trainer.fit(MegatronBatches(clock, STEP_S), datamodule=data)
     return monitor.last_metrics
 

@@ -41,8 +41,9 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    from lightning_llama_fp8 import MegatronCPStrategy, MegatronPrecision, MockDataModule
-    from tests.helpers import allow_dist_checkpointing_on_cpu, cpu_trainer
+    from lightning_llama_fp8 import MegatronPrecision
+    from tests.helpers import StrategyWithoutDDP, allow_dist_checkpointing_on_cpu, cpu_trainer
+    from tests.helpers.models import mock_data
 
     allow_dist_checkpointing_on_cpu()
     # As tests/distributed.py sets them (Lightning deletes WORLD_SIZE at the end of each fit).
@@ -84,10 +85,6 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)  # momentum: state lightning.pt holds
 
-    class StrategyWithoutDDP(MegatronCPStrategy):  # Megatron's DDP needs CUDA (as tests/helpers.py does)
-        def _wrap_megatron_modules(self) -> None:
-            self._ddp_modules = []
-
     dirpath = Path(options.pop("dirpath", Path(root, "ckpts")))
     probe_at = set(options.pop("probe_at", ()))
     kill_at = options.pop("kill_at", None)
@@ -112,7 +109,7 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
 
     records = _capture_megatron_save_log()
     module = Recorder()
-    data = MockDataModule(seq_length=SEQ, vocab_size=VOCAB, global_batch_size=GBS, micro_batch_size=1, num_workers=0)
+    data = mock_data(SEQ, GBS, VOCAB)
     saver = ModelCheckpoint(
         dirpath=dirpath,
         every_n_train_steps=2,

@@ -14,22 +14,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from lightning_llama_fp8 import IndexedDataModule
 from lightning_llama_fp8.data import check_corpus, parse_data_path
 from tests.helpers import REPO_ROOT
+from tests.helpers.corpora import write_corpus
 
 SEQ, VOCAB, GBS, MBS = 64, 1000, 4, 2
-
-
-def write_corpus(prefix: Path, documents: int, low: int, high: int, seed: int = 0) -> list[torch.Tensor]:
-    """A corpus of ``documents`` random documents (20-200 tokens, ids in [low, high)), as preprocess_data.py would."""
-    generator = torch.Generator().manual_seed(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
-    docs = []
-    for _ in range(documents):
-        length = int(torch.randint(20, 200, (1,), generator=generator))
-        doc = torch.randint(low, high, (length,), generator=generator, dtype=torch.int32)
-        builder.add_document(doc, [length])
-        docs.append(doc)
-    builder.finalize(f"{prefix}.idx")
-    return docs
 
 
 def module(data_path: Any, **overrides: Any) -> IndexedDataModule:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from lightning_llama_fp8.data import corpus
 from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 from tests.helpers import REPO_ROOT
+from tests.helpers.corpora import write_jsonl
 
 LLAMA3 = resolve_tokenizer("llama3")
 BOS, EOD = 128000, 128001  # <|begin_of_text|>, <|end_of_text|>
@@ -32,13 +32,6 @@ DOCUMENTS = [
     "A" * 5000,  # one long document
     "",  # empty text: the tokenizer still adds <|begin_of_text|>
 ]
-
-
-def write_jsonl(path: Path, documents: list[str], key: str = "text", compress: bool = False) -> Path:
-    lines = "".join(json.dumps({key: doc, "id": i}) + "\n" for i, doc in enumerate(documents))
-    data = lines.encode("utf-8")
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return path
 
 
 def corpus_documents(prefix: Path) -> list[list[int]]:

@@ -141,10 +141,8 @@ def test_bf16_precision_and_the_bf16_fallback_change_nothing(monkeypatch: pytest
 def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
     """Two steps through MegatronCPStrategy (without Megatron's DDP, which needs CUDA) with a precision whose
     optimizer-step context records what ran inside it."""
-    from lightning.pytorch import LightningModule
-
-    from lightning_llama_fp8 import MegatronCPStrategy, MockDataModule
-    from tests.helpers import cpu_trainer
+    from tests.helpers import StrategyWithoutDDP, cpu_trainer
+    from tests.helpers.models import Recorder, mock_data
 
     events: list[str] = []
 
@@ -155,16 +153,9 @@ def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
             yield
             events.append("exit")
 
-    class Tiny(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(3))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return ((self.weight - 1.0) ** 2).sum()
-
+    class Tiny(Recorder):
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            optimizer = super().configure_optimizers()
             step = optimizer.step
 
             def recorded_step(*args: Any, **kwargs: Any) -> Any:
@@ -174,13 +165,9 @@ def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
             optimizer.step = recorded_step  # type: ignore[method-assign]
             return optimizer
 
-    class WithoutDDP(MegatronCPStrategy):
-        def _wrap_megatron_modules(self) -> None:
-            self._ddp_modules = []  # Megatron's DDP needs CUDA; the context is handed this list
-
-    data = MockDataModule(seq_length=16, vocab_size=100, global_batch_size=1, micro_batch_size=1, num_workers=0)
-    trainer = cpu_trainer(devices=1, strategy=WithoutDDP(), plugins=[RecordingPrecision()], max_steps=2)
-    trainer.fit(Tiny(), datamodule=data)
+    data = mock_data(16, 1, vocab_size=100)
+    trainer = cpu_trainer(devices=1, strategy=StrategyWithoutDDP(), plugins=[RecordingPrecision()], max_steps=2)
+    trainer.fit(Tiny(16), datamodule=data)  # without Megatron's DDP the context is handed an empty module list
     return {"events": events}
 
 

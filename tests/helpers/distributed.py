@@ -25,6 +25,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def allow_dist_checkpointing_on_cpu() -> None:
+    """Let megatron-core's distributed checkpoint writer run on a CPU-only machine (tests only).
+
+    Its writer only touches CUDA to wait for pending GPU copies (``torch.cuda.synchronize``) and to place a
+    one-element failure flag for an all-reduce (``torch.cuda.current_device``); on the CPU there is nothing to wait
+    for and the flag works on the CPU device with gloo. Everything else (sharding, file layout, metadata) runs as
+    on the GPU. Call it in the process that saves (spawned workers call it themselves).
+    """
+    import torch
+
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",

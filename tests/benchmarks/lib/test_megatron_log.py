@@ -21,7 +21,7 @@ from benchmarks.lib.megatron_log import (
     parse_throughputs,
     summarize,
 )
-from tests.helpers import iteration_line
+from tests.helpers.megatron_lm import iteration_line
 
 # A line as Megatron-LM prints it, spelled out so the exact spacing is pinned down.
 LITERAL_LINE = (

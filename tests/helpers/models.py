@@ -1,0 +1,46 @@
+"""The tiny model and the mock data of the tests that run ``Trainer.fit`` through ``MegatronCPStrategy`` on the CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+
+class Recorder(LightningModule):
+    """Three weights trained towards 1 by SGD; records the samples of each training batch and some hooks.
+
+    The loss, so the gradient, is the same on every rank: the CPU test strategy has no Megatron DDP to average
+    gradients. ``seen`` holds one hash per sample (``seq_length`` tokens) of each training batch, ``hooks`` the
+    ``setup`` and ``configure_model`` calls. ``momentum`` gives the optimizer state a checkpoint has to restore.
+    """
+
+    def __init__(self, seq_length: int, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.seq_length = seq_length
+        self.momentum = momentum
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.seen: list[list[int]] = []
+        self.hooks: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        self.hooks.append("setup")
+
+    def configure_model(self) -> None:
+        self.hooks.append("configure_model")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append([hash(tuple(s.tolist())) for s in batch["tokens"].reshape(-1, self.seq_length)])
+        return ((self.weight - 1.0) ** 2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)
+
+
+def mock_data(seq_length: int, global_batch_size: int, vocab_size: int = 1000, **overrides: Any) -> Any:
+    """``MockDataModule`` (megatron-core's mock GPT samples) with one sample per micro batch and no loader workers."""
+    from lightning_llama_fp8 import MockDataModule
+
+    settings: dict[str, Any] = dict(micro_batch_size=1, num_workers=0, **overrides)
+    return MockDataModule(seq_length=seq_length, vocab_size=vocab_size, global_batch_size=global_batch_size, **settings)
