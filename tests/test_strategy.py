@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_llama_fp8 import MegatronCPStrategy
+from lightning_llama_fp8.checkpoint.info import CheckpointError
 from tests.helpers import run_distributed
 
 
@@ -178,3 +179,25 @@ def test_cpu_initialization_gives_tp2_the_slices_of_the_one_gpu_weights(tmp_path
             assert torch.equal(shards[0], shards[1]), name  # replicated weights (norms) agree across ranks
         assert torch.equal(rebuilt, full), name
     assert strides == {1, 2}  # the SwiGLU fc1 [gate; up] interleave (stride 2) was exercised
+
+
+def test_weights_only_loading_is_refused_with_the_reason() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    with pytest.raises(CheckpointError, match=r"cannot be loaded with weights_only=True: they hold pickled data"):
+        MegatronCPStrategy().load_checkpoint("any.ckpt", weights_only=True)
+
+
+def test_strategy_rejects_unknown_optimizer_sharding() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    with pytest.raises(ValueError, match="'dp_reshardable' or 'fully_reshardable'"):
+        MegatronCPStrategy(checkpoint_optimizer_sharding="zero")  # type: ignore[arg-type]
+
+
+def test_align_param_gather_without_overlap_is_refused() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    with pytest.raises(ValueError, match="align_param_gather=True has no effect without overlap_param_gather=True"):
+        MegatronCPStrategy(overlap_param_gather=False, align_param_gather=True)
+    MegatronCPStrategy(overlap_param_gather=True, align_param_gather=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -192,3 +193,23 @@ def test_run_closure_and_before_optimizer_step_hooks() -> None:
     trainer = cpu_trainer(strategy=StepsWithoutClosure(device=torch.device("cpu")), max_steps=1, callbacks=[Recorder()])
     trainer.fit(Module(), DataLoader(torch.randn(4, 2), batch_size=2))
     assert events == ["training_step", "callback hook", "module hook, grad set: True", "step"]
+
+
+def test_checkpoint_arguments_are_the_callers(tmp_path: Path) -> None:
+    """``compat.checkpoint_arguments`` inside ``Trainer.fit`` (Lightning private API: the frames of fit and _run)."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_llama_fp8._compat import lightning as compat
+    from tests.helpers import cpu_trainer
+
+    class Capture(Callback):
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            self.arguments = compat.checkpoint_arguments(trainer)
+
+    capture = Capture()
+    trainer = cpu_trainer(max_steps=1, callbacks=[capture], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="there is no last checkpoint"):
+        trainer.fit(BoringModel(), ckpt_path="last", weights_only=False)
+    assert capture.arguments == compat.CheckpointArguments("last", None, False)
+    assert compat.checkpoint_arguments(trainer) is None  # outside of a Trainer method

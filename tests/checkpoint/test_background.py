@@ -8,7 +8,6 @@ Megatron model is a small ``MegatronModule`` of which each rank holds its own sh
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from pathlib import Path
@@ -417,130 +416,6 @@ def test_pinned_bytes_rounds_each_block_up_to_a_power_of_two() -> None:
     # As torch's caching host allocator does (PowerOf2Ceil): 25.1 GiB of tensors pinned 29.1 GB on an H200.
     assert pinned_bytes([3, 4096, 5000, 0]) == 4 + 4096 + 8192
     assert pinned_bytes([2**30 + 1]) == 2**31
-
-
-class _FakeCheckpointTrainer:
-    def __init__(self, global_step: int, savers: list[Any]) -> None:
-        self.global_step, self.checkpoint_callbacks = global_step, savers
-
-
-class _FakeMegatronOptimizer:
-    """A Megatron optimizer around a torch optimizer whose state appears at its first real step."""
-
-    def __init__(self, has_state: bool) -> None:
-        self.optimizer = SimpleNamespace(state={0: {"exp_avg": None}} if has_state else {})
-
-
-def _reserve_setup(
-    monkeypatch: pytest.MonkeyPatch,
-    step: int,
-    savers: list[str],
-    async_save: bool = True,
-    device: str = "cuda",
-    sharding: str = "dp_reshardable",
-    optimizer: Any = None,
-    sizing_error: Exception | None = None,
-    available: int | None = 2**40,
-    ranks: int = 1,
-) -> tuple[Any, Any, list[str], list[Any]]:
-    from lightning_llama_fp8.checkpoint import background as async_checkpoint
-    from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
-
-    started: list[Any] = []
-    monkeypatch.setattr(
-        async_checkpoint.PinnedHostReserve, "start", lambda self, sizes, device: started.append((sizes, device))
-    )
-    asked: list[str] = []
-
-    def host_copy_sizes(models: Any, optimizer: Any, sharding: str, group: Any) -> list[int]:
-        asked.append("model+optimizer" if optimizer is not None else "model")
-        if sizing_error is not None:
-            raise sizing_error
-        return [2**20, 2**30]
-
-    monkeypatch.setattr(state_io, "host_copy_sizes", host_copy_sizes)
-    monkeypatch.setattr(async_checkpoint, "available_host_memory", lambda: available)
-    trainer = _FakeCheckpointTrainer(step, [SimpleNamespace(save_weights_only=s == "weights") for s in savers])
-    strategy = SimpleNamespace(
-        async_save=async_save,
-        lightning_module=SimpleNamespace(trainer=trainer),
-        root_device=torch.device(device),
-        checkpoint_optimizer_sharding=sharding,
-        data_parallel_group=lambda: None,
-        num_processes=ranks,
-    )
-    checkpointing = StrategyCheckpointing(strategy)  # type: ignore[arg-type]
-    monkeypatch.setattr(checkpointing, "megatron_models", lambda: {"model": None})
-    the_optimizer = optimizer if optimizer is not None else _FakeMegatronOptimizer(has_state=True)
-    monkeypatch.setattr(checkpointing, "megatron_optimizer", lambda: the_optimizer)
-    return checkpointing, trainer, asked, started
-
-
-@pytest.mark.parametrize(
-    ("options", "expect"),
-    [
-        ({"step": 1, "savers": ["full"]}, "model+optimizer"),  # after the first step: the optimizer state exists
-        ({"step": 1, "savers": ["weights"]}, "model"),  # every saver weights-only: no optimizer in the save
-        ({"step": 1, "savers": ["weights", "full"]}, "model+optimizer"),
-        # fully_reshardable gathers the optimizer state into CPU tensors the save does not copy: not built here.
-        ({"step": 1, "savers": ["full"], "sharding": "fully_reshardable"}, "model"),
-        ({"step": 3, "savers": ["full"], "async_save": False}, None),  # synchronous saves pin nothing ahead
-        ({"step": 3, "savers": []}, None),  # nothing will save during fit
-        ({"step": 3, "savers": ["full"], "device": "cpu"}, None),  # no pinned memory without CUDA
-    ],
-)
-def test_reserve_host_copy_starts_once_when_a_background_save_will_come(
-    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], expect: str | None
-) -> None:
-    checkpointing, trainer, asked, started = _reserve_setup(monkeypatch, **options)
-    checkpointing.reserve_host_copy()
-    assert asked == ([expect] if expect else [])
-    assert started == ([([2**20, 2**30], torch.device(options.get("device", "cuda")))] if expect else [])
-    trainer.global_step += 1
-    checkpointing.reserve_host_copy()  # the next step: never a second reserve
-    assert len(started) == (1 if expect else 0)
-
-
-def test_reserve_host_copy_waits_for_a_first_step_and_an_optimizer_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Step 0, and a first step whose update was skipped (Megatron creates the optimizer state lazily): not yet."""
-    optimizer = _FakeMegatronOptimizer(has_state=False)
-    checkpointing, trainer, asked, started = _reserve_setup(monkeypatch, 0, ["full"], optimizer=optimizer)
-    checkpointing.reserve_host_copy()
-    trainer.global_step = 1
-    checkpointing.reserve_host_copy()
-    assert asked == [] and started == []
-    optimizer.optimizer.state[0] = {"exp_avg": None}  # the second step updated
-    trainer.global_step = 2
-    checkpointing.reserve_host_copy()
-    assert asked == ["model+optimizer"] and len(started) == 1
-
-
-def test_reserve_host_copy_logs_a_sizing_failure(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    checkpointing, trainer, asked, started = _reserve_setup(
-        monkeypatch, 1, ["full"], sizing_error=KeyError("master_param")
-    )
-    checkpointing.reserve_host_copy()  # does not raise: the save will pin for itself
-    assert started == [] and "Could not size the host copy of a checkpoint" in caplog.text
-    trainer.global_step = 2
-    checkpointing.reserve_host_copy()
-    assert asked == ["model+optimizer"]  # tried once only
-
-
-@pytest.mark.parametrize(
-    ("available", "ranks", "pinned"), [(3 * 2**29, 1, True), (3 * 2**29, 2, False), (None, 8, True)]
-)
-def test_reserve_host_copy_pins_nothing_ahead_that_the_machine_cannot_hold(
-    monkeypatch: pytest.MonkeyPatch, available: int | None, ranks: int, pinned: bool
-) -> None:
-    """Blocks of 1 MiB and 1 GiB: 1.001 GiB per rank, which 1.5 GiB available holds for one rank but not for two;
-    ``None``: /proc/meminfo unreadable, nothing to check against."""
-    checkpointing, _, _, started = _reserve_setup(monkeypatch, 1, ["full"], available=available, ranks=ranks)
-    expect_warning = pytest.warns(UserWarning, match=r"\(2 ranks on this machine: 2.0 GiB\), more than the 1.5 GiB")
-    with contextlib.nullcontext() if pinned else expect_warning:
-        checkpointing.reserve_host_copy()
-    assert len(started) == (1 if pinned else 0)
 
 
 def test_available_host_memory_reads_memavailable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -212,3 +212,22 @@ def test_cache_path_that_is_a_file_is_refused(corpora: dict[str, Any], tmp_path:
     file.write_text("")
     with pytest.raises(ValueError, match=r"path_to_cache .*cache is a file; give a directory"):
         IndexedDataModule(data_path=corpora["low"], path_to_cache=str(file))
+
+
+@pytest.mark.parametrize(
+    "data_path,expected",
+    [
+        ([0.5, "a", "b"], "mixes weights and prefixes"),
+        (["a", 0.5], "mixes weights and prefixes"),
+        ([float("nan"), "a"], "must be positive and finite"),
+        (["inf", "a"], "must be positive and finite"),
+        ([-1, "a", 2, "b"], "must be positive and finite"),
+        (["a", ""], "empty entry"),
+        (5, "must be a list or a string"),
+    ],
+)
+def test_odd_data_paths_get_one_sentence(data_path: Any, expected: str) -> None:
+    from lightning_llama_fp8.data import parse_data_path
+
+    with pytest.raises(ValueError, match=expected):
+        parse_data_path(data_path)

@@ -1,4 +1,8 @@
-"""The tiny model and the mock data of the tests that run ``Trainer.fit`` through ``MegatronCPStrategy`` on the CPU."""
+"""The small models and the mock data of the CPU tests.
+
+``Recorder`` is the tiny model of the tests that run ``Trainer.fit`` through ``MegatronCPStrategy``; ``tiny_llama``
+the Llama that Megatron-Core builds on the CPU (its local layer spec: no Transformer Engine needed).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,16 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+
+#: LlamaConfig overrides that Megatron-Core builds on the CPU: its own layers, no fused RoPE kernel.
+CPU_ARCH: dict[str, Any] = {"transformer_impl": "local", "apply_rope_fusion": False}
+
+
+def tiny_llama(**overrides: Any) -> Any:
+    """The ``llama_tiny`` preset (2 layers, hidden 256) as Megatron-Core builds it on the CPU."""
+    from lightning_llama_fp8.config import get_preset
+
+    return get_preset("llama_tiny", **{**CPU_ARCH, **overrides})
 
 
 class Recorder(LightningModule):

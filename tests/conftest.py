@@ -1,0 +1,29 @@
+"""Fixtures shared by test files of several folders; each builds its data once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import run_distributed
+from tests.helpers.checkpoints import save_worker
+
+
+@pytest.fixture(scope="session")
+def tp2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint of the tiny Llama saved by two gloo ranks at TP2, and the full weights it holds."""
+    root = tmp_path_factory.mktemp("tp2")
+    path = root / "step=7.ckpt"
+    weights = run_distributed(save_worker, 2, root / "workers", str(path), 2)
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)  # both ranks gathered the same model
+    return path, weights[0]
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's weights saved by MegatronCPStrategy on one process (megatron-core's real torch_dist writer)."""
+    root = tmp_path_factory.mktemp("llama")
+    run_distributed(save_worker, 1, root / "workers", str(root / "step=7.ckpt"), 1)
+    return root / "step=7.ckpt"
