@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.helpers import run_distributed
 from tests.helpers.checkpoints import save_worker
+from tests.helpers.corpora import write_corpus
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,12 @@ def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("llama")
     run_distributed(save_worker, 1, root / "workers", str(root / "step=7.ckpt"), 1)
     return root / "step=7.ckpt"
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two random Megatron corpora of 60 documents: token ids 0..99 (``low``) and 500..599 (``high``)."""
+    root = tmp_path_factory.mktemp("corpora")
+    low = write_corpus(root / "low", 60, 0, 100, seed=1)  # token ids 0..99
+    write_corpus(root / "high", 60, 500, 600, seed=2)  # token ids 500..599
+    return {"root": root, "low": str(root / "low"), "high": str(root / "high"), "low_docs": low}

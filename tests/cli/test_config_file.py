@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from lightning_llama_fp8.cli import config_file
+from lightning_llama_fp8.cli.config_file import plan_from_config
+from tests.helpers.gpus import no_gpu
+from tests.helpers.paths import CONFIG_8B
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "plan"])
@@ -32,3 +39,32 @@ def test_malformed_config_files_get_one_sentence(
     err = capsys.readouterr().err.strip()
     assert re.search(rf"^llama-fp8 {subcommand}: config file .*config\.yaml {expected}", err), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_plan_from_config_needs_gpus_when_devices_is_auto() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["devices"] = "auto"
+    with pytest.raises(ValueError, match=r"trainer\.devices is 'auto'.*--gpus"):
+        plan_from_config(config)
+    del config["trainer"]["devices"]
+    with pytest.raises(ValueError, match="--gpus"):
+        plan_from_config(config)
+    plan = plan_from_config(config, gpus=8)
+    assert plan.world_size == 8
+    assert plan.data_parallel_size == 4
+
+
+def test_plan_from_config_reads_devices_and_nodes() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"].update(devices="4", num_nodes=2)
+    assert plan_from_config(config).world_size == 8
+    config["trainer"].update(devices=[0, 1], num_nodes=4)
+    assert plan_from_config(config).world_size == 8
+
+
+@pytest.mark.parametrize(
+    "devices,expected", [(2, 2), ("2", 2), ("0,1", 2), ("3,", 1), ([0, 1, 2], 3), ("-1", None), ("auto", None)]
+)
+@no_gpu
+def test_gpu_count_read_like_lightning(devices: Any, expected: int | None) -> None:
+    assert config_file.gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)

@@ -19,19 +19,10 @@ from lightning_llama_fp8.data import corpus
 from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 from tests.helpers import REPO_ROOT
-from tests.helpers.corpora import write_jsonl
+from tests.helpers.corpora import DOCUMENTS, write_jsonl
 
 LLAMA3 = resolve_tokenizer("llama3")
 BOS, EOD = 128000, 128001  # <|begin_of_text|>, <|end_of_text|>
-
-DOCUMENTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Ünïcödé: 日本語のテキスト, emoji 🦙, and tabs\tand\nnewlines.",
-    "def f(x):\n    return x ** 2  # code is text too\n",
-    " leading space and trailing space ",
-    "A" * 5000,  # one long document
-    "",  # empty text: the tokenizer still adds <|begin_of_text|>
-]
 
 
 def corpus_documents(prefix: Path) -> list[list[int]]:
@@ -235,13 +226,3 @@ def test_interrupted_run_leaves_no_corpus(tmp_path: Path) -> None:
     # The next run starts clean over the leftovers.
     preprocess([write_jsonl(tmp_path / "small.jsonl", ["x"])], tmp_path / "out", progress=False)
     assert corpus_documents(tmp_path / "out") == expected_ids(["x"])
-
-
-def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_llama_fp8.cli import main
-
-    good = write_jsonl(tmp_path / "in.jsonl", DOCUMENTS)
-    assert main(["preprocess", "--input", str(good), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert f"Wrote {tmp_path / 'out'}.bin/.idx: {len(DOCUMENTS)} documents" in capsys.readouterr().out
-    assert main(["preprocess", "--input", str(good), "--output-prefix", str(tmp_path / "out")]) == 2
-    assert "llama-fp8 preprocess: Output" in capsys.readouterr().err

@@ -8,6 +8,16 @@ from pathlib import Path
 
 import torch
 
+#: Texts a tokenizer has to get right: Unicode, code, surrounding spaces, one long document, an empty one.
+DOCUMENTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé: 日本語のテキスト, emoji 🦙, and tabs\tand\nnewlines.",
+    "def f(x):\n    return x ** 2  # code is text too\n",
+    " leading space and trailing space ",
+    "A" * 5000,  # one long document
+    "",  # empty text: the tokenizer still adds <|begin_of_text|>
+]
+
 
 def write_jsonl(path: Path, documents: list[str], key: str = "text", compress: bool = False) -> Path:
     """One JSON object per document (``{key: text, "id": i}``), gzip-compressed if asked."""
@@ -32,3 +42,18 @@ def write_corpus(prefix: Path, documents: int, low: int, high: int, seed: int = 
         docs.append(doc)
     builder.finalize(f"{prefix}.idx")
     return docs
+
+
+LLAMA3_VOCAB = 128256  # model.arch.vocab_size of every Llama 3 preset
+
+
+def megatron_corpus(prefix: Path, documents: list[list[int]]) -> Path:
+    """A corpus as Megatron-LM's tools write it: no sidecar."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for ids in documents:
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
