@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_llama_fp8.hf.files import INDEX_FILE
 from tests.helpers import run_distributed
 from tests.helpers.checkpoints import save_worker
 from tests.helpers.corpora import write_corpus
+from tests.helpers.hf_models import LLAMA31_ROPE, import_and_save_worker, make_hf_model
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,26 @@ def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     low = write_corpus(root / "low", 60, 0, 100, seed=1)  # token ids 0..99
     write_corpus(root / "high", 60, 500, 600, seed=2)  # token ids 500..599
     return {"root": root, "low": str(root / "low"), "high": str(root / "high"), "low_docs": low}
+
+
+@pytest.fixture(scope="session", params=["untied-gqa-rope-tp2", "tied-tp2"])
+def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A Hugging Face model imported by two gloo ranks at TP2 and saved as a training checkpoint."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf_dir = root / "hf"
+    if request.param.startswith("untied"):
+        state = make_hf_model(hf_dir, groups=4, rope_scaling=LLAMA31_ROPE, vocab=1000, max_shard_size="100KB")
+    else:
+        state = make_hf_model(hf_dir, groups=2, tie=True, vocab=1000)
+    ckpt_dir = root / "step=3.ckpt"
+    ranks = run_distributed(import_and_save_worker, 2, root / "workers", str(hf_dir), str(ckpt_dir), 2)
+    return {"hf_dir": hf_dir, "state": state, "ckpt": ckpt_dir, "ranks": ranks}
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Hugging Face Llama in several safetensors shards (tests copy it before changing it)."""
+    directory = tmp_path_factory.mktemp("hf") / "model"
+    make_hf_model(directory, groups=2, max_shard_size="100KB")
+    assert (directory / INDEX_FILE).is_file()
+    return directory

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset, llama3_8b, llama3_8b_4layers
-from lightning_llama_fp8.hf.arch import resolve_arch
 from tests.helpers import free_port
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).
@@ -357,14 +356,6 @@ def test_overrides_apply_and_win_over_preset_shape() -> None:
     assert get_preset("llama3_1_8b", rope_scaling=False).rope_scaling is False
     assert get_preset("llama3_70b", num_layers=2).hidden_size == 8192
     assert get_preset("llama_tiny", seq_length=64).seq_length == 64
-
-
-def test_resolve_arch() -> None:
-    arch = LlamaConfig(num_layers=3)
-    assert resolve_arch(arch) is arch
-    assert resolve_arch("llama3_2_3b") == get_preset("llama3_2_3b")
-    with pytest.raises(ValueError, match="Unknown Llama preset"):
-        resolve_arch("nope")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import yaml
 from lightning_llama_fp8.cli import config_file
 from lightning_llama_fp8.cli.config_file import plan_from_config
 from tests.helpers.gpus import no_gpu
+from tests.helpers.hf_models import make_hf_model
 from tests.helpers.paths import CONFIG_8B
 
 
@@ -68,3 +69,14 @@ def test_plan_from_config_reads_devices_and_nodes() -> None:
 @no_gpu
 def test_gpu_count_read_like_lightning(devices: Any, expected: int | None) -> None:
     assert config_file.gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)
+
+
+def test_yaml_init_weights_reaches_the_module(tmp_path: Path) -> None:
+    """``model.init_weights`` in a LightningCLI config: the CLI's pre-flight and the module see the HF architecture."""
+    from lightning_llama_fp8.cli.config_file import arch_from as _arch_from
+
+    make_hf_model(tmp_path, groups=2)
+    model = {"class_path": "lightning_llama_fp8.LlamaLightningModule", "init_args": {"init_weights": str(tmp_path)}}
+    arch = _arch_from(model)
+    assert (arch.num_layers, arch.num_query_groups, arch.vocab_size) == (2, 2, 1000)
+    assert _arch_from({}).num_layers == 32  # no init_weights: still the 8B default

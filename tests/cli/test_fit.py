@@ -28,6 +28,7 @@ from tests.helpers.checkpoints import (
 from tests.helpers.corpora import LLAMA3_VOCAB, megatron_corpus
 from tests.helpers.fits import GBS
 from tests.helpers.gpus import no_gpu
+from tests.helpers.hf_models import copy_hf_dir, edit_hf_config
 from tests.helpers.paths import CONFIG_8B, CONFIGS, PARAMS_8B
 
 
@@ -425,3 +426,17 @@ def test_fit_preflight_refuses_out_of_vocabulary_corpus(tmp_path: Path, capsys: 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"Not training: Corpus '{prefix}' holds token id {LLAMA3_VOCAB + 3}" in err
+
+
+def test_cli_preflight_refuses_a_bad_init_weights(hf_dir: Path, tmp_path: Path, capsys: Any) -> None:
+    from lightning_llama_fp8.cli.fit import preflight
+
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    edit_hf_config(copy, model_type="gpt2")
+    config = {
+        "trainer": {"strategy": {"class_path": "lightning_llama_fp8.MegatronCPStrategy"}, "devices": 1, "max_steps": 5},
+        "model": {"init_args": {"init_weights": str(copy)}},
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(config)
+    assert exit_info.value.code == 2 and "model_type is 'gpt2'" in capsys.readouterr().err

@@ -154,7 +154,7 @@ def _pp_worker(
     from megatron.core import parallel_state
 
     from tests.helpers import allow_dist_checkpointing_on_cpu
-    from tests.test_hf import module_from_hf
+    from tests.helpers.hf_models import module_from_hf
 
     allow_dist_checkpointing_on_cpu()
     strategy, module = module_from_hf(
@@ -230,7 +230,7 @@ def _load_worker(
 ) -> dict[str, Any]:
     """The PP checkpoint's weights, loaded into TP x PP (x VPP) (default: one process without PP), next to the same
     HF import."""
-    from tests.test_hf import module_from_hf
+    from tests.helpers.hf_models import module_from_hf
 
     strategy, module = module_from_hf(
         hf_dir, world_size, CPU_ARCH, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -251,7 +251,7 @@ def _load_worker(
 )  # fmt: skip
 def test_pipeline_on_four_gloo_processes(tmp_path: Path, tp: int, pp: int, vpp: int | None) -> None:
     from lightning_llama_fp8.hf.files import SafetensorsDir
-    from tests.test_hf import make_hf_model
+    from tests.helpers.hf_models import make_hf_model
 
     hf_dir, ckpt = tmp_path / "hf", tmp_path / "pp.ckpt"
     state = make_hf_model(hf_dir, groups=4, vocab=1000, layers=4)
