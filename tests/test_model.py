@@ -3,10 +3,12 @@ and the model it builds."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 
+from lightning_llama_fp8._compat.warnings import MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
 from tests.helpers.models import tiny_llama
 
 
@@ -33,3 +35,15 @@ def test_resumed_schedule_follows_this_runs_settings() -> None:
         reference.step(increment=1)
     assert resumed.num_steps == 3 and resumed.lr_decay_steps == 8
     assert group["lr"] == pytest.approx(reference_group["lr"]) and group["lr"] > 3e-5
+
+
+def test_llama_module_installs_the_checkpoint_warning_filter() -> None:
+    from lightning_llama_fp8 import LlamaLightningModule
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        LlamaLightningModule("llama_tiny")
+        assert any(
+            action == "ignore" and message is not None and message.pattern == MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
+            for action, message, *_ in warnings.filters
+        )

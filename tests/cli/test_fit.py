@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 import lightning_llama_fp8.cli.fit as cli
+from lightning_llama_fp8.callbacks import StepProgressBar
 from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, plan_from_config
@@ -440,3 +442,23 @@ def test_cli_preflight_refuses_a_bad_init_weights(hf_dir: Path, tmp_path: Path, 
     with pytest.raises(SystemExit) as exit_info:
         preflight(config)
     assert exit_info.value.code == 2 and "model_type is 'gpt2'" in capsys.readouterr().err
+
+
+CLI_ARGS = ["--trainer.accelerator=cpu", "--trainer.max_steps=5", "--data=lightning_llama_fp8.MockDataModule"]
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ([], StepProgressBar),
+        (["--trainer.enable_progress_bar=false"], type(None)),
+        (["--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar"], TQDMProgressBar),
+    ],
+)
+def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) -> None:
+    from lightning_llama_fp8.cli.fit import LlamaCLI
+    from lightning_llama_fp8.data import GPTDataModule
+    from lightning_llama_fp8.model import LlamaLightningModule
+
+    cli = LlamaCLI(LlamaLightningModule, GPTDataModule, subclass_mode_data=True, run=False, args=CLI_ARGS + extra)
+    assert type(cli.trainer.progress_bar_callback) is expected

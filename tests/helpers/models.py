@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader, TensorDataset
 
 #: LlamaConfig overrides that Megatron-Core builds on the CPU: its own layers, no fused RoPE kernel.
 CPU_ARCH: dict[str, Any] = {"transformer_impl": "local", "apply_rope_fusion": False}
@@ -58,3 +59,29 @@ def mock_data(seq_length: int, global_batch_size: int, vocab_size: int = 1000, *
 
     settings: dict[str, Any] = dict(micro_batch_size=1, num_workers=0, **overrides)
     return MockDataModule(seq_length=seq_length, vocab_size=vocab_size, global_batch_size=global_batch_size, **settings)
+
+
+class Regression(LightningModule):
+    """A linear regression on 8 random samples (4 batches an epoch) that logs ``train/loss`` to the progress bar;
+    ``manual=True`` steps its optimizer itself (manual optimization)."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("train/loss", loss, prog_bar=True)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)  # 4 batches an epoch
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -101,3 +102,11 @@ def fit_never_built(plugin: object, arch: Any = None, **strategy_kwargs: Any) ->
         enable_progress_bar=False,
     )
     trainer.fit(module, datamodule=data)
+
+
+def quiet_trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    """A single-process CPU Trainer writing under ``tmp_path``, without logger or summary but with its progress bar."""
+    kwargs.setdefault("enable_checkpointing", False)
+    return Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs
+    )

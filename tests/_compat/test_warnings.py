@@ -1,9 +1,8 @@
-"""What a user sees: the step progress bar, no dependency warnings, and saving from an unguarded script.
+"""The dependency warnings the package filters (_compat/warnings.py): each one is real (the installed dependency
+raises it) and filtered exactly, nothing else; and what a user sees of them on the command line.
 
-The command-line checks run ``llama-fp8`` in real subprocesses (so the import-time warnings of megatron-core and
-Transformer Engine happen for real); the unguarded-script checks run a plain training script without
-``if __name__ == "__main__":`` that saves a distributed checkpoint through ``MegatronCPStrategy`` on the CPU.
-"""
+The command-line checks run ``llama-fp8`` in real subprocesses, so the import-time warnings of megatron-core and
+Transformer Engine happen for real."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,116 +17,27 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_llama_fp8._compat.warnings import MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
-from lightning_llama_fp8.callbacks import StepProgressBar
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_1B = ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
-no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
-
-
-class Regression(LightningModule):
-    def __init__(self, manual: bool = False) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-        self.automatic_optimization = not manual
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
-        self.log("train/loss", loss, prog_bar=True)
-        if not self.automatic_optimization:
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-        return loss
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)  # 4 batches an epoch
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+from tests.helpers import REPO_ROOT
+from tests.helpers.gpus import no_gpu
+from tests.helpers.models import Regression
+from tests.helpers.trainers import quiet_trainer
 
 
-def quiet_trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs
-    )
-
-
-# ---------------------------------------------------------------------------------------------- progress bar
-def test_progress_bar_counts_steps_of_max_steps_across_epochs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    bar = StepProgressBar()
-    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[bar])  # 4 batches an epoch: 1.5 epochs
-    capsys.readouterr()
-    trainer.fit(Regression())
-    out = capsys.readouterr().out
-    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (6, 6)
-    last = out.replace("\r", "\n").strip().splitlines()[-1]
-    assert re.search(r"^Step \(epoch 1\): 100%.*\| 6/6 \[", last), last
-    assert "train/loss=" in last
-    assert "/-" not in out and "Epoch 0" not in out
-
-
-def test_progress_bar_resumes_at_the_restored_step(tmp_path: Path) -> None:
-    first = quiet_trainer(tmp_path, max_steps=3, callbacks=[StepProgressBar()])
-    first.fit(Regression())
-    path = tmp_path / "three.ckpt"
-    first.save_checkpoint(path)
-    starts: list[int] = []
-
-    class RecordStart(StepProgressBar):
-        def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-            super().on_train_start(trainer, pl_module)
-            starts.append(self.train_progress_bar.n)
-
-    bar = RecordStart()
-    quiet_trainer(tmp_path, max_steps=5, callbacks=[bar]).fit(Regression(), ckpt_path=path)
-    assert starts == [3]
-    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (5, 5)
-
-
-def test_without_max_steps_it_is_lightnings_epoch_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    bar = StepProgressBar()
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[bar]).fit(Regression())
-    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (4, 4)  # batches of the last epoch
-    assert "Epoch 1" in capsys.readouterr().out
-
-
-CLI_ARGS = ["--trainer.accelerator=cpu", "--trainer.max_steps=5", "--data=lightning_llama_fp8.MockDataModule"]
-
-
-@pytest.mark.parametrize(
-    "extra,expected",
-    [
-        ([], StepProgressBar),
-        (["--trainer.enable_progress_bar=false"], type(None)),
-        (["--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar"], TQDMProgressBar),
-    ],
-)
-def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) -> None:
-    from lightning_llama_fp8.cli.fit import LlamaCLI
-    from lightning_llama_fp8.data import GPTDataModule
-    from lightning_llama_fp8.model import LlamaLightningModule
-
-    cli = LlamaCLI(LlamaLightningModule, GPTDataModule, subclass_mode_data=True, run=False, args=CLI_ARGS + extra)
-    assert type(cli.trainer.progress_bar_callback) is expected
-
-
-# ---------------------------------------------------------------------------------------------- warnings
 def llama_fp8(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("llama-fp8")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
-    return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 DEPENDENCY_NOISE = re.compile(r"Warning|warnings\.warn|No CUDA runtime is found")
+
+
+CONFIG_1B = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
 
 
 @pytest.mark.parametrize("args", [["plan", "--help"], ["fit", "--help"], ["validate", "--help"], ["--help"]])
@@ -173,19 +82,6 @@ def test_the_checkpoint_warning_for_manual_optimization_is_real_and_filtered_exa
     assert "another Lightning warning" in filtered
 
 
-def test_llama_module_installs_the_checkpoint_warning_filter() -> None:
-    from lightning_llama_fp8 import LlamaLightningModule
-
-    with warnings.catch_warnings():
-        warnings.resetwarnings()
-        LlamaLightningModule("llama_tiny")
-        assert any(
-            action == "ignore" and message is not None and message.pattern == MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
-            for action, message, *_ in warnings.filters
-        )
-
-
-# ---------------------------------------------------------------------------------------------- filters, one by one
 OWN_WARNING = "a warning of lightning_llama_fp8 itself"
 
 
@@ -337,6 +233,8 @@ GPT_DEPRECATION = (
     "GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes, no new features. Please reference the "
     "migration guide `docs/user-guide/hybrid-model-migration.md` for details on how to use `HybridModel`"
 )
+
+
 DDP_LAYOUT = (
     "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True. Auto-computing "
     "layout inside DDP. Callers should pre-compute layouts via DistributedOptimizer.compute_full_param_layout() and "
@@ -390,89 +288,6 @@ def test_lightnings_tensor_core_advice_is_real_and_filtered_exactly(monkeypatch:
     unfiltered = logged("lightning.pytorch.utilities.rank_zero", emit, filtered=False)
     assert unfiltered[0].startswith("You are using a CUDA device ('NVIDIA H200') that has Tensor Cores.")
     assert logged("lightning.pytorch.utilities.rank_zero", emit) == [LITLOGGER_TIP]
-
-
-# ---------------------------------------------------------------------------------------------- unguarded script
-UNGUARDED_SCRIPT = """
-    # A plain training script WITHOUT `if __name__ == "__main__":`.
-    import os
-    import sys
-    from pathlib import Path
-
-    import torch
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_llama_fp8 import MockDataModule
-    from tests.helpers import allow_dist_checkpointing_on_cpu, megatron_cpu_trainer
-
-    print(f"top level runs in {__name__} pid {os.getpid()}", flush=True)
-    allow_dist_checkpointing_on_cpu()
-
-
-    class Tiny(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(3))
-
-        def training_step(self, batch, batch_idx):
-            return ((self.weight - 1.0) ** 2).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-    data = MockDataModule(seq_length=16, vocab_size=100, global_batch_size=2, micro_batch_size=1, num_workers=0)
-    saver = ModelCheckpoint(dirpath=Path(sys.argv[1]), every_n_train_steps=2, save_top_k=-1)
-    trainer = megatron_cpu_trainer(1, max_steps=4, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver])
-    trainer.fit(Tiny(), datamodule=data)
-    print("saved", sorted(p.name for p in Path(sys.argv[1]).iterdir()), flush=True)
-"""
-
-# Megatron's own default, for contrast: its writer's results queue through a `spawn`-started manager.
-UNGUARDED_MEGATRON_DEFAULT = """
-    import os
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    print(f"top level runs in {__name__} pid {os.getpid()}", flush=True)
-    filesystem_async.get_write_results_queue()  # mp_mode="spawn", as its writer calls it on the first save
-    print("queue made", flush=True)
-"""
-
-
-def run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "train_unguarded.py"
-    script.write_text(textwrap.dedent(source))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpts")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_an_unguarded_script_saves_checkpoints_and_runs_once(tmp_path: Path) -> None:
-    result = run_script(tmp_path, UNGUARDED_SCRIPT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("top level runs in") == 1, result.stdout
-    assert "saved ['epoch=0-step=2.ckpt', 'epoch=0-step=4.ckpt']" in result.stdout
-    from lightning_llama_fp8 import read_checkpoint_info
-
-    assert read_checkpoint_info(tmp_path / "ckpts" / "epoch=0-step=4.ckpt").global_step == 4
-
-
-def test_megatrons_default_writer_queue_would_run_an_unguarded_script_again(tmp_path: Path) -> None:
-    """Why the strategy prepares the queue itself: Megatron's spawn start method re-runs the script's top level."""
-    result = run_script(tmp_path, UNGUARDED_MEGATRON_DEFAULT)
-    assert result.stdout.count("top level runs in") == 2, result.stdout  # __main__, then __mp_main__
-    assert "top level runs in __mp_main__" in result.stdout
-    assert result.returncode != 0 and "queue made" not in result.stdout
 
 
 def test_megatrons_stale_te_cross_entropy_warning_is_real_and_filtered_exactly() -> None:
