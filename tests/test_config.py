@@ -372,35 +372,6 @@ def test_llama_config_refuses_shapes_megatron_cannot_build(overrides: dict, mess
         LlamaConfig(**overrides)
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        ({"lr": 0.0}, r"lr must be > 0"),
-        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be in \[0, lr=0.0001\]"),
-        ({"weight_decay": -0.1}, r"weight_decay and clip_grad must be >= 0"),
-        ({"adam_beta2": 1.0}, r"adam_beta1/adam_beta2 must be in \[0, 1\)"),
-        ({"decay_style": "cosin"}, r"decay_style must be one of cosine, linear"),
-        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be in \[0, decoupled_lr\]"),
-    ],
-)
-def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, message: str) -> None:
-    from lightning_llama_fp8 import OptimizerSettings
-
-    with pytest.raises(ValueError, match=message):
-        OptimizerSettings(**overrides)
-
-
-def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
-    from lightning_llama_fp8 import OptimizerSettings
-
-    assert OptimizerSettings(warmup_steps=10).check_schedule(50) == 50
-    assert OptimizerSettings(warmup_steps=10, decay_steps=20).check_schedule(-1) == 20
-    with pytest.raises(ValueError, match=r"trainer.max_steps, which is not set"):
-        OptimizerSettings().check_schedule(-1)
-    with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than decay_steps \(50\)"):
-        OptimizerSettings().check_schedule(50)
-
-
 def test_cross_entropy_is_tes_with_the_te_spec_and_megatrons_with_the_local_one() -> None:
     # TE's kernel rebuilds the logits' gradient in FP32 from two passes over the bf16 logits; the local spec runs
     # without TE, so it keeps Megatron's torch.compile'd one.

@@ -16,3 +16,12 @@ def test_bf16_layers_that_cover_every_layer_are_refused() -> None:
     with pytest.raises(ValueError, match="no layer would train in FP8"):
         check_bf16_layers(4, 0, 4)
     check_bf16_layers(0, 0, 1)
+
+
+def test_bf16_end_layers_fit_megatrons_per_stage_limit() -> None:
+    from lightning_llama_fp8.fp8.recipes import check_bf16_layers
+
+    check_bf16_layers(8, 8, 32, 4)  # num_layers / PP = 8 at either end
+    with pytest.raises(ValueError, match=r"at most num_layers / PP = 8 BF16 layers at either end"):
+        check_bf16_layers(10, 0, 32, 4)
+    check_bf16_layers(10, 0, 32, 1)  # without PP only "some layer stays in FP8"

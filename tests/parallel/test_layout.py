@@ -3,21 +3,12 @@ real (single-process, CPU, gloo) Lightning Trainer."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_llama_fp8.config import LlamaConfig, get_preset, llama3_8b
-from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
-from lightning_llama_fp8.precision import MegatronPrecision
-from lightning_llama_fp8.strategy import MegatronCPStrategy
-from tests.helpers import free_port
 
 
 def layout(tp: int = 1, cp: int = 1, sp: bool = False, comm: str = "p2p") -> ParallelLayout:
@@ -212,154 +203,12 @@ def test_sizes_below_one(world: int, tp: int, cp: int, pp: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- strategy
-def test_overlap_param_gather_needs_distributed_optimizer() -> None:
-    with pytest.raises(ValueError, match=r"overlap_param_gather=True needs use_distributed_optimizer=True"):
-        MegatronCPStrategy(overlap_param_gather=True, use_distributed_optimizer=False)
-    strategy = MegatronCPStrategy(overlap_param_gather=False, use_distributed_optimizer=False)
-    assert not strategy.overlap_param_gather and not strategy.use_distributed_optimizer
-
-
-def test_sequence_parallel_without_tp_is_turned_off(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="lightning_llama_fp8.strategy"):
-        strategy = MegatronCPStrategy(sequence_parallel=True)
-    assert strategy.layout.sequence_parallel is False
-    assert "sequence_parallel needs tensor_model_parallel_size > 1" in caplog.text
-    assert MegatronCPStrategy(tensor_model_parallel_size=2, sequence_parallel=True).layout.sequence_parallel is True
-
-
-def test_strategy_records_its_layout() -> None:
-    strategy = MegatronCPStrategy(tensor_model_parallel_size=2, context_parallel_size=4, cp_comm_type="a2a")
-    assert strategy.layout == ParallelLayout(
-        tensor_model_parallel_size=2, context_parallel_size=4, sequence_parallel=False, cp_comm_type="a2a"
-    )
-
-
-def test_strategy_is_registered_by_name() -> None:
-    assert "megatron_cp" in StrategyRegistry
-    assert StrategyRegistry["megatron_cp"]["strategy"] is MegatronCPStrategy
-    precision = MegatronPrecision()
-    trainer = Trainer(strategy="megatron_cp", accelerator="cpu", devices=1, plugins=[precision], logger=False)
-    assert isinstance(trainer.strategy, MegatronCPStrategy)
-    assert trainer.strategy.layout == ParallelLayout()
-    assert trainer.precision_plugin is precision
-    assert trainer.strategy.root_device == torch.device("cpu")
-
-
-def test_strategy_rejects_a_non_megatron_precision_before_starting_processes() -> None:
-    strategy = MegatronCPStrategy()
-    Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)  # default 32-true Precision
-    with pytest.raises(TypeError, match=r"trains Megatron models in BF16 or FP8, but the Trainer's precision plugin"):
-        strategy.setup_environment()
-    assert not torch.distributed.is_initialized()
 
 
 # ---------------------------------------------------------------------------------------------- real Trainer
 
 
-@pytest.fixture
-def tiny_module() -> LlamaLightningModule:
-    return LlamaLightningModule(get_preset("llama_tiny", transformer_impl="local", apply_rope_fusion=False))
-
-
-@pytest.fixture
-def dist_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Rendezvous variables for Lightning's env:// init; monkeypatch restores whatever Lightning writes."""
-    assert not torch.distributed.is_initialized(), "another test leaked a process group"
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def test_trainer_builds_megatron_model_from_strategy_and_precision(
-    tiny_module: LlamaLightningModule, dist_env: None
-) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    strategy = MegatronCPStrategy()
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
-    # The first steps of Trainer._run, through public methods: ``strategy.connect`` is what fit() calls to
-    # attach the module (it sets strategy._lightning_module / strategy.model), and the ``trainer`` setter is
-    # what the data connector uses to attach the trainer to the module.
-    trainer.strategy.connect(tiny_module)
-    tiny_module.trainer = trainer
-    assert trainer.lightning_module is tiny_module
-    try:
-        trainer.strategy.setup_environment()
-        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
-        assert parallel_state.model_parallel_is_initialized()
-        assert parallel_state.get_tensor_model_parallel_world_size() == 1
-        assert parallel_state.get_context_parallel_world_size() == 1
-        assert parallel_state.get_data_parallel_world_size() == 1
-        assert strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
-        assert strategy.transformer_config_kwargs() == {
-            "tensor_model_parallel_size": 1,
-            "context_parallel_size": 1,
-            "sequence_parallel": False,
-            "use_cpu_initialization": True,  # not on a GPU
-        }
-
-        tiny_module.configure_model()
-        model = tiny_module.model
-        assert isinstance(model, GPTModel)
-        config = model.config
-        assert config.tensor_model_parallel_size == 1
-        assert config.context_parallel_size == 1
-        assert config.bf16 is True
-        assert config.params_dtype is torch.bfloat16
-        assert config.use_cpu_initialization is True
-        assert config.calculate_per_token_loss is True
-        assert config.fp8 is None
-        assert sum(p.numel() for p in model.parameters()) == tiny_module.arch.num_parameters()
-        assert model.embedding.word_embeddings.weight.dtype is torch.bfloat16
-        assert model.embedding.word_embeddings.weight.device.type == "cpu"
-        # The model is a registered child (what the strategy wraps in Megatron DDP), and building is idempotent.
-        assert dict(tiny_module.named_children())["model"] is model
-        tiny_module.configure_model()
-        assert tiny_module.model is model
-    finally:
-        trainer.strategy.teardown()
-    assert not parallel_state.model_parallel_is_initialized()
-
-
-def test_module_rejects_non_megatron_strategy(tiny_module: LlamaLightningModule) -> None:
-    trainer = Trainer(
-        accelerator="cpu", strategy=SingleDeviceStrategy(device="cpu"), plugins=[MegatronPrecision()], logger=False
-    )
-    tiny_module.trainer = trainer
-    with pytest.raises(
-        TypeError, match=r"needs Trainer\(strategy=MegatronCPStrategy\(\.\.\.\)\); got SingleDeviceStrategy"
-    ):
-        tiny_module.transformer_config()
-    with pytest.raises(TypeError, match="got SingleDeviceStrategy"):
-        tiny_module.configure_model()
-    assert tiny_module.model is None
-
-
-def test_module_rejects_non_megatron_precision(tiny_module: LlamaLightningModule) -> None:
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=MegatronCPStrategy(), logger=False)
-    tiny_module.trainer = trainer
-    with pytest.raises(
-        TypeError,
-        match=r"needs plugins=\[TEFP8Precision\(\)\] \(FP8\) or plugins=\[MegatronPrecision\(\)\] "
-        r"\(BF16\); got Precision\.$",
-    ):
-        tiny_module.transformer_config()
-
-
-def test_module_reads_layout_and_precision_from_trainer(tiny_module: LlamaLightningModule) -> None:
-    # transformer_config() needs no process group: TP 2 / SP / CP fields come from the strategy, bf16 from the plugin.
-    strategy = MegatronCPStrategy(tensor_model_parallel_size=2, sequence_parallel=True)
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
-    tiny_module.trainer = trainer
-    config = tiny_module.transformer_config()
-    assert config.tensor_model_parallel_size == 2
-    assert config.sequence_parallel is True
-    assert config.context_parallel_size == 1
-    assert config.use_cpu_initialization is True
-    assert config.bf16 is True and config.params_dtype is torch.bfloat16
-    assert config.num_layers == 2 and config.hidden_size == 256  # the tiny arch
+def test_world_size_counts_pipeline_stages() -> None:
+    with pytest.raises(LayoutError, match=r"world size 6 is not divisible by TP 2 x CP 1 x PP 2 = 4"):
+        validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6)
+    assert validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 8) == 2
