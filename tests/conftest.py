@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ from lightning_llama_fp8.hf.files import INDEX_FILE
 from tests.helpers import run_distributed
 from tests.helpers.checkpoints import save_worker
 from tests.helpers.corpora import write_corpus
+from tests.helpers.gpus import Machine, te_support_checks
 from tests.helpers.hf_models import LLAMA31_ROPE, import_and_save_worker, make_hf_model
 
 
@@ -63,3 +67,24 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_hf_model(directory, groups=2, max_shard_size="100KB")
     assert (directory / INDEX_FILE).is_file()
     return directory
+
+
+@pytest.fixture
+def fake_machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[Machine], None]:
+    """Install a fake GPU (torch.cuda) and a fake Transformer Engine with its support checks."""
+
+    def install(machine: Machine) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: machine.name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: machine.capability)
+        te = types.ModuleType("transformer_engine")
+        pytorch = types.ModuleType("transformer_engine.pytorch")
+        te.__version__ = machine.te_version  # type: ignore[attr-defined]
+        te.pytorch = pytorch  # type: ignore[attr-defined]
+        for name, check in te_support_checks(machine).items():
+            if name not in machine.missing_checks:
+                setattr(pytorch, name, check)
+        monkeypatch.setitem(sys.modules, "transformer_engine", te)
+        monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+
+    return install

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_llama_fp8.precision import TEFP8Precision
+from tests.helpers import REPO_ROOT
 from tests.helpers.paths import CONFIG_8B, CONFIGS
 
 
@@ -51,3 +53,13 @@ def test_example_validation_schedule_allows_a_short_run(path: Path) -> None:
     )  # fmt: skip
     trainer.fit(BoringModel())
     assert trainer.global_step == 5
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_spell_out_the_fp8_args(path: Path) -> None:
+    """Every example lists each FP8 arg, so switching recipe in YAML is an edit, not a lookup."""
+    (plugin,) = yaml.safe_load(path.read_text())["trainer"]["plugins"]
+    assert plugin["class_path"] == "lightning_llama_fp8.TEFP8Precision"
+    for key in ("recipe", "bf16_first_layers", "bf16_last_layers", "fp8_attention", "fp8_param_gather"):
+        assert key in plugin["init_args"], key
+    TEFP8Precision(**plugin["init_args"])  # and they are a valid combination
