@@ -512,3 +512,10 @@ def test_slurm_two_nodes_two_tasks_each(tmp_path: Path) -> None:
     assert [r["dp"] for r in records] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [r["sampler"] for r in records] == [{"num_replicas": 2, "rank": dp} for dp in (0, 0, 1, 1)]
     assert all(r["reduced"] == 6.0 for r in records)  # DP x CP spans all four ranks
+
+
+def test_async_save_is_off_by_default() -> None:
+    from lightning_llama_fp8 import MegatronCPStrategy
+
+    assert MegatronCPStrategy().async_save is False
+    assert MegatronCPStrategy(async_save=True).pending_checkpoint is None

@@ -5,22 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from benchmarks import compare_megatron_lm, reference_run
-from benchmarks.lib import launch as _launch
+from benchmarks import reference_run
 from lightning_llama_fp8.cli import main
 from lightning_llama_fp8.config import get_preset
 from tests.helpers import REPO_ROOT
-from tests.helpers.megatron_lm import iteration_line
-
-ROOT = REPO_ROOT
+from tests.helpers.megatron_lm import iteration_line, record_launches
 
 
 def printed_config(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -108,48 +103,6 @@ def test_compare_says_which_side_is_missing(tmp_path: Path) -> None:
         reference_run.compare(tmp_path / "ours", tmp_path / "lm", warmup=10)
 
 
-def record_launches(monkeypatch: pytest.MonkeyPatch, code: int = 0) -> list[dict[str, Any]]:
-    """Stand-in for the runs ``_launch.run_logged`` starts: records them and writes what each side reads back."""
-    calls: list[dict[str, Any]] = []
-
-    def fake_run(cmd: list[str], *, env: dict[str, str], stdout: Any, stderr: int, check: bool) -> Any:
-        calls.append({"cmd": cmd, "env": env, "log": Path(stdout.name), "stderr": stderr, "check": check})
-        if "--out" in cmd:  # benchmarks.throughput's result file
-            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_sec_per_gpu": 1.0}))
-        stdout.write("".join(iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
-        return subprocess.CompletedProcess(cmd, code)
-
-    monkeypatch.setattr(_launch.subprocess, "run", fake_run)
-    return calls
-
-
-def test_compare_megatron_lm_launches_the_same_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = record_launches(monkeypatch)
-    args = argparse.Namespace(layers=4, gbs=8, steps=30, warmup=10, tp=2, cp=1, nproc=2)
-    compare_megatron_lm.ours(args, "fp8", tmp_path)
-    compare_megatron_lm.megatron_lm(args, "bf16", tmp_path, "_recompute_full", ["--recompute-granularity", "full"])
-
-    ours, lm = calls
-    assert ours["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "benchmarks.throughput", "--precision", "fp8", "--layers", "4",
-                           "--gbs", "8", "--steps", "30", "--warmup", "10", "--tp", "2", "--cp", "1",
-                           "--out", str(tmp_path / "ours_fp8.json")]  # fmt: skip
-    assert ours["env"] == dict(os.environ) and ours["log"] == tmp_path / "ours_fp8.log"
-    assert lm["cmd"] == [
-        "bash",
-        str(ROOT / "benchmarks" / "scripts" / "megatron_lm_baseline.sh"),
-        "--recompute-granularity",
-        "full",
-    ]
-    assert lm["env"] == {**os.environ, "PRECISION": "bf16", "NPROC": "2", "NUM_LAYERS": "4", "GBS": "8", "ITERS": "30",
-                         "TP": "2", "CP": "1"}  # fmt: skip
-    assert lm["log"] == tmp_path / "megatron_lm_bf16_recompute_full.log"
-    assert all(c["stderr"] == subprocess.STDOUT and c["check"] is False for c in calls)
-    args.nproc = 1  # one process: benchmarks.throughput straight under this interpreter
-    compare_megatron_lm.ours(args, "fp8", tmp_path)
-    assert calls[-1]["cmd"][:3] == [sys.executable, "-m", "benchmarks.throughput"]
-
-
 def test_reference_run_launches_the_same_commands_and_fails_with_the_log_tail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -162,7 +115,7 @@ def test_reference_run_launches_the_same_commands_and_fails_with_the_log_tail(
     calls = record_launches(monkeypatch, code=3)
     with pytest.raises(SystemExit) as excinfo:
         reference_run.run_side("megatron-lm", args)
-    assert calls[-1]["cmd"] == ["bash", str(ROOT / "benchmarks" / "scripts" / "megatron_lm_baseline.sh"),
+    assert calls[-1]["cmd"] == ["bash", str(REPO_ROOT / "benchmarks" / "scripts" / "megatron_lm_baseline.sh"),
                                 "--lr-warmup-iters", "30518", "--lr-decay-iters", "15228271"]  # fmt: skip
     assert calls[-1]["env"] == {**os.environ, **reference_run.megatron_lm_env(8, 1, 30)}
     log = (tmp_path / "megatron_lm.log").read_text()

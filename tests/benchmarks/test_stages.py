@@ -7,24 +7,18 @@ reports failures as it says.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.lib import stage_functions
-from benchmarks.lib.stage_run import TIMED_OUT, Command, Stage, StageSession, StageUsageError
-from benchmarks.stage import main as stage_main
+from benchmarks.lib.stage_run import Command, Stage, StageSession
 from benchmarks.stages import STAGES, STAGES_BY_NAME
 from tests.helpers import REPO_ROOT
 
-ROOT = REPO_ROOT
 #: The stages of the former benchmarks/gpu_stage.sh (people's notes and the README name them), and its suite.
 SHELL_SCRIPT_STAGES = (
     "equivalence-2", "equivalence-4", "pipeline-2", "pipeline-4", "speed-2", "speed-tp2-32", "speed-8b-4",
@@ -67,17 +61,6 @@ def test_records_are_complete(stage: Stage) -> None:
     assert all(isinstance(default, str) for default in stage.knobs.values())
 
 
-def test_list_prints_every_stage() -> None:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
-    listing = subprocess.run(
-        [sys.executable, "-m", "benchmarks.stage", "--list"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert listing.returncode == 0, listing.stderr
-    rows = listing.stdout.splitlines()[1:]
-    assert [row.split()[0] for row in rows] == [stage.name for stage in STAGES]
-    assert all(f"{stage.limit_s} s" in row for stage, row in zip(STAGES, rows, strict=True))
-
-
 @pytest.mark.parametrize("name", SHELL_SCRIPT_STAGES)
 def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -89,10 +72,10 @@ def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str,
     for words in commands:
         for index, word in enumerate(words):
             if word.startswith(REPO_PREFIXES):
-                assert (ROOT / word).exists(), f"{name}: {shlex.join(words)} names {word}, not in the repository"
+                assert (REPO_ROOT / word).exists(), f"{name}: {shlex.join(words)} names {word}, not in the repository"
             if index and words[index - 1] == "-m" and word.startswith(("benchmarks", "lightning_llama_fp8")):
                 module = word.replace(".", "/")
-                package_root = ROOT / "src" if word.startswith("lightning_llama_fp8") else ROOT
+                package_root = REPO_ROOT / "src" if word.startswith("lightning_llama_fp8") else REPO_ROOT
                 module_file = package_root / f"{module}.py"
                 runnable = module_file.is_file() or (package_root / module / "__main__.py").is_file()
                 assert runnable, f"{name}: no module {word}"
@@ -165,88 +148,3 @@ def test_knobs_change_the_commands(tmp_path: Path) -> None:
     assert session.commands[-1][-3:] == [f"{out}/bench", "--precisions", "fp8"]
     _, session = dry_run("suite", out, {"SKIP_TESTS": "1"})
     assert not any("pytest" in command for command in session.commands)
-
-
-def test_a_stage_refuses_to_start_without_what_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("LEVER_")}
-    session = StageSession(STAGES_BY_NAME["lever-1"], tmp_path / "o", dry_run=True, environ=environ)
-    with pytest.raises(StageUsageError, match="needs LEVER_ARGS and/or LEVER_ENV"):
-        session.run_stage()
-    assert stage_main(["equivalence-2", str(tmp_path / "o"), "--extra"]) == 2
-    assert stage_main(["no-such-stage", str(tmp_path / "o")]) == 2
-    assert "unknown stage 'no-such-stage'" in capsys.readouterr().err
-
-
-def _python(code: str) -> str:
-    """A command line running ``code`` with this interpreter."""
-    return shlex.join([sys.executable, "-c", code])
-
-
-def test_the_runner_logs_goes_on_after_a_failure_and_reports_it(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    def summary_step(session: StageSession) -> None:
-        session.call(json.loads, "{not json")
-
-    stage = Stage(
-        name="cpu-check",
-        gpus=1,
-        purpose="the runner on the CPU",
-        limit_s=60,
-        steps=(
-            Command(_python("print('tee line'); import sys; print('err line', file=sys.stderr)"), log="{out}/a.log",
-                    tee=True),
-            Command(_python("print('\\n'.join(map(str, range(10))))"), log="{out}/b.log", tail=2),
-            Command(_python("import os, sys; print(os.environ['GPU_RESULTS_DIR'], os.environ['KNOB']); sys.exit(3)"),
-                    env={"KNOB": "{WHAT}"}),
-            Command(_python("print('never')"), after_success=True),
-            summary_step,
-        ),
-        outputs=("a.log", "b.log"),
-        knobs={"WHAT": "default value"},
-    )  # fmt: skip
-    out = tmp_path / "out"
-    session = StageSession(stage, out, environ={**os.environ, "STAGE_COMMIT": "abc123 dirty"})
-    assert session.run_stage() == 1
-    printed = capfd.readouterr()
-    lines = printed.out.splitlines()
-    assert "tee line" in lines and "err line" in lines  # tee: stdout and stderr on the console as well
-    assert (out / "a.log").read_text().splitlines() == ["tee line", "err line"]
-    assert (out / "b.log").read_text().split() == [str(i) for i in range(10)]
-    assert "8" in lines and "9" in lines and "7" not in lines  # only the last two lines of b.log
-    assert f"{out} default value" in lines
-    assert "never" not in lines
-    assert len(session.failures) == 3  # exit 3, the step after it, the summary that raised
-    assert session.failures[0].startswith("exit 3") and "not run" in session.failures[1]
-    assert "JSONDecodeError" in printed.err
-    assert (out / "commit.txt").read_text() == "abc123 dirty\n" and (out / "device.txt").exists()
-
-
-def test_the_time_limit_stops_a_command_and_the_steps_after_it(tmp_path: Path) -> None:
-    stage = Stage(
-        name="slow",
-        gpus=1,
-        purpose="a command past the stage's limit",
-        limit_s=3,
-        steps=(Command(_python("import time; time.sleep(60)")), Command(_python("print(1)"))),
-        outputs=("nothing",),
-    )
-    session = StageSession(stage, tmp_path / "out")
-    started = time.monotonic()
-    assert session.run_stage() == 1
-    assert time.monotonic() - started < 30
-    assert session.failures[0].startswith("timed out") and "spent" in session.failures[1]
-    assert session.run(["true"]) == TIMED_OUT
-
-
-def test_summaries_read_the_run_records(tmp_path: Path) -> None:
-    for name, seconds, losses in (("a1", 1.0, [5.0, 4.0]), ("b1", 0.8, [5.0, 4.1]), ("a2", 1.0, [5.0, 4.05])):
-        record = {"device": "GPU", "median_step_time_s": seconds, "losses": losses}
-        (tmp_path / f"{name}.json").write_text(json.dumps(record))
-    stage_functions.summarize_lever(tmp_path, "--weight-refresh te")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["lever"] == "--weight-refresh te" and summary["card"] == "GPU"
-    assert summary["default_s_per_step"] == [1.0, 1.0] and summary["lever_s_per_step"] == [0.8]
-    assert summary["speedup"] == pytest.approx(1.25)
-    assert summary["max_loss_diff_default_vs_default"] == pytest.approx(0.05)
-    assert summary["max_loss_diff_default_vs_lever"] == pytest.approx(0.1)

@@ -218,13 +218,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str,
     return root, run_distributed(_sync_async_and_resume, 2, root / "workers", str(root))
 
 
-def test_async_save_is_off_by_default() -> None:
-    from lightning_llama_fp8 import MegatronCPStrategy
-
-    assert MegatronCPStrategy().async_save is False
-    assert MegatronCPStrategy(async_save=True).pending_checkpoint is None
-
-
 def test_async_checkpoint_equals_the_sync_one_of_the_same_step(
     runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:

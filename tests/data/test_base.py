@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint.info import read_checkpoint_info
+from lightning_llama_fp8.data import check_split_sizes
 from tests.helpers.corpora import write_corpus
 from tests.helpers.fits import GBS, SEQ, VOCAB, assert_refused_before_building, run_fits
 
@@ -100,3 +102,29 @@ def test_resume_position_wraps_at_the_epoch_lightning_uses(tmp_path: Path) -> No
     assert next(iter(loader)).tolist() == [0, 1]  # only the first pass after a resume starts part-way
     with pytest.raises(ValueError, match=r"trained with global_batch_size 8, this run has 2"):
         loader.load_state_dict({"batches_done": 1, "global_batch_size": 8})
+
+
+def test_check_split_sizes_tiny_corpus_raises() -> None:
+    # 10 documents, split 99:1:0 -> validation gets documents [round(9.9), round(10)) = [10, 10).
+    with pytest.raises(ValueError, match=r"validation split zero documents") as err:
+        check_split_sizes(10, "99,1,0", [32, 8, 0])
+    message = str(err.value)
+    assert "10 documents" in message and "[10, 10)" in message and "8 validation" in message
+
+
+def test_check_split_sizes_normal_corpus_passes() -> None:
+    check_split_sizes(MockGPTLowLevelDataset.size, "949,50,1", [1024, 80, 0])
+    check_split_sizes(MockGPTLowLevelDataset.size, "99,1,0", [1024, 80, 0])  # 0 test samples: fine
+    check_split_sizes(1000, "99,1", [1024, 80])  # megatron pads missing weights/sizes with 0
+
+
+def test_check_split_sizes_other_failures() -> None:
+    # A split with zero weight is never built, so requesting samples from it is an error.
+    with pytest.raises(ValueError, match=r"test split weight 0.*5 test samples"):
+        check_split_sizes(1000, "99,1,0", [8, 8, 5])
+    # Positive weight but zero documents hangs megatron even for 0 requested samples
+    # (it asks for num_samples * seq_length + 1 tokens): 100 docs, test = [round(99.9), 100).
+    with pytest.raises(ValueError, match=r"test split zero documents"):
+        check_split_sizes(100, "949,50,1", [8, 8, 0])
+    with pytest.raises(ValueError, match=r"Invalid split"):
+        check_split_sizes(1000, "0,0,0", [8, 8, 0])

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 from torch.utils.data import DistributedSampler
 
-from lightning_llama_fp8.data import MockDataModule, check_split_sizes
+from lightning_llama_fp8.data import MockDataModule
 from tests.helpers import cpu_trainer, megatron_cpu_trainer, run_distributed
 
 SEQ, VOCAB, GBS, MBS = 128, 1000, 8, 2
@@ -101,32 +101,6 @@ def test_global_batch_divisibility_error() -> None:
     with pytest.raises(ValueError, match=r"global_batch_size \(8\).*micro_batch_size \(3\).*size \(1\) = 3"):
         dm.setup("fit")
     assert dm.train_dataset is None  # validated before anything was built
-
-
-def test_check_split_sizes_tiny_corpus_raises() -> None:
-    # 10 documents, split 99:1:0 -> validation gets documents [round(9.9), round(10)) = [10, 10).
-    with pytest.raises(ValueError, match=r"validation split zero documents") as err:
-        check_split_sizes(10, "99,1,0", [32, 8, 0])
-    message = str(err.value)
-    assert "10 documents" in message and "[10, 10)" in message and "8 validation" in message
-
-
-def test_check_split_sizes_normal_corpus_passes() -> None:
-    check_split_sizes(MockGPTLowLevelDataset.size, "949,50,1", [1024, 80, 0])
-    check_split_sizes(MockGPTLowLevelDataset.size, "99,1,0", [1024, 80, 0])  # 0 test samples: fine
-    check_split_sizes(1000, "99,1", [1024, 80])  # megatron pads missing weights/sizes with 0
-
-
-def test_check_split_sizes_other_failures() -> None:
-    # A split with zero weight is never built, so requesting samples from it is an error.
-    with pytest.raises(ValueError, match=r"test split weight 0.*5 test samples"):
-        check_split_sizes(1000, "99,1,0", [8, 8, 5])
-    # Positive weight but zero documents hangs megatron even for 0 requested samples
-    # (it asks for num_samples * seq_length + 1 tokens): 100 docs, test = [round(99.9), 100).
-    with pytest.raises(ValueError, match=r"test split zero documents"):
-        check_split_sizes(100, "949,50,1", [8, 8, 0])
-    with pytest.raises(ValueError, match=r"Invalid split"):
-        check_split_sizes(1000, "0,0,0", [8, 8, 0])
 
 
 @pytest.mark.parametrize("split", ["90,5,3,2", "98,-2,0", "a,b", "", "0,0"])

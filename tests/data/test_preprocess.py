@@ -15,7 +15,6 @@ import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tokenizers import Tokenizer
 
-from lightning_llama_fp8.data import corpus
 from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 from tests.helpers import REPO_ROOT
@@ -59,13 +58,6 @@ def test_bytes_equal_megatrons_builder(tmp_path: Path) -> None:
     builder.finalize(str(tmp_path / "ref.idx"))
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
-
-
-def test_dtype_codes_match_megatron() -> None:
-    for dtype, code in corpus.DTYPE_CODES.items():
-        assert DType.code_from_dtype(dtype) == code
-    for vocab in (1000, 65499, 65500, 128257):
-        assert corpus.token_dtype(vocab) == DType.optimal_dtype(vocab)
 
 
 def test_empty_document_without_special_tokens_is_a_boundary_like_megatron(tmp_path: Path) -> None:

@@ -1,6 +1,14 @@
-"""Megatron-LM's side of the benchmarks' tests: its training log lines, field by field."""
+"""Megatron-LM's side of the benchmarks' tests: its training log lines, field by field, and stand-ins for the
+benchmark runs that would produce them."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def iteration_line(
@@ -33,3 +41,20 @@ def iteration_line(
     line += f" number of skipped iterations: {0:3d} |"
     line += f" number of nan iterations: {0:3d} |"
     return line
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch, code: int = 0) -> list[dict[str, Any]]:
+    """Stand-in for the runs ``benchmarks.lib.launch.run_logged`` starts: records them and writes what each side reads
+    back (a result file, a Megatron-LM log)."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(cmd: list[str], *, env: dict[str, str], stdout: Any, stderr: int, check: bool) -> Any:
+        calls.append({"cmd": cmd, "env": env, "log": Path(stdout.name), "stderr": stderr, "check": check})
+        if "--out" in cmd:  # benchmarks.throughput's result file
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"tokens_per_sec_per_gpu": 1.0}))
+        stdout.write("".join(iteration_line(i, 1000.0, 10.0, train_iters=30) + "\n" for i in range(1, 31)))
+        return subprocess.CompletedProcess(cmd, code)
+
+    # run_logged (benchmarks/lib/launch.py) starts them with subprocess.run, looked up when it runs
+    monkeypatch.setattr("benchmarks.lib.launch.subprocess.run", fake_run)
+    return calls

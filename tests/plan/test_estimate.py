@@ -11,6 +11,7 @@ from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.plan.estimate import GIB, PrecisionName, TrainingPlan, parameters_per_rank, plan_training
 from lightning_llama_fp8.plan.report import format_plan
+from tests.helpers.plans import reference_plan
 
 # Llama 3 8B by hand.
 H, FFN, LAYERS, VOCAB, SEQ = 4096, 14336, 32, 128256, 8192
@@ -20,21 +21,6 @@ LINEAR = LAYERS * LINEAR_PER_LAYER
 EMBEDDING = VOCAB * H  # 128256 is already a multiple of 128 x TP for TP <= 2
 NORMS = LAYERS * 2 * H + H
 TOTAL_8B = 8_030_261_248
-
-
-def reference_plan(**kwargs: object) -> TrainingPlan:
-    """Megatron-LM's 8B FP8 recipe: 8 GPUs, TP1 CP2, GBS 128, MBS 1, FP8 param gather."""
-    args: dict = dict(
-        arch=llama3_8b(),
-        layout=ParallelLayout(tensor_model_parallel_size=1, context_parallel_size=2),
-        world_size=8,
-        global_batch_size=128,
-        micro_batch_size=1,
-        precision="fp8",
-        fp8_param_gather=True,
-    )
-    args.update(kwargs)
-    return plan_training(**args)
 
 
 def test_hand_count_matches_known_total() -> None:
@@ -159,19 +145,6 @@ def test_bad_precision_options() -> None:
         reference_plan(precision="fp16", fp8_param_gather=False)
     with pytest.raises(ValueError, match="fp8_param_gather"):
         reference_plan(precision="bf16", fp8_param_gather=True)
-
-
-def test_format_plan_contains_the_numbers() -> None:
-    plan = reference_plan()
-    text = format_plan(plan)
-    assert "8,030,261,248" in text
-    assert "TP 1 x CP 2 x DP 4 = 8 GPUs" in text
-    assert "32 micro batches" in text
-    for value in (plan.memory.weights, plan.memory.optimizer, plan.memory.activations, plan.memory.total):
-        assert f"{value / GIB:,.2f} GiB" in text
-    assert f"{plan.flops_per_step / 1e12:,.2f} TFLOP" in text
-    assert f"{plan.flops_per_gpu_per_step / 1e12:,.2f} TFLOP" in text
-    assert "estimate" in text
 
 
 # ---------------------------------------------------------------------------------------------- recompute / offload
