@@ -2,8 +2,8 @@
 
 There is no GPU and no Transformer Engine here, so FP8 support is faked by monkeypatching ``fp8_support``, TE
 itself by fake ``transformer_engine`` modules in ``sys.modules`` that record what the plugin asks of them, and a
-whole GPU machine (``fake_machine``: torch.cuda answers plus TE's support checks with TE's own reasons) where
-``fp8_support`` itself is under test.
+whole GPU machine (``fake_machine``: torch.cuda answers plus TE's support checks with TE's own reasons) where the
+plugin's messages are under test. ``fp8_support`` itself: tests/fp8/test_support.py.
 """
 
 from __future__ import annotations

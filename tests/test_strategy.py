@@ -1,4 +1,7 @@
-"""MegatronCPStrategy on 4 gloo processes: which ranks share which group, CP batch split, loss reduction."""
+"""MegatronCPStrategy (strategy.py): its settings and the checks it makes before any process group exists, and the
+strategy at work on gloo processes on the CPU: which ranks share which group, the CP batch split, the loss
+reduction, TP slices of CPU-initialized weights, the optimizer step inside the precision's context, Lightning's own
+launcher, and two nodes under torchrun and under SLURM (localhost)."""
 
 from __future__ import annotations
 

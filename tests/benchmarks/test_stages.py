@@ -1,8 +1,8 @@
-"""The GPU stage registry (benchmarks/stages.py) and its runner (python -m benchmarks.stage), on the CPU.
+"""The GPU stage registry (benchmarks/stages.py), on the CPU.
 
 The records are complete, every stage the shell script had is there, the commands a dry run prints name files of
-this repository, several stages' commands are those the shell script ran, and the runner logs, times out and
-reports failures as it says.
+this repository, and several stages' commands are those the shell script ran. (The runner itself:
+tests/benchmarks/test_stage.py and tests/benchmarks/lib/test_stage_run.py.)
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
     from tests.helpers.models import mock_data
 
     allow_dist_checkpointing_on_cpu()
-    # As tests/distributed.py sets them (Lightning deletes WORLD_SIZE at the end of each fit).
+    # As tests/helpers/distributed.py sets them (Lightning deletes WORLD_SIZE at the end of each fit).
     rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
 
     class RankShards(MegatronModule):

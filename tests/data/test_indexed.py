@@ -1,4 +1,5 @@
-"""IndexedDataModule over real Megatron corpora (``.bin``/``.idx`` written by megatron-core's own builder), on CPU."""
+"""IndexedDataModule over real Megatron corpora (``.bin``/``.idx`` written by megatron-core's own builder), on CPU;
+corpora that the model's vocabulary or the configured tokenizer cannot read are refused before anything is built."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""fp8_weights.py: the FP8 weight refresh without discarded transposes, and when TEFP8Precision applies it.
+"""fp8/weights.py: the FP8 weight refresh without discarded transposes, and when TEFP8Precision applies it.
 
 The bytes it produces are checked against TE's own path on a GPU (tests/gpu/test_fp8_weight_refresh.py); here: which
 quantizers it switches, that every usage comes back (errors too), and the settings that turn it on.

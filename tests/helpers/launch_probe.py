@@ -1,4 +1,4 @@
-"""Started by tests/test_lightning_launcher.py: Lightning's own launcher (``devices=2``, no torchrun) on CPU.
+"""Started by tests/test_strategy.py (the launcher test): Lightning's own launcher (``devices=2``, no torchrun) on CPU.
 
 The parent process builds the Trainer and lets ``trainer.strategy.launcher`` re-run this script for rank 1, as
 ``Trainer.fit`` would; every rank then sets up the strategy's environment and writes what it sees.

@@ -1,4 +1,4 @@
-"""Started by tests/test_multinode.py once per process of a 2-node x 2-process job on localhost (CPU, gloo).
+"""Started by tests/test_strategy.py (num_nodes=2) once per process of a 2-node x 2-process job on localhost (CPU).
 
 The launcher (two ``torchrun --nnodes 2`` invocations, or the test imitating ``srun`` with SLURM's variables) has
 created the processes; each builds the Trainer with ``num_nodes=2`` as a user script would, sets up the strategy's

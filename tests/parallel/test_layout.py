@@ -1,5 +1,4 @@
-"""Parallel layout validation, MegatronCPStrategy's own early checks, and the strategy + module wiring through a
-real (single-process, CPU, gloo) Lightning Trainer."""
+"""Parallel layout validation (parallel/layout.py): every problem of a layout named, all of them at once."""
 
 from __future__ import annotations
 

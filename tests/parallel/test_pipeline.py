@@ -1,10 +1,11 @@
-"""Pipeline parallelism on the CPU: layer assignment, layout rules, groups, chunks, loss and checkpoints on gloo.
+"""Pipeline parallelism on the CPU (parallel/pipeline.py): the config Megatron gets, groups, chunks, loss and
+checkpoints on gloo.
 
 Megatron-Core's pipeline schedules and point-to-point sends need CUDA, so a pipelined training step runs only on
-GPUs; everything around it runs here for real: the layer-to-stage assignment against Megatron-Core's own functions,
-the rules checked before anything is built, the process groups of 4 gloo ranks, the model chunks each rank builds
+GPUs; everything around it runs here for real: the process groups of 4 gloo ranks, the model chunks each rank builds
 (with Hugging Face weights), the loss every stage logs, and distributed checkpoints saved with PP and loaded into
-another pipeline split, exported to Hugging Face bitwise.
+another pipeline split, exported to Hugging Face bitwise. (Which layers each stage holds, and the splits refused
+before anything is built: tests/parallel/test_pipeline_layout.py.)
 """
 
 from __future__ import annotations

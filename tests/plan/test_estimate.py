@@ -1,4 +1,4 @@
-"""The CPU planner behind ``llama-fp8 plan``: counts, memory, FLOPs and the rendered table."""
+"""The CPU planner behind ``llama-fp8 plan`` (plan/estimate.py): counts, memory, FLOPs, pipeline stages."""
 
 from __future__ import annotations
 
