@@ -21,6 +21,7 @@ def test_example_configs_found() -> None:
     assert len(CONFIGS) >= 2
 
 
+@pytest.mark.multiprocess
 def test_example_script_parses_its_arguments() -> None:
     """The plain-Python example imports the public API and parses its flags on any machine."""
     repo = Path(__file__).resolve().parents[1]

@@ -92,6 +92,7 @@ def _strategy_worker(rank: int, world_size: int, tp: int, cp: int) -> dict:
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("tp,cp", [(2, 2), (1, 2)], ids=["tp2xcp2", "tp1xcp2xdp2"])
 def test_topology_on_four_gloo_processes(tp: int, cp: int, tmp_path: Path) -> None:
     results = run_distributed(_strategy_worker, 4, tmp_path, tp, cp)
@@ -193,6 +194,7 @@ def _unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     return torch.cat([chunks[rank][j] for j in range(stride) for rank in range(len(shards))], dim=dim)
 
 
+@pytest.mark.multiprocess
 def test_cpu_initialization_gives_tp2_the_slices_of_the_one_gpu_weights(tmp_path: Path) -> None:
     """With use_cpu_initialization every TP size starts from the same model (how parallel_equivalence compares)."""
     (single,) = run_distributed(_weights_worker, 1, tmp_path / "tp1")
@@ -373,6 +375,7 @@ def _fit_with_recording_precision(rank: int, world_size: int) -> dict[str, Any]:
     return {"events": events}
 
 
+@pytest.mark.multiprocess
 def test_the_strategy_runs_each_optimizer_step_inside_the_precisions_context(tmp_path: Any) -> None:
     from tests.helpers import run_distributed
 
@@ -380,6 +383,7 @@ def test_the_strategy_runs_each_optimizer_step_inside_the_precisions_context(tmp
     assert result["events"] == ["enter 0", "optimizer.step", "exit"] * 2
 
 
+@pytest.mark.multiprocess
 def test_lightning_launcher_starts_both_ranks_with_megatron_groups(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT), env.get("PYTHONPATH", "")])
@@ -426,6 +430,7 @@ def _records(out_dir: Path, world_size: int) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("pp", [1, 2], ids=["tp2xdp2", "tp2xpp2"])
 def test_torchrun_two_nodes_two_processes_each(tmp_path: Path, pp: int) -> None:
     """Two ``torchrun --nnodes 2 --nproc_per_node 2 --node_rank i`` on localhost, TP2 x DP2 or TP2 x PP2."""
@@ -479,6 +484,7 @@ def test_torchrun_two_nodes_two_processes_each(tmp_path: Path, pp: int) -> None:
         assert [r["sampler"] for r in records] == [{"num_replicas": 1, "rank": 0}] * 4
 
 
+@pytest.mark.multiprocess
 def test_slurm_two_nodes_two_tasks_each(tmp_path: Path) -> None:
     """Four processes with the variables ``srun --nodes 2 --ntasks-per-node 2`` sets, CP2 x DP2."""
     port = free_port()

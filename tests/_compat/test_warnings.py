@@ -40,6 +40,7 @@ DEPENDENCY_NOISE = re.compile(r"Warning|warnings\.warn|No CUDA runtime is found"
 CONFIG_1B = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("args", [["plan", "--help"], ["fit", "--help"], ["validate", "--help"], ["--help"]])
 def test_help_prints_no_dependency_warnings(args: list[str]) -> None:
     result = llama_fp8(*args)
@@ -48,6 +49,7 @@ def test_help_prints_no_dependency_warnings(args: list[str]) -> None:
     assert "usage:" in result.stdout
 
 
+@pytest.mark.multiprocess
 @no_gpu
 def test_a_cpu_fit_prints_the_plan_and_its_reason_only() -> None:
     result = llama_fp8("fit", "--config", str(CONFIG_1B))

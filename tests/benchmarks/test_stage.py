@@ -15,6 +15,7 @@ from benchmarks.stages import STAGES, STAGES_BY_NAME
 from tests.helpers import REPO_ROOT
 
 
+@pytest.mark.multiprocess
 def test_list_prints_every_stage() -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'src'}:{REPO_ROOT}"}
     listing = subprocess.run(

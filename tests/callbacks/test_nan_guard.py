@@ -275,6 +275,7 @@ def _two_rank_worker(rank: int, world_size: int, policy: str, report_dir: str) -
     }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("policy", ["skip", "rollback", "raise"])
 def test_all_ranks_take_the_same_decision(tmp_path: Path, policy: str) -> None:
     """Only rank 1's gradient goes bad; both ranks detect it at the same step and act alike."""

@@ -184,6 +184,7 @@ def _dp2_worker(rank: int, world_size: int, root: str) -> dict[str, float]:
     return monitor.last_metrics
 
 
+@pytest.mark.multiprocess
 def test_two_data_parallel_ranks_count_the_global_batch(tmp_path: Path) -> None:
     """MegatronCPStrategy on two gloo ranks: each rank's batch is [2 micro batches, 1, SEQ] of a global batch of 4."""
     results = run_distributed(_dp2_worker, 2, tmp_path / "workers", str(tmp_path))

@@ -218,6 +218,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str,
     return root, run_distributed(_sync_async_and_resume, 2, root / "workers", str(root))
 
 
+@pytest.mark.multiprocess
 def test_async_checkpoint_equals_the_sync_one_of_the_same_step(
     runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
@@ -244,6 +245,7 @@ def test_async_checkpoint_equals_the_sync_one_of_the_same_step(
     assert not torch.equal(saved[2][0], saved[4][0]) and not torch.equal(saved[2][1], saved[4][1])
 
 
+@pytest.mark.multiprocess
 def test_resuming_from_an_async_checkpoint_continues_identically(runs: tuple[Path, list[dict[str, Any]]]) -> None:
     _, results = runs
     for rank in results:
@@ -257,6 +259,7 @@ def test_resuming_from_an_async_checkpoint_continues_identically(runs: tuple[Pat
     )  # each rank got its own slice back
 
 
+@pytest.mark.multiprocess
 def test_the_save_runs_in_the_background_and_is_published_before_fit_returns(
     runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -274,6 +277,7 @@ def test_the_save_runs_in_the_background_and_is_published_before_fit_returns(
     assert not list((root / "async").glob("*.saving"))
 
 
+@pytest.mark.multiprocess
 def test_top_1_with_last_link_keeps_the_previous_checkpoint_until_the_new_one_is_published(
     runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -301,6 +305,7 @@ def _resume(rank: int, world_size: int, root: str, ckpt_path: str) -> dict[str, 
     return _fit(root, ckpt_path, async_save=True, max_steps=6, save_top_k=1, save_last="link")
 
 
+@pytest.mark.multiprocess
 def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint_to_resume_from(tmp_path: Path) -> None:
     """SIGKILL on every rank at the start of step 5: step 4's shards are written or being written, not published."""
     from lightning_llama_fp8.cli import fit as cli
@@ -341,6 +346,7 @@ def _write_fails_on_rank_1_at_step_4(rank: int, world_size: int, root: str) -> d
     return _fit(root, async_save=True, max_steps=6, save_top_k=1, save_last="link")
 
 
+@pytest.mark.multiprocess
 def test_a_failed_background_write_is_raised_on_every_rank_and_damages_nothing(tmp_path: Path) -> None:
     results = run_distributed(_write_fails_on_rank_1_at_step_4, 2, tmp_path / "workers", str(tmp_path))
     directory = tmp_path / "ckpts"

@@ -24,6 +24,7 @@ from tests.helpers.checkpoints import (
 from tests.helpers.models import Recorder, tiny_llama
 
 
+@pytest.mark.multiprocess
 def test_tp2_checkpoint_layout_on_disk(tp2_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, _ = tp2_checkpoint
     names = {p.name for p in path.iterdir()}
@@ -41,6 +42,7 @@ def test_tp2_checkpoint_layout_on_disk(tp2_checkpoint: tuple[Path, dict[str, tor
     assert json.loads((path / ckpt.INFO_FILENAME).read_text())["format"] == ckpt.FORMAT
 
 
+@pytest.mark.multiprocess
 def test_tp2_checkpoint_loads_into_one_rank(
     tp2_checkpoint: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
@@ -53,6 +55,7 @@ def test_tp2_checkpoint_loads_into_one_rank(
     assert result["restored"]["loops"] == {"marker": "from the save"}
 
 
+@pytest.mark.multiprocess
 def test_tp1_checkpoint_loads_into_two_tp_ranks(tmp_path: Path) -> None:
     path = tmp_path / "tp1.ckpt"
     (saved,) = run_distributed(save_worker, 1, tmp_path / "save", str(path), 1)
@@ -105,6 +108,7 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.multiprocess
 def test_resumed_run_continues_with_the_next_batches_and_the_saved_weights(tmp_path: Path) -> None:
     """Lightning's ModelCheckpoint and fit(ckpt_path=...) through MegatronCPStrategy on two DP ranks."""
     results = run_distributed(_resume_worker, 2, tmp_path / "workers", str(tmp_path))

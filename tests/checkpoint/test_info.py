@@ -29,6 +29,7 @@ def test_missing_checkpoint_says_so(tmp_path: Path) -> None:
         read_checkpoint_info(tmp_path / "nope.ckpt")
 
 
+@pytest.mark.multiprocess
 def test_interrupted_replacement_points_at_the_intact_previous_version(
     tp2_checkpoint: tuple[Path, Any], tmp_path: Path
 ) -> None:
@@ -45,6 +46,7 @@ def test_single_file_checkpoint_is_refused(tmp_path: Path) -> None:
         read_checkpoint_info(file)
 
 
+@pytest.mark.multiprocess
 def test_unfinished_save_is_refused(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
     copy = _copy(tp2_checkpoint, tmp_path)
     for marker in (ckpt.INFO_FILENAME, "metadata.json"):
@@ -53,6 +55,7 @@ def test_unfinished_save_is_refused(tp2_checkpoint: tuple[Path, Any], tmp_path: 
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 def test_megatron_lm_checkpoint_is_recognised_as_foreign(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
     copy = _copy(tp2_checkpoint, tmp_path)
     (copy / ckpt.INFO_FILENAME).unlink()
@@ -60,6 +63,7 @@ def test_megatron_lm_checkpoint_is_recognised_as_foreign(tp2_checkpoint: tuple[P
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_damaged_shard_is_found_without_reading_tensors(
     tp2_checkpoint: tuple[Path, Any], tmp_path: Path, damage: str
@@ -76,6 +80,7 @@ def test_damaged_shard_is_found_without_reading_tensors(
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 def test_damaged_index_and_info_are_reported(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
     copy = _copy(tp2_checkpoint, tmp_path)
     (copy / ".metadata").write_bytes(b"garbage")
@@ -90,6 +95,7 @@ def test_damaged_index_and_info_are_reported(tp2_checkpoint: tuple[Path, Any], t
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 def test_missing_lightning_state_is_reported(tp2_checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
     copy = _copy(tp2_checkpoint, tmp_path)
     (copy / ckpt.LIGHTNING_FILENAME).unlink()
@@ -97,6 +103,7 @@ def test_missing_lightning_state_is_reported(tp2_checkpoint: tuple[Path, Any], t
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("content", ["random", "zeros"])
 def test_overwritten_shard_is_named_before_anything_is_read(
     llama_checkpoint: Path, tmp_path: Path, content: str
@@ -110,6 +117,7 @@ def test_overwritten_shard_is_named_before_anything_is_read(
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 def test_info_json_naming_another_architecture_is_caught(llama_checkpoint: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy.ckpt"
     shutil.copytree(llama_checkpoint, copy)
@@ -125,6 +133,7 @@ def test_info_json_naming_another_architecture_is_caught(llama_checkpoint: Path,
         read_checkpoint_info(copy)
 
 
+@pytest.mark.multiprocess
 def test_info_json_copied_from_another_checkpoint_is_caught(llama_checkpoint: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy.ckpt"
     shutil.copytree(llama_checkpoint, copy)

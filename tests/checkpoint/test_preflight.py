@@ -25,6 +25,7 @@ from tests.helpers.checkpoints import (
 from tests.helpers.fits import GBS, VOCAB, assert_refused_before_building, run_fits
 
 
+@pytest.mark.multiprocess
 def test_weights_only_true_is_refused_before_anything_is_built(tmp_path: Path) -> None:
     """Lightning drops weights_only on the restore-after-setup path; the strategy reads the caller's argument."""
     saved, refused = run_fits(
@@ -39,6 +40,7 @@ def test_weights_only_true_is_refused_before_anything_is_built(tmp_path: Path) -
     assert not refused["data_built"]
 
 
+@pytest.mark.multiprocess
 def test_dangling_last_link_is_resolved_or_refused_with_the_paths(tmp_path: Path) -> None:
     """The shipped config's save_top_k=1 + save_last=link, killed between deleting the old checkpoint and relinking:
     last.ckpt points at a deleted checkpoint while a complete newer one exists. Lightning would start a new run."""
@@ -62,6 +64,7 @@ def test_dangling_last_link_is_resolved_or_refused_with_the_paths(tmp_path: Path
     assert cli.resolve_last_from_config(config) == str(newest)
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_dir_under_a_file_fails_before_training(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     (refused,) = run_fits(tmp_path, (None, {"max_steps": 4, "dirpath": tmp_path / "file" / "ckpts"}))
@@ -71,6 +74,7 @@ def test_checkpoint_dir_under_a_file_fails_before_training(tmp_path: Path) -> No
     assert not refused["data_built"]
 
 
+@pytest.mark.multiprocess
 def test_nan_guard_report_dir_under_a_file_fails_before_training(tmp_path: Path) -> None:
     from lightning_llama_fp8.callbacks import NaNGuard
 
@@ -85,6 +89,7 @@ def test_nan_guard_report_dir_under_a_file_fails_before_training(tmp_path: Path)
     )
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_checkpoint_dir_fails_before_training(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
@@ -97,6 +102,7 @@ def test_read_only_checkpoint_dir_fails_before_training(tmp_path: Path) -> None:
     assert_refused_before_building(refused, "UnwritableOutputError", r"PermissionError")
 
 
+@pytest.mark.multiprocess
 def test_resume_with_another_global_batch_size_is_refused_before_building(tmp_path: Path) -> None:
     saved, refused = run_fits(
         tmp_path,
@@ -110,6 +116,7 @@ def test_resume_with_another_global_batch_size_is_refused_before_building(tmp_pa
     assert not refused["data_built"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("recorded", [True, False], ids=["digest", "old-checkpoint-without-digests"])
 def test_unreadable_lightning_state_is_refused_before_building(tmp_path: Path, recorded: bool) -> None:
     (saved,) = run_fits(tmp_path, (None, {"max_steps": 2}))
@@ -125,6 +132,7 @@ def test_unreadable_lightning_state_is_refused_before_building(tmp_path: Path, r
     assert_refused_before_building(refused, "CheckpointError", expected)
 
 
+@pytest.mark.multiprocess
 def test_missing_ckpt_path_from_python_is_refused_before_building(tmp_path: Path) -> None:
     (refused,) = run_fits(tmp_path, (str(tmp_path / "nope.ckpt"), {"max_steps": 2}))
     assert_refused_before_building(refused, "CheckpointError", r"nope\.ckpt does not exist")
@@ -160,6 +168,7 @@ def _changed_lr_worker(rank: int, world_size: int, path: str) -> tuple[str, str,
     return "no error", "", hooks
 
 
+@pytest.mark.multiprocess
 def test_resume_with_changed_learning_rates_is_refused_before_building(tmp_path: Path) -> None:
     path = fake_resumable_checkpoint(tmp_path)
     (result,) = run_distributed(_changed_lr_worker, 1, tmp_path / "workers", str(path))

@@ -11,7 +11,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.multiprocess  # every test runs a training script in a subprocess
 
 UNGUARDED_SCRIPT = """
     # A plain training script WITHOUT `if __name__ == "__main__":`.

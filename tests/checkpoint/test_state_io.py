@@ -50,6 +50,7 @@ def _host_copy_sizes_worker(rank: int, world_size: int, tp: int, path: str) -> d
     return {"sizes": sizes, "staged": staged, "full_bytes": full_bytes, "params": params}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("tp", [1, 2])
 def test_host_copy_sizes_are_what_the_writer_stages(tp: int, tmp_path: Path) -> None:
     """What the pinned-memory reserve for the first background save is sized by (``PinnedHostReserve``): on each

@@ -10,6 +10,7 @@ import pytest
 from lightning_llama_fp8.hf.files import INDEX_FILE
 
 
+@pytest.mark.multiprocess
 def test_convert_cli_writes_the_directory(imported: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
     from lightning_llama_fp8.cli import main
 

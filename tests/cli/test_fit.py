@@ -51,6 +51,7 @@ def _config(ckpt_path: Path, arch: str = "llama_tiny", tp: int = 1) -> dict[str,
     }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -72,6 +73,7 @@ def test_cli_refuses_a_bad_ckpt_path_before_building_anything(
     assert re.search(expected, capsys.readouterr().err)
 
 
+@pytest.mark.multiprocess
 def test_cli_lets_validate_load_weights_only_checkpoints(
     tp2_checkpoint: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,6 +176,7 @@ def test_cli_refuses_odd_data_paths_before_building(capsys: pytest.CaptureFixtur
     assert "mixes weights and prefixes" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_cli_resolves_last_past_a_dangling_link(
     llama_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

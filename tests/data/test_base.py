@@ -15,6 +15,7 @@ from tests.helpers.corpora import write_corpus
 from tests.helpers.fits import GBS, SEQ, VOCAB, assert_refused_before_building, run_fits
 
 
+@pytest.mark.multiprocess
 def test_resume_with_a_larger_max_steps_continues_the_same_samples(tmp_path: Path) -> None:
     """A corpus of ~80 samples per epoch: a 30-step run (GBS 4, 120 samples) spans two epochs, a 60-step one three,
     and Megatron shuffles all epochs' documents together, so a fresh 60-step run orders every sample differently.
@@ -62,6 +63,7 @@ def test_a_changed_data_seed_on_resume_is_refused(tmp_path: Path) -> None:
             data._recorded_train_index()
 
 
+@pytest.mark.multiprocess
 def test_val_check_interval_larger_than_the_run_is_refused_before_the_data(tmp_path: Path) -> None:
     (refused,) = run_fits(tmp_path, (None, {"max_steps": 4, "val_check_interval": 10, "limit_val_batches": 1}))
     assert_refused_before_building(

@@ -195,6 +195,7 @@ def _dp_worker(rank: int, world_size: int) -> dict:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_ranks_get_distinct_halves(tmp_path: Path) -> None:
     # Spawned, not forked: forking a pytest process that already ran gloo/torch threads can deadlock.
     result = run_distributed(_dp_worker, 2, tmp_path)[0]
@@ -241,6 +242,7 @@ def _samples_seen_through_lightning(rank: int, world_size: int) -> dict[str, lis
     return {**recorder.seen, "megatron_order": [megatron_order[:GBS], megatron_order[GBS:]]}
 
 
+@pytest.mark.multiprocess
 def test_lightning_gives_each_dp_rank_its_share_of_every_global_batch(tmp_path: Path) -> None:
     """Through Lightning's own loops: DP2 ranks together see exactly one GPU's global batches, in Megatron's order
     (Lightning would otherwise reshuffle training data with a sampler of its own)."""

@@ -195,6 +195,7 @@ def test_existing_output_is_kept_unless_overwrite_and_a_failed_overwrite_keeps_i
     assert corpus_documents(tmp_path / "out") == expected_ids(["new corpus"])
 
 
+@pytest.mark.multiprocess
 def test_interrupted_run_leaves_no_corpus(tmp_path: Path) -> None:
     """A run killed mid-way (SIGKILL: no cleanup at all) leaves only .tmp files, never <prefix>.idx."""
     big = write_jsonl(tmp_path / "big.jsonl", ["some text " * 200] * 20000)

@@ -17,6 +17,9 @@ from lightning_llama_fp8.hf import HFConfigError, export_to_hf
 from lightning_llama_fp8.hf.files import INDEX_FILE, SafetensorsDir
 from tests.helpers import run_distributed
 
+# Every test reads a checkpoint that gloo processes saved (the imported and checkpoint fixtures).
+pytestmark = pytest.mark.multiprocess
+
 transformers = pytest.importorskip("transformers")
 
 

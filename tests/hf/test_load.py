@@ -18,6 +18,7 @@ from tests.helpers.hf_models import copy_hf_dir, edit_hf_config, hf_module, make
 from tests.helpers.models import CPU_ARCH
 
 
+@pytest.mark.multiprocess
 def test_each_tp_rank_holds_its_shard_of_the_hf_weights(imported: dict[str, Any]) -> None:
     arch = llama_config_from_hf(imported["hf_dir"], **CPU_ARCH)
     source = StateDictSource(imported["state"])

@@ -155,6 +155,7 @@ def _build_worker(rank: int, world_size: int, cases: list[tuple[str, dict[str, A
     return out
 
 
+@pytest.mark.multiprocess
 def test_recompute_settings_reach_the_megatron_model(tmp_path: Path) -> None:
     cases = [
         ("full", {"num_layers": 4}, RecomputeSettings("full")),

@@ -146,6 +146,7 @@ def _load_worker(
     return {"imported": imported, "loaded": loaded}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "tp,pp,vpp", [(2, 2, None), (1, 2, 2)], ids=["pp2xtp2", "pp2xvpp2xdp2"]
 )  # fmt: skip

@@ -13,6 +13,8 @@ import pytest
 
 from benchmarks.lib.stage_run import TIMED_OUT, Command, Stage, StageSession
 
+pytestmark = pytest.mark.multiprocess  # every test runs a stage's commands as subprocesses
+
 
 def _python(code: str) -> str:
     """A command line running ``code`` with this interpreter."""
