@@ -63,7 +63,7 @@ def full_weights(module: Any) -> dict[str, torch.Tensor]:
 
 
 def save_worker(rank: int, world_size: int, path: str, tp: int) -> dict[str, torch.Tensor]:
-    from tests.helpers import allow_dist_checkpointing_on_cpu
+    from tests.helpers.distributed import allow_dist_checkpointing_on_cpu
 
     allow_dist_checkpointing_on_cpu()
     strategy, module = module_on_strategy(tp, world_size, seed=0)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import run_distributed
+from tests.helpers.distributed import run_distributed
 
 SEQ, VOCAB, GBS = 64, 1000, 4
 
@@ -22,8 +22,9 @@ def recorded_fit(root: str, ckpt_path: str | None = None, **options: Any) -> dic
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_llama_fp8 import IndexedDataModule
-    from tests.helpers import allow_dist_checkpointing_on_cpu, megatron_cpu_trainer
+    from tests.helpers.distributed import allow_dist_checkpointing_on_cpu
     from tests.helpers.models import Recorder, mock_data
+    from tests.helpers.trainers import megatron_cpu_trainer
 
     allow_dist_checkpointing_on_cpu()
 

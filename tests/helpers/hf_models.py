@@ -81,7 +81,7 @@ def module_from_hf(hf_dir: str, world_size: int, arch_overrides: dict[str, Any],
 def import_and_save_worker(rank: int, world_size: int, hf_dir: str, ckpt_dir: str, tp: int) -> dict[str, Any]:
     from megatron.core import parallel_state
 
-    from tests.helpers import allow_dist_checkpointing_on_cpu
+    from tests.helpers.distributed import allow_dist_checkpointing_on_cpu
 
     allow_dist_checkpointing_on_cpu()
     strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH, tensor_model_parallel_size=tp)
