@@ -8,7 +8,7 @@
    ``load_hf_weights`` (what ``LlamaLightningModule(init_weights=...)`` does on each rank).
    ``ours_to_dist_checkpoint``: the same child then saves it as this package's distributed checkpoint (the input
    of the export). On a machine without CUDA, megatron-core's ``dist_checkpointing.save`` needs the two CUDA calls
-   that ``tests/helpers.allow_dist_checkpointing_on_cpu`` stubs (run from the repository root, where ``tests`` is
+   that ``tests.helpers.allow_dist_checkpointing_on_cpu`` stubs (run from the repository root, where ``tests`` is
    importable); the script does that and says so.
 3. ``ours_to_hf``: in a second child, ``export_to_hf`` (what ``llama-fp8 convert`` runs).
 4. The floors each direction is compared with, in the same run and page-cache state: reading the Hugging Face
@@ -247,7 +247,7 @@ def main() -> None:
         {"direction": "ours_to_dist_checkpoint", "seconds": imported["save_s"],
          "peak_host_gib": imported["peak_rss_gib"], "model_gib": model_gib, "io_floor_s": None,
          "note": "dist_checkpointing.save of that model (the export's input)"
-         + (" with tests/helpers.py's CPU stubs" if imported["save_cuda_stubbed"] else "")},
+         + (" with tests/helpers' CPU stubs" if imported["save_cuda_stubbed"] else "")},
     ]  # fmt: skip
     rows.append(
         {"direction": "ours_to_hf", "seconds": export["export_s"], "peak_host_gib": export["peak_rss_gib"],

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # every test runs llama-fp8 in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "lightning", "megatron", "transformer_engine")
 

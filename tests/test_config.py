@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset, llama3_8b, llama3_8b_4layers
-from lightning_llama_fp8.hf.arch import resolve_arch
 from tests.helpers import free_port
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).
@@ -359,14 +358,6 @@ def test_overrides_apply_and_win_over_preset_shape() -> None:
     assert get_preset("llama_tiny", seq_length=64).seq_length == 64
 
 
-def test_resolve_arch() -> None:
-    arch = LlamaConfig(num_layers=3)
-    assert resolve_arch(arch) is arch
-    assert resolve_arch("llama3_2_3b") == get_preset("llama3_2_3b")
-    with pytest.raises(ValueError, match="Unknown Llama preset"):
-        resolve_arch("nope")
-
-
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -379,35 +370,6 @@ def test_resolve_arch() -> None:
 def test_llama_config_refuses_shapes_megatron_cannot_build(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LlamaConfig(**overrides)
-
-
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        ({"lr": 0.0}, r"lr must be > 0"),
-        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be in \[0, lr=0.0001\]"),
-        ({"weight_decay": -0.1}, r"weight_decay and clip_grad must be >= 0"),
-        ({"adam_beta2": 1.0}, r"adam_beta1/adam_beta2 must be in \[0, 1\)"),
-        ({"decay_style": "cosin"}, r"decay_style must be one of cosine, linear"),
-        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be in \[0, decoupled_lr\]"),
-    ],
-)
-def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, message: str) -> None:
-    from lightning_llama_fp8 import OptimizerSettings
-
-    with pytest.raises(ValueError, match=message):
-        OptimizerSettings(**overrides)
-
-
-def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
-    from lightning_llama_fp8 import OptimizerSettings
-
-    assert OptimizerSettings(warmup_steps=10).check_schedule(50) == 50
-    assert OptimizerSettings(warmup_steps=10, decay_steps=20).check_schedule(-1) == 20
-    with pytest.raises(ValueError, match=r"trainer.max_steps, which is not set"):
-        OptimizerSettings().check_schedule(-1)
-    with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than decay_steps \(50\)"):
-        OptimizerSettings().check_schedule(50)
 
 
 def test_cross_entropy_is_tes_with_the_te_spec_and_megatrons_with_the_local_one() -> None:

@@ -2,8 +2,8 @@
 
 There is no GPU and no Transformer Engine here, so FP8 support is faked by monkeypatching ``fp8_support``, TE
 itself by fake ``transformer_engine`` modules in ``sys.modules`` that record what the plugin asks of them, and a
-whole GPU machine (``fake_machine``: torch.cuda answers plus TE's support checks with TE's own reasons) where
-``fp8_support`` itself is under test.
+whole GPU machine (``fake_machine``: torch.cuda answers plus TE's support checks with TE's own reasons) where the
+plugin's messages are under test. ``fp8_support`` itself: tests/fp8/test_support.py.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import lightning_llama_fp8.fp8.support as fp8_support_mod
 import lightning_llama_fp8.precision as precision_mod
 from lightning_llama_fp8.cli import main as cli_main
 from lightning_llama_fp8.config import get_preset
-from lightning_llama_fp8.fp8.recipes import RECIPES, resolve_recipe
-from lightning_llama_fp8.fp8.support import FP8UnavailableError, fp8_support, supported_recipes
+from lightning_llama_fp8.fp8.recipes import RECIPES
+from lightning_llama_fp8.fp8.support import FP8UnavailableError
 from lightning_llama_fp8.precision import MegatronPrecision, TEFP8Precision, amax_reduction_group, is_megatron_model
-from tests.helpers import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, free_port
+from tests.helpers.gpus import A100, H100, L40S_CUDA_12_8, Machine, no_gpu
 
 BF16_KWARGS = {"bf16": True, "params_dtype": torch.bfloat16}
 REFERENCE_FP8_KWARGS = {
@@ -50,8 +49,6 @@ REFERENCE_FP8_KWARGS = {
 }
 FP8_KEYS = {k for k in REFERENCE_FP8_KWARGS if k.startswith("fp8")}
 BF16_LAYER_KEYS = {"first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"}
-
-no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
 
 
 def tiny_arch(**overrides: Any) -> Any:
@@ -164,24 +161,6 @@ class Container(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- support
-@no_gpu
-def test_fp8_support_without_gpu() -> None:
-    ok, reason = fp8_support()
-    assert ok is False
-    assert "no CUDA GPU is visible" in reason
-    for recipe in ("delayed", "current", "tensorwise", "blockwise", "mxfp8"):
-        assert fp8_support(recipe)[0] is False
-        assert fp8_support(recipe, fp8_attention=True)[0] is False
-    assert supported_recipes() == ()
-
-
-@no_gpu
-@pytest.mark.parametrize("cuda,hint", [(None, "CPU-only build"), ("13.0", "driver >= 580")])
-def test_fp8_support_without_gpu_says_why_torch_sees_none(
-    cuda: str | None, hint: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(torch.version, "cuda", cuda)
-    assert hint in fp8_support()[1]
 
 
 @no_gpu
@@ -463,13 +442,6 @@ def test_amax_reduction_group_with_parallel_state(megatron_groups: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- recipe names
-@pytest.mark.parametrize(
-    ("name", "canonical"),
-    [("delayed", "delayed"), ("current", "current"), ("tensorwise", "current"), ("blockwise", "blockwise")],
-)
-def test_recipe_names_resolve(name: str, canonical: str) -> None:
-    assert resolve_recipe(name) == canonical
-    assert TEFP8Precision(recipe=name).recipe == canonical  # type: ignore[arg-type]
 
 
 def test_tensorwise_alias_is_current(fake_fp8: list[str]) -> None:
@@ -479,13 +451,6 @@ def test_tensorwise_alias_is_current(fake_fp8: list[str]) -> None:
     assert alias.transformer_config_kwargs()["fp8_recipe"] == "tensorwise"  # Megatron's name for it
     assert alias.describe() == current.describe()
     assert RECIPES == ("delayed", "current", "blockwise", "mxfp8")
-
-
-def test_resolve_unknown_recipe() -> None:
-    with pytest.raises(ValueError, match=r"Unknown FP8 recipe 'custom'"):
-        resolve_recipe("custom")
-    with pytest.raises(ValueError, match=r"Unknown FP8 recipe 'nvfp4'"):
-        fp8_support("nvfp4")
 
 
 # ---------------------------------------------------------------------------------------------- kwargs per recipe
@@ -729,103 +694,6 @@ def test_fallback_logs_no_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- support on a GPU
-@dataclass
-class Machine:
-    """A GPU machine as torch.cuda and Transformer Engine would describe it."""
-
-    name: str
-    capability: tuple[int, int]
-    cuda: float = 12.9
-    te_version: str = "2.20.2"
-    missing_checks: tuple[str, ...] = ()
-
-
-def te_support_checks(machine: Machine) -> dict[str, Callable[..., tuple[bool, str]]]:
-    """TE's ``is_*_available(return_reason=True)`` with TE's own conditions and reasons (TE 2.20 quantization.py)."""
-    cc = machine.capability
-
-    def fp8(return_reason: bool = False) -> tuple[bool, str]:
-        if cc >= (9, 0):
-            return True, ""
-        if cc < (8, 9):
-            return False, "Device compute capability 8.9 or higher required for FP8 execution."
-        return True, ""
-
-    def mxfp8(return_reason: bool = False) -> tuple[bool, str]:
-        if cc >= (12, 0):
-            return False, "MXFP8 (for all gemm layouts) is not supported on 12.0+ architectures yet."
-        if cc >= (10, 0):
-            return True, ""
-        return False, "Device compute capability 10.0 or higher required for MXFP8 execution."
-
-    def blockwise(return_reason: bool = False) -> tuple[bool, str]:
-        if cc >= (9, 0) and machine.cuda >= 12.9:
-            return True, ""
-        return False, "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9."
-
-    return {"is_fp8_available": fp8, "is_mxfp8_available": mxfp8, "is_fp8_block_scaling_available": blockwise}
-
-
-@pytest.fixture
-def fake_machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[Machine], None]:
-    """Install a fake GPU (torch.cuda) and a fake Transformer Engine with its support checks."""
-
-    def install(machine: Machine) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: machine.name)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: machine.capability)
-        te = types.ModuleType("transformer_engine")
-        pytorch = types.ModuleType("transformer_engine.pytorch")
-        te.__version__ = machine.te_version  # type: ignore[attr-defined]
-        te.pytorch = pytorch  # type: ignore[attr-defined]
-        for name, check in te_support_checks(machine).items():
-            if name not in machine.missing_checks:
-                setattr(pytorch, name, check)
-        monkeypatch.setitem(sys.modules, "transformer_engine", te)
-        monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
-
-    return install
-
-
-H100 = Machine("NVIDIA H100 80GB HBM3", (9, 0))
-B200 = Machine("NVIDIA B200", (10, 0))
-L40S_CUDA_12_8 = Machine("NVIDIA L40S", (8, 9), cuda=12.8)
-A100 = Machine("NVIDIA A100-SXM4-80GB", (8, 0))
-
-
-@pytest.mark.parametrize(
-    ("machine", "expected"),
-    [
-        (H100, ("delayed", "current", "blockwise")),
-        (B200, RECIPES),
-        (L40S_CUDA_12_8, ("delayed", "current")),
-        (A100, ()),
-    ],
-    ids=["h100", "b200", "l40s", "a100"],
-)
-def test_supported_recipes(
-    fake_machine: Callable[[Machine], None], machine: Machine, expected: tuple[str, ...]
-) -> None:
-    fake_machine(machine)
-    assert supported_recipes() == expected
-
-
-def test_fp8_support_reason_on_a_gpu(fake_machine: Callable[[Machine], None]) -> None:
-    fake_machine(H100)
-    assert fp8_support("delayed") == (
-        True,
-        "NVIDIA H100 80GB HBM3 (compute capability 9.0) supports delayed FP8 (Transformer Engine 2.20.2).",
-    )
-    assert fp8_support("tensorwise", fp8_attention=True) == (
-        True,
-        "NVIDIA H100 80GB HBM3 (compute capability 9.0) supports current FP8 with FP8 attention "
-        "(Transformer Engine 2.20.2).",
-    )
-    assert fp8_support("mxfp8") == (
-        False,
-        "NVIDIA H100 80GB HBM3 (compute capability 9.0) cannot run mxfp8 FP8: Device compute capability 10.0 or "
-        "higher required for MXFP8 execution. (transformer_engine.pytorch.is_mxfp8_available).",
-    )
 
 
 def test_mxfp8_on_hopper_names_capability_and_alternatives(fake_machine: Callable[[Machine], None]) -> None:
@@ -874,75 +742,6 @@ def test_gpu_without_fp8_falls_back(fake_machine: Callable[[Machine], None], cap
     assert plugin.transformer_config_kwargs() == BF16_KWARGS
 
 
-@pytest.mark.parametrize(
-    ("machine", "recipe", "needs"),
-    [
-        (
-            Machine("NVIDIA H100", (9, 0), te_version="2.8.0"),
-            "current",
-            "FP8 attention with current needs Transformer Engine >= 2.9, this is 2.8.0",
-        ),
-        (
-            Machine("NVIDIA B200", (10, 0), te_version="2.15.0"),
-            "mxfp8",
-            "FP8 attention with mxfp8 needs Transformer Engine >= 2.16, this is 2.15.0",
-        ),
-    ],
-)
-def test_fp8_attention_needs_a_newer_te(
-    fake_machine: Callable[[Machine], None], machine: Machine, recipe: str, needs: str
-) -> None:
-    fake_machine(machine)
-    assert fp8_support(recipe)[0] is True  # the recipe itself runs
-    ok, reason = fp8_support(recipe, fp8_attention=True)
-    assert ok is False
-    assert reason.startswith(needs)
-    with pytest.raises(FP8UnavailableError) as excinfo:
-        TEFP8Precision(recipe=recipe, fp8_attention=True).check_supported()  # type: ignore[arg-type]
-    message = str(excinfo.value)
-    assert message.startswith(f"FP8 training ({recipe} scaling, FP8 attention) is not possible here: {needs}")
-    assert f"The {recipe} recipe itself works here with fp8_attention=False." in message
-
-
-def test_fp8_attention_with_new_enough_te(fake_machine: Callable[[Machine], None]) -> None:
-    fake_machine(Machine("NVIDIA B200", (10, 0), te_version="2.16.0"))
-    for recipe in ("delayed", "current", "mxfp8"):
-        assert fp8_support(recipe, fp8_attention=True)[0] is True, recipe
-    assert fp8_support("blockwise", fp8_attention=True) == (
-        False,
-        "FP8 attention is not available with the blockwise recipe.",
-    )
-
-
-def test_recipe_needs_a_newer_te(fake_machine: Callable[[Machine], None]) -> None:
-    fake_machine(Machine("NVIDIA H100", (9, 0), te_version="2.2.1"))
-    assert fp8_support("current")[0] is True
-    ok, reason = fp8_support("blockwise")
-    assert (ok, reason) == (
-        False,
-        "the blockwise recipe needs Transformer Engine >= 2.3.0.dev0, this is 2.2.1 (on NVIDIA H100 (compute "
-        "capability 9.0)).",
-    )
-
-
-def test_te_without_the_check(fake_machine: Callable[[Machine], None]) -> None:
-    fake_machine(Machine("NVIDIA B200", (10, 0), te_version="1.13.0", missing_checks=("is_mxfp8_available",)))
-    ok, reason = fp8_support("mxfp8")
-    assert ok is False
-    assert reason == (
-        "Transformer Engine 1.13.0 has no transformer_engine.pytorch.is_mxfp8_available(): "
-        "too old for the mxfp8 recipe."
-    )
-
-
-def test_te_not_importable_on_a_gpu(fake_machine: Callable[[Machine], None], monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_machine(H100)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
-    ok, reason = fp8_support("delayed")
-    assert ok is False
-    assert reason.startswith("Transformer Engine is not importable on NVIDIA H100 80GB HBM3 (compute capability 9.0)")
-
-
 # ---------------------------------------------------------------------------------------------- YAML / CLI
 def test_parse_plugin_from_yaml_and_command_line(fake_fp8: list[str]) -> None:
     """jsonargparse (what LightningCLI uses) builds the plugin from YAML and from command-line flags."""
@@ -976,7 +775,7 @@ def test_parse_plugin_from_yaml_and_command_line(fake_fp8: list[str]) -> None:
 
 def test_cli_yaml_with_new_fp8_args(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``llama-fp8 fit --config ... --print_config`` accepts and keeps the recipe, BF16-layer and attention args."""
-    config = yaml.safe_load((ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
+    config = yaml.safe_load((REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
     (plugin,) = config["trainer"]["plugins"]
     plugin["init_args"] = {"recipe": "current", "bf16_first_layers": 1, "bf16_last_layers": 1, "fp8_attention": True}
     path = tmp_path / "current.yaml"
@@ -1004,7 +803,7 @@ def test_cli_yaml_with_new_fp8_args(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_cli_rejects_unknown_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = yaml.safe_load((ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
+    config = yaml.safe_load((REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml").read_text())
     config["trainer"]["plugins"][0]["init_args"]["recipe"] = "nvfp4"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -1012,16 +811,6 @@ def test_cli_rejects_unknown_recipe(tmp_path: Path, capsys: pytest.CaptureFixtur
         cli_main(["fit", "--config", str(path), "--print_config"])
     assert excinfo.value.code != 0
     assert "nvfp4" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_example_configs_spell_out_the_fp8_args(path: Path) -> None:
-    """Every example lists each FP8 arg, so switching recipe in YAML is an edit, not a lookup."""
-    (plugin,) = yaml.safe_load(path.read_text())["trainer"]["plugins"]
-    assert plugin["class_path"] == "lightning_llama_fp8.TEFP8Precision"
-    for key in ("recipe", "bf16_first_layers", "bf16_last_layers", "fp8_attention", "fp8_param_gather"):
-        assert key in plugin["init_args"], key
-    TEFP8Precision(**plugin["init_args"])  # and they are a valid combination
 
 
 # ---------------------------------------------------------------------------------------------- FP8 off and on

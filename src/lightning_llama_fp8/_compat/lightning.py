@@ -2,7 +2,7 @@
 
 Lightning's own ``ModelParallelStrategy`` and ``DDPStrategy`` use these helpers to launch processes and start
 torch.distributed; a custom strategy has no public equivalent. Each one is wrapped here so that a Lightning
-upgrade that moves them breaks one file, and ``tests/test_lightning_compat.py`` notices.
+upgrade that moves them breaks one file, and ``tests/_compat/test_lightning.py`` notices.
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""The GPU stage registry (benchmarks/stages.py), on the CPU.
+
+The records are complete, every stage the shell script had is there, the commands a dry run prints name files of
+this repository, and several stages' commands are those the shell script ran. (The runner itself:
+tests/benchmarks/test_stage.py and tests/benchmarks/lib/test_stage_run.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from benchmarks.lib import stage_functions
+from benchmarks.lib.stage_run import Command, Stage, StageSession
+from benchmarks.stages import STAGES, STAGES_BY_NAME
+from tests.helpers import REPO_ROOT
+
+#: The stages of the former benchmarks/gpu_stage.sh (people's notes and the README name them), and its suite.
+SHELL_SCRIPT_STAGES = (
+    "equivalence-2", "equivalence-4", "pipeline-2", "pipeline-4", "speed-2", "speed-tp2-32", "speed-8b-4",
+    "speed-8b-2", "nan-safety", "gpu-tests", "recipes-1", "checkpoints", "recompute", "full-8b-1gpu", "hf-parity",
+    "hf-convert-8b", "telemetry", "real-text", "checkpoint-stall", "profile-fp8", "speed-1", "lever-1", "fp8-casts",
+    "offload-check", "weight-refresh", "ref8-ours-cp2", "ref8-lm-cp2", "ref8-ours-cp1", "ref8-lm-cp1", "suite",
+)  # fmt: skip
+#: Knobs without which a stage refuses to start.
+REQUIRED_KNOBS = {"lever-1": {"LEVER_ARGS": "--grad-accum-fusion off"}}
+#: Where commands name files of this repository.
+REPO_PREFIXES = ("benchmarks/", "tests/", "examples/", "src/", "scripts/")
+
+
+def dry_run(
+    name: str, out: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> tuple[int, StageSession]:
+    environ = {**os.environ, **REQUIRED_KNOBS.get(name, {}), **(env or {})}
+    session = StageSession(STAGES_BY_NAME[name], out, dry_run=True, environ=environ, args=args)
+    return session.run_stage(), session
+
+
+def throughput_runs(session: StageSession) -> list[list[str]]:
+    return [command for command in session.commands if "benchmarks.throughput" in command]
+
+
+def test_every_stage_of_the_shell_script_is_there_once() -> None:
+    names = [stage.name for stage in STAGES]
+    assert len(names) == len(set(names)) == len(STAGES_BY_NAME)
+    assert set(SHELL_SCRIPT_STAGES) == set(names)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_records_are_complete(stage: Stage) -> None:
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", stage.name)
+    assert stage.gpus in (1, 2, 4, 8)
+    assert stage.purpose.strip() and "\n" not in stage.purpose
+    assert 0 < stage.limit_s <= 600  # the device allows 600 s per call, start-up included
+    assert stage.steps and all(isinstance(step, Command) or callable(step) for step in stage.steps)
+    assert stage.outputs and all(output and not output.startswith("/") for output in stage.outputs)
+    assert all(isinstance(default, str) for default in stage.knobs.values())
+
+
+@pytest.mark.parametrize("name", SHELL_SCRIPT_STAGES)
+def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, session = dry_run(name, out)
+    assert code == 0 and not session.failures
+    assert not out.exists()  # nothing made, nothing run
+    commands = session.commands[2:]  # after nvidia-smi and git rev-parse, which every stage runs
+    assert commands
+    for words in commands:
+        for index, word in enumerate(words):
+            if word.startswith(REPO_PREFIXES):
+                assert (REPO_ROOT / word).exists(), f"{name}: {shlex.join(words)} names {word}, not in the repository"
+            if index and words[index - 1] == "-m" and word.startswith(("benchmarks", "lightning_llama_fp8")):
+                module = word.replace(".", "/")
+                package_root = REPO_ROOT / "src" if word.startswith("lightning_llama_fp8") else REPO_ROOT
+                module_file = package_root / f"{module}.py"
+                runnable = module_file.is_file() or (package_root / module / "__main__.py").is_file()
+                assert runnable, f"{name}: no module {word}"
+
+
+def test_the_shell_script_commands_with_default_knobs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    throughput = ["python3", "-m", "benchmarks.throughput"]
+    _, session = dry_run("checkpoint-stall", out)
+    model = ["--precision", "fp8", "--layers", "4", "--gbs", "8"]
+    assert throughput_runs(session) == [
+        [*throughput, *model, "--steps", "22", "--warmup", "6", "--save-every", "10", "--save-mode", "sync",
+         "--ckpt-dir", "/dev/shm/checkpoint_stall/sync", "--out", f"{out}/checkpoint_stall/sync.json"],
+        ["env", *throughput, *model, "--steps", "120", "--warmup", "6", "--save-every", "60", "--save-mode", "async",
+         "--ckpt-dir", "/dev/shm/checkpoint_stall/async", "--out", f"{out}/checkpoint_stall/async.json"],
+    ]  # fmt: skip
+
+    _, session = dry_run("recompute", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "benchmarks.compare_megatron_lm", "--out-dir", f"{out}/recompute", "--precisions", "fp8",
+         "--recompute", "none", "selective", "full", "--layers", "4", "--gbs", "8", "--steps", "14", "--warmup", "6"],
+        ["cp", f"{out}/recompute/recompute.json", f"{out}/recompute.json"],
+    ]  # fmt: skip
+
+    _, session = dry_run("recipes-1", out)
+    assert [run[run.index("--out") + 1] for run in throughput_runs(session)] == [
+        f"{out}/recipes/{name}.json"
+        for name in ("bf16", "fp8_delayed", "fp8_delayed_guard_skip", "fp8_current", "fp8_blockwise")
+    ]
+    assert throughput_runs(session)[2][3:11] == ["--precision", "fp8", "--recipe", "delayed", "--nan-guard", "skip",
+                                                 "--layers", "4"]  # fmt: skip
+
+    _, session = dry_run("ref8-lm-cp1", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "benchmarks.reference_run", "megatron-lm", "--out-dir", f"{out}/ref8_lm-cp1", "--gpus", "8",
+         "--cp", "1", "--steps", "30"],
+    ]  # fmt: skip
+
+    _, session = dry_run("gpu-tests", out)
+    assert session.commands[2:] == [
+        ["python3", "-m", "pytest", "-m", "gpu", "-q", "tests/gpu", "-p", "no:cacheprovider",
+         "--ignore", "tests/gpu/test_checkpoint_resume.py", "--ignore", "tests/gpu/test_checkpoint_layouts.py"],
+    ]  # fmt: skip
+
+
+def test_knobs_change_the_commands(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, session = dry_run("speed-1", out, {"SPEED_LAYERS": "16", "SPEED_STEPS": "12", "SPEED_WARMUP": "5"})
+    assert session.commands[2] == [
+        "python3", "-m", "benchmarks.compare_megatron_lm", "--out-dir", f"{out}/speed_16l", "--precisions", "fp8",
+        "bf16", "--layers", "16", "--gbs", "8", "--steps", "12", "--warmup", "5",
+    ]  # fmt: skip
+
+    runs = {"CKPT_STALL_RUNS": "async_host_register", "CKPT_ASYNC_EVERY": "30", "CKPT_STALL_DIR": "/scratch/c"}
+    _, session = dry_run("checkpoint-stall", out, runs)
+    (run,) = throughput_runs(session)
+    assert run[:2] == ["env", stage_functions.HOST_REGISTER_ALLOC_CONF]
+    assert run[run.index("--steps") + 1] == "60" and run[run.index("--save-every") + 1] == "30"
+    assert run[run.index("--ckpt-dir") + 1] == "/scratch/c/async"
+
+    # B runs get LEVER_ENV as `env` assignments and LEVER_ARGS as flags; A runs neither.
+    _, session = dry_run("lever-1", out, {"LEVER_ARGS": "--cross-entropy native", "LEVER_ENV": "NVTE_X=1 NVTE_Y=2"})
+    a1, b1, a2, b2 = throughput_runs(session)
+    assert a1[:2] == ["env", "python3"] and "--cross-entropy" not in a1
+    assert [w.replace("a1", "a2") for w in a1] == a2 and [w.replace("b1", "b2") for w in b1] == b2
+    assert b1[:4] == ["env", "NVTE_X=1", "NVTE_Y=2", "python3"]
+    assert b1[-4:] == ["--cross-entropy", "native", "--out", f"{out}/lever/b1.json"]
+
+    _, session = dry_run("suite", out, args=("--precisions", "fp8"))
+    assert session.commands[-1][-3:] == [f"{out}/bench", "--precisions", "fp8"]
+    _, session = dry_run("suite", out, {"SKIP_TESTS": "1"})
+    assert not any("pytest" in command for command in session.commands)

@@ -1,0 +1,84 @@
+"""Whether a checkpoint fits this run (check_can_resume) and which checkpoint 'last' means (resolve_last_checkpoint)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint import resume
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo
+from lightning_llama_fp8.checkpoint.resume import check_can_resume
+from lightning_llama_fp8.config import get_preset
+from tests.helpers.models import CPU_ARCH, tiny_llama
+
+
+def _tiny_te() -> Any:
+    """The tiny Llama with Transformer Engine's layer spec (a run that can resume; never built on the CPU here)."""
+    return get_preset("llama_tiny", apply_rope_fusion=False)
+
+
+def _info(**overrides: Any) -> CheckpointInfo:
+    from dataclasses import asdict
+
+    fields: dict[str, Any] = dict(
+        path=Path("ck"),
+        global_step=100,
+        tensor_model_parallel_size=2,
+        context_parallel_size=1,
+        world_size=8,
+        arch=asdict(tiny_llama()),
+        optimizer_sharding="dp_reshardable",
+    )
+    return CheckpointInfo(**{**fields, **overrides})
+
+
+def test_other_architecture_is_refused_with_the_differences() -> None:
+    arch = get_preset("llama_tiny", num_layers=4, hidden_size=512, **CPU_ARCH)
+    with pytest.raises(
+        CheckpointError, match=r"num_layers: checkpoint 2, model 4; hidden_size: checkpoint 256, model 512\)"
+    ):
+        check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
+
+
+def test_sequence_length_and_kernels_may_change() -> None:
+    arch = get_preset("llama_tiny", seq_length=64, attention_backend="flash", apply_rope_fusion=False)
+    check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
+
+
+def test_dp_reshardable_optimizer_needs_the_same_tp_and_cp() -> None:
+    check_can_resume(_info(), _tiny_te(), 2, 1, with_optimizer=True)  # same TP/CP, any DP: fine
+    with pytest.raises(CheckpointError, match=r"TP=2, CP=1 .* this run has TP=1, CP=2. .*fully_reshardable"):
+        check_can_resume(_info(), _tiny_te(), 1, 2, with_optimizer=True)
+    check_can_resume(_info(), _tiny_te(), 1, 2, with_optimizer=False)  # weights alone reshard to any layout
+    check_can_resume(_info(optimizer_sharding="fully_reshardable"), _tiny_te(), 1, 2, with_optimizer=True)
+
+
+def test_weights_only_checkpoint_cannot_resume_training() -> None:
+    with pytest.raises(CheckpointError, match="no optimizer state, so training cannot resume"):
+        check_can_resume(_info(optimizer_sharding=None), tiny_llama(), 2, 1, with_optimizer=True)
+    check_can_resume(_info(optimizer_sharding=None), tiny_llama(), 2, 1, with_optimizer=False)
+
+
+def test_last_with_only_damaged_checkpoints_stops_with_their_paths(tmp_path: Path) -> None:
+    (tmp_path / "last.ckpt").symlink_to("gone.ckpt")
+    (tmp_path / "epoch=0-step=2.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in ") as excinfo:
+        resume.resolve_last_checkpoint([tmp_path])
+    assert "last.ckpt is a link to gone.ckpt, which does not exist" in str(excinfo.value)
+    assert re.search(r"step=2\.ckpt is not a complete .*save did not finish", str(excinfo.value))
+    assert resume.resolve_last_checkpoint([tmp_path / "empty"]) is None  # nothing there yet: a new run
+
+
+def test_resuming_with_the_local_layer_spec_is_refused() -> None:
+    info = ckpt.CheckpointInfo(
+        Path("ck"), 8, 1, 1, 1, arch=asdict(get_preset("llama_tiny")), optimizer_sharding="dp_reshardable"
+    )
+    local = get_preset("llama_tiny", transformer_impl="local", apply_rope_fusion=False)
+    with pytest.raises(CheckpointError, match=r"cannot resume with model.arch.transformer_impl 'local'.*validation"):
+        check_can_resume(info, local, 1, 1, with_optimizer=True)
+    check_can_resume(info, local, 1, 1, with_optimizer=False)  # its weights load for validation

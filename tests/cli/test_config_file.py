@@ -1,0 +1,82 @@
+"""Reading a ``llama-fp8`` config file (cli/config_file.py): one sentence for a file that is not a config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lightning_llama_fp8.cli import config_file
+from lightning_llama_fp8.cli.config_file import plan_from_config
+from tests.helpers.gpus import no_gpu
+from tests.helpers.hf_models import make_hf_model
+from tests.helpers.paths import CONFIG_8B
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "plan"])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("- a\n- b\n", r"is a list, not a mapping of sections"),
+        ("trainer: [unclosed\n", r"is not valid YAML at line 2, column 1"),
+        ("", r"is empty"),
+        (None, r"does not exist"),
+    ],
+    ids=["list", "unparsable", "empty", "missing"],
+)
+def test_malformed_config_files_get_one_sentence(
+    subcommand: str, content: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.cli import main as llama_fp8
+
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert llama_fp8([subcommand, "--config", str(path)]) == cli.EXIT_CANNOT_TRAIN
+    err = capsys.readouterr().err.strip()
+    assert re.search(rf"^llama-fp8 {subcommand}: config file .*config\.yaml {expected}", err), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_plan_from_config_needs_gpus_when_devices_is_auto() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["devices"] = "auto"
+    with pytest.raises(ValueError, match=r"trainer\.devices is 'auto'.*--gpus"):
+        plan_from_config(config)
+    del config["trainer"]["devices"]
+    with pytest.raises(ValueError, match="--gpus"):
+        plan_from_config(config)
+    plan = plan_from_config(config, gpus=8)
+    assert plan.world_size == 8
+    assert plan.data_parallel_size == 4
+
+
+def test_plan_from_config_reads_devices_and_nodes() -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"].update(devices="4", num_nodes=2)
+    assert plan_from_config(config).world_size == 8
+    config["trainer"].update(devices=[0, 1], num_nodes=4)
+    assert plan_from_config(config).world_size == 8
+
+
+@pytest.mark.parametrize(
+    "devices,expected", [(2, 2), ("2", 2), ("0,1", 2), ("3,", 1), ([0, 1, 2], 3), ("-1", None), ("auto", None)]
+)
+@no_gpu
+def test_gpu_count_read_like_lightning(devices: Any, expected: int | None) -> None:
+    assert config_file.gpus_from({"devices": devices, "num_nodes": 2}) == (None if expected is None else 2 * expected)
+
+
+def test_yaml_init_weights_reaches_the_module(tmp_path: Path) -> None:
+    """``model.init_weights`` in a LightningCLI config: the CLI's pre-flight and the module see the HF architecture."""
+    from lightning_llama_fp8.cli.config_file import arch_from as _arch_from
+
+    make_hf_model(tmp_path, groups=2)
+    model = {"class_path": "lightning_llama_fp8.LlamaLightningModule", "init_args": {"init_weights": str(tmp_path)}}
+    arch = _arch_from(model)
+    assert (arch.num_layers, arch.num_query_groups, arch.vocab_size) == (2, 2, 1000)
+    assert _arch_from({}).num_layers == 32  # no init_weights: still the 8B default

@@ -1,0 +1,290 @@
+"""IndexedDataModule over real Megatron corpora (``.bin``/``.idx`` written by megatron-core's own builder), on CPU;
+corpora that the model's vocabulary or the configured tokenizer cannot read are refused before anything is built."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from lightning_llama_fp8 import IndexedDataModule
+from lightning_llama_fp8.data import check_corpus, check_token_ids, parse_data_path, resolve_tokenizer
+from lightning_llama_fp8.data import indexed as indexed_module
+from lightning_llama_fp8.data.preprocess import preprocess
+from tests.helpers import REPO_ROOT
+from tests.helpers.corpora import LLAMA3_VOCAB, megatron_corpus, write_corpus, write_jsonl
+
+SEQ, VOCAB, GBS, MBS = 64, 1000, 4, 2
+
+
+def module(data_path: Any, **overrides: Any) -> IndexedDataModule:
+    kwargs: dict[str, Any] = dict(
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+        global_batch_size=GBS,
+        micro_batch_size=MBS,
+        train_samples=16 * GBS,
+        val_samples=2 * GBS,
+        split="90,10,0",
+        num_workers=0,
+    )
+    return IndexedDataModule(data_path, **{**kwargs, **overrides})
+
+
+def test_samples_are_consecutive_corpus_tokens(corpora: dict[str, Any]) -> None:
+    data = module([corpora["low"]])
+    data.setup("fit")
+    stream = torch.cat(corpora["low_docs"]).tolist()
+    text = " ".join(map(str, stream))
+    batches = list(data.train_dataloader())
+    assert len(batches) == 16
+    for batch in batches:
+        assert batch["tokens"].shape == (GBS // MBS, MBS, SEQ)
+        tokens, labels = batch["tokens"].reshape(-1, SEQ), batch["labels"].reshape(-1, SEQ)
+        assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next tokens
+        assert torch.equal(batch["position_ids"][0, 0], torch.arange(SEQ))
+        assert bool((batch["loss_mask"] == 1).all())
+        for sample in tokens:  # documents are concatenated in some shuffled order; each window is a real run
+            window = sample[:8].tolist()
+            assert int(sample.max()) < 100
+            assert " ".join(map(str, window)) in text or _spans_documents(window, corpora["low_docs"])
+
+
+def _spans_documents(window: list[int], docs: list[torch.Tensor]) -> bool:
+    """A window may cross from the end of one (shuffled) document into the start of another."""
+    for cut in range(1, len(window)):
+        head, tail = window[:cut], window[cut:]
+        ends = any(doc[-len(head) :].tolist() == head for doc in docs)
+        starts = any(doc[: len(tail)].tolist() == tail for doc in docs)
+        if ends and starts:
+            return True
+    return False
+
+
+def test_same_seed_same_batches_other_seed_other_batches(corpora: dict[str, Any]) -> None:
+    def first_batch(seed: int) -> torch.Tensor:
+        data = module([corpora["low"]], seed=seed)
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))["tokens"]
+
+    assert torch.equal(first_batch(7), first_batch(7))
+    assert not torch.equal(first_batch(7), first_batch(8))
+
+
+def test_blend_weights_decide_the_mix(corpora: dict[str, Any]) -> None:
+    data = module(f"1 {corpora['low']} 3 {corpora['high']}", train_samples=200)  # Megatron-LM's string form
+    data.setup("fit")
+    from_high = [bool(data.train_dataset[i]["tokens"].min() >= 500) for i in range(200)]
+    assert 0.65 < sum(from_high) / 200 < 0.85  # 3:1 blend
+
+
+def test_validation_split_holds_other_documents(corpora: dict[str, Any]) -> None:
+    data = module([corpora["low"]])
+    data.setup("fit")
+    train = {tuple(data.train_dataset[i]["tokens"][:16].tolist()) for i in range(len(data.train_dataset))}
+    val = {tuple(data.val_dataset[i]["tokens"][:16].tolist()) for i in range(len(data.val_dataset))}
+    assert len(data.val_dataset) == 2 * GBS and train.isdisjoint(val)
+
+
+def test_parse_data_path_forms() -> None:
+    assert parse_data_path(["a", "b"]) == (["a", "b"], None)
+    assert parse_data_path("0.3 a 0.7 b") == (["a", "b"], [0.3, 0.7])
+    assert parse_data_path(["a"]) == (["a"], None)
+    with pytest.raises(ValueError, match="data_path is empty"):
+        parse_data_path([])
+    # megatron-core's BlendedDataset asserts (no message) on a zero weight
+    for weights in ("0 a 1 b", "-1 a 2 b"):
+        with pytest.raises(ValueError, match=r"weights must be positive.*leave a corpus out"):
+            parse_data_path(weights)
+
+
+@pytest.mark.parametrize("damage", ["no_idx", "no_bin", "header", "truncated_bin", "truncated_idx"])
+def test_damaged_corpus_is_refused_before_building(corpora: dict[str, Any], tmp_path: Path, damage: str) -> None:
+    prefix = tmp_path / "copy"
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpora["low"] + ext, f"{prefix}{ext}")
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    expected: tuple[type[Exception], str]
+    if damage == "no_idx":
+        idx.unlink()
+        expected = (FileNotFoundError, r"copy\.idx not found\. A corpus is <prefix>\.bin \+ <prefix>\.idx")
+    elif damage == "no_bin":
+        bin_.unlink()
+        expected = (FileNotFoundError, r"copy\.bin not found")
+    elif damage == "header":
+        idx.write_bytes(b"NOTANIDX!" + idx.read_bytes()[9:])
+        expected = (ValueError, "is not a Megatron index file")
+    elif damage == "truncated_bin":
+        bin_.write_bytes(bin_.read_bytes()[:1000])
+        expected = (ValueError, r"copy\.bin has 1000 bytes but its index needs \d+ \(truncated copy\?\)")
+    else:
+        idx.write_bytes(idx.read_bytes()[:40])
+        expected = (ValueError, r"copy\.idx cannot be read")
+    with pytest.raises(expected[0], match=expected[1]):
+        check_corpus(str(prefix))
+    with pytest.raises(expected[0], match=expected[1]):
+        module([str(prefix)]).setup("fit")
+
+
+def test_split_without_documents_is_refused(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "tiny", 3, 0, 100)
+    with pytest.raises(ValueError, match=r"Corpus .*tiny' \(3 documents\): Split '90,10,0' over 3 documents"):
+        module([str(tmp_path / "tiny")]).setup("fit")
+
+
+def test_cli_accepts_indexed_data_in_yaml(corpora: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+
+    config = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    args = ["fit", "--config", str(config), "--data", "lightning_llama_fp8.IndexedDataModule"]
+    args += ["--data.data_path", f"[{corpora['low']}]", "--print_config"]
+    with pytest.raises(SystemExit) as excinfo:
+        main(args)
+    assert excinfo.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_llama_fp8.IndexedDataModule" in out or "IndexedDataModule" in out
+    assert corpora["low"] in out
+
+
+def test_yaml_weights_may_be_numbers(
+    corpora: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data_path: [0.7, prefix, 0.3, prefix]`` in YAML: the weights arrive as floats and still parse."""
+    from lightning_llama_fp8.cli import main
+
+    extra = tmp_path / "data.yaml"
+    extra.write_text(
+        "data:\n  class_path: lightning_llama_fp8.IndexedDataModule\n  init_args:\n"
+        f"    data_path: [0.25, {corpora['low']}, 0.75, {corpora['high']}]\n"
+    )
+    config = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--config", str(extra), "--print_config"])
+    assert "- 0.25" in capsys.readouterr().out
+    assert parse_data_path([0.25, corpora["low"], 0.75, corpora["high"]]) == (
+        [corpora["low"], corpora["high"]],
+        [0.25, 0.75],
+    )
+
+
+def test_corpus_without_tokens_is_refused(tmp_path: Path) -> None:
+    # megatron-core's GPTDataset would loop forever looking for tokens in it. (An empty .bin already fails to
+    # memory-map; the token count is checked as well, for index layouts that map.)
+    builder = IndexedDatasetBuilder(f"{tmp_path / 'blank'}.bin", dtype=numpy.int32)
+    for _ in range(3):
+        builder.add_document(torch.zeros(0, dtype=torch.int32), [0])
+    builder.finalize(f"{tmp_path / 'blank'}.idx")
+    with pytest.raises(ValueError, match=r"Corpus '.*blank': .*(cannot mmap an empty file|holds no tokens)"):
+        check_corpus(str(tmp_path / "blank"))
+
+
+def test_cache_path_that_is_a_file_is_refused(corpora: dict[str, Any], tmp_path: Path) -> None:
+    file = tmp_path / "cache"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"path_to_cache .*cache is a file; give a directory"):
+        IndexedDataModule(data_path=corpora["low"], path_to_cache=str(file))
+
+
+@pytest.mark.parametrize(
+    "data_path,expected",
+    [
+        ([0.5, "a", "b"], "mixes weights and prefixes"),
+        (["a", 0.5], "mixes weights and prefixes"),
+        ([float("nan"), "a"], "must be positive and finite"),
+        (["inf", "a"], "must be positive and finite"),
+        ([-1, "a", 2, "b"], "must be positive and finite"),
+        (["a", ""], "empty entry"),
+        (5, "must be a list or a string"),
+    ],
+)
+def test_odd_data_paths_get_one_sentence(data_path: Any, expected: str) -> None:
+    from lightning_llama_fp8.data import parse_data_path
+
+    with pytest.raises(ValueError, match=expected):
+        parse_data_path(data_path)
+
+
+IMAGE = 128256  # <|image|>: in the Llama 3.2 tokenizer.json, one past the text models' vocabulary
+
+
+def test_sidecar_gives_the_largest_id_without_reading_the_tokens(tmp_path: Path) -> None:
+    summary = preprocess([write_jsonl(tmp_path / "in.jsonl", ["hello world", "more text"])], tmp_path / "c")
+    info = check_token_ids(check_corpus(str(tmp_path / "c")), LLAMA3_VOCAB, resolve_tokenizer("llama3").sha256)
+    assert (info.max_token_id, info.max_token_id_from) == (summary.max_token_id, "sidecar")
+    assert info.tokenizer_sha256 == resolve_tokenizer("llama3").sha256
+
+
+def test_image_token_in_text_is_past_the_vocabulary(tmp_path: Path) -> None:
+    """Real case: the Llama 3.2 tokenizer turns the literal text ``<|image|>`` into id 128256."""
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["a caption <|image|> here"])], tmp_path / "c")
+    data = IndexedDataModule(str(tmp_path / "c"), vocab_size=LLAMA3_VOCAB)
+    with pytest.raises(ValueError, match=rf"holds token id {IMAGE}, but the vocabulary has {LLAMA3_VOCAB} ids"):
+        data.check_files()
+    # The same corpus fits a vocabulary one larger.
+    assert IndexedDataModule(str(tmp_path / "c"), vocab_size=IMAGE + 1).check_files()[0].max_token_id == IMAGE
+
+
+def test_corpus_without_sidecar_is_scanned(tmp_path: Path) -> None:
+    prefix = str(megatron_corpus(tmp_path / "m", [[1, 2, 3], [140000, 5]]))
+    info = check_token_ids(check_corpus(prefix), 200000)
+    assert (info.max_token_id, info.max_token_id_from) == (140000, "scan")
+    with pytest.raises(ValueError, match="holds token id 140000"):
+        check_token_ids(check_corpus(prefix), LLAMA3_VOCAB)
+
+
+def test_stale_sidecar_is_not_trusted(tmp_path: Path) -> None:
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["short"])], tmp_path / "c")
+    sidecar = (tmp_path / "c.corpus.json").read_text()
+    megatron_corpus(tmp_path / "c", [[7, 150000]])  # the files replaced; the old sidecar left behind
+    (tmp_path / "c.corpus.json").write_text(sidecar)
+    info = check_token_ids(check_corpus(str(tmp_path / "c")), 200000)
+    assert (info.max_token_id, info.max_token_id_from) == (150000, "scan")
+
+
+def test_corpus_past_the_scan_limit_is_logged_unchecked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    prefix = str(megatron_corpus(tmp_path / "m", [[1, 140000]]))
+    info = check_token_ids(check_corpus(prefix), LLAMA3_VOCAB, scan_limit_gib=0)
+    assert (info.max_token_id, info.max_token_id_from) == (None, "unchecked")
+    with pytest.warns(UserWarning, match=r"unchecked against vocab_size 128256.*token_scan_limit_gib"):
+        IndexedDataModule(prefix, token_scan_limit_gib=0).check_files()
+
+
+def test_scan_of_one_gib_is_fast(tmp_path: Path) -> None:
+    """The measurement behind the default ``token_scan_limit_gib``: one GiB of int32 tokens scanned.
+
+    The file was just written, so this reads the page cache (0.04 s on the 2-core CI machine); from a cold disk the
+    scan runs at the disk's read speed.
+    """
+    tokens = numpy.memmap(tmp_path / "big.bin", dtype=numpy.int32, mode="w+", shape=(2**28,))
+    tokens[:] = 5
+    tokens[-1] = 128000
+    tokens.flush()
+    del tokens
+    megatron_corpus(tmp_path / "idx", [[1]])
+    os.replace(tmp_path / "idx.idx", tmp_path / "big.idx")  # the scan reads the .bin only
+    start = time.perf_counter()
+    largest = indexed_module._scan_max_token_id(str(tmp_path / "big"), "int32")
+    seconds = time.perf_counter() - start
+    assert largest == 128000
+    logging.getLogger(__name__).info("1 GiB token scan: %.2f s", seconds)
+    assert seconds < 30, f"scanning 1 GiB took {seconds:.1f} s: lower DEFAULT_TOKEN_SCAN_LIMIT_GIB"
+
+
+def test_other_tokenizer_is_refused(tmp_path: Path) -> None:
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["hello"])], tmp_path / "c")
+    other = json.loads(resolve_tokenizer("llama3").path.read_text())
+    other["added_tokens"][-1]["content"] = "<|another_tokenizer|>"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"was made with tokenizer 'llama3'.*not the one data.tokenizer names"):
+        IndexedDataModule(str(tmp_path / "c"), tokenizer=str(tmp_path / "other")).check_files()
+    assert IndexedDataModule(str(tmp_path / "c"), tokenizer="llama3").check_files()[0].tokenizer_name == "llama3"

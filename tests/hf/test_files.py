@@ -1,0 +1,48 @@
+"""Safetensors files (hf/files.py): missing, truncated or absent shards named; a failed background write raised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_llama_fp8.hf import HFConfigError
+from lightning_llama_fp8.hf.files import INDEX_FILE
+from tests.helpers.hf_models import copy_hf_dir, hf_module
+
+
+def test_missing_shard(hf_dir: Path, tmp_path: Path) -> None:
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(HFConfigError, match=rf"shard\(s\) {shard.name} named by {INDEX_FILE} are missing"):
+        hf_module(copy)
+
+
+def test_truncated_shard(hf_dir: Path, tmp_path: Path) -> None:
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    shard = sorted(copy.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(HFConfigError, match=rf"{shard.name} is truncated: its header needs \d+ bytes"):
+        hf_module(copy)
+
+
+def test_no_weights_at_all(hf_dir: Path, tmp_path: Path) -> None:
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    (copy / INDEX_FILE).unlink()
+    with pytest.raises(HFConfigError, match=rf"has neither model.safetensors nor {INDEX_FILE}"):
+        hf_module(copy)
+
+
+def test_a_failed_background_shard_write_is_raised(tmp_path: Path) -> None:
+    from lightning_llama_fp8.hf.files import ShardedSafetensorsWriter
+
+    directory = tmp_path / "out"
+    directory.mkdir()
+    writer = ShardedSafetensorsWriter(directory, max_shard_bytes=1024)
+    directory.rmdir()  # the shard's write (in the writer thread) fails: it must surface, not vanish
+    writer.add("a", torch.zeros(512))
+    with pytest.raises(Exception, match=r"No such file|not found|exist"):
+        writer.add("b", torch.zeros(512))  # fills the shard: the first one is written in the background
+        writer.finish()

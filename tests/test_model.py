@@ -1,0 +1,198 @@
+"""LlamaLightningModule (model.py): its optimizer settings and schedule, how it reads the strategy and precision,
+and the model it builds."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_llama_fp8._compat.warnings import MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
+from lightning_llama_fp8.config import get_preset
+from lightning_llama_fp8.model import LlamaLightningModule
+from lightning_llama_fp8.precision import MegatronPrecision
+from lightning_llama_fp8.strategy import MegatronCPStrategy
+from tests.helpers import (
+    free_port,
+)
+from tests.helpers.models import tiny_llama
+
+
+def test_resumed_schedule_follows_this_runs_settings() -> None:
+    """A run resumed with a longer schedule (decay over 8 steps instead of 4) keeps the step count and decays
+    over 8 (Megatron-LM's --override-opt_param-scheduler), instead of silently keeping the checkpoint's schedule."""
+    from types import SimpleNamespace
+
+    from lightning_llama_fp8 import LlamaLightningModule, OptimizerSettings
+
+    def scheduler(decay_steps: int) -> tuple[Any, dict[str, float]]:
+        group = {"max_lr": 3e-4, "min_lr": 3e-5, "lr": 0.0, "weight_decay": 0.1, "wd_mult": 1.0, "lr_mult": 1.0}
+        settings = OptimizerSettings(lr=3e-4, min_lr=3e-5, warmup_steps=1, decay_steps=decay_steps)
+        module = LlamaLightningModule(tiny_llama(), settings)
+        return module.lr_scheduler(SimpleNamespace(param_groups=[group])), group
+
+    saved, _ = scheduler(4)
+    for _ in range(3):
+        saved.step(increment=1)
+    resumed, group = scheduler(8)
+    resumed.load_state_dict(saved.state_dict())
+    reference, reference_group = scheduler(8)
+    for _ in range(3):
+        reference.step(increment=1)
+    assert resumed.num_steps == 3 and resumed.lr_decay_steps == 8
+    assert group["lr"] == pytest.approx(reference_group["lr"]) and group["lr"] > 3e-5
+
+
+def test_llama_module_installs_the_checkpoint_warning_filter() -> None:
+    from lightning_llama_fp8 import LlamaLightningModule
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        LlamaLightningModule("llama_tiny")
+        assert any(
+            action == "ignore" and message is not None and message.pattern == MANUAL_OPTIMIZATION_CHECKPOINT_WARNING
+            for action, message, *_ in warnings.filters
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lr": 0.0}, r"lr must be > 0"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be in \[0, lr=0.0001\]"),
+        ({"weight_decay": -0.1}, r"weight_decay and clip_grad must be >= 0"),
+        ({"adam_beta2": 1.0}, r"adam_beta1/adam_beta2 must be in \[0, 1\)"),
+        ({"decay_style": "cosin"}, r"decay_style must be one of cosine, linear"),
+        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be in \[0, decoupled_lr\]"),
+    ],
+)
+def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, message: str) -> None:
+    from lightning_llama_fp8 import OptimizerSettings
+
+    with pytest.raises(ValueError, match=message):
+        OptimizerSettings(**overrides)
+
+
+def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
+    from lightning_llama_fp8 import OptimizerSettings
+
+    assert OptimizerSettings(warmup_steps=10).check_schedule(50) == 50
+    assert OptimizerSettings(warmup_steps=10, decay_steps=20).check_schedule(-1) == 20
+    with pytest.raises(ValueError, match=r"trainer.max_steps, which is not set"):
+        OptimizerSettings().check_schedule(-1)
+    with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than decay_steps \(50\)"):
+        OptimizerSettings().check_schedule(50)
+
+
+@pytest.fixture
+def tiny_module() -> LlamaLightningModule:
+    return LlamaLightningModule(get_preset("llama_tiny", transformer_impl="local", apply_rope_fusion=False))
+
+
+@pytest.fixture
+def dist_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Rendezvous variables for Lightning's env:// init; monkeypatch restores whatever Lightning writes."""
+    assert not torch.distributed.is_initialized(), "another test leaked a process group"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_trainer_builds_megatron_model_from_strategy_and_precision(
+    tiny_module: LlamaLightningModule, dist_env: None
+) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    strategy = MegatronCPStrategy()
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
+    # The first steps of Trainer._run, through public methods: ``strategy.connect`` is what fit() calls to
+    # attach the module (it sets strategy._lightning_module / strategy.model), and the ``trainer`` setter is
+    # what the data connector uses to attach the trainer to the module.
+    trainer.strategy.connect(tiny_module)
+    tiny_module.trainer = trainer
+    assert trainer.lightning_module is tiny_module
+    try:
+        trainer.strategy.setup_environment()
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+        assert parallel_state.model_parallel_is_initialized()
+        assert parallel_state.get_tensor_model_parallel_world_size() == 1
+        assert parallel_state.get_context_parallel_world_size() == 1
+        assert parallel_state.get_data_parallel_world_size() == 1
+        assert strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+        assert strategy.transformer_config_kwargs() == {
+            "tensor_model_parallel_size": 1,
+            "context_parallel_size": 1,
+            "sequence_parallel": False,
+            "use_cpu_initialization": True,  # not on a GPU
+        }
+
+        tiny_module.configure_model()
+        model = tiny_module.model
+        assert isinstance(model, GPTModel)
+        config = model.config
+        assert config.tensor_model_parallel_size == 1
+        assert config.context_parallel_size == 1
+        assert config.bf16 is True
+        assert config.params_dtype is torch.bfloat16
+        assert config.use_cpu_initialization is True
+        assert config.calculate_per_token_loss is True
+        assert config.fp8 is None
+        assert sum(p.numel() for p in model.parameters()) == tiny_module.arch.num_parameters()
+        assert model.embedding.word_embeddings.weight.dtype is torch.bfloat16
+        assert model.embedding.word_embeddings.weight.device.type == "cpu"
+        # The model is a registered child (what the strategy wraps in Megatron DDP), and building is idempotent.
+        assert dict(tiny_module.named_children())["model"] is model
+        tiny_module.configure_model()
+        assert tiny_module.model is model
+    finally:
+        trainer.strategy.teardown()
+    assert not parallel_state.model_parallel_is_initialized()
+
+
+def test_module_rejects_non_megatron_strategy(tiny_module: LlamaLightningModule) -> None:
+    trainer = Trainer(
+        accelerator="cpu", strategy=SingleDeviceStrategy(device="cpu"), plugins=[MegatronPrecision()], logger=False
+    )
+    tiny_module.trainer = trainer
+    with pytest.raises(
+        TypeError, match=r"needs Trainer\(strategy=MegatronCPStrategy\(\.\.\.\)\); got SingleDeviceStrategy"
+    ):
+        tiny_module.transformer_config()
+    with pytest.raises(TypeError, match="got SingleDeviceStrategy"):
+        tiny_module.configure_model()
+    assert tiny_module.model is None
+
+
+def test_module_rejects_non_megatron_precision(tiny_module: LlamaLightningModule) -> None:
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=MegatronCPStrategy(), logger=False)
+    tiny_module.trainer = trainer
+    with pytest.raises(
+        TypeError,
+        match=r"needs plugins=\[TEFP8Precision\(\)\] \(FP8\) or plugins=\[MegatronPrecision\(\)\] "
+        r"\(BF16\); got Precision\.$",
+    ):
+        tiny_module.transformer_config()
+
+
+def test_module_reads_layout_and_precision_from_trainer(tiny_module: LlamaLightningModule) -> None:
+    # transformer_config() needs no process group: TP 2 / SP / CP fields come from the strategy, bf16 from the plugin.
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=2, sequence_parallel=True)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
+    tiny_module.trainer = trainer
+    config = tiny_module.transformer_config()
+    assert config.tensor_model_parallel_size == 2
+    assert config.sequence_parallel is True
+    assert config.context_parallel_size == 1
+    assert config.use_cpu_initialization is True
+    assert config.bf16 is True and config.params_dtype is torch.bfloat16
+    assert config.num_layers == 2 and config.hidden_size == 256  # the tiny arch
