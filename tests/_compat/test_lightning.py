@@ -213,3 +213,13 @@ def test_checkpoint_arguments_are_the_callers(tmp_path: Path) -> None:
         trainer.fit(BoringModel(), ckpt_path="last", weights_only=False)
     assert capture.arguments == compat.CheckpointArguments("last", None, False)
     assert compat.checkpoint_arguments(trainer) is None  # outside of a Trainer method
+
+
+def test_has_trainer_needs_a_module_attached_to_a_trainer() -> None:
+    from types import SimpleNamespace
+
+    assert not compat.has_trainer(SimpleNamespace(_lightning_module=None))
+    detached = SimpleNamespace(_lightning_module=object(), lightning_module=SimpleNamespace(_trainer=None))
+    assert not compat.has_trainer(detached)
+    attached = SimpleNamespace(_lightning_module=object(), lightning_module=SimpleNamespace(_trainer=object()))
+    assert compat.has_trainer(attached)
