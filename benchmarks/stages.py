@@ -171,16 +171,10 @@ STAGES: tuple[Stage, ...] = (
         gpus=1,
         purpose="tests/gpu except the checkpoint tests (stage checkpoints): together they would not fit one call",
         limit_s=CALL_LIMIT_S,
-        steps=(
-            Command(
-                "python3 -m pytest -m gpu -q tests/gpu -p no:cacheprovider "
-                "--ignore tests/gpu/test_checkpoint_resume.py --ignore tests/gpu/test_checkpoint_layouts.py",
-                log="{out}/gpu_tests.log",
-                tee=True,
-            ),
-        ),
+        steps=(functions.gpu_tests,),
         outputs=("gpu_tests.log",),
-        notes="the tests' JSON records land in OUT too (GPU_RESULTS_DIR); ~6 min",
+        notes="each file in its own pytest process (gpu_tests_<file>.log; gpu_tests.log lists their exit statuses); "
+        "the tests' JSON records land in OUT too (GPU_RESULTS_DIR); ~6 min",
     ),
     Stage(
         name="checkpoints",

@@ -21,6 +21,11 @@ CAST_PROBE = "benchmarks/scripts/cast_probe.py"
 UNGUARDED_SCRIPT = "benchmarks/scripts/train_unguarded.py"
 #: The environment of the checkpoint-stall run ``async_host_register``: torch's cudaHostRegister-based pinned
 #: allocator (it pins faster but copies slower than the default one, so it is not among the default runs).
+#: The GPU test files, run one pytest process each: in one process, earlier tests' GPU memory, environment variables
+#: and ports stay behind and fail later tests on an 80 GB card
+#: (benchmarks/results/2026-12-07-h100-gpu-tests-after-layout/).
+GPU_TESTS = Path(__file__).resolve().parents[2] / "tests" / "gpu"
+
 HOST_REGISTER_ALLOC_CONF = "PYTORCH_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 
 
@@ -546,14 +551,37 @@ def recipes(session: StageSession) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- suite
-def suite(session: StageSession) -> None:
-    """The GPU test suite, then ours against Megatron-LM (the stage's arguments go to the comparison)."""
-    if session.knob("SKIP_TESTS") != "1":
-        session.run(
-            ["python3", "-m", "pytest", "-m", "gpu", "-q", "-x", "tests/gpu", "-p", "no:cacheprovider"],
-            log=session.out / "gpu_tests.log",
-            tail=40,
+def gpu_test_files(ignore: tuple[str, ...] = ()) -> list[str]:
+    """``tests/gpu/test_*.py`` as repository paths, in name order, less the file names in ``ignore``."""
+    return [f"tests/gpu/{path.name}" for path in sorted(GPU_TESTS.glob("test_*.py")) if path.name not in ignore]
+
+
+def run_gpu_tests(session: StageSession, ignore: tuple[str, ...] = (), stop_at_failure: bool = False) -> None:
+    """Each GPU test file in its own pytest process (``{out}/gpu_tests_<file>.log``), then one line per file with
+    its exit status in ``{out}/gpu_tests.log``."""
+    lines = []
+    for path in gpu_test_files(ignore):
+        name = Path(path).stem
+        flags = ["-x"] if stop_at_failure else []
+        status = session.run(
+            ["python3", "-m", "pytest", "-m", "gpu", "-q", *flags, path, "-p", "no:cacheprovider"],
+            log=session.out / f"gpu_tests_{name}.log",
+            tail=3,
         )
+        lines.append(f"{path}: exit status {status}")
+    session.write_text(session.out / "gpu_tests.log", "\n".join(lines) + "\n")
+
+
+def gpu_tests(session: StageSession) -> None:
+    """``tests/gpu`` but the checkpoint tests (their own stage), each file in its own process."""
+    run_gpu_tests(session, ignore=("test_checkpoint_resume.py", "test_checkpoint_layouts.py"))
+
+
+def suite(session: StageSession) -> None:
+    """The GPU test suite (each file in its own process), then ours against Megatron-LM (the stage's arguments go
+    to the comparison)."""
+    if session.knob("SKIP_TESTS") != "1":
+        run_gpu_tests(session, stop_at_failure=True)
     if session.knob("SKIP_BENCH") != "1":
         session.run(
             ["python3", "-m", "benchmarks.compare_megatron_lm", "--out-dir", session.out / "bench", *session.args],
