@@ -14,6 +14,14 @@ row runs both sides with the same setting (Megatron-LM's ``--recompute-granulari
 memory of both, plus ``llama-fp8 plan``'s prediction:
 
     python -m benchmarks.compare_megatron_lm --out-dir $OUT --precisions fp8 --recompute none selective full
+
+``--data-path PREFIX`` trains both sides on a corpus instead of mock data (the same samples: same seed and split);
+``--document-masking`` masks documents on both sides (Megatron-LM's ``--dataloader-inter-document-masking``). With
+``--masking-rows`` it measures document masking instead: per precision, Megatron-LM masked, ours masked and ours
+unmasked, one after the other, into ``document_masking_speed.json`` (seconds per step, peak memory, losses):
+
+    python -m benchmarks.compare_megatron_lm --out-dir $OUT --precisions fp8 bf16 --data-path /tmp/real_text \
+        --masking-rows --steps 14 --warmup 6
 """
 
 from __future__ import annotations
@@ -63,8 +71,23 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     return wall
 
 
-def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()) -> dict:
+def _data_flags(args: argparse.Namespace, document_masking: bool | None) -> tuple[str | None, bool]:
+    """The corpus (None: mock data) and whether documents are masked: ``document_masking`` if given, else the run's."""
+    masking = getattr(args, "document_masking", False) if document_masking is None else document_masking
+    return getattr(args, "data_path", None), masking
+
+
+def ours(
+    args: argparse.Namespace,
+    precision: str,
+    out_dir: Path,
+    tag: str = "",
+    extra: Sequence[str] = (),
+    document_masking: bool | None = None,
+) -> dict:
     result_file = out_dir / f"ours_{precision}{tag}.json"
+    data_path, masking = _data_flags(args, document_masking)
+    data = [*(["--data-path", data_path] if data_path else []), *(["--document-masking"] if masking else [])]
     module = [
         "-m",
         "benchmarks.throughput",
@@ -84,6 +107,7 @@ def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "",
         str(args.cp),
         "--out",
         str(result_file),
+        *data,
         *extra,
     ]
     cmd = [*torchrun(args.nproc), *module] if args.nproc > 1 else [sys.executable, *module]
@@ -94,9 +118,15 @@ def ours(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "",
 
 
 def megatron_lm(
-    args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Sequence[str] = ()
+    args: argparse.Namespace,
+    precision: str,
+    out_dir: Path,
+    tag: str = "",
+    extra: Sequence[str] = (),
+    document_masking: bool | None = None,
 ) -> dict:
     log = out_dir / f"megatron_lm_{precision}{tag}.log"
+    data_path, masking = _data_flags(args, document_masking)
     settings = megatron_lm_baseline_env(
         precision=precision,
         nproc=args.nproc,
@@ -105,6 +135,8 @@ def megatron_lm(
         iters=args.steps,
         tp=args.tp,
         cp=args.cp,
+        data_path=data_path,
+        document_masking=masking,
     )
     wall = run(["bash", str(MEGATRON_LM_BASELINE), *extra], {**os.environ, **settings}, log)
     text = log.read_text()
@@ -201,6 +233,61 @@ def compare_recompute(args: argparse.Namespace) -> None:
         )
 
 
+def compare_document_masking(args: argparse.Namespace) -> None:
+    """Per precision: Megatron-LM with document masking, ours with it, ours without, one after the other (so drift on
+    the machine hits all three); ``document_masking_speed.json`` has one row per (precision, masking)."""
+    lm_memory = ["--log-memory-interval", str(args.steps)]  # the report at the last iteration has the run's peak
+    rows = []
+    for precision in args.precisions:
+        theirs = megatron_lm(args, precision, args.out_dir, "_masked", lm_memory, document_masking=True)
+        masked = ours(args, precision, args.out_dir, "_masked", document_masking=True)
+        unmasked = ours(args, precision, args.out_dir, "_unmasked", document_masking=False)
+        for mine, lm in ((masked, theirs), (unmasked, None)):
+            row = {
+                "precision": precision,
+                "masking": mine is masked,
+                "ours_s_per_step": mine["median_step_time_s"],
+                "megatron_lm_s_per_step": lm["median_step_time_s"] if lm else None,
+                "ours_over_megatron_lm": lm["median_step_time_s"] / mine["median_step_time_s"] if lm else None,
+                "ours_tokens_per_s_per_gpu": mine["tokens_per_sec_per_gpu"],
+                "megatron_lm_tokens_per_s_per_gpu": lm["tokens_per_sec_per_gpu"] if lm else None,
+                "ours_peak_gib": mine["peak_memory_gib"],
+                "megatron_lm_peak_gib": lm["peak_memory_gib"] if lm else None,
+                "plan_gib": mine["plan_gib"],
+                "ours_losses": mine["losses"],
+                "megatron_lm_losses": lm["losses"] if lm else None,
+            }
+            rows.append(row)
+        masked_row, unmasked_row = rows[-2], rows[-1]
+        masked_row["masked_s_over_unmasked_s"] = masked_row["ours_s_per_step"] / unmasked_row["ours_s_per_step"]
+        print(
+            f"{precision}: ours masked {masked_row['ours_s_per_step']:.3f} s/step, unmasked "
+            f"{unmasked_row['ours_s_per_step']:.3f} (x{masked_row['masked_s_over_unmasked_s']:.3f}); Megatron-LM "
+            f"masked {masked_row['megatron_lm_s_per_step']:.3f} (ours x{masked_row['ours_over_megatron_lm']:.3f} "
+            "as fast)",
+            flush=True,
+        )
+    summary = {
+        "card": torch.cuda.get_device_name(),
+        "config": {
+            **run_config(args),
+            "data": args.data_path or "mock",
+            "megatron_lm_commit": theirs["commit"],
+            "megatron_lm_flags": "the recipe's (scripts/megatron_lm_baseline.sh) + --dataloader-inter-document-masking",
+        },
+        "rows": rows,
+    }
+    (args.out_dir / "document_masking_speed.json").write_text(json.dumps(summary, indent=2))
+    print("\n| precision | masking | ours s/step | Megatron-LM s/step | ours peak GiB |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        lm_s = "-" if row["megatron_lm_s_per_step"] is None else f"{row['megatron_lm_s_per_step']:.3f}"
+        print(
+            f"| {row['precision']} | {'on' if row['masking'] else 'off'} | {row['ours_s_per_step']:.3f} | {lm_s} | "
+            f"{row['ours_peak_gib']:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -213,10 +300,18 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--recompute", nargs="+", choices=tuple(RECOMPUTE_ROWS), help="compare recompute settings")
+    parser.add_argument("--data-path", help="both sides train on this corpus prefix instead of mock data")
+    parser.add_argument("--document-masking", action="store_true", help="both sides mask documents")
+    parser.add_argument(
+        "--masking-rows", action="store_true", help="measure document masking (document_masking_speed.json)"
+    )
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.recompute:
         compare_recompute(args)
+        return
+    if args.masking_rows:
+        compare_document_masking(args)
         return
 
     rows = []

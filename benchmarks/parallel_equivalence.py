@@ -7,6 +7,7 @@ then checks, as issue 3 asks:
   * FP8: no NaN/Inf over the ``--steps`` (50) steps, and each loss within 3% of the same layout's BF16 loss.
 
     python -m benchmarks.parallel_equivalence --out-dir $OUT/layouts --gpus 4 --fp8
+    python -m benchmarks.parallel_equivalence --out-dir $OUT/masked --gpus 2 --document-masking --only tp2 dp2 pp2
 
 Writes ``equivalence.json`` and one JSON/log per run into ``--out-dir``; exits 1 if any check fails.
 """
@@ -78,6 +79,7 @@ def train(
         "--cp-comm-type", layout.cp_comm_type, "--pp", str(layout.pp), "--out", str(out),
         *(["--vpp", str(layout.vpp)] if layout.vpp else []), *(["--cpu-init"] if cpu_init else []),
         *(["--init-weights", str(init_weights)] if init_weights else []),
+        *(["--document-masking"] if getattr(args, "document_masking", False) else []),
     ]  # fmt: skip
     if layout.gpus > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(layout.gpus)]
@@ -167,6 +169,11 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also run each layout in FP8 and compare with BF16")
     parser.add_argument("--reuse", action="store_true", help="reuse run JSONs already in --out-dir (resume)")
     parser.add_argument("--only", nargs="*", help="layout names to run (default: all that fit --gpus)")
+    parser.add_argument(
+        "--document-masking",
+        action="store_true",
+        help="every run (the one-GPU references too) masks documents; context parallelism refuses it",
+    )
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -11,6 +11,11 @@
     python -m benchmarks.real_text training --real-csv A/metrics.csv --mock-csv B/metrics.csv \
         --corpus-json corpus.json --card "NVIDIA H200" --out RESULTS/real_text_training.json
 
+    # document_masking_training.json and document_masking_val_loss.svg from two `llama-fp8 fit` CSV logs of the same
+    # config on the same corpus, with data.document_masking on and off:
+    python -m benchmarks.real_text masking --masked-csv A/metrics.csv --unmasked-csv B/metrics.csv \
+        --card "NVIDIA H100" --out-dir RESULTS
+
 Peak memory is read from outside the command: the largest resident set of a single process (the kernel's
 accounting, ``wait4``) and the largest sum over the command's process tree (sampled every 0.1 s).
 """
@@ -120,6 +125,9 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     ours = [
         sys.executable, "-m", "lightning_llama_fp8.cli.fit", "preprocess", "--input", str(args.input),
         "--output-prefix", str(ours_prefix), "--workers", str(args.workers), "--overwrite", "--no-progress",
+        # Megatron-LM reads special-token strings in text as control tokens (package sources quote <|eot_id|>,
+        # <|image|>): the byte-identity check compares that mode; the default encodes them as text.
+        "--parse-special-tokens",
     ]  # fmt: skip
     lm_env = {**os.environ, "PYTHONPATH": str(args.megatron_lm)}
     lm = [
@@ -245,6 +253,50 @@ def training(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def masking(args: argparse.Namespace) -> dict[str, Any]:
+    """Both runs' validation curves (and training losses, step times), from their CSV logs."""
+    runs = {"masked": read_metrics(args.masked_csv), "unmasked": read_metrics(args.unmasked_csv)}
+
+    def summary(rows: list[dict[str, str]]) -> dict[str, Any]:
+        step_times = series(rows, "throughput/step_time_s")
+        return {
+            "val_loss": [[step, loss] for step, loss in series(rows, "val/loss")],
+            "val_ppl": [[step, ppl] for step, ppl in series(rows, "val/ppl")],
+            "train_loss": [[step, loss] for step, loss in series(rows, "train/loss")],
+            "step_time_s": steady(step_times, args.skip_steps) if step_times else None,
+            "tokens_per_s": steady(series(rows, "throughput/tokens_per_sec"), args.skip_steps) if step_times else None,
+        }
+
+    result: dict[str, Any] = {"card": args.card, "config": args.config, "steps": args.max_steps}
+    result.update({name: summary(rows) for name, rows in runs.items()})
+    masked, unmasked = result["masked"]["val_loss"], result["unmasked"]["val_loss"]
+    if masked and unmasked:
+        result["final_val_loss"] = {"masked": masked[-1][1], "unmasked": unmasked[-1][1]}
+    if result["masked"]["step_time_s"] and result["unmasked"]["step_time_s"]:
+        result["masked_s_over_unmasked_s"] = result["masked"]["step_time_s"] / result["unmasked"]["step_time_s"]
+    if args.corpus_json:
+        result["corpus"] = json.loads(args.corpus_json.read_text())
+    result["note"] = (
+        "val/loss every val_check_interval steps (Lightning's 0-based step numbers); step time and tokens/s: medians "
+        f"of ThroughputMonitor's windowed values from step {args.skip_steps} on"
+    )
+    return result
+
+
+def masking_chart(result: dict[str, Any]) -> str:
+    from benchmarks.lib.svg_chart import line_chart
+
+    return line_chart(
+        {
+            f"document masking {name}": [(step + 1, loss) for step, loss in result[key]["val_loss"]]
+            for name, key in (("on", "masked"), ("off", "unmasked"))
+        },
+        title=f"Validation loss, {result['config']} on real text ({result['card']})",
+        x_label="training step",
+        y_label="validation loss",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +323,15 @@ def main() -> None:
     train.add_argument("--skip-steps", type=int, default=50)
     train.add_argument("--max-steps", type=int)
     train.add_argument("--out", type=Path, required=True)
+    masked = sub.add_parser("masking", help="document masking on vs off: both validation curves, as JSON and SVG")
+    masked.add_argument("--masked-csv", type=Path, required=True)
+    masked.add_argument("--unmasked-csv", type=Path, required=True)
+    masked.add_argument("--card", required=True)
+    masked.add_argument("--config", default="examples/configs/llama3_1b_text.yaml")
+    masked.add_argument("--corpus-json", type=Path)
+    masked.add_argument("--skip-steps", type=int, default=50)
+    masked.add_argument("--max-steps", type=int)
+    masked.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "corpus":
         max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
@@ -283,6 +344,12 @@ def main() -> None:
         (args.out_dir / "preprocess_speed.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out_dir / "preprocess_speed.md").write_text(speed_table(result))
         print(speed_table(result))
+    elif args.command == "masking":
+        result = masking(args)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "document_masking_training.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out_dir / "document_masking_val_loss.svg").write_text(masking_chart(result))
+        print(json.dumps({name: result[name]["val_loss"] for name in ("masked", "unmasked")}))
     else:
         result = training(args)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

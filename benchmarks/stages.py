@@ -400,11 +400,74 @@ STAGES: tuple[Stage, ...] = (
             "CKPT_STALL_RUNS": "sync async",
             "CKPT_STALL_DIR": "/dev/shm/checkpoint_stall",
             "CKPT_ASYNC_EVERY": "60",
+            "CKPT_ASYNC_SAVES": "2",
         },
-        notes="two saves with the optimizer each, synchronously, then with async_save CKPT_ASYNC_EVERY steps apart: "
-        "blocked s per save, tokens/s during the background write; CKPT_STALL_RUNS: any of sync, async, "
-        "async_host_register; two checkpoints at most, under CKPT_STALL_DIR; ~6 min estimated, 8.9 min measured "
-        "with a third run",
+        notes="two saves with the optimizer each, synchronously, then CKPT_ASYNC_SAVES with async_save "
+        "CKPT_ASYNC_EVERY steps apart: blocked s per save (and how much of it waited for the previous background "
+        "write), each write's s and GiB/s, the shortest save interval that does not wait, tokens/s during the "
+        "background write; CKPT_STALL_RUNS: any of sync, async, async_host_register; two checkpoints at most, under "
+        "CKPT_STALL_DIR; ~6 min estimated, 8.9 min measured with a third run. Issue 30's saves every 8 steps: "
+        "CKPT_STALL_RUNS=async CKPT_ASYNC_EVERY=8 (~2.5 min estimated)",
+    ),
+    Stage(
+        name="reproducibility",
+        gpus=1,
+        purpose="issue 30: two runs, and a resume, bitwise equal? Per default switched, and in deterministic mode",
+        limit_s=CALL_LIMIT_S,
+        steps=(functions.reproducibility,),
+        outputs=(
+            "reproducibility.json",
+            "reproducibility_candidates.json",
+            "reproducibility_cost.json",
+            "reproducibility/process_a.json",
+            "reproducibility/process_b.json",
+            "reproducibility/process_a.log",
+            "reproducibility/process_b.log",
+        ),
+        knobs={"REPRO_CKPT_DIR": "/dev/shm/reproducibility", "REPRO_ARGS": "", "REPRO_COST_LAYERS": "4"},
+        notes="the small Llama of the checkpoint tests (4 layers, seq 2048, GBS 4, FP8 delayed, FP8 weights), 10 "
+        "steps per candidate of benchmarks.lib.reproducibility in two processes (the second in reverse order), the "
+        "two modes also resumed from step 5 (checkpoints under REPRO_CKPT_DIR, 1.7 GB each); REPRO_ARGS: more "
+        "flags of its `run` (--only NAME..., --arch recipe); then Trainer(deterministic=True) against the default "
+        "at the recipe's shapes with REPRO_COST_LAYERS layers (0: not run); ~5 min estimated",
+    ),
+    Stage(
+        name="document-masking",
+        gpus=1,
+        purpose="issue 27: document masking: isolation + as-if-alone on real text, then ours vs Megatron-LM on it",
+        limit_s=CALL_LIMIT_S,
+        steps=(functions.document_masking,),
+        outputs=(
+            "document_masking.json",
+            "document_masking_isolation.json",
+            "document_masking/tests.log",
+            "document_masking/speed/document_masking_speed.json",
+            "document_masking/speed/",
+            "document_masking/corpus.json",
+            "document_masking/real_text.corpus.json",
+        ),
+        knobs={"MASKING_PRECISIONS": "fp8 bf16", "MASKING_STEPS": "14", "MASKING_WARMUP": "6"},
+        notes="tests/gpu/test_document_masking.py (a 4-layer Llama, forward only: BF16, FP8 delayed / blockwise / "
+        "current, FP32), the real-text corpus, then Llama-3-8B layers x4, seq 8192, GBS 8 per precision: Megatron-LM "
+        "--dataloader-inter-document-masking, ours masked, ours unmasked; ~7 min estimated",
+    ),
+    Stage(
+        name="document-masking-training",
+        gpus=1,
+        purpose="issue 27: the 1B text example on real text, document masking on vs off: both validation curves",
+        limit_s=CALL_LIMIT_S,
+        steps=(functions.document_masking_training,),
+        outputs=(
+            "document_masking_training/document_masking_training.json",
+            "document_masking_training/document_masking_val_loss.svg",
+            "document_masking_training/masked.yaml",
+            "document_masking_training/unmasked.yaml",
+            "document_masking_training/fit_masked.stderr",
+            "document_masking_training/fit_unmasked.stderr",
+        ),
+        knobs={"MASKING_TRAIN_STEPS": "300"},
+        notes="the real-text corpus, then examples/configs/llama3_1b_text.yaml (no checkpoints, CSV logs) masked and "
+        "unmasked, MASKING_TRAIN_STEPS steps each with validation every 50; ~8 min estimated",
     ),
     Stage(
         name="suite",

@@ -1,18 +1,22 @@
 """Tokens/s/GPU of this package on the reference recipe's layer shapes (ours side of the comparison).
 
 Runs ``Trainer.fit`` with ``LlamaLightningModule`` + ``MegatronCPStrategy`` + ``TEFP8Precision`` (or BF16)
-on mock data, with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` scaled down exactly as
+on mock data (or a corpus: ``--data-path``), with the flags of Megatron-LM's ``train_llama3_8b_h100_fp8.sh`` scaled
+down exactly as
 ``benchmarks/scripts/megatron_lm_baseline.sh`` scales them, and writes one JSON record.
 
     python -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps 30 --out ours_fp8.json
     torchrun --nproc_per_node 2 -m benchmarks.throughput --cp 2 ...
     python -m benchmarks.throughput --layers 32 --recompute full --optimizer-offload-fraction 0.5 ...
     python -m benchmarks.throughput --steps 160 --save-every 80 --save-mode async --ckpt-dir /tmp/ckpts ...
+    python -m benchmarks.throughput --deterministic ...     # Trainer(deterministic=True): what deterministic mode costs
 
 With ``--save-every N`` a ModelCheckpoint saves every N steps (``save_top_k=1``), synchronously or in the background
 (``--save-mode``), and the record's ``checkpoint`` part has, per save, how long training was blocked (the save call
 plus the finalize step that published it) and the median tokens/s of the steps run during a background write
-relative to the other steps (the ``checkpoint-stall`` stage of ``benchmarks/stages.py``).
+relative to the other steps (the ``checkpoint-stall`` stage of ``benchmarks/stages.py``); with background saves
+also how long each save waited for the previous background write (``waited_for_previous_s``), each write's seconds,
+and the shortest save interval in steps that would not wait.
 
 With ``--allow-oom`` a CUDA out-of-memory error ends the run with a record (``"fits": false``, the peak so far)
 instead of a traceback, for "does this fit?" runs. Every record carries ``plan_gib``, what ``llama-fp8 plan``
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -44,6 +49,7 @@ from lightning.pytorch.loggers import CSVLogger
 from benchmarks.lib.internals import plan_training
 from benchmarks.lib.kernel_profile import StepProfiler
 from lightning_llama_fp8 import (
+    IndexedDataModule,
     LlamaConfig,
     LlamaLightningModule,
     MegatronCPStrategy,
@@ -130,6 +136,7 @@ class CheckpointStall(Callback):
         self._step_start = 0.0
         self._during_write = False
         self._published_s = 0.0
+        self._saver: Any = None  # the strategy's background saver (its timings), kept past the strategy's teardown
 
     def setup(self, trainer: Trainer, pl_module: object, stage: str) -> None:
         strategy: Any = trainer.strategy
@@ -141,6 +148,7 @@ class CheckpointStall(Callback):
             begin = time.perf_counter()
             save(*args, **kwargs)
             seconds = time.perf_counter() - begin
+            self._saver = getattr(getattr(strategy, "checkpointing", None), "async_saver", None) or self._saver
             # torch's pinned host allocator around the save: a first save that allocates (and pins) its host
             # buffers shows here, later saves that reuse them do not.
             host = {k: v - host_before.get(k, 0) for k, v in _host_memory_stats().items()}
@@ -186,6 +194,13 @@ class CheckpointStall(Callback):
         newest = max((f.parent for f in files), key=lambda d: d.stat().st_mtime, default=None)
         for save in self.saves:
             save["blocked_s"] = save["save_call_s"] + save.get("publish_s", 0.0)
+        # Background saves: how long each waited for the write before it (part of its blocked time), and how long
+        # each write took (from the save call's end until a finalize found it done: to within a step).
+        timings = list(getattr(self._saver, "timings", []))
+        for save, timing in zip(self.saves, timings, strict=False):
+            save.update(waited_for_previous_s=timing.waited_for_previous_s, write_s=timing.write_s)
+        writes = [timing.write_s for timing in timings if timing.write_s is not None]
+        step_s = statistics.median(normal) if normal else None
         return {
             "mode": mode,
             "checkpoint_gib": sum(f.stat().st_size for f in files if f.parent == newest) / 2**30,
@@ -199,6 +214,10 @@ class CheckpointStall(Callback):
             if normal and during
             else None,
             "host_reserve": self.host_reserve(pinning, normal),
+            "waited_for_previous_s": [timing.waited_for_previous_s for timing in timings],
+            "write_s": [timing.write_s for timing in timings],
+            # A background save waits for none before it when the saves are at least the longest write apart.
+            "shortest_nonblocking_interval_steps": math.ceil(max(writes) / step_s) if writes and step_s else None,
             "step_times": self.steps,
         }
 
@@ -263,10 +282,21 @@ def main() -> None:
     )
     parser.add_argument("--fp8-attention", action="store_true", help="TEFP8Precision(fp8_attention=True)")
     parser.add_argument(
+        "--data-path",
+        help="train on this corpus (IndexedDataModule, split 99,1,0 as megatron_lm_baseline.sh's DATA_PATH) instead of "
+        "mock data",
+    )
+    parser.add_argument(
+        "--document-masking", action="store_true", help="data.document_masking: each document attends only to itself"
+    )
+    parser.add_argument(
         "--cross-entropy",
         choices=("default", "te", "native"),
         default="default",
         help="LlamaConfig(cross_entropy_fusion_impl=None|'te'|'native'); default: TE's kernel with TE layers",
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="Trainer(deterministic=True): bitwise reproducible, slower"
     )
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: none)")
@@ -339,6 +369,7 @@ def main() -> None:
         logger=CSVLogger(args.log_dir, name="ours") if args.log_dir else False,
         log_every_n_steps=1,
         enable_checkpointing=stall is not None,
+        deterministic=True if args.deterministic else None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -357,8 +388,18 @@ def main() -> None:
         ),
         init_weights=None if args.init_weights is None else str(args.init_weights),
     )
-    data = MockDataModule(
-        seq_length=args.seq, vocab_size=arch.vocab_size, global_batch_size=args.gbs, micro_batch_size=args.mbs
+    data_args: dict[str, Any] = dict(
+        seq_length=args.seq,
+        vocab_size=arch.vocab_size,
+        global_batch_size=args.gbs,
+        micro_batch_size=args.mbs,
+        document_masking=args.document_masking,
+    )
+    # The corpus as Megatron-LM's baseline reads it (same seed and split: the same samples).
+    data = (
+        MockDataModule(**data_args)
+        if args.data_path is None
+        else IndexedDataModule(args.data_path, split="99,1,0", **data_args)
     )
     plan = plan_training(
         arch,
@@ -378,6 +419,8 @@ def main() -> None:
         recompute=recompute,
         optimizer_offload=offload,
         fp8_recipe=args.recipe,
+        document_masking=args.document_masking,
+        fp8_attention=args.fp8_attention,
     )
     memory_settings = {
         "recompute": None if recompute is None else recompute.transformer_config_kwargs(args.layers),
@@ -435,7 +478,11 @@ def main() -> None:
         "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
         "weight_refresh": args.weight_refresh,
         "fp8_attention": args.fp8_attention,
+        "data": args.data_path or "mock",
+        "document_masking": args.document_masking,
         "cross_entropy": arch.cross_entropy_impl,
+        "deterministic": getattr(trainer.strategy, "deterministic_mode", None) is not None
+        and trainer.strategy.deterministic_mode.on,
         "cp_comm_type": args.cp_comm_type,
         "arch": args.arch,
         "lr_scale": args.lr_scale,

@@ -361,10 +361,13 @@ def test_overrides_apply_and_win_over_preset_shape() -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"num_layers": 0}, r"sizes must be >= 1; got num_layers=0"),
-        ({"kv_channels": 0, "make_vocab_size_divisible_by": 0}, r"kv_channels=0, make_vocab_size_divisible_by=0"),
+        ({"num_layers": 0}, r"^LlamaConfig: num_layers must be a whole number >= 1; got 0\.$"),
+        (
+            {"kv_channels": 0, "make_vocab_size_divisible_by": 0},
+            r"kv_channels must be a whole number >= 1; got 0; make_vocab_size_divisible_by must be a whole number",
+        ),
         ({"num_query_groups": 3}, r"num_attention_heads \(32\) must be a multiple of num_query_groups \(3\)"),
-        ({"norm_epsilon": 0.0}, r"norm_epsilon, init_method_std and rope_scaling_factor must be > 0"),
+        ({"norm_epsilon": 0.0}, r"norm_epsilon must be a finite number > 0; got 0\.0"),
     ],
 )
 def test_llama_config_refuses_shapes_megatron_cannot_build(overrides: dict, message: str) -> None:
@@ -433,3 +436,22 @@ def test_a_te_with_the_kernel_runs_tes_cross_entropy(new: str, monkeypatch: pyte
     arch = get_preset("llama_tiny", apply_rope_fusion=False)
     assert arch.cross_entropy_impl == "te"
     assert arch.transformer_config().cross_entropy_fusion_impl == "te"
+
+
+def test_llama_config_numbers_are_what_they_look_like() -> None:
+    """256.7 is refused rather than cut to 256; an integral 256.0 (or "5e5", as PyYAML reads it) is the int."""
+    with pytest.raises(
+        ValueError, match=r"hidden_size must be a whole number >= 1; got 256\.7, which has a fractional"
+    ):
+        LlamaConfig(hidden_size=256.7)
+    arch = LlamaConfig(hidden_size=4096.0, rotary_base="5e5", norm_epsilon="1e-5")
+    assert (arch.hidden_size, arch.rotary_base, arch.norm_epsilon) == (4096, 500000, 1e-5)
+    assert type(arch.hidden_size) is int and type(arch.rotary_base) is int and arch == LlamaConfig()
+    problems = (
+        r"^LlamaConfig: num_layers must be a whole number >= 1; got True \(bool\); "
+        r"seq_length must be a whole number >= 1; got -1; "
+        r"init_method_std must be a finite number > 0; got nan; "
+        r"tie_embeddings must be true or false; got 'false' \(str\)\.$"
+    )
+    with pytest.raises(ValueError, match=problems):  # every problem at once
+        LlamaConfig(num_layers=True, seq_length=-1, init_method_std=float("nan"), tie_embeddings="false")

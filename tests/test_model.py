@@ -3,6 +3,7 @@ and the model it builds."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.model import LlamaLightningModule
 from lightning_llama_fp8.precision import MegatronPrecision
 from lightning_llama_fp8.strategy import MegatronCPStrategy
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import (
     free_port,
 )
@@ -63,12 +65,13 @@ def test_llama_module_installs_the_checkpoint_warning_filter() -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"lr": 0.0}, r"lr must be > 0"),
-        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be in \[0, lr=0.0001\]"),
-        ({"weight_decay": -0.1}, r"weight_decay and clip_grad must be >= 0"),
-        ({"adam_beta2": 1.0}, r"adam_beta1/adam_beta2 must be in \[0, 1\)"),
+        ({"lr": 0.0}, r"lr must be a finite number > 0; got 0\.0"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, r"min_lr must be <= lr \(0\.0001\); got 0\.001"),
+        ({"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0; got -0\.1"),
+        ({"adam_beta2": 1.0}, r"adam_beta2 must be a finite number >= 0 and < 1; got 1\.0"),
         ({"decay_style": "cosin"}, r"decay_style must be one of cosine, linear"),
-        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be in \[0, decoupled_lr\]"),
+        ({"decoupled_lr": 5e-4, "decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be <= decoupled_lr \(0\.0005\)"),
+        ({"decoupled_min_lr": 1e-3}, r"decoupled_min_lr must be <= lr \(0\.0003\); got 0\.001"),
     ],
 )
 def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, message: str) -> None:
@@ -76,6 +79,58 @@ def test_optimizer_settings_refuse_what_megatron_asserts_on(overrides: dict, mes
 
     with pytest.raises(ValueError, match=message):
         OptimizerSettings(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("lr", math.inf, "a finite number > 0"),
+        ("lr", "fast", "a finite number > 0"),
+        ("min_lr", -1e-5, "a finite number >= 0"),
+        ("min_lr", math.nan, "a finite number >= 0"),
+        ("weight_decay", math.nan, "a finite number >= 0"),
+        ("weight_decay", math.inf, "a finite number >= 0"),
+        ("adam_beta1", -0.1, "a finite number >= 0 and <= 1"),
+        ("adam_beta1", math.nan, "a finite number >= 0 and <= 1"),
+        ("adam_beta2", 1.5, "a finite number >= 0 and <= 1"),
+        ("adam_eps", 0.0, "a finite number > 0"),
+        ("adam_eps", math.nan, "a finite number > 0"),
+        ("clip_grad", -1.0, "a finite number >= 0"),
+        ("clip_grad", math.nan, "a finite number >= 0"),
+        ("clip_grad", True, "a finite number >= 0"),
+        ("warmup_steps", 2.5, "a whole number >= 0"),
+        ("warmup_steps", -1, "a whole number >= 0"),
+        ("warmup_steps", True, "a whole number >= 0"),
+        ("decay_steps", 0, "a whole number >= 1"),
+        ("decay_steps", 1000.5, "a whole number >= 1"),
+        ("decay_steps", math.inf, "a whole number >= 1"),
+        ("decoupled_lr", 0.0, "a finite number > 0"),
+        ("decoupled_lr", math.nan, "a finite number > 0"),
+        ("decoupled_min_lr", -1e-6, "a finite number >= 0"),
+    ],
+)
+def test_optimizer_settings_refuse_numbers_that_are_not_what_they_look_like(
+    field: str, value: object, accepted: str
+) -> None:
+    """A warmup of 2.5 steps or a NaN weight decay used to be accepted and reach Megatron's scheduler."""
+    from lightning_llama_fp8 import OptimizerSettings
+
+    with pytest.raises(SettingError, match=rf"^OptimizerSettings: {field} must be {accepted}; got ") as err:
+        OptimizerSettings(**{field: value})
+    assert repr(value) in str(err.value)
+
+
+def test_optimizer_settings_take_whole_numbers_and_numeric_strings_and_report_every_problem() -> None:
+    from lightning_llama_fp8 import OptimizerSettings
+
+    settings = OptimizerSettings(lr="3e-4", warmup_steps=100.0, decay_steps="1e3", clip_grad=0)
+    assert (settings.lr, settings.warmup_steps, settings.decay_steps, settings.clip_grad) == (3e-4, 100, 1000, 0.0)
+    assert type(settings.warmup_steps) is int and type(settings.decay_steps) is int and type(settings.lr) is float
+    with pytest.raises(SettingError) as err:
+        OptimizerSettings(warmup_steps=2.5, weight_decay=math.nan, adam_beta1=1.0)
+    message = str(err.value)
+    for field in ("weight_decay", "adam_beta1", "warmup_steps"):
+        assert f"{field} must be" in message
 
 
 def test_optimizer_schedule_needs_a_length_longer_than_warmup() -> None:
@@ -134,6 +189,7 @@ def test_trainer_builds_megatron_model_from_strategy_and_precision(
             "context_parallel_size": 1,
             "sequence_parallel": False,
             "use_cpu_initialization": True,  # not on a GPU
+            "deterministic_mode": False,  # Trainer(deterministic=...) not set
         }
 
         tiny_module.configure_model()
@@ -196,3 +252,78 @@ def test_module_reads_layout_and_precision_from_trainer(tiny_module: LlamaLightn
     assert config.use_cpu_initialization is True
     assert config.bf16 is True and config.params_dtype is torch.bfloat16
     assert config.num_layers == 2 and config.hidden_size == 256  # the tiny arch
+
+
+# ---------------------------------------------------------------------------------------------- document masking
+def _masked_batch(micro_batch_size: int, num_microbatches: int, seq: int = 64) -> dict[str, Any]:
+    """A DataLoader batch of MockDataModule with document masking (documents of 1 to 4095 tokens: seq 4096 holds
+    several)."""
+    from lightning_llama_fp8.data import MockDataModule
+
+    data = MockDataModule(
+        seq_length=seq, vocab_size=1000, global_batch_size=micro_batch_size * num_microbatches,
+        micro_batch_size=micro_batch_size, train_samples=micro_batch_size * num_microbatches, val_samples=0,
+        num_workers=0, document_masking=True,
+    )  # fmt: skip
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def test_forward_inputs_pack_each_micro_batch_into_one_sequence() -> None:
+    from lightning_llama_fp8.model import forward_inputs
+
+    batch = _masked_batch(micro_batch_size=2, num_microbatches=1, seq=4096)
+    micro = {key: value[0] for key, value in batch.items()}
+    inputs, loss_mask = forward_inputs(micro, cp_group=None)
+    assert set(inputs) == {"input_ids", "position_ids", "attention_mask", "labels", "packed_seq_params"}
+    for key, name in (("tokens", "input_ids"), ("position_ids", "position_ids"), ("labels", "labels")):
+        assert torch.equal(inputs[name], micro[key].reshape(1, 2 * 4096)), key  # sample 0, then sample 1
+    assert torch.equal(loss_mask, micro["loss_mask"].reshape(1, -1)) and inputs["attention_mask"] is None
+    params = inputs["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == list(batch["cu_seqlens"][0])
+    assert len(batch["cu_seqlens"][0]) > 3  # several documents to keep apart
+    lengths = [b - a for a, b in zip(batch["cu_seqlens"][0][:-1], batch["cu_seqlens"][0][1:], strict=True)]
+    assert params.max_seqlen_q == params.max_seqlen_kv == max(lengths)
+    logits_inputs, _ = forward_inputs(micro, cp_group=None, with_labels=False)
+    assert "labels" not in logits_inputs and "packed_seq_params" in logits_inputs
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_schedule_gets_the_packed_shape_and_every_micro_batch_its_documents(
+    tiny_module: LlamaLightningModule, monkeypatch: pytest.MonkeyPatch, masking: bool
+) -> None:
+    """With document masking Megatron's schedule runs [1, mbs x seq] micro batches (the activation shape pipeline
+    stages exchange), and each forward step builds the packed parameters of its own micro batch."""
+    import megatron.core.pipeline_parallel as pipeline_parallel
+    from megatron.core import parallel_state
+
+    import lightning_llama_fp8.model as model_module
+
+    batch = _masked_batch(micro_batch_size=2, num_microbatches=3)
+    if not masking:
+        del batch["cu_seqlens"]
+    calls: list[dict[str, Any]] = []
+    seen: list[dict[str, Any]] = []
+
+    def schedule(**kwargs: Any) -> list[Any]:
+        calls.append(kwargs)
+        for _ in range(kwargs["num_microbatches"]):
+            kwargs["forward_step_func"](kwargs["data_iterator"], lambda **inputs: seen.append(inputs))
+        return []
+
+    monkeypatch.setattr(pipeline_parallel, "get_forward_backward_func", lambda: schedule)
+    monkeypatch.setattr(parallel_state, "get_context_parallel_group", lambda: None)
+    monkeypatch.setattr(model_module, "split_for_context_parallel", lambda micro, group: micro)  # CP 1
+    monkeypatch.setattr(model_module, "reduce_pipeline_loss", lambda reports, device: (torch.ones(()),) * 3)
+    tiny_module.model = torch.nn.Identity()  # one chunk (the schedule above never calls it)
+    tiny_module.forward_backward(batch, forward_only=True)
+    (call,) = calls
+    assert call["num_microbatches"] == 3
+    assert (call["seq_length"], call["micro_batch_size"]) == ((2 * 64, 1) if masking else (64, 2))
+    assert len(seen) == 3
+    for index, inputs in enumerate(seen):
+        if masking:
+            assert inputs["input_ids"].shape == (1, 2 * 64)
+            assert inputs["packed_seq_params"].cu_seqlens_q.tolist() == list(batch["cu_seqlens"][index])
+        else:
+            assert inputs["input_ids"].shape == (2, 64) and "packed_seq_params" not in inputs

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (f"{PACKAGE}.parallel", f"{PACKAGE}.fp8"),
     (f"{PACKAGE}.config",),
     (f"{PACKAGE}.hf.config",),  # Hugging Face config.json read into LlamaConfig's fields (for LlamaConfig.from_hf)
-    (f"{PACKAGE}._compat", f"{PACKAGE}._lazy"),
+    (f"{PACKAGE}._compat", f"{PACKAGE}._lazy", f"{PACKAGE}.storage", f"{PACKAGE}.validate"),
 )
 
 

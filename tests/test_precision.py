@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import enum
 import logging
+import math
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from lightning_llama_fp8.config import get_preset
 from lightning_llama_fp8.fp8.recipes import RECIPES
 from lightning_llama_fp8.fp8.support import FP8UnavailableError
 from lightning_llama_fp8.precision import MegatronPrecision, TEFP8Precision, amax_reduction_group, is_megatron_model
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import REPO_ROOT, free_port
 from tests.helpers.gpus import A100, H100, L40S_CUDA_12_8, Machine, no_gpu
 
@@ -303,12 +305,46 @@ def test_megatron_precision() -> None:
         ({"fp8_format": "e5m2"}, r"Unknown FP8 format 'e5m2': use hybrid or e4m3"),
         ({"fallback": "fp16"}, r"fallback must be None or 'bf16', got 'fp16'"),
         ({"amax_compute_algo": "mean"}, r"Unknown amax_compute_algo 'mean': use max or most_recent"),
-        ({"amax_history_len": 0}, r"amax_history_len must be >= 1, got 0"),
+        ({"amax_history_len": 0}, r"amax_history_len must be a whole number >= 1; got 0\."),
     ],
 )
 def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TEFP8Precision(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "accepted"),
+    [
+        ({"margin": 2.5}, "margin", "a whole number >= 0"),
+        ({"margin": math.nan}, "margin", "a whole number >= 0"),
+        ({"margin": -1}, "margin", "a whole number >= 0"),
+        ({"margin": True}, "margin", "a whole number >= 0"),
+        ({"amax_history_len": 2.5}, "amax_history_len", "a whole number >= 1"),
+        ({"amax_history_len": math.inf}, "amax_history_len", "a whole number >= 1"),
+        ({"recipe": "current", "bf16_first_layers": 1.5}, "bf16_first_layers", "a whole number >= 0"),
+        ({"recipe": "current", "bf16_last_layers": -1}, "bf16_last_layers", "a whole number >= 0"),
+        ({"fp8_param_gather": "false"}, "fp8_param_gather", "true or false"),
+        ({"fp8_attention": 1}, "fp8_attention", "true or false"),
+        ({"fast_weight_refresh": None}, "fast_weight_refresh", "true or false"),
+    ],
+)
+def test_numbers_and_switches_are_what_they_look_like(kwargs: dict[str, Any], setting: str, accepted: str) -> None:
+    """margin=2.5 or NaN, amax_history_len=2.5 used to be accepted and handed to Transformer Engine."""
+    with pytest.raises(SettingError, match=rf"^TEFP8Precision: {setting} must be {accepted}; got ") as err:
+        TEFP8Precision(**kwargs)
+    assert repr(kwargs[setting]) in str(err.value)
+
+
+def test_whole_numbers_from_yaml_are_taken_as_ints() -> None:
+    plugin = TEFP8Precision(margin=1.0, amax_history_len="16")
+    assert (plugin.margin, plugin.amax_history_len) == (1, 16)
+    assert type(plugin.margin) is int and type(plugin.amax_history_len) is int
+    # Still the reference defaults, so another recipe accepts them (DELAYED_DEFAULTS compares values).
+    TEFP8Precision(recipe="current", margin=0.0, amax_history_len=1024.0)  # type: ignore[arg-type]
+    with pytest.raises(SettingError) as err:
+        TEFP8Precision(margin=0.5, amax_history_len=0, fp8_attention="yes")  # every problem at once
+    assert all(f"{name} must be" in str(err.value) for name in ("margin", "amax_history_len", "fp8_attention"))
 
 
 def test_constructor_does_not_probe_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -554,7 +590,7 @@ def test_megatron_also_rejects_bf16_layers_with_delayed() -> None:
 
 @pytest.mark.parametrize("name", ["bf16_first_layers", "bf16_last_layers"])
 def test_negative_bf16_layers_rejected(name: str) -> None:
-    with pytest.raises(ValueError, match=rf"^{name} must be >= 0 \(a number of transformer layers\), got -1\.$"):
+    with pytest.raises(ValueError, match=rf"^TEFP8Precision: {name} must be a whole number >= 0; got -1\.$"):
         TEFP8Precision(recipe="current", **{name: -1})
 
 

@@ -256,6 +256,32 @@ def test_strategy_records_its_layout() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"tensor_model_parallel_size": 2.5}, r"tensor_model_parallel_size must be a whole number >= 1; got 2\.5, wh"),
+        ({"context_parallel_size": 0}, r"context_parallel_size must be a whole number >= 1; got 0\."),
+        ({"pipeline_model_parallel_size": True}, r"pipeline_model_parallel_size must be a whole number >= 1; got True"),
+        (
+            {"virtual_pipeline_model_parallel_size": 2.5},
+            r"virtual_pipeline_model_parallel_size must be a whole number;",
+        ),
+        ({"num_layers_in_first_pipeline_stage": "two"}, r"num_layers_in_first_pipeline_stage must be a whole number;"),
+        ({"bucket_size": 0}, r"bucket_size must be a whole number >= 1; got 0\."),
+        ({"seed": -1}, r"seed must be a whole number >= 0 and <= 4,294,967,295; got -1\."),
+    ],
+)
+def test_strategy_sizes_are_whole_numbers_in_range_when_it_is_made(arguments: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MegatronCPStrategy(**arguments)
+
+
+def test_strategy_takes_integral_floats_as_ints() -> None:
+    strategy = MegatronCPStrategy(tensor_model_parallel_size=2.0, pipeline_model_parallel_size=2.0, seed=7.0)
+    assert strategy.layout == ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert type(strategy.layout.tensor_model_parallel_size) is int and strategy.seed == 7
+
+
 def test_strategy_is_registered_by_name() -> None:
     assert "megatron_cp" in StrategyRegistry
     assert StrategyRegistry["megatron_cp"]["strategy"] is MegatronCPStrategy
@@ -528,3 +554,125 @@ def test_async_save_is_off_by_default() -> None:
 
     assert MegatronCPStrategy().async_save is False
     assert MegatronCPStrategy(async_save=True).pending_checkpoint is None
+
+
+# ---------------------------------------------------------------------------------------------- deterministic mode
+@pytest.fixture
+def torch_determinism(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """PyTorch's deterministic flags and the variables deterministic mode reads, as they were, after the test
+    (``Trainer(deterministic=...)`` changes both process-wide)."""
+    from lightning_llama_fp8.parallel import determinism
+
+    for name in determinism.DETERMINISTIC_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _deterministic_strategy(deterministic: Any, **strategy_kwargs: Any) -> MegatronCPStrategy:
+    strategy = MegatronCPStrategy(**strategy_kwargs)
+    Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], deterministic=deterministic,
+        logger=False,
+    )  # fmt: skip
+    return strategy
+
+
+def _deterministic_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """setup_environment under Trainer(deterministic=True), then the model's TransformerConfig and embedding, then
+    teardown: what each saw of deterministic mode."""
+    from tests.helpers.models import tiny_llama
+
+    watched = ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "NCCL_ALGO", "CUBLAS_WORKSPACE_CONFIG")
+    strategy = _deterministic_strategy(True)
+    strategy.setup_environment()
+    during = {name: os.environ.get(name) for name in watched}
+    arch = tiny_llama()
+    config = arch.transformer_config(**strategy.transformer_config_kwargs())
+    model = arch.build_model(config)
+    strategy.teardown()
+    return {
+        "during": during,
+        "after": {name: os.environ.get(name) for name in watched},
+        "config": config.deterministic_mode,
+        "embedding": model.embedding.word_embeddings.deterministic_mode,
+    }
+
+
+@pytest.mark.multiprocess
+def test_deterministic_trainer_reaches_megatron_and_transformer_engine(tmp_path: Path) -> None:
+    """Trainer(deterministic=True): Megatron's TransformerConfig (and through it the embedding's deterministic
+    backward) and Transformer Engine's attention setting, set before the model is built and given back after."""
+    (result,) = run_distributed(_deterministic_worker, 1, tmp_path)
+    assert result["config"] is True and result["embedding"] is True
+    assert result["during"] == {
+        "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0",
+        "NCCL_ALGO": "^NVLS",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # Lightning's
+    }
+    # What the strategy set is gone again; Lightning's own setting stays, as Lightning leaves it.
+    assert result["after"] == {
+        "NVTE_ALLOW_NONDETERMINISTIC_ALGO": None,
+        "NCCL_ALGO": None,
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
+
+
+def test_default_trainer_leaves_deterministic_mode_off(torch_determinism: None) -> None:
+    strategy = _deterministic_strategy(None)
+    strategy._enter_deterministic_mode()
+    assert strategy.deterministic_mode.on is False
+    assert strategy.transformer_config_kwargs()["deterministic_mode"] is False
+    assert "NVTE_ALLOW_NONDETERMINISTIC_ALGO" not in os.environ and "NCCL_ALGO" not in os.environ
+
+
+def test_deterministic_mode_is_logged_once_per_setup(torch_determinism: None, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _deterministic_strategy(True)
+    with caplog.at_level(logging.INFO):
+        strategy._enter_deterministic_mode()
+    assert caplog.text.count("Deterministic mode: on (Trainer(deterministic=True))") == 1
+    assert "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0" in caplog.text and "NCCL_ALGO=^NVLS" in caplog.text
+    assert strategy.transformer_config_kwargs()["deterministic_mode"] is True
+    strategy._enter_deterministic_mode()  # a second setup (validate after fit) keeps what the first set
+    assert os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] == "0"
+    strategy.teardown()
+    assert "NVTE_ALLOW_NONDETERMINISTIC_ALGO" not in os.environ and "NCCL_ALGO" not in os.environ
+
+
+def test_deterministic_warn_says_what_it_cannot_promise(
+    torch_determinism: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = _deterministic_strategy("warn")
+    with caplog.at_level(logging.INFO):
+        strategy._enter_deterministic_mode()
+    assert strategy.deterministic_mode.on and strategy.deterministic_mode.warn_only
+    assert "Trainer(deterministic=warn)" in caplog.text
+    assert "bitwise reproducible only if no such warning appears" in caplog.text
+    assert os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] == "0"  # the rest of the mode is on all the same
+    strategy.teardown()
+
+
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [
+        ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1", r"NVTE_ALLOW_NONDETERMINISTIC_ALGO=1 lets Transformer Engine run"),
+        ("NCCL_ALGO", "NVLS", r"NCCL_ALGO=NVLS may let NCCL reduce in no fixed order"),
+        ("CUBLAS_WORKSPACE_CONFIG", ":0:0", r"CUBLAS_WORKSPACE_CONFIG=:0:0 is not one of"),
+    ],
+)
+def test_settings_that_contradict_deterministic_mode_are_refused_before_any_process_group(
+    torch_determinism: None, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    from lightning_llama_fp8.parallel.determinism import DeterminismError
+
+    strategy = _deterministic_strategy(True)
+    monkeypatch.setenv(variable, value)  # after the Trainer, which sets CUBLAS_WORKSPACE_CONFIG itself
+    with pytest.raises(DeterminismError, match=message):
+        strategy.setup_environment()
+    assert not torch.distributed.is_initialized()
+    assert os.environ[variable] == value  # nothing changed
+    assert "NCCL_ALGO" not in os.environ or variable == "NCCL_ALGO"

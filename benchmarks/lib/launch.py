@@ -22,10 +22,20 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def megatron_lm_baseline_env(
-    *, precision: str, nproc: int, layers: int, gbs: int, iters: int, tp: int, cp: int
+    *,
+    precision: str,
+    nproc: int,
+    layers: int,
+    gbs: int,
+    iters: int,
+    tp: int,
+    cp: int,
+    data_path: str | None = None,
+    document_masking: bool = False,
 ) -> dict[str, str]:
-    """The environment variables ``megatron_lm_baseline.sh`` reads its run's settings from."""
-    return {
+    """The environment variables ``megatron_lm_baseline.sh`` reads its run's settings from (``data_path`` None: mock
+    data; ``document_masking``: ``--dataloader-inter-document-masking``)."""
+    settings = {
         "PRECISION": precision,
         "NPROC": str(nproc),
         "NUM_LAYERS": str(layers),
@@ -34,6 +44,11 @@ def megatron_lm_baseline_env(
         "TP": str(tp),
         "CP": str(cp),
     }
+    if data_path is not None:
+        settings["DATA_PATH"] = data_path
+    if document_masking:
+        settings["DOCUMENT_MASKING"] = "1"
+    return settings
 
 
 def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path) -> tuple[int, float]:

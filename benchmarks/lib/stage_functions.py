@@ -159,28 +159,7 @@ def real_text(session: StageSession) -> None:
     config on mock data -> ``real_text_training.json``."""
     t = session.out / "real_text"
     session.mkdir(t)
-    site = session.capture(
-        ["python3", "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
-        placeholder="<site-packages>",
-    ).rstrip("\n")
-    session.run(
-        session.words(
-            "python3 -m benchmarks.real_text corpus --root {site} --min-mb 100 --max-mb 200 --out /tmp/real_text.jsonl "
-            "--describe {t}/corpus.json",
-            site=site,
-            t=t,
-        )
-    )
-    code = session.run(
-        session.words(
-            "python3 -m lightning_llama_fp8.cli preprocess --input /tmp/real_text.jsonl --output-prefix /tmp/real_text "
-            "--workers 16 --overwrite"
-        ),
-        log=t / "preprocess.log",
-    )
-    session.say(f"preprocess exit {code}")
-    session.say(_tail(t / "preprocess.log", 2))
-    session.copy(Path("/tmp/real_text.corpus.json"), t / "real_text.corpus.json")
+    real_text_corpus(session, t)
     session.call(write_real_text_configs, t)
     for name in ("real", "mock"):
         code = session.run(
@@ -204,6 +183,40 @@ def real_text(session: StageSession) -> None:
     )
 
 
+#: The real-text corpus (``real_text_corpus``): ``<prefix>.bin`` / ``.idx`` / ``.corpus.json``.
+REAL_TEXT = "/tmp/real_text"
+
+
+def real_text_corpus(session: StageSession, t: Path) -> None:
+    """The real-text corpus at :data:`REAL_TEXT`: every UTF-8 .py/.md/.rst/.txt file of the machine's site-packages
+    (100 to 200 MB, one document per file), tokenized with ``llama-fp8 preprocess``; what went in and the sidecar
+    into ``t``."""
+    site = session.capture(
+        ["python3", "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+        placeholder="<site-packages>",
+    ).rstrip("\n")
+    session.run(
+        session.words(
+            "python3 -m benchmarks.real_text corpus --root {site} --min-mb 100 --max-mb 200 --out {corpus}.jsonl "
+            "--describe {t}/corpus.json",
+            site=site,
+            t=t,
+            corpus=REAL_TEXT,
+        )
+    )
+    code = session.run(
+        session.words(
+            "python3 -m lightning_llama_fp8.cli preprocess --input {corpus}.jsonl --output-prefix {corpus} "
+            "--workers 16 --overwrite",
+            corpus=REAL_TEXT,
+        ),
+        log=t / "preprocess.log",
+    )
+    session.say(f"preprocess exit {code}")
+    session.say(_tail(t / "preprocess.log", 2))
+    session.copy(Path(f"{REAL_TEXT}.corpus.json"), t / "real_text.corpus.json")
+
+
 def write_real_text_configs(t: Path) -> None:
     """The two example configs as a user runs them, minus checkpoints (time), with CSV logs for the summary."""
     import yaml
@@ -218,8 +231,112 @@ def write_real_text_configs(t: Path) -> None:
             "init_args": {"save_dir": f"{t}/{name}_csv", "name": "run"},
         }
         if name == "real":
-            config["data"]["init_args"].update(data_path=["/tmp/real_text"], path_to_cache="/tmp/real_text_cache")
+            config["data"]["init_args"].update(data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache")
         (t / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- document masking
+def document_masking(session: StageSession) -> None:
+    """Issue 27 in one call: the isolation and equivalence test on real documents (its record lands in OUT), the real
+    corpus, then per precision Megatron-LM masked, ours masked and ours unmasked on it; ``document_masking.json``."""
+    d = session.out / "document_masking"
+    session.mkdir(d)
+    session.run(
+        session.words("python3 -m pytest -m gpu -q tests/gpu/test_document_masking.py -p no:cacheprovider"),
+        log=d / "tests.log",
+        tail=3,
+    )
+    real_text_corpus(session, d)
+    session.run(
+        session.words(
+            "python3 -m benchmarks.compare_megatron_lm --out-dir {d}/speed --precisions {*MASKING_PRECISIONS} "
+            "--data-path {corpus} --masking-rows --layers 4 --gbs 8 --steps {MASKING_STEPS} --warmup {MASKING_WARMUP}",
+            d=d,
+            corpus=REAL_TEXT,
+        ),
+        log=d / "speed.log",
+        tail=8,
+    )
+    session.call(
+        summarize_document_masking,
+        session.out / "document_masking_isolation.json",
+        d / "speed" / "document_masking_speed.json",
+        session.out / "document_masking.json",
+    )
+
+
+def summarize_document_masking(isolation_path: Path, speed_path: Path, summary_path: Path) -> None:
+    """``document_masking.json``: the isolation and equivalence numbers of the GPU test and the speed rows, with the
+    card each came from (one call: the same card)."""
+    isolation = json.loads(isolation_path.read_text()) if isolation_path.is_file() else {}
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
+    bitwise = {name: run for name, run in isolation.get("isolation", {}).items() if name != "fp8_current"}
+    keep = ("precision", "masking", "ours_s_per_step", "megatron_lm_s_per_step", "ours_over_megatron_lm",
+            "masked_s_over_unmasked_s", "ours_peak_gib", "megatron_lm_peak_gib", "plan_gib")  # fmt: skip
+    summary = {
+        "card": speed.get("card") or isolation.get("card"),
+        "isolation_max_abs_diff": max((run["other_documents_max_abs_diff"] for run in bitwise.values()), default=None),
+        "isolation_by_precision": isolation.get("isolation"),
+        "alone_vs_packed_max_abs_diff": isolation.get("alone_vs_packed_max_abs_diff"),
+        "bf16_vs_fp32_alone_max_abs_diff": isolation.get("bf16_vs_fp32_alone_max_abs_diff"),
+        "documents": isolation.get("documents"),
+        "rows": [{key: row.get(key) for key in keep} for row in speed.get("rows", [])],
+        "speed_config": speed.get("config"),
+        "isolation_card": isolation.get("card"),
+        "note": "isolation_max_abs_diff: over BF16 and the FP8 recipes with per-token or fixed scales (delayed, "
+        "blockwise); FP8 current scaling shares one per-tensor scale over all documents (isolation_by_precision). "
+        "Rows: s/step medians after the warm-up steps, the same corpus for both sides.",
+    }
+    _write_summary(summary_path, summary)
+
+
+def document_masking_training(session: StageSession) -> None:
+    """Issue 27: the 1B text example on the real corpus with document masking on and off, MASKING_TRAIN_STEPS steps
+    each with validation every 50; both validation curves as JSON and SVG."""
+    d = session.out / "document_masking_training"
+    session.mkdir(d)
+    real_text_corpus(session, d)
+    session.call(write_document_masking_configs, d, int(session.knob("MASKING_TRAIN_STEPS")))
+    for name in ("masked", "unmasked"):
+        code = session.run(
+            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
+            stdout=d / f"fit_{name}.stdout",
+            stderr=d / f"fit_{name}.stderr",
+        )
+        session.say(f"fit {name} exit {code}")
+        session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
+    card = session.capture(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
+    ).rstrip("\n")
+    session.run(
+        session.words(
+            "python3 -m benchmarks.real_text masking --masked-csv {d}/masked_csv/run/version_0/metrics.csv "
+            "--unmasked-csv {d}/unmasked_csv/run/version_0/metrics.csv --corpus-json {d}/corpus.json "
+            "--max-steps {MASKING_TRAIN_STEPS} --card {card} --out-dir {d}",
+            d=d,
+            card=card,
+        )
+    )
+
+
+def write_document_masking_configs(d: Path, steps: int) -> None:
+    """The 1B text example as a user runs it on the real corpus, masked and unmasked: no checkpoints (time), CSV
+    logs, validation every 50 steps."""
+    import yaml
+
+    for name, masking in (("masked", True), ("unmasked", False)):
+        config = yaml.safe_load(Path("examples/configs/llama3_1b_text.yaml").read_text())
+        trainer = config["trainer"]
+        trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
+        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": f"{d}/{name}_csv", "name": "run"},
+        }
+        config["data"]["init_args"].update(
+            data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache", document_masking=masking
+        )
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint-stall
@@ -232,6 +349,7 @@ def checkpoint_stall(session: StageSession) -> None:
     # counts as blocked). /dev/shm (RAM) by default: the measured machine's disk held one checkpoint only.
     checkpoints = Path(session.knob("CKPT_STALL_DIR"))
     every = int(session.knob("CKPT_ASYNC_EVERY"))
+    saves = int(session.knob("CKPT_ASYNC_SAVES"))
     for run in session.knob("CKPT_STALL_RUNS").split():
         session.remove_tree(checkpoints)  # one run's checkpoints at a time: the disk holds two of them at most
         if run == "sync":
@@ -246,7 +364,7 @@ def checkpoint_stall(session: StageSession) -> None:
                 "env {*env} python3 -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps {steps} "
                 "--warmup 6 --save-every {every} --save-mode async --ckpt-dir {checkpoints}/async --out {c}/{run}.json",
                 env=[HOST_REGISTER_ALLOC_CONF] if run == "async_host_register" else [],
-                steps=str(2 * every),
+                steps=str(saves * every),
                 every=str(every),
                 checkpoints=checkpoints,
                 c=c,
@@ -286,9 +404,91 @@ def summarize_checkpoint_stall(c: Path, summary_path: Path) -> None:
                 "exit_wait_s": checkpoint["exit_wait_s"],
                 "saves": checkpoint["saves"],
                 "host_reserve": checkpoint.get("host_reserve"),  # the pinning ahead of the first async save
+                # Async: the part of each save's block that waited for the previous background write, each write's
+                # seconds, its speed, and the save interval that would not have waited.
+                "waited_for_previous_s_per_save": checkpoint.get("waited_for_previous_s"),
+                "write_s_per_save": checkpoint.get("write_s"),
+                "write_gib_per_s": _write_speed(checkpoint),
+                "shortest_nonblocking_interval_steps": checkpoint.get("shortest_nonblocking_interval_steps"),
             }
         )
     _write_summary(summary_path, {"card": card, "rows": rows})
+
+
+def _write_speed(checkpoint: dict[str, Any]) -> float | None:
+    """GiB/s of the background writes: the checkpoint's size over the median write time (None: no write timed)."""
+    writes = [seconds for seconds in checkpoint.get("write_s") or [] if seconds]
+    return checkpoint["checkpoint_gib"] / statistics.median(writes) if writes else None
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+#: The repro processes' environment: PyTorch checks the cuBLAS workspace setting of its deterministic mode once per
+#: process, at the first GEMM, so it is set from the start for every run (a script with Trainer(deterministic=True)
+#: has it before its first GEMM too); Transformer Engine logs which attention backend each selection picked.
+REPRO_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_DEBUG": "1", "NVTE_DEBUG_LEVEL": "1"}
+
+
+def reproducibility(session: StageSession) -> None:
+    """Issue 30: the candidates of ``benchmarks.lib.reproducibility`` in two processes (the second in reverse order),
+    compared bitwise; then deterministic mode against the default at the recipe's shapes (seconds per step)."""
+    r = session.out / "reproducibility"
+    session.mkdir(r)
+    checkpoints = Path(session.knob("REPRO_CKPT_DIR"))
+    records = []
+    for process, order in (("a", []), ("b", ["--reverse"])):
+        log = r / f"process_{process}.log"
+        records.append(r / f"process_{process}.json")
+        code = session.run(
+            session.words(
+                "python3 -m benchmarks.lib.reproducibility run --process {process} {*order} --ckpt-dir {ckpt} "
+                "--out {record} {*REPRO_ARGS}",
+                process=process,
+                order=order,
+                ckpt=checkpoints / process,
+                record=records[-1],
+            ),
+            env=REPRO_ENV,
+            log=log,
+        )
+        session.say(f"process {process} exit {code}")
+        session.say(_grep(log, r"Running with|^\[[ab]\] "))
+    session.remove_tree(checkpoints)
+    session.run(["python3", "-m", "benchmarks.lib.reproducibility", "summarize", *records, "--out-dir", session.out])
+    layers = session.knob("REPRO_COST_LAYERS")
+    session.note("only when REPRO_COST_LAYERS is not 0: the cost of deterministic mode at the recipe's shapes")
+    if layers != "0":
+        for name, flags in (("default", []), ("deterministic", ["--deterministic"])):
+            code = session.run(
+                session.words(
+                    "python3 -m benchmarks.throughput --precision fp8 --layers {layers} --gbs 8 --steps 12 --warmup 5 "
+                    "{*flags} --out {r}/cost_{name}.json",
+                    layers=layers,
+                    flags=flags,
+                    r=r,
+                    name=name,
+                ),
+                log=r / f"cost_{name}.log",
+            )
+            session.say(f"cost {name} exit {code}")
+        session.call(summarize_deterministic_cost, r, session.out / "reproducibility_cost.json")
+
+
+def summarize_deterministic_cost(r: Path, summary_path: Path) -> None:
+    """``reproducibility_cost.json``: s/step and tokens/s of the default and of deterministic mode at the recipe's
+    shapes, their ratio, and the losses of both (what deterministic mode changes in the numbers)."""
+    runs = {name: json.loads((r / f"cost_{name}.json").read_text()) for name in ("default", "deterministic")
+            if (r / f"cost_{name}.json").is_file()}  # fmt: skip
+    default, deterministic = runs.get("default"), runs.get("deterministic")
+    keys = ("median_step_time_s", "tokens_per_sec_per_gpu", "peak_memory_gib", "deterministic", "losses")
+    summary = {
+        "card": next((run.get("device") for run in runs.values()), None),
+        "shapes": "Llama-3-8B layers (recipe), seq 8192, MBS 1, GBS 8, FP8 delayed, FP8 weights",
+        "runs": {name: {key: run.get(key) for key in keys} for name, run in runs.items()},
+        "deterministic_over_default_s_per_step": deterministic["median_step_time_s"] / default["median_step_time_s"]
+        if default and deterministic
+        else None,
+    }
+    _write_summary(summary_path, summary)
 
 
 # ---------------------------------------------------------------------------------------------- speed-1

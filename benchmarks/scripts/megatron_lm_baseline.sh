@@ -35,6 +35,10 @@
 #   WARMUP_ITERS     LR warm-up iterations  [2]
 #   TP, CP           tensor / context parallel sizes [1, 1]
 #   FP8_RECIPE       TE FP8 recipe          [delayed] (the recipe's default)
+#   DATA_PATH        corpus prefix (<prefix>.bin/.idx, e.g. from `llama-fp8 preprocess`) instead of mock
+#                    data, split 99,1,0, read with the same NullTokenizer vocabulary      [unset: mock data]
+#   DATA_CACHE_PATH  where Megatron-LM caches that corpus's sample index [/tmp/megatron_lm_index_cache]
+#   DOCUMENT_MASKING 1: --dataloader-inter-document-masking (each document attends only to itself) [0]
 #   MASTER_ADDR, MASTER_PORT                [127.0.0.1, 29500]
 #   TORCHRUN         launcher command       [torchrun, else python3 -m torch.distributed.run]
 # Any extra arguments are passed through to pretrain_gpt.py (later flags win).
@@ -67,6 +71,9 @@ WARMUP_ITERS="${WARMUP_ITERS:-2}"
 TP="${TP:-1}"
 CP="${CP:-1}"
 FP8_RECIPE="${FP8_RECIPE:-delayed}"
+DATA_PATH="${DATA_PATH:-}"
+DATA_CACHE_PATH="${DATA_CACHE_PATH:-/tmp/megatron_lm_index_cache}"
+DOCUMENT_MASKING="${DOCUMENT_MASKING:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
@@ -185,6 +192,27 @@ DATA_ARGS=(
     --no-mmap-bin-files
     --num-workers 1
 )
+# A corpus instead: the same tokenizer settings (ids are read as they are; the NullTokenizer's vocabulary sizes the
+# model), its sample index cached outside the corpus's folder.
+if [[ -n "${DATA_PATH}" ]]; then
+    DATA_ARGS=(
+        --data-path "${DATA_PATH}"
+        --data-cache-path "${DATA_CACHE_PATH}"
+        --tokenizer-type NullTokenizer
+        --vocab-size 128256
+        --split "99,1,0"
+        --no-create-attention-mask-in-dataloader
+        --num-workers 1
+    )
+fi
+case "${DOCUMENT_MASKING}" in
+    1) DATA_ARGS+=(--dataloader-inter-document-masking) ;;
+    0) ;;
+    *)
+        echo "error: DOCUMENT_MASKING must be 0 or 1, got '${DOCUMENT_MASKING}'" >&2
+        exit 2
+        ;;
+esac
 
 # Log every iteration with throughput; no evaluation, no checkpoints
 # (no --save/--load), no TensorBoard/W&B, no profiler.
@@ -204,7 +232,8 @@ else
     COMMIT=unknown
 fi
 echo "[megatron_lm_baseline] dir=${MEGATRON_LM_DIR} commit=${COMMIT}" \
-     "precision=${PRECISION} nproc=${NPROC} layers=${NUM_LAYERS} gbs=${GBS} iters=${ITERS} tp=${TP} cp=${CP}"
+     "precision=${PRECISION} nproc=${NPROC} layers=${NUM_LAYERS} gbs=${GBS} iters=${ITERS} tp=${TP} cp=${CP}" \
+     "data=${DATA_PATH:-mock} document_masking=${DOCUMENT_MASKING}"
 
 exec "${LAUNCHER[@]}" "${LAUNCH_ARGS[@]}" "${MEGATRON_LM_DIR}/pretrain_gpt.py" \
     "${MODEL_ARGS[@]}" \

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_llama_fp8.validate import SettingError, as_bool, as_float, as_int
+
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
@@ -48,6 +50,18 @@ def te_cross_entropy_support() -> tuple[bool, str | None]:
         return Version(installed) >= Version(TE_CROSS_ENTROPY_MIN_VERSION), installed
     except InvalidVersion:
         return False, installed
+
+
+#: LlamaConfig's whole-number fields, each >= 1.
+SIZE_FIELDS: tuple[str, ...] = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                "num_query_groups", "kv_channels", "vocab_size", "seq_length", "rotary_base",
+                                "make_vocab_size_divisible_by")  # fmt: skip
+#: LlamaConfig's real-valued fields, each finite and > 0.
+POSITIVE_REAL_FIELDS: tuple[str, ...] = ("rope_scaling_factor", "norm_epsilon", "init_method_std")
+#: LlamaConfig's true/false fields.
+SWITCH_FIELDS: tuple[str, ...] = ("rope_scaling", "tie_embeddings", "zero_centered_gamma", "cross_entropy_fusion",
+                                  "apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion",
+                                  "bias_dropout_fusion")  # fmt: skip
 
 
 @dataclass
@@ -102,21 +116,12 @@ class LlamaConfig:
     bias_dropout_fusion: bool = True
 
     def __post_init__(self) -> None:
-        sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "kv_channels", "vocab_size", "seq_length", "rotary_base", "make_vocab_size_divisible_by")  # fmt: skip
-        not_positive = [f"{name}={getattr(self, name)!r}" for name in sizes if getattr(self, name) < 1]
-        if not_positive:
-            raise ValueError(f"LlamaConfig sizes must be >= 1; got {', '.join(not_positive)}.")
+        self._check_numbers()
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_query_groups "
                 f"({self.num_query_groups}): grouped-query attention shares each key/value head among "
                 "num_attention_heads / num_query_groups query heads."
-            )
-        if self.norm_epsilon <= 0 or self.init_method_std <= 0 or self.rope_scaling_factor <= 0:
-            raise ValueError(
-                "norm_epsilon, init_method_std and rope_scaling_factor must be > 0; got "
-                f"{self.norm_epsilon}, {self.init_method_std}, {self.rope_scaling_factor}."
             )
         if self.transformer_impl not in ("transformer_engine", "local"):
             raise ValueError(f"transformer_impl must be transformer_engine or local, got {self.transformer_impl!r}.")
@@ -142,6 +147,29 @@ class LlamaConfig:
                 "zero_centered_gamma needs transformer_impl='transformer_engine' (Megatron-Core's local spec builds "
                 "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
             )
+
+    def _check_numbers(self) -> None:
+        """Every number and switch is what it looks like (``validate``'s rules): sizes whole numbers >= 1 (an integral
+        ``256.0`` from YAML is stored as 256; ``256.7`` is refused, not cut to 256), the real-valued fields finite and
+        > 0, switches true or false. All problems are reported at once, each with the field, the value and the range."""
+        problems = []
+        for name in SIZE_FIELDS:
+            try:
+                setattr(self, name, as_int(getattr(self, name), name, at_least=1))
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+        for name in POSITIVE_REAL_FIELDS:
+            try:
+                setattr(self, name, as_float(getattr(self, name), name, above=0))
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+        for name in SWITCH_FIELDS:
+            try:
+                as_bool(getattr(self, name), name)
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+        if problems:
+            raise SettingError("LlamaConfig: " + "; ".join(problems) + ".")
 
     @property
     def cross_entropy_impl(self) -> Literal["te", "native", "unfused"]:

@@ -22,10 +22,13 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.data import packing
+from lightning_llama_fp8.data.base import BATCH_KEYS, CU_SEQLENS_KEY
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.groups import data_parallel_size_and_rank
 from lightning_llama_fp8.parallel.pipeline import build_model_chunks, chunk_data_iterators, reduce_pipeline_loss
 from lightning_llama_fp8.precision import MegatronPrecision
+from lightning_llama_fp8.validate import SettingError, as_float, as_int, as_optional_int
 
 Batch = dict[str, Tensor]
 
@@ -55,26 +58,48 @@ class OptimizerSettings:
     decay_style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
 
     def __post_init__(self) -> None:
-        problems = []
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if not 0 <= self.min_lr <= self.lr:
-            problems.append(f"min_lr must be in [0, lr={self.lr}] (got {self.min_lr})")
-        if self.decoupled_lr is not None and not self.decoupled_lr > 0:
-            problems.append(f"decoupled_lr must be > 0 (got {self.decoupled_lr})")
-        if self.decoupled_min_lr is not None and not 0 <= self.decoupled_min_lr <= (self.decoupled_lr or self.lr):
-            problems.append(f"decoupled_min_lr must be in [0, decoupled_lr] (got {self.decoupled_min_lr})")
-        if self.weight_decay < 0 or self.clip_grad < 0 or not self.adam_eps > 0:
-            problems.append("weight_decay and clip_grad must be >= 0 and adam_eps > 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            problems.append(f"adam_beta1/adam_beta2 must be in [0, 1) (got {self.adam_beta1}, {self.adam_beta2})")
-        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
-            problems.append("warmup_steps must be >= 0 and decay_steps None or >= 1")
+        """Every number is what it looks like (``validate``'s rules: ``warmup_steps: 100.0`` from YAML is 100;
+        ``2.5``, NaN and infinities are refused), then the ranges Megatron asserts on. All problems are reported at
+        once, each naming the field, the value and what it accepts."""
+        problems: list[str] = []
+
+        def check(name: str, parse: Any, **accepted: Any) -> bool:
+            """Store field ``name`` as ``parse`` reads it; False (and the problem noted) if refused."""
+            try:
+                setattr(self, name, parse(getattr(self, name), name, **accepted))
+                return True
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+                return False
+
+        def optional_float(value: Any, name: str, **accepted: Any) -> float | None:
+            return None if value is None else as_float(value, name, **accepted)
+
+        lr_ok = check("lr", as_float, above=0)
+        if check("min_lr", as_float, at_least=0) and lr_ok and self.min_lr > self.lr:
+            problems.append(f"min_lr must be <= lr ({self.lr:g}); got {self.min_lr!r}")
+        decoupled_ok = check("decoupled_lr", optional_float, above=0)
+        peak, peak_name = (self.lr, "lr") if self.decoupled_lr is None else (self.decoupled_lr, "decoupled_lr")
+        if (
+            check("decoupled_min_lr", optional_float, at_least=0)
+            and self.decoupled_min_lr is not None
+            and (lr_ok if self.decoupled_lr is None else decoupled_ok)
+            and self.decoupled_min_lr > peak
+        ):
+            problems.append(f"decoupled_min_lr must be <= {peak_name} ({peak:g}); got {self.decoupled_min_lr!r}")
+        check("weight_decay", as_float, at_least=0)
+        check("clip_grad", as_float, at_least=0)  # 0: no clipping (Megatron clips only when > 0)
+        check("adam_eps", as_float, above=0)
+        for beta in ("adam_beta1", "adam_beta2"):  # [0, 1): a beta of 1 never forgets and never updates the moment
+            if check(beta, as_float, at_least=0, at_most=1) and getattr(self, beta) == 1:
+                problems.append(f"{beta} must be a finite number >= 0 and < 1; got {getattr(self, beta)!r}")
+        check("warmup_steps", as_int, at_least=0)
+        check("decay_steps", as_optional_int, at_least=1)
         styles = ("cosine", "linear", "constant", "inverse-square-root")
         if self.decay_style not in styles:
-            problems.append(f"decay_style must be one of {', '.join(styles)} (got {self.decay_style!r})")
+            problems.append(f"decay_style must be one of {', '.join(styles)}; got {self.decay_style!r}")
         if problems:
-            raise ValueError("OptimizerSettings: " + "; ".join(problems) + ".")
+            raise SettingError("OptimizerSettings: " + "; ".join(problems) + ".")
 
     def check_schedule(self, max_steps: int) -> int:
         """The decay length for a run of ``max_steps``; raises if warmup does not end before the decay does."""
@@ -277,8 +302,11 @@ class LlamaLightningModule(LightningModule):
         if self.val_loss.update_count == 0:
             return
         val_loss = self.val_loss.compute()
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
+        # Every rank holds the same value (each batch's loss is reduced over all ranks), which Lightning cannot tell
+        # from a per-rank one: it warns at every validation unless the value is synced. The sync takes the max over
+        # equal values (exact, unlike a mean: one small all-reduce per validation).
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True, reduce_fx="max")
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=True, reduce_fx="max")
         self.val_loss.reset()
 
     # ------------------------------------------------------------------ megatron schedule
@@ -292,6 +320,10 @@ class LlamaLightningModule(LightningModule):
 
         num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
         micro_batches = [{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)]
+        if CU_SEQLENS_KEY in batch:
+            # Document masking: each micro batch runs as one packed sequence ([1, mbs * seq], see forward_inputs),
+            # which is the activation shape pipeline stages send each other.
+            seq_length, micro_batch_size = micro_batch_size * seq_length, 1
         chunks = self.model_chunks
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -310,16 +342,12 @@ class LlamaLightningModule(LightningModule):
         return loss_sum, num_tokens
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Tensor, Any]:
+        """Megatron's forward step: this micro batch's inputs (every pipeline stage reads its own copy of the micro
+        batch, document boundaries included), the model's per-token losses, and the loss function."""
         from megatron.core import parallel_state
 
-        micro_batch = split_for_context_parallel(next(data_iterator), parallel_state.get_context_parallel_group())
-        output = model(
-            input_ids=micro_batch["tokens"],
-            position_ids=micro_batch["position_ids"],
-            attention_mask=None,
-            labels=micro_batch["labels"],
-        )
-        return output, partial(masked_token_loss, micro_batch["loss_mask"])
+        inputs, loss_mask = forward_inputs(next(data_iterator), parallel_state.get_context_parallel_group())
+        return model(**inputs), partial(masked_token_loss, loss_mask)
 
     # ------------------------------------------------------------------ logging
     def _log_train_step(self, loss: Tensor, grad_norm: float | None, batch: Batch, optimizer: Any) -> None:
@@ -357,6 +385,42 @@ def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor,
     num_tokens = mask.sum().detach().to(torch.int)
     report = torch.stack([loss.detach(), num_tokens.to(loss.dtype)])
     return loss, num_tokens, {"lm loss": report}
+
+
+def forward_inputs(micro_batch: Batch, cp_group: Any, with_labels: bool = True) -> tuple[dict[str, Any], Tensor]:
+    """GPTModel's keyword arguments for one micro batch (``[micro_batch_size, seq]`` tensors), and its loss mask.
+
+    Without document boundaries: the batch as it is, this CP rank's share of it. With them (document masking,
+    ``data/packing.py``): the micro batch's samples laid end to end as one packed sequence ``[1, mbs * seq]``, whose
+    ``PackedSeqParams`` make attention run per document and RoPE restart per document; the loss mask is laid out
+    the same way, so the per-token losses line up. ``with_labels=False`` leaves the labels out: the model then
+    returns logits (``[1, mbs * seq, vocab]`` packed).
+    """
+    boundaries = micro_batch.get(CU_SEQLENS_KEY)
+    if boundaries is None:
+        micro_batch = split_for_context_parallel(micro_batch, cp_group)
+        flat = micro_batch
+        packed = None
+    else:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size(cp_group) > 1:
+            # data.document_masking refuses context parallelism before anything is built; this is a safety net for a
+            # batch built elsewhere.
+            raise ValueError(
+                "Document masking (a batch with document boundaries) cannot run with context parallelism: "
+                + packing.document_masking_problems(context_parallel_size=torch.distributed.get_world_size(cp_group))[0]
+            )
+        flat = {key: micro_batch[key].reshape(1, -1) for key in BATCH_KEYS}
+        packed = packing.packed_seq_params(boundaries, flat["tokens"].device)
+    inputs: dict[str, Any] = {
+        "input_ids": flat["tokens"],
+        "position_ids": flat["position_ids"],
+        "attention_mask": None,
+    }
+    if with_labels:
+        inputs["labels"] = flat["labels"]
+    if packed is not None:
+        inputs["packed_seq_params"] = packed
+    return inputs, flat["loss_mask"]
 
 
 def split_for_context_parallel(micro_batch: Batch, cp_group: Any) -> Batch:

@@ -45,6 +45,7 @@ from lightning_llama_fp8.fp8.recipes import (
     resolve_recipe,
 )
 from lightning_llama_fp8.fp8.support import FP8UnavailableError, fp8_support
+from lightning_llama_fp8.validate import SettingError, as_bool, as_int
 
 # The documented paths lightning_llama_fp8.precision.fp8_support / FP8UnavailableError / RECIPES / check_bf16_layers.
 __all__ = [
@@ -124,16 +125,16 @@ class TEFP8Precision(MegatronPrecision):
 
     ``tensorwise`` (Megatron's name for current scaling) is accepted and resolves to ``current``. Combinations
     that Megatron or Transformer Engine reject (BF16 layers with delayed scaling, FP8 attention with blockwise
-    scaling, delayed-scaling settings with another recipe, negative layer counts) raise ``ValueError`` here,
-    when the plugin is built; a machine that cannot run the recipe raises :class:`FP8UnavailableError` naming
-    the missing capability and the recipes that would work. Once the check passes, :meth:`describe` is logged
-    once on global rank zero.
+    scaling, delayed-scaling settings with another recipe, counts that are negative or not whole numbers) raise
+    ``ValueError`` here, when the plugin is built; a machine that cannot run the recipe raises
+    :class:`FP8UnavailableError` naming the missing capability and the recipes that would work. Once the check
+    passes, :meth:`describe` is logged once on global rank zero.
 
     Args:
         recipe: ``delayed``, ``current`` (alias ``tensorwise``), ``blockwise`` or ``mxfp8`` (see above).
         fp8_format: ``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3``.
-        margin: delayed scaling only: scale = 2^-margin * fp8_max / amax.
-        amax_history_len: delayed scaling only: the amax history length.
+        margin: delayed scaling only: scale = 2^-margin * fp8_max / amax (a whole number >= 0).
+        amax_history_len: delayed scaling only: the amax history length (>= 1).
         amax_compute_algo: delayed scaling only: ``max`` or ``most_recent`` over the amax history.
         fp8_param_gather: keep TE weights in FP8 and all-gather them in FP8 (Megatron-LM ``--fp8-param-gather``).
         bf16_first_layers: keep this many transformer layers at the start of the model in BF16
@@ -188,6 +189,7 @@ class TEFP8Precision(MegatronPrecision):
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         """Reject what Megatron or TE would refuse (or silently ignore), before the strategy starts anything."""
+        self._validate_numbers()
         if self.fp8_format not in ("hybrid", "e4m3"):
             raise ValueError(f"Unknown FP8 format {self.fp8_format!r}: use hybrid or e4m3.")
         if self.fallback not in (None, "bf16"):
@@ -196,11 +198,28 @@ class TEFP8Precision(MegatronPrecision):
         self._validate_bf16_layers()
         self._validate_fp8_attention()
 
+    def _validate_numbers(self) -> None:
+        """Counts are whole numbers in range and switches true or false (``validate``'s rules: ``margin: 2.0`` from
+        YAML is 2; ``2.5``, NaN or ``"false"`` are refused instead of reaching TE); all problems at once."""
+        problems = []
+        # margin >= 0: a negative one would set scales above fp8_max / amax, saturating the largest values.
+        counts = {"margin": 0, "amax_history_len": 1, "bf16_first_layers": 0, "bf16_last_layers": 0}
+        for name, at_least in counts.items():
+            try:
+                setattr(self, name, as_int(getattr(self, name), name, at_least=at_least))
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+        for name in ("fp8_param_gather", "fp8_attention", "fast_weight_refresh"):
+            try:
+                as_bool(getattr(self, name), name)
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
+        if problems:
+            raise SettingError("TEFP8Precision: " + "; ".join(problems) + ".")
+
     def _validate_delayed_settings(self) -> None:
         if self.amax_compute_algo not in ("max", "most_recent"):
             raise ValueError(f"Unknown amax_compute_algo {self.amax_compute_algo!r}: use max or most_recent.")
-        if self.amax_history_len < 1:
-            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}.")
         if self.recipe == "delayed":
             return
         # The other recipes compute their scales from the tensor itself; Megatron reads these settings only for
@@ -214,10 +233,6 @@ class TEFP8Precision(MegatronPrecision):
             )
 
     def _validate_bf16_layers(self) -> None:
-        for name in ("bf16_first_layers", "bf16_last_layers"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0 (a number of transformer layers), got {value}.")
         if self.keeps_bf16_layers and self.recipe not in BF16_LAYER_RECIPES:
             raise ValueError(
                 f"bf16_first_layers={self.bf16_first_layers} / bf16_last_layers={self.bf16_last_layers} need a "

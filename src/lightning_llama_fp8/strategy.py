@@ -18,6 +18,11 @@ Lightning gets DP-aware ``reduce`` (over DP x CP), sampler settings (DP ranks on
 model replica read the same samples), an ``optimizer_step`` that runs Megatron's optimizer, and checkpoints in
 Megatron's distributed format (``checkpoint/``): every rank writes its shards, and a
 checkpoint reloads into another layout.
+
+``Trainer(deterministic=True)`` makes runs bitwise reproducible: besides PyTorch's deterministic algorithms (which
+the Trainer turns on) the strategy sets Megatron's ``deterministic_mode``, Transformer Engine's deterministic
+attention backward and a deterministic NCCL algorithm, and refuses settings that contradict them before anything is
+built (``parallel/determinism.py``).
 """
 
 from __future__ import annotations
@@ -32,18 +37,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import preflight
 from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
-from lightning_llama_fp8.parallel import ddp
+from lightning_llama_fp8.parallel import ddp, determinism
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
 from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
+from lightning_llama_fp8.validate import MAX_SEED, as_int, as_optional_int
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -150,6 +157,13 @@ class MegatronCPStrategy(ParallelStrategy):
             # As Megatron-LM's recipes export it: one hardware queue, so the communication kernels that TP/CP
             # overlap with compute are issued in program order. It only takes effect before CUDA starts.
             os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        # Whole numbers in range, refused when the strategy is made (the pipeline split: validate_layout, which also
+        # knows the world size and the model).
+        tensor_model_parallel_size = as_int(tensor_model_parallel_size, "tensor_model_parallel_size", at_least=1)
+        context_parallel_size = as_int(context_parallel_size, "context_parallel_size", at_least=1)
+        pipeline_model_parallel_size = as_int(pipeline_model_parallel_size, "pipeline_model_parallel_size", at_least=1)
+        bucket_size = as_optional_int(bucket_size, "bucket_size", at_least=1)
+        seed = as_optional_int(seed, "seed", at_least=0, at_most=MAX_SEED)
         if sequence_parallel and tensor_model_parallel_size == 1:
             log.warning("sequence_parallel needs tensor_model_parallel_size > 1; turning it off.")
             sequence_parallel = False
@@ -199,6 +213,8 @@ class MegatronCPStrategy(ParallelStrategy):
         self.num_nodes = 1
         self._ddp_modules: list[torch.nn.Module] = []
         self._skip_reason: str | None = None
+        #: Deterministic mode of the run (``Trainer(deterministic=...)``), resolved in ``setup_environment``.
+        self.deterministic_mode = determinism.DeterministicMode(on=False)
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -264,6 +280,7 @@ class MegatronCPStrategy(ParallelStrategy):
             self.precision_plugin.check_num_layers(arch.num_layers, self.layout.pipeline_model_parallel_size)
         self._check_memory_settings(arch)
         self._check_gradient_accumulation_fusion(arch)
+        self._enter_deterministic_mode()  # its NCCL_ALGO before the process groups, its TE setting before the model
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         self._process_group_backend = backend
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
@@ -333,6 +350,16 @@ class MegatronCPStrategy(ParallelStrategy):
                 "use_cpu_initialization=False (the default) or fp8_param_gather=False."
             )
 
+    def _enter_deterministic_mode(self) -> None:
+        """Complete ``Trainer(deterministic=True)`` (read from PyTorch's flag, which the Trainer sets) for Megatron and
+        Transformer Engine: refuse settings that contradict it, set what it needs (``parallel/determinism.py``), and
+        say once which mode is on."""
+        determinism.leave(self.deterministic_mode)  # a second setup of the same strategy starts from the first's state
+        mode = determinism.requested()
+        determinism.enter(mode)
+        self.deterministic_mode = mode
+        rank_zero_info(mode.describe())
+
     def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
         problem = ddp.gradient_accumulation_fusion_problem(
             self.gradient_accumulation_fusion, arch, self._trainer_callbacks()
@@ -365,13 +392,15 @@ class MegatronCPStrategy(ParallelStrategy):
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
-        """The layout (and activation recompute) fields of the model's ``TransformerConfig``."""
+        """The layout (and activation recompute) fields of the model's ``TransformerConfig``, and
+        ``deterministic_mode`` (``Trainer(deterministic=True)``)."""
         tp, cp = self.layout.tensor_model_parallel_size, self.layout.context_parallel_size
         kwargs: dict[str, Any] = {
             "tensor_model_parallel_size": tp,
             "context_parallel_size": cp,
             "sequence_parallel": self.layout.sequence_parallel,
             "use_cpu_initialization": self.use_cpu_initialization or self.root_device.type != "cuda",
+            "deterministic_mode": self.deterministic_mode.on,
         }
         if cp > 1:
             kwargs["cp_comm_type"] = self.layout.cp_comm_type
@@ -595,6 +624,17 @@ class MegatronCPStrategy(ParallelStrategy):
             group = self.data_parallel_group()
         return compat.sync_ddp_if_available(tensor, group, reduce_op)
 
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """``all``/``any`` of ``decision`` over every rank (Lightning's default reduces over :meth:`reduce`'s DP x CP
+        group and compares with the world size: with TP or PP > 1, ``all`` was never true and ``any`` did not reach
+        the other TP/PP ranks, so ModelCheckpoint's top-k saves, EarlyStopping and PreemptionCheckpoint's stop
+        decision differed between ranks)."""
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return decision
+        votes = torch.tensor(int(decision), device=self.root_device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.SUM)
+        return bool(votes == torch.distributed.get_world_size()) if all else bool(votes)
+
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         return compat.all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
 
@@ -617,6 +657,7 @@ class MegatronCPStrategy(ParallelStrategy):
         self._ddp_modules = []
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        determinism.leave(self.deterministic_mode)  # the environment as it was before this run
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()

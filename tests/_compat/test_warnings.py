@@ -308,3 +308,60 @@ def test_megatrons_stale_te_cross_entropy_warning_is_real_and_filtered_exactly()
         "Transformer Engine cross entropy loss fusion has known stability issues" in str(w.message) for w in caught
     )
     assert shown_warnings(build_config) == ["another config warning", OWN_WARNING]
+
+
+def test_torchs_messages_about_megatron_cores_reads_are_hidden_only_while_it_reads() -> None:
+    """Each message is real (tests/checkpoint/test_hooks.py loads a checkpoint with and sees none); hidden inside
+    ``megatron_checkpoint_read_warnings_filtered`` only, so the same message about anyone else's call still shows."""
+    from lightning_llama_fp8._compat.warnings import (
+        MEGATRON_CHECKPOINT_READ_WARNINGS,
+        megatron_checkpoint_read_warnings_filtered,
+    )
+
+    messages = {  # module: (message, category), as torch 2.11 raises them during megatron-core's load
+        "torch.distributed.checkpoint.utils": (
+            "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single "
+            "process.",
+            UserWarning,
+        ),
+        "torch.distributed.checkpoint.logger": (
+            "The argument order of load has been changed. Please check the document to avoid future breakages.",
+            UserWarning,
+        ),
+        "torch.distributed.checkpoint.default_planner": (
+            "Please use DTensor instead and we are deprecating ShardedTensor.",
+            FutureWarning,
+        ),
+    }
+    assert len(MEGATRON_CHECKPOINT_READ_WARNINGS) == len(messages)
+
+    def emit() -> None:
+        for module, (message, category) in messages.items():
+            warn_from(module, message, category)
+
+    def emit_while_reading() -> None:
+        with megatron_checkpoint_read_warnings_filtered():
+            emit()
+
+    assert shown_warnings(emit_while_reading) == [OWN_WARNING]
+    assert shown_warnings(emit) == [*(message for message, _ in messages.values()), OWN_WARNING]
+
+
+def test_the_checkpoint_directory_warning_is_hidden_only_for_the_resumed_runs_own_directory(tmp_path: Path) -> None:
+    from lightning_llama_fp8._compat.warnings import own_checkpoint_directories_warning_filtered
+
+    def fit_and_collect(directory: Path, own: list[str]) -> list[str]:
+        directory.mkdir(exist_ok=True)
+        (directory / "epoch=0-step=1.ckpt").write_text("")
+        saver = ModelCheckpoint(dirpath=directory, every_n_train_steps=1)
+        trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[saver])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with own_checkpoint_directories_warning_filtered(own):
+                trainer.fit(Regression())
+        return [str(w.message) for w in caught if "exists and is not empty" in str(w.message)]
+
+    own, other = Path(os.path.realpath(tmp_path / "own")), Path(os.path.realpath(tmp_path / "other"))
+    assert fit_and_collect(own, [str(own)]) == []
+    assert fit_and_collect(other, [str(own)]) == [f"Checkpoint directory {other} exists and is not empty."]
+    assert fit_and_collect(own, []) == [f"Checkpoint directory {own} exists and is not empty."]  # a fresh run

@@ -26,6 +26,8 @@ SHELL_SCRIPT_STAGES = (
     "hf-convert-8b", "telemetry", "real-text", "checkpoint-stall", "profile-fp8", "speed-1", "lever-1", "fp8-casts",
     "offload-check", "weight-refresh", "ref8-ours-cp2", "ref8-lm-cp2", "ref8-ours-cp1", "ref8-lm-cp1", "suite",
 )  # fmt: skip
+#: The stages added since the shell script.
+NEWER_STAGES = ("reproducibility", "document-masking", "document-masking-training")
 #: Knobs without which a stage refuses to start.
 REQUIRED_KNOBS = {"lever-1": {"LEVER_ARGS": "--grad-accum-fusion off"}}
 #: Where commands name files of this repository.
@@ -47,7 +49,7 @@ def throughput_runs(session: StageSession) -> list[list[str]]:
 def test_every_stage_of_the_shell_script_is_there_once() -> None:
     names = [stage.name for stage in STAGES]
     assert len(names) == len(set(names)) == len(STAGES_BY_NAME)
-    assert set(SHELL_SCRIPT_STAGES) == set(names)
+    assert set(SHELL_SCRIPT_STAGES) | set(NEWER_STAGES) == set(names)
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
@@ -61,7 +63,7 @@ def test_records_are_complete(stage: Stage) -> None:
     assert all(isinstance(default, str) for default in stage.knobs.values())
 
 
-@pytest.mark.parametrize("name", SHELL_SCRIPT_STAGES)
+@pytest.mark.parametrize("name", SHELL_SCRIPT_STAGES + NEWER_STAGES)
 def test_dry_run_runs_nothing_and_names_only_files_of_this_repository(name: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code, session = dry_run(name, out)
@@ -150,3 +152,51 @@ def test_knobs_change_the_commands(tmp_path: Path) -> None:
     assert session.commands[-1][-3:] == [f"{out}/bench", "--precisions", "fp8"]
     _, session = dry_run("suite", out, {"SKIP_TESTS": "1"})
     assert not any("pytest" in command for command in session.commands)
+
+
+def test_checkpoint_stall_at_issue_30s_interval(tmp_path: Path) -> None:
+    """Three background saves 8 steps apart, the async run only."""
+    settings = {"CKPT_STALL_RUNS": "async", "CKPT_ASYNC_EVERY": "8", "CKPT_ASYNC_SAVES": "3"}
+    _, session = dry_run("checkpoint-stall", tmp_path / "out", settings)
+    (run,) = throughput_runs(session)
+    assert run[run.index("--steps") + 1] == "24" and run[run.index("--save-every") + 1] == "8"
+    assert run[run.index("--save-mode") + 1] == "async"
+
+
+def test_reproducibility_stage_runs_two_processes_the_second_reversed_then_compares(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, session = dry_run("reproducibility", out)
+    run = ["python3", "-m", "benchmarks.lib.reproducibility", "run"]
+    a, b, summarize, default, deterministic = session.commands[2:]
+    assert a == [*run, "--process", "a", "--ckpt-dir", "/dev/shm/reproducibility/a", "--out",
+                 f"{out}/reproducibility/process_a.json"]  # fmt: skip
+    assert b == [*run, "--process", "b", "--reverse", "--ckpt-dir", "/dev/shm/reproducibility/b", "--out",
+                 f"{out}/reproducibility/process_b.json"]  # fmt: skip
+    assert summarize == ["python3", "-m", "benchmarks.lib.reproducibility", "summarize",
+                         f"{out}/reproducibility/process_a.json", f"{out}/reproducibility/process_b.json",
+                         "--out-dir", str(out)]  # fmt: skip
+    assert deterministic == [
+        *default[:-2],
+        "--deterministic",
+        "--out",
+        f"{out}/reproducibility/cost_deterministic.json",
+    ]
+    assert default[default.index("--layers") + 1] == "4"
+
+    _, session = dry_run(
+        "reproducibility", out, {"REPRO_COST_LAYERS": "0", "REPRO_ARGS": "--only default deterministic"}
+    )
+    assert not throughput_runs(session)
+    assert session.commands[2][-3:] == ["--only", "default", "deterministic"]
+
+
+def test_the_repro_processes_get_the_cublas_setting_before_their_first_gemm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # PyTorch reads it once per process: deterministic runs after default runs in one process need it from the start.
+    dry_run("reproducibility", tmp_path / "out")
+    runs = [line for line in capsys.readouterr().out.splitlines() if "benchmarks.lib.reproducibility run" in line]
+    assert len(runs) == 2
+    assert all(
+        line.startswith("$ CUBLAS_WORKSPACE_CONFIG=:4096:8 NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 python3") for line in runs
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import namedtuple
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_llama_fp8.callbacks.fault_injection import FaultInjector, _poison_first
+from lightning_llama_fp8.validate import SettingError
 
 Pair = namedtuple("Pair", ["out", "aux"])
 
@@ -217,13 +219,40 @@ def test_far_off_name_lists_some_names() -> None:
         ({"target": "weights", "name": "x", "step": 0}, "target must be one of"),
         ({"target": "activation", "step": 0}, r"needs name= \(a module name\)"),
         ({"target": "gradient", "step": 0}, r"needs name= \(a parameter name\)"),
-        ({"target": "loss", "step": -1}, "step must be an integer >= 0"),
-        ({"target": "loss", "step": True}, "step must be an integer >= 0"),
         ({"target": "loss", "step": 0, "value": "zero"}, "value must be one of"),
         ({"target": "loss", "step": 0, "ranks": []}, "ranks must be a non-empty list"),
-        ({"target": "loss", "step": 0, "ranks": [-1]}, "ranks must be a non-empty list"),
+        ({"target": "loss", "step": 0, "ranks": "0"}, "ranks must be a non-empty list"),
     ],
 )
 def test_arguments_are_validated(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FaultInjector(**kwargs)
+
+
+STEP = re.escape("FaultInjector step (a trainer.global_step)")
+FIRST_RANK = re.escape("FaultInjector ranks[0] (a global rank)")
+SECOND_RANK = re.escape("FaultInjector ranks[1] (a global rank)")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "value"),
+    [
+        ({"step": -1}, STEP, -1),
+        ({"step": 2.5}, STEP, 2.5),
+        ({"step": math.nan}, STEP, math.nan),
+        ({"step": True}, STEP, True),
+        ({"step": 0, "ranks": [-1]}, FIRST_RANK, -1),
+        ({"step": 0, "ranks": [0, 1.5]}, SECOND_RANK, 1.5),
+        ({"step": 0, "ranks": [False]}, FIRST_RANK, False),
+    ],
+)
+def test_step_and_ranks_are_whole_numbers(kwargs: dict[str, Any], setting: str, value: object) -> None:
+    with pytest.raises(SettingError, match=rf"^{setting} must be a whole number >= 0; got ") as err:
+        FaultInjector("loss", **kwargs)
+    assert repr(value) in str(err.value)
+
+
+def test_whole_numbers_from_yaml_are_taken_as_ints() -> None:
+    injector = FaultInjector("loss", step=3.0, ranks=(0.0, "1"))
+    assert (injector.step, injector.ranks) == (3, [0, 1])
+    assert type(injector.step) is int and all(type(rank) is int for rank in injector.ranks)

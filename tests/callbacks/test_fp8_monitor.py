@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_llama_fp8.callbacks.fp8_monitor as monitor_mod
 from lightning_llama_fp8.callbacks.fp8_monitor import FP8StatsMonitor
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers.fp8_fakes import CountingDict, TinyFP8Module, fit
 
 STATS = ("fwd_amax", "fwd_scale_min", "fwd_scale_max", "bwd_amax", "bwd_scale_min", "bwd_scale_max")
@@ -167,10 +169,17 @@ def test_debug_api_hint_only_when_nvdlfw_inspect_is_installed(
         assert len(hints) == (1 if installed else 0)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "10"])
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, math.nan, "ten"])
 def test_every_n_steps_is_validated(bad: Any) -> None:
-    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
+    with pytest.raises(SettingError, match=r"^FP8StatsMonitor every_n_steps must be a whole number >= 1; got ") as err:
         FP8StatsMonitor(every_n_steps=bad)
+    assert repr(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("whole", [10, 10.0, "10"])
+def test_every_n_steps_takes_whole_numbers_from_yaml(whole: Any) -> None:
+    monitor = FP8StatsMonitor(every_n_steps=whole)
+    assert monitor.every_n_steps == 10 and type(monitor.every_n_steps) is int
 
 
 @pytest.mark.parametrize("bad", [[], [""], "layers"])

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_llama_fp8.callbacks.nan_guard import NaNGuard, NonFiniteTrainingError, nonfinite_tensors
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import cpu_trainer, megatron_cpu_trainer, run_distributed
 
 
@@ -126,10 +127,38 @@ def fit(module: TinyModule, guard: NaNGuard, steps: int = 6, **trainer_kwargs: A
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="policy must be one of raise, skip, rollback"):
         NaNGuard(policy="ignore")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_consecutive_bad_steps must be >= 1"):
+    with pytest.raises(ValueError, match="max_consecutive_bad_steps must be a whole number >= 1; got 0"):
         NaNGuard(max_consecutive_bad_steps=0)
     with pytest.raises(ValueError, match="only applies to policy='rollback'"):
         NaNGuard(policy="skip", bf16_steps_after_rollback=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "accepted"),
+    [
+        ({"max_consecutive_bad_steps": 2.5}, "max_consecutive_bad_steps", "a whole number >= 1"),
+        ({"max_consecutive_bad_steps": math.nan}, "max_consecutive_bad_steps", "a whole number >= 1"),
+        ({"max_consecutive_bad_steps": True}, "max_consecutive_bad_steps", "a whole number >= 1"),
+        ({"policy": "rollback", "bf16_steps_after_rollback": -1}, "bf16_steps_after_rollback", "a whole number >= 0"),
+        ({"policy": "rollback", "bf16_steps_after_rollback": 1.5}, "bf16_steps_after_rollback", "a whole number >= 0"),
+        ({"max_reported_parameters": -1}, "max_reported_parameters", "a whole number >= 0"),
+        ({"max_reported_parameters": 2.5}, "max_reported_parameters", "a whole number >= 0"),
+        ({"max_reported_parameters": math.inf}, "max_reported_parameters", "a whole number >= 0"),
+        ({"check_fp8_state": "false"}, "check_fp8_state", "true or false"),
+    ],
+)
+def test_numbers_and_switches_are_what_they_look_like(kwargs: dict[str, Any], setting: str, accepted: str) -> None:
+    """max_consecutive_bad_steps=2.5 used to be compared as a fraction, max_reported_parameters=-1 silently dropped
+    the last parameter name from every report."""
+    with pytest.raises(SettingError, match=rf"^NaNGuard {setting} must be {accepted}; got ") as err:
+        NaNGuard(**kwargs)
+    assert repr(kwargs[setting]) in str(err.value)
+
+
+def test_whole_numbers_from_yaml_are_taken_as_ints() -> None:
+    guard = NaNGuard(policy="rollback", max_consecutive_bad_steps=5.0, bf16_steps_after_rollback="2")
+    assert (guard.max_consecutive_bad_steps, guard.bf16_steps_after_rollback) == (5, 2)
+    assert type(guard.max_consecutive_bad_steps) is int and type(guard.bf16_steps_after_rollback) is int
 
 
 def test_bad_report_dir_and_pattern_are_rejected_when_built(tmp_path: Path) -> None:

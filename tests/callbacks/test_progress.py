@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_llama_fp8.callbacks import StepProgressBar
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers.models import Regression
 from tests.helpers.trainers import quiet_trainer
 
@@ -49,3 +52,26 @@ def test_without_max_steps_it_is_lightnings_epoch_bar(tmp_path: Path, capsys: py
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[bar]).fit(Regression())
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (4, 4)  # batches of the last epoch
     assert "Epoch 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting", "accepted"),
+    [
+        ({"refresh_rate": -1}, "refresh_rate", "a whole number >= 0"),
+        ({"refresh_rate": 2.5}, "refresh_rate", "a whole number >= 0"),
+        ({"refresh_rate": math.inf}, "refresh_rate", "a whole number >= 0"),
+        ({"process_position": -1}, "process_position", "a whole number >= 0"),
+        ({"process_position": 0.5}, "process_position", "a whole number >= 0"),
+        ({"leave": "no"}, "leave", "true or false"),
+    ],
+)
+def test_arguments_are_what_they_look_like(kwargs: dict[str, Any], setting: str, accepted: str) -> None:
+    with pytest.raises(SettingError, match=rf"^StepProgressBar {setting} must be {accepted}; got ") as err:
+        StepProgressBar(**kwargs)
+    assert repr(kwargs[setting]) in str(err.value)
+
+
+def test_whole_numbers_from_yaml_are_taken_as_ints() -> None:
+    bar = StepProgressBar(refresh_rate=10.0, process_position="1")
+    assert (bar.refresh_rate, bar.process_position) == (10, 1)
+    assert type(bar.refresh_rate) is int and type(bar.process_position) is int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_llama_fp8.callbacks import ThroughputMonitor
 from lightning_llama_fp8.callbacks.throughput import bf16_dense_peak
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import MemoryLogger, cpu_trainer, run_distributed
 from tests.helpers.timed import ARCH, BATCH, FETCH_S, SEQ, STEP_S, FakeClock, TimedModule
 
@@ -237,16 +239,28 @@ def test_the_card_and_its_peak_are_named_once(
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    ("kwargs", "setting", "accepted"),
     [
-        ({"window": 0}, "window must be an integer >= 1"),
-        ({"log_every_n_steps": 0}, "log_every_n_steps must be an integer >= 1 or None"),
-        ({"peak_tflops": -1.0}, "peak_tflops must be > 0"),
+        ({"window": 0}, "window", "a whole number >= 1"),
+        ({"window": 2.5}, "window", "a whole number >= 1"),
+        ({"window": True}, "window", "a whole number >= 1"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps", "a whole number >= 1"),
+        ({"log_every_n_steps": 1.5}, "log_every_n_steps", "a whole number >= 1"),
+        ({"peak_tflops": -1.0}, "peak_tflops", "a finite number > 0"),
+        ({"peak_tflops": math.nan}, "peak_tflops", "a finite number > 0"),
+        ({"peak_tflops": math.inf}, "peak_tflops", "a finite number > 0"),
     ],
 )
-def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs: dict[str, Any], setting: str, accepted: str) -> None:
+    with pytest.raises(SettingError, match=rf"^ThroughputMonitor {setting} must be {accepted}; got ") as err:
         ThroughputMonitor(**kwargs)
+    assert repr(kwargs[setting]) in str(err.value)
+
+
+def test_whole_numbers_from_yaml_are_taken_as_ints() -> None:
+    monitor = ThroughputMonitor(window=20.0, log_every_n_steps="5", peak_tflops="989")
+    assert (monitor.window, monitor.log_every_n_steps, monitor.peak_tflops) == (20, 5, 989.0)
+    assert type(monitor.window) is int and type(monitor.log_every_n_steps) is int
 
 
 # ---------------------------------------------------------------------------------------------- plot_training.py

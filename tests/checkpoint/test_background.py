@@ -93,6 +93,10 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
 
         def __init__(self) -> None:
             self.views: dict[int, dict[str, Any]] = {}
+            self.saver: Any = None  # the strategy's background saver, kept past teardown for its timings
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.saver = trainer.strategy.checkpointing.async_saver
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if batch_idx == kill_at:
@@ -143,6 +147,7 @@ def _fit(root: str, ckpt_path: str | None = None, **options: Any) -> dict[str, A
         "last": _resolve_last(dirpath),
         "pending_after_fit": strategy.pending_checkpoint,
         "megatron_save_log": list(records),
+        "timings": [(t.step, t.waited_for_previous_s, t.write_s) for t in getattr(probe.saver, "timings", [])],
     }
 
 
@@ -273,6 +278,10 @@ def test_the_save_runs_in_the_background_and_is_published_before_fit_returns(
         # The save at the last step has no later step to publish it: fit waited for it.
         assert run["pending_after_fit"] is None
         assert run["listing"] == {STEP.format(2): "complete", STEP.format(4): "complete"}
+        # Each save's step, whether it waited for the one before, and its write time (all published by now).
+        assert [step for step, _, _ in run["timings"]] == [2, 4]
+        assert run["timings"][0][1] == 0.0 and run["timings"][1][1] >= 0.0
+        assert all(write_s is not None and write_s >= 0.0 for _, _, write_s in run["timings"])
         assert not [m for m in run["megatron_save_log"] if m.startswith("MCore's async save is deprecated")]
     assert not list((root / "async").glob("*.saving"))
 
@@ -363,6 +372,108 @@ def test_a_failed_background_write_is_raised_on_every_rank_and_damages_nothing(t
     assert listing[STEP.format(2)] == "complete"  # size and digest of every file as saved
     assert STEP.format(4) not in listing
     assert resolve_last_checkpoint([directory]) == directory / STEP.format(2)
+
+
+# ---------------------------------------------------------------------------------------------- waiting for a write
+class _Request:
+    """Megatron's ``AsyncRequest`` as the saver uses it: finalize functions to run once the write is done."""
+
+    def __init__(self) -> None:
+        self.finalize_fns: list[Any] = []
+
+    def add_finalize_fn(self, fn: Any) -> None:
+        self.finalize_fns.append(fn)
+
+
+class _TimedWrites:
+    """Megatron's ``AsyncCallsQueue`` with writes that take ``write_s`` on a fake clock: a blocking finalize moves the
+    clock to the end of the write, a non-blocking one finds it done only once the clock is past it."""
+
+    def __init__(self, clock: Any, write_s: float) -> None:
+        self.clock, self.write_s = clock, write_s
+        self.running: list[tuple[float, _Request]] = []
+
+    def schedule_async_request(self, request: _Request) -> None:
+        self.running.append((self.clock() + self.write_s, request))
+
+    def maybe_finalize_async_calls(self, blocking: bool = False) -> list[int]:
+        if not self.running:
+            return []
+        done_at, request = self.running[0]
+        if self.clock() < done_at:
+            if not blocking:
+                return []
+            self.clock.advance(done_at - self.clock())
+        self.running.pop(0)
+        for fn in request.finalize_fns:
+            fn()
+        return [0]
+
+
+def test_a_save_during_the_previous_write_waits_for_it_and_says_how_long_and_how_to_avoid_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saves 8 steps (8 s) apart while a write takes 24 s: the second save waits 16 s for the first write (what an
+    H100 run showed as a 16.4 s block), and the log says so with the interval that would not wait."""
+    import logging
+    import time
+
+    from lightning_llama_fp8.checkpoint import background
+    from tests.helpers.timed import FakeClock
+
+    clock = FakeClock()
+    monkeypatch.setattr(background, "time", SimpleNamespace(monotonic=clock, perf_counter=time.perf_counter))
+    saver = background.AsyncCheckpointSaver(agree=lambda failure: failure)
+    saver._queue = _TimedWrites(clock, write_s=24.0)  # type: ignore[assignment]
+
+    def save(step: int) -> None:
+        saver.save(
+            tmp_path / STEP.format(step),
+            is_rank_zero=True,
+            plan_shards=lambda directory: _Request(),
+            write_rank_zero_files=lambda directory: (directory / "lightning.pt").write_bytes(b"state"),
+            step=step,
+        )
+
+    def train(steps: int) -> None:  # one second per step; each step start publishes a finished write, never waits
+        for _ in range(steps):
+            saver.finalize(blocking=False)
+            clock.advance(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="lightning_llama_fp8.checkpoint.background"):
+        save(8)
+        train(8)
+        save(16)
+        waited = caplog.text
+        caplog.clear()
+        train(30)  # the step-16 write ends 24 s after its save, found done at the step start then
+        save(46)  # no write running: no wait
+        clock.advance(30.0)  # no step starts (a long validation, say): the step-46 write ends unpublished
+        save(47)  # published now, without waiting
+    assert "Waited 16.0 s for the previous checkpoint write (epoch=0-step=8.ckpt) to finish before saving step 16" in (
+        waited
+    )
+    assert "that write took 24.0 s, and the two saves came 8.0 s apart (8 steps)" in waited
+    assert "Save at least 24 s apart (every 24 steps or more at 1.00 s per step)" in waited
+    assert caplog.text == ""  # the later saves did not wait
+    timings = [(t.step, t.waited_for_previous_s, t.write_s) for t in saver.timings]
+    assert timings == [(8, 0.0, 24.0), (16, 16.0, 24.0), (46, 0.0, 30.0), (47, 0.0, None)]
+    # Each waited-for checkpoint was published whole before the next save began.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STEP.format(s) for s in (16, 46)] + [
+        STEP.format(47) + ".saving",
+        STEP.format(8),
+    ]
+
+
+def test_the_wait_message_names_the_path_where_the_step_is_unknown() -> None:
+    from lightning_llama_fp8.checkpoint.background import SaveTiming, _PendingSave, _wait_message
+
+    previous = _PendingSave(Path("a.ckpt"), True, timing=SaveTiming(Path("a.ckpt"), None, 0.0))
+    message = _wait_message(previous, waited=3.0, since_s=2.0, path=Path("b.ckpt"), step=None)
+    assert message.startswith("Waited 3.0 s for the previous checkpoint write (a.ckpt) to finish before saving b.ckpt")
+    assert "that write took 5.0 s, and the two saves came 2.0 s apart. Save at least 5 s apart, or write faster" in (
+        message
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pinned host memory

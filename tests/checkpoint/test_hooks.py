@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,6 +65,36 @@ def test_tp1_checkpoint_loads_into_two_tp_ranks(tmp_path: Path) -> None:
         torch.testing.assert_close(rank["after"], saved, rtol=0, atol=0)
 
 
+def _load_warnings_worker(rank: int, world_size: int, path: str) -> list[str]:
+    """Every warning loading ``path`` raises, however the caller filters (``always``), as ``category: message``."""
+    import warnings
+
+    from tests.helpers.checkpoints import module_on_strategy
+
+    strategy, _ = module_on_strategy(1, world_size, seed=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            strategy.load_checkpoint(path)
+    finally:
+        strategy.teardown()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+@pytest.mark.multiprocess
+def test_loading_shows_none_of_torchs_messages_about_megatron_cores_reads(
+    tp2_checkpoint: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """torch.distributed.checkpoint says "torch.distributed is disabled, unavailable or uninitialized" (megatron-core
+    reads with no_dist=True on purpose), "The argument order of load has been changed" and, per ShardedTensor,
+    "Please use DTensor instead" (several copies of each on every rank before the filter; a user can act on none of
+    them); now none, on both ranks."""
+    path, _ = tp2_checkpoint
+    for messages in run_distributed(_load_warnings_worker, 2, tmp_path, str(path)):
+        noise = [m for m in messages if "torch.distributed" in m or "argument order" in m or "DTensor" in m]
+        assert noise == [], noise
+
+
 SEQ, GBS = 64, 4
 
 
@@ -93,10 +124,14 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict[str, Any]:
     first, first_trainer, _ = run(None)
     last_after_first = read_checkpoint_info(Path(root, "ckpts", "last.ckpt")).global_step
     step2 = sorted(Path(root, "ckpts").glob("*step=2*"))
-    resumed, resumed_trainer, messages = run(str(step2[0]))
+    resumed, resumed_trainer, messages = run(str(step2[0]))  # the run's first checkpoint
+    last_after_resume = os.readlink(Path(root, "ckpts", "last.ckpt"))
+    last_names = sorted(p.name for p in Path(root, "ckpts").glob("last*"))
     continued, continued_trainer, _ = run("last", max_steps=6)  # Lightning resolves "last" to the link
     return {
         "last_after_first": last_after_first,
+        "last_after_resume": last_after_resume,
+        "last_names": last_names,
         "continued": (continued_trainer.global_step, len(continued.seen)),
         "first_seen": first.seen,
         "resumed_seen": resumed.seen,
@@ -126,6 +161,10 @@ def test_resumed_run_continues_with_the_next_batches_and_the_saved_weights(tmp_p
         torch.testing.assert_close(rank["resumed_weight"], rank["first_weight"])  # ...and the weights
         assert not [m for m in rank["messages"] if "not resumable" in m]
         assert rank["last_after_first"] == 4  # save_last="link": last.ckpt points at the newest checkpoint
+        # Resumed from the run's first checkpoint (whose saved state remembers no last.ckpt), the run renewed
+        # last.ckpt rather than starting last-v1.ckpt beside it (which left last.ckpt at step 2).
+        assert rank["last_after_resume"] == "epoch=0-step=4-v1.ckpt"
+        assert rank["last_names"] == ["last.ckpt"]
         assert rank["continued"] == (6, 2)  # fit(ckpt_path="last") went on from step 4 for two more steps
     assert set(results[0]["first_seen"][0]).isdisjoint(results[1]["first_seen"][0])  # two DP shards
     info = read_checkpoint_info(tmp_path / "ckpts" / "epoch=0-step=2.ckpt")

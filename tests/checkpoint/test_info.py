@@ -142,3 +142,36 @@ def test_info_json_copied_from_another_checkpoint_is_caught(llama_checkpoint: Pa
     (copy / ckpt.INFO_FILENAME).write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=r"lightning\.pt is not the file the save wrote"):
         read_checkpoint_info(copy)
+
+
+@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x"])
+def test_recorded_files_outside_the_checkpoint_are_refused_unread(
+    tp2_checkpoint: tuple[Path, Any], tmp_path: Path, entry: str
+) -> None:
+    """Names in lightning_llama_fp8.json are data: one naming a file outside the checkpoint is refused, and nothing
+    about that file (not even its size) appears in the error."""
+    copy = _copy(tp2_checkpoint, tmp_path)
+    record = json.loads((copy / ckpt.INFO_FILENAME).read_text())
+    record["files"][entry] = {"size": 1, "digest": "0"}
+    (copy / ckpt.INFO_FILENAME).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"damaged or unsafe: .* lists the file") as caught:
+        read_checkpoint_info(copy)
+    assert "bytes" not in str(caught.value)
+
+
+def test_shard_index_naming_a_file_outside_the_checkpoint_is_refused(
+    tp2_checkpoint: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """torch.distributed.checkpoint's .metadata names each shard file; one outside the checkpoint is refused."""
+    import pickle
+
+    copy = _copy(tp2_checkpoint, tmp_path)
+    metadata = pickle.loads((copy / ".metadata").read_bytes())
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first].relative_path = "../outside.distcp"
+    (copy / ".metadata").write_bytes(pickle.dumps(metadata))
+    record = json.loads((copy / ckpt.INFO_FILENAME).read_text())
+    record["files"] = {}  # a record from before file digests: the index check is what stands
+    (copy / ckpt.INFO_FILENAME).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"\.metadata lists the file '\.\./outside\.distcp'"):
+        read_checkpoint_info(copy)

@@ -82,3 +82,82 @@ def test_resuming_with_the_local_layer_spec_is_refused() -> None:
     with pytest.raises(CheckpointError, match=r"cannot resume with model.arch.transformer_impl 'local'.*validation"):
         check_can_resume(info, local, 1, 1, with_optimizer=True)
     check_can_resume(info, local, 1, 1, with_optimizer=False)  # its weights load for validation
+
+
+def _complete_checkpoint(path: Path, step: int) -> Path:
+    """A complete checkpoint record at ``path`` for ``step`` (the tiny Llama's; its tensors are not needed here)."""
+    import json
+    import shutil
+    import tempfile
+
+    from tests.helpers.checkpoints import fake_resumable_checkpoint
+
+    made = fake_resumable_checkpoint(Path(tempfile.mkdtemp(dir=path.parent)))
+    shutil.move(made, path)
+    shutil.rmtree(made.parent)
+    info = json.loads((path / ckpt.INFO_FILENAME).read_text())
+    (path / ckpt.INFO_FILENAME).write_text(json.dumps({**info, "global_step": step}))
+    return path
+
+
+def test_last_is_the_newest_step_among_step_last_and_slurm_requeue_checkpoints(tmp_path: Path) -> None:
+    """Lightning's SLURM requeue signal saves hpc_ckpt_<n>.ckpt into default_root_dir, where "last" did not look."""
+    checkpoints, run = tmp_path / "ckpts", tmp_path / "run"
+    checkpoints.mkdir()
+    run.mkdir()
+    _complete_checkpoint(checkpoints / "epoch=0-step=100.ckpt", 100)
+    (checkpoints / "last.ckpt").symlink_to("epoch=0-step=100.ckpt")
+    _complete_checkpoint(run / "hpc_ckpt_1.ckpt", 130)
+    _complete_checkpoint(run / "other.ckpt", 500)  # not Lightning's requeue name: not this run's
+    assert resume.resolve_last_checkpoint([checkpoints], run_directories=[run]) == run / "hpc_ckpt_1.ckpt"
+    # On the same step the last* name wins: resumed through it, ModelCheckpoint may later rotate the step checkpoint.
+    assert resume.resolve_last_checkpoint([checkpoints]) == checkpoints / "last.ckpt"
+    _complete_checkpoint(checkpoints / "epoch=0-step=150.ckpt", 150)  # a newer step checkpoint, last.ckpt stale
+    assert resume.resolve_last_checkpoint([checkpoints], run_directories=[run]) == checkpoints / "epoch=0-step=150.ckpt"
+    # The same directory as both (default_root_dir == dirpath) counts each checkpoint once.
+    assert resume.resolve_last_checkpoint([run], run_directories=[run]) == run / "other.ckpt"
+
+
+def test_only_the_runs_own_last_checkpoint_is_renewed(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    own = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last="link")
+    templated = ModelCheckpoint(dirpath=tmp_path / "t", save_last=True, every_n_train_steps=2)
+    templated.CHECKPOINT_NAME_LAST = "{step}-last"
+    no_last = ModelCheckpoint(dirpath=tmp_path / "n", every_n_train_steps=5)
+
+    def saved(dirpath: Any) -> dict[str, Any]:
+        return {"dirpath": dirpath, "last_model_path": "", "best_model_path": ""}
+
+    state = {
+        "callbacks": {
+            own.state_key: saved(own.dirpath),  # the run's first checkpoint: no last.ckpt remembered
+            templated.state_key: saved(templated.dirpath),
+            no_last.state_key: saved(no_last.dirpath),
+        }
+    }
+    renewed = resume.renew_own_last_checkpoints(state, [own, templated, no_last])
+    assert renewed == [str(tmp_path / "ckpts" / "last.ckpt")]
+    assert state["callbacks"][own.state_key]["last_model_path"] == renewed[0]
+    assert state["callbacks"][templated.state_key]["last_model_path"] == ""
+    # Another directory in the checkpoint: another run's (Lightning restores nothing of it either).
+    moved = {"callbacks": {own.state_key: saved(str(tmp_path / "elsewhere"))}}
+    assert resume.renew_own_last_checkpoints(moved, [own]) == []
+    assert moved["callbacks"][own.state_key]["last_model_path"] == ""
+
+
+def test_which_checkpoint_directory_a_resume_continues(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "ckpts"
+    (checkpoints / "epoch=0-step=3.ckpt").mkdir(parents=True)
+    (checkpoints / "last.ckpt").symlink_to("epoch=0-step=3.ckpt")
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.mkdir()
+    assert resume.resumes_into(checkpoints / "last.ckpt", checkpoints, set())
+    assert resume.resumes_into(checkpoints / "epoch=0-step=3.ckpt", checkpoints, set())
+    assert not resume.resumes_into(hpc, checkpoints, set())
+    recorded = resume.recorded_checkpoint_directories(
+        {"callbacks": {"ModelCheckpoint{...}": {"dirpath": str(checkpoints)}, "Other": {"x": 1}}}
+    )
+    assert recorded == {checkpoints}
+    assert resume.resumes_into(hpc, checkpoints, recorded)  # its run saved into checkpoints/
+    assert not resume.resumes_into(hpc, tmp_path / "another", recorded)

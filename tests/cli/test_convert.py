@@ -30,3 +30,42 @@ def test_convert_help_is_readable(capsys: Any) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "llama-fp8 convert" in text and "--tokenizer" in text and "init_weights" in text
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "nan", "inf", "five"])
+def test_convert_refuses_a_shard_size_that_is_not_a_positive_number(
+    size: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 or -1 used to write one shard per tensor, nan to end in a traceback; refused before the checkpoint is read."""
+    from lightning_llama_fp8.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["convert", str(tmp_path / "no-checkpoint"), str(tmp_path / "out"), "--max-shard-size-gb", size])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --max-shard-size-gb: the value must be a finite number > 0; got '{size}'" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiprocess
+def test_convert_refuses_a_checkpoint_record_of_1e9_layers(
+    imported: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record edited to 1e9 layers is compared with the stored tensors' shapes before anything is sized from it."""
+    import json
+    import shutil
+    import time
+
+    from lightning_llama_fp8.checkpoint.info import INFO_FILENAME
+    from lightning_llama_fp8.cli import main
+
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(imported["ckpt"], copy)
+    info = json.loads((copy / INFO_FILENAME).read_text())
+    info["arch"]["num_layers"] = 10**9
+    (copy / INFO_FILENAME).write_text(json.dumps(info))
+    started = time.perf_counter()
+    assert main(["convert", str(copy), str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - started < 30
+    assert "1000000000" in capsys.readouterr().err.replace(",", "")
+    assert not (tmp_path / "out").exists()

@@ -388,6 +388,28 @@ def test_fit_preflight_refuses_configs_that_cannot_work(
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_fit_preflight_refuses_offload_beyond_the_host_memory(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offloaded optimizer state of every GPU process of the host, against the host's available memory."""
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["strategy"]["init_args"]["optimizer_offload"] = {"fraction": 1.0}
+    config["trainer"]["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
+    plan = plan_from_config(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine that could train it otherwise
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(cli, "te_importable", lambda: True)
+    monkeypatch.setattr(cli, "fp8_support", lambda *args, **kwargs: (True, None))
+    monkeypatch.setattr(cli, "available_host_memory", lambda: 8 * plan.memory.host)
+    cli.preflight(config, fitting=True)  # just enough: goes on to build
+    monkeypatch.setattr(cli, "available_host_memory", lambda: 8 * plan.memory.host - 1)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config, fitting=True)
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Not training: the offloaded optimizer state needs" in err and "for the 8 processes of this host" in err
+
+
 @no_gpu
 def test_text_config_names_a_missing_corpus_before_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as excinfo:
@@ -465,3 +487,39 @@ def test_cli_makes_the_step_bar_the_default(extra: list[str], expected: type) ->
 
     cli = LlamaCLI(LlamaLightningModule, GPTDataModule, subclass_mode_data=True, run=False, args=CLI_ARGS + extra)
     assert type(cli.trainer.progress_bar_callback) is expected
+
+
+def test_document_masking_is_a_command_line_switch(
+    capsys: pytest.CaptureFixture[str], no_preflight: list[dict[str, Any]]
+) -> None:
+    text_config = REPO_ROOT / "examples" / "configs" / "llama3_1b_text.yaml"
+    for extra, expected in (([], False), (["--data.document_masking", "true"], True)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as excinfo:
+            main(["fit", "--config", str(text_config), *extra, "--print_config"])
+        assert excinfo.value.code in (0, None)
+        assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["document_masking"] is expected
+    mock_config = yaml.safe_load(print_config(REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml", capsys))
+    assert mock_config["data"]["init_args"]["document_masking"] is False  # MockDataModule has it too
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({}, r"document_masking with context_parallel_size 2: .*Set the strategy's context_parallel_size: 1"),
+        ({"context_parallel_size": 1, "fp8_attention": True}, r"FP8 attention .*Set fp8_attention: false"),
+    ],
+)
+def test_fit_preflight_refuses_document_masking_that_cannot_run(
+    edit: dict[str, Any], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load(CONFIG_8B.read_text())  # CP2
+    config["data"]["init_args"]["document_masking"] = True
+    if "context_parallel_size" in edit:
+        config["trainer"]["strategy"]["init_args"]["context_parallel_size"] = edit["context_parallel_size"]
+    if edit.get("fp8_attention"):
+        config["trainer"]["plugins"][0]["init_args"]["fp8_attention"] = True
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config, fitting=True)
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    assert re.search(message, capsys.readouterr().err)

@@ -137,3 +137,67 @@ def test_plan_pipeline_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert "do not split into virtual_pipeline_model_parallel_size 3" in capsys.readouterr().err
     assert main(["plan", "--arch", "llama3_8b", "--gpus", "2", "--pp", "2", "--first-stage-layers", "15"]) == 0
     assert "layers per stage 15, 17" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--gpu-memory-gib", "-5"], "argument --gpu-memory-gib: the value must be a finite number > 0; got '-5'"),
+        (["--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: the value must be a finite number > 0; got 'nan'"),
+        (["--gpus", "0"], "argument --gpus: the value must be a whole number >= 1; got '0'"),
+        (["--tp", "2.5"], "argument --tp: the value must be a whole number >= 1; got '2.5', which has a fractional"),
+        (["--vpp", "-1"], "argument --vpp: the value must be a whole number >= 0; got '-1'"),
+        (["--micro-batch-size", "0"], "argument --micro-batch-size: the value must be a whole number >= 1; got '0'"),
+        (
+            ["--optimizer-offload-fraction", "1.5"],
+            "argument --optimizer-offload-fraction: the value must be a finite number >= 0 and <= 1; got '1.5'",
+        ),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)
+def test_plan_flags_take_only_the_numbers_they_mean(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        run_plan(["--config", str(CONFIG_8B), *flags], capsys)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("data", "seq_length", -1, r"data\.seq_length must be a whole number >= 1; got -1\."),
+        ("data", "micro_batch_size", 1.5, r"data\.micro_batch_size must be a whole number >= 1; got 1\.5, which has"),
+        ("data", "seed", 2**32, r"data\.seed must be a whole number >= 0 and <= 4,294,967,295; got 4294967296\."),
+        (
+            "strategy",
+            "context_parallel_size",
+            2.5,
+            r"init_args\.context_parallel_size must be a whole number; got 2\.5",
+        ),
+        ("strategy", "sequence_parallel", "false", r"init_args\.sequence_parallel must be true or false; got 'false'"),
+        ("trainer", "num_nodes", 0, r"trainer\.num_nodes must be a whole number >= 1; got 0\."),
+        ("trainer", "devices", 2.5, r"trainer\.devices must be >= 1, a list of GPU ids, -1 or 'auto'; got 2\.5\."),
+        ("arch", "hidden_size", 256.7, r"LlamaConfig: hidden_size must be a whole number >= 1; got 256\.7, which has"),
+    ],
+)
+def test_plan_refuses_config_numbers_that_training_would_refuse_or_misread(
+    section: str, key: str, value: object, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative data.seq_length was ignored by the plan, 2.5 cut to 2, "false" read as true."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    where = {
+        "data": config["data"]["init_args"],
+        "strategy": config["trainer"]["strategy"]["init_args"],
+        "trainer": config["trainer"],
+        "arch": config["model"]["arch"],
+    }[section]
+    where[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = run_plan(["--config", str(path)], capsys)
+    assert (code, out) == (EXIT_CANNOT_TRAIN, "")
+    assert re.search(message, err), err

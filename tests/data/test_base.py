@@ -130,3 +130,16 @@ def test_check_split_sizes_other_failures() -> None:
         check_split_sizes(100, "949,50,1", [8, 8, 0])
     with pytest.raises(ValueError, match=r"Invalid split"):
         check_split_sizes(1000, "0,0,0", [8, 8, 0])
+
+
+def test_the_constructor_refuses_numbers_that_are_not_what_they_look_like() -> None:
+    from lightning_llama_fp8.data import MockDataModule
+
+    with pytest.raises(ValueError, match=r"data\.seq_length must be a whole number >= 1; got -8; data\.global_batch_s"):
+        MockDataModule(seq_length=-8, global_batch_size=0)
+    with pytest.raises(ValueError, match=r"data\.micro_batch_size must be a whole number >= 1; got 1\.5, which has"):
+        MockDataModule(micro_batch_size=1.5)
+    with pytest.raises(ValueError, match=r"data\.num_workers must be a whole number >= 0; got -1\."):
+        MockDataModule(num_workers=-1)
+    data = MockDataModule(seq_length=256.0, global_batch_size=8.0, seed=7.0)  # integral floats, as YAML may give
+    assert (data.seq_length, data.global_batch_size, data.seed) == (256, 8, 7) and type(data.seq_length) is int

@@ -14,11 +14,13 @@ from typing import Any
 import numpy
 import pytest
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from lightning_llama_fp8 import IndexedDataModule
 from lightning_llama_fp8.data import check_corpus, check_token_ids, parse_data_path, resolve_tokenizer
+from lightning_llama_fp8.data import corpus as corpus_module
 from lightning_llama_fp8.data import indexed as indexed_module
+from lightning_llama_fp8.data.corpus import check_sidecar
 from lightning_llama_fp8.data.preprocess import preprocess
 from tests.helpers import REPO_ROOT
 from tests.helpers.corpora import LLAMA3_VOCAB, megatron_corpus, write_corpus, write_jsonl
@@ -223,14 +225,22 @@ def test_sidecar_gives_the_largest_id_without_reading_the_tokens(tmp_path: Path)
     assert info.tokenizer_sha256 == resolve_tokenizer("llama3").sha256
 
 
-def test_image_token_in_text_is_past_the_vocabulary(tmp_path: Path) -> None:
-    """Real case: the Llama 3.2 tokenizer turns the literal text ``<|image|>`` into id 128256."""
-    preprocess([write_jsonl(tmp_path / "in.jsonl", ["a caption <|image|> here"])], tmp_path / "c")
-    data = IndexedDataModule(str(tmp_path / "c"), vocab_size=LLAMA3_VOCAB)
-    with pytest.raises(ValueError, match=rf"holds token id {IMAGE}, but the vocabulary has {LLAMA3_VOCAB} ids"):
+def test_image_token_in_text_is_text_unless_parsing_was_asked(tmp_path: Path) -> None:
+    """Real case: the Llama 3.2 tokenizer reads the literal text ``<|image|>`` as id 128256 when asked to."""
+    text = write_jsonl(tmp_path / "in.jsonl", ["a caption <|image|> here"])
+    preprocess([text], tmp_path / "c", progress=False)
+    info = IndexedDataModule(str(tmp_path / "c"), vocab_size=LLAMA3_VOCAB).check_files()[0]
+    assert info.max_token_id == 128001 and info.parse_special_tokens is False  # <|end_of_text|>: text stays text
+
+    preprocess([text], tmp_path / "parsed", parse_special_tokens=True, progress=False)
+    data = IndexedDataModule(str(tmp_path / "parsed"), vocab_size=LLAMA3_VOCAB)
+    with pytest.raises(
+        ValueError,
+        match=rf"holds token id {IMAGE}, but the vocabulary has {LLAMA3_VOCAB} ids.*made with --parse-special-tokens",
+    ):
         data.check_files()
     # The same corpus fits a vocabulary one larger.
-    assert IndexedDataModule(str(tmp_path / "c"), vocab_size=IMAGE + 1).check_files()[0].max_token_id == IMAGE
+    assert IndexedDataModule(str(tmp_path / "parsed"), vocab_size=IMAGE + 1).check_files()[0].max_token_id == IMAGE
 
 
 def test_corpus_without_sidecar_is_scanned(tmp_path: Path) -> None:
@@ -267,14 +277,15 @@ def test_scan_of_one_gib_is_fast(tmp_path: Path) -> None:
     tokens = numpy.memmap(tmp_path / "big.bin", dtype=numpy.int32, mode="w+", shape=(2**28,))
     tokens[:] = 5
     tokens[-1] = 128000
+    tokens[7] = 1
     tokens.flush()
     del tokens
     megatron_corpus(tmp_path / "idx", [[1]])
     os.replace(tmp_path / "idx.idx", tmp_path / "big.idx")  # the scan reads the .bin only
     start = time.perf_counter()
-    largest = indexed_module._scan_max_token_id(str(tmp_path / "big"), "int32")
+    smallest, largest = indexed_module._scan_token_range(str(tmp_path / "big"), "int32")
     seconds = time.perf_counter() - start
-    assert largest == 128000
+    assert (smallest, largest) == (1, 128000)
     logging.getLogger(__name__).info("1 GiB token scan: %.2f s", seconds)
     assert seconds < 30, f"scanning 1 GiB took {seconds:.1f} s: lower DEFAULT_TOKEN_SCAN_LIMIT_GIB"
 
@@ -288,3 +299,116 @@ def test_other_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"was made with tokenizer 'llama3'.*not the one data.tokenizer names"):
         IndexedDataModule(str(tmp_path / "c"), tokenizer=str(tmp_path / "other")).check_files()
     assert IndexedDataModule(str(tmp_path / "c"), tokenizer="llama3").check_files()[0].tokenizer_name == "llama3"
+
+
+def _edit_sidecar(prefix: Path, **changes: Any) -> None:
+    path = Path(f"{prefix}.corpus.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+
+
+def test_edited_sidecar_is_not_trusted(tmp_path: Path) -> None:
+    """Issue 30: a sidecar whose sizes match but whose max_token_id was edited let a vocab-1024 model train on ids up
+    to 128,001. The binding covers the claims: the sidecar is ignored and the .bin read instead."""
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["hello world", "more text"])], tmp_path / "c", progress=False)
+    _edit_sidecar(tmp_path / "c", max_token_id=500)
+    with (
+        pytest.warns(
+            UserWarning, match=r"ignoring its sidecar: .*c\.corpus\.json does not match .* or the sidecar was edited"
+        ),
+        pytest.raises(ValueError, match=r"holds token id 128001, but the vocabulary has 1024 ids"),
+    ):
+        IndexedDataModule(str(tmp_path / "c"), vocab_size=1024).check_files()
+
+
+def test_sidecar_of_other_files_of_the_same_size_is_not_trusted(tmp_path: Path) -> None:
+    """The files replaced by a corpus of the same sizes (same document lengths, other ids): the .bin sample differs."""
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["short text", "another one"])], tmp_path / "c", progress=False)
+    documents = [doc.tolist() for doc in IndexedDataset(str(tmp_path / "c"), mmap=True)]
+    sizes = [os.path.getsize(tmp_path / f"c{ext}") for ext in (".bin", ".idx")]
+    megatron_corpus(tmp_path / "c", [[150000 + i for i in range(len(doc))] for doc in documents])
+    assert [os.path.getsize(tmp_path / f"c{ext}") for ext in (".bin", ".idx")] == sizes
+    found = check_sidecar(tmp_path / "c")
+    assert found.sidecar is None and "the files were replaced" in (found.problem or "")
+    with pytest.warns(UserWarning, match="ignoring its sidecar"):
+        info = check_token_ids(check_corpus(str(tmp_path / "c")), 200000)
+    longest = max(map(len, documents))
+    assert (info.max_token_id, info.max_token_id_from, info.tokenizer_sha256) == (150000 + longest - 1, "scan", None)
+
+
+def test_copied_corpus_keeps_its_sidecar(tmp_path: Path) -> None:
+    """The binding is over contents, not file times: a plain copy (new mtimes) is still described by its sidecar."""
+    summary = preprocess([write_jsonl(tmp_path / "in.jsonl", ["copied"])], tmp_path / "c", progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    for ext in (".bin", ".idx", ".corpus.json"):
+        shutil.copyfile(tmp_path / f"c{ext}", tmp_path / "elsewhere" / f"c{ext}")
+    info = check_token_ids(check_corpus(str(tmp_path / "elsewhere" / "c")), LLAMA3_VOCAB)
+    assert (info.max_token_id, info.max_token_id_from) == (summary.max_token_id, "sidecar")
+
+
+def test_large_bin_is_bound_by_blocks_spread_over_it(tmp_path: Path) -> None:
+    """A .bin past 4 MiB is bound by 64 blocks from its first to its last byte: a changed last token is seen."""
+    documents = [[7] * 1000] * 2000  # 8 MB of int32
+    prefix = megatron_corpus(tmp_path / "big", documents)
+    bin_file, idx_file = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    claims = {"max_token_id": 7, "tokens": 2_000_000, "documents": 2000, "dtype": "int32", "tokenizer": None}
+    sidecar = {"format": corpus_module.SIDECAR_FORMAT, "version": corpus_module.SIDECAR_VERSION, **claims}
+    sidecar["binding"] = corpus_module.corpus_binding(sidecar, bin_file, idx_file)
+    assert bin_file.stat().st_size > corpus_module.BIN_SAMPLE_BLOCKS * corpus_module.BIN_SAMPLE_BLOCK_BYTES
+    Path(f"{prefix}.corpus.json").write_text(json.dumps(sidecar))
+    assert check_sidecar(prefix).sidecar is not None
+    tokens = numpy.memmap(bin_file, dtype=numpy.int32, mode="r+")
+    tokens[-1] = 200000
+    tokens.flush()
+    del tokens
+    os.utime(bin_file, ns=(1, 1))  # a new file version for the per-process cache
+    assert check_sidecar(prefix).sidecar is None
+    assert check_token_ids(check_corpus(str(prefix)), 300000).max_token_id == 200000
+
+
+def test_unbound_sidecar_is_ignored_and_refused_past_the_scan_limit(tmp_path: Path) -> None:
+    """A sidecar without a binding (version 1, before issue 30) is not trusted: scanned below the scan limit,
+    refused above it (the fix is in the message), unlike a corpus with no sidecar, which is logged unchecked."""
+    preprocess([write_jsonl(tmp_path / "in.jsonl", ["old sidecar"])], tmp_path / "c", progress=False)
+    sidecar = json.loads((tmp_path / "c.corpus.json").read_text())
+    del sidecar["binding"]
+    (tmp_path / "c.corpus.json").write_text(json.dumps({**sidecar, "version": 1}))
+    with pytest.warns(UserWarning, match=r"ignoring its sidecar: .*is not bound to its files"):
+        assert check_token_ids(check_corpus(str(tmp_path / "c")), LLAMA3_VOCAB).max_token_id_from == "scan"
+    with pytest.raises(
+        ValueError,
+        match=r"not bound to its files .*ids are unknown.*token_scan_limit_gib: null .*or delete .*c\.corpus\.json",
+    ):
+        check_token_ids(check_corpus(str(tmp_path / "c")), LLAMA3_VOCAB, scan_limit_gib=0)
+
+
+def test_negative_token_id_is_refused(tmp_path: Path) -> None:
+    prefix = str(megatron_corpus(tmp_path / "m", [[1, 2, 3], [-5, 9]]))
+    with pytest.raises(ValueError, match=r"holds token id -5: token ids cannot be negative"):
+        check_token_ids(check_corpus(prefix), LLAMA3_VOCAB)
+
+
+def test_long_scan_shows_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setattr(indexed_module, "_SCAN_PROGRESS_AFTER_S", 0.0)
+    prefix = str(megatron_corpus(tmp_path / "shown", [[1, 2, 3]]))
+    assert indexed_module._scan_token_range(prefix, "int32") == (1, 3)
+    assert "token ids of shown" in capsys.readouterr().err
+
+
+def test_a_corpus_re_created_under_its_prefix_gets_its_own_cached_indices(tmp_path: Path) -> None:
+    """megatron-core names cached sample indices by path and settings only; the data module adds the contents."""
+    cache = tmp_path / "cache"
+    write_corpus(tmp_path / "c", 200, 0, 100, seed=0)
+    first = module([str(tmp_path / "c")], path_to_cache=str(cache))
+    first.setup("fit")
+    next(iter(first.train_dataloader()))
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"c{suffix}").unlink()
+    docs = write_corpus(tmp_path / "c", 60, 500, 600, seed=1)  # fewer, other documents: old indices would overrun
+    second = module([str(tmp_path / "c")], path_to_cache=str(cache))
+    second.setup("fit")
+    batch = next(iter(second.train_dataloader()))
+    assert int(batch["tokens"].min()) >= 500  # tokens of the new corpus, cut by its own indices
+    assert len(list(cache.iterdir())) == 2 and len(docs) == 60
+    again = module([str(tmp_path / "c")], path_to_cache=str(cache))  # the same corpus: the same cache folder
+    again.setup("fit")
+    assert len(list(cache.iterdir())) == 2

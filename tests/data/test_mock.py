@@ -135,7 +135,7 @@ def test_fewer_samples_than_a_global_batch_are_refused(sizes: dict, stage: str, 
 
 
 def test_negative_workers_are_refused_when_made() -> None:
-    with pytest.raises(ValueError, match=r"num_workers must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"data\.num_workers must be a whole number >= 0; got -1\."):
         _module(num_workers=-1)
 
 

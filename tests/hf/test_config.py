@@ -41,3 +41,46 @@ def test_unrepresentable_config_names_the_field(
         llama_config_from_hf(copy)
     with pytest.raises(HFConfigError, match=message):
         hf_module(copy)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_size": 128.5}, r"config.json: hidden_size must be a whole number >= 1; got 128\.5, which has a frac"),
+        ({"num_hidden_layers": "two"}, r"num_hidden_layers must be a whole number >= 1; got 'two', which is not a"),
+        ({"num_hidden_layers": True}, r"num_hidden_layers must be a whole number >= 1; got True \(bool\)"),
+        ({"num_key_value_heads": 0}, r"num_key_value_heads must be a whole number >= 1; got 0\."),
+        ({"intermediate_size": -256}, r"intermediate_size must be a whole number >= 1; got -256\."),
+        ({"max_position_embeddings": -1}, r"max_position_embeddings must be a whole number >= 1; got -1\."),
+        ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number > 0; got nan\."),
+        ({"tie_word_embeddings": "false"}, r"tie_word_embeddings must be true or false; got 'false' \(str\)"),
+        ({"attention_bias": "no"}, r"attention_bias must be true or false; got 'no' \(str\)"),
+        ({"pretraining_tp": 1.5}, r"pretraining_tp must be a whole number; got 1\.5, which has a fractional part"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, r"rope_theta must be a finite number > 0"),
+        (
+            {"rope_parameters": {**LLAMA31_ROPE, "factor": float("inf"), "rope_theta": 5e5}},
+            r"RoPE scaling factor must be a finite number > 0; got inf\.",
+        ),
+        (
+            {"rope_parameters": {**LLAMA31_ROPE, "low_freq_factor": "one", "rope_theta": 5e5}},
+            r"RoPE scaling low_freq_factor must be a finite number; got 'one', which is not a number",
+        ),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_config_json_numbers_that_are_not_what_they_look_like(
+    hf_dir: Path, tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    edit_hf_config(copy, **changes)
+    with pytest.raises(HFConfigError, match=message):
+        llama_config_from_hf(copy)
+
+
+def test_config_json_whole_numbers_written_as_floats_are_read(hf_dir: Path, tmp_path: Path) -> None:
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    edit_hf_config(copy, num_hidden_layers=2.0, hidden_size=128.0, vocab_size=1e3)
+    arch = llama_config_from_hf(copy)
+    assert (arch.num_layers, arch.hidden_size, arch.vocab_size) == (2, 128, 1000)
+    assert arch == llama_config_from_hf(hf_dir)
+    hf_module(copy)  # and the weights load checks accept it

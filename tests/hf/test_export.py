@@ -15,7 +15,9 @@ import torch
 from lightning_llama_fp8.checkpoint.info import INFO_FILENAME, CheckpointError
 from lightning_llama_fp8.hf import HFConfigError, export_to_hf
 from lightning_llama_fp8.hf.files import INDEX_FILE, SafetensorsDir
+from lightning_llama_fp8.storage.outputs import OutputConflictError
 from tests.helpers import run_distributed
+from tests.helpers.small_tokenizer import SMALL_BOS, small_tokenizer_json
 
 # Every test reads a checkpoint that gloo processes saved (the imported and checkpoint fixtures).
 pytestmark = pytest.mark.multiprocess
@@ -66,22 +68,28 @@ def test_export_direct_reads_equal_the_librarys_reader(
 
 
 def test_export_with_tokenizer_file(imported: dict[str, Any], tmp_path: Path) -> None:
-    tokenizer_json = _llama3_tokenizer_json()
+    tokenizer_json = small_tokenizer_json(tmp_path / "tokenizer.json")
     out = tmp_path / "with_tokenizer"
     report = export_to_hf(imported["ckpt"], out, tokenizer=tokenizer_json)
     assert report.tokenizer_files == ["tokenizer.json"]
     config = json.loads((out / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128001)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    assert tokenizer.convert_tokens_to_ids("<|begin_of_text|>") == 128000
+    assert tokenizer.convert_tokens_to_ids(SMALL_BOS) == 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model(torch.tensor([tokenizer("w1 w2")["input_ids"] + [config["eos_token_id"]]])).logits.isfinite().all()
 
 
-def test_export_with_the_bundled_llama3_tokenizer(imported: dict[str, Any], tmp_path: Path) -> None:
+def test_export_refuses_a_tokenizer_whose_special_tokens_lie_past_the_vocabulary(
+    imported: dict[str, Any], tmp_path: Path
+) -> None:
+    """Llama 3's tokenizer (BOS 128000) on a 1000-entry model: transformers would fail with an IndexError later."""
     _llama3_tokenizer_json()  # skips where the bundled tokenizer is not installed
-    report = export_to_hf(imported["ckpt"], tmp_path / "out", tokenizer="llama3")
-    assert report.tokenizer_files == ["tokenizer.json"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 128001
+    with pytest.raises(
+        HFConfigError, match=r"BOS <\|begin_of_text\|> = 128000, EOS <\|end_of_text\|> = 128001, .* 1000 "
+    ):
+        export_to_hf(imported["ckpt"], tmp_path / "out", tokenizer="llama3")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def _llama3_tokenizer_json() -> Path:
@@ -138,3 +146,74 @@ def test_export_refuses_a_bad_tokenizer_before_writing(checkpoint: Path, tmp_pat
     with pytest.raises(HFConfigError, match="is not a tokenizer the tokenizers library can load"):
         export_to_hf(checkpoint, tmp_path / "out", tokenizer=bad)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("output", ["run", "run/last.ckpt", "run/step=1.ckpt", "run/step=1.ckpt/hf"])
+def test_export_never_writes_over_the_checkpoint_it_reads(checkpoint: Path, tmp_path: Path, output: str) -> None:
+    """``llama-fp8 convert ckpts/last.ckpt ckpts --overwrite`` once deleted every checkpoint of the run."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "step=1.ckpt")
+    (run / "last.ckpt").symlink_to(run / "step=1.ckpt")
+    before = _files(run)
+    with pytest.raises(OutputConflictError, match="which this command reads and --overwrite would delete"):
+        export_to_hf(run / "last.ckpt", tmp_path / output, overwrite=True)
+    assert _files(run) == before
+
+
+def test_export_refuses_link_and_file_outputs_before_any_work(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_llama_fp8.hf import export
+
+    monkeypatch.setattr(export, "_stream_weights", lambda *a: pytest.fail("the export started"))
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "file").write_text("keep")
+    for name, why in [("link", "symbolic link"), ("dangling", "symbolic link"), ("file", "is a file")]:
+        with pytest.raises(OutputConflictError, match=why):
+            export_to_hf(checkpoint, tmp_path / name, overwrite=True)
+        assert not (tmp_path / f"{name}.partial").exists()
+    assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "link").is_symlink()
+
+
+def test_a_failed_export_keeps_the_previous_output_and_leaves_no_partial(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_llama_fp8.hf import export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("previous export")
+
+    def fail(*args: Any) -> None:
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(export, "_stream_weights", fail)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        export_to_hf(checkpoint, out, overwrite=True)
+    assert (out / "config.json").read_text() == "previous export"
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
+
+
+def test_export_refuses_when_the_disk_cannot_hold_it(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_llama_fp8.hf import export
+
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(OSError, match=r"needs \d+\.\d+ GiB but .* has 0\.00 GiB free"):
+        export_to_hf(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_second_export_to_the_same_output_is_refused_while_the_first_runs(checkpoint: Path, tmp_path: Path) -> None:
+    from lightning_llama_fp8.storage.output_lock import OutputBusyError, output_lock
+
+    busy = pytest.raises(OutputBusyError, match="being written by another process")
+    with output_lock(tmp_path / "out", "llama-fp8 convert"), busy:
+        export_to_hf(checkpoint, tmp_path / "out")

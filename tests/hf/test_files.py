@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,18 @@ def test_a_failed_background_shard_write_is_raised(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"No such file|not found|exist"):
         writer.add("b", torch.zeros(512))  # fills the shard: the first one is written in the background
         writer.finish()
+
+
+@pytest.mark.parametrize("entry", ["../x.safetensors", "/tmp/x.safetensors", "a/../../x.safetensors"])
+def test_index_naming_a_file_outside_the_directory_is_refused(hf_dir: Path, tmp_path: Path, entry: str) -> None:
+    """A safetensors index whose weight_map leaves the model directory is refused before any file is opened."""
+    import json
+
+    copy = copy_hf_dir(hf_dir, tmp_path)
+    outside = tmp_path / "x.safetensors"
+    shutil.copyfile(sorted(copy.glob("model-*.safetensors"))[0], outside)  # a readable file waits there
+    index = json.loads((copy / INDEX_FILE).read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = entry
+    (copy / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(HFConfigError, match=rf"{INDEX_FILE} lists the file '{re.escape(entry)}'"):
+        hf_module(copy)

@@ -211,3 +211,14 @@ def test_world_size_counts_pipeline_stages() -> None:
     with pytest.raises(LayoutError, match=r"world size 6 is not divisible by TP 2 x CP 1 x PP 2 = 4"):
         validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6)
     assert validate_layout(ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 8) == 2
+
+
+def test_layout_sizes_are_whole_numbers_and_switches_true_or_false() -> None:
+    """2.5 GPUs per model would be cut to 2 and "false" read as true; the ranges stay validate_layout's."""
+    with pytest.raises(ValueError, match=r"^tensor_model_parallel_size must be a whole number; got 2\.5, which has"):
+        ParallelLayout(tensor_model_parallel_size=2.5)
+    with pytest.raises(ValueError, match=r"^num_layers_in_last_pipeline_stage must be a whole number; got True"):
+        ParallelLayout(pipeline_model_parallel_size=2, num_layers_in_last_pipeline_stage=True)
+    with pytest.raises(ValueError, match=r"^sequence_parallel must be true or false; got 'false' \(str\)"):
+        ParallelLayout(tensor_model_parallel_size=2, sequence_parallel="false")
+    assert ParallelLayout(context_parallel_size=2.0, virtual_pipeline_model_parallel_size=None) == layout(1, 2)

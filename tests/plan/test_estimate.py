@@ -293,3 +293,34 @@ def test_plan_of_megatron_lms_70b_layout(capsys: pytest.CaptureFixture[str]) -> 
     assert re.search(r"stage 0 +\d+\.\d+ GiB \(layers 0-1, 16-17, 32-33, 48-49, 64-65 \+ embedding", text)
     assert "layers 14-15, 30-31, 46-47, 62-63, 78-79 + output layer" in text
     assert "Fits 80 GiB per GPU" in text
+
+
+# ---------------------------------------------------------------------------------------------- document masking
+def test_document_masking_adds_its_upper_bounds_to_memory() -> None:
+    """Masked: the RoPE tables Megatron caches (31 more, 8192 x 128 fp32 each) for the run and the document boundaries
+    (an int32 per token + 1) per micro batch in flight; nothing else changes."""
+    plain, masked = one_gpu_8b(), one_gpu_8b(document_masking=True)
+    assert not plain.document_masking and masked.document_masking
+    assert masked.memory.rope_cache == 31 * 8192 * 128 * 4 and plain.memory.rope_cache == 0
+    assert masked.activations.packed_bytes == 4 * (8192 + 1) and plain.activations.packed_bytes == 0
+    assert masked.memory.activations - plain.memory.activations == 4 * (8192 + 1)
+    assert masked.memory.total - plain.memory.total == 31 * 8192 * 128 * 4 + 4 * (8192 + 1)
+    assert (masked.memory.weights, masked.memory.optimizer) == (plain.memory.weights, plain.memory.optimizer)
+    # Under PP every chunk forward pass in flight keeps its micro batch's boundaries.
+    piped = one_gpu_8b(
+        layout=ParallelLayout(pipeline_model_parallel_size=2), world_size=2, document_masking=True, micro_batch_size=2
+    )
+    first = piped.stages[0]
+    assert first.activations.packed_bytes == 4 * (2 * 8192 + 1) and first.activations.in_flight == 2
+
+
+def test_plan_refuses_document_masking_where_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match=r"context_parallel_size 2: .*2 x CP = 4 tokens"):
+        reference_plan(document_masking=True)  # the recipe's CP2
+    with pytest.raises(ValueError, match=r"fp8_attention: false"):
+        one_gpu_8b(document_masking=True, fp8_attention=True)
+    one_gpu_8b(document_masking=True, fp8_attention=True, precision="bf16", fp8_param_gather=False)  # no FP8: fine
+    reference_plan(fp8_attention=True)  # masking off: FP8 attention is none of the plan's business
+    with pytest.raises(ValueError, match=r"transformer_impl: transformer_engine"):
+        one_gpu_8b(arch=get_preset("llama_tiny", transformer_impl="local"), document_masking=True, precision="bf16",
+                   fp8_param_gather=False)  # fmt: skip

@@ -18,3 +18,17 @@ def test_format_plan_contains_the_numbers() -> None:
     assert f"{plan.flops_per_step / 1e12:,.2f} TFLOP" in text
     assert f"{plan.flops_per_gpu_per_step / 1e12:,.2f} TFLOP" in text
     assert "estimate" in text
+
+
+def test_format_plan_says_whether_documents_are_masked() -> None:
+    from lightning_llama_fp8.config import llama3_8b
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
+    from lightning_llama_fp8.plan.estimate import plan_training
+
+    unmasked = format_plan(reference_plan())
+    assert "Document masking" in unmasked and "off (one causal mask" in unmasked
+    plan = plan_training(llama3_8b(), ParallelLayout(), 1, 8, 1, "fp8", document_masking=True)
+    text = format_plan(plan)
+    assert "on: each document of a packed sample attends only to itself" in text
+    assert "RoPE tables cached per longest-document length 124 MiB, document boundaries 32 KiB" in text
+    assert f"{(plan.memory.rope_cache + plan.activations.packed_bytes) / GIB:,.2f} GiB" in text

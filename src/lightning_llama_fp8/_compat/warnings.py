@@ -12,7 +12,10 @@ megatron-core or Transformer Engine, so the import-time ones are caught.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 # (message regex, category, emitting module regex, why a user of this package cannot act on it)
 DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
@@ -109,6 +112,71 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
         "Lightning's own use of a torch API, unchanged in behaviour",
     ),
 )
+
+# (message regex, category, emitting module regex, why): torch.distributed.checkpoint's messages about the calls that
+# megatron-core's torch_dist reader makes, on every resume (3 kinds, several copies each). Filtered only while
+# megatron-core reads a checkpoint (megatron_checkpoint_read_warnings_filtered), so that the same messages about anyone
+# else's calls of torch.distributed.checkpoint are still shown.
+MEGATRON_CHECKPOINT_READ_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
+    (
+        r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single "
+        r"process",
+        UserWarning,
+        # Attributed to the wrapper torch puts around load (its decorators live in checkpoint/utils.py).
+        r"torch\.distributed\.checkpoint\.utils",
+        # megatron-core 0.19.2 passes no_dist=True on purpose (each rank reads the shards it needs and megatron-core
+        # exchanges what is missing itself), and torch words that as if torch.distributed were down, while NCCL is up
+        # and every rank loads.
+        "megatron-core reads without torch's coordination on purpose; torch.distributed is up",
+    ),
+    (
+        r"The argument order of load has been changed",
+        UserWarning,
+        r"torch\.distributed\.checkpoint\.logger",
+        # megatron-core calls torch.distributed.checkpoint.load(state_dict, reader, ...) positionally.
+        "megatron-core's call, which only megatron-core can change",
+    ),
+    (
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+        FutureWarning,
+        r"torch\.distributed\.checkpoint\.",
+        # megatron-core's torch_dist format hands its shards to torch as ShardedTensor; torch's load planner then warns
+        # on each one. Still the format megatron-core 0.19.2 writes and reads.
+        "megatron-core's checkpoint format, which only megatron-core can migrate",
+    ),
+)
+
+
+@contextmanager
+def megatron_checkpoint_read_warnings_filtered() -> Iterator[None]:
+    """While megatron-core reads a checkpoint: hide :data:`MEGATRON_CHECKPOINT_READ_WARNINGS` (the filters before are
+    restored after, as ``warnings.catch_warnings`` does)."""
+    with warnings.catch_warnings():
+        for message, category, module, _why in MEGATRON_CHECKPOINT_READ_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
+
+
+#: Lightning's ModelCheckpoint at the start of a fit, when its directory holds files. Meant for a new run writing into
+#: another run's directory; said also when a run resumes into its own directory, where those files are its checkpoints.
+CHECKPOINT_DIRECTORY_NOT_EMPTY_WARNING = "Checkpoint directory {} exists and is not empty."
+
+
+@contextmanager
+def own_checkpoint_directories_warning_filtered(directories: Iterable[str]) -> Iterator[None]:
+    """Hide ModelCheckpoint's "Checkpoint directory ... exists and is not empty" for exactly ``directories`` (those a
+    resumed run continues: ``checkpoint/resume.py``'s ``resumes_into``) while the block runs; the warning for any other
+    directory (a new run writing where another run's checkpoints are) is shown as before."""
+    with warnings.catch_warnings():
+        for directory in directories:
+            warnings.filterwarnings(
+                "ignore",
+                message=re.escape(CHECKPOINT_DIRECTORY_NOT_EMPTY_WARNING.format(directory)) + "$",
+                category=UserWarning,
+                module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+            )
+        yield
+
 
 # Lightning's ModelCheckpoint, for any module with manual optimization, on the first save of every run.
 MANUAL_OPTIMIZATION_CHECKPOINT_WARNING = (

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from lightning_llama_fp8.callbacks.fp8_monitor import FP8StatsMonitor
     from lightning_llama_fp8.callbacks.gc import ManualGC
     from lightning_llama_fp8.callbacks.nan_guard import NaNGuard, NonFiniteTrainingError
+    from lightning_llama_fp8.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
     from lightning_llama_fp8.callbacks.progress import StepProgressBar
     from lightning_llama_fp8.callbacks.throughput import ThroughputMonitor
 
@@ -20,8 +21,10 @@ __all__ = [
     "ManualGC",
     "NaNGuard",
     "NonFiniteTrainingError",
+    "PreemptionCheckpoint",
     "StepProgressBar",
     "ThroughputMonitor",
+    "TrainingPreempted",
 ]
 
 __getattr__, __dir__ = lazy_exports(
@@ -32,7 +35,9 @@ __getattr__, __dir__ = lazy_exports(
         "ManualGC": "lightning_llama_fp8.callbacks.gc",
         "NaNGuard": "lightning_llama_fp8.callbacks.nan_guard",
         "NonFiniteTrainingError": "lightning_llama_fp8.callbacks.nan_guard",
+        "PreemptionCheckpoint": "lightning_llama_fp8.callbacks.preemption",
         "StepProgressBar": "lightning_llama_fp8.callbacks.progress",
         "ThroughputMonitor": "lightning_llama_fp8.callbacks.throughput",
+        "TrainingPreempted": "lightning_llama_fp8.callbacks.preemption",
     },
 )

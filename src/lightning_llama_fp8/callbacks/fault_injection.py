@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name
+from lightning_llama_fp8.validate import as_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -86,16 +87,18 @@ class FaultInjector(Callback):
                 what = "a module name" if target == "activation" else "a parameter name"
                 raise ValueError(f"FaultInjector(target={target!r}) needs name= ({what}).")
             name = DEFAULT_LOSS_MODULE
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"FaultInjector step must be an integer >= 0 (a trainer.global_step), got {step!r}.")
+        step = as_int(step, "FaultInjector step (a trainer.global_step)", at_least=0)
         if value not in VALUES:
             raise ValueError(f"FaultInjector value must be one of {', '.join(VALUES)}; got {value!r}.")
         if ranks is not None:
-            ranks = list(ranks)
-            if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+            listed = [] if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable) else list(ranks)
+            if not listed:
                 raise ValueError(
                     f"FaultInjector ranks must be a non-empty list of global ranks (or None for all), got {ranks!r}."
                 )
+            ranks = [
+                as_int(rank, f"FaultInjector ranks[{i}] (a global rank)", at_least=0) for i, rank in enumerate(listed)
+            ]
         self.target = target
         self.name = name
         self.step = step

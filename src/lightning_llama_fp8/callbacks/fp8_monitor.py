@@ -39,6 +39,7 @@ from torch import nn
 from lightning_llama_fp8.callbacks.te_debug import TE_DEBUG_DIR, TEDebugSession, validated_te_debug_args
 from lightning_llama_fp8.fp8.state import scaling_summary
 from lightning_llama_fp8.parallel.pipeline import gather_over_pipeline, global_module_name, pipeline_stage
+from lightning_llama_fp8.validate import as_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -75,8 +76,7 @@ class FP8StatsMonitor(Callback):
         te_debug_stats: list[str] | None = None,
         te_debug_tensors: list[str] | None = None,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"FP8StatsMonitor every_n_steps must be an integer >= 1, got {every_n_steps!r}.")
+        every_n_steps = as_int(every_n_steps, "FP8StatsMonitor every_n_steps", at_least=1)
         if modules is not None:
             # A bare string is refused: iterating it would give single characters, matching almost every name.
             if isinstance(modules, str) or not modules or not all(isinstance(m, str) and m for m in modules):

@@ -13,15 +13,15 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_llama_fp8.validate import as_bool, as_int
+
 
 class ManualGC(Callback):
     """Turn off automatic garbage collection while training; collect every ``interval`` steps (0: never)."""
 
     def __init__(self, interval: int = 0, collect_around_validation: bool = True) -> None:
-        if interval < 0:
-            raise ValueError(f"ManualGC interval must be >= 0, got {interval}.")
-        self.interval = interval
-        self.collect_around_validation = collect_around_validation
+        self.interval = as_int(interval, "ManualGC interval", at_least=0)
+        self.collect_around_validation = as_bool(collect_around_validation, "ManualGC collect_around_validation")
         self._was_enabled = True
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -61,6 +61,7 @@ from lightning_llama_fp8.fp8.state import (
     sanitize_fp8_state,
 )
 from lightning_llama_fp8.parallel.pipeline import global_module_name, pipeline_stage
+from lightning_llama_fp8.validate import as_bool, as_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -96,7 +97,7 @@ class NaNGuard(Callback):
         bf16_steps_after_rollback: with ``rollback``, steps to run without FP8 after a bad step (needs a precision
             plugin with ``set_fp8_enabled``, i.e. ``TEFP8Precision``); 0 keeps FP8 on.
         report_dir: where the JSON reports go (default: the trainer's log dir, else its root dir).
-        max_reported_parameters: parameter names listed per rank in a report.
+        max_reported_parameters: parameter names listed per rank in a report (0: none, only the counts).
         watch_outputs: regular expression over ``named_modules()`` names whose outputs are checked, on the device,
             for NaN/Inf at every forward (default: Megatron's transformer layers). On a bad step the report names
             the first of them whose output went non-finite: where a NaN appeared (TE's FP8 amaxes ignore NaN, so
@@ -118,10 +119,10 @@ class NaNGuard(Callback):
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"NaNGuard policy must be one of {', '.join(POLICIES)}; got {policy!r}.")
-        if max_consecutive_bad_steps < 1:
-            raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}.")
-        if bf16_steps_after_rollback < 0:
-            raise ValueError(f"bf16_steps_after_rollback must be >= 0, got {bf16_steps_after_rollback}.")
+        max_consecutive_bad_steps = as_int(max_consecutive_bad_steps, "NaNGuard max_consecutive_bad_steps", at_least=1)
+        bf16_steps_after_rollback = as_int(bf16_steps_after_rollback, "NaNGuard bf16_steps_after_rollback", at_least=0)
+        max_reported_parameters = as_int(max_reported_parameters, "NaNGuard max_reported_parameters", at_least=0)
+        check_fp8_state = as_bool(check_fp8_state, "NaNGuard check_fp8_state")
         if bf16_steps_after_rollback and policy != "rollback":
             raise ValueError("bf16_steps_after_rollback only applies to policy='rollback'.")
         if watch_outputs is not None:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from lightning_llama_fp8.validate import as_bool, as_int
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -27,7 +29,11 @@ class StepProgressBar(TQDMProgressBar):
     """
 
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
-        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        super().__init__(
+            refresh_rate=as_int(refresh_rate, "StepProgressBar refresh_rate", at_least=0),
+            process_position=as_int(process_position, "StepProgressBar process_position", at_least=0),
+            leave=as_bool(leave, "StepProgressBar leave"),
+        )
 
     def _counts_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0

@@ -42,6 +42,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_llama_fp8._compat import lightning as compat
+from lightning_llama_fp8.validate import as_float, as_int, as_optional_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -113,16 +114,10 @@ class ThroughputMonitor(Callback):
         peak_tflops: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"ThroughputMonitor window must be an integer >= 1, got {window!r}.")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"ThroughputMonitor log_every_n_steps must be an integer >= 1 or None, got {log_every_n_steps!r}."
-            )
-        if peak_tflops is not None and not peak_tflops > 0:
-            raise ValueError(f"ThroughputMonitor peak_tflops must be > 0 or None, got {peak_tflops!r}.")
+        window = as_int(window, "ThroughputMonitor window", at_least=1)
+        log_every_n_steps = as_optional_int(log_every_n_steps, "ThroughputMonitor log_every_n_steps", at_least=1)
+        if peak_tflops is not None:
+            peak_tflops = as_float(peak_tflops, "ThroughputMonitor peak_tflops", above=0)
         self.window = window
         self.log_every_n_steps = log_every_n_steps
         self.peak_tflops = peak_tflops

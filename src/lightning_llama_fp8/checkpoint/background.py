@@ -12,6 +12,13 @@ One save with ``MegatronCPStrategy(async_save=True)``, as :class:`AsyncCheckpoin
    ``metadata.json``, then ours: rank 0 writes ``lightning.pt`` and ``lightning_llama_fp8.json`` (with the sizes and
    digests of the finished files) and renames ``<path>.saving`` to ``<path>``.
 
+One save is pending at a time (each holds a host copy as large as the rank's share of the checkpoint): a save that
+comes while the previous one is still being written waits for that write first, and training waits with it. The wait
+is logged with its length and the save interval that would avoid it ("Waited X s for the previous checkpoint write
+(...) to finish before saving step N ..."), and kept per save in :attr:`AsyncCheckpointSaver.timings`. A save blocks
+training only for its host copy when the saves are at least one write apart: interval >= the node's share of the
+checkpoint / the write speed of its file system.
+
 So a checkpoint appears under its name only complete, as with synchronous saves, just some steps later; the older
 checkpoints ModelCheckpoint deletes right after ``save_checkpoint`` returns (``save_top_k``) are deleted only then
 (:meth:`AsyncCheckpointSaver.remove_after_pending_save`). A kill during the background write leaves ``<path>.saving``
@@ -40,6 +47,7 @@ save mid-run. The measured stalls are in the README ("Checkpoints").
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -63,12 +71,29 @@ Agree = Callable[[str | None], str | None]
 
 
 @dataclass
+class SaveTiming:
+    """How one background save went on this rank (:attr:`AsyncCheckpointSaver.timings`)."""
+
+    path: Path
+    #: The training step saved, where the caller said (``None``: not known).
+    step: int | None
+    #: Seconds the save waited for the previous background write to finish before it could begin (0: none was
+    #: still being written). Training waits as long.
+    waited_for_previous_s: float
+    #: Seconds from the end of the save call (host copy taken, writer started) until this rank found the write
+    #: finished, at a finalize: the write time, to within a training step. ``None`` while it is being written.
+    write_s: float | None = None
+
+
+@dataclass
 class _PendingSave:
     """A save whose shards are being written; published (and ``removals`` deleted) at its finalize."""
 
     path: Path
     is_rank_zero: bool
     removals: list[Path] = field(default_factory=list)
+    timing: SaveTiming | None = None
+    scheduled_at: float = 0.0  # time.monotonic() when the save call returned
 
 
 class PinnedHostReserve:
@@ -158,6 +183,8 @@ class AsyncCheckpointSaver:
         self._queue = AsyncCallsQueue(persistent=False)
         self._agree = agree
         self._pending: _PendingSave | None = None
+        #: Every save of this saver, in order: how long it waited for the one before, how long its write took.
+        self.timings: list[SaveTiming] = []
 
     @property
     def pending_path(self) -> Path | None:
@@ -170,14 +197,17 @@ class AsyncCheckpointSaver:
         is_rank_zero: bool,
         plan_shards: Callable[[Path], Any],
         write_rank_zero_files: Callable[[Path], None],
+        step: int | None = None,
     ) -> None:
-        """Start saving ``path``; returns once every shard is in host memory and its writer runs.
+        """Start saving ``path`` (training step ``step``, for the log); returns once every shard is in host memory
+        and its writer runs.
 
         ``plan_shards(directory)`` returns Megatron's ``AsyncRequest`` for the shards (every rank);
         ``write_rank_zero_files(directory)`` writes the rest into the finished directory before it is published
         (rank 0, at the finalize).
         """
-        self.finalize(blocking=True)  # one at a time: each holds a host copy as large as the checkpoint
+        # One at a time: each holds a host copy as large as the checkpoint.
+        timing = SaveTiming(path, step, waited_for_previous_s=self._wait_for_previous_save(path, step))
         tmp = saving_directory(path)
         run_and_agree((lambda: prepare_saving_directory(path)) if is_rank_zero else None, self._agree)
         planned: list[Any] = []
@@ -193,7 +223,24 @@ class AsyncCheckpointSaver:
 
         request.add_finalize_fn(publish)  # after Megatron's own (shard index, metadata.json)
         self._queue.schedule_async_request(request)  # the host copy is taken here (see the module docstring)
-        self._pending = _PendingSave(path, is_rank_zero)
+        self._pending = _PendingSave(path, is_rank_zero, timing=timing, scheduled_at=time.monotonic())
+        self.timings.append(timing)
+
+    def _wait_for_previous_save(self, path: Path, step: int | None) -> float:
+        """Publish the previous save, waiting for its write if it is still running; the seconds waited for the write
+        (0 when it was done: then publishing it costs one all-reduce and its rank-0 files). Rank 0 logs a wait."""
+        previous = self._pending
+        if previous is None:
+            return 0.0
+        start = time.monotonic()
+        self.finalize(blocking=False)  # every rank agrees whether all writes are done (one all-reduce)
+        if self._pending is None:
+            return 0.0
+        self.finalize(blocking=True)
+        waited = time.monotonic() - start
+        if previous.is_rank_zero:
+            log.warning(_wait_message(previous, waited, start - previous.scheduled_at, path, step))
+        return waited
 
     def finalize(self, blocking: bool) -> None:
         """Publish the pending save if every rank's write is done (``blocking``: wait for it).
@@ -217,6 +264,8 @@ class AsyncCheckpointSaver:
         if not finished:
             return
         self._pending = None
+        if pending.timing is not None:
+            pending.timing.write_s = time.monotonic() - pending.scheduled_at
         if pending.is_rank_zero:
             for removal in pending.removals:
                 remove_checkpoint_directory(removal)
@@ -256,3 +305,26 @@ class AsyncCheckpointSaver:
             f"as it was{kept}. Check the file system (space, permissions), then resume from the newest complete "
             "checkpoint (ckpt_path='last')."
         )
+
+
+def _wait_message(previous: _PendingSave, waited: float, since_s: float, path: Path, step: int | None) -> str:
+    """What a save that had to wait for the previous background write tells the user: the wait, the write time, and
+    the save interval that would not wait."""
+    saving = f"step {step}" if step is not None else path.name
+    write_s = previous.timing.write_s if previous.timing is not None else None
+    write_s = since_s + waited if write_s is None else write_s
+    previous_step = previous.timing.step if previous.timing is not None else None
+    apart = f"{since_s:.1f} s apart"
+    interval = f"at least {math.ceil(write_s)} s apart"
+    if step is not None and previous_step is not None and step > previous_step:
+        steps = step - previous_step
+        apart += f" ({steps} steps)"
+        s_per_step = since_s / steps
+        if s_per_step > 0:
+            interval += f" (every {math.ceil(write_s / s_per_step)} steps or more at {s_per_step:.2f} s per step)"
+    return (
+        f"Waited {waited:.1f} s for the previous checkpoint write ({previous.path.name}) to finish before saving "
+        f"{saving}; training waited as long. A background save begins only once the one before it is written: that "
+        f"write took {write_s:.1f} s, and the two saves came {apart}. Save {interval}, or write faster (the write "
+        "time is this node's share of the checkpoint divided by the file system's write speed)."
+    )

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_llama_fp8._compat.warnings import megatron_checkpoint_read_warnings_filtered
 from lightning_llama_fp8.checkpoint import background, directories, preflight, resume, state_io
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint.background import AsyncCheckpointSaver, PinnedHostReserve, pinned_bytes
@@ -178,7 +179,9 @@ class StrategyCheckpointing:
             self.async_saver = AsyncCheckpointSaver(strategy.first_failure)
         # Gathered until the host copy is taken, which scheduling does before it returns (background.py).
         with self.parameters_gathered():
-            self.async_saver.save(path, strategy.is_global_zero, plan_shards, write_rank_zero_files)
+            self.async_saver.save(
+                path, strategy.is_global_zero, plan_shards, write_rank_zero_files, step=checkpoint.get("global_step")
+            )
 
     def reserve_host_copy(self) -> None:
         """With ``async_save``, once the optimizer state exists (after the first step that updated it): pin, in a
@@ -280,10 +283,14 @@ class StrategyCheckpointing:
         path = Path(strategy.broadcast(str(checkpoint_path)))
         optimizer = self.megatron_optimizer()
         self.check(path, with_optimizer=optimizer is not None)
-        state_io.load_megatron_state(path, self.megatron_models(), optimizer, strategy.data_parallel_group())
+        with megatron_checkpoint_read_warnings_filtered():
+            state_io.load_megatron_state(path, self.megatron_models(), optimizer, strategy.data_parallel_group())
         early, self.early_state = self.early_state, None
         state = early[1] if early is not None and early[0] == path else state_io.load_lightning_state(path)
         self._load_other_optimizers(state.get("optimizer_states") or [])
+        trainer = strategy.lightning_module.trainer
+        if trainer.state.fn == TrainerFn.FITTING:  # the resumed run renews its own last.ckpt (not last-v1.ckpt)
+            resume.renew_own_last_checkpoints(state, trainer.checkpoint_callbacks)
         return state
 
     def check(self, path: str | os.PathLike[str], with_optimizer: bool, **resume_settings: Any) -> ckpt.CheckpointInfo:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_llama_fp8.storage.paths import PathOutsideFolderError, path_inside
+
 if TYPE_CHECKING:
     pass
 
@@ -86,7 +88,8 @@ class CheckpointInfo:
     #: How the optimizer state is sharded; ``None``: the checkpoint has no optimizer state.
     optimizer_sharding: str | None = None
     #: What the data module needs to continue the same samples (``GPTDataModule.checkpoint_info()``: the global
-    #: batch size and the training sample index the run was built with); empty for other data modules.
+    #: batch size and the training sample index the run was built with), and whether it masked documents
+    #: (``document_masking``; absent in older checkpoints: off); empty for other data modules.
     data: dict[str, Any] = field(default_factory=dict)
     #: The module's optimizer settings (``LlamaLightningModule.optim``), to refuse changed learning rates early.
     optimizer_settings: dict[str, Any] = field(default_factory=dict)
@@ -195,7 +198,7 @@ def record_files(directory: Path) -> dict[str, dict[str, Any]]:
 def _check_recorded_files(path: Path, files: dict[str, dict[str, Any]]) -> None:
     """Each file the save recorded is there, with its size and digest (checkpoints written before this: skipped)."""
     for name, recorded in sorted(files.items()):
-        file = path / name
+        file = _listed_file(path, name, INFO_FILENAME)
         if not file.is_file():
             raise CheckpointError(f"Checkpoint {path} is damaged: {name} is missing. Resume from another checkpoint.")
         size = file.stat().st_size
@@ -209,6 +212,14 @@ def _check_recorded_files(path: Path, files: dict[str, dict[str, Any]]) -> None:
                 f"Checkpoint {path} is damaged: {name} is not the file the save wrote (same size, other contents: "
                 f"overwritten, or copied from another checkpoint?). Resume from another checkpoint."
             )
+
+
+def _listed_file(path: Path, name: object, listed_in: str) -> Path:
+    """``path / name`` for a file name read from the checkpoint's own files, refused if it leaves the checkpoint."""
+    try:
+        return path_inside(path, name, path / listed_in)
+    except PathOutsideFolderError as err:
+        raise CheckpointError(f"Checkpoint {path} is damaged or unsafe: {err}") from err
 
 
 def _check_shard_files(path: Path) -> Any:
@@ -229,7 +240,7 @@ def _check_shard_files(path: Path) -> Any:
     for item in (metadata.storage_data or {}).values():
         needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
     for name, size in sorted(needed.items()):
-        shard = path / name
+        shard = _listed_file(path, name, ".metadata")
         if not shard.is_file():
             raise CheckpointError(f"Checkpoint {path} is damaged: shard {name} is missing. Resume from another one.")
         if shard.stat().st_size < size:

@@ -95,7 +95,8 @@ def checkpoint_to_load(trainer: Any) -> Path | None:
 
 def _check_last_is_newest(trainer: Any, chosen: Any) -> None:
     directories = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    newest = resume.resolve_last_checkpoint(directories)  # raises when checkpoints exist but none is complete
+    # Raises when checkpoints exist but none is complete; Lightning's SLURM requeue saves (hpc_ckpt_*) count too.
+    newest = resume.resolve_last_checkpoint(directories, run_directories=[Path(trainer.default_root_dir)])
     if newest is None:
         return
     newest_step = ckpt.read_checkpoint_info(newest).global_step

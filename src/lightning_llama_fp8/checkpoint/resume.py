@@ -1,10 +1,13 @@
-"""May a run resume from a checkpoint: the newest complete checkpoint of a run (``ckpt_path="last"``), and whether
-one fits the model, layout, batch size and learning rates of this run, checked before anything is built."""
+"""May a run resume from a checkpoint: the newest complete checkpoint of a run (``ckpt_path="last"``), whether one
+fits the model, layout, batch size and learning rates of this run (checked before anything is built), and how a
+resumed run goes on with its own ``last.ckpt``."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +28,19 @@ if TYPE_CHECKING:
 PAIRED_OPTIMIZER_FIELDS: tuple[str, ...] = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr")
 
 
-def resolve_last_checkpoint(directories: list[Path]) -> Path | None:
-    """The newest complete checkpoint in ``directories`` (by global step, then modification time), for
-    ``ckpt_path="last"``; ``None`` if the directories hold no checkpoint at all.
+#: Lightning's SLURM auto-requeue saves ``hpc_ckpt_<n>.ckpt`` into the Trainer's ``default_root_dir``.
+HPC_CHECKPOINT_PATTERN = "hpc_ckpt_*.ckpt"
+
+
+def resolve_last_checkpoint(directories: list[Path], run_directories: Sequence[Path] = ()) -> Path | None:
+    """The newest complete checkpoint (by global step) for ``ckpt_path="last"``; ``None`` if there is none at all.
+
+    Looks at every ``*.ckpt`` in ``directories`` (the ModelCheckpoint ``dirpath``: its step checkpoints,
+    ``last*.ckpt``, a PreemptionCheckpoint save) and at the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM requeue signal
+    saved into ``run_directories`` (the Trainer's ``default_root_dir``), whatever their names and modification times
+    say: a checkpoint of a later step is newer. On the same step a ``last*`` name comes first: resumed through it,
+    ModelCheckpoint's ``save_top_k`` rotation later deletes the step checkpoint it links to, which Lightning keeps
+    forever when that was the path the run resumed from; then the newest modification time.
 
     Unlike Lightning's lookup (the newest ``last*.ckpt`` by modification time, a dangling link counting as none)
     this sees through what an interrupted save leaves: a ``last.ckpt`` link whose target was deleted before the
@@ -36,25 +49,29 @@ def resolve_last_checkpoint(directories: list[Path]) -> Path | None:
     Raises:
         CheckpointError: there are checkpoints, but none is complete (the message lists each and what is wrong).
     """
-    candidates: list[tuple[int, float, Path]] = []
+    candidates: list[tuple[int, bool, float, Path]] = []
     problems: list[str] = []
-    for directory in directories:
+    searched = [(directory, "*.ckpt") for directory in directories]
+    searched += [(directory, HPC_CHECKPOINT_PATTERN) for directory in run_directories]
+    seen: set[Path] = set()
+    for directory, pattern in searched:
         if not directory.is_dir():
             continue
-        for entry in sorted(directory.iterdir()):
-            if not entry.name.endswith(".ckpt"):  # leaves out <name>.ckpt.saving / .replaced
+        for entry in sorted(directory.glob(pattern)):  # leaves out <name>.ckpt.saving / .replaced
+            if entry.absolute() in seen:
                 continue
+            seen.add(entry.absolute())
             try:  # the step from the info file alone first: fully checking every checkpoint would read them all
                 step = int(json.loads((entry / INFO_FILENAME).read_text())["global_step"])
-                candidates.append((step, entry.resolve().stat().st_mtime, entry))
+                candidates.append((step, entry.name.startswith("last"), entry.resolve().stat().st_mtime, entry))
             except (OSError, ValueError, KeyError, TypeError):
                 try:
                     read_checkpoint_info(entry)
                 except CheckpointError as err:
                     problems.append(str(err))
-        for entry in sorted(directory.glob("*.ckpt.replaced")):
+        for entry in sorted(directory.glob(pattern + ".replaced")):
             problems.append(f"{entry} is the previous version of {entry.name[: -len('.replaced')]} set aside by a save")
-    for _, _, entry in sorted(candidates, key=lambda item: item[:2], reverse=True):  # newest first
+    for *_, entry in sorted(candidates, key=lambda item: item[:3], reverse=True):  # newest first
         try:
             read_checkpoint_info(entry)
         except CheckpointError as err:
@@ -62,14 +79,67 @@ def resolve_last_checkpoint(directories: list[Path]) -> Path | None:
             continue
         return entry
     if problems:
+        where = [str(d) for d in directories] + [f"{d} ({HPC_CHECKPOINT_PATTERN})" for d in run_directories]
         raise CheckpointError(
             "ckpt_path='last': no complete checkpoint in "
-            + ", ".join(str(d) for d in directories)
+            + ", ".join(where)
             + ". Found: "
             + " | ".join(problems)
             + ". Pass ckpt_path=<one of them> once repaired, or leave ckpt_path unset to start a new run."
         )
     return None
+
+
+def recorded_checkpoint_directories(lightning_state: dict[str, Any]) -> set[Path]:
+    """The ModelCheckpoint directories the run that saved ``lightning_state`` (a checkpoint's ``lightning.pt``)
+    wrote into: the ``dirpath`` of its callbacks' saved states."""
+    found = set()
+    for state in (lightning_state.get("callbacks") or {}).values():
+        dirpath = state.get("dirpath") if isinstance(state, dict) else None
+        if isinstance(dirpath, str | os.PathLike) and "://" not in str(dirpath):
+            found.add(Path(dirpath).absolute())
+    return found
+
+
+def resumes_into(checkpoint: Path, directory: Path, recorded: set[Path]) -> bool:
+    """Whether resuming from ``checkpoint`` continues the run that saves into ``directory`` (a ModelCheckpoint
+    dirpath): the checkpoint lies there (through a ``last.ckpt`` link too), or that run's ModelCheckpoint wrote
+    there (``recorded``: :func:`recorded_checkpoint_directories`; e.g. an ``hpc_ckpt`` saved elsewhere)."""
+    target = Path(os.path.realpath(directory))
+    return (
+        Path(os.path.realpath(checkpoint.absolute().parent)) == target
+        or Path(os.path.realpath(checkpoint)).parent == target
+        or any(Path(os.path.realpath(path)) == target for path in recorded)
+    )
+
+
+def renew_own_last_checkpoints(lightning_state: dict[str, Any], checkpoint_callbacks: Iterable[Any]) -> list[str]:
+    """Let each ModelCheckpoint of a resumed run renew its own ``last.ckpt`` instead of starting ``last-v1.ckpt``.
+
+    ModelCheckpoint renews the ``last`` checkpoint it remembers (``last_model_path``) and gives a new name
+    (``last-v1.ckpt``) to a ``last.ckpt`` it does not remember, to keep another run's. The first checkpoint of a run
+    remembers none (with ``save_last="link"`` the step checkpoint is written before the link; with ``save_last=True``
+    the step checkpoint before the copy), so a run resumed from it left ``last.ckpt`` at the old step and went on
+    in ``last-v1.ckpt``. Where the saved state names the callback's own directory (Lightning restores
+    ``last_model_path`` only then: the same run), this sets the remembered name to the callback's ``last`` name in
+    ``lightning_state`` (a checkpoint's ``lightning.pt`` contents, before Lightning restores them). ``last`` names with
+    a template (``{step}-last``) are left alone: each save gets a new one. Returns the names set.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saved = lightning_state.get("callbacks") or {}
+    renewed = []
+    for callback in checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+            continue
+        state = saved.get(callback.state_key)
+        if not isinstance(state, dict) or state.get("dirpath") != callback.dirpath:
+            continue
+        if "{" in callback.CHECKPOINT_NAME_LAST:
+            continue
+        state["last_model_path"] = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
+        renewed.append(state["last_model_path"])
+    return renewed
 
 
 def check_can_resume(

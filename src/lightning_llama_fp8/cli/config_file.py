@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.plan import TrainingPlan, plan_training
+from lightning_llama_fp8.validate import SettingError, as_bool, as_int, as_optional_int
 
 #: Exit status of a command whose config (or machine) cannot run; nothing was built.
 EXIT_CANNOT_TRAIN = 2
+#: How errors name the strategy's arguments.
+STRATEGY = "trainer.strategy.init_args"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -74,7 +78,9 @@ def precision_from(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def gpus_from(trainer: dict[str, Any]) -> int | None:
     """GPUs of all nodes as Lightning reads ``trainer.devices``; None for "all visible" ("auto", -1) without a GPU."""
-    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes", 1) or 1)
+    devices = trainer.get("devices", "auto")
+    num_nodes = trainer.get("num_nodes")
+    nodes = 1 if num_nodes is None else as_int(num_nodes, "trainer.num_nodes", at_least=1)
     if isinstance(devices, str) and "," in devices:  # "0,1": a list of GPU ids
         devices = [d for d in devices.split(",") if d.strip()]
     elif isinstance(devices, str) and devices.lstrip("-").isdigit():
@@ -85,18 +91,23 @@ def gpus_from(trainer: dict[str, Any]) -> int | None:
         import torch
 
         return torch.cuda.device_count() * nodes if torch.cuda.is_available() else None
-    if isinstance(devices, int):
-        if devices < 1:
-            raise ValueError(f"trainer.devices must be >= 1, a list of GPU ids, -1 or 'auto'; got {devices}.")
-        return devices * nodes
-    return None
+    try:
+        return as_int(devices, "trainer.devices", at_least=1) * nodes
+    except SettingError:
+        raise SettingError(f"trainer.devices must be >= 1, a list of GPU ids, -1 or 'auto'; got {devices!r}.") from None
 
 
 def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> TrainingPlan:
-    """Build the :class:`TrainingPlan` of a LightningCLI config (a parsed or raw YAML dict)."""
+    """Build the :class:`TrainingPlan` of a LightningCLI config (a parsed or raw YAML dict).
+
+    Every number is checked as the strategy and the data module check it (``validate``; ``data.arguments``): a
+    whole number in range, named by its place in the config, so a value that training would refuse or misread
+    (``tensor_model_parallel_size: 2.5``, ``data.seq_length: -1``) is refused here too.
+    """
     trainer = config.get("trainer") or {}
     strategy = init_args(trainer.get("strategy"))
     data = init_args(config.get("data")) or dict(config.get("data") or {})
+    data_numbers = check_data_arguments(data)
     precision, fp8_args = precision_from(trainer)
     world_size = gpus if gpus is not None else gpus_from(trainer)
     if world_size is None:
@@ -104,35 +115,40 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
             "The config does not fix the GPU count (trainer.devices is 'auto' or -1 and no GPU is visible): set "
             "trainer.devices to a number, or pass --gpus N to `llama-fp8 plan`."
         )
+
+    def size(name: str, default: int | None) -> int | None:
+        return as_optional_int(strategy.get(name, default), f"{STRATEGY}.{name}")
+
+    def switch(name: str, default: bool) -> bool:
+        return as_bool(strategy.get(name, default), f"{STRATEGY}.{name}")
+
+    tp = size("tensor_model_parallel_size", 1)
     layout = ParallelLayout(
-        tensor_model_parallel_size=int(strategy.get("tensor_model_parallel_size", 1)),
-        context_parallel_size=int(strategy.get("context_parallel_size", 1)),
-        sequence_parallel=bool(strategy.get("sequence_parallel", False))
-        and int(strategy.get("tensor_model_parallel_size", 1)) > 1,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=size("context_parallel_size", 1),
+        sequence_parallel=switch("sequence_parallel", False) and tp is not None and tp > 1,
         cp_comm_type=strategy.get("cp_comm_type", "p2p"),
-        pipeline_model_parallel_size=int(strategy.get("pipeline_model_parallel_size", 1)),
-        virtual_pipeline_model_parallel_size=_optional_int(strategy.get("virtual_pipeline_model_parallel_size")),
-        num_layers_in_first_pipeline_stage=_optional_int(strategy.get("num_layers_in_first_pipeline_stage")),
-        num_layers_in_last_pipeline_stage=_optional_int(strategy.get("num_layers_in_last_pipeline_stage")),
+        pipeline_model_parallel_size=size("pipeline_model_parallel_size", 1),
+        virtual_pipeline_model_parallel_size=size("virtual_pipeline_model_parallel_size", None),
+        num_layers_in_first_pipeline_stage=size("num_layers_in_first_pipeline_stage", None),
+        num_layers_in_last_pipeline_stage=size("num_layers_in_last_pipeline_stage", None),
     )
     return plan_training(
         arch_from(config.get("model") or {}),
         layout,
         world_size,
-        global_batch_size=int(data.get("global_batch_size", 128)),
-        micro_batch_size=int(data.get("micro_batch_size", 1)),
+        global_batch_size=data_numbers.get("global_batch_size", 128),
+        micro_batch_size=data_numbers.get("micro_batch_size", 1),
         precision=precision,  # type: ignore[arg-type]
-        use_distributed_optimizer=bool(strategy.get("use_distributed_optimizer", True)),
-        grad_reduce_in_fp32=bool(strategy.get("grad_reduce_in_fp32", False)),
-        fp8_param_gather=bool(fp8_args.get("fp8_param_gather", False)),
+        use_distributed_optimizer=switch("use_distributed_optimizer", True),
+        grad_reduce_in_fp32=switch("grad_reduce_in_fp32", False),
+        fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
         recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
+        document_masking=as_bool(data.get("document_masking", False), "data.document_masking"),
+        fp8_attention=as_bool(fp8_args.get("fp8_attention", False), "TEFP8Precision.fp8_attention"),
     )
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def _settings(cls: Any, value: Any) -> Any:

@@ -9,6 +9,7 @@ from lightning_llama_fp8.checkpoint.info import CheckpointError
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.export import export_to_hf
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES
+from lightning_llama_fp8.validate import float_argument
 
 EXIT_BAD_INPUT = 2
 
@@ -36,7 +37,11 @@ def convert_main(argv: list[str]) -> int:
         help="tokenizer to include: 'llama3' (the bundled Llama 3 one), a tokenizer.json, or a tokenizer directory",
     )
     parser.add_argument(
-        "--max-shard-size-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, help="safetensors shard size (5)"
+        "--max-shard-size-gb",
+        type=float_argument(above=0),
+        default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+        help="largest safetensors shard, in GB (10^9 bytes), > 0 (default 5; a tensor larger than that gets a shard "
+        "of its own)",
     )
     parser.add_argument(
         "--allow-fp8-weights",
@@ -55,7 +60,7 @@ def convert_main(argv: list[str]) -> int:
             allow_fp8_weights=args.allow_fp8_weights,
             overwrite=args.overwrite,
         )
-    except (CheckpointError, HFConfigError, FileExistsError) as err:
+    except (CheckpointError, HFConfigError, OSError) as err:  # OSError: the output (taken, a link, disk full)
         print(f"llama-fp8 convert: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"Wrote {report.output}: {len(report.shards)} safetensors shard(s), {report.total_bytes / 2**30:.2f} GiB")

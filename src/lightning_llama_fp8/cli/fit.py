@@ -8,15 +8,24 @@ plan for that config, says what is missing, and exits with status 2.
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
-from lightning_llama_fp8.checkpoint.resume import check_can_resume, resolve_last_checkpoint
+from lightning_llama_fp8._compat.warnings import own_checkpoint_directories_warning_filtered
+from lightning_llama_fp8.checkpoint.info import LIGHTNING_FILENAME, CheckpointError, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.resume import (
+    HPC_CHECKPOINT_PATTERN,
+    check_can_resume,
+    recorded_checkpoint_directories,
+    resolve_last_checkpoint,
+    resumes_into,
+)
 from lightning_llama_fp8.checkpoint.state_io import load_lightning_state
 from lightning_llama_fp8.cli.config_file import (
     EXIT_CANNOT_TRAIN,
@@ -33,9 +42,11 @@ from lightning_llama_fp8.fp8.support import fp8_support
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.plan import TrainingPlan, format_plan
+from lightning_llama_fp8.plan.machine import host_memory_problem
 
 # Registers the strategy's name ("megatron_cp") with Lightning before a config names it.
 from lightning_llama_fp8.strategy import MegatronCPStrategy  # noqa: F401
+from lightning_llama_fp8.validate import available_host_memory
 
 
 class LlamaCLI(LightningCLI):
@@ -64,28 +75,49 @@ class LlamaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
         fitting = self.subcommand in (None, "fit")
-        if fitting and config.get("ckpt_path") == "last":
-            # Lightning takes a dangling last.ckpt link for "no checkpoint" and starts a new run; find the newest
-            # complete checkpoint instead, and hand Lightning its path.
-            config["ckpt_path"] = resolve_last_from_config(config)
+        if config.get("ckpt_path") == "last":
+            # Lightning takes the newest last*.ckpt by modification time (a dangling link: none, and a new run) and
+            # ignores its own SLURM requeue saves; find the newest complete checkpoint by step instead, and hand
+            # Lightning its path.
+            config["ckpt_path"] = resolve_last_from_config(config, fitting)
             (self.config[self.subcommand] if self.subcommand else self.config)["ckpt_path"] = config["ckpt_path"]
         preflight(config, fitting=fitting)
 
+    def before_fit(self) -> None:
+        """A run resumed into its own checkpoint directory: hide Lightning's "Checkpoint directory ... exists and is
+        not empty" for that directory (the files are this run's checkpoints); kept for any other directory."""
+        self._fit_warnings = ExitStack()
+        path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else self.config.get("ckpt_path")
+        own = own_checkpoint_directories(Path(path), self.trainer.checkpoint_callbacks) if path else []
+        if own:
+            self._fit_warnings.enter_context(own_checkpoint_directories_warning_filtered(own))
+
+    def after_fit(self) -> None:
+        fit_warnings = getattr(self, "_fit_warnings", None)
+        if fit_warnings is not None:
+            fit_warnings.close()
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer, with :class:`StepProgressBar` (steps of ``max_steps``) unless the config has a progress bar.
+        """The Trainer, with :class:`StepProgressBar` (steps of ``max_steps``) unless the config has a progress bar,
+        and :class:`PreemptionCheckpoint` unless the config lists one.
 
         Lightning's default bar counts batches per epoch (``Epoch 0/-2`` for a ``max_steps`` run); a progress bar
         in ``trainer.callbacks`` or ``trainer.enable_progress_bar: false`` is left as configured.
         """
         from lightning.pytorch.callbacks import ProgressBar
 
+        from lightning_llama_fp8.callbacks.preemption import PreemptionCheckpoint
         from lightning_llama_fp8.callbacks.progress import StepProgressBar
 
         trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer") or {}
         callbacks = kwargs.get("callbacks", trainer.get("callbacks"))
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+            callbacks.append(StepProgressBar())
+        if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+            # SIGTERM / SIGUSR1 save a checkpoint and stop with status 75; list one to configure it (signals: [] off).
+            callbacks.append(PreemptionCheckpoint())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 
@@ -121,6 +153,10 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
                 "does not import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch "
                 "container) or set model.arch.transformer_impl: local (BF16 only, no context parallelism).",
             )
+        nodes = int(trainer.get("num_nodes") or 1)  # checked by plan_from_config
+        host_problem = host_memory_problem(plan, max(plan.world_size // nodes, 1), available_host_memory())
+        if host_problem:
+            _cannot_train(plan, host_problem)
         return
     what = "FP8 training needs" if precision == "fp8" else "Training needs"
     _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
@@ -213,27 +249,50 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
         _refuse(err, fitting)
 
 
-def resolve_last_from_config(config: dict[str, Any]) -> str | None:
-    """``ckpt_path: last`` as the newest complete checkpoint in the config's ``ModelCheckpoint`` dirpaths (exit
-    status 2 when checkpoints are there but none is complete); ``"last"`` if no dirpath is set (Lightning's own
-    lookup, which the strategy checks); None when there is no checkpoint yet (a new run)."""
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    directories = [
+def resolve_last_from_config(config: dict[str, Any], fitting: bool = True) -> str | None:
+    """``ckpt_path: last`` as the newest complete checkpoint, by step, in the config's ``ModelCheckpoint`` (and
+    ``OnExceptionCheckpoint``) dirpaths and among the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM requeue saved into
+    ``trainer.default_root_dir`` (exit status 2 when checkpoints are there but none is complete); ``"last"`` if
+    neither holds one and no dirpath is set (Lightning's own lookup, which the strategy checks); None when there is
+    no checkpoint yet (a new run; ``validate`` refuses)."""
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    directories = [  # where the run's checkpoint callbacks save (Lightning's "last" looks there too)
         Path(init_args(cb)["dirpath"])
         for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
-        if class_name(cb) == "ModelCheckpoint" and init_args(cb).get("dirpath")
+        if class_name(cb) in ("ModelCheckpoint", "OnExceptionCheckpoint") and init_args(cb).get("dirpath")
     ]
-    if not directories:
-        return "last"
+    run_directory = Path(trainer.get("default_root_dir") or os.getcwd())
     try:
-        newest = resolve_last_checkpoint(directories)
+        newest = resolve_last_checkpoint(directories, run_directories=[run_directory])
     except CheckpointError as err:
-        _refuse(err, fitting=True)
+        _refuse(err, fitting=fitting)
+    where = ", ".join([*map(str, directories), f"{run_directory} ({HPC_CHECKPOINT_PATTERN})"])
+    if newest is None and not directories:
+        return "last"
     if newest is None:
-        print(f"ckpt_path 'last': no checkpoint in {', '.join(map(str, directories))} yet; starting a new run.")
+        if not fitting:
+            _refuse(CheckpointError(f"ckpt_path 'last': no checkpoint in {where} to validate."), fitting=False)
+        print(f"ckpt_path 'last': no checkpoint in {where} yet; starting a new run.")
         return None
-    print(f"ckpt_path 'last': resuming from {newest} (step {read_checkpoint_info(newest).global_step}).")
+    what = "resuming from" if fitting else "validating"
+    print(f"ckpt_path 'last': {what} {newest} (step {read_checkpoint_info(newest).global_step}).")
     return str(newest)
+
+
+def own_checkpoint_directories(checkpoint: Path, checkpoint_callbacks: list[Any]) -> list[str]:
+    """The ModelCheckpoint directories (as Lightning names them) that a run resumed from ``checkpoint`` continues to
+    write into (``resumes_into``); empty for a checkpoint that is not this package's."""
+    directories = [cb.dirpath for cb in checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if not directories or not (checkpoint / LIGHTNING_FILENAME).is_file():
+        return []
+    recorded: set[Path] = set()
+    if not all(resumes_into(checkpoint, Path(d), recorded) for d in directories):
+        try:  # an hpc_ckpt (default_root_dir) or a checkpoint copied elsewhere: which directory did its run write to?
+            recorded = recorded_checkpoint_directories(load_lightning_state(checkpoint))
+        except CheckpointError:
+            return []
+    return [str(d) for d in directories if resumes_into(checkpoint, Path(d), recorded)]
 
 
 def _refuse(err: Exception, fitting: bool) -> NoReturn:

@@ -10,31 +10,39 @@ from typing import Any
 from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, plan_from_config, precision_from, read_config_file
 from lightning_llama_fp8.parallel.layout import LayoutError
 from lightning_llama_fp8.plan import format_plan
+from lightning_llama_fp8.validate import float_argument, int_argument
+
+#: argparse types of the whole-number flags (``validate``'s rules: ``--tp 2.5`` or ``--gpus 0`` are refused).
+POSITIVE, NON_NEGATIVE = int_argument(at_least=1), int_argument(at_least=0)
 
 
 def plan_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llama-fp8 plan", description="Validate a layout and print its cost.")
     parser.add_argument("--config", type=Path, help="a LightningCLI YAML (examples/configs/*.yaml)")
-    parser.add_argument("--gpus", type=int, help="number of GPUs (default: trainer.devices x num_nodes)")
+    parser.add_argument("--gpus", type=POSITIVE, help="number of GPUs (default: trainer.devices x num_nodes)")
     parser.add_argument("--arch", help="preset name, overriding the config's model.arch")
-    parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
-    parser.add_argument("--cp", type=int, help="context_parallel_size")
-    parser.add_argument("--pp", type=int, help="pipeline_model_parallel_size")
-    parser.add_argument("--vpp", type=int, help="virtual_pipeline_model_parallel_size (0: none)")
-    parser.add_argument("--first-stage-layers", type=int, help="num_layers_in_first_pipeline_stage")
-    parser.add_argument("--last-stage-layers", type=int, help="num_layers_in_last_pipeline_stage")
+    parser.add_argument("--tp", type=POSITIVE, help="tensor_model_parallel_size")
+    parser.add_argument("--cp", type=POSITIVE, help="context_parallel_size")
+    parser.add_argument("--pp", type=POSITIVE, help="pipeline_model_parallel_size")
+    parser.add_argument("--vpp", type=NON_NEGATIVE, help="virtual_pipeline_model_parallel_size (0: none)")
+    parser.add_argument("--first-stage-layers", type=POSITIVE, help="num_layers_in_first_pipeline_stage")
+    parser.add_argument("--last-stage-layers", type=POSITIVE, help="num_layers_in_last_pipeline_stage")
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--global-batch-size", type=int)
-    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--global-batch-size", type=POSITIVE)
+    parser.add_argument("--micro-batch-size", type=POSITIVE)
     parser.add_argument("--precision", choices=("fp8", "bf16"))
     parser.add_argument("--recompute", choices=("off", "selective", "full"), help="activation recompute granularity")
     parser.add_argument("--recompute-method", choices=("uniform", "block"), help="full recompute only")
-    parser.add_argument("--recompute-num-layers", type=int, help="full recompute: layers per chunk / checkpointed")
+    parser.add_argument("--recompute-num-layers", type=POSITIVE, help="full recompute: layers per chunk / checkpointed")
     parser.add_argument("--recompute-modules", nargs="+", help="selective recompute: core_attn, mlp, layernorm")
     parser.add_argument(
-        "--optimizer-offload-fraction", type=float, help="share of the optimizer state on the CPU (0: off)"
+        "--optimizer-offload-fraction",
+        type=float_argument(at_least=0, at_most=1),
+        help="share of the optimizer state on the CPU (0: off)",
     )
-    parser.add_argument("--gpu-memory-gib", type=float, help="say whether the plan fits GPUs of this size")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float_argument(above=0), help="say whether the plan fits GPUs of this size"
+    )
     args = parser.parse_args(argv)
 
     config: dict[str, Any] = {}

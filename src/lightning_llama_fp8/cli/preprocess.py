@@ -6,11 +6,11 @@ Parses its arguments before importing the tokenizer and the writer, so that ``pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from lightning_llama_fp8.data.tokenizer import DEFAULT_TOKENIZER
+from lightning_llama_fp8.validate import int_argument, usable_cpus
 
 
 def preprocess_main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +47,18 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
         default=True,
         help="let the tokenizer add its special tokens, e.g. Llama 3's <|begin_of_text|> (default: yes)",
     )
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="tokenizer threads")
+    parser.add_argument(
+        "--parse-special-tokens",
+        action="store_true",
+        help="read special-token strings in the text (<|eot_id|>, <|image|>) as those tokens, as Megatron-LM does "
+        "(default: encode them as text; recorded in <prefix>.corpus.json)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int_argument(at_least=1),
+        default=min(8, usable_cpus()),
+        help="tokenizer threads, at most the CPUs this process may use (default: those CPUs, at most 8)",
+    )
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) invalid records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus of that prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +77,8 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
             eod_token=args.eod_token,
             append_eod=args.append_eod,
             add_special_tokens=args.add_special_tokens,
-            workers=args.workers,
+            parse_special_tokens=args.parse_special_tokens,
+            workers=args.workers,  # preprocess cuts it to the CPUs this process may use, with a note
             skip_bad_lines=args.skip_bad_lines,
             overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -29,7 +29,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from lightning_llama_fp8._compat import lightning as compat
 from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.data import packing
+from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.parallel.groups import data_parallel_size_and_rank
+from lightning_llama_fp8.validate import as_bool
 
 if TYPE_CHECKING:
     # megatron-core is imported where it runs: `llama-fp8 fit --help` and the config checks need none of it.
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_KEYS",
+    "CU_SEQLENS_KEY",
     "GPTDataModule",
     "MicrobatchCollate",
     "ResumableDataLoader",
@@ -50,6 +54,9 @@ _SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 #: out: the fused attention kernels build the causal mask themselves, and a dense
 #: ``[seq, seq]`` mask per sample would cost 64 MiB at seq 8192.
 BATCH_KEYS: tuple[str, ...] = ("tokens", "labels", "loss_mask", "position_ids")
+#: With document masking, the batch key of each micro batch's document boundaries (``data/packing.py``): a tuple of
+#: ``num_microbatches`` tuples of Python ints, which stay on the host when Lightning moves the batch to the GPU.
+CU_SEQLENS_KEY = "cu_seqlens"
 
 
 def parse_split(split: str) -> list[float]:
@@ -176,25 +183,30 @@ class MicrobatchCollate:
 
     A small class rather than a closure so that DataLoader worker processes can pickle it.
     Sample ``j`` of the DataLoader batch lands in micro-batch ``j // micro_batch_size``, keeping
-    Megatron's order within a global batch. ``attention_mask`` (and any other key) is dropped.
+    Megatron's order within a global batch. ``attention_mask`` (and any other key) is dropped. With
+    ``document_masking`` the batch also holds :data:`CU_SEQLENS_KEY`: each micro batch's document boundaries, its
+    samples laid end to end (:func:`~lightning_llama_fp8.data.packing.merge_document_boundaries`).
     """
 
-    def __init__(self, micro_batch_size: int, num_microbatches: int) -> None:
+    def __init__(self, micro_batch_size: int, num_microbatches: int, document_masking: bool = False) -> None:
         """Store the batch layout.
 
         Args:
             micro_batch_size: Samples per micro-batch (one forward/backward pass).
             num_microbatches: Micro-batches per DataLoader batch (gradient accumulation steps).
+            document_masking: also collate the samples' document boundaries (``cu_seqlens``).
         """
         self.micro_batch_size = micro_batch_size
         self.num_microbatches = num_microbatches
+        self.document_masking = document_masking
 
-    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Collate ``micro_batch_size * num_microbatches`` samples.
 
         Raises:
             ValueError: If the number of samples does not match the layout (a partial batch would
-                silently change the effective global batch size).
+                silently change the effective global batch size), or, with document masking, a sample has no
+                document boundaries.
         """
         expected = self.micro_batch_size * self.num_microbatches
         if len(samples) != expected:
@@ -202,15 +214,33 @@ class MicrobatchCollate:
                 f"Got {len(samples)} samples, expected micro_batch_size * num_microbatches = "
                 f"{self.micro_batch_size} * {self.num_microbatches} = {expected}."
             )
-        return {
+        batch: dict[str, Any] = {
             key: torch.stack([sample[key] for sample in samples]).view(self.num_microbatches, self.micro_batch_size, -1)
             for key in BATCH_KEYS
         }
+        if self.document_masking:
+            batch[CU_SEQLENS_KEY] = self._document_boundaries(samples, batch["tokens"].shape[-1])
+        return batch
+
+    def _document_boundaries(self, samples: Sequence[dict[str, torch.Tensor]], seq_length: int) -> tuple[Any, ...]:
+        from lightning_llama_fp8.data.packing import merge_document_boundaries
+
+        if any(CU_SEQLENS_KEY not in sample for sample in samples):
+            raise ValueError(
+                f"document_masking needs samples with {CU_SEQLENS_KEY!r} (megatron-core's GPTDataset with "
+                "inter_document_masking=True); these have only " + ", ".join(sorted(samples[0])) + "."
+            )
+        size = self.micro_batch_size
+        return tuple(
+            merge_document_boundaries([sample[CU_SEQLENS_KEY] for sample in samples[start : start + size]], seq_length)
+            for start in range(0, len(samples), size)
+        )
 
     def __repr__(self) -> str:
         """Show the layout (LightningCLI and debuggers print it)."""
         return (
-            f"{type(self).__name__}(micro_batch_size={self.micro_batch_size}, num_microbatches={self.num_microbatches})"
+            f"{type(self).__name__}(micro_batch_size={self.micro_batch_size}, num_microbatches={self.num_microbatches}"
+            f"{', document_masking=True' if self.document_masking else ''})"
         )
 
 
@@ -313,6 +343,13 @@ class GPTDataModule(LightningDataModule):
     count, so ``len(train_dataloader())`` equals the number of optimizer steps and a validation run
     covers ``val_samples`` samples. Lightning restarts the validation iterator at each validation run,
     so every run scores the same samples; ``val_check_interval`` does not change how many are needed.
+
+    Document masking (``document_masking=True``, Megatron-LM's ``--dataloader-inter-document-masking``): every
+    training and validation sample is attended document by document, with positions restarting at each document,
+    instead of under one causal mask over the whole packed sample (``data/packing.py``). The samples and their order
+    are the same either way; each batch then also holds the micro batches' document boundaries
+    (:data:`CU_SEQLENS_KEY`). Checked in :meth:`setup` against the layout, model and precision, recorded in
+    checkpoints.
     """
 
     def __init__(
@@ -326,6 +363,7 @@ class GPTDataModule(LightningDataModule):
         split: str = "949,50,1",
         seed: int = 1234,
         num_workers: int = 2,
+        document_masking: bool = False,
     ) -> None:
         """Store the configuration; datasets are built in :meth:`setup`, once parallelism is known.
 
@@ -342,21 +380,29 @@ class GPTDataModule(LightningDataModule):
             split: Megatron split string (train,validation,test weights of the documents).
             seed: Seed for megatron's document and sample shuffling; same seed, same batches.
             num_workers: DataLoader worker processes per rank (0 loads in the main process).
+            document_masking: each document of a packed sample attends only to itself and its positions restart
+                at 0 (Llama 3's document masking; Megatron-LM's ``--dataloader-inter-document-masking``). Off: one
+                causal mask over the whole sample, as Megatron-LM trains by default. Not with context parallelism
+                or FP8 attention (refused in :meth:`setup`, before anything is built).
         """
         super().__init__()
         self.save_hyperparameters()  # a subclass with arguments of its own calls it again from its __init__
-        self.seq_length = seq_length
-        self.vocab_size = vocab_size
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.train_samples = train_samples
-        self.val_samples = val_samples
+        numbers = check_data_arguments(  # whole numbers in range, all refused at once (llama-fp8 plan: the same)
+            dict(seq_length=seq_length, vocab_size=vocab_size, global_batch_size=global_batch_size,
+                 micro_batch_size=micro_batch_size, train_samples=train_samples, val_samples=val_samples, seed=seed,
+                 num_workers=num_workers)
+        )  # fmt: skip
+        self.seq_length: int = numbers["seq_length"]
+        self.vocab_size: int = numbers["vocab_size"]
+        self.global_batch_size: int = numbers["global_batch_size"]
+        self.micro_batch_size: int = numbers["micro_batch_size"]
+        self.train_samples: int | None = numbers["train_samples"]
+        self.val_samples: int | None = numbers["val_samples"]
         parse_split(split)  # a malformed split fails here, not inside megatron-core's builder
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.split = split
-        self.seed = seed
-        self.num_workers = num_workers
+        self.seed: int = numbers["seed"]
+        self.num_workers: int = numbers["num_workers"]
+        self.document_masking: bool = as_bool(document_masking, "data.document_masking")
 
         self.dp_size: int = 1
         self.dp_rank: int = 0
@@ -449,6 +495,7 @@ class GPTDataModule(LightningDataModule):
         problems = _pipeline_schedule_problems(self.num_microbatches)
         if problems:
             raise ValueError("data: " + problems[0])
+        self._check_document_masking()
 
         need_train = stage in (None, "fit")
         train_samples = self._resolve_train_samples(need_train)
@@ -477,18 +524,42 @@ class GPTDataModule(LightningDataModule):
             f"{self.global_batch_size} = {self.num_microbatches} micro-batches x "
             f"{self.micro_batch_size} samples x {self.dp_size} DP ranks; DataLoader batch "
             f"[{self.num_microbatches}, {self.micro_batch_size}, {self.seq_length}] per DP rank."
+            + (f" Document masking on: {packing.DESCRIPTION}." if self.document_masking else "")
+        )
+
+    def _check_document_masking(self) -> None:
+        """Refuse document masking where no kernel runs it, before any dataset or model is built: context
+        parallelism, Megatron's own attention, FP8 attention (``packing.document_masking_problems``)."""
+        if not self.document_masking:
+            return
+        from megatron.core import parallel_state
+
+        trainer = self.trainer
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        arch = getattr(module, "arch", None)
+        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+        cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+        packing.check_document_masking(
+            context_parallel_size=cp,
+            transformer_impl=getattr(arch, "transformer_impl", "transformer_engine"),
+            attention_backend=getattr(arch, "attention_backend", "auto"),
+            # FP8 attention only where FP8 runs (a BF16 fallback has none).
+            fp8_attention=bool(getattr(plugin, "fp8_attention", False) and getattr(plugin, "fp8_active", True)),
         )
 
     # ------------------------------------------------------------------ the same samples after a resume
 
     def _recorded_train_index(self) -> list[dict[str, int]] | None:
         """The training index recorded in the checkpoint this fit resumes from (None: a new run, or a checkpoint
-        without one: not this package's, or written before indices were recorded)."""
+        without one: not this package's, or written before indices were recorded). Logs a change of
+        ``document_masking`` against the checkpoint's."""
         arguments = compat.checkpoint_arguments(self.trainer) if self.trainer is not None else None
         path = None if arguments is None or arguments.resolved is None else Path(arguments.resolved)
         if path is None or not (path / ckpt.INFO_FILENAME).is_file():
             return None
-        recorded = ckpt.read_checkpoint_info(path).data.get("train_index")
+        data = ckpt.read_checkpoint_info(path).data
+        self._note_document_masking_change(path, data)
+        recorded = data.get("train_index")
         if not recorded:
             return None
         if recorded[0]["seed"] != self.seed:
@@ -498,6 +569,29 @@ class GPTDataModule(LightningDataModule):
                 f"data.seed={recorded[0]['seed']}, or start a new run."
             )
         return [{"samples": int(part["samples"]), "seed": int(part["seed"])} for part in recorded]
+
+    def _note_document_masking_change(self, path: Path, recorded: dict[str, Any]) -> None:
+        """Say, once, when this run resumes ``path`` with ``document_masking`` changed; the run goes on.
+
+        Allowed rather than refused: the samples, their order, the weights and the optimizer state are the same
+        either way, only what each token attends to (and its RoPE position) changes from the next step on, so the
+        loss may jump there. A deliberate switch (e.g. masking only for a later phase of training) is a reason to
+        resume, not a mistake to stop. Checkpoints from before the setting was recorded trained without masking.
+        """
+        before = bool(recorded.get("document_masking", False))
+        if before == self.document_masking:
+            return
+        rank_zero_warn(
+            f"Resuming {path} (trained with document_masking={before}) with document_masking={self.document_masking}: "
+            + (
+                f"from the next step on {packing.DESCRIPTION}"
+                if self.document_masking
+                else "from the next step on tokens attend across document boundaries within each sample and positions "
+                "run across them (one causal mask per sample)"
+            )
+            + ". The samples and their order stay the same; expect the loss to move at the switch. Resume with "
+            f"data.document_masking={before} to train as before."
+        )
 
     def _extended_train_dataset(self, first: Dataset, index: list[dict[str, int]], train_samples: int) -> Dataset:
         """``first`` (built for ``index[0]``), followed by the rest of ``index`` and, if all of that holds fewer
@@ -544,8 +638,13 @@ class GPTDataModule(LightningDataModule):
             )
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """What a checkpoint records for resuming with the same samples (its ``lightning_llama_fp8.json``)."""
-        return {"global_batch_size": self.global_batch_size, "train_index": list(self.train_index)}
+        """What a checkpoint records for resuming with the same samples (its ``lightning_llama_fp8.json``), and
+        whether the run masked documents (a resume with it changed is logged)."""
+        return {
+            "global_batch_size": self.global_batch_size,
+            "train_index": list(self.train_index),
+            "document_masking": self.document_masking,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return self.checkpoint_info() if self.train_index else {}
@@ -579,7 +678,7 @@ class GPTDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),  # pinned host memory only helps (and works) with CUDA
             persistent_workers=self.num_workers > 0,  # avoid re-forking workers at every validation
-            collate_fn=MicrobatchCollate(self.micro_batch_size, self.num_microbatches),
+            collate_fn=MicrobatchCollate(self.micro_batch_size, self.num_microbatches, self.document_masking),
         )
         if name != "train":
             return DataLoader(dataset, **kwargs)

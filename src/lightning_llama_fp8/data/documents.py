@@ -1,5 +1,15 @@
 """Reading documents for ``llama-fp8 preprocess``: JSON Lines, Parquet and plain text inputs (each optionally gzip
-compressed), streamed one document at a time, with bad records reported by file and line."""
+compressed), streamed one document at a time, every problem named by file and line (Parquet: row).
+
+Two kinds of problem, both turned into one-line errors by :func:`read_documents`:
+
+- a bad record (invalid JSON or UTF-8, no text field, text that is not Unicode such as a JSON ``"\\ud800"`` escape
+  of half a UTF-16 pair, which no tokenizer can encode) goes to :class:`BadLines`: the run stops, or with
+  ``--skip-bad-lines`` the record is counted and skipped;
+- a file that cannot be read to its end (a truncated ``.gz``, bytes after the gzip stream, a failed CRC, a damaged
+  Parquet page, an I/O error) stops the run even with ``--skip-bad-lines``: its remaining documents would be lost
+  without a trace.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -101,18 +112,71 @@ class ReadProgress:
         self.bytes_done = 0
 
 
+class _Cursor:
+    """How far the reader of one file got: the last line (Parquet: row) read whole, for a read error to name."""
+
+    def __init__(self, path: Path, unit: str) -> None:
+        self.path, self.unit, self.done = path, unit, 0
+
+    def at(self, number: int) -> str:
+        return f"{self.path}:{number}" if self.unit == "line" else f"{self.path}: row {number}"
+
+
+def _read_errors(fmt: InputFormat) -> tuple[type[BaseException], ...]:
+    """What reading a file of ``fmt`` raises when the file is damaged or the disk fails (not a bad record)."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+    if fmt == "parquet":
+        with contextlib.suppress(ImportError):
+            import pyarrow
+
+            errors += (pyarrow.ArrowException,)
+    return errors
+
+
+def _unreadable(cursor: _Cursor, err: BaseException) -> CorpusInputError:
+    if isinstance(err, EOFError):
+        reason = "the gzip stream ends early (a truncated file?)"
+    elif isinstance(err, gzip.BadGzipFile) and str(err).startswith("Not a gzipped file") and cursor.done:
+        reason = f"bytes that are not gzip data follow the compressed stream ({err})"
+    elif isinstance(err, (gzip.BadGzipFile, zlib.error)):
+        reason = f"damaged gzip data ({err})"
+    else:
+        reason = f"{type(err).__name__}: {str(err).rstrip('.')}"
+    place = f"past {cursor.unit} {cursor.done:,}" if cursor.done else "it"
+    return CorpusInputError(
+        f"{cursor.path}: cannot read {place}: {reason}. Copy or download the file again, or leave it out "
+        "(--skip-bad-lines skips records, not the rest of a damaged file)."
+    )
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized (``None``: it can): a lone surrogate is a ``str`` but not Unicode text."""
+    if text.isascii():  # O(1) in CPython
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"the text holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start} (a JSON "
+            "\\ud800-style escape of half a UTF-16 pair), which is not Unicode text"
+        )
+    return None
+
+
 @contextlib.contextmanager
-def _open_lines(path: Path, progress: ReadProgress) -> Iterator[Iterator[bytes]]:
-    """The lines of ``path`` (gunzipped if compressed), advancing ``progress`` by the on-disk bytes read."""
+def _open_lines(path: Path, progress: ReadProgress, cursor: _Cursor) -> Iterator[Iterator[tuple[int, bytes]]]:
+    """The numbered lines of ``path`` (gunzipped if compressed), advancing ``progress`` by the on-disk bytes read
+    and ``cursor`` by the lines read."""
     start = progress.bytes_done
     with open(path, "rb") as raw:
         stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw  # type: ignore[assignment]
 
-        def lines() -> Iterator[bytes]:
-            for number, line in enumerate(stream):
-                if number % 1024 == 0:
+        def lines() -> Iterator[tuple[int, bytes]]:
+            for number, line in enumerate(stream, start=1):
+                cursor.done = number
+                if number % 1024 == 1:
                     progress.bytes_done = start + raw.tell()
-                yield line
+                yield number, line
             progress.bytes_done = start + raw.tell()
 
         yield lines()
@@ -133,9 +197,11 @@ def _decode(line: bytes, where: str, bad: BadLines) -> str | None:
         return None
 
 
-def _jsonlread_documents(path: Path, key: str, bad: BadLines, progress: ReadProgress) -> Iterator[str]:
-    with _open_lines(path, progress) as lines:
-        for number, line in enumerate(lines, start=1):
+def _jsonl_documents(
+    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, str]]:
+    with _open_lines(path, progress, cursor) as lines:
+        for number, line in lines:
             if not line.strip():
                 continue  # blank lines separate nothing in JSON Lines; skip them silently
             where = f"{path}:{number}"
@@ -147,6 +213,12 @@ def _jsonlread_documents(path: Path, key: str, bad: BadLines, progress: ReadProg
             except json.JSONDecodeError as err:
                 bad(where, f"invalid JSON ({err.msg} at column {err.colno})")
                 continue
+            except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
+                bad(where, f"invalid JSON ({err})")
+                continue
+            except RecursionError:
+                bad(where, "JSON nested too deeply to read")
+                continue
             if not isinstance(record, dict) or key not in record:
                 bad(where, f"no key {key!r} (choose the text field with --json-key)")
                 continue
@@ -154,46 +226,56 @@ def _jsonlread_documents(path: Path, key: str, bad: BadLines, progress: ReadProg
             if not isinstance(value, str):
                 bad(where, f"the value of {key!r} is {type(value).__name__}, not a string")
                 continue
-            yield value
+            yield number, value
 
 
-def _textread_documents(path: Path, split: TextSplit, bad: BadLines, progress: ReadProgress) -> Iterator[str]:
+def _text_documents(
+    path: Path, split: TextSplit, bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, str]]:
+    """Documents of a text file, each numbered by its first line."""
     if split == "file":
         data = _read_whole(path, progress)
         try:
-            yield data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             bad(f"{path}:{data.count(b'\n', 0, err.start) + 1}", "invalid UTF-8")
+            return
+        yield 1, text
         return
-    with _open_lines(path, progress) as lines:
+    with _open_lines(path, progress, cursor) as lines:
         paragraph: list[str] = []
-        for number, line in enumerate(lines, start=1):
+        first = 0
+        for number, line in lines:
             text = _decode(line, f"{path}:{number}", bad)
             if text is None:
                 continue
             if split == "line":
                 if text.strip():
-                    yield text.rstrip("\r\n")
+                    yield number, text.rstrip("\r\n")
             elif text.strip():
+                if not paragraph:
+                    first = number
                 paragraph.append(text)
             elif paragraph:
-                yield "".join(paragraph).rstrip("\r\n")
+                yield first, "".join(paragraph).rstrip("\r\n")
                 paragraph = []
         if paragraph:
-            yield "".join(paragraph).rstrip("\r\n")
+            yield first, "".join(paragraph).rstrip("\r\n")
 
 
-def _parquet_file(path: Path) -> Any:
+def _parquet_file(path: Path, name: Path | None = None) -> Any:
+    """``path`` opened as Parquet; errors name ``name`` (the input, when ``path`` is its unpacked copy)."""
+    name = name or path
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise CorpusInputError(
-            f"{path} is Parquet, which needs pyarrow: pip install 'lightning-llama-fp8[parquet]'."
+            f"{name} is Parquet, which needs pyarrow: pip install 'lightning-llama-fp8[parquet]'."
         ) from err
     try:
         return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid and OSError subclasses for damaged files
-        raise CorpusInputError(f"{path} is not a readable Parquet file ({err}).") from err
+        raise CorpusInputError(f"{name} is not a readable Parquet file ({err}).") from err
 
 
 def _check_parquet_column(parquet: Any, path: Path, key: str) -> None:
@@ -204,7 +286,27 @@ def _check_parquet_column(parquet: Any, path: Path, key: str) -> None:
         )
 
 
-def _parquetread_documents(path: Path, key: str, bad: BadLines, progress: ReadProgress) -> Iterator[str]:
+def _parquet_values(column: Any, first_row: int, path: Path, key: str, bad: BadLines) -> list[Any]:
+    """The Python values of one batch's column; a value that is not UTF-8 is a bad row (``None`` in its place)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # pyarrow does not check UTF-8 on read; find the bad rows one by one
+        values = []
+        for offset in range(len(column)):
+            try:
+                values.append(column[offset].as_py())
+            except UnicodeDecodeError as err:
+                bad(f"{path}: row {first_row + offset}", f"column {key!r}: invalid UTF-8 at byte {err.start}")
+                values.append(_SKIPPED)
+        return values
+
+
+_SKIPPED = object()  # a value already reported as bad
+
+
+def _parquet_documents(
+    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, str]]:
     with contextlib.ExitStack() as stack:
         source = path
         if _is_gzip(path):  # Parquet needs random access: unpack to a temporary file first
@@ -213,30 +315,53 @@ def _parquetread_documents(path: Path, key: str, bad: BadLines, progress: ReadPr
                 shutil.copyfileobj(packed, tmp, 1 << 24)
             tmp.flush()
             source = Path(tmp.name)
-        parquet = _parquet_file(source)
+        parquet = _parquet_file(source, name=path)
         _check_parquet_column(parquet, path, key)
-        row = 0
-        size = path.stat().st_size
+        size, rows = path.stat().st_size, max(parquet.metadata.num_rows, 1)
         start = progress.bytes_done
-        for batch_number, batch in enumerate(parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[key])):
-            for value in batch.column(0).to_pylist():
-                row += 1
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[key]):
+            first_row = cursor.done + 1
+            for row, value in enumerate(_parquet_values(batch.column(0), first_row, path, key, bad), start=first_row):
+                if value is _SKIPPED:
+                    continue
                 if not isinstance(value, str):
                     bad(f"{path}: row {row}", f"column {key!r} holds {type(value).__name__}, not a string")
                     continue
-                yield value
-            progress.bytes_done = start + size * (batch_number + 1) // max(parquet.metadata.num_row_groups, 1)
+                yield row, value
+            cursor.done += len(batch)
+            progress.bytes_done = start + size * min(cursor.done, rows) // rows
         progress.bytes_done = start + size
 
 
 def check_input(path: Path, fmt: InputFormat, key: str) -> None:
-    """Cheap checks before any work: the first record of a JSON Lines / Parquet file has the key."""
+    """Cheap checks before any work: a Parquet file has the column, the first JSON Lines record has the key.
+
+    A first line that is not a JSON record is left to the reading itself, which stops on it or, with
+    ``--skip-bad-lines``, skips it.
+    """
     if fmt == "parquet" and not _is_gzip(path):
         _check_parquet_column(_parquet_file(path), path, key)
-    if fmt == "jsonl":
-        probe = BadLines(skip=False)
-        with contextlib.suppress(StopIteration):
-            next(_jsonlread_documents(path, key, probe, ReadProgress()))
+    if fmt != "jsonl":
+        return
+    cursor = _Cursor(path, "line")
+    try:
+        with _open_lines(path, ReadProgress(), cursor) as lines:
+            for number, line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    return
+                if isinstance(record, dict) and key not in record:
+                    fields = ", ".join(map(repr, list(record)[:10]))
+                    raise CorpusInputError(
+                        f"{path}:{number}: no key {key!r} (choose the text field with --json-key; this record has "
+                        f"{fields or 'no fields'})."
+                    )
+                return
+    except _read_errors(fmt) as err:
+        raise _unreadable(cursor, err) from err
 
 
 def read_documents(
@@ -247,10 +372,23 @@ def read_documents(
     bad: BadLines,
     progress: ReadProgress,
 ) -> Iterator[str]:
+    """The documents of ``files`` in order: each one Unicode text, every problem named by file and line."""
     for path, fmt in zip(files, formats, strict=True):
+        cursor = _Cursor(path, "row" if fmt == "parquet" else "line")
         if fmt == "jsonl":
-            yield from _jsonlread_documents(path, key, bad, progress)
+            numbered = _jsonl_documents(path, key, bad, progress, cursor)
         elif fmt == "parquet":
-            yield from _parquetread_documents(path, key, bad, progress)
+            numbered = _parquet_documents(path, key, bad, progress, cursor)
         else:
-            yield from _textread_documents(path, split, bad, progress)
+            numbered = _text_documents(path, split, bad, progress, cursor)
+        try:
+            for number, text in numbered:
+                problem = _text_problem(text)
+                if problem is not None:
+                    bad(cursor.at(number), problem)
+                    continue
+                yield text
+        except CorpusInputError:
+            raise
+        except _read_errors(fmt) as err:
+            raise _unreadable(cursor, err) from err

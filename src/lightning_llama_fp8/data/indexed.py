@@ -6,24 +6,27 @@ documents exactly as Megatron-LM's ``--data-path`` / ``--split`` do (``GPTDatase
 ``BlendedMegatronDatasetBuilder``), so a run sees the samples Megatron-LM would. Every corpus is checked before
 anything is built (:func:`check_corpus`): both files there, a valid index, a ``.bin`` as long as the index says,
 and every token id inside the model's vocabulary (:func:`check_token_ids`: from the ``<prefix>.corpus.json`` that
-``llama-fp8 preprocess`` writes, else by reading the ``.bin``). A token id past the
-vocabulary would fail at the first step with TP1 and, with TP > 1, train on silent all-zero embeddings.
+``llama-fp8 preprocess`` writes while its binding matches the files, else by reading the ``.bin``). A token id
+past the vocabulary (or a negative one) would fail at the first step with TP1 and, with TP > 1, train on silent
+all-zero embeddings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
-from lightning_llama_fp8.data.corpus import read_sidecar
+from lightning_llama_fp8.data.corpus import check_sidecar, corpus_fingerprint, sidecar_path
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ __all__ = ["CorpusInfo", "IndexedDataModule", "check_corpus", "check_token_ids",
 #: Corpora without a sidecar are scanned for their largest token id up to this size (GiB) by default.
 DEFAULT_TOKEN_SCAN_LIMIT_GIB = 16.0
 _SCAN_CHUNK = 1 << 24  # tokens per numpy max() while scanning
+_SCAN_PROGRESS_AFTER_S = 2.0  # a scan that takes longer shows a progress bar (rank zero)
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"  # the first bytes of every Megatron .idx file
 
@@ -48,11 +52,16 @@ class CorpusInfo:
     dtype: str
     #: the largest token id (None: not known; see ``max_token_id_from``)
     max_token_id: int | None = None
-    #: "sidecar" (<prefix>.corpus.json), "scan" (read from the .bin) or "unchecked" (too large to scan)
+    #: "sidecar" (<prefix>.corpus.json, bound to the files), "scan" (read from the .bin) or "unchecked" (too large
+    #: to scan, no sidecar)
     max_token_id_from: Literal["sidecar", "scan", "unchecked"] = "unchecked"
-    #: SHA-256 of the tokenizer.json it was made with (None: no sidecar)
+    #: the smallest token id (scans only; llama-fp8 preprocess writes tokenizer ids, never negative)
+    min_token_id: int | None = None
+    #: SHA-256 of the tokenizer.json it was made with (None: no trusted sidecar)
     tokenizer_sha256: str | None = None
     tokenizer_name: str | None = None
+    #: whether special-token strings in the text were read as those tokens (None: no trusted sidecar)
+    parse_special_tokens: bool | None = None
 
 
 def parse_data_path(data_path: str | list[str | float]) -> tuple[list[str], list[float] | None]:
@@ -137,23 +146,37 @@ def check_corpus(prefix: str) -> CorpusInfo:
     return CorpusInfo(prefix, documents, tokens, numpy.dtype(dataset.index.dtype).name)
 
 
-_scanned: dict[tuple[str, int, int], int] = {}  # (bin path, size, mtime_ns) -> max token id, per process
+_scanned: dict[tuple[str, int, int], tuple[int, int]] = {}  # (bin path, size, mtime_ns) -> (min, max), per process
 
 
-def _scan_max_token_id(prefix: str, dtype: str) -> int:
-    """The largest token id in ``<prefix>.bin``, read in chunks (memory-mapped; cached per file version)."""
+def _scan_token_range(prefix: str, dtype: str) -> tuple[int, int]:
+    """The smallest and largest token id in ``<prefix>.bin``, read in chunks (memory-mapped; cached per file
+    version). A scan that takes more than a few seconds shows a progress bar on rank zero."""
     from megatron.core.datasets.indexed_dataset import get_bin_path
+    from tqdm import tqdm
 
     path = get_bin_path(prefix)
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _scanned:
         tokens = numpy.memmap(path, dtype=numpy.dtype(dtype), mode="r")
-        largest = -1
-        for start in range(0, len(tokens), _SCAN_CHUNK):
-            largest = max(largest, int(tokens[start : start + _SCAN_CHUNK].max()))
+        smallest, largest = int(tokens[0]), -1
+        with tqdm(
+            total=stat.st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"token ids of {os.path.basename(prefix)}",
+            delay=_SCAN_PROGRESS_AFTER_S,
+            disable=rank_zero_only.rank != 0,
+            file=sys.stderr,
+        ) as bar:
+            for start in range(0, len(tokens), _SCAN_CHUNK):
+                chunk = tokens[start : start + _SCAN_CHUNK]
+                largest = max(largest, int(chunk.max()))
+                smallest = min(smallest, int(chunk.min()))  # a negative id (int32 .bin) is as bad as a large one
+                bar.update(chunk.nbytes)
         del tokens
-        _scanned[key] = largest
+        _scanned[key] = (smallest, largest)
     return _scanned[key]
 
 
@@ -163,22 +186,29 @@ def check_token_ids(
     tokenizer_sha256: str | None = None,
     scan_limit_gib: float | None = DEFAULT_TOKEN_SCAN_LIMIT_GIB,
 ) -> CorpusInfo:
-    """Refuse a corpus with a token id ``>= vocab_size`` or made with another tokenizer than ``tokenizer_sha256``.
+    """Refuse a corpus with a token id outside ``[0, vocab_size)`` or made with another tokenizer than
+    ``tokenizer_sha256``.
 
-    The largest id comes from the corpus's sidecar (written by ``llama-fp8 preprocess``, trusted while the file
-    sizes it records match); a corpus without one (e.g. from Megatron-LM's preprocess_data.py) is scanned if its
-    ``.bin`` is at most ``scan_limit_gib`` (``None``: any size), else left unchecked (``max_token_id_from``).
+    The largest id comes from the corpus's sidecar (written by ``llama-fp8 preprocess``), trusted only while its
+    binding matches the files (:func:`~lightning_llama_fp8.data.corpus.check_sidecar`: the whole ``.idx``, a
+    sample of the ``.bin`` and the sidecar's own claims). Otherwise the ``.bin`` is scanned if it is at most
+    ``scan_limit_gib`` (``None``: any size). Past the limit, a corpus without a sidecar (e.g. from Megatron-LM's
+    preprocess_data.py) is left unchecked (``max_token_id_from``); one whose sidecar does not match is refused, since
+    something replaced its files or edited the sidecar.
 
     Returns:
         ``info`` with ``max_token_id``, ``max_token_id_from`` and the sidecar's tokenizer filled in.
 
     Raises:
-        ValueError: a token id past the vocabulary, or a tokenizer mismatch (the message names both sides).
+        ValueError: a token id outside the vocabulary, a tokenizer mismatch (the message names both sides), or a
+            sidecar that does not match a corpus too large to scan.
     """
     from megatron.core.datasets.indexed_dataset import get_bin_path
 
-    sidecar = read_sidecar(info.prefix)
-    if sidecar is not None:
+    found = check_sidecar(info.prefix)
+    bin_bytes = Path(get_bin_path(info.prefix)).stat().st_size
+    if found.sidecar is not None:
+        sidecar = found.sidecar
         tokenizer = sidecar.get("tokenizer") or {}
         info = dataclasses.replace(
             info,
@@ -186,17 +216,41 @@ def check_token_ids(
             max_token_id_from="sidecar",
             tokenizer_sha256=tokenizer.get("sha256"),
             tokenizer_name=tokenizer.get("name"),
+            parse_special_tokens=sidecar.get("parse_special_tokens"),
         )
-    elif scan_limit_gib is None or Path(get_bin_path(info.prefix)).stat().st_size <= scan_limit_gib * 2**30:
-        largest = _scan_max_token_id(info.prefix, info.dtype)
-        info = dataclasses.replace(info, max_token_id=largest, max_token_id_from="scan")
+    elif scan_limit_gib is None or bin_bytes <= scan_limit_gib * 2**30:
+        if found.problem is not None:
+            rank_zero_warn(
+                f"Corpus {info.prefix!r}: ignoring its sidecar: {found.problem}. Its token ids are read from the "
+                ".bin instead; re-create the corpus with llama-fp8 preprocess to have a sidecar again."
+            )
+        smallest, largest = _scan_token_range(info.prefix, info.dtype)
+        info = dataclasses.replace(info, max_token_id=largest, min_token_id=smallest, max_token_id_from="scan")
+    elif found.problem is not None:
+        raise ValueError(
+            f"Corpus {info.prefix!r}: {found.problem}, so its token ids are unknown, and its .bin "
+            f"({bin_bytes / 2**30:.1f} GiB) is past data.token_scan_limit_gib ({scan_limit_gib} GiB). Re-create the "
+            "corpus with llama-fp8 preprocess, set data.token_scan_limit_gib: null to read its ids (once per run), "
+            f"or delete {sidecar_path(info.prefix)} to train with them unchecked."
+        )
+    if info.min_token_id is not None and info.min_token_id < 0:
+        raise ValueError(
+            f"Corpus {info.prefix!r} holds token id {info.min_token_id}: token ids cannot be negative, so its .bin is "
+            "damaged or was not written by a tokenizer. Re-create it."
+        )
     if info.max_token_id is not None and info.max_token_id >= vocab_size:
         made_with = f" (made with tokenizer {info.tokenizer_name!r})" if info.tokenizer_name else ""
+        parsed = (
+            " It was made with --parse-special-tokens: special-token strings in its text (e.g. <|image|>) became "
+            "control tokens; re-create it without that option."
+            if info.parse_special_tokens
+            else ""
+        )
         raise ValueError(
             f"Corpus {info.prefix!r}{made_with} holds token id {info.max_token_id}, but the vocabulary has "
             f"{vocab_size} ids (data.vocab_size, at most model.arch.vocab_size): it was tokenized for another "
             "vocabulary. Re-create it with the model's tokenizer (llama-fp8 preprocess --tokenizer ...), or train a "
-            "model whose vocab_size covers it."
+            f"model whose vocab_size covers it.{parsed}"
         )
     if tokenizer_sha256 is not None and info.tokenizer_sha256 is not None and info.tokenizer_sha256 != tokenizer_sha256:
         raise ValueError(
@@ -228,7 +282,9 @@ class IndexedDataModule(GPTDataModule):
     The other arguments (``seq_length``, ``vocab_size``, batch sizes, sample counts, ``seed``, ``num_workers``) and
     the batch layout are :class:`~lightning_llama_fp8.data.base.GPTDataModule`'s. Documents are concatenated as
     Megatron-LM does (``reset_position_ids``, ``reset_attention_mask`` and ``eod_mask_loss`` off, as in the
-    reference recipe), so the end-of-document token needs no configuration.
+    reference recipe), so the end-of-document token needs no configuration. With ``document_masking`` each
+    document of a sample attends only to itself (the corpus index says where documents start: no end-of-document
+    token is looked for).
     """
 
     def __init__(
@@ -278,6 +334,18 @@ class IndexedDataModule(GPTDataModule):
             )
         return corpora
 
+    def _cache_directory(self) -> str | None:
+        """``path_to_cache`` plus a folder named by the corpora's contents.
+
+        megatron-core names its cached sample indices by the corpus path and the dataset settings only: a corpus
+        re-created under the same prefix would reuse the old corpus's indices (an IndexError at the first batch, or
+        samples cut at the wrong places). Keyed by the contents, a changed corpus gets indices of its own.
+        """
+        if self.path_to_cache is None:
+            return None
+        contents = hashlib.sha256("".join(corpus_fingerprint(prefix) for prefix in self.prefixes).encode())
+        return os.path.join(self.path_to_cache, f"corpora-{contents.hexdigest()[:16]}")
+
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
         """Check every corpus and split, then build Megatron's (blended) ``GPTDataset`` splits."""
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -290,7 +358,7 @@ class IndexedDataModule(GPTDataModule):
             sequence_length=self.seq_length,
             blend=(self.prefixes, self.weights),
             split=self.split,
-            path_to_cache=self.path_to_cache,
+            path_to_cache=self._cache_directory(),
             tokenizer=MegatronTokenizer.from_pretrained(
                 metadata_path={"library": "null-text"}, vocab_size=self.vocab_size
             ),
@@ -298,6 +366,7 @@ class IndexedDataModule(GPTDataModule):
             reset_attention_mask=False,
             eod_mask_loss=False,
             create_attention_mask=False,
+            inter_document_masking=self.document_masking,
         )
         # Megatron splits each corpus by its documents; a split with no document would hang its builder.
         wanted = [1 if n > 0 else 0 for n in sizes]

@@ -60,7 +60,8 @@ class MockDataModule(GPTDataModule):
     ids in ``[0, vocab_size)``; the end-of-document id is ``vocab_size - 1``. Batch layout, data
     parallelism and sizes: see :class:`~lightning_llama_fp8.data.base.GPTDataModule`. ``split`` is
     passed through as Megatron-LM does, but megatron-core replaces it by ``"1,1,1"`` whenever the
-    data are mock (``blend=None``), so it has no effect on the data.
+    data are mock (``blend=None``), so it has no effect on the data. Its documents are 1 to 4095 tokens long, so
+    ``document_masking`` has several per sample to separate.
     """
 
     def build_datasets(self, sizes: list[int]) -> tuple[Dataset, Dataset, GPTDatasetConfig, str]:
@@ -84,6 +85,7 @@ class MockDataModule(GPTDataModule):
             reset_attention_mask=False,
             eod_mask_loss=False,
             create_attention_mask=False,
+            inter_document_masking=self.document_masking,  # Megatron-LM's --dataloader-inter-document-masking
         )
         # config.split is now megatron's effective split ("1,1,1" for mock data), the one it splits by.
         check_split_sizes(MockGPTLowLevelDataset.size, config.split, sizes)

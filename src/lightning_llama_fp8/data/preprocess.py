@@ -5,8 +5,15 @@ writes for the same documents and tokenizer, byte for byte: each document is tok
 special tokens (the Llama 3 tokenizer puts ``<|begin_of_text|>`` first, as ``transformers`` does), the
 end-of-document token is appended (Llama 3: ``<|end_of_text|>``), one sequence per document, the smallest integer
 type that holds the vocabulary. Beside the corpus, ``<prefix>.corpus.json`` records the tokenizer (its SHA-256),
-the counts and the largest token id, so that training can refuse a corpus made for another vocabulary without
-reading it.
+the counts and the largest token id, bound to the files by a digest (``data/corpus.py``), so that training can
+refuse a corpus made for another vocabulary without reading it.
+
+One difference, on purpose: special-token strings inside the text (``<|eot_id|>``, ``<|start_header_id|>``,
+``<|image|>``) are encoded as the characters they are. Megatron-LM's ``HuggingFaceTokenizer`` calls the
+``transformers`` tokenizer, which turns them into the control tokens they name (transformers 5.17 with the bundled
+tokenizer: ``"a <|image|> b"`` gives id 128256, past a Llama 3 model's 128,256 ids). Text without such strings gives
+the same bytes as Megatron-LM; ``parse_special_tokens=True`` (``--parse-special-tokens``, recorded in the sidecar)
+gives Megatron-LM's ids for all text.
 
 Documents stream: a reader thread parses the input while ``workers`` threads tokenize batches in Rust (the
 ``tokenizers`` library releases the GIL), and the main thread writes in input order. The corpus appears only when
@@ -20,8 +27,10 @@ gzip-compressed (``.gz``); the format comes from the file name unless ``input_fo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -37,10 +46,12 @@ import numpy
 from lightning_llama_fp8.data.corpus import (
     SIDECAR_FORMAT,
     SIDECAR_SUFFIX,
+    SIDECAR_VERSION,
     TMP_SUFFIX,
     CorpusInputError,
     bin_path,
     check_output_prefix,
+    corpus_binding,
     idx_path,
     publish_corpus,
     read_sidecar,
@@ -59,6 +70,8 @@ from lightning_llama_fp8.data.documents import (
     read_documents,
 )
 from lightning_llama_fp8.data.tokenizer import DEFAULT_TOKENIZER, TokenizerSpec, resolve_tokenizer
+from lightning_llama_fp8.storage.output_lock import OutputBusyError, OutputLock
+from lightning_llama_fp8.validate import SettingError, as_int, usable_cpus
 
 __all__ = [
     "SIDECAR_SUFFIX",
@@ -154,8 +167,15 @@ def _read_ahead(batches: Iterator[list[str]], depth: int) -> Iterator[list[str]]
 class _Encoder:
     """One batch of texts to token ids (a flat array) and per-document lengths, end-of-document appended."""
 
-    def __init__(self, spec: TokenizerSpec, dtype: type[numpy.integer], add_special_tokens: bool, eod: int | None):
-        self.tokenizer = spec.load()
+    def __init__(
+        self,
+        spec: TokenizerSpec,
+        dtype: type[numpy.integer],
+        add_special_tokens: bool,
+        eod: int | None,
+        parse_special_tokens: bool = False,
+    ):
+        self.tokenizer = spec.load(parse_special_tokens)
         self.dtype, self.add_special_tokens, self.eod = dtype, add_special_tokens, eod
 
     def __call__(self, texts: list[str]) -> tuple[numpy.ndarray, numpy.ndarray]:
@@ -202,6 +222,29 @@ def _encoded(batches: Iterator[list[str]], encode: Callable, workers: int) -> It
             yield future.result()
 
 
+def _tokenizer_threads(workers: Any) -> int:
+    """``workers`` as a whole number >= 1, cut to the CPUs this process may use (with a note on stderr when it is).
+
+    Each thread tokenizes on a core of its own (the tokenizer runs in Rust, without the GIL), so more threads than
+    cores tokenize no faster, while each keeps its own batches of text and tokens in flight: host memory grows with
+    ``workers`` until the whole input is in memory at once (README, ``llama-fp8 preprocess``).
+    """
+    try:
+        requested = as_int(workers, "workers", at_least=1)
+    except SettingError as err:
+        raise CorpusInputError(str(err)) from None
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return requested
+    print(
+        f"llama-fp8 preprocess: workers (--workers) {requested} is more than the {cpus} CPU(s) this process may use; "
+        f"tokenizing with {cpus} thread(s): more would not be faster, and each keeps its own batches of text and "
+        "tokens in memory.",
+        file=sys.stderr,
+    )
+    return cpus
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def preprocess(
     inputs: Sequence[str | Path],
@@ -214,6 +257,7 @@ def preprocess(
     eod_token: str | None = None,
     append_eod: bool = True,
     add_special_tokens: bool = True,
+    parse_special_tokens: bool = False,
     workers: int = 1,
     skip_bad_lines: bool = False,
     overwrite: bool = False,
@@ -233,7 +277,10 @@ def preprocess(
         append_eod: append it to every document (Megatron-LM's ``--append-eod``).
         add_special_tokens: let the tokenizer add its special tokens (Llama 3: ``<|begin_of_text|>`` first), as
             Megatron-LM's ``HuggingFaceTokenizer`` does.
-        workers: tokenizer threads.
+        parse_special_tokens: read special-token strings in the text (``<|eot_id|>``) as those tokens, as
+            Megatron-LM does; off: encode them as text (module docstring).
+        workers: tokenizer threads, at most the CPUs this process may use (more are cut to those, with a note on
+            stderr: they would tokenize no faster and hold more text in memory).
         skip_bad_lines: count and skip undecodable, invalid or key-less records instead of stopping.
         overwrite: replace an existing corpus of that prefix (only once the new one is complete).
         progress: show a progress bar on stderr.
@@ -243,15 +290,14 @@ def preprocess(
         FileNotFoundError, ValueError: the tokenizer cannot be found or used.
     """
     start = time.perf_counter()
-    if workers < 1:
-        raise CorpusInputError(f"workers must be >= 1, got {workers}.")
+    workers = _tokenizer_threads(workers)
     if text_split not in ("file", "paragraph", "line"):
         raise CorpusInputError(f"text_split must be file, paragraph or line; got {text_split!r}.")
     files = expand_inputs(inputs)
     formats = [input_format_of(path, input_format) for path in files]
     prefix = Path(output_prefix).expanduser()
-    check_output_prefix(prefix, overwrite)
     spec = resolve_tokenizer(tokenizer, eod_token)
+    check_output_prefix(prefix, overwrite, reads=[*files, spec.path])
     if append_eod and spec.eod_id is None:
         raise CorpusInputError(
             f"The tokenizer {spec.path} names no end-of-document token (no eos_token in a tokenizer_config.json "
@@ -261,14 +307,19 @@ def preprocess(
         check_input(path, fmt, json_key)
 
     dtype = token_dtype(spec.vocab_size)
-    encode = _Encoder(spec, dtype, add_special_tokens, spec.eod_id if append_eod else None)
+    encode = _Encoder(spec, dtype, add_special_tokens, spec.eod_id if append_eod else None, parse_special_tokens)
     input_bytes = sum(path.stat().st_size for path in files)
     bad, read = BadLines(skip_bad_lines), ReadProgress()
     documents = tokens = 0
     max_token_id = -1
     all_lengths: list[numpy.ndarray] = []
+    try:
+        lock = OutputLock(prefix, "llama-fp8 preprocess").acquire()
+    except OutputBusyError as err:  # another run writes this prefix: refused at once, its files untouched
+        raise CorpusInputError(str(err)) from err
     bar = _progress_bar(input_bytes, enabled=progress)
     try:
+        check_output_prefix(prefix, overwrite, reads=[*files, spec.path])  # again, now that no one else writes it
         with open(f"{bin_path(prefix)}{TMP_SUFFIX}", "wb") as out, _tokenizers_single_threaded():
             texts = _read_ahead(
                 _batches(read_documents(files, formats, json_key, text_split, bad, read)), 2 * workers + 2
@@ -293,7 +344,8 @@ def preprocess(
         lengths = numpy.concatenate(all_lengths)
         # One sequence per non-empty document; an empty document adds a document boundary only (as Megatron-LM).
         document_starts = numpy.concatenate([[0], numpy.cumsum(lengths > 0)])
-        write_index(Path(f"{idx_path(prefix)}{TMP_SUFFIX}"), dtype, lengths[lengths > 0], document_starts)
+        written_idx = Path(f"{idx_path(prefix)}{TMP_SUFFIX}")
+        write_index(written_idx, dtype, lengths[lengths > 0], document_starts)
         seconds = time.perf_counter() - start
         summary = PreprocessSummary(
             str(prefix),
@@ -306,12 +358,26 @@ def preprocess(
             bad.count,
             spec.identity(),
         )
-        publish_corpus(prefix, _sidecar(summary, files, json_key, text_split, append_eod, add_special_tokens, encode))
+        sidecar = _sidecar(summary, files, json_key, text_split, append_eod, add_special_tokens, encode)
+        sidecar["binding"] = corpus_binding(sidecar, Path(out.name), written_idx)
+        publish_corpus(prefix, sidecar)
+    except OSError as err:
+        remove_partial_corpus(prefix)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(prefix.parent).free
+            raise CorpusInputError(
+                f"The disk holding {prefix.parent} is full ({free / 2**30:.2f} GiB free after removing this run's "
+                f"partial files; the corpus needs about {tokens * numpy.dtype(dtype).itemsize / 2**30:.2f} GiB for "
+                f"the {tokens:,} tokens written so far, and more for the rest). Free space or choose an "
+                "--output-prefix on another disk; nothing was written and an existing corpus is untouched."
+            ) from err
+        raise
     except BaseException:
         remove_partial_corpus(prefix)
         raise
     finally:
         bar.close()
+        lock.release()
     return summary
 
 
@@ -329,10 +395,11 @@ def _sidecar(
     leading = encode.tokenizer.encode("", add_special_tokens=add_special_tokens).tokens
     return {
         "format": SIDECAR_FORMAT,
-        "version": 1,
+        "version": SIDECAR_VERSION,
         **record,
         "append_eod": append_eod,
         "special_tokens_added": leading,  # what the tokenizer adds to every document (Llama 3: the BOS)
+        "parse_special_tokens": not encode.tokenizer.encode_special_tokens,  # special-token strings in text
         "json_key": json_key,
         "text_split": text_split,
         "inputs": [{"path": str(path.resolve()), "bytes": path.stat().st_size} for path in files],

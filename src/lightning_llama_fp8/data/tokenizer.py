@@ -10,6 +10,13 @@ compares that record with the tokenizer a config names. A tokenizer is given as
   end-of-document token, as ``transformers`` reads it).
 
 Identity is the SHA-256 of ``tokenizer.json``: two copies of the same tokenizer match wherever they live.
+
+Text is encoded as text: :meth:`TokenizerSpec.load` turns off the ``tokenizers`` default of reading special-token
+strings found in the text (``<|eot_id|>``, ``<|start_header_id|>``, ``<|image|>``) as the control tokens they name.
+A web page that quotes ``<|eot_id|>`` must not end a turn, and a prompt must not inject a header; with the Llama 3.2
+``tokenizer.json`` that ``"llama3"`` ships, literal ``<|image|>`` would even become id 128256, past the 128,256 ids
+of a Llama 3 text model. The special tokens a tokenizer adds itself (``<|begin_of_text|>``) and the end-of-document
+token appended by id are unaffected; added tokens not marked special are matched as usual.
 """
 
 from __future__ import annotations
@@ -57,11 +64,18 @@ class TokenizerSpec:
     eod_token: str | None
     eod_id: int | None
 
-    def load(self) -> Tokenizer:
-        """A fresh ``tokenizers.Tokenizer`` (cheap enough to call once per run)."""
+    def load(self, parse_special_tokens: bool = False) -> Tokenizer:
+        """A fresh ``tokenizers.Tokenizer`` (cheap enough to call once per run).
+
+        Args:
+            parse_special_tokens: read special-token strings in the text as those tokens (``tokenizers``' and
+                ``transformers``' default, and Megatron-LM's). Off: they are encoded as the characters they are.
+        """
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(self.path))
+        tokenizer = Tokenizer.from_file(str(self.path))
+        tokenizer.encode_special_tokens = not parse_special_tokens
+        return tokenizer
 
     def identity(self) -> dict[str, Any]:
         """What a corpus's sidecar records about the tokenizer."""

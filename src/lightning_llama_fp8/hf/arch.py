@@ -4,6 +4,8 @@ translation of a :class:`LlamaConfig` into Hugging Face's ``config.json``."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ from lightning_llama_fp8.hf.config import (
     MEGATRON_LLAMA3_ROPE,
     HFConfigError,
 )
+
+#: A Hugging Face layer tensor's name and its layer number (``model.layers.{i}.``, hf/mapping.py's names).
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def llama_config_from_hf(path_or_config: str | Path | dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -60,6 +65,28 @@ def arch_for_hf(arch: str | LlamaConfig | None, init_weights: str | os.PathLike[
             "config.json). Leave model.arch out to take the architecture from config.json, or make it agree."
         )
     return given
+
+
+def check_weights_hold_the_layers(arch: LlamaConfig, tensor_names: Iterable[str], path: str | os.PathLike[str]) -> None:
+    """Refuse a ``config.json`` (read into ``arch``) that has more layers than the Hugging Face weights of ``path``,
+    whose tensors are ``tensor_names`` (from the safetensors headers; no tensor data is read).
+
+    Call it before anything is sized from ``config.json``: the tables of tensor names and shapes built to check and
+    load the weights grow with its layer count, so a config of 1e9 layers would otherwise exhaust host memory with no
+    message. (Its other sizes only enter shapes, which the weight check compares with the files tensor by tensor.)
+
+    Raises:
+        HFConfigError: with both counts.
+    """
+    layers = {int(found.group(1)) for name in tensor_names if (found := _HF_LAYER.match(name))}
+    held = max(layers) + 1 if layers else 0
+    if arch.num_layers > held:
+        what = f"layers 0 to {held - 1}" if held else "no layers"
+        raise HFConfigError(
+            f"{Path(path) / 'config.json'} says num_hidden_layers is {arch.num_layers:,}, but the safetensors files of "
+            f"{path} hold {what}: config.json does not describe these weights (from another model, or edited?). Put "
+            "the config.json of these weights beside them; nothing was built."
+        )
 
 
 def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

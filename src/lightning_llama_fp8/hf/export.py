@@ -19,6 +19,7 @@ fp32 main weights rounded to BF16.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -52,6 +53,13 @@ from lightning_llama_fp8.hf.mapping import (
     expected_hf_shapes,
     hf_layer_name,
     hf_tensor_pieces,
+)
+from lightning_llama_fp8.storage.output_lock import output_lock
+from lightning_llama_fp8.storage.outputs import (
+    check_output_directory,
+    fresh_partial_directory,
+    publish_directory,
+    remove_path,
 )
 
 #: Where the exported weights came from (printed and returned).
@@ -272,30 +280,35 @@ def export_to_hf(
     started = time.perf_counter()
     info = read_checkpoint_info(checkpoint)
     arch = checkpoint_arch(info)
-    output = Path(output)
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; choose another directory or pass --overwrite.")
-    tokenizer_files = _tokenizer_files(_tokenizer_path(tokenizer)) if tokenizer is not None else []
-    partial = output.with_name(output.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    tensors = _CheckpointTensors(info, arch, allow_fp8_weights)
-    writer = PlannedSafetensorsWriter(partial, _hf_layout(arch), max_shard_bytes)
-    try:
-        _stream_weights(tensors, arch, writer)
-    finally:
-        writer.close()
-    shards = writer.finish()
-    bos, eos = _copy_tokenizer(tokenizer_files, partial)
-    config = hf_config_from_llama(arch, bos_token_id=bos, eos_token_id=eos)
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = partial / "generation_config.json"
-    if not generation.exists():
-        generation.write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    partial.rename(output)
+    tokenizer_source = _tokenizer_path(tokenizer) if tokenizer is not None else None
+    tokenizer_files = _tokenizer_files(tokenizer_source) if tokenizer_source is not None else []
+    special = _special_tokens(tokenizer_files)
+    _check_special_tokens_fit(special, arch.vocab_size, tokenizer_source)
+    reads = [("the checkpoint", info.path)] + ([("the tokenizer", tokenizer_source)] if tokenizer_source else [])
+    output = check_output_directory(output, reads, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output, "llama-fp8 convert"):
+        check_output_directory(output, reads, overwrite)  # again: another writer may have finished meanwhile
+        tensors = _CheckpointTensors(info, arch, allow_fp8_weights)
+        partial = fresh_partial_directory(output)
+        try:
+            writer = PlannedSafetensorsWriter(partial, _hf_layout(arch), max_shard_bytes)
+            _check_free_space(partial, writer.total_bytes)
+            try:
+                _stream_weights(tensors, arch, writer)
+            finally:
+                writer.close()
+            shards = writer.finish()
+            _copy_tokenizer(tokenizer_files, partial, special)
+            config = hf_config_from_llama(arch, bos_token_id=special.bos, eos_token_id=special.eos)
+            (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            generation = partial / "generation_config.json"
+            if not generation.exists():
+                generation.write_text(json.dumps({"bos_token_id": special.bos, "eos_token_id": special.eos}) + "\n")
+            publish_directory(partial, output)
+        except BaseException:
+            remove_path(partial)  # the previous output, if any, is untouched until publish_directory
+            raise
     return ExportReport(
         output=output,
         weights_source=tensors.source,
@@ -396,29 +409,94 @@ def _tokenizer_files(path: Path) -> list[Path]:
     return files
 
 
-def _copy_tokenizer(files: list[Path], output: Path) -> tuple[int | None, Any]:
-    """Copy the tokenizer into ``output``; return its (bos, eos) token ids (None where unknown)."""
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """The tokenizer's BOS/EOS (ids and texts), and the ids its ``generation_config.json`` stops at."""
+
+    bos: int | None = None
+    eos: int | None = None
+    bos_text: str = LLAMA3_BOS
+    eos_text: str = LLAMA3_EOS
+    has_config: bool = False
+    generation_eos: tuple[int, ...] = ()
+
+
+def _special_tokens(files: list[Path]) -> _SpecialTokens:
+    """Read BOS/EOS from the tokenizer files about to be copied (no files: none)."""
     from tokenizers import Tokenizer
 
     if not files:
-        return None, None
+        return _SpecialTokens()
+    json_file = next(
+        (f for f in files if f.name == "tokenizer.json" or (len(files) == 1 and f.suffix == ".json")), None
+    )
+    tokenizer = Tokenizer.from_file(str(json_file)) if json_file is not None else None
+    config_file = next((f for f in files if f.name == "tokenizer_config.json"), None)
+    config = _read_json(config_file) if config_file is not None else {}
+    bos_text = _token_text(config.get("bos_token")) or LLAMA3_BOS
+    eos_text = _token_text(config.get("eos_token")) or LLAMA3_EOS
+    generation_file = next((f for f in files if f.name == "generation_config.json"), None)
+    generation = _read_json(generation_file) if generation_file is not None else {}
+    stop = generation.get("eos_token_id")
+    stop_ids = tuple(i for i in (stop if isinstance(stop, list) else [stop]) if isinstance(i, int))
+    return _SpecialTokens(
+        bos=tokenizer.token_to_id(bos_text) if tokenizer is not None else None,
+        eos=tokenizer.token_to_id(eos_text) if tokenizer is not None else None,
+        bos_text=bos_text,
+        eos_text=eos_text,
+        has_config=config_file is not None,
+        generation_eos=stop_ids,
+    )
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise HFConfigError(f"{file} is not readable JSON ({err}); restore it or give another tokenizer.") from err
+    if not isinstance(record, dict):
+        raise HFConfigError(f"{file} holds {type(record).__name__}, not a JSON object; restore it.")
+    return record
+
+
+def _check_special_tokens_fit(special: _SpecialTokens, vocab_size: int, tokenizer: Path | None) -> None:
+    """Refuse a tokenizer whose BOS/EOS (or generation stop ids) lie past the model's embedding: transformers would
+    fail with an IndexError at the first generated or prompted special token."""
+    named = [("BOS", special.bos_text, special.bos), ("EOS", special.eos_text, special.eos)]
+    named += [("generation_config.json eos_token_id", None, i) for i in special.generation_eos]
+    beyond = [
+        f"{what} {text + ' ' if text else ''}= {i}" for what, text, i in named if i is not None and i >= vocab_size
+    ]
+    if beyond:
+        raise HFConfigError(
+            f"The tokenizer {tokenizer} does not fit this model: {', '.join(beyond)}, but the checkpoint's vocabulary "
+            f"has {vocab_size} entries (ids 0..{vocab_size - 1}). Give the tokenizer the model was trained with "
+            "(the one its corpus was preprocessed with), or leave out --tokenizer."
+        )
+
+
+def _copy_tokenizer(files: list[Path], output: Path, special: _SpecialTokens) -> None:
+    """Copy the tokenizer into ``output`` (a bare tokenizer.json gets the tokenizer_config.json transformers needs)."""
     for file in files:
         target = "tokenizer.json" if file.suffix == ".json" and len(files) == 1 else file.name
         shutil.copyfile(file, output / target)
-    tokenizer = Tokenizer.from_file(str(output / "tokenizer.json")) if (output / "tokenizer.json").exists() else None
-    config_file = output / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    bos_token = _token_text(config.get("bos_token")) or LLAMA3_BOS
-    eos_token = _token_text(config.get("eos_token")) or LLAMA3_EOS
-    bos = tokenizer.token_to_id(bos_token) if tokenizer is not None else None
-    eos = tokenizer.token_to_id(eos_token) if tokenizer is not None else None
-    if not config_file.exists() and tokenizer is not None:
+    if files and not special.has_config and (output / "tokenizer.json").exists():
         # A bare tokenizer.json: tell transformers which class reads it (Llama 3's is a plain fast tokenizer).
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
-        config.update({"bos_token": bos_token if bos is not None else None})
-        config.update({"eos_token": eos_token if eos is not None else None})
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
-    return bos, eos
+        config.update({"bos_token": special.bos_text if special.bos is not None else None})
+        config.update({"eos_token": special.eos_text if special.eos is not None else None})
+        (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_free_space(directory: Path, needed_bytes: int) -> None:
+    """Refuse before writing when the output's file system cannot hold the shards (with a small margin)."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes * 1.01 + 2**20:
+        raise OSError(
+            errno.ENOSPC,
+            f"The export needs {needed_bytes / 2**30:.2f} GiB but {directory.parent} has {free / 2**30:.2f} GiB free; "
+            "free space or choose an output on another file system",
+        )
 
 
 def _token_text(token: Any) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lightning_llama_fp8.hf.config import HFConfigError
+from lightning_llama_fp8.storage.paths import PathOutsideFolderError, path_inside
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,6 +61,13 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise HFConfigError(f"{index} is not a safetensors index (no readable 'weight_map': {err}).") from err
+            if not isinstance(weight_map, dict):
+                raise HFConfigError(f"{index}: 'weight_map' is not a mapping of tensor names to files.")
+            for name in set(weight_map.values()):
+                try:
+                    path_inside(self.path, name, index)
+                except PathOutsideFolderError as err:
+                    raise HFConfigError(str(err)) from err
             missing = sorted({name for name in weight_map.values() if not (self.path / name).is_file()})
             if missing:
                 raise HFConfigError(

@@ -17,6 +17,7 @@ import torch
 
 from lightning_llama_fp8._compat.transformer_engine import replace_high_precision_init_val
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.hf.arch import check_weights_hold_the_layers
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.files import SafetensorsDir
 from lightning_llama_fp8.hf.mapping import (
@@ -39,6 +40,7 @@ def check_hf_weights(path: str | os.PathLike[str], arch: LlamaConfig) -> Safeten
             (e.g. a bias), or a shape that config.json does not predict.
     """
     weights = SafetensorsDir(path)
+    check_weights_hold_the_layers(arch, weights.names(), path)  # before the tables below grow with config.json
     expected = expected_hf_shapes(arch)
     missing = [name for name in expected if name not in weights]
     if missing:

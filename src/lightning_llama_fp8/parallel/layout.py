@@ -12,6 +12,7 @@ from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.parallel.pipeline_layout import interleaved_schedule_problems, pipeline_problems
+from lightning_llama_fp8.validate import as_bool, as_int, as_optional_int
 
 CPCommType = Literal["p2p", "a2a", "all_gather"]
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "a2a", "all_gather")
@@ -48,6 +49,14 @@ class ParallelLayout:
     virtual_pipeline_model_parallel_size: int | None = None
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
+
+    def __post_init__(self) -> None:
+        # Whole numbers only (2.0 is taken as 2, 2.5 or True refused); the ranges are validate_layout's to check.
+        for name in ("tensor_model_parallel_size", "context_parallel_size", "pipeline_model_parallel_size"):
+            object.__setattr__(self, name, as_int(getattr(self, name), name))
+        for name in PIPELINE_FIELDS[1:]:
+            object.__setattr__(self, name, as_optional_int(getattr(self, name), name))
+        object.__setattr__(self, "sequence_parallel", as_bool(self.sequence_parallel, "sequence_parallel"))
 
     @property
     def model_parallel_size(self) -> int:

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_llama_fp8.validate import SettingError, as_optional_int
+
 RecomputeGranularity = Literal["selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
 
@@ -88,8 +90,10 @@ class RecomputeSettings:
                     "modules choose what selective recompute recomputes; full recompute checkpoints whole layers. "
                     "Drop modules, or set granularity: selective"
                 )
-            if self.num_layers is not None and (isinstance(self.num_layers, bool) or self.num_layers < 1):
-                problems.append(f"num_layers must be >= 1, got {self.num_layers!r}")
+            try:  # a whole number: 2.5 would otherwise reach Megatron's layer arithmetic
+                self.num_layers = as_optional_int(self.num_layers, "num_layers", at_least=1)
+            except SettingError as err:
+                problems.append(str(err).rstrip("."))
         if problems:
             raise ValueError("activation_recompute: " + "; ".join(problems) + ".")
 

@@ -77,7 +77,10 @@ def chunk_data_iterators(micro_batches: Sequence[Any], num_chunks: int) -> Itera
     """The schedule's ``data_iterator``: one iterator for one chunk, else one per chunk over all micro batches.
 
     The interleaved schedule runs every micro batch through every chunk and takes each chunk's input from that
-    chunk's iterator; a shared iterator would hand chunks each other's micro batches.
+    chunk's iterator; a shared iterator would hand chunks each other's micro batches. Whatever a micro batch holds
+    travels with it to every chunk of every stage: with document masking its document boundaries, from which each
+    stage's forward step builds the packed-sequence parameters its attention needs (the activations it receives
+    from the stage before carry no such information).
     """
     if num_chunks == 1:
         return iter(micro_batches)

@@ -2,10 +2,11 @@
 
 Pure arithmetic (no torch, no process group), so ``validate_layout`` and ``llama-fp8 plan`` can use it before
 anything is built. The assignment is Megatron-Core's (``get_num_layers_to_build`` /
-``get_transformer_layer_offset``; ``tests/parallel/test_pipeline_layout.py`` checks the two agree): the first and last stage take
-``num_layers_in_first/last_pipeline_stage`` layers when given, the middle stages share the rest evenly, and each
-stage's layers are split into ``virtual_pipeline_model_parallel_size`` equal chunks. Chunks are numbered chunk-major:
-virtual chunk 0 of every stage in stage order holds the first layers, then chunk 1 of every stage, and so on.
+``get_transformer_layer_offset``; ``tests/parallel/test_pipeline_layout.py`` checks the two agree): the first and
+last stage take ``num_layers_in_first/last_pipeline_stage`` layers when given, the middle stages share the rest
+evenly, and each stage's layers are split into ``virtual_pipeline_model_parallel_size`` equal chunks. Chunks are
+numbered chunk-major: virtual chunk 0 of every stage in stage order holds the first layers, then chunk 1 of every
+stage, and so on.
 """
 
 from __future__ import annotations

@@ -29,16 +29,19 @@ What is exact and what is an estimate:
   PyTorch caching-allocator fragmentation and reserved-but-unused memory, Transformer Engine workspaces
   (cuBLAS workspaces, cached FP8 copies / transposes of BF16 weights when FP8 param gather is off, FP8
   scaling metadata and amax histories), per-parameter temporaries of the offload copies, and the RoPE /
-  attention-mask buffers. Leave headroom on top of :attr:`MemoryBreakdown.total`: measured peaks on one H200 were
+  attention-mask buffers (with document masking their upper bound is counted: :func:`document_masking_bytes`).
+  Leave headroom on top of :attr:`MemoryBreakdown.total`: measured peaks on one H200 were
   8.5-12.9% above it (:data:`MEASURED_UNCOUNTED_SHARE`; the fit verdict of :func:`format_plan` asks for that room).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.data.packing import check_document_masking
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
@@ -57,6 +60,7 @@ TERA = 1e12
 BF16_BYTES = 2
 FP8_BYTES = 1
 FP32_BYTES = 4
+INT32_BYTES = 4
 # Megatron's mixed-precision Adam: fp32 main parameter + exp_avg + exp_avg_sq.
 OPTIMIZER_BYTES_PER_PARAM = 3 * FP32_BYTES
 # Megatron's HybridDeviceOptimizer also keeps an fp32 gradient per parameter it steps (on either device).
@@ -157,6 +161,8 @@ class ActivationEstimate:
     #: Under pipeline parallelism: chunk forward passes alive at once (each keeping ``kept_bytes``), see
     #: :func:`micro_batches_in_flight`; ``num_layers`` are then one chunk's.
     in_flight: int = 1
+    #: With document masking: the document boundaries each chunk forward pass keeps on the GPU (an upper bound).
+    packed_bytes: int = 0
 
     @property
     def layer_bytes(self) -> int:
@@ -175,7 +181,8 @@ class ActivationEstimate:
     @property
     def total(self) -> int:
         """The peak: at the loss (kept + head), or while a chunk is recomputed (kept + that chunk's layers)."""
-        return self.in_flight * self.kept_bytes + max(self.head_bytes, self.recompute_window * self.layer_bytes)
+        kept = self.in_flight * (self.kept_bytes + self.packed_bytes)
+        return kept + max(self.head_bytes, self.recompute_window * self.layer_bytes)
 
 
 # Names of the layer terms that recompute drops or keeps.
@@ -319,6 +326,27 @@ def estimate_activations(
     )
 
 
+# ------------------------------------------------------------------------------------------ document masking
+#: Megatron-Core's ``RotaryEmbedding.forward`` is an ``lru_cache(maxsize=32)`` keyed by the sequence length it is
+#: asked for; with document masking that is each micro batch's longest document, so up to 32 tables stay cached.
+ROPE_CACHE_ENTRIES = 32
+
+
+def document_masking_bytes(arch: LlamaConfig, micro_batch_size: int) -> tuple[int, int]:
+    """What document masking adds on one GPU, upper bounds: (bytes per chunk forward pass in flight, bytes for the
+    whole run).
+
+    Per forward pass: the micro batch's document boundaries, an int32 per document + 1 (at most one per token),
+    which attention keeps for its backward pass. For the run: the RoPE tables (fp32, ``seq x kv_channels``) that
+    Megatron caches, one per longest-document length, besides the one table it caches without masking. The
+    attention itself keeps no more: Transformer Engine's cuDNN attention keeps one softmax statistic per token and
+    head for packed sequences as for unpacked ones (cuDNN >= 9.6).
+    """
+    boundaries = INT32_BYTES * (micro_batch_size * arch.seq_length + 1)
+    rope = (ROPE_CACHE_ENTRIES - 1) * arch.seq_length * arch.kv_channels * FP32_BYTES
+    return boundaries, rope
+
+
 # ------------------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class MemoryBreakdown:
@@ -335,11 +363,14 @@ class MemoryBreakdown:
     activations: int
     optimizer_step: int = 0
     host: int = 0
+    #: With document masking: the RoPE tables Megatron caches besides the one it keeps anyway (see
+    #: :func:`document_masking_bytes`), for the whole run.
+    rope_cache: int = 0
     total: int = field(init=False)
 
     def __post_init__(self) -> None:
         peak = max(self.activations, self.optimizer_step)
-        object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + peak)
+        object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + self.rope_cache + peak)
 
 
 @dataclass(frozen=True)
@@ -387,6 +418,9 @@ class TrainingPlan:
     stages: tuple[StagePlan, ...] = ()
     #: Share of each step the stages idle while the pipeline fills and drains (0 without PP).
     bubble_fraction: float = 0.0
+    #: Each document attends only to itself (``GPTDataModule(document_masking=True)``); what it adds to memory is in
+    #: ``memory.rope_cache`` and ``activations.packed_bytes``.
+    document_masking: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -448,14 +482,17 @@ def plan_training(
     recompute: RecomputeSettings | None = None,
     optimizer_offload: OptimizerOffloadSettings | None = None,
     fp8_recipe: str = "delayed",
+    document_masking: bool = False,
+    fp8_attention: bool = False,
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
     Raises :class:`~lightning_llama_fp8.parallel.layout.LayoutError` for a layout that cannot run and ``ValueError``
     for an unknown precision, FP8 param gather without FP8, or recompute / offload settings the strategy would
-    refuse (``fp8_recipe`` is only read for those checks). Activation memory is an estimate (one micro batch
-    alive at a time, or under PP the micro batches a stage's schedule keeps alive); CUDA context, NCCL buffers,
-    allocator fragmentation and TE workspaces are not counted.
+    refuse (``fp8_recipe`` is only read for those checks), or document masking where it cannot run (context
+    parallelism, Megatron's own attention, FP8 attention: ``fp8_attention`` is only read for that check). Activation
+    memory is an estimate (one micro batch alive at a time, or under PP the micro batches a stage's schedule keeps
+    alive); CUDA context, NCCL buffers, allocator fragmentation and TE workspaces are not counted.
     """
     cfg = resolve_arch(arch)
     _check_precision(precision, fp8_param_gather)
@@ -465,6 +502,14 @@ def plan_training(
         recompute.check(largest_chunk_layers(layout, cfg.num_layers), cfg.transformer_impl, recipe)
     if optimizer_offload is not None:
         optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
+    if document_masking:
+        check_document_masking(
+            context_parallel_size=layout.context_parallel_size,
+            transformer_impl=cfg.transformer_impl,
+            attention_backend=cfg.attention_backend,
+            fp8_attention=fp8_attention and precision == "fp8",
+        )
+    packed_bytes, rope_cache = document_masking_bytes(cfg, micro_batch_size) if document_masking else (0, 0)
     tp, cp = layout.tensor_model_parallel_size, layout.context_parallel_size
     num_microbatches = global_batch_size // (micro_batch_size * dp)
 
@@ -473,6 +518,8 @@ def plan_training(
         activations = estimate_activations(
             cfg, layout, micro_batch_size, precision, recompute, pipeline_rank=rank, num_microbatches=num_microbatches
         )
+        if packed_bytes:
+            activations = dataclasses.replace(activations, packed_bytes=packed_bytes)
         optimizer, optimizer_step, host = _optimizer_bytes(
             counts, dp * cp, use_distributed_optimizer, grad_reduce_in_fp32, optimizer_offload
         )
@@ -483,6 +530,7 @@ def plan_training(
             activations=activations.total,
             optimizer_step=optimizer_step,
             host=host,
+            rope_cache=rope_cache,
         )
         layers = tuple(chunk.layers for chunk in model_chunks(layout, cfg.num_layers, rank))
         return StagePlan(rank, layers, counts, memory, activations)
@@ -514,6 +562,7 @@ def plan_training(
         flops_per_gpu_per_step=flops_per_step / world_size,
         stages=stages,
         bubble_fraction=bubble_fraction(layout, num_microbatches),
+        document_masking=document_masking,
     )
 
 

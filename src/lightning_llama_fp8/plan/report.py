@@ -3,6 +3,7 @@ size."""
 
 from __future__ import annotations
 
+from lightning_llama_fp8.data.packing import DESCRIPTION
 from lightning_llama_fp8.parallel.pipeline_layout import stage_layer_counts
 from lightning_llama_fp8.plan.estimate import GIB, TERA, ActivationEstimate, TrainingPlan
 
@@ -46,7 +47,14 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ("Parameters", f"{plan.total_parameters:,} total, {plan.parameters_per_gpu:,} per GPU"),
         ("Recompute", plan.recompute.describe(a.num_layers) if plan.recompute else "off"),
         ("Optimizer offload", plan.optimizer_offload.describe() if plan.optimizer_offload else "off"),
+        ("Document masking", _document_masking(plan)),
     ]
+
+
+def _document_masking(plan: TrainingPlan) -> str:
+    if not plan.document_masking:
+        return "off (one causal mask over each packed sample)"
+    return f"on: {DESCRIPTION} (packed THD attention)"
 
 
 def _pipeline_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
@@ -123,6 +131,16 @@ def _memory_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ("  optimizer" + (" (GPU share)" if plan.optimizer_offload else ""), _gib(m.optimizer)),
         ("  activations (estimate)", _gib(m.activations) + _activation_detail(plan.activations)),
     ]
+    if plan.document_masking:
+        boundaries = plan.activations.in_flight * plan.activations.packed_bytes
+        rows.append(
+            (
+                "  document masking",
+                f"{_gib(m.rope_cache + boundaries)} (at most: RoPE tables cached per longest-document length "
+                f"{m.rope_cache / 2**20:,.0f} MiB, document boundaries {boundaries / 2**10:,.0f} KiB; "
+                "the boundaries are part of the activations above)",
+            )
+        )
     if m.optimizer_step:
         rows.append(("  optimizer step (fp32 grads)", _gib(m.optimizer_step) + " (after the activations are freed)"))
     rows.append(("  total (peak)", _gib(m.total)))

@@ -1,0 +1,42 @@
+"""benchmarks/throughput.py on the CPU: what its checkpoint-stall record makes of the strategy's background saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from benchmarks.throughput import CheckpointStall
+from lightning_llama_fp8.checkpoint.background import SaveTiming
+
+
+def test_checkpoint_stall_records_the_wait_for_the_previous_write_and_the_interval_that_avoids_it(
+    tmp_path: Path,
+) -> None:
+    """Saves at steps 8 and 16 of 1 s steps; the first write took 24 s, so the second save waited 16 s of it."""
+    timings = [SaveTiming(tmp_path / "s8", 8, 0.0, 24.0), SaveTiming(tmp_path / "s16", 16, 16.0, 23.5)]
+    saver = SimpleNamespace(timings=[])
+    strategy: Any = SimpleNamespace(
+        pending_checkpoint=None,
+        checkpointing=SimpleNamespace(async_saver=saver, host_reserve=None),
+        on_train_end=lambda: None,
+    )
+
+    def save(checkpoint: dict, path: str) -> None:
+        saver.timings.append(timings[len(saver.timings)])
+
+    strategy.save_checkpoint, strategy.on_train_batch_start = save, lambda *args: None
+    trainer: Any = SimpleNamespace(strategy=strategy, global_step=8)
+    stall = CheckpointStall(warmup=2)
+    stall.setup(trainer, None, "fit")
+    strategy.save_checkpoint({}, "s8")
+    trainer.global_step = 16
+    strategy.checkpointing.async_saver = None  # the strategy's teardown drops its saver: the record keeps it
+    strategy.save_checkpoint({}, "s16")
+    stall.steps = [(step, 1.0, False, False) for step in range(1, 25)]
+    summary = stall.summary("async", tmp_path / "none", tokens_per_step=8192)
+    assert summary["waited_for_previous_s"] == [0.0, 16.0]
+    assert summary["write_s"] == [24.0, 23.5]
+    assert summary["shortest_nonblocking_interval_steps"] == 24  # the longest write, in 1 s steps
+    assert [save["step"] for save in summary["saves"]] == [8, 16]
+    assert summary["saves"][1]["waited_for_previous_s"] == 16.0 and summary["saves"][1]["write_s"] == 23.5
