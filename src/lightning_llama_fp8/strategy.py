@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_llama_fp8._compat import lightning as compat
+from lightning_llama_fp8._compat.warnings import own_checkpoint_directories_warning_filtered
 from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import preflight
 from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
@@ -204,6 +205,9 @@ class MegatronCPStrategy(ParallelStrategy):
         self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
         self.async_save = async_save
         self.checkpointing = StrategyCheckpointing(self)
+        # Lightning's "Checkpoint directory ... exists and is not empty", hidden while a resumed run sets up the
+        # ModelCheckpoint directories it continues (from setup_environment to setup).
+        self._own_directory_warnings = ExitStack()
         self.activation_recompute = activation_recompute
         self.optimizer_offload = optimizer_offload
         if optimizer_offload is not None:
@@ -287,6 +291,20 @@ class MegatronCPStrategy(ParallelStrategy):
         self.initialize_parallel_state()
         # The checkpoint to load and every output directory, before data, model and optimizer are built.
         self.checkpointing.early_state = preflight.check_before_building(self)
+        self._hide_directory_warning_of_own_resume()
+
+    def _hide_directory_warning_of_own_resume(self) -> None:
+        """A fit resumed into its own ModelCheckpoint directories: Lightning's "Checkpoint directory ... exists and is
+        not empty" (said in the callbacks' setup, which comes next) is meant for a new run writing where another run's
+        checkpoints are; for these directories the files are this run's own. Kept for every other directory."""
+        early = self.checkpointing.early_state
+        if early is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return
+        path, lightning_state = early
+        trainer = self.lightning_module.trainer
+        own = preflight.own_checkpoint_directories(path, trainer.checkpoint_callbacks, lightning_state)
+        if own:
+            self._own_directory_warnings.enter_context(own_checkpoint_directories_warning_filtered(own))
 
     def initialize_parallel_state(self) -> None:
         """Build Megatron's TP/CP/PP/DP groups and seed its RNG streams (idempotent for one layout)."""
@@ -445,6 +463,7 @@ class MegatronCPStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ model and optimizer
     def setup(self, trainer: pl.Trainer) -> None:
+        self._own_directory_warnings.close()  # the callbacks' setup, which says it, is done
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         compat.evaluate_without_inference_mode(trainer)
@@ -653,6 +672,7 @@ class MegatronCPStrategy(ParallelStrategy):
     def teardown(self) -> None:
         from megatron.core import parallel_state
 
+        self._own_directory_warnings.close()
         self.checkpointing.close()  # the run waits for a pending save before it exits
         self._ddp_modules = []
         if parallel_state.model_parallel_is_initialized():

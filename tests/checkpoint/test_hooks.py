@@ -160,6 +160,9 @@ def test_resumed_run_continues_with_the_next_batches_and_the_saved_weights(tmp_p
         assert rank["resumed_seen"] == rank["first_seen"][2:]  # the data position was restored...
         torch.testing.assert_close(rank["resumed_weight"], rank["first_weight"])  # ...and the weights
         assert not [m for m in rank["messages"] if "not resumable" in m]
+        # The resumed run continues its own checkpoint directory: Lightning's warning for a new run writing into
+        # another run's directory is not said (it still is for any other directory: tests/_compat/test_warnings.py).
+        assert not [m for m in rank["messages"] if "exists and is not empty" in m], rank["messages"]
         assert rank["last_after_first"] == 4  # save_last="link": last.ckpt points at the newest checkpoint
         # Resumed from the run's first checkpoint (whose saved state remembers no last.ckpt), the run renewed
         # last.ckpt rather than starting last-v1.ckpt beside it (which left last.ckpt at step 2).

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_llama_fp8.cli.fit as cli
 from lightning_llama_fp8.callbacks import PreemptionCheckpoint
 from lightning_llama_fp8.checkpoint import info as ckpt
+from lightning_llama_fp8.checkpoint.preflight import own_checkpoint_directories
 from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN
 from tests.helpers.checkpoints import fake_resumable_checkpoint
 
@@ -93,31 +94,12 @@ def test_a_resume_continues_its_own_checkpoint_directories(tmp_path: Path) -> No
     elsewhere = ModelCheckpoint(dirpath=other, every_n_train_steps=3)
     step = _checkpoint(checkpoints / "epoch=0-step=3.ckpt", 3)
     (checkpoints / "last.ckpt").symlink_to(step.name)
-    assert cli.own_checkpoint_directories(checkpoints / "last.ckpt", [own, elsewhere]) == [own.dirpath]
+    assert own_checkpoint_directories(checkpoints / "last.ckpt", [own, elsewhere]) == [own.dirpath]
     # A SLURM requeue save lies in default_root_dir: its saved ModelCheckpoint state names the directory.
     state = {"global_step": 5, "callbacks": {own.state_key: {"dirpath": own.dirpath}}}
     hpc = _checkpoint(tmp_path / "hpc_ckpt_1.ckpt", 5, lightning_state=state)
-    assert cli.own_checkpoint_directories(hpc, [own, elsewhere]) == [own.dirpath]
+    assert own_checkpoint_directories(hpc, [own, elsewhere]) == [own.dirpath]
     # A checkpoint of some other run (or no checkpoint of this package at all): none.
     foreign = _checkpoint(tmp_path / "foreign" / "step=9.ckpt", 9)
-    assert cli.own_checkpoint_directories(foreign, [own, elsewhere]) == []
-    assert cli.own_checkpoint_directories(tmp_path / "missing.ckpt", [own]) == []
-
-
-def test_fit_hides_the_directory_warning_while_it_resumes_into_its_own(tmp_path: Path) -> None:
-    import warnings
-
-    from lightning_llama_fp8.data import GPTDataModule
-    from lightning_llama_fp8.model import LlamaLightningModule
-
-    checkpoints = tmp_path / "ckpts"
-    _checkpoint(checkpoints / "epoch=0-step=3.ckpt", 3)
-    saver = ["--trainer.callbacks=ModelCheckpoint", f"--trainer.callbacks.dirpath={checkpoints}"]
-    run = cli.LlamaCLI(LlamaLightningModule, GPTDataModule, subclass_mode_data=True, run=False, args=CLI_ARGS + saver)
-    filters_before = list(warnings.filters)
-    run.config["ckpt_path"] = str(checkpoints / "epoch=0-step=3.ckpt")  # what before_instantiate_classes resolved
-    run.before_fit()
-    patterns = [f[1].pattern.replace("\\", "") for f in warnings.filters if f[0] == "ignore" and f[1] is not None]
-    assert f"Checkpoint directory {checkpoints} exists and is not empty.$" in patterns
-    run.after_fit()
-    assert warnings.filters == filters_before
+    assert own_checkpoint_directories(foreign, [own, elsewhere]) == []
+    assert own_checkpoint_directories(tmp_path / "missing.ckpt", [own]) == []

@@ -72,6 +72,25 @@ def check_before_building(strategy: Any) -> tuple[Path, dict[str, Any]] | None:
     return early
 
 
+def own_checkpoint_directories(
+    checkpoint: Path, checkpoint_callbacks: list[Any], lightning_state: dict[str, Any] | None = None
+) -> list[str]:
+    """The ModelCheckpoint directories (as Lightning names them) that a run resumed from ``checkpoint`` continues to
+    write into (``resume.resumes_into``); empty for a checkpoint that is not this package's. ``lightning_state``:
+    the checkpoint's ``lightning.pt`` contents where already read."""
+    directories = [cb.dirpath for cb in checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if not directories or not (checkpoint / ckpt.LIGHTNING_FILENAME).is_file():
+        return []
+    recorded: set[Path] = set()
+    if not all(resume.resumes_into(checkpoint, Path(d), recorded) for d in directories):
+        try:  # an hpc_ckpt (default_root_dir) or a checkpoint copied elsewhere: which directory did its run write to?
+            state = lightning_state if lightning_state is not None else state_io.load_lightning_state(checkpoint)
+            recorded = resume.recorded_checkpoint_directories(state)
+        except ckpt.CheckpointError:
+            return []
+    return [str(d) for d in directories if resume.resumes_into(checkpoint, Path(d), recorded)]
+
+
 def checkpoint_to_load(trainer: Any) -> Path | None:
     """The checkpoint the running ``trainer`` method will load (``None``: none), after refusing what cannot work.
 

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_llama_fp8._compat.warnings import own_checkpoint_directories_warning_filtered
-from lightning_llama_fp8.checkpoint.info import LIGHTNING_FILENAME, CheckpointError, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
 from lightning_llama_fp8.checkpoint.resume import (
     HPC_CHECKPOINT_PATTERN,
     check_can_resume,
-    recorded_checkpoint_directories,
     resolve_last_checkpoint,
-    resumes_into,
 )
 from lightning_llama_fp8.checkpoint.state_io import load_lightning_state
 from lightning_llama_fp8.cli.config_file import (
@@ -82,20 +78,6 @@ class LlamaCLI(LightningCLI):
             config["ckpt_path"] = resolve_last_from_config(config, fitting)
             (self.config[self.subcommand] if self.subcommand else self.config)["ckpt_path"] = config["ckpt_path"]
         preflight(config, fitting=fitting)
-
-    def before_fit(self) -> None:
-        """A run resumed into its own checkpoint directory: hide Lightning's "Checkpoint directory ... exists and is
-        not empty" for that directory (the files are this run's checkpoints); kept for any other directory."""
-        self._fit_warnings = ExitStack()
-        path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else self.config.get("ckpt_path")
-        own = own_checkpoint_directories(Path(path), self.trainer.checkpoint_callbacks) if path else []
-        if own:
-            self._fit_warnings.enter_context(own_checkpoint_directories_warning_filtered(own))
-
-    def after_fit(self) -> None:
-        fit_warnings = getattr(self, "_fit_warnings", None)
-        if fit_warnings is not None:
-            fit_warnings.close()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The Trainer, with :class:`StepProgressBar` (steps of ``max_steps``) unless the config has a progress bar,
@@ -278,21 +260,6 @@ def resolve_last_from_config(config: dict[str, Any], fitting: bool = True) -> st
     what = "resuming from" if fitting else "validating"
     print(f"ckpt_path 'last': {what} {newest} (step {read_checkpoint_info(newest).global_step}).")
     return str(newest)
-
-
-def own_checkpoint_directories(checkpoint: Path, checkpoint_callbacks: list[Any]) -> list[str]:
-    """The ModelCheckpoint directories (as Lightning names them) that a run resumed from ``checkpoint`` continues to
-    write into (``resumes_into``); empty for a checkpoint that is not this package's."""
-    directories = [cb.dirpath for cb in checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    if not directories or not (checkpoint / LIGHTNING_FILENAME).is_file():
-        return []
-    recorded: set[Path] = set()
-    if not all(resumes_into(checkpoint, Path(d), recorded) for d in directories):
-        try:  # an hpc_ckpt (default_root_dir) or a checkpoint copied elsewhere: which directory did its run write to?
-            recorded = recorded_checkpoint_directories(load_lightning_state(checkpoint))
-        except CheckpointError:
-            return []
-    return [str(d) for d in directories if resumes_into(checkpoint, Path(d), recorded)]
 
 
 def _refuse(err: Exception, fitting: bool) -> NoReturn:
