@@ -470,6 +470,94 @@ STAGES: tuple[Stage, ...] = (
         "unmasked, MASKING_TRAIN_STEPS steps each with validation every 50; ~8 min estimated",
     ),
     Stage(
+        name="sft",
+        gpus=1,
+        purpose="issue 29: chat data -> preprocess --chat -> packed answer-only fine-tuning -> convert -> transformers",
+        limit_s=CALL_LIMIT_S,
+        steps=(
+            Command(
+                "python3 -m benchmarks.sft prepare --out-dir {out} --work-dir {SFT_WORK_DIR} --train {SFT_TRAIN} "
+                "--steps {SFT_STEPS} --precision {SFT_PRECISION} --lr {SFT_LR}"
+            ),
+            Command(
+                "python3 -m lightning_llama_fp8.cli preprocess --chat --input {SFT_WORK_DIR}/train.jsonl "
+                "--output-prefix {SFT_WORK_DIR}/chat --max-seq-length 1024 --workers 8 --overwrite --no-progress",
+                log="{out}/preprocess.log",
+                tail=4,
+            ),
+            Command(
+                "python3 -m benchmarks.sft all-tokens-corpus --corpus {SFT_WORK_DIR}/chat "
+                "--out-prefix {SFT_WORK_DIR}/chat_all_tokens"
+            ),
+            *(
+                step
+                for run in ("answer_only", "all_tokens")
+                for step in (
+                    Command(
+                        f"python3 -m lightning_llama_fp8.cli fit --config {{out}}/{run}.yaml",
+                        log=f"{{out}}/fit_{run}.log",
+                        tail=3,
+                    ),
+                    Command(
+                        f"python3 -m lightning_llama_fp8.cli convert {{SFT_WORK_DIR}}/ckpt_{run}/final.ckpt "
+                        f"{{SFT_WORK_DIR}}/hf_{run} --tokenizer llama3 --overwrite",
+                        log=f"{{out}}/convert_{run}.log",
+                        tail=6,
+                    ),
+                )
+            ),
+            Command(
+                "python3 -m benchmarks.sft evaluate --out-dir {out} --work-dir {SFT_WORK_DIR}",
+                log="{out}/evaluate.log",
+                tee=True,
+            ),
+            Command(
+                "python3 -m benchmarks.sft speed --data sft --corpus {SFT_WORK_DIR}/chat --steps {SFT_SPEED_STEPS} "
+                "--out {out}/speed_sft.json",
+                log="{out}/speed_sft.log",
+                tail=2,
+            ),
+            Command(
+                "python3 -m benchmarks.sft speed --data pretrain --steps {SFT_SPEED_STEPS} "
+                "--out {out}/speed_pretrain.json",
+                log="{out}/speed_pretrain.log",
+                tail=2,
+            ),
+            Command("python3 -m benchmarks.sft summarize --out-dir {out} --work-dir {SFT_WORK_DIR}"),
+        ),
+        outputs=(
+            "sft.json",
+            "task.json",
+            "heldout.jsonl",
+            "train_sample.jsonl",
+            "answer_only.yaml",
+            "all_tokens.yaml",
+            "evaluation.json",
+            "speed_sft.json",
+            "speed_pretrain.json",
+            "preprocess.log",
+            "fit_answer_only.log",
+            "fit_all_tokens.log",
+            "answer_only_csv/",
+            "all_tokens_csv/",
+            "evaluate.log",
+        ),
+        knobs={
+            "SFT_WORK_DIR": "/tmp/sft_work",
+            "SFT_TRAIN": "100000",
+            "SFT_STEPS": "1000",
+            "SFT_PRECISION": "fp8",
+            "SFT_LR": "1e-3",
+            "SFT_SPEED_STEPS": "15",
+        },
+        notes="a 4-layer hidden-512 Llama with the Llama 3 tokenizer fine-tuned from scratch on SFT_TRAIN synthetic "
+        "conversations (reverse words / sort numbers), SFT_STEPS steps at GBS 32 x seq 1024 with the loss on the "
+        "answers, then the same with the loss on every token; both exported and asked the 400 held-out prompts in "
+        "transformers (greedy), with the untrained model; then Llama-3-8B layers x4, seq 8192, GBS 8, FP8 on the "
+        "packed conversations and on mock data, SFT_SPEED_STEPS steps each. Corpora, checkpoints and exports under "
+        "SFT_WORK_DIR (~6 GB); ~8 min estimated",
+    ),
+    Stage(
         name="suite",
         gpus=1,
         purpose="everything one commit has to prove in one call: tests/gpu, then ours vs Megatron-LM",

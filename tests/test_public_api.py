@@ -14,7 +14,14 @@ DOCUMENTED = {
     "lightning_llama_fp8.precision": ("fp8_support", "FP8UnavailableError", "TEFP8Precision", "MegatronPrecision"),
     "lightning_llama_fp8.plan": ("plan_training", "format_plan", "TrainingPlan"),
     "lightning_llama_fp8.data.preprocess": ("preprocess",),
-    "lightning_llama_fp8.data": ("read_sidecar", "resolve_tokenizer", "check_token_ids", "CorpusInputError"),
+    "lightning_llama_fp8.data": (
+        "read_sidecar",
+        "resolve_tokenizer",
+        "check_token_ids",
+        "CorpusInputError",
+        "SFTDataModule",
+        "check_chat_corpus",
+    ),
     "lightning_llama_fp8.hf": ("load_hf_weights", "export_to_hf", "HFConfigError"),
     "lightning_llama_fp8.cli": ("main",),
 }
@@ -40,6 +47,14 @@ def test_the_documented_alias_is_the_same_function() -> None:
     from lightning_llama_fp8.pipeline_layout import bubble_fraction, model_chunks
 
     assert model_chunks is pipeline_layout.model_chunks and bubble_fraction is pipeline_layout.bubble_fraction
+
+
+def test_the_fine_tuning_data_module_is_one_class_in_both_facades() -> None:
+    from lightning_llama_fp8 import SFTDataModule
+    from lightning_llama_fp8.data import SFTDataModule as from_data
+    from lightning_llama_fp8.data.sft import SFTDataModule as from_module
+
+    assert SFTDataModule is from_data is from_module
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:

@@ -4,9 +4,9 @@ Public API::
 
     from lightning_llama_fp8 import (
         LlamaLightningModule, LlamaConfig, OptimizerSettings, get_preset, PRESETS, MegatronCPStrategy,
-        TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, GPTDataModule,
-        ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo, read_checkpoint_info,
-        RecomputeSettings, OptimizerOffloadSettings,
+        TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, SFTDataModule,
+        GPTDataModule, ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo,
+        read_checkpoint_info, RecomputeSettings, OptimizerOffloadSettings,
     )
     from lightning_llama_fp8.callbacks import NaNGuard, NonFiniteTrainingError, FP8StatsMonitor, FaultInjector, ManualGC
     from lightning_llama_fp8.callbacks import ThroughputMonitor, StepProgressBar
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lightning_llama_fp8.data.base import GPTDataModule
     from lightning_llama_fp8.data.indexed import IndexedDataModule
     from lightning_llama_fp8.data.mock import MockDataModule
+    from lightning_llama_fp8.data.sft import SFTDataModule
     from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
     from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
     from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
@@ -51,6 +52,7 @@ __all__ = [
     "OptimizerSettings",
     "ParallelLayout",
     "RecomputeSettings",
+    "SFTDataModule",
     "TEFP8Precision",
     "get_preset",
     "read_checkpoint_info",
@@ -76,6 +78,7 @@ __getattr__, __dir__ = lazy_exports(
         "PRESETS": "lightning_llama_fp8.config",
         "ParallelLayout": "lightning_llama_fp8.parallel.layout",
         "RecomputeSettings": "lightning_llama_fp8.parallel.memory",
+        "SFTDataModule": "lightning_llama_fp8.data.sft",
         "TEFP8Precision": "lightning_llama_fp8.precision",
         "get_preset": "lightning_llama_fp8.config",
         "read_checkpoint_info": "lightning_llama_fp8.checkpoint.info",

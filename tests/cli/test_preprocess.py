@@ -1,8 +1,10 @@
-"""``llama-fp8 preprocess`` (cli/preprocess.py): the command line around data/preprocess.py."""
+"""``llama-fp8 preprocess`` (cli/preprocess.py): the command line around data/preprocess.py, text and --chat."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,70 @@ def test_more_workers_than_cpus_are_cut_to_the_cpus(
     assert capsys.readouterr().err == ""
     assert threads == [3, 2]
     assert (tmp_path / "many.bin").read_bytes() == (tmp_path / "few.bin").read_bytes()
+
+
+def test_chat_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+    from lightning_llama_fp8.data.corpus import require_corpus_kind
+
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"prompt": "Sort: 2 1", "response": "1 2", "system": "You sort."},
+        {"prompt": "word " * 100, "response": "too long"},
+    ]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    argv = ["preprocess", "--chat", "--input", str(source), "--output-prefix", str(tmp_path / "sft"), "--no-progress"]
+    assert main([*argv, "--max-seq-length", "64", "--too-long", "drop"]) == 0
+    out = capsys.readouterr().out
+    assert f"Wrote {tmp_path / 'sft'}.bin/.idx/.loss_mask.bin: 2 conversations, " in out
+    assert "answer tokens" in out and "1 longer than 64 tokens (--too-long drop): 1 dropped" in out
+    sidecar = require_corpus_kind(tmp_path / "sft", "chat")
+    assert sidecar is not None and sidecar["chat_template"]["source"].startswith("built-in Llama 3 template")
+    (tmp_path / "qa.jinja").write_text(
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}"
+    )
+    argv = [*argv[:-2], str(tmp_path / "own"), "--max-seq-length", "200", "--too-long", "truncate"]
+    assert main([*argv, "--chat-template", str(tmp_path / "qa.jinja"), "--no-progress"]) == 0
+    assert "3 conversations" in capsys.readouterr().out
+    own = require_corpus_kind(tmp_path / "own", "chat")
+    assert own is not None and own["chat_template"]["source"] == str(tmp_path / "qa.jinja")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--chat"], r"--chat needs --max-seq-length N: the training sequence length"),
+        (["--chat", "--max-seq-length", "64", "--json-key", "x"], r"--json-key: for text corpora only"),
+        (["--chat", "--max-seq-length", "64", "--no-append-eod"], r"--append-eod/--no-append-eod: for text corpora"),
+        (["--chat", "--max-seq-length", "64", "--input-format", "text"], r"--chat reads JSON Lines or Parquet"),
+        (["--chat", "--max-seq-length", "0"], r"argument --max-seq-length: the value must be a whole number >= 1"),
+        (["--too-long", "truncate"], r"--too-long: for --chat only; add --chat"),
+        (["--max-seq-length", "64"], r"--max-seq-length: for --chat only"),
+    ],
+)
+def test_chat_options_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    from lightning_llama_fp8.cli import main
+
+    source = write_jsonl(tmp_path / "in.jsonl", ["x"])
+    with pytest.raises(SystemExit) as stop:
+        main(["preprocess", "--input", str(source), "--output-prefix", str(tmp_path / "out"), *flags])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_bad_conversation_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+
+    (tmp_path / "in.jsonl").write_text(
+        '{"prompt": "q", "response": "a"}\n{"messages": [{"role": "tool", "content": "4"}]}\n'
+    )
+    argv = ["preprocess", "--chat", "--max-seq-length", "64", "--input", str(tmp_path / "in.jsonl")]
+    assert main([*argv, "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:2: message 1 is a tool result (role 'tool'): tool use is not supported" in err
+    assert "Traceback" not in err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import json
 import math
 import os
 import subprocess
@@ -16,13 +18,17 @@ import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tokenizers import Tokenizer
 
-from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, read_sidecar
+from lightning_llama_fp8.data.chat import BUILTIN_SOURCE, ChatTokenizer
+from lightning_llama_fp8.data.corpus import LossMask, require_corpus_kind
+from lightning_llama_fp8.data.documents import conversation_messages
+from lightning_llama_fp8.data.preprocess import CorpusInputError, preprocess, preprocess_chat, read_sidecar
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
+from lightning_llama_fp8.storage.output_lock import OutputLock
 from tests.helpers import REPO_ROOT
 from tests.helpers.corpora import DOCUMENTS, write_jsonl
 
 LLAMA3 = resolve_tokenizer("llama3")
-BOS, EOD = 128000, 128001  # <|begin_of_text|>, <|end_of_text|>
+BOS, EOD, EOT = 128000, 128001, 128009  # <|begin_of_text|>, <|end_of_text|>, <|eot_id|>
 
 
 def corpus_documents(prefix: Path) -> list[list[int]]:
@@ -117,7 +123,8 @@ def test_sidecar_records_the_tokenizer_and_counts(tmp_path: Path) -> None:
     assert sidecar["tokenizer"]["eod_token"] == "<|end_of_text|>"
     assert sidecar["special_tokens_added"] == ["<|begin_of_text|>"]
     assert sidecar["parse_special_tokens"] is False
-    assert sidecar["version"] == 2 and len(sidecar["binding"]["sha256"]) == 64
+    assert sidecar["version"] == 3 and sidecar["kind"] == "text" and len(sidecar["binding"]["sha256"]) == 64
+    assert not (tmp_path / "out.loss_mask.bin").exists()
     assert (sidecar["documents"], sidecar["tokens"], sidecar["max_token_id"]) == (
         summary.documents,
         summary.tokens,
@@ -371,3 +378,255 @@ def test_parquet_problems_are_named_by_row(tmp_path: Path) -> None:
     (tmp_path / "notparquet.parquet.gz").write_bytes(gzip.compress(b"not parquet at all"))
     with pytest.raises(CorpusInputError, match=r"notparquet\.parquet\.gz is not a readable Parquet file"):
         preprocess([tmp_path / "notparquet.parquet.gz"], tmp_path / "out3", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------- conversations
+CONVERSATIONS: list[dict[str, Any]] = [
+    {
+        "messages": [
+            {"role": "system", "content": "You sort numbers."},
+            {"role": "user", "content": "Sort: 3 1 2"},
+            {"role": "assistant", "content": "1 2 3"},
+            {"role": "user", "content": "Sort: 9 8"},
+            {"role": "assistant", "content": "8 9"},
+        ]
+    },
+    {"prompt": "Reverse: alpha beta", "response": "beta alpha"},
+    {"prompt": "Ünïcödé 🦙?", "response": "🦙", "system": "Answer with the emoji."},
+    {
+        "messages": [
+            {"role": "user", "content": "quote <|eot_id|> please"},
+            {"role": "assistant", "content": "<|eot_id|>"},
+        ]
+    },
+]
+
+
+def write_conversations(path: Path, records: list[Any], compress: bool = False) -> Path:
+    data = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def chat_files(prefix: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(prefix.parent.glob(f"{prefix.name}*"))}
+
+
+def test_chat_corpus_holds_each_conversation_and_its_loss_mask(tmp_path: Path) -> None:
+    records = CONVERSATIONS * 300  # more than one batch of 1024, on two workers: still in input order
+    summary = preprocess_chat(
+        [write_conversations(tmp_path / "in.jsonl", records)],
+        tmp_path / "out",
+        max_seq_length=512,
+        workers=2,
+        progress=False,
+    )
+    chat = ChatTokenizer(LLAMA3)
+    expected = [chat.encode(conversation_messages(record)) for record in CONVERSATIONS]
+    documents = corpus_documents(tmp_path / "out")
+    assert documents == [encoding.ids.tolist() for encoding in expected] * 300
+    mask = LossMask(tmp_path / "out")
+    assert len(mask) == len(records)
+    for i in (0, 1, 2, 3, 1199):
+        assert mask.get(i).tolist() == expected[i % 4].loss_mask.tolist()
+    assert mask.get(0, offset=3, length=5).tolist() == expected[0].loss_mask[3:8].tolist()
+    assert (tmp_path / "out.loss_mask.bin").stat().st_size == summary.tokens
+    answer_tokens = sum(encoding.answer_tokens for encoding in expected) * 300
+    assert (summary.documents, summary.answer_tokens, summary.too_long) == (len(records), answer_tokens, 0)
+    assert summary.tokens == sum(len(encoding.ids) for encoding in expected) * 300
+    assert summary.max_token_id == EOT
+    sidecar = require_corpus_kind(tmp_path / "out", "chat")
+    assert sidecar is not None
+    assert sidecar["kind"] == "chat" and sidecar["version"] == 3
+    assert sidecar["chat_template"] == chat.template.identity()
+    assert sidecar["chat_template"]["source"] == BUILTIN_SOURCE
+    assert (sidecar["documents"], sidecar["conversations"], sidecar["answer_tokens"]) == (
+        len(records),
+        len(records),
+        answer_tokens,
+    )
+    assert sidecar["too_long"] == {
+        "policy": "drop",
+        "max_seq_length": 512,
+        "conversations": 0,
+        "dropped": 0,
+        "truncated": 0,
+    }
+    assert (sidecar["append_eod"], sidecar["special_tokens_added"], sidecar["parse_special_tokens"]) == (
+        False,
+        [],
+        False,
+    )
+    assert sidecar["loss_mask_bytes"] == sidecar["binding"]["loss_mask_bytes"] == summary.tokens
+    assert "1,200 conversations" in summary.describe() and f"{answer_tokens:,} answer tokens" in summary.describe()
+
+
+def test_chat_inputs_of_every_format_give_the_same_corpus(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pairs = [record for record in CONVERSATIONS if "prompt" in record]
+    preprocess_chat(
+        [write_conversations(tmp_path / "a.jsonl", pairs)], tmp_path / "jsonl", max_seq_length=64, progress=False
+    )
+    write_conversations(tmp_path / "b.jsonl.gz", pairs, compress=True)
+    preprocess_chat([tmp_path / "b.jsonl.gz"], tmp_path / "gz", max_seq_length=64, progress=False)
+    columns = {key: [record.get(key) for record in pairs] for key in ("prompt", "response", "system")}
+    pq.write_table(pa.table(columns), tmp_path / "pairs.parquet")
+    preprocess_chat([tmp_path / "pairs.parquet"], tmp_path / "pairs", max_seq_length=64, progress=False)
+    messages = [{"messages": conversation_messages(record)} for record in pairs]
+    pq.write_table(pa.table({"messages": [record["messages"] for record in messages]}), tmp_path / "m.parquet")
+    (tmp_path / "m.parquet.gz").write_bytes(gzip.compress((tmp_path / "m.parquet").read_bytes()))
+    preprocess_chat([tmp_path / "m.parquet.gz"], tmp_path / "messages", max_seq_length=64, progress=False)
+    for name in ("gz", "pairs", "messages"):
+        for suffix in (".bin", ".idx", ".loss_mask.bin"):
+            assert (tmp_path / f"{name}{suffix}").read_bytes() == (tmp_path / f"jsonl{suffix}").read_bytes(), name
+
+
+REFUSING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' and 'secret' in m['content'] %}"
+    "{{ raise_exception('No secrets in system prompts') }}{% endif %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"prompt": "q", "response": "a"\n', r"in\.jsonl:3: invalid JSON"),
+        (b'{"messages": [{"role": "tool", "content": "42"}]}\n', r"in\.jsonl:3: message 1 is a tool result"),
+        (b'{"messages": [{"role": "user", "content": "q"}]}\n', r"in\.jsonl:3: no assistant message"),
+        (b'{"text": "pretraining text"}\n', r"in\.jsonl:3: no 'messages' and no 'prompt'/'response'"),
+        (b'{"prompt": "q", "response": 5}\n', r"in\.jsonl:3: 'response' is a int, not a string"),
+        (
+            b'{"prompt": "q", "response": "a", "system": "a secret"}\n',
+            r"in\.jsonl:3: the chat template refuses it: No secrets in system prompts",
+        ),
+    ],
+)
+def test_bad_conversation_is_named_or_skipped(tmp_path: Path, line: bytes, problem: str) -> None:
+    (tmp_path / "t.jinja").write_text(REFUSING_TEMPLATE)
+    good = b'{"prompt": "one", "response": "1"}\n{"prompt": "two", "response": "2"}\n'
+    (tmp_path / "in.jsonl").write_bytes(good + line + b'{"prompt": "four", "response": "4"}\n')
+    kwargs: dict[str, Any] = dict(max_seq_length=64, chat_template=tmp_path / "t.jinja", progress=False)
+    with pytest.raises(CorpusInputError, match=problem + r".*--skip-bad-lines"):
+        preprocess_chat([tmp_path / "in.jsonl"], tmp_path / "out", **kwargs)
+    assert not list(tmp_path.glob("out*")), "a failed run leaves nothing behind"
+    summary = preprocess_chat([tmp_path / "in.jsonl"], tmp_path / "out", skip_bad_lines=True, **kwargs)
+    assert (summary.documents, summary.skipped_lines) == (3, 1)
+    assert "1 bad lines skipped" in summary.describe()
+
+
+def test_chat_problems_found_before_any_work(tmp_path: Path) -> None:
+    good = write_conversations(tmp_path / "in.jsonl", CONVERSATIONS)
+    (tmp_path / "notes.txt").write_text("plain text")
+    (tmp_path / "wrong.jsonl").write_text('{"text": "a pretraining record"}\n')
+    cases: list[tuple[dict[str, Any], str]] = [
+        (dict(max_seq_length=0), r"max_seq_length \(--max-seq-length\) must be .*>= 1; got 0\. A chat corpus needs"),
+        (dict(max_seq_length="long"), r"max_seq_length .* got 'long'"),
+        (dict(too_long="cut"), r"too_long \(--too-long\) must be drop or truncate; got 'cut'"),
+        (dict(input_format="text"), r"JSON Lines or Parquet, not plain text"),
+        (dict(inputs=[tmp_path / "notes.txt"]), r"notes\.txt is plain text; conversations come as JSON Lines"),
+        (dict(inputs=[tmp_path / "wrong.jsonl"]), r"wrong\.jsonl:1: no 'messages' and no 'prompt'/'response' \(this"),
+        (dict(chat_template=tmp_path / "none.jinja"), r"Chat template .*none\.jinja' not found"),
+    ]
+    for overrides, message in cases:
+        kwargs: dict[str, Any] = dict(inputs=[good], max_seq_length=64, progress=False)
+        kwargs.update(overrides)
+        with pytest.raises(CorpusInputError, match=message):
+            preprocess_chat(kwargs.pop("inputs"), tmp_path / "out", **kwargs)
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_too_long_conversations_follow_the_policy_and_are_counted(tmp_path: Path, policy: str) -> None:
+    short = {"prompt": "Sort: 2 1", "response": "1 2"}  # 20 tokens
+    long_answer = {"prompt": "Sort: 2 1", "response": " ".join(["word"] * 40)}  # its answer starts at token 16
+    long_question = {"prompt": " ".join(["word"] * 40), "response": "ok"}  # no answer in its first 24 tokens
+    records = [short, long_answer, long_question, short]
+    summary = preprocess_chat(
+        [write_conversations(tmp_path / "in.jsonl", records)],
+        tmp_path / "out",
+        max_seq_length=24,
+        too_long=policy,
+        progress=False,  # type: ignore[arg-type]
+    )
+    chat = ChatTokenizer(LLAMA3)
+    full = [chat.encode(conversation_messages(record)) for record in records]
+    assert len(full[0].ids) == 20 and len(full[1].ids) > 24 and len(full[2].ids) > 24
+    documents = corpus_documents(tmp_path / "out")
+    mask = LossMask(tmp_path / "out")
+    if policy == "drop":
+        assert documents == [full[0].ids.tolist()] * 2
+        counts = (2, 2, 2, 0)
+    else:
+        assert documents == [full[0].ids.tolist(), full[1].ids[:24].tolist(), full[0].ids.tolist()]
+        assert mask.get(1).tolist() == full[1].loss_mask[:24].tolist()
+        counts = (3, 2, 1, 1)
+    assert (summary.documents, summary.too_long, summary.too_long_dropped, summary.too_long_truncated) == counts
+    sidecar = read_sidecar(tmp_path / "out")
+    assert sidecar is not None and sidecar["too_long"] == {
+        "policy": policy,
+        "max_seq_length": 24,
+        "conversations": 2,
+        "dropped": counts[2],
+        "truncated": counts[3],
+    }
+    cut = "1 truncated, " if policy == "truncate" else ""
+    assert f"2 longer than 24 tokens (--too-long {policy}): {cut}{counts[2]} dropped" in summary.describe()
+
+
+def test_all_conversations_too_long_is_an_error_and_writes_nothing(tmp_path: Path) -> None:
+    source = write_conversations(tmp_path / "in.jsonl", CONVERSATIONS[:2])
+    with pytest.raises(CorpusInputError, match=r"gave no conversation to write \(0 written, 2 longer than 5 tokens "):
+        preprocess_chat([source], tmp_path / "out", max_seq_length=5, progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_the_loss_mask_is_published_removed_and_locked_with_the_corpus(tmp_path: Path) -> None:
+    source = write_conversations(tmp_path / "a.jsonl", CONVERSATIONS)
+    preprocess_chat([source], tmp_path / "out", max_seq_length=64, progress=False)
+    before = chat_files(tmp_path / "out")
+    assert set(before) == {"out.bin", "out.idx", "out.corpus.json", "out.loss_mask.bin"}
+    # A failed overwrite (a bad line late in the input) leaves the corpus, its mask included, as it was.
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "q", "response": "a"}\n' * 3000 + b"not json\n")
+    with pytest.raises(CorpusInputError, match=r"b\.jsonl:3001: invalid JSON"):
+        preprocess_chat([tmp_path / "b.jsonl"], tmp_path / "out", max_seq_length=64, overwrite=True, progress=False)
+    assert chat_files(tmp_path / "out") == before
+    # Another run holding the prefix's lock: refused at once, the files untouched.
+    busy = pytest.raises(CorpusInputError, match=r"out is being written by another process")
+    with OutputLock(tmp_path / "out", "llama-fp8 preprocess"), busy:
+        preprocess_chat([source], tmp_path / "out", max_seq_length=64, overwrite=True, progress=False)
+    assert chat_files(tmp_path / "out") == before
+    # A text corpus replacing a chat corpus takes its loss mask away.
+    preprocess([write_jsonl(tmp_path / "t.jsonl", ["text"])], tmp_path / "out", overwrite=True, progress=False)
+    assert set(chat_files(tmp_path / "out")) == {"out.bin", "out.idx", "out.corpus.json"}
+    with pytest.raises(CorpusInputError, match=r"is a pretraining \(text\) corpus, made without --chat"):
+        require_corpus_kind(tmp_path / "out", "chat")
+    # A loss mask left alone counts as an existing corpus file; one named like an input is refused.
+    (tmp_path / "left.loss_mask.bin").write_bytes(b"\1")
+    with pytest.raises(CorpusInputError, match=r"left\.loss_mask\.bin already exists; .*--overwrite"):
+        preprocess_chat([source], tmp_path / "left", max_seq_length=64, progress=False)
+    clash = write_conversations(tmp_path / "in.loss_mask.bin", CONVERSATIONS)
+    with pytest.raises(CorpusInputError, match=r"would write .*in\.loss_mask\.bin, which is .*an input of this run"):
+        preprocess_chat(
+            [clash], tmp_path / "in", input_format="jsonl", max_seq_length=64, overwrite=True, progress=False
+        )
+    assert clash.read_bytes() == write_conversations(tmp_path / "again.jsonl", CONVERSATIONS).read_bytes()
+
+
+def test_a_full_disk_during_a_chat_corpus_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning_llama_fp8.data.preprocess as pipeline
+
+    source = write_conversations(tmp_path / "a.jsonl", CONVERSATIONS)
+    preprocess_chat([source], tmp_path / "out", max_seq_length=64, progress=False)
+    before = chat_files(tmp_path / "out")
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_index", full)
+    with pytest.raises(CorpusInputError, match=r"is full .* nothing was written"):
+        preprocess_chat([source], tmp_path / "out", max_seq_length=64, overwrite=True, progress=False)
+    assert chat_files(tmp_path / "out") == before

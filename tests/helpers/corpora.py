@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,3 +58,45 @@ def megatron_corpus(prefix: Path, documents: list[list[int]]) -> Path:
         builder.add_document(ids, [len(ids)])
     builder.finalize(f"{prefix}.idx")
     return prefix
+
+
+def chat_corpus(
+    prefix: Path, chats: list[tuple[list[int], list[int]]], kind: str | None = "chat", mask: bytes | None = None
+) -> str:
+    """A chat corpus as llama-fp8 preprocess --chat writes one: .bin/.idx (one document per conversation, int32), the
+    loss mask (one byte per token; ``mask`` replaces it) and a sidecar bound to the files. ``kind`` "text" or None (a
+    sidecar without the key): a text corpus, no loss mask."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from lightning_llama_fp8.data.corpus import (
+        SIDECAR_FORMAT,
+        SIDECAR_VERSION,
+        corpus_binding,
+        loss_mask_path,
+        sidecar_path,
+    )
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for ids, _ in chats:
+        builder.add_document(numpy.asarray(ids, dtype=numpy.int32), [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+    sidecar: dict[str, Any] = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "documents": len(chats),
+        "tokens": sum(len(ids) for ids, _ in chats),
+        "max_token_id": max(max(ids) for ids, _ in chats),
+        "dtype": "int32",
+        "tokenizer": {"name": "test", "sha256": "0" * 64},
+    }
+    mask_file = None
+    if kind == "chat":
+        mask_file = loss_mask_path(prefix)
+        masks = numpy.concatenate([numpy.asarray(m, dtype=numpy.uint8) for _, m in chats]).tobytes()
+        mask_file.write_bytes(masks if mask is None else mask)
+    if kind is not None:
+        sidecar["kind"] = kind
+    sidecar["binding"] = corpus_binding(sidecar, Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), mask_file)
+    sidecar_path(prefix).write_text(json.dumps(sidecar))
+    return str(prefix)

@@ -146,7 +146,9 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
-        document_masking=as_bool(data.get("document_masking", False), "data.document_masking"),
+        # SFTDataModule always masks documents (its samples pack conversations); it refuses document_masking: false.
+        document_masking=class_name(config.get("data")) == "SFTDataModule"
+        or as_bool(data.get("document_masking", False), "data.document_masking"),
         fp8_attention=as_bool(fp8_args.get("fp8_attention", False), "TEFP8Precision.fp8_attention"),
     )
 

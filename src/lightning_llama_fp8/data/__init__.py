@@ -1,4 +1,4 @@
-"""Data modules for Llama 3 pretraining on megatron-core datasets, and the corpus tools behind them."""
+"""Data modules for Llama 3 pretraining and fine-tuning on megatron-core datasets, and the corpus tools behind them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from lightning_llama_fp8.data.indexed import IndexedDataModule, check_corpus, check_token_ids, parse_data_path
     from lightning_llama_fp8.data.mock import MockDataModule
     from lightning_llama_fp8.data.preprocess import PreprocessSummary
+    from lightning_llama_fp8.data.sft import SFTDataModule, check_chat_corpus
     from lightning_llama_fp8.data.tokenizer import TokenizerSpec, resolve_tokenizer
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "MockDataModule",
     "PreprocessSummary",
     "ResumableDataLoader",
+    "SFTDataModule",
     "ShardSampler",
     "TokenizerSpec",
+    "check_chat_corpus",
     "check_corpus",
     "check_split_sizes",
     "check_token_ids",
@@ -40,8 +43,10 @@ __getattr__, __dir__ = lazy_exports(
         "MockDataModule": "lightning_llama_fp8.data.mock",
         "PreprocessSummary": "lightning_llama_fp8.data.preprocess",
         "ResumableDataLoader": "lightning_llama_fp8.data.base",
+        "SFTDataModule": "lightning_llama_fp8.data.sft",
         "ShardSampler": "lightning_llama_fp8.data.base",
         "TokenizerSpec": "lightning_llama_fp8.data.tokenizer",
+        "check_chat_corpus": "lightning_llama_fp8.data.sft",
         "check_corpus": "lightning_llama_fp8.data.indexed",
         "check_split_sizes": "lightning_llama_fp8.data.base",
         "check_token_ids": "lightning_llama_fp8.data.indexed",

@@ -558,17 +558,22 @@ class GPTDataModule(LightningDataModule):
         if path is None or not (path / ckpt.INFO_FILENAME).is_file():
             return None
         data = ckpt.read_checkpoint_info(path).data
-        self._note_document_masking_change(path, data)
         recorded = data.get("train_index")
-        if not recorded:
-            return None
-        if recorded[0]["seed"] != self.seed:
+        if recorded and recorded[0]["seed"] != self.seed:
             raise ValueError(
                 f"data.seed is {self.seed}, but checkpoint {path} was trained on samples shuffled with seed "
                 f"{recorded[0]['seed']}: resuming would train on another order of the data. Resume with "
                 f"data.seed={recorded[0]['seed']}, or start a new run."
             )
+        self._check_recorded_data(path, data)
+        self._note_document_masking_change(path, data)
+        if not recorded:
+            return None
         return [{"samples": int(part["samples"]), "seed": int(part["seed"])} for part in recorded]
+
+    def _check_recorded_data(self, path: Path, recorded: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if this run cannot continue the data of checkpoint ``path`` (``recorded``: its
+        :meth:`checkpoint_info`); a subclass with more to compare than the seed overrides it."""
 
     def _note_document_masking_change(self, path: Path, recorded: dict[str, Any]) -> None:
         """Say, once, when this run resumes ``path`` with ``document_masking`` changed; the run goes on.

@@ -1,11 +1,12 @@
 """Reading documents for ``llama-fp8 preprocess``: JSON Lines, Parquet and plain text inputs (each optionally gzip
-compressed), streamed one document at a time, every problem named by file and line (Parquet: row).
+compressed), streamed one document at a time, every problem named by file and line (Parquet: row); and, for
+``--chat``, conversations from JSON Lines and Parquet (:func:`read_conversations`).
 
-Two kinds of problem, both turned into one-line errors by :func:`read_documents`:
+Two kinds of problem, both turned into one-line errors by :func:`read_documents` and :func:`read_conversations`:
 
 - a bad record (invalid JSON or UTF-8, no text field, text that is not Unicode such as a JSON ``"\\ud800"`` escape
-  of half a UTF-16 pair, which no tokenizer can encode) goes to :class:`BadLines`: the run stops, or with
-  ``--skip-bad-lines`` the record is counted and skipped;
+  of half a UTF-16 pair, which no tokenizer can encode; a conversation of another shape, a tool message) goes to
+  :class:`BadLines`: the run stops, or with ``--skip-bad-lines`` the record is counted and skipped;
 - a file that cannot be read to its end (a truncated ``.gz``, bytes after the gzip stream, a failed CRC, a damaged
   Parquet page, an I/O error) stops the run even with ``--skip-bad-lines``: its remaining documents would be lost
   without a trace.
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -197,9 +199,8 @@ def _decode(line: bytes, where: str, bad: BadLines) -> str | None:
         return None
 
 
-def _jsonl_documents(
-    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
-) -> Iterator[tuple[int, str]]:
+def _jsonl_records(path: Path, bad: BadLines, progress: ReadProgress, cursor: _Cursor) -> Iterator[tuple[int, Any]]:
+    """The numbered JSON values of the lines of ``path`` (blank lines skipped, undecodable lines reported)."""
     with _open_lines(path, progress, cursor) as lines:
         for number, line in lines:
             if not line.strip():
@@ -219,14 +220,22 @@ def _jsonl_documents(
             except RecursionError:
                 bad(where, "JSON nested too deeply to read")
                 continue
-            if not isinstance(record, dict) or key not in record:
-                bad(where, f"no key {key!r} (choose the text field with --json-key)")
-                continue
-            value = record[key]
-            if not isinstance(value, str):
-                bad(where, f"the value of {key!r} is {type(value).__name__}, not a string")
-                continue
-            yield number, value
+            yield number, record
+
+
+def _jsonl_documents(
+    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, str]]:
+    for number, record in _jsonl_records(path, bad, progress, cursor):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict) or key not in record:
+            bad(where, f"no key {key!r} (choose the text field with --json-key)")
+            continue
+        value = record[key]
+        if not isinstance(value, str):
+            bad(where, f"the value of {key!r} is {type(value).__name__}, not a string")
+            continue
+        yield number, value
 
 
 def _text_documents(
@@ -286,8 +295,9 @@ def _check_parquet_column(parquet: Any, path: Path, key: str) -> None:
         )
 
 
-def _parquet_values(column: Any, first_row: int, path: Path, key: str, bad: BadLines) -> list[Any]:
-    """The Python values of one batch's column; a value that is not UTF-8 is a bad row (``None`` in its place)."""
+def _parquet_values(column: Any, first_row: int, key: str, problems: dict[int, str]) -> list[Any]:
+    """The Python values of one batch's column; a value that is not UTF-8 is a bad row: its problem goes to
+    ``problems`` (by row number) and ``_SKIPPED`` takes its place."""
     try:
         return column.to_pylist()
     except UnicodeDecodeError:  # pyarrow does not check UTF-8 on read; find the bad rows one by one
@@ -296,7 +306,7 @@ def _parquet_values(column: Any, first_row: int, path: Path, key: str, bad: BadL
             try:
                 values.append(column[offset].as_py())
             except UnicodeDecodeError as err:
-                bad(f"{path}: row {first_row + offset}", f"column {key!r}: invalid UTF-8 at byte {err.start}")
+                problems.setdefault(first_row + offset, f"column {key!r}: invalid UTF-8 at byte {err.start}")
                 values.append(_SKIPPED)
         return values
 
@@ -304,9 +314,11 @@ def _parquet_values(column: Any, first_row: int, path: Path, key: str, bad: BadL
 _SKIPPED = object()  # a value already reported as bad
 
 
-def _parquet_documents(
-    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
-) -> Iterator[tuple[int, str]]:
+def _parquet_records(
+    path: Path, columns: Sequence[str], bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The numbered rows of ``columns`` of the Parquet file ``path`` (``.parquet.gz`` unpacked to a temporary file),
+    each a dict by column; a row with a value that is not UTF-8 is reported once and left out."""
     with contextlib.ExitStack() as stack:
         source = path
         if _is_gzip(path):  # Parquet needs random access: unpack to a temporary file first
@@ -316,21 +328,36 @@ def _parquet_documents(
             tmp.flush()
             source = Path(tmp.name)
         parquet = _parquet_file(source, name=path)
-        _check_parquet_column(parquet, path, key)
+        present = set(parquet.schema_arrow.names)
+        if len(columns) == 1:
+            _check_parquet_column(parquet, path, columns[0])
+        columns = [name for name in columns if name in present]
         size, rows = path.stat().st_size, max(parquet.metadata.num_rows, 1)
         start = progress.bytes_done
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[key]):
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             first_row = cursor.done + 1
-            for row, value in enumerate(_parquet_values(batch.column(0), first_row, path, key, bad), start=first_row):
-                if value is _SKIPPED:
+            problems: dict[int, str] = {}
+            values = [_parquet_values(batch.column(i), first_row, name, problems) for i, name in enumerate(columns)]
+            for offset in range(len(batch)):
+                row = first_row + offset
+                if row in problems:
+                    bad(f"{path}: row {row}", problems[row])
                     continue
-                if not isinstance(value, str):
-                    bad(f"{path}: row {row}", f"column {key!r} holds {type(value).__name__}, not a string")
-                    continue
-                yield row, value
+                yield row, {name: column[offset] for name, column in zip(columns, values, strict=True)}
             cursor.done += len(batch)
             progress.bytes_done = start + size * min(cursor.done, rows) // rows
         progress.bytes_done = start + size
+
+
+def _parquet_documents(
+    path: Path, key: str, bad: BadLines, progress: ReadProgress, cursor: _Cursor
+) -> Iterator[tuple[int, str]]:
+    for row, record in _parquet_records(path, [key], bad, progress, cursor):
+        value = record[key]
+        if not isinstance(value, str):
+            bad(f"{path}: row {row}", f"column {key!r} holds {type(value).__name__}, not a string")
+            continue
+        yield row, value
 
 
 def check_input(path: Path, fmt: InputFormat, key: str) -> None:
@@ -388,6 +415,156 @@ def read_documents(
                     bad(cursor.at(number), problem)
                     continue
                 yield text
+        except CorpusInputError:
+            raise
+        except _read_errors(fmt) as err:
+            raise _unreadable(cursor, err) from err
+
+
+# ---------------------------------------------------------------------------------------------------- conversations
+#: The roles a conversation of ``llama-fp8 preprocess --chat`` may have.
+CHAT_ROLES = ("system", "user", "assistant")
+#: Roles of tool calling (OpenAI's ``tool``/``function``, Llama 3.1's ``ipython``): not supported, refused by name.
+TOOL_ROLES = ("tool", "function", "ipython")
+#: The JSON Lines keys / Parquet columns of the two shapes of a conversation.
+MESSAGES_KEY = "messages"
+PROMPT_KEY, RESPONSE_KEY, SYSTEM_KEY = "prompt", "response", "system"
+CHAT_COLUMNS = (MESSAGES_KEY, PROMPT_KEY, RESPONSE_KEY, SYSTEM_KEY)
+_SHAPES_HINT = (
+    "a conversation is {'messages': [{'role': 'system'|'user'|'assistant', 'content': TEXT}, ...]} or "
+    "{'prompt': TEXT, 'response': TEXT} with an optional 'system': TEXT"
+)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One conversation read from the input.
+
+    Attributes:
+        where: ``file:line`` (Parquet: ``file: row N``), for messages about it.
+        messages: ``{"role": ..., "content": ...}`` dicts, roles in :data:`CHAT_ROLES`, contents Unicode strings,
+            at least one from the assistant.
+    """
+
+    where: str
+    messages: list[dict[str, str]]
+
+
+def conversation_messages(record: Any) -> list[dict[str, str]]:
+    """The messages of one record of either shape (``messages`` list, or ``prompt``/``response`` with an optional
+    ``system``), checked.
+
+    Raises:
+        ValueError: what is wrong with the record (the caller names its file and line).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"a {type(record).__name__}, not an object; {_SHAPES_HINT}")
+    if record.get(MESSAGES_KEY) is not None:
+        raw = record[MESSAGES_KEY]
+        if not isinstance(raw, list) or not raw:
+            what = "an empty list" if isinstance(raw, list) else f"a {type(raw).__name__}"
+            raise ValueError(f"{MESSAGES_KEY!r} is {what}, not a list of messages; {_SHAPES_HINT}")
+        messages = [_message(number, message) for number, message in enumerate(raw, start=1)]
+    elif record.get(PROMPT_KEY) is not None or record.get(RESPONSE_KEY) is not None:
+        messages = []
+        for key, role in ((SYSTEM_KEY, "system"), (PROMPT_KEY, "user"), (RESPONSE_KEY, "assistant")):
+            value = record.get(key)
+            if value is None and key == SYSTEM_KEY:
+                continue
+            if not isinstance(value, str):
+                state = "missing" if value is None else f"a {type(value).__name__}, not a string"
+                raise ValueError(f"{key!r} is {state}; {_SHAPES_HINT}")
+            messages.append(_message(key, {"role": role, "content": value}))
+    else:
+        fields = ", ".join(map(repr, list(record)[:10]))
+        raise ValueError(
+            f"no {MESSAGES_KEY!r} and no {PROMPT_KEY!r}/{RESPONSE_KEY!r} (it has {fields or 'no fields'}); "
+            f"{_SHAPES_HINT}"
+        )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError("no assistant message: a conversation needs an answer to learn from")
+    return messages
+
+
+def _message(number: int | str, message: Any) -> dict[str, str]:
+    name = f"message {number}" if isinstance(number, int) else repr(number)
+    if not isinstance(message, dict):
+        raise ValueError(f"{name} is a {type(message).__name__}, not an object with 'role' and 'content'")
+    role = message.get("role")
+    if role in TOOL_ROLES or message.get("tool_calls"):
+        raise ValueError(
+            f"{name} is a tool {'call' if message.get('tool_calls') else 'result'} (role {role!r}): tool use is not "
+            "supported; leave such conversations out of the input"
+        )
+    if role not in CHAT_ROLES:
+        raise ValueError(f"{name} has role {role!r}; roles are {', '.join(CHAT_ROLES)}")
+    content = message.get("content")
+    if not isinstance(content, str):
+        state = "missing" if content is None else f"a {type(content).__name__}, not a string"
+        hint = " (multimodal content parts are not supported)" if isinstance(content, list) else ""
+        raise ValueError(f"the content of {name} ({role}) is {state}{hint}")
+    problem = _text_problem(content)
+    if problem is not None:
+        raise ValueError(f"{name} ({role}): {problem}")
+    return {"role": role, "content": content}
+
+
+def check_chat_input(path: Path, fmt: InputFormat) -> None:
+    """Cheap checks before any work: a Parquet file has the columns of a conversation, the first JSON Lines record
+    has the keys of one (a record that is not JSON is left to the reading, as in :func:`check_input`)."""
+    if fmt == "text":
+        raise CorpusInputError(f"{path} is plain text; conversations come as JSON Lines or Parquet ({_SHAPES_HINT}).")
+    if fmt == "parquet" and not _is_gzip(path):
+        names = set(_parquet_file(path).schema_arrow.names)
+        if MESSAGES_KEY not in names and not {PROMPT_KEY, RESPONSE_KEY} <= names:
+            raise CorpusInputError(
+                f"{path} has no column {MESSAGES_KEY!r} and no columns {PROMPT_KEY!r} and {RESPONSE_KEY!r} (columns: "
+                f"{', '.join(sorted(names))}); {_SHAPES_HINT}."
+            )
+    if fmt != "jsonl":
+        return
+    cursor = _Cursor(path, "line")
+    try:
+        with _open_lines(path, ReadProgress(), cursor) as lines:
+            for number, line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    return
+                if isinstance(record, dict) and not ({MESSAGES_KEY, PROMPT_KEY, RESPONSE_KEY} & set(record)):
+                    fields = ", ".join(map(repr, list(record)[:10]))
+                    raise CorpusInputError(
+                        f"{path}:{number}: no {MESSAGES_KEY!r} and no {PROMPT_KEY!r}/{RESPONSE_KEY!r} (this record "
+                        f"has {fields or 'no fields'}); {_SHAPES_HINT}."
+                    )
+                return
+    except _read_errors(fmt) as err:
+        raise _unreadable(cursor, err) from err
+
+
+def read_conversations(
+    files: Sequence[Path], formats: Sequence[InputFormat], bad: BadLines, progress: ReadProgress
+) -> Iterator[Conversation]:
+    """The conversations of ``files`` (JSON Lines or Parquet) in order, every problem named by file and line."""
+    for path, fmt in zip(files, formats, strict=True):
+        cursor = _Cursor(path, "row" if fmt == "parquet" else "line")
+        if fmt == "jsonl":
+            numbered: Iterator[tuple[int, Any]] = _jsonl_records(path, bad, progress, cursor)
+        elif fmt == "parquet":
+            numbered = _parquet_records(path, CHAT_COLUMNS, bad, progress, cursor)
+        else:
+            raise CorpusInputError(f"{path} is plain text; conversations come as JSON Lines or Parquet.")
+        try:
+            for number, record in numbered:
+                where = cursor.at(number)
+                try:
+                    messages = conversation_messages(record)
+                except ValueError as err:
+                    bad(where, str(err))
+                    continue
+                yield Conversation(where, messages)
         except CorpusInputError:
             raise
         except _read_errors(fmt) as err:

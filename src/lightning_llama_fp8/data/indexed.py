@@ -26,7 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.utils.data import Dataset
 
 from lightning_llama_fp8.data.base import GPTDataModule, check_split_sizes
-from lightning_llama_fp8.data.corpus import check_sidecar, corpus_fingerprint, sidecar_path
+from lightning_llama_fp8.data.corpus import (
+    TEXT_KIND,
+    check_sidecar,
+    corpus_fingerprint,
+    require_corpus_kind,
+    sidecar_path,
+)
 from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
 
 if TYPE_CHECKING:
@@ -320,6 +326,8 @@ class IndexedDataModule(GPTDataModule):
             check_token_ids(check_corpus(prefix), self.vocab_size, expected, self.token_scan_limit_gib)
             for prefix in self.prefixes
         ]
+        for corpus in corpora:  # a chat corpus here would train on its prompts too: SFTDataModule's
+            require_corpus_kind(corpus.prefix, TEXT_KIND)
         unchecked = [c.prefix for c in corpora if c.max_token_id_from == "unchecked"]
         if unchecked:
             rank_zero_warn(

@@ -22,6 +22,13 @@ complete: everything is written under ``.tmp`` names and renamed at the end, the
 Inputs: JSON Lines (one object per line, the text under ``json_key``), Parquet (a string column ``json_key``;
 needs ``pyarrow``) and plain text (a whole file, each paragraph, or each line a document), each optionally
 gzip-compressed (``.gz``); the format comes from the file name unless ``input_format`` says it.
+
+Conversations (:func:`preprocess_chat`, ``llama-fp8 preprocess --chat``) become a fine-tuning corpus: one document
+per conversation, rendered with the tokenizer's chat template (``data/chat.py``; no end-of-document token appended:
+the template closes every turn), and ``<prefix>.loss_mask.bin`` beside the ``.bin``, one byte per token, 1 where the
+model learns (the answers and the end-of-turn token after each). The reader thread also renders (Jinja is Python);
+the workers tokenize. Conversations longer than ``max_seq_length`` tokens are dropped or truncated (``too_long``),
+and counted in the summary and the sidecar (``"kind": "chat"``, the template's source and SHA-256).
 """
 
 from __future__ import annotations
@@ -39,20 +46,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy
 
+from lightning_llama_fp8.data.chat import ChatTemplate, ChatTokenizer, ConversationError, RenderedChat
 from lightning_llama_fp8.data.corpus import (
+    CHAT_KIND,
+    LOSS_MASK_DTYPE,
+    LOSS_MASK_SUFFIX,
     SIDECAR_FORMAT,
     SIDECAR_SUFFIX,
     SIDECAR_VERSION,
+    TEXT_KIND,
     TMP_SUFFIX,
     CorpusInputError,
     bin_path,
     check_output_prefix,
     corpus_binding,
     idx_path,
+    loss_mask_path,
     publish_corpus,
     read_sidecar,
     remove_partial_corpus,
@@ -61,12 +74,15 @@ from lightning_llama_fp8.data.corpus import (
 )
 from lightning_llama_fp8.data.documents import (
     BadLines,
+    Conversation,
     InputFormat,
     ReadProgress,
     TextSplit,
+    check_chat_input,
     check_input,
     expand_inputs,
     input_format_of,
+    read_conversations,
     read_documents,
 )
 from lightning_llama_fp8.data.tokenizer import DEFAULT_TOKENIZER, TokenizerSpec, resolve_tokenizer
@@ -75,11 +91,18 @@ from lightning_llama_fp8.validate import SettingError, as_int, usable_cpus
 
 __all__ = [
     "SIDECAR_SUFFIX",
+    "ChatPreprocessSummary",
     "CorpusInputError",
     "PreprocessSummary",
+    "TooLong",
     "preprocess",
+    "preprocess_chat",
     "read_sidecar",
 ]
+
+#: What happens to a conversation longer than ``max_seq_length`` tokens: left out, or cut to its first tokens.
+TooLong = Literal["drop", "truncate"]
+TOO_LONG_POLICIES: tuple[str, ...] = ("drop", "truncate")
 
 
 # A batch handed to one tokenizer call: large enough that the Rust side dominates, small enough to stream.
@@ -114,13 +137,55 @@ class PreprocessSummary:
         )
 
 
+@dataclass
+class ChatPreprocessSummary(PreprocessSummary):
+    """What one :func:`preprocess_chat` call wrote: ``documents`` are the conversations written.
+
+    Attributes:
+        answer_tokens: tokens of the loss mask (answers and their end-of-turn tokens).
+        max_seq_length: the longest conversation allowed, in tokens.
+        too_long_policy: ``drop`` or ``truncate``.
+        too_long: conversations longer than ``max_seq_length``.
+        too_long_dropped: of those, left out (with ``truncate``: those whose first tokens hold no answer).
+        too_long_truncated: of those, cut to ``max_seq_length`` tokens.
+        chat_template: the template's source, SHA-256 and text.
+    """
+
+    answer_tokens: int = 0
+    max_seq_length: int = 0
+    too_long_policy: str = "drop"
+    too_long: int = 0
+    too_long_dropped: int = 0
+    too_long_truncated: int = 0
+    chat_template: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        share = self.answer_tokens / max(self.tokens, 1)
+        skipped = f", {self.skipped_lines:,} bad lines skipped" if self.skipped_lines else ""
+        if self.too_long:
+            cut = f"{self.too_long_truncated:,} truncated, " if self.too_long_policy == "truncate" else ""
+            long = (
+                f"; {self.too_long:,} longer than {self.max_seq_length:,} tokens (--too-long {self.too_long_policy}): "
+                f"{cut}{self.too_long_dropped:,} dropped"
+            )
+        else:
+            long = f"; none longer than {self.max_seq_length:,} tokens"
+        return (
+            f"Wrote {self.prefix}.bin/.idx/{LOSS_MASK_SUFFIX}: {self.documents:,} conversations, "
+            f"{self.tokens:,} tokens, {self.answer_tokens:,} answer tokens ({share:.1%}), max token id "
+            f"{self.max_token_id:,}, {self.dtype}{long}{skipped}; {self.seconds:.1f} s "
+            f"({self.documents / max(self.seconds, 1e-9):,.0f} conversations/s, {self.tokens_per_s:,.0f} tokens/s)."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- inputs
-def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(items: Iterator[Any], size: Callable[[Any], int] = len) -> Iterator[list[Any]]:
+    """``items`` in batches of about ``_BATCH_CHARS`` characters (``size``) or ``_BATCH_DOCUMENTS`` items."""
+    batch: list[Any] = []
     chars = 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
+    for item in items:
+        batch.append(item)
+        chars += size(item)
         if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
             yield batch
             batch, chars = [], 0
@@ -128,10 +193,25 @@ def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
+def _rendered(conversations: Iterator[Conversation], chat: ChatTokenizer, bad: BadLines) -> Iterator[RenderedChat]:
+    """Each conversation rendered with the chat template (in the reader thread: in input order, so that a bad one
+    is named before any later one)."""
+    for conversation in conversations:
+        try:
+            rendered = chat.render(conversation.messages)
+        except ConversationError as err:
+            bad(conversation.where, str(err))
+            continue
+        if not rendered.answer_spans:
+            bad(conversation.where, "the chat template writes none of its assistant messages, so there is no answer")
+            continue
+        yield rendered
+
+
 _END = object()
 
 
-def _read_ahead(batches: Iterator[list[str]], depth: int) -> Iterator[list[str]]:
+def _read_ahead(batches: Iterator[list[Any]], depth: int) -> Iterator[list[Any]]:
     """Run ``batches`` (parsing and decoding: Python, holds the GIL) in a thread, ``depth`` batches ahead."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -196,6 +276,42 @@ class _Encoder:
         return flat, lengths
 
 
+#: The counts a chat batch returns besides its tokens, summed over the run (``_ChatEncoder``).
+_CHAT_COUNTS = ("answer_tokens", "too_long", "too_long_dropped", "too_long_truncated")
+
+
+class _ChatEncoder:
+    """One batch of rendered conversations to token ids (flat), lengths, the loss mask (flat) and
+    ``_CHAT_COUNTS``, with the too-long policy applied."""
+
+    def __init__(self, chat: ChatTokenizer, dtype: type[numpy.integer], max_seq_length: int, too_long: TooLong) -> None:
+        self.chat, self.dtype, self.max_seq_length, self.too_long = chat, dtype, max_seq_length, too_long
+
+    def __call__(self, batch: list[RenderedChat]) -> tuple[numpy.ndarray, ...]:
+        ids: list[numpy.ndarray] = []
+        masks: list[numpy.ndarray] = []
+        too_long = dropped = truncated = 0
+        for encoding in self.chat.tokenize(batch):
+            tokens, mask = encoding.ids, encoding.loss_mask
+            if len(tokens) > self.max_seq_length:
+                too_long += 1
+                if self.too_long == "drop":
+                    dropped += 1
+                    continue
+                tokens, mask = tokens[: self.max_seq_length], mask[: self.max_seq_length]
+                if not mask.any():  # the answers all lay past the cut: nothing left to learn
+                    dropped += 1
+                    continue
+                truncated += 1
+            ids.append(tokens)
+            masks.append(mask)
+        lengths = numpy.fromiter(map(len, ids), dtype=numpy.int64, count=len(ids))
+        flat = numpy.concatenate(ids).astype(self.dtype) if ids else numpy.empty(0, dtype=self.dtype)
+        flat_mask = numpy.concatenate(masks) if masks else numpy.empty(0, dtype=LOSS_MASK_DTYPE)
+        counts = numpy.array([int(flat_mask.sum()), too_long, dropped, truncated], dtype=numpy.int64)
+        return flat, lengths, flat_mask.astype(LOSS_MASK_DTYPE), counts
+
+
 @contextlib.contextmanager
 def _tokenizers_single_threaded() -> Iterator[None]:
     """Each ``encode_batch`` call sequential in Rust: parallelism is exactly the ``workers`` threads."""
@@ -210,7 +326,7 @@ def _tokenizers_single_threaded() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _encoded(batches: Iterator[list[str]], encode: Callable, workers: int) -> Iterator[tuple[numpy.ndarray, ...]]:
+def _encoded(batches: Iterator[list[Any]], encode: Callable, workers: int) -> Iterator[tuple[numpy.ndarray, ...]]:
     """``encode`` each batch on ``workers`` threads, yielding results in input order."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess-tokenize") as pool:
         pending: list[Future] = []
@@ -297,7 +413,8 @@ def preprocess(
     formats = [input_format_of(path, input_format) for path in files]
     prefix = Path(output_prefix).expanduser()
     spec = resolve_tokenizer(tokenizer, eod_token)
-    check_output_prefix(prefix, overwrite, reads=[*files, spec.path])
+    reads = [*files, spec.path]
+    check_output_prefix(prefix, overwrite, reads=reads)
     if append_eod and spec.eod_id is None:
         raise CorpusInputError(
             f"The tokenizer {spec.path} names no end-of-document token (no eos_token in a tokenizer_config.json "
@@ -309,66 +426,267 @@ def preprocess(
     dtype = token_dtype(spec.vocab_size)
     encode = _Encoder(spec, dtype, add_special_tokens, spec.eod_id if append_eod else None, parse_special_tokens)
     input_bytes = sum(path.stat().st_size for path in files)
+
+    def summarize(written: _Written) -> tuple[PreprocessSummary, dict[str, Any]]:
+        summary = PreprocessSummary(
+            str(prefix),
+            written.documents,
+            written.tokens,
+            written.max_token_id,
+            numpy.dtype(dtype).name,
+            time.perf_counter() - start,
+            input_bytes,
+            written.skipped_lines,
+            spec.identity(),
+        )
+        sidecar = _sidecar(summary, files, append_eod, add_special_tokens, encode.tokenizer)
+        sidecar.update(kind=TEXT_KIND, json_key=json_key, text_split=text_split)
+        return summary, sidecar
+
+    def nothing(written: _Written) -> str:
+        skipped = f", {written.skipped_lines} bad lines skipped" if written.skipped_lines else ""
+        return (
+            f"The input ({', '.join(map(str, files))}) gave no tokens ({written.documents} documents{skipped}); "
+            "nothing was written."
+        )
+
+    return _write_corpus(
+        prefix,
+        reads,
+        overwrite,
+        skip_bad_lines,
+        progress,
+        input_bytes,
+        workers,
+        dtype,
+        lambda bad, read: _batches(read_documents(files, formats, json_key, text_split, bad, read)),
+        encode,
+        summarize,
+        nothing,
+        with_loss_mask=False,
+    )
+
+
+def preprocess_chat(
+    inputs: Sequence[str | Path],
+    output_prefix: str | Path,
+    tokenizer: str | Path = DEFAULT_TOKENIZER,
+    *,
+    max_seq_length: int,
+    too_long: TooLong = "drop",
+    chat_template: str | Path | None = None,
+    input_format: InputFormat | None = None,
+    workers: int = 1,
+    skip_bad_lines: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ChatPreprocessSummary:
+    """Render and tokenize conversations into the chat corpus ``<output_prefix>.bin`` / ``.idx`` /
+    ``.loss_mask.bin`` (+ ``.corpus.json``, ``"kind": "chat"``): one document per conversation.
+
+    A conversation is a JSON Lines record (or Parquet row) with ``messages`` (``{"role": "system"|"user"|"assistant",
+    "content": TEXT}`` dicts, several turns) or ``prompt`` and ``response`` (and optionally ``system``).
+
+    Args:
+        inputs: files or globs; JSON Lines or Parquet, each optionally ``.gz``.
+        output_prefix: the corpus prefix; its directory must exist.
+        tokenizer: ``"llama3"`` (bundled), a ``tokenizer.json`` file, or a Hugging Face tokenizer directory.
+        max_seq_length: the most tokens a conversation may have: the training sequence length.
+        too_long: a longer conversation is left out (``drop``) or cut to its first ``max_seq_length`` tokens
+            (``truncate``; one with no answer token left is left out); counted either way.
+        chat_template: ``None``: the tokenizer's own, else Llama 3's; ``"llama3"``; or a Jinja file
+            (``ChatTemplate.for_tokenizer``).
+        input_format: ``jsonl`` | ``parquet``; ``None``: from each file name.
+        workers: tokenizer threads (as :func:`preprocess`).
+        skip_bad_lines: count and skip bad records (invalid JSON, another shape, tool messages, a conversation the
+            template refuses) instead of stopping.
+        overwrite: replace an existing corpus of that prefix (only once the new one is complete).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        CorpusInputError: bad input, output or template (named with file and line), found before tokenizing where
+            possible.
+        FileNotFoundError, ValueError: the tokenizer cannot be found or used.
+    """
+    start = time.perf_counter()
+    workers = _tokenizer_threads(workers)
+    try:
+        max_seq_length = as_int(max_seq_length, "max_seq_length (--max-seq-length)", at_least=1)
+    except SettingError as err:
+        raise CorpusInputError(
+            f"{err} A chat corpus needs the training sequence length, e.g. 8192 for Llama 3 8B."
+        ) from None
+    if too_long not in TOO_LONG_POLICIES:
+        raise CorpusInputError(f"too_long (--too-long) must be drop or truncate; got {too_long!r}.")
+    if input_format == "text":
+        raise CorpusInputError("Conversations come as JSON Lines or Parquet, not plain text (input_format 'text').")
+    files = expand_inputs(inputs)
+    formats = [input_format_of(path, input_format) for path in files]
+    prefix = Path(output_prefix).expanduser()
+    spec = resolve_tokenizer(tokenizer)
+    template = ChatTemplate.for_tokenizer(spec, chat_template)
+    template_file = None if template.builtin else Path(template.source)
+    reads = [*files, spec.path, *([template_file] if template_file else [])]
+    check_output_prefix(prefix, overwrite, reads=reads)
+    for path, fmt in zip(files, formats, strict=True):
+        check_chat_input(path, fmt)
+    chat = ChatTokenizer(spec, template)
+
+    dtype = token_dtype(spec.vocab_size)
+    encode = _ChatEncoder(chat, dtype, max_seq_length, too_long)
+    input_bytes = sum(path.stat().st_size for path in files)
+
+    def summarize(written: _Written) -> tuple[PreprocessSummary, dict[str, Any]]:
+        counts = dict(zip(_CHAT_COUNTS, map(int, written.counts), strict=True))
+        summary = ChatPreprocessSummary(
+            str(prefix),
+            written.documents,
+            written.tokens,
+            written.max_token_id,
+            numpy.dtype(dtype).name,
+            time.perf_counter() - start,
+            input_bytes,
+            written.skipped_lines,
+            spec.identity(),
+            max_seq_length=max_seq_length,
+            too_long_policy=too_long,
+            chat_template=template.identity(),
+            **counts,
+        )
+        sidecar = _sidecar(summary, files, False, False, chat.tokenizer)
+        for name in ("too_long_policy", "too_long", "too_long_dropped", "too_long_truncated"):
+            sidecar.pop(name)
+        sidecar.update(
+            kind=CHAT_KIND,
+            conversations=written.documents,
+            too_long={
+                "policy": too_long,
+                "max_seq_length": max_seq_length,
+                "conversations": counts["too_long"],
+                "dropped": counts["too_long_dropped"],
+                "truncated": counts["too_long_truncated"],
+            },
+            loss_mask={"suffix": LOSS_MASK_SUFFIX, "dtype": numpy.dtype(LOSS_MASK_DTYPE).name},
+        )
+        return summary, sidecar
+
+    def nothing(written: _Written) -> str:
+        counts = dict(zip(_CHAT_COUNTS, map(int, written.counts), strict=True))
+        dropped = (
+            f", {counts['too_long_dropped']} longer than {max_seq_length} tokens dropped"
+            if counts["too_long_dropped"]
+            else ""
+        )
+        skipped = f", {written.skipped_lines} bad lines skipped" if written.skipped_lines else ""
+        return (
+            f"The input ({', '.join(map(str, files))}) gave no conversation to write (0 written{dropped}{skipped}); "
+            "nothing was written."
+        )
+
+    summary = _write_corpus(  # a ChatPreprocessSummary: summarize above makes it
+        prefix,
+        reads,
+        overwrite,
+        skip_bad_lines,
+        progress,
+        input_bytes,
+        workers,
+        dtype,
+        lambda bad, read: _batches(
+            _rendered(read_conversations(files, formats, bad, read), chat, bad), lambda rendered: len(rendered.text)
+        ),
+        encode,
+        summarize,
+        nothing,
+        with_loss_mask=True,
+    )
+    return cast(ChatPreprocessSummary, summary)
+
+
+@dataclass
+class _Written:
+    """What the writer has written so far (``counts``: a chat corpus's ``_CHAT_COUNTS``, summed)."""
+
+    documents: int = 0
+    tokens: int = 0
+    max_token_id: int = -1
+    skipped_lines: int = 0
+    counts: numpy.ndarray = field(default_factory=lambda: numpy.zeros(len(_CHAT_COUNTS), dtype=numpy.int64))
+
+
+def _write_corpus(
+    prefix: Path,
+    reads: Sequence[Path],
+    overwrite: bool,
+    skip_bad_lines: bool,
+    progress: bool,
+    input_bytes: int,
+    workers: int,
+    dtype: type[numpy.integer],
+    batches: Callable[[BadLines, ReadProgress], Iterator[list[Any]]],
+    encode: Callable[[list[Any]], tuple[numpy.ndarray, ...]],
+    summarize: Callable[[_Written], tuple[PreprocessSummary, dict[str, Any]]],
+    nothing: Callable[[_Written], str],
+    *,
+    with_loss_mask: bool,
+) -> PreprocessSummary:
+    """Hold the prefix's lock, write the corpus under temporary names (``encode`` of each of ``batches`` on
+    ``workers`` threads, in input order), then publish it with the sidecar that ``summarize`` gives; on any failure
+    remove what was written and leave an existing corpus as it was."""
     bad, read = BadLines(skip_bad_lines), ReadProgress()
-    documents = tokens = 0
-    max_token_id = -1
+    written = _Written()
     all_lengths: list[numpy.ndarray] = []
     try:
         lock = OutputLock(prefix, "llama-fp8 preprocess").acquire()
     except OutputBusyError as err:  # another run writes this prefix: refused at once, its files untouched
         raise CorpusInputError(str(err)) from err
     bar = _progress_bar(input_bytes, enabled=progress)
+    start = time.perf_counter()
+    mask_file = Path(f"{loss_mask_path(prefix)}{TMP_SUFFIX}")
     try:
-        check_output_prefix(prefix, overwrite, reads=[*files, spec.path])  # again, now that no one else writes it
-        with open(f"{bin_path(prefix)}{TMP_SUFFIX}", "wb") as out, _tokenizers_single_threaded():
-            texts = _read_ahead(
-                _batches(read_documents(files, formats, json_key, text_split, bad, read)), 2 * workers + 2
-            )
-            for flat, lengths in _encoded(texts, encode, workers):
+        check_output_prefix(prefix, overwrite, reads=reads)  # again, now that no one else writes it
+        with contextlib.ExitStack() as opened:
+            out = opened.enter_context(open(f"{bin_path(prefix)}{TMP_SUFFIX}", "wb"))
+            mask_out = opened.enter_context(open(mask_file, "wb")) if with_loss_mask else None
+            opened.enter_context(_tokenizers_single_threaded())
+            for flat, lengths, *extra in _encoded(_read_ahead(batches(bad, read), 2 * workers + 2), encode, workers):
                 out.write(flat.tobytes(order="C"))
+                if mask_out is not None:
+                    mask_out.write(extra[0].tobytes(order="C"))
+                    written.counts += extra[1]
                 all_lengths.append(lengths)
-                documents += len(lengths)
-                tokens += len(flat)
+                written.documents += len(lengths)
+                written.tokens += len(flat)
                 if len(flat):
-                    max_token_id = max(max_token_id, int(flat.max()))
+                    written.max_token_id = max(written.max_token_id, int(flat.max()))
                 bar.update(read.bytes_done - bar.n)
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s", False)
-            out.flush()
-            os.fsync(out.fileno())
-        if tokens == 0:
-            raise CorpusInputError(
-                f"The input ({', '.join(map(str, files))}) gave no tokens ({documents} documents"
-                f"{f', {bad.count} bad lines skipped' if bad.count else ''}); nothing was written."
-            )
+                rate = f"{written.documents / elapsed:,.0f} docs/s, {written.tokens / elapsed:,.0f} tokens/s"
+                bar.set_postfix_str(rate, False)
+            for fh in (out, mask_out):
+                if fh is not None:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        written.skipped_lines = bad.count
+        if written.tokens == 0:
+            raise CorpusInputError(nothing(written))
         lengths = numpy.concatenate(all_lengths)
         # One sequence per non-empty document; an empty document adds a document boundary only (as Megatron-LM).
         document_starts = numpy.concatenate([[0], numpy.cumsum(lengths > 0)])
         written_idx = Path(f"{idx_path(prefix)}{TMP_SUFFIX}")
         write_index(written_idx, dtype, lengths[lengths > 0], document_starts)
-        seconds = time.perf_counter() - start
-        summary = PreprocessSummary(
-            str(prefix),
-            documents,
-            tokens,
-            max_token_id,
-            numpy.dtype(dtype).name,
-            seconds,
-            input_bytes,
-            bad.count,
-            spec.identity(),
-        )
-        sidecar = _sidecar(summary, files, json_key, text_split, append_eod, add_special_tokens, encode)
-        sidecar["binding"] = corpus_binding(sidecar, Path(out.name), written_idx)
+        summary, sidecar = summarize(written)
+        sidecar["binding"] = corpus_binding(sidecar, Path(out.name), written_idx, mask_file if with_loss_mask else None)
         publish_corpus(prefix, sidecar)
     except OSError as err:
         remove_partial_corpus(prefix)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(prefix.parent).free
+            per_token = numpy.dtype(dtype).itemsize + (1 if with_loss_mask else 0)
             raise CorpusInputError(
                 f"The disk holding {prefix.parent} is full ({free / 2**30:.2f} GiB free after removing this run's "
-                f"partial files; the corpus needs about {tokens * numpy.dtype(dtype).itemsize / 2**30:.2f} GiB for "
-                f"the {tokens:,} tokens written so far, and more for the rest). Free space or choose an "
+                f"partial files; the corpus needs about {written.tokens * per_token / 2**30:.2f} GiB for "
+                f"the {written.tokens:,} tokens written so far, and more for the rest). Free space or choose an "
                 "--output-prefix on another disk; nothing was written and an existing corpus is untouched."
             ) from err
         raise
@@ -384,24 +702,20 @@ def preprocess(
 def _sidecar(
     summary: PreprocessSummary,
     files: Sequence[Path],
-    json_key: str,
-    text_split: TextSplit,
     append_eod: bool,
     add_special_tokens: bool,
-    encode: _Encoder,
+    tokenizer: Any,
 ) -> dict[str, Any]:
     record = asdict(summary)
     record.pop("prefix")
-    leading = encode.tokenizer.encode("", add_special_tokens=add_special_tokens).tokens
+    leading = tokenizer.encode("", add_special_tokens=add_special_tokens).tokens
     return {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
         **record,
         "append_eod": append_eod,
         "special_tokens_added": leading,  # what the tokenizer adds to every document (Llama 3: the BOS)
-        "parse_special_tokens": not encode.tokenizer.encode_special_tokens,  # special-token strings in text
-        "json_key": json_key,
-        "text_split": text_split,
+        "parse_special_tokens": not tokenizer.encode_special_tokens,  # special-token strings in text
         "inputs": [{"path": str(path.resolve()), "bytes": path.stat().st_size} for path in files],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -14,6 +14,12 @@ distributed optimizer's internal buckets, which only the training optimizer can 
 checkpoint is refused (resave it with ``checkpoint_optimizer_sharding="fully_reshardable"``) unless
 ``allow_fp8_weights`` accepts the FP8 values. BF16-weight checkpoints export their model tensors, which equal the
 fp32 main weights rounded to BF16.
+
+The tokenizer goes out ready to chat: its own chat template (``tokenizer_config.json``'s ``chat_template`` or
+``chat_template.jinja``) is copied; a tokenizer without one that has Llama 3's header and end-of-turn tokens (a bare
+Llama 3 ``tokenizer.json``, a base model's directory) gets Llama 3's template, the one ``llama-fp8 preprocess --chat``
+renders such a tokenizer's conversations with. ``generation_config.json`` stops at the end of the text and at Llama 3's
+end-of-turn token ``<|eot_id|>`` where the tokenizer has it, so ``generate`` ends after the answer.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -42,6 +48,7 @@ from torch.futures import Future as TorchFuture
 from lightning_llama_fp8._compat.torch import create_file_view, narrow_tensor_by_index
 from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.data.chat_template import LLAMA3_CHAT_TEMPLATE, LLAMA3_CHAT_TOKENS, LLAMA3_EOT
 from lightning_llama_fp8.hf.arch import hf_config_from_llama
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES, PlannedSafetensorsWriter
@@ -62,15 +69,27 @@ from lightning_llama_fp8.storage.outputs import (
     remove_path,
 )
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 #: Where the exported weights came from (printed and returned).
 SOURCE_MODEL = "model weights (BF16)"
 SOURCE_MAIN = "BF16 from the fp32 main weights (optimizer state)"
 SOURCE_FP8 = "FP8 weights (dequantized to BF16; the fp32 main weights are not readable from this checkpoint)"
 
-#: Tokenizer files copied from a tokenizer directory.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+#: Tokenizer files copied from a tokenizer directory (``chat_template.jinja``: where transformers 5 saves the template).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 #: The Llama 3 special tokens, used for bos/eos when only a tokenizer.json is given.
 LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+#: Where the exported tokenizer's chat template came from (ExportReport.chat_template).
+TEMPLATE_OWN, TEMPLATE_LLAMA3 = "the tokenizer's own", "Llama 3's (added: the tokenizer has none)"
+TEMPLATE_GIVEN = "the one given (--chat-template)"
 
 
 @dataclass
@@ -81,6 +100,10 @@ class ExportReport:
     total_bytes: int
     seconds: float
     tokenizer_files: list[str]
+    #: TEMPLATE_OWN, TEMPLATE_LLAMA3, TEMPLATE_GIVEN or None (no tokenizer, or one without template or chat tokens).
+    chat_template: str | None = None
+    #: The ids generation_config.json stops generation at (its eos_token_id).
+    stop_token_ids: tuple[int, ...] = ()
 
 
 def checkpoint_arch(info: CheckpointInfo) -> LlamaConfig:
@@ -271,18 +294,27 @@ def export_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_fp8_weights: bool = False,
     overwrite: bool = False,
+    chat_template: str | os.PathLike[str] | None = None,
 ) -> ExportReport:
     """Write the training checkpoint ``checkpoint`` as a Hugging Face Llama directory ``output`` (BF16 safetensors).
 
     Everything is checked before anything is written (the checkpoint's completeness and shapes, the tokenizer,
     the output directory); the output appears under its name only when complete.
+
+    ``chat_template`` (with ``tokenizer`` only) replaces the tokenizer's template, as ``llama-fp8 preprocess --chat
+    --chat-template`` does: ``"llama3"`` (Llama 3's), a Jinja file, or a ``tokenizer_config.json`` holding one.
     """
     started = time.perf_counter()
     info = read_checkpoint_info(checkpoint)
     arch = checkpoint_arch(info)
+    if chat_template is not None and tokenizer is None:
+        raise HFConfigError(
+            "A chat template goes with a tokenizer: pass --tokenizer too (or leave out --chat-template)."
+        )
     tokenizer_source = _tokenizer_path(tokenizer) if tokenizer is not None else None
     tokenizer_files = _tokenizer_files(tokenizer_source) if tokenizer_source is not None else []
-    special = _special_tokens(tokenizer_files)
+    given = _given_chat_template(tokenizer, chat_template) if tokenizer is not None and chat_template else None
+    special = _special_tokens(tokenizer_files, given)
     _check_special_tokens_fit(special, arch.vocab_size, tokenizer_source)
     reads = [("the checkpoint", info.path)] + ([("the tokenizer", tokenizer_source)] if tokenizer_source else [])
     output = check_output_directory(output, reads, overwrite)
@@ -302,9 +334,7 @@ def export_to_hf(
             _copy_tokenizer(tokenizer_files, partial, special)
             config = hf_config_from_llama(arch, bos_token_id=special.bos, eos_token_id=special.eos)
             (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            generation = partial / "generation_config.json"
-            if not generation.exists():
-                generation.write_text(json.dumps({"bos_token_id": special.bos, "eos_token_id": special.eos}) + "\n")
+            _write_generation_config(tokenizer_files, partial, special)
             publish_directory(partial, output)
         except BaseException:
             remove_path(partial)  # the previous output, if any, is untouched until publish_directory
@@ -316,6 +346,8 @@ def export_to_hf(
         total_bytes=writer.total_bytes,
         seconds=time.perf_counter() - started,
         tokenizer_files=[file.name for file in tokenizer_files],
+        chat_template=special.chat_template,
+        stop_token_ids=special.stop_ids,
     )
 
 
@@ -411,18 +443,41 @@ def _tokenizer_files(path: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class _SpecialTokens:
-    """The tokenizer's BOS/EOS (ids and texts), and the ids its ``generation_config.json`` stops at."""
+    """The tokenizer's BOS/EOS and end-of-turn token (ids, texts), its chat template, and what generation stops at."""
 
     bos: int | None = None
     eos: int | None = None
     bos_text: str = LLAMA3_BOS
     eos_text: str = LLAMA3_EOS
     has_config: bool = False
+    #: The ids of the tokenizer directory's generation_config.json (its eos_token_id), as found.
     generation_eos: tuple[int, ...] = ()
+    #: Llama 3's end-of-turn token ``<|eot_id|>`` (None: the tokenizer has none).
+    eot: int | None = None
+    #: TEMPLATE_OWN, TEMPLATE_LLAMA3, TEMPLATE_GIVEN or None.
+    chat_template: str | None = None
+    #: The template to write into tokenizer_config.json (TEMPLATE_LLAMA3, TEMPLATE_GIVEN; empty: none to write).
+    template_to_write: str = ""
+    #: The special tokens the chat template writes, with their ids (all must exist in the model's vocabulary).
+    template_tokens: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """What the exported generation_config.json stops at: the directory's own ids (else EOS), plus ``<|eot_id|>``.
+
+        The end-of-turn id is added to a directory's own list too: a base model's generation_config.json (Llama 3 8B:
+        ``<|end_of_text|>`` only) would let a model fine-tuned on chat run on past its answer, and a model that was
+        not fine-tuned never emits ``<|eot_id|>``, so stopping there costs it nothing.
+        """
+        ids = list(self.generation_eos) or ([self.eos] if self.eos is not None else [])
+        if self.eot is not None and self.eot not in ids:
+            ids.append(self.eot)
+        return tuple(ids)
 
 
-def _special_tokens(files: list[Path]) -> _SpecialTokens:
-    """Read BOS/EOS from the tokenizer files about to be copied (no files: none)."""
+def _special_tokens(files: list[Path], given_template: str | None = None) -> _SpecialTokens:
+    """Read BOS/EOS, the end-of-turn token and the chat template from the tokenizer files about to be copied (no files:
+    none); ``given_template`` replaces the tokenizer's own."""
     from tokenizers import Tokenizer
 
     if not files:
@@ -439,6 +494,17 @@ def _special_tokens(files: list[Path]) -> _SpecialTokens:
     generation = _read_json(generation_file) if generation_file is not None else {}
     stop = generation.get("eos_token_id")
     stop_ids = tuple(i for i in (stop if isinstance(stop, list) else [stop]) if isinstance(i, int))
+    template_file = next((f for f in files if f.name == "chat_template.jinja"), None)
+    own_template = _template_text(config.get("chat_template"))
+    if template_file is not None:
+        own_template += template_file.read_text(encoding="utf-8")
+    template, template_text = None, ""
+    if given_template is not None:
+        template, template_text = TEMPLATE_GIVEN, given_template
+    elif own_template:
+        template, template_text = TEMPLATE_OWN, own_template
+    elif tokenizer is not None and all(tokenizer.token_to_id(token) is not None for token in LLAMA3_CHAT_TOKENS):
+        template, template_text = TEMPLATE_LLAMA3, LLAMA3_CHAT_TEMPLATE
     return _SpecialTokens(
         bos=tokenizer.token_to_id(bos_text) if tokenizer is not None else None,
         eos=tokenizer.token_to_id(eos_text) if tokenizer is not None else None,
@@ -446,7 +512,48 @@ def _special_tokens(files: list[Path]) -> _SpecialTokens:
         eos_text=eos_text,
         has_config=config_file is not None,
         generation_eos=stop_ids,
+        eot=tokenizer.token_to_id(LLAMA3_EOT) if tokenizer is not None else None,
+        chat_template=template,
+        template_to_write=template_text if template in (TEMPLATE_GIVEN, TEMPLATE_LLAMA3) else "",
+        template_tokens=_tokens_in_template(tokenizer, template_text) if tokenizer is not None else (),
     )
+
+
+def _given_chat_template(tokenizer: str | os.PathLike[str], chat_template: str | os.PathLike[str]) -> str:
+    """The text of the template given for ``tokenizer`` (read as ``llama-fp8 preprocess --chat-template`` reads it)."""
+    from lightning_llama_fp8.data.chat import BUILTIN_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
+    from lightning_llama_fp8.data.tokenizer import resolve_tokenizer
+
+    try:
+        spec = resolve_tokenizer(tokenizer)
+        text = ChatTemplate.for_tokenizer(spec, chat_template).text
+    except (ChatTemplateError, FileNotFoundError, ValueError) as err:
+        raise HFConfigError(f"--chat-template {str(chat_template)!r}: {err}") from err
+    if str(chat_template) == BUILTIN_CHAT_TEMPLATE:
+        loaded = spec.load()
+        missing = [token for token in LLAMA3_CHAT_TOKENS if loaded.token_to_id(token) is None]
+        if missing:
+            raise HFConfigError(
+                f"--chat-template llama3: the tokenizer {spec.path} lacks Llama 3's chat tokens {', '.join(missing)}; "
+                "give the template the corpus was rendered with (--chat-template FILE)."
+            )
+    return text
+
+
+def _template_text(template: Any) -> str:
+    """A ``chat_template`` entry's text: one template, or transformers' list of named ones (all of them)."""
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        return "".join(t.get("template", "") for t in template if isinstance(t, dict))
+    return ""
+
+
+def _tokens_in_template(tokenizer: Tokenizer, template: str) -> tuple[tuple[str, int], ...]:
+    """The tokenizer's special tokens whose text the template writes (in the template's Jinja source), with ids."""
+    added = tokenizer.get_added_tokens_decoder().values()
+    found = {token.content for token in added if token.special and token.content and token.content in template}
+    return tuple((text, tokenizer.token_to_id(text)) for text in sorted(found))
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -460,13 +567,17 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _check_special_tokens_fit(special: _SpecialTokens, vocab_size: int, tokenizer: Path | None) -> None:
-    """Refuse a tokenizer whose BOS/EOS (or generation stop ids) lie past the model's embedding: transformers would
-    fail with an IndexError at the first generated or prompted special token."""
+    """Refuse a tokenizer whose BOS/EOS, end-of-turn token, generation stop ids or chat-template tokens lie past the
+    model's embedding: transformers would fail with an IndexError at the first generated or prompted such token."""
     named = [("BOS", special.bos_text, special.bos), ("EOS", special.eos_text, special.eos)]
+    named += [("end-of-turn", LLAMA3_EOT, special.eot)]
+    named += [("chat template token", text, i) for text, i in special.template_tokens]
     named += [("generation_config.json eos_token_id", None, i) for i in special.generation_eos]
-    beyond = [
-        f"{what} {text + ' ' if text else ''}= {i}" for what, text, i in named if i is not None and i >= vocab_size
-    ]
+    beyond, seen = [], set()
+    for what, text, i in named:
+        if i is not None and i >= vocab_size and i not in seen:
+            seen.add(i)
+            beyond.append(f"{what} {text + ' ' if text else ''}= {i}")
     if beyond:
         raise HFConfigError(
             f"The tokenizer {tokenizer} does not fit this model: {', '.join(beyond)}, but the checkpoint's vocabulary "
@@ -476,16 +587,44 @@ def _check_special_tokens_fit(special: _SpecialTokens, vocab_size: int, tokenize
 
 
 def _copy_tokenizer(files: list[Path], output: Path, special: _SpecialTokens) -> None:
-    """Copy the tokenizer into ``output`` (a bare tokenizer.json gets the tokenizer_config.json transformers needs)."""
+    """Copy the tokenizer into ``output``: a bare tokenizer.json gets the tokenizer_config.json transformers needs,
+    and a tokenizer without a chat template of its own gets Llama 3's (see :func:`_special_tokens`)."""
     for file in files:
+        if file.name == "generation_config.json":
+            continue  # merged by _write_generation_config
+        if file.name == "chat_template.jinja" and special.chat_template == TEMPLATE_GIVEN:
+            continue  # transformers would take it before the given one in tokenizer_config.json
         target = "tokenizer.json" if file.suffix == ".json" and len(files) == 1 else file.name
         shutil.copyfile(file, output / target)
-    if files and not special.has_config and (output / "tokenizer.json").exists():
-        # A bare tokenizer.json: tell transformers which class reads it (Llama 3's is a plain fast tokenizer).
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
+    if not files or not (output / "tokenizer.json").exists():
+        return
+    config_path = output / "tokenizer_config.json"
+    if special.has_config:
+        config = _read_json(config_path)
+    else:
+        # A bare tokenizer.json: tell transformers which class reads it (Llama 3's is a plain fast tokenizer), and
+        # that decoding keeps the text as it was: the clean-up would drop the space before punctuation (" ,").
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update({"bos_token": special.bos_text if special.bos is not None else None})
         config.update({"eos_token": special.eos_text if special.eos is not None else None})
-        (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if special.template_to_write:
+        config["chat_template"] = special.template_to_write
+    if not special.has_config or special.template_to_write:
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_generation_config(files: list[Path], output: Path, special: _SpecialTokens) -> None:
+    """``generation_config.json``: the tokenizer directory's own (copied as is where it already stops at
+    :attr:`_SpecialTokens.stop_ids`, else with those ids and its other settings kept) or BOS and EOS, stopping at
+    ``stop_ids`` (one id is written as a number, several as a list, as transformers writes them)."""
+    source = next((f for f in files if f.name == "generation_config.json"), None)
+    stops = special.stop_ids
+    if source is not None and stops == special.generation_eos:
+        shutil.copyfile(source, output / "generation_config.json")
+        return
+    config = _read_json(source) if source is not None else {"bos_token_id": special.bos}
+    config["eos_token_id"] = list(stops) if len(stops) > 1 else (stops[0] if stops else None)
+    (output / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _check_free_space(directory: Path, needed_bytes: int) -> None:
