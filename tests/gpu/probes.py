@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,3 +72,20 @@ def one_rank_process_group(port: int) -> Any:
         os.environ.setdefault("MASTER_PORT", str(port))
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     return torch.distributed.group.WORLD
+
+
+@contextmanager
+def megatron_on_one_gpu(port: int) -> Iterator[None]:
+    """Megatron's parallel state (TP1, CP1) and RNG tracker on this GPU, for models built without a Trainer; the
+    parallel state is destroyed afterwards (the process group stays, for the next test)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    one_rank_process_group(port=port)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel(1)
+    model_parallel_cuda_manual_seed(1234)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()

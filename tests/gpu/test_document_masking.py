@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.gpu.probes import one_rank_process_group
+from tests.gpu.probes import megatron_on_one_gpu
 
 # The FP32 reference needs FP32 GEMMs: cuBLAS honours this for every handle created after it is set (see
 # test_hf_parity.py); BF16 and FP8 GEMMs are not affected.
@@ -62,15 +62,8 @@ def _restore_attention_env() -> Any:
 @pytest.fixture(scope="module")
 def megatron_one_gpu() -> Any:
     """Megatron's parallel state on this one GPU (TP1, CP1) and its RNG tracker; writes the record at the end."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    one_rank_process_group(port=29571)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
+    with megatron_on_one_gpu(port=29571):
+        yield
     RESULTS["card"] = torch.cuda.get_device_name()
     print("[document_masking]", json.dumps(RESULTS)[:3000])
     out = os.environ.get("GPU_RESULTS_DIR")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.gpu.probes import one_rank_process_group
+from tests.gpu.probes import megatron_on_one_gpu
 
 # FP32 parity needs FP32 GEMMs: Transformer Engine's cuBLASLt GEMMs may run FP32 inputs on TF32 tensor cores, which
 # torch's allow_tf32 flags do not reach. cuBLAS honours this variable for every handle created after it is set, and
@@ -94,15 +94,8 @@ def _make_hf(directory: Path, case: str, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def megatron_one_gpu() -> Any:
     """Megatron's parallel state on this one GPU (TP1, CP1), and its RNG tracker."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    one_rank_process_group(port=29533)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
+    with megatron_on_one_gpu(port=29533):
+        yield
     _write_results()
 
 

@@ -22,7 +22,7 @@ import numpy
 import pytest
 import torch
 
-from tests.gpu.probes import StepProbe, one_gpu_trainer, one_rank_process_group
+from tests.gpu.probes import StepProbe, megatron_on_one_gpu, one_gpu_trainer
 from tests.helpers.corpora import chat_corpus
 
 SEQ, VOCAB, GBS, MBS = 512, 1024, 8, 2
@@ -49,15 +49,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
 def megatron_one_gpu() -> Iterator[None]:
     """Megatron's parallel state on this GPU for a model built without a Trainer; gone afterwards, so that the
     Trainer of the training test starts its own."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    one_rank_process_group(port=29573)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    parallel_state.destroy_model_parallel()
+    with megatron_on_one_gpu(port=29573):
+        yield
     torch.distributed.destroy_process_group()
 
 

@@ -13,8 +13,9 @@ before anything is saved (seen on CPU in the run of tests/callbacks/test_preempt
 :class:`PreemptionCheckpoint` replaces those handlers while ``fit`` trains with ones that only note the signal; the
 decision is taken between steps:
 
-1. After each training step (and before the next), the ranks agree whether any of them got a signal (one small
-   all-reduce over every rank: ``reduce_boolean_decision``), so all of them stop after the same step.
+1. After each training step (and before the first step after a save, so that a saved step is not trained past),
+   the ranks agree whether any of them got a signal (one small all-reduce over every rank:
+   ``reduce_boolean_decision``), so all of them stop after the same step.
 2. If that step is not saved yet, every rank saves it (``trainer.save_checkpoint``, as ModelCheckpoint would name it
    in its ``dirpath``; a background save is waited for): ``last.ckpt`` (``save_last``) then names it too. A step that
    ModelCheckpoint just saved is not saved twice.
@@ -142,7 +143,6 @@ class PreemptionCheckpoint(Callback):
         self._previous_handlers: dict[signal.Signals, Any] = {}
         self._saved_step: int | None = None  # the newest step whose full state is on disk (or needs none)
         self._step_at_batch_start = -1
-        self._stop_after_step = False
 
     # ------------------------------------------------------------------ signals
     def _note_signal(self, signum: int, frame: Any) -> None:
@@ -183,7 +183,6 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._received = None
-        self._stop_after_step = False
         # A fresh run's step 0 needs no checkpoint; a resumed run's step is the checkpoint it resumed from.
         self._saved_step = trainer.global_step
         self._install_handlers(trainer)
@@ -196,17 +195,18 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
-        if not self.signals or self._stop_after_step or not self._agreed_to_stop(trainer):
+        # One collective per step is enough: a signal seen now would stop the run at this step's end, which the
+        # check in on_train_batch_end decides as well. Only right after a save (a periodic one, or the run's start)
+        # can the run stop here without training another step; every rank agrees on that condition.
+        if not self.signals or self._saved_step != trainer.global_step:
             return
-        if self._saved_step == trainer.global_step:  # a periodic save ran after the last check: nothing to add
+        if self._agreed_to_stop(trainer):
             self._stop(trainer, save=False)
-            return
-        self._stop_after_step = True  # the decision is every rank's already: save at the end of this step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.signals or trainer.global_step == self._step_at_batch_start:
             return  # not a step boundary (gradient accumulation): the state in between cannot be saved
-        if self._stop_after_step or self._agreed_to_stop(trainer):
+        if self._agreed_to_stop(trainer):
             self._stop(trainer, save=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -248,7 +248,6 @@ class PreemptionCheckpoint(Callback):
         max_steps = trainer.max_steps
         if max_steps is not None and 0 < max_steps <= step:
             rank_zero_info(f"PreemptionCheckpoint: {summary}; that was the last step, so fit ends normally.")
-            self._stop_after_step = False
             self._received = None
             return
         if requeue:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -352,6 +352,9 @@ class GPTDataModule(LightningDataModule):
     checkpoints.
     """
 
+    #: Whether a run may turn document masking off (refusals then offer it as a way out).
+    document_masking_optional: ClassVar[bool] = True
+
     def __init__(
         self,
         seq_length: int = 8192,
@@ -545,6 +548,7 @@ class GPTDataModule(LightningDataModule):
             attention_backend=getattr(arch, "attention_backend", "auto"),
             # FP8 attention only where FP8 runs (a BF16 fallback has none).
             fp8_attention=bool(getattr(plugin, "fp8_attention", False) and getattr(plugin, "fp8_active", True)),
+            masking_optional=self.document_masking_optional,
         )
 
     # ------------------------------------------------------------------ the same samples after a resume

@@ -368,8 +368,20 @@ def check_input(path: Path, fmt: InputFormat, key: str) -> None:
     """
     if fmt == "parquet" and not _is_gzip(path):
         _check_parquet_column(_parquet_file(path), path, key)
+    first = _first_json_record(path, fmt)
+    if first is not None and key not in first[1]:
+        number, record = first
+        raise CorpusInputError(
+            f"{path}:{number}: no key {key!r} (choose the text field with --json-key; this record has "
+            f"{_field_names(record)})."
+        )
+
+
+def _first_json_record(path: Path, fmt: InputFormat) -> tuple[int, dict[str, Any]] | None:
+    """The line number and record of the first non-blank JSON Lines line, if it is a JSON object (``None``: not
+    JSON Lines, no such line, or not an object: left to the reading, which stops on it or skips it)."""
     if fmt != "jsonl":
-        return
+        return None
     cursor = _Cursor(path, "line")
     try:
         with _open_lines(path, ReadProgress(), cursor) as lines:
@@ -379,16 +391,15 @@ def check_input(path: Path, fmt: InputFormat, key: str) -> None:
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
-                    return
-                if isinstance(record, dict) and key not in record:
-                    fields = ", ".join(map(repr, list(record)[:10]))
-                    raise CorpusInputError(
-                        f"{path}:{number}: no key {key!r} (choose the text field with --json-key; this record has "
-                        f"{fields or 'no fields'})."
-                    )
-                return
+                    return None
+                return (number, record) if isinstance(record, dict) else None
     except _read_errors(fmt) as err:
         raise _unreadable(cursor, err) from err
+    return None
+
+
+def _field_names(record: dict[str, Any]) -> str:
+    return ", ".join(map(repr, list(record)[:10])) or "no fields"
 
 
 def read_documents(
@@ -521,27 +532,13 @@ def check_chat_input(path: Path, fmt: InputFormat) -> None:
                 f"{path} has no column {MESSAGES_KEY!r} and no columns {PROMPT_KEY!r} and {RESPONSE_KEY!r} (columns: "
                 f"{', '.join(sorted(names))}); {_SHAPES_HINT}."
             )
-    if fmt != "jsonl":
-        return
-    cursor = _Cursor(path, "line")
-    try:
-        with _open_lines(path, ReadProgress(), cursor) as lines:
-            for number, line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    return
-                if isinstance(record, dict) and not ({MESSAGES_KEY, PROMPT_KEY, RESPONSE_KEY} & set(record)):
-                    fields = ", ".join(map(repr, list(record)[:10]))
-                    raise CorpusInputError(
-                        f"{path}:{number}: no {MESSAGES_KEY!r} and no {PROMPT_KEY!r}/{RESPONSE_KEY!r} (this record "
-                        f"has {fields or 'no fields'}); {_SHAPES_HINT}."
-                    )
-                return
-    except _read_errors(fmt) as err:
-        raise _unreadable(cursor, err) from err
+    first = _first_json_record(path, fmt)
+    if first is not None and not ({MESSAGES_KEY, PROMPT_KEY, RESPONSE_KEY} & set(first[1])):
+        number, record = first
+        raise CorpusInputError(
+            f"{path}:{number}: no {MESSAGES_KEY!r} and no {PROMPT_KEY!r}/{RESPONSE_KEY!r} (this record "
+            f"has {_field_names(record)}); {_SHAPES_HINT}."
+        )
 
 
 def read_conversations(

@@ -122,8 +122,10 @@ def document_masking_problems(
     transformer_impl: str = "transformer_engine",
     attention_backend: str = "auto",
     fp8_attention: bool = False,
+    masking_optional: bool = True,
 ) -> list[str]:
-    """Why document masking cannot run with these settings (empty: it can), each naming the setting to change.
+    """Why document masking cannot run with these settings (empty: it can), each naming the setting to change
+    (and, where ``masking_optional``, that turning document masking off is the other way out).
 
     - Context parallelism: Transformer Engine splits a packed sequence over the CP ranks document by document (each
       document cut into 2 x CP equal chunks) and so needs every document padded to a multiple of 2 x CP tokens;
@@ -137,32 +139,31 @@ def document_masking_problems(
       inference only. FP8 GEMMs with BF16 attention run packed sequences on every recipe.
     """
     problems = []
+    off = ", or data.document_masking: false" if masking_optional else ""
     if context_parallel_size > 1:
         problems.append(
             f"data.document_masking with context_parallel_size {context_parallel_size}: Transformer Engine splits "
             f"packed sequences over the CP ranks document by document and needs every document padded to a multiple "
             f"of 2 x CP = {2 * context_parallel_size} tokens, which megatron-core's dataset does not do (splitting "
             "the whole sample instead would hand each rank chunks its per-document attention does not expect). "
-            "Set the strategy's context_parallel_size: 1 (tensor, pipeline or data parallelism for the GPUs), or "
-            "data.document_masking: false"
+            "Set the strategy's context_parallel_size: 1 (tensor, pipeline or data parallelism for the GPUs)" + off
         )
     if transformer_impl != "transformer_engine":
         problems.append(
             f"data.document_masking with model.arch.transformer_impl {transformer_impl!r}: Megatron-Core's own "
-            "attention takes no packed sequences. Set transformer_impl: transformer_engine, or "
-            "data.document_masking: false"
+            "attention takes no packed sequences. Set transformer_impl: transformer_engine" + off
         )
     elif attention_backend == "local":
         problems.append(
             "data.document_masking with model.arch.attention_backend 'local': Megatron-Core's own attention takes no "
-            "packed sequences. Set attention_backend: auto, fused or flash, or data.document_masking: false"
+            "packed sequences. Set attention_backend: auto, fused or flash" + off
         )
     if fp8_attention:
         problems.append(
             "data.document_masking with FP8 attention (TEFP8Precision fp8_attention: true): cuDNN's FP8 attention "
             "takes only padded [batch, seq] layouts, not packed sequences, and Transformer Engine has no other FP8 "
             "attention kernel for training, so none could run it. Set fp8_attention: false (FP8 GEMMs with BF16 "
-            "attention run packed sequences with every recipe), or data.document_masking: false"
+            "attention run packed sequences with every recipe)" + off
         )
     return problems
 

@@ -428,17 +428,7 @@ def preprocess(
     input_bytes = sum(path.stat().st_size for path in files)
 
     def summarize(written: _Written) -> tuple[PreprocessSummary, dict[str, Any]]:
-        summary = PreprocessSummary(
-            str(prefix),
-            written.documents,
-            written.tokens,
-            written.max_token_id,
-            numpy.dtype(dtype).name,
-            time.perf_counter() - start,
-            input_bytes,
-            written.skipped_lines,
-            spec.identity(),
-        )
+        summary = PreprocessSummary(**_written_fields(prefix, written, dtype, start, input_bytes, spec))
         sidecar = _sidecar(summary, files, append_eod, add_special_tokens, encode.tokenizer)
         sidecar.update(kind=TEXT_KIND, json_key=json_key, text_split=text_split)
         return summary, sidecar
@@ -539,15 +529,7 @@ def preprocess_chat(
     def summarize(written: _Written) -> tuple[PreprocessSummary, dict[str, Any]]:
         counts = dict(zip(_CHAT_COUNTS, map(int, written.counts), strict=True))
         summary = ChatPreprocessSummary(
-            str(prefix),
-            written.documents,
-            written.tokens,
-            written.max_token_id,
-            numpy.dtype(dtype).name,
-            time.perf_counter() - start,
-            input_bytes,
-            written.skipped_lines,
-            spec.identity(),
+            **_written_fields(prefix, written, dtype, start, input_bytes, spec),
             max_seq_length=max_seq_length,
             too_long_policy=too_long,
             chat_template=template.identity(),
@@ -697,6 +679,23 @@ def _write_corpus(
         bar.close()
         lock.release()
     return summary
+
+
+def _written_fields(
+    prefix: Path, written: _Written, dtype: Any, start: float, input_bytes: int, spec: TokenizerSpec
+) -> dict[str, Any]:
+    """The :class:`PreprocessSummary` fields every kind of corpus has, from what was written."""
+    return {
+        "prefix": str(prefix),
+        "documents": written.documents,
+        "tokens": written.tokens,
+        "max_token_id": written.max_token_id,
+        "dtype": numpy.dtype(dtype).name,
+        "seconds": time.perf_counter() - start,
+        "input_bytes": input_bytes,
+        "skipped_lines": written.skipped_lines,
+        "tokenizer": spec.identity(),
+    }
 
 
 def _sidecar(

@@ -382,6 +382,8 @@ class SFTDataModule(GPTDataModule):
     packing and :attr:`fill_ratio` is the training split's (also in the log).
     """
 
+    document_masking_optional = False  # packing without it would let conversations see each other
+
     def __init__(
         self,
         data_path: list[str] | str,
@@ -524,13 +526,14 @@ class SFTDataModule(GPTDataModule):
             )
 
     def _check_document_masking(self) -> None:
-        """:meth:`GPTDataModule._check_document_masking`, whose advice to turn document masking off is no option."""
+        """:meth:`GPTDataModule._check_document_masking`, said as what packed fine-tuning cannot run with (its
+        refusals offer no turning masking off: ``document_masking_optional``)."""
         try:
             super()._check_document_masking()
         except ValueError as err:
             raise ValueError(
                 "SFTDataModule packs conversations, each attending only to itself (document masking), which cannot run "
-                "with these settings: " + str(err).replace(", or data.document_masking: false", "")
+                "with these settings: " + str(err)
             ) from None
 
     def _resolve_val_samples(self) -> int:
