@@ -308,6 +308,21 @@ STAGES: tuple[Stage, ...] = (
         notes="H200 only, ~70 GiB of host RAM; 6 steps, then 4 without offload (expected not to fit); 3.6 min measured",
     ),
     Stage(
+        name="one-gpu-8b",
+        gpus=1,
+        purpose="issue 28: the full 8B on one GPU: precision-aware optimizer (bf16 moments) vs today's offload config",
+        limit_s=CALL_LIMIT_S,
+        steps=(functions.one_gpu_8b,),
+        outputs=("one_gpu_8b.json", "one_gpu_8b/"),
+        knobs={
+            "ONE_GPU_8B_ROWS": "bf16_moments offload_0.5",
+            "ONE_GPU_8B_STEPS": "24",
+            "ONE_GPU_8B_ROW_S": "bf16_moments=200 bf16_moments_current=200 bf16_moments_block4=220 offload_0.5=300",
+        },
+        notes="H200 (needs_h200: about 125 GiB); rows from benchmarks.lib.stage_functions.ONE_GPU_8B_ROWS, each run "
+        "while the stage has its estimated time left",
+    ),
+    Stage(
         name="offload-check",
         gpus=1,
         purpose="issue 14: FP8, 8 layers, optimizer offload 0.5 against two runs without (losses, s/step, peak)",

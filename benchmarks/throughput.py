@@ -56,6 +56,7 @@ from lightning_llama_fp8 import (
     MegatronPrecision,
     MockDataModule,
     OptimizerOffloadSettings,
+    OptimizerPrecisionSettings,
     OptimizerSettings,
     ParallelLayout,
     RecomputeSettings,
@@ -269,6 +270,12 @@ def main() -> None:
     parser.add_argument("--optimizer-offload-fraction", type=float, default=0.0, help="0: optimizer on the GPU")
     parser.add_argument("--no-fp8-param-gather", action="store_true", help="keep BF16 weights in FP8 runs")
     parser.add_argument(
+        "--optimizer-precision",
+        choices=("off", "bf16", "fp32"),
+        default="off",
+        help="MegatronCPStrategy(optimizer_precision=...) with Adam moments in this dtype (off: Megatron's default)",
+    )
+    parser.add_argument(
         "--grad-accum-fusion",
         choices=("default", "on", "off"),
         default="default",
@@ -316,6 +323,11 @@ def main() -> None:
     )
     offload = OptimizerOffloadSettings(args.optimizer_offload_fraction) if args.optimizer_offload_fraction else None
     fp8_param_gather = args.precision == "fp8" and not args.no_fp8_param_gather
+    optimizer_precision = (
+        None
+        if args.optimizer_precision == "off"
+        else OptimizerPrecisionSettings(args.optimizer_precision, args.optimizer_precision)
+    )
 
     seed_everything(1234)
     if args.init_weights is not None:  # the same initial weights in every layout, pipeline splits included
@@ -360,6 +372,7 @@ def main() -> None:
             use_cpu_initialization=args.cpu_init,
             activation_recompute=recompute,
             optimizer_offload=offload,
+            optimizer_precision=optimizer_precision,
             async_save=args.save_mode == "async",
             gradient_accumulation_fusion={"default": None, "on": True, "off": False}[args.grad_accum_fusion],
         ),
@@ -418,6 +431,7 @@ def main() -> None:
         fp8_param_gather=fp8_param_gather,
         recompute=recompute,
         optimizer_offload=offload,
+        optimizer_precision=optimizer_precision,
         fp8_recipe=args.recipe,
         document_masking=args.document_masking,
         fp8_attention=args.fp8_attention,
@@ -426,6 +440,7 @@ def main() -> None:
         "recompute": None if recompute is None else recompute.transformer_config_kwargs(args.layers),
         "optimizer_offload_fraction": args.optimizer_offload_fraction,
         "fp8_param_gather": fp8_param_gather,
+        "optimizer_precision": args.optimizer_precision,
         "plan_gib": plan.memory.total / 2**30,
         "plan_host_gib": plan.memory.host / 2**30,
     }

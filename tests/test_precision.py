@@ -892,11 +892,14 @@ def test_fp8_cannot_be_switched_off_with_fp8_weights() -> None:
 @pytest.mark.parametrize(
     ("recipe", "megatron_name"), [("delayed", "delayed"), ("current", "tensorwise"), ("blockwise", "blockwise")]
 )
-def test_optimizer_config_gets_the_recipe(fake_fp8: list[str], recipe: str, megatron_name: str) -> None:
-    """As Megatron-LM passes --fp8-recipe to its OptimizerConfig (the distributed optimizer handles FP8 per recipe)."""
+def test_optimizer_config_gets_the_recipe_of_fp8_weights(fake_fp8: list[str], recipe: str, megatron_name: str) -> None:
+    """The distributed optimizer handles FP8 weights per recipe (as Megatron-LM passes --fp8-recipe); with bf16
+    weights it gets none, so its precision-aware path keeps the main weights in FusedAdam for every recipe."""
     from megatron.core.optimizer import OptimizerConfig
 
-    kwargs = TEFP8Precision(recipe=recipe).optimizer_config_kwargs()
+    kwargs = TEFP8Precision(recipe=recipe, fp8_param_gather=True).optimizer_config_kwargs()
     assert kwargs == {"fp8_recipe": megatron_name}
     assert OptimizerConfig(bf16=True, **kwargs).fp8_recipe == megatron_name
     assert MegatronPrecision().optimizer_config_kwargs() == {}
+    # bf16 weights: no recipe (tests/parallel/test_optimizer_precision.py shows what Megatron then does with it)
+    assert TEFP8Precision(recipe=recipe).optimizer_config_kwargs() == {}

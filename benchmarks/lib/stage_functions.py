@@ -110,6 +110,77 @@ def summarize_full_8b(out: Path) -> None:
     _write_summary(out / "full_8b_one_gpu.json", summary)
 
 
+# ---------------------------------------------------------------------------------------------- one-gpu-8b
+#: Issue 28's settings of the full 8B on one GPU, by row name: what differs from the defaults (32 layers, seq 8192,
+#: MBS 1, GBS 8, FP8 delayed, FP8 weights, Megatron's default optimizer, no recompute).
+ONE_GPU_8B_ROWS: dict[str, str] = {
+    "bf16_moments": "--no-fp8-param-gather --optimizer-precision bf16",
+    "bf16_moments_current": "--no-fp8-param-gather --optimizer-precision bf16 --recipe current",
+    "bf16_moments_block4": "--no-fp8-param-gather --optimizer-precision bf16 --recompute full --recompute-method block "
+    "--recompute-num-layers 4",
+    "offload_0.5": "--recompute full --recompute-method uniform --recompute-num-layers 1 "
+    "--optimizer-offload-fraction 0.5",
+}
+
+
+def one_gpu_8b(session: StageSession) -> None:
+    """The full 8B on one GPU in each setting of ONE_GPU_8B_ROWS, ONE_GPU_8B_STEPS steps each, while the stage has
+    time for the next (its estimated seconds, ONE_GPU_8B_ROW_S); then ``one_gpu_8b.json``."""
+    session.export("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    runs = session.out / "one_gpu_8b"
+    session.mkdir(runs)
+    steps = int(session.knob("ONE_GPU_8B_STEPS"))
+    estimates = dict(item.split("=") for item in session.knob("ONE_GPU_8B_ROW_S").split())
+    for name in session.knob("ONE_GPU_8B_ROWS").split():
+        needed = int(estimates.get(name, "240"))
+        if session.elapsed_s() + needed > session.stage.limit_s - 10:
+            session.say(f"{name}: skipped, {needed} s estimated and {session.elapsed_s():.0f} s of the stage spent")
+            continue
+        log = runs / f"{name}.log"
+        code = session.run(
+            session.words(
+                "python3 -m benchmarks.throughput --layers 32 --gbs 8 --steps {steps} --warmup 4 --allow-oom "
+                "--out {runs}/{name}.json {*flags}",
+                steps=str(steps),
+                runs=runs,
+                name=name,
+                flags=ONE_GPU_8B_ROWS[name],
+            ),
+            log=log,
+            check=False,
+        )
+        last = _tail_bytes(log, 600).splitlines()
+        session.say(f"{name}: exit {code}, {last[-1] if last else ''}")
+    session.call(summarize_one_gpu_8b, session.out)
+
+
+def summarize_one_gpu_8b(out: Path) -> None:
+    """``one_gpu_8b.json``: the card and one row per setting run (settings, tokens/s, peak and planned memory)."""
+    rows = []
+    card = None
+    for path in sorted((out / "one_gpu_8b").glob("*.json")):
+        run = json.loads(path.read_text())
+        card = card or run.get("device")
+        rows.append(
+            {
+                "name": path.stem,
+                "settings": ONE_GPU_8B_ROWS.get(path.stem, ""),
+                "fits": run.get("fits"),
+                "tokens_per_s": run.get("tokens_per_sec_per_gpu"),
+                "median_step_time_s": run.get("median_step_time_s"),
+                "timed_steps": run.get("timed_steps"),
+                "peak_gib": run.get("peak_memory_gib"),
+                "peak_reserved_gib": run.get("peak_reserved_gib"),
+                "plan_gib": run.get("plan_gib"),
+                "plan_host_gib": run.get("plan_host_gib"),
+                "mfu_tflops_per_gpu": run.get("tflops_per_gpu"),
+                "losses": run.get("losses"),
+                "error": run.get("error"),
+            }
+        )
+    _write_summary(out / "one_gpu_8b.json", {"card": card, "rows": rows})
+
+
 # ---------------------------------------------------------------------------------------------- telemetry
 def telemetry(session: StageSession) -> None:
     """ThroughputMonitor's CSV log and Megatron-LM's log of the same run; the 1B config as a user runs it; a script

@@ -6,7 +6,7 @@ Public API::
         LlamaLightningModule, LlamaConfig, OptimizerSettings, get_preset, PRESETS, MegatronCPStrategy,
         TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, SFTDataModule,
         GPTDataModule, ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo,
-        read_checkpoint_info, RecomputeSettings, OptimizerOffloadSettings,
+        read_checkpoint_info, RecomputeSettings, OptimizerOffloadSettings, OptimizerPrecisionSettings,
     )
     from lightning_llama_fp8.callbacks import NaNGuard, NonFiniteTrainingError, FP8StatsMonitor, FaultInjector, ManualGC
     from lightning_llama_fp8.callbacks import ThroughputMonitor, StepProgressBar
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
     from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
     from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+    from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
     from lightning_llama_fp8.precision import FP8UnavailableError, MegatronPrecision, TEFP8Precision
     from lightning_llama_fp8.strategy import MegatronCPStrategy
 
@@ -49,6 +50,7 @@ __all__ = [
     "MegatronPrecision",
     "MockDataModule",
     "OptimizerOffloadSettings",
+    "OptimizerPrecisionSettings",
     "OptimizerSettings",
     "ParallelLayout",
     "RecomputeSettings",
@@ -74,6 +76,7 @@ __getattr__, __dir__ = lazy_exports(
         "MegatronPrecision": "lightning_llama_fp8.precision",
         "MockDataModule": "lightning_llama_fp8.data.mock",
         "OptimizerOffloadSettings": "lightning_llama_fp8.parallel.memory",
+        "OptimizerPrecisionSettings": "lightning_llama_fp8.parallel.optimizer_precision",
         "OptimizerSettings": "lightning_llama_fp8.model",
         "PRESETS": "lightning_llama_fp8.config",
         "ParallelLayout": "lightning_llama_fp8.parallel.layout",

@@ -358,9 +358,10 @@ class TEFP8Precision(MegatronPrecision):
         return {"fp8_param_gather": self.fp8_active and self.fp8_param_gather}
 
     def optimizer_config_kwargs(self) -> dict[str, Any]:
-        # Megatron-LM passes its --fp8-recipe to the optimizer too: the distributed optimizer handles FP8 weights
-        # per recipe (MXFP8 weights, for instance, are gathered differently).
-        return {"fp8_recipe": MEGATRON_RECIPE[self.recipe]} if self.fp8_active else {}
+        # The distributed optimizer reads the recipe for FP8 weights only (MXFP8 weights, for instance, are gathered
+        # differently). With bf16 weights it must not see one: its precision-aware path would otherwise keep fp32
+        # main weights and an fp32 gradient copy itself for every recipe but delayed scaling.
+        return {"fp8_recipe": MEGATRON_RECIPE[self.recipe]} if self.fp8_active and self.fp8_param_gather else {}
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Note whether the model is Megatron's (it autocasts itself) and check it was built for FP8."""

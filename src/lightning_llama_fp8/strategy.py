@@ -48,6 +48,7 @@ from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
 from lightning_llama_fp8.parallel import ddp, determinism
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
 from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
 from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
@@ -118,6 +119,10 @@ class MegatronCPStrategy(ParallelStrategy):
         optimizer_offload: keep (part of) the distributed optimizer's state in CPU memory and step it there
             (:class:`~.parallel.memory.OptimizerOffloadSettings`; Megatron's ``optimizer_cpu_offload``).
             ``None``: all on the GPU.
+        optimizer_precision: Megatron's precision-aware optimizer: bf16 Adam moments, fp32 main weights kept as
+            16-bit remainders of bf16 weights, no fp32 gradient copy at the step
+            (:class:`~.parallel.optimizer_precision.OptimizerPrecisionSettings`). ``None``: Megatron's default
+            (fp32 main weights and moments, 16 bytes per parameter at the step instead of 6).
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
     """
@@ -149,6 +154,7 @@ class MegatronCPStrategy(ParallelStrategy):
         async_save: bool = False,
         activation_recompute: RecomputeSettings | None = None,
         optimizer_offload: OptimizerOffloadSettings | None = None,
+        optimizer_precision: OptimizerPrecisionSettings | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         **kwargs: Any,
@@ -212,6 +218,14 @@ class MegatronCPStrategy(ParallelStrategy):
         self.optimizer_offload = optimizer_offload
         if optimizer_offload is not None:
             optimizer_offload.check(use_distributed_optimizer, fp8_recipe=None, fp8_param_gather=False)
+        self.optimizer_precision = optimizer_precision
+        if optimizer_precision is not None:
+            optimizer_precision.check(
+                use_distributed_optimizer,
+                fp8_recipe=None,
+                fp8_param_gather=False,
+                optimizer_offloaded=optimizer_offload is not None,
+            )
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
@@ -405,6 +419,13 @@ class MegatronCPStrategy(ParallelStrategy):
         if self.optimizer_offload is not None:
             fp8_param_gather = bool(plugin.ddp_config_kwargs().get("fp8_param_gather"))
             self.optimizer_offload.check(self.use_distributed_optimizer, fp8_recipe, fp8_param_gather)
+        if self.optimizer_precision is not None:
+            self.optimizer_precision.check(
+                self.use_distributed_optimizer,
+                fp8_recipe,
+                bool(plugin.ddp_config_kwargs().get("fp8_param_gather")),
+                optimizer_offloaded=self.optimizer_offload is not None,
+            )
         if self.activation_recompute is not None and arch is not None:
             chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
@@ -436,13 +457,16 @@ class MegatronCPStrategy(ParallelStrategy):
         return kwargs
 
     def optimizer_config_kwargs(self) -> dict[str, Any]:
-        """The strategy's fields of Megatron's ``OptimizerConfig`` (distributed optimizer, CPU offload)."""
+        """The strategy's fields of Megatron's ``OptimizerConfig`` (distributed optimizer, CPU offload, optimizer-state
+        precision)."""
         kwargs: dict[str, Any] = {
             "use_distributed_optimizer": self.use_distributed_optimizer,
             "overlap_param_gather": self.overlap_param_gather,
         }
         if self.optimizer_offload is not None:
             kwargs.update(self.optimizer_offload.optimizer_config_kwargs())
+        if self.optimizer_precision is not None:
+            kwargs.update(self.optimizer_precision.optimizer_config_kwargs())
         return kwargs
 
     @property

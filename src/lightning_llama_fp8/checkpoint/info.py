@@ -93,6 +93,9 @@ class CheckpointInfo:
     data: dict[str, Any] = field(default_factory=dict)
     #: The module's optimizer settings (``LlamaLightningModule.optim``), to refuse changed learning rates early.
     optimizer_settings: dict[str, Any] = field(default_factory=dict)
+    #: The dtypes of the saved optimizer state (``OptimizerPrecisionSettings.checkpoint_record()``, or
+    #: ``DEFAULT_OPTIMIZER_PRECISION_RECORD`` for Megatron's default optimizer); empty in older checkpoints (default).
+    optimizer_state: dict[str, Any] = field(default_factory=dict)
     #: Every other file of the checkpoint: ``{name: {"size": bytes, "digest": hex}}`` (see :func:`file_digest`).
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -32,6 +32,7 @@ from lightning_llama_fp8.checkpoint.outputs import (
     output_locations,
     unwritable_reason,
 )
+from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
 
 __all__ = [
     "check_before_building",
@@ -150,7 +151,14 @@ def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
     return {
         "global_batch_size": batch if isinstance(batch, int) else None,
         "optimizer_settings": dataclasses.asdict(optim) if dataclasses.is_dataclass(optim) else None,
+        "optimizer_state": optimizer_state_record(getattr(getattr(module, "_trainer", None), "strategy", None)),
     }
+
+
+def optimizer_state_record(strategy: Any) -> dict[str, Any]:
+    """The dtypes of the optimizer state ``strategy`` (a ``MegatronCPStrategy``) keeps, as checkpoints record them."""
+    settings = getattr(strategy, "optimizer_precision", None)
+    return settings.checkpoint_record() if settings is not None else dict(DEFAULT_OPTIMIZER_PRECISION_RECORD)
 
 
 def resume_records(module: Any) -> dict[str, Any]:
@@ -158,8 +166,12 @@ def resume_records(module: Any) -> dict[str, Any]:
     ``CheckpointInfo`` fields ``data`` (``GPTDataModule.checkpoint_info()``) and ``optimizer_settings``."""
     trainer = getattr(module, "_trainer", None)
     data_info = getattr(getattr(trainer, "datamodule", None), "checkpoint_info", None)
-    optimizer_settings = resume_settings(module, None)["optimizer_settings"]
-    return {"data": dict(data_info()) if callable(data_info) else {}, "optimizer_settings": optimizer_settings or {}}
+    settings = resume_settings(module, None)
+    return {
+        "data": dict(data_info()) if callable(data_info) else {},
+        "optimizer_settings": settings["optimizer_settings"] or {},
+        "optimizer_state": settings["optimizer_state"],
+    }
 
 
 def _warn_if_short_of_space(directory: Path, arch: Any) -> None:

@@ -19,6 +19,7 @@ from lightning_llama_fp8.checkpoint.info import (
     CheckpointInfo,
     read_checkpoint_info,
 )
+from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
 
 if TYPE_CHECKING:
     from lightning_llama_fp8.config import LlamaConfig
@@ -152,6 +153,7 @@ def check_can_resume(
     pipeline: tuple[int, int | None, int | None, int | None] = (1, None, None, None),
     global_batch_size: int | None = None,
     optimizer_settings: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> None:
     """Refuse, before the model is built, a checkpoint whose weights or optimizer state cannot load here.
 
@@ -160,7 +162,9 @@ def check_can_resume(
     ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check. The global batch size
     and the learning rates that Megatron pairs optimizer groups by (``optimizer_settings``, an ``OptimizerSettings``
     as a dict) must be the checkpoint's; pass them when training resumes (``None``: not checked). Optimizer state
-    (``with_optimizer``) must be there and fit the layout, and not go into Megatron-Core's local layer spec.
+    (``with_optimizer``) must be there and fit the layout, and not go into Megatron-Core's local layer spec; its
+    dtypes (``optimizer_state``, this run's ``OptimizerPrecisionSettings`` record; ``None``: not checked) must be
+    this run's.
     """
     current = asdict(arch) if arch is not None else dict(info.arch)
     different = [
@@ -222,6 +226,36 @@ def check_can_resume(
             f"{_describe_layout(here)}. Resume with the checkpoint's layout, or save with "
             "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
         )
+    saved_state = info.optimizer_state or DEFAULT_OPTIMIZER_PRECISION_RECORD
+    if optimizer_state is not None and _state_key(saved_state) != _state_key(optimizer_state):
+        raise CheckpointError(
+            f"Checkpoint {info.path} holds optimizer state as {_describe_state(saved_state)}; this run keeps it as "
+            f"{_describe_state(optimizer_state)} (strategy.optimizer_precision). Megatron would load it into this "
+            "run's dtypes, a conversion never shown to train here. Resume with the checkpoint's optimizer_precision"
+            f" ({_setting_for(saved_state)}), or start a new run from its weights (llama-fp8 convert, then "
+            "model.init_weights)."
+        )
+
+
+def _state_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    keys = ("precision_aware", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders")
+    return tuple(record.get(key, DEFAULT_OPTIMIZER_PRECISION_RECORD[key]) for key in keys)
+
+
+def _describe_state(record: dict[str, Any]) -> str:
+    aware, exp_avg, exp_avg_sq, remainders = _state_key(record)
+    if not aware:
+        return "Megatron's default (fp32 main weights and moments)"
+    main = "main-weight remainders" if remainders else "fp32 main weights"
+    return f"precision-aware Adam (exp_avg {exp_avg}, exp_avg_sq {exp_avg_sq}, {main})"
+
+
+def _setting_for(record: dict[str, Any]) -> str:
+    aware, exp_avg, exp_avg_sq, remainders = _state_key(record)
+    if not aware:
+        return "null"
+    remainders_flag = str(remainders).lower()
+    return f"{{exp_avg_dtype: {exp_avg}, exp_avg_sq_dtype: {exp_avg_sq}, store_param_remainders: {remainders_flag}}}"
 
 
 def _describe_layout(layout: tuple[Any, ...]) -> str:

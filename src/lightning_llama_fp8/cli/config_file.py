@@ -15,6 +15,7 @@ from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
 from lightning_llama_fp8.plan import TrainingPlan, plan_training
 from lightning_llama_fp8.validate import SettingError, as_bool, as_int, as_optional_int
 
@@ -145,6 +146,7 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
         recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
+        optimizer_precision=_settings(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
         # SFTDataModule always masks documents (its samples pack conversations); it refuses document_masking: false.
         document_masking=class_name(config.get("data")) == "SFTDataModule"

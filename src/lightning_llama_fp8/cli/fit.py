@@ -37,6 +37,10 @@ from lightning_llama_fp8.fp8.recipes import check_bf16_layers
 from lightning_llama_fp8.fp8.support import fp8_support
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
+from lightning_llama_fp8.parallel.optimizer_precision import (
+    DEFAULT_OPTIMIZER_PRECISION_RECORD,
+    OptimizerPrecisionSettings,
+)
 from lightning_llama_fp8.plan import TrainingPlan, format_plan
 from lightning_llama_fp8.plan.machine import host_memory_problem
 
@@ -186,6 +190,15 @@ def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
             )
 
 
+def _optimizer_state(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer-state record (checkpoints' ``optimizer_state``) of the config's strategy."""
+    value = init_args((config.get("trainer") or {}).get("strategy")).get("optimizer_precision")
+    if value is None:
+        return dict(DEFAULT_OPTIMIZER_PRECISION_RECORD)
+    settings = value if isinstance(value, OptimizerPrecisionSettings) else OptimizerPrecisionSettings(**value)
+    return settings.checkpoint_record()
+
+
 def _optimizer_settings(config: dict[str, Any]) -> OptimizerSettings:
     model_args = init_args(config.get("model")) or dict(config.get("model") or {})
     optimizer = model_args.get("optimizer")
@@ -225,6 +238,7 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             pipeline=layout.pipeline_split,
             global_batch_size=int(data["global_batch_size"]) if fitting and data.get("global_batch_size") else None,
             optimizer_settings=asdict(_optimizer_settings(config)) if fitting else None,
+            optimizer_state=_optimizer_state(config) if fitting else None,
         )
         load_lightning_state(Path(path))  # small; a damaged or unloadable one is found now, not after the build
     except CheckpointError as err:

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, plan_from_config, precision_from, read_config_file
+from lightning_llama_fp8.cli.config_file import (
+    EXIT_CANNOT_TRAIN,
+    class_name,
+    plan_from_config,
+    precision_from,
+    read_config_file,
+)
 from lightning_llama_fp8.parallel.layout import LayoutError
 from lightning_llama_fp8.plan import format_plan
 from lightning_llama_fp8.validate import float_argument, int_argument
@@ -39,6 +45,17 @@ def plan_main(argv: list[str]) -> int:
         "--optimizer-offload-fraction",
         type=float_argument(at_least=0, at_most=1),
         help="share of the optimizer state on the CPU (0: off)",
+    )
+    parser.add_argument(
+        "--optimizer-precision",
+        choices=("off", "bf16", "fp32"),
+        help="Megatron's precision-aware optimizer with Adam moments in this dtype (off: Megatron's default optimizer)",
+    )
+    parser.add_argument(
+        "--fp8-param-gather",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="FP8 runs: keep the weights in FP8 (TEFP8Precision.fp8_param_gather)",
     )
     parser.add_argument(
         "--gpu-memory-gib", type=float_argument(above=0), help="say whether the plan fits GPUs of this size"
@@ -96,10 +113,22 @@ def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
         trainer["plugins"] = [{"class_path": "lightning_llama_fp8.MegatronPrecision"}]
     elif args.precision == "fp8" and precision_from(trainer)[0] != "fp8":
         trainer["plugins"] = [{"class_path": "lightning_llama_fp8.TEFP8Precision"}]
+    if args.fp8_param_gather is not None:
+        if precision_from(trainer)[0] != "fp8":
+            raise SystemExit("llama-fp8 plan: --fp8-param-gather applies to FP8 runs only (--precision fp8).")
+        plugins = trainer.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        for index, plugin in enumerate(plugins):
+            if class_name(plugin) == "TEFP8Precision":
+                if not isinstance(plugin, dict):  # a bare class path
+                    plugin = plugins[index] = {"class_path": "lightning_llama_fp8.TEFP8Precision"}
+                plugin.setdefault("init_args", {})["fp8_param_gather"] = args.fp8_param_gather
+        trainer["plugins"] = plugins
 
 
 def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namespace) -> None:
-    """``--recompute*`` and ``--optimizer-offload-fraction`` into the strategy's init_args."""
+    """``--recompute*``, ``--optimizer-offload-fraction`` and ``--optimizer-precision`` into the strategy's
+    init_args."""
     if args.recompute == "off":
         strategy_args["activation_recompute"] = None
     elif args.recompute is not None:
@@ -115,6 +144,13 @@ def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namesp
         if not isinstance(recompute, dict):
             raise SystemExit("llama-fp8 plan: --recompute-method/-num-layers/-modules need --recompute selective|full.")
         recompute.update(given)
+    if args.optimizer_precision == "off":
+        strategy_args["optimizer_precision"] = None
+    elif args.optimizer_precision is not None:
+        strategy_args["optimizer_precision"] = {
+            "exp_avg_dtype": args.optimizer_precision,
+            "exp_avg_sq_dtype": args.optimizer_precision,
+        }
     if args.optimizer_offload_fraction == 0:
         strategy_args["optimizer_offload"] = None
     elif args.optimizer_offload_fraction is not None:

@@ -24,14 +24,19 @@ What is exact and what is an estimate:
   is the larger of the two. With optimizer CPU offload (:class:`~..parallel.memory.OptimizerOffloadSettings`,
   Megatron's ``HybridDeviceOptimizer``) the offloaded share of the fp32 main weights, Adam moments and fp32
   gradients (16 bytes per parameter) lives in pinned host memory; the share left on the GPU keeps its fp32
-  gradients between steps.
+  gradients between steps. With the precision-aware optimizer
+  (:class:`~..parallel.optimizer_precision.OptimizerPrecisionSettings`) the main weights (2 bytes as remainders of
+  bf16 weights, else 4) and moments (2 or 4 bytes each) are as asked, and the step reads the gradient buffer itself.
+* With FP8 compute on bf16 weights (FP8 param gather off) Transformer Engine keeps an FP8 copy and an FP8 transpose
+  of every linear weight (2 bytes per linear parameter), cached over the micro batches of a step and kept between
+  steps: counted as ``fp8_weight_cache``.
 * **Not counted at all**: the CUDA context and loaded kernels (about 0.5-1 GiB), NCCL communication buffers,
   PyTorch caching-allocator fragmentation and reserved-but-unused memory, Transformer Engine workspaces
-  (cuBLAS workspaces, cached FP8 copies / transposes of BF16 weights when FP8 param gather is off, FP8
-  scaling metadata and amax histories), per-parameter temporaries of the offload copies, and the RoPE /
-  attention-mask buffers (with document masking their upper bound is counted: :func:`document_masking_bytes`).
-  Leave headroom on top of :attr:`MemoryBreakdown.total`: measured peaks on one H200 were
-  8.5-12.9% above it (:data:`MEASURED_UNCOUNTED_SHARE`; the fit verdict of :func:`format_plan` asks for that room).
+  (cuBLAS workspaces, FP8 scaling metadata and amax histories), per-parameter temporaries of the offload copies,
+  and the RoPE / attention-mask buffers (with document masking their upper bound is counted:
+  :func:`document_masking_bytes`). Leave headroom on top of :attr:`MemoryBreakdown.total`: measured peaks on one
+  H200 were 8.5-12.9% above it before the FP8 weight cache was counted (:data:`MEASURED_UNCOUNTED_SHARE`; the
+  fit verdict of :func:`format_plan` asks for that room).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from lightning_llama_fp8.data.packing import check_document_masking
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
+from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
 from lightning_llama_fp8.parallel.pipeline_layout import (
     bubble_fraction,
     largest_chunk_layers,
@@ -366,11 +372,14 @@ class MemoryBreakdown:
     #: With document masking: the RoPE tables Megatron caches besides the one it keeps anyway (see
     #: :func:`document_masking_bytes`), for the whole run.
     rope_cache: int = 0
+    #: FP8 compute on bf16 weights: Transformer Engine's cached FP8 copy and transpose of each linear weight.
+    fp8_weight_cache: int = 0
     total: int = field(init=False)
 
     def __post_init__(self) -> None:
         peak = max(self.activations, self.optimizer_step)
-        object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer + self.rope_cache + peak)
+        kept = self.weights + self.gradients + self.optimizer + self.rope_cache + self.fp8_weight_cache
+        object.__setattr__(self, "total", kept + peak)
 
 
 @dataclass(frozen=True)
@@ -421,6 +430,8 @@ class TrainingPlan:
     #: Each document attends only to itself (``GPTDataModule(document_masking=True)``); what it adds to memory is in
     #: ``memory.rope_cache`` and ``activations.packed_bytes``.
     document_masking: bool = False
+    #: Megatron's precision-aware optimizer (``None``: its default fp32 main weights and moments).
+    optimizer_precision: OptimizerPrecisionSettings | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -439,21 +450,33 @@ def _gradient_bytes(counts: ParameterCounts, grad_reduce_in_fp32: bool) -> int:
     return (FP32_BYTES if grad_reduce_in_fp32 else BF16_BYTES) * counts.total
 
 
+def _fp8_weight_cache_bytes(counts: ParameterCounts, precision: PrecisionName, fp8_param_gather: bool) -> int:
+    """FP8 compute on bf16 weights: TE's cached FP8 weight and its transpose (1 byte each per linear parameter)."""
+    if precision == "fp8" and not fp8_param_gather:
+        return 2 * FP8_BYTES * counts.linear
+    return 0
+
+
 def _optimizer_bytes(
     counts: ParameterCounts,
     shards: int,
     use_distributed_optimizer: bool,
     grad_reduce_in_fp32: bool,
     offload: OptimizerOffloadSettings | None,
+    optimizer_precision: OptimizerPrecisionSettings | None = None,
+    fp8_param_gather: bool = False,
 ) -> tuple[int, int, int]:
     """(GPU state, GPU transient at the step, host state) of Megatron's mixed-precision Adam.
 
     fp32 main params + Adam moments; the distributed optimizer shards them over DP x CP (``shards``). With bf16
     gradients the step first copies this rank's gradient shard to fp32 (``.float()``; a no-op for fp32 ones).
     Offloaded (``HybridDeviceOptimizer``): the offloaded share of main params, moments and fp32 gradients sits in
-    host memory; the GPU share keeps its fp32 gradients between steps instead of a transient copy.
+    host memory; the GPU share keeps its fp32 gradients between steps instead of a transient copy. Precision-aware
+    (``optimizer_precision``): main weights and moments at the bytes asked for, no gradient copy.
     """
     params = -(-counts.total // shards) if use_distributed_optimizer else counts.total
+    if optimizer_precision is not None:
+        return optimizer_precision.bytes_per_parameter(fp8_param_gather) * params, 0, 0
     if offload is not None:
         on_host = round(params * offload.fraction)
         return OFFLOADED_BYTES_PER_PARAM * (params - on_host), 0, OFFLOADED_BYTES_PER_PARAM * on_host
@@ -484,6 +507,7 @@ def plan_training(
     fp8_recipe: str = "delayed",
     document_masking: bool = False,
     fp8_attention: bool = False,
+    optimizer_precision: OptimizerPrecisionSettings | None = None,
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
@@ -502,6 +526,10 @@ def plan_training(
         recompute.check(largest_chunk_layers(layout, cfg.num_layers), cfg.transformer_impl, recipe)
     if optimizer_offload is not None:
         optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
+    if optimizer_precision is not None:
+        optimizer_precision.check(
+            use_distributed_optimizer, recipe, fp8_param_gather, optimizer_offloaded=optimizer_offload is not None
+        )
     if document_masking:
         check_document_masking(
             context_parallel_size=layout.context_parallel_size,
@@ -521,7 +549,13 @@ def plan_training(
         if packed_bytes:
             activations = dataclasses.replace(activations, packed_bytes=packed_bytes)
         optimizer, optimizer_step, host = _optimizer_bytes(
-            counts, dp * cp, use_distributed_optimizer, grad_reduce_in_fp32, optimizer_offload
+            counts,
+            dp * cp,
+            use_distributed_optimizer,
+            grad_reduce_in_fp32,
+            optimizer_offload,
+            optimizer_precision,
+            fp8_param_gather,
         )
         memory = MemoryBreakdown(
             weights=_weight_bytes(counts, precision, fp8_param_gather),
@@ -531,6 +565,7 @@ def plan_training(
             optimizer_step=optimizer_step,
             host=host,
             rope_cache=rope_cache,
+            fp8_weight_cache=_fp8_weight_cache_bytes(counts, precision, fp8_param_gather),
         )
         layers = tuple(chunk.layers for chunk in model_chunks(layout, cfg.num_layers, rank))
         return StagePlan(rank, layers, counts, memory, activations)
@@ -563,6 +598,7 @@ def plan_training(
         stages=stages,
         bubble_fraction=bubble_fraction(layout, num_microbatches),
         document_masking=document_masking,
+        optimizer_precision=optimizer_precision,
     )
 
 

@@ -47,8 +47,15 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ("Parameters", f"{plan.total_parameters:,} total, {plan.parameters_per_gpu:,} per GPU"),
         ("Recompute", plan.recompute.describe(a.num_layers) if plan.recompute else "off"),
         ("Optimizer offload", plan.optimizer_offload.describe() if plan.optimizer_offload else "off"),
+        ("Optimizer state", _optimizer_state(plan)),
         ("Document masking", _document_masking(plan)),
     ]
+
+
+def _optimizer_state(plan: TrainingPlan) -> str:
+    if plan.optimizer_precision is None:
+        return "Megatron's default: fp32 main weights and Adam moments, fp32 gradient copy at the step"
+    return plan.optimizer_precision.describe(plan.fp8_param_gather)
 
 
 def _document_masking(plan: TrainingPlan) -> str:
@@ -129,6 +136,11 @@ def _memory_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
         ("  weights", _gib(m.weights)),
         ("  gradients", _gib(m.gradients)),
         ("  optimizer" + (" (GPU share)" if plan.optimizer_offload else ""), _gib(m.optimizer)),
+        *(
+            [("  FP8 weight cache", _gib(m.fp8_weight_cache) + " (TE's FP8 copy + transpose of bf16 weights)")]
+            if m.fp8_weight_cache
+            else []
+        ),
         ("  activations (estimate)", _gib(m.activations) + _activation_detail(plan.activations)),
     ]
     if plan.document_masking:

@@ -1,0 +1,269 @@
+"""Megatron's precision-aware optimizer as ``MegatronCPStrategy(optimizer_precision=...)``: the settings, their
+refusals before anything is built, what reaches Megatron's ``OptimizerConfig``, the plan's bytes, ``llama-fp8 plan``
+and the checkpoint record that refuses a resume into other optimizer-state dtypes (CPU)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_llama_fp8 import (
+    MegatronCPStrategy,
+    MegatronPrecision,
+    OptimizerOffloadSettings,
+    OptimizerPrecisionSettings,
+    ParallelLayout,
+    TEFP8Precision,
+)
+from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo
+from lightning_llama_fp8.checkpoint.preflight import optimizer_state_record, resume_records
+from lightning_llama_fp8.checkpoint.resume import check_can_resume
+from lightning_llama_fp8.cli.plan import plan_main
+from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
+from lightning_llama_fp8.plan import plan_training
+from tests.helpers import fit_never_built
+
+PARAMS_8B = 8_030_261_248
+
+
+# ---------------------------------------------------------------------------------------------- the settings
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"exp_avg_dtype": "fp16"}, r"exp_avg_dtype must be one of fp32, bf16, got 'fp16'"),
+        ({"exp_avg_sq_dtype": "fp8"}, r"exp_avg_sq_dtype must be one of fp32, bf16, got 'fp8'"),
+        ({"store_param_remainders": "yes"}, r"store_param_remainders must be true or false"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OptimizerPrecisionSettings(**kwargs)
+
+
+def test_bytes_per_parameter_follow_what_fusedadam_keeps() -> None:
+    bf16 = OptimizerPrecisionSettings()
+    assert bf16.bytes_per_parameter(fp8_param_gather=False) == 2 + 2 + 2  # remainders, two bf16 moments
+    assert bf16.bytes_per_parameter(fp8_param_gather=True) == 4 + 2 + 2  # FP8 weights: no bf16 half, whole fp32
+    fp32 = OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=False)
+    assert fp32.bytes_per_parameter(fp8_param_gather=False) == 12
+    assert OptimizerPrecisionSettings("fp32", "bf16").bytes_per_parameter(fp8_param_gather=False) == 2 + 4 + 2
+    assert "exp_avg fp32, exp_avg_sq bf16" in OptimizerPrecisionSettings("fp32", "bf16").describe()
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def test_needs_the_distributed_optimizer() -> None:
+    with pytest.raises(ValueError, match=r"optimizer_precision: needs use_distributed_optimizer=True"):
+        MegatronCPStrategy(
+            use_distributed_optimizer=False,
+            overlap_param_gather=False,
+            optimizer_precision=OptimizerPrecisionSettings(),
+        )
+
+
+def test_cannot_be_combined_with_offload() -> None:
+    with pytest.raises(ValueError, match=r"cannot be combined with optimizer_offload"):
+        MegatronCPStrategy(
+            optimizer_offload=OptimizerOffloadSettings(0.5), optimizer_precision=OptimizerPrecisionSettings()
+        )
+
+
+def test_bf16_moments_with_fp8_weights_are_refused_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transformer Engine's FP8 Adam kernel takes fp32 moments only (Megatron-LM fails at its first step)."""
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
+    with pytest.raises(ValueError, match=r"bf16 Adam moments do not work with FP8 weights \(fp8_param_gather\)"):
+        fit_never_built(TEFP8Precision(fp8_param_gather=True), optimizer_precision=OptimizerPrecisionSettings())
+    assert not torch.distributed.is_initialized()
+
+
+def test_fp8_weights_of_another_recipe_than_delayed_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
+    with pytest.raises(ValueError, match=r"with FP8 weights \(fp8_param_gather\) it needs the delayed recipe"):
+        fit_never_built(
+            TEFP8Precision(recipe="current", fp8_param_gather=True),
+            optimizer_precision=OptimizerPrecisionSettings("fp32", "fp32"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- Megatron's config
+@pytest.fixture
+def fusedadam_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megatron's OptimizerConfig checks Transformer Engine's FusedAdam signature; a stand-in with the same
+    arguments lets the CPU build the config (the optimizer itself needs CUDA)."""
+
+    class FusedAdam:
+        def __init__(
+            self,
+            params: Any = None,
+            master_weight_dtype: Any = None,
+            exp_avg_dtype: Any = None,
+            exp_avg_sq_dtype: Any = None,
+            use_decoupled_grad: bool = False,
+        ) -> None: ...
+
+    optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
+    optimizers.FusedAdam = FusedAdam  # type: ignore[attr-defined]
+    for name in ("transformer_engine", "transformer_engine.pytorch"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.optimizers", optimizers)
+    # and asks for Transformer Engine >= 2.1 (store_param_remainders); 2.20.2 is what the GPU machine runs
+    monkeypatch.setattr("megatron.core.optimizer.optimizer_config.is_te_min_version", lambda version: True)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "current", "blockwise"])
+def test_fusedadam_keeps_the_main_weights_with_bf16_weights_for_every_recipe(
+    fusedadam_signature: None, monkeypatch: pytest.MonkeyPatch, recipe: str
+) -> None:
+    """With bf16 weights Megatron's precision-aware path (main weights in FusedAdam, gradients read from the buffer,
+    no fp32 copy) must hold for current and blockwise scaling too: the plugin gives the optimizer no recipe then."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
+    strategy = MegatronCPStrategy(optimizer_precision=OptimizerPrecisionSettings())
+    plugin = TEFP8Precision(recipe=recipe)
+    config = OptimizerConfig(
+        lr=1e-4,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        **strategy.optimizer_config_kwargs(),
+        **plugin.optimizer_config_kwargs(),
+    )
+    assert config.use_precision_aware_optimizer and config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+    assert config.exp_avg_dtype == config.exp_avg_sq_dtype == torch.bfloat16
+    assert config.main_params_dtype == torch.float32 and config.store_param_remainders
+    # What the recipe would have done (why the plugin leaves it out with bf16 weights):
+    with_recipe = OptimizerConfig(
+        lr=1e-4,
+        bf16=True,
+        **strategy.optimizer_config_kwargs(),
+        fp8_recipe={"current": "tensorwise"}.get(recipe, recipe),
+    )
+    assert with_recipe.use_precision_aware_optimizer_no_fp8_or_ds_fp8 == (recipe == "delayed")
+    assert MegatronCPStrategy().optimizer_config_kwargs() == {
+        "use_distributed_optimizer": True,
+        "overlap_param_gather": True,
+    }
+
+
+def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_llama_fp8.cli.fit as cli
+    from lightning_llama_fp8 import LlamaLightningModule
+    from tests.helpers import REPO_ROOT
+
+    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
+    parsed = cli.LlamaCLI(
+        LlamaLightningModule,
+        cli.GPTDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config",
+            str(REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.plugins",
+            "lightning_llama_fp8.MegatronPrecision",
+            "--trainer.strategy.optimizer_precision.exp_avg_sq_dtype",
+            "fp32",
+        ],
+    )
+    settings = parsed.trainer.strategy.optimizer_precision
+    assert settings == OptimizerPrecisionSettings(exp_avg_dtype="bf16", exp_avg_sq_dtype="fp32")
+    assert isinstance(parsed.trainer.precision_plugin, MegatronPrecision)
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def test_plan_counts_the_precision_aware_state_and_no_gradient_copy() -> None:
+    layout = ParallelLayout()
+    default = plan_training("llama3_8b", layout, 1, 8, 1, "fp8")
+    bf16 = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", optimizer_precision=OptimizerPrecisionSettings())
+    assert default.parameters_per_gpu == bf16.parameters_per_gpu == PARAMS_8B
+    assert default.memory.optimizer == 12 * PARAMS_8B and default.memory.optimizer_step == 4 * PARAMS_8B
+    assert bf16.memory.optimizer == 6 * PARAMS_8B and bf16.memory.optimizer_step == 0
+    # FP8 compute on bf16 weights: TE's FP8 copy and transpose of every linear weight, counted in both.
+    linear = bf16.parameter_counts.linear
+    assert bf16.memory.fp8_weight_cache == default.memory.fp8_weight_cache == 2 * linear
+    fp8_weights = plan_training(
+        "llama3_8b",
+        layout,
+        1,
+        8,
+        1,
+        "fp8",
+        fp8_param_gather=True,
+        optimizer_precision=OptimizerPrecisionSettings("fp32", "fp32"),
+    )
+    assert fp8_weights.memory.fp8_weight_cache == 0 and fp8_weights.memory.optimizer == 12 * PARAMS_8B
+    with pytest.raises(ValueError, match="bf16 Adam moments do not work with FP8 weights"):
+        plan_training(
+            "llama3_8b", layout, 1, 8, 1, "fp8", fp8_param_gather=True, optimizer_precision=OptimizerPrecisionSettings()
+        )
+
+
+def test_llama_fp8_plan_says_whether_the_one_gpu_8b_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--arch", "llama3_8b", "--gpus", "1", "--global-batch-size", "8", "--micro-batch-size", "1"]
+    assert plan_main([*common, "--precision", "fp8", "--gpu-memory-gib", "139.8"]) == 0
+    default = capsys.readouterr().out
+    assert "Megatron's default: fp32 main weights and Adam moments" in default
+    assert re.search(r"Fits 139.8 GiB per GPU +no,", default)
+    args = [*common, "--precision", "fp8", "--no-fp8-param-gather", "--optimizer-precision", "bf16"]
+    assert plan_main([*args, "--gpu-memory-gib", "139.8"]) == 0
+    out = capsys.readouterr().out
+    assert "precision-aware Adam: bf16 moments, fp32 main weights as 16-bit remainders" in out
+    assert re.search(r"\n  optimizer +44\.87 GiB\n", out) and "optimizer step" not in out
+    assert re.search(r"Fits 139.8 GiB per GPU +yes", out)
+    code = plan_main([*common, "--precision", "fp8", "--fp8-param-gather", "--optimizer-precision", "bf16"])
+    assert code != 0
+    assert "bf16 Adam moments do not work with FP8 weights" in capsys.readouterr().err
+
+
+def test_plan_reads_the_setting_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers import REPO_ROOT
+
+    config = REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8.yaml"
+    assert plan_main(["--config", str(config), "--gpu-memory-gib", "139.8"]) == 0
+    out = capsys.readouterr().out
+    assert "precision-aware Adam: bf16 moments" in out and "FP8 param gather off" in out
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _info(**overrides: Any) -> CheckpointInfo:
+    fields: dict[str, Any] = dict(
+        path=Path("ck"), global_step=10, tensor_model_parallel_size=1, context_parallel_size=1, world_size=1,
+        optimizer_sharding="dp_reshardable",
+    )  # fmt: skip
+    return CheckpointInfo(**{**fields, **overrides})
+
+
+def test_resume_into_other_optimizer_state_dtypes_is_refused_naming_both() -> None:
+    bf16 = OptimizerPrecisionSettings().checkpoint_record()
+    # An older checkpoint (no record) holds Megatron's default state.
+    with pytest.raises(CheckpointError, match=r"holds optimizer state as Megatron's default .* this run keeps it as "
+                       r"precision-aware Adam \(exp_avg bf16, exp_avg_sq bf16, main-weight remainders\)"):  # fmt: skip
+        check_can_resume(_info(), None, 1, 1, with_optimizer=True, optimizer_state=bf16)
+    with pytest.raises(CheckpointError, match=r"Resume with the checkpoint's optimizer_precision \(\{exp_avg_dtype: "
+                       r"bf16, exp_avg_sq_dtype: bf16, store_param_remainders: true\}\)"):  # fmt: skip
+        check_can_resume(
+            _info(optimizer_state=bf16), None, 1, 1, with_optimizer=True,
+            optimizer_state=dict(DEFAULT_OPTIMIZER_PRECISION_RECORD),
+        )  # fmt: skip
+    check_can_resume(_info(optimizer_state=bf16), None, 1, 1, with_optimizer=True, optimizer_state=dict(bf16))
+    check_can_resume(_info(), None, 1, 1, with_optimizer=True, optimizer_state=dict(DEFAULT_OPTIMIZER_PRECISION_RECORD))
+    # Weights alone (validate) load whatever the optimizer state.
+    check_can_resume(_info(optimizer_state=bf16), None, 1, 1, with_optimizer=False, optimizer_state=None)
+
+
+def test_checkpoints_record_the_strategys_optimizer_state() -> None:
+    settings = OptimizerPrecisionSettings("bf16", "fp32")
+    strategy = MegatronCPStrategy(optimizer_precision=settings)
+    assert optimizer_state_record(strategy) == {
+        "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "fp32", "store_param_remainders": True, "precision_aware": True,
+    }  # fmt: skip
+    assert optimizer_state_record(MegatronCPStrategy()) == DEFAULT_OPTIMIZER_PRECISION_RECORD
+    module = types.SimpleNamespace(_trainer=types.SimpleNamespace(strategy=strategy, datamodule=None), optim=None)
+    assert resume_records(module)["optimizer_state"] == settings.checkpoint_record()
