@@ -16,6 +16,11 @@
     python -m benchmarks.real_text masking --masked-csv A/metrics.csv --unmasked-csv B/metrics.csv \
         --card "NVIDIA H100" --out-dir RESULTS
 
+    # moments_check.json and moments_val_loss.svg (issue 28) from `llama-fp8 fit` CSV logs of the 1B text example:
+    # two runs of Megatron's default optimizer (other seeds: the run-to-run gap) and one with bf16 Adam moments:
+    python -m benchmarks.real_text moments --run default=A/metrics.csv --run default_seed2=B/metrics.csv \
+        --run bf16_moments=C/metrics.csv --card "NVIDIA H200" --out-dir RESULTS
+
 Peak memory is read from outside the command: the largest resident set of a single process (the kernel's
 accounting, ``wait4``) and the largest sum over the command's process tree (sampled every 0.1 s).
 """
@@ -283,6 +288,65 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def curve_summary(rows: list[dict[str, str]], skip_steps: int) -> dict[str, Any]:
+    """Validation and training curves and the steady step time of one run's CSV log."""
+    step_times = series(rows, "throughput/step_time_s")
+    return {
+        "val_loss": [[step, loss] for step, loss in series(rows, "val/loss")],
+        "train_loss": [[step, loss] for step, loss in series(rows, "train/loss")],
+        "step_time_s": steady(step_times, skip_steps) if step_times else None,
+    }
+
+
+def moments(args: argparse.Namespace) -> dict[str, Any]:
+    """BF16 Adam moments against Megatron's default optimizer: final validation losses, and the gap between two
+    default runs that differ only in their seed (the noise the bf16 run is judged against)."""
+    runs = dict(item.split("=", 1) for item in args.run)
+    missing = {"default", "default_seed2", "bf16_moments"} - set(runs)
+    if missing:
+        raise SystemExit(f"moments: --run {', '.join(sorted(missing))}=CSV missing")
+    curves = {name: curve_summary(read_metrics(Path(path)), args.skip_steps) for name, path in runs.items()}
+    final = {name: curve["val_loss"][-1][1] if curve["val_loss"] else None for name, curve in curves.items()}
+    if None in final.values():
+        raise SystemExit(f"moments: a run has no validation loss: {final}")
+    gap = abs(final["default"] - final["default_seed2"])
+    bf16_gap = abs(final["bf16_moments"] - final["default"])
+    steps = max(curve["val_loss"][-1][0] for curve in curves.values()) + 1
+    return {
+        "card": args.card,
+        "config": args.config,
+        "steps": steps,
+        "final_val_loss_default": final["default"],
+        "final_val_loss_default_seed2": final["default_seed2"],
+        "final_val_loss_bf16_moments": final["bf16_moments"],
+        "default_run_to_run_gap": gap,
+        "bf16_moments_gap_to_default": bf16_gap,
+        "bf16_moments_within_noise": bf16_gap <= gap,
+        "runs": curves,
+        "note": "default and bf16_moments: the same seed (weights, data order); default_seed2: another seed "
+        "(seed_everything), Megatron's default optimizer. val/loss every val_check_interval steps (0-based steps).",
+    }
+
+
+def moments_chart(result: dict[str, Any]) -> str:
+    from benchmarks.lib.svg_chart import line_chart
+
+    labels = {
+        "default": "fp32 moments (default)",
+        "default_seed2": "fp32 moments, other seed",
+        "bf16_moments": "bf16 moments",
+    }
+    return line_chart(
+        {
+            label: [(step + 1, loss) for step, loss in result["runs"][name]["val_loss"]]
+            for name, label in labels.items()
+        },
+        title=f"Validation loss, {result['config']} on real text ({result['card']})",
+        x_label="training step",
+        y_label="validation loss",
+    )
+
+
 def masking_chart(result: dict[str, Any]) -> str:
     from benchmarks.lib.svg_chart import line_chart
 
@@ -332,6 +396,12 @@ def main() -> None:
     masked.add_argument("--skip-steps", type=int, default=50)
     masked.add_argument("--max-steps", type=int)
     masked.add_argument("--out-dir", type=Path, required=True)
+    moment = sub.add_parser("moments", help="bf16 vs fp32 Adam moments: validation curves and the run-to-run gap")
+    moment.add_argument("--run", action="append", required=True, help="NAME=metrics.csv (default, default_seed2, ...)")
+    moment.add_argument("--card", required=True)
+    moment.add_argument("--config", default="examples/configs/llama3_1b_text.yaml")
+    moment.add_argument("--skip-steps", type=int, default=50)
+    moment.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "corpus":
         max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
@@ -344,6 +414,12 @@ def main() -> None:
         (args.out_dir / "preprocess_speed.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out_dir / "preprocess_speed.md").write_text(speed_table(result))
         print(speed_table(result))
+    elif args.command == "moments":
+        result = moments(args)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "moments_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out_dir / "moments_val_loss.svg").write_text(moments_chart(result))
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     elif args.command == "masking":
         result = masking(args)
         args.out_dir.mkdir(parents=True, exist_ok=True)

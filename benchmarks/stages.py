@@ -323,6 +323,19 @@ STAGES: tuple[Stage, ...] = (
         "while the stage has its estimated time left",
     ),
     Stage(
+        name="moments-check",
+        gpus=1,
+        purpose="issue 28: bf16 Adam moments vs Megatron's default optimizer, 1B text example on real text",
+        limit_s=CALL_LIMIT_S,
+        steps=(functions.moments_check,),
+        outputs=("moments/",),
+        knobs={"MOMENTS_STEPS": "300", "MOMENTS_RUN_NAMES": "default bf16_moments default_seed2"},
+        notes="the real-text corpus, then examples/configs/llama3_1b_text.yaml for each run of MOMENTS_RUN_NAMES "
+        "(default: seed 1234; bf16_moments: seed 1234 with optimizer_precision bf16; default_seed2: seed 4321), "
+        "validation every 50 steps; ~3.3 min per run on an H100: split the runs over two calls with "
+        "MOMENTS_RUN_NAMES and summarize with python -m benchmarks.real_text moments",
+    ),
+    Stage(
         name="offload-check",
         gpus=1,
         purpose="issue 14: FP8, 8 layers, optimizer offload 0.5 against two runs without (losses, s/step, peak)",

@@ -410,6 +410,62 @@ def write_document_masking_configs(d: Path, steps: int) -> None:
         (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+# ---------------------------------------------------------------------------------------------- moments-check
+#: Issue 28's loss check of bf16 Adam moments: run name -> (seed, optimizer_precision init_args or None).
+MOMENTS_RUNS: dict[str, tuple[int, dict[str, str] | None]] = {
+    "default": (1234, None),
+    "default_seed2": (4321, None),
+    "bf16_moments": (1234, {"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}),
+}
+
+
+def moments_check(session: StageSession) -> None:
+    """Issue 28: the 1B text example on the real corpus, MOMENTS_STEPS steps per run in MOMENTS_RUN_NAMES (validation
+    every 50); each run's CSV log under ``moments/<name>_csv``; with all three here, ``moments_check.json`` + SVG."""
+    d = session.out / "moments"
+    session.mkdir(d)
+    real_text_corpus(session, d)
+    names = session.knob("MOMENTS_RUN_NAMES").split()
+    session.call(write_moments_configs, d, int(session.knob("MOMENTS_STEPS")), " ".join(names))
+    for name in names:
+        code = session.run(
+            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
+            stdout=d / f"fit_{name}.stdout",
+            stderr=d / f"fit_{name}.stderr",
+        )
+        session.say(f"fit {name} exit {code}")
+        session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
+    if set(names) != set(MOMENTS_RUNS):
+        session.note("not all three runs here: summarize later with python -m benchmarks.real_text moments")
+        return
+    card = session.capture(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
+    ).rstrip("\n")
+    runs = [f"--run={name}={d}/{name}_csv/run/version_0/metrics.csv" for name in names]
+    session.run(["python3", "-m", "benchmarks.real_text", "moments", *runs, "--card", card, "--out-dir", str(d)])
+
+
+def write_moments_configs(d: Path, steps: int, names: str) -> None:
+    """The 1B text example on the real corpus, one config per run of ``names``: its seed and optimizer state; no
+    checkpoints (time), CSV logs, validation every 50 steps."""
+    import yaml
+
+    for name in names.split():
+        seed, optimizer_precision = MOMENTS_RUNS[name]
+        config = yaml.safe_load(Path("examples/configs/llama3_1b_text.yaml").read_text())
+        config["seed_everything"] = seed
+        trainer = config["trainer"]
+        trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
+        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": f"{d}/{name}_csv", "name": "run"},
+        }
+        trainer["strategy"].setdefault("init_args", {})["optimizer_precision"] = optimizer_precision
+        config["data"]["init_args"].update(data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache")
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint-stall
 def checkpoint_stall(session: StageSession) -> None:
     """Synchronous and background checkpoint saves of the 4-layer model: seconds blocked, tokens/s meanwhile."""

@@ -47,6 +47,25 @@ def test_masking_summary_has_both_validation_curves_and_a_chart(tmp_path: Path) 
     json.dumps(result)  # what the stage writes
 
 
+def test_moments_summary_judges_bf16_moments_against_the_run_to_run_gap(tmp_path: Path) -> None:
+    runs = {
+        "default": [7.1, 6.3, 5.9, 5.6, 5.4, 5.20],
+        "default_seed2": [7.2, 6.4, 6.0, 5.7, 5.5, 5.25],
+        "bf16_moments": [7.1, 6.3, 5.9, 5.6, 5.4, 5.23],
+    }
+    csvs = [f"{name}={_metrics(tmp_path / name / 'metrics.csv', losses, 0.5)}" for name, losses in runs.items()]
+    args = argparse.Namespace(run=csvs, card="NVIDIA H200", config="llama3_1b_text.yaml", skip_steps=50)
+    result = real_text.moments(args)
+    assert result["steps"] == 300 and result["final_val_loss_bf16_moments"] == 5.23
+    assert result["default_run_to_run_gap"] == pytest.approx(0.05)
+    assert result["bf16_moments_gap_to_default"] == pytest.approx(0.03) and result["bf16_moments_within_noise"]
+    lines = ElementTree.fromstring(real_text.moments_chart(result)).findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 3
+    json.dumps(result)
+    with pytest.raises(SystemExit, match="default_seed2=CSV missing"):
+        real_text.moments(argparse.Namespace(run=csvs[::2], card="x", config="c", skip_steps=50))
+
+
 def test_ticks_are_round_and_cover_the_range() -> None:
     assert nice_ticks(5.2, 7.2) == [5.0, 5.5, 6.0, 6.5, 7.0, 7.5]
     assert nice_ticks(50, 300) == [50, 100, 150, 200, 250, 300]

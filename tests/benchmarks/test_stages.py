@@ -27,7 +27,14 @@ SHELL_SCRIPT_STAGES = (
     "offload-check", "weight-refresh", "ref8-ours-cp2", "ref8-lm-cp2", "ref8-ours-cp1", "ref8-lm-cp1", "suite",
 )  # fmt: skip
 #: The stages added since the shell script.
-NEWER_STAGES = ("reproducibility", "document-masking", "document-masking-training", "sft")
+NEWER_STAGES = (
+    "reproducibility",
+    "document-masking",
+    "document-masking-training",
+    "sft",
+    "one-gpu-8b",
+    "moments-check",
+)
 #: Knobs without which a stage refuses to start.
 REQUIRED_KNOBS = {"lever-1": {"LEVER_ARGS": "--grad-accum-fusion off"}}
 #: Where commands name files of this repository.
