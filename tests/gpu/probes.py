@@ -40,8 +40,10 @@ def short_run_optimizer(steps: int) -> Any:
 
 def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback], **overrides: Any) -> Trainer:
     """A quiet one-GPU Trainer with ``MegatronCPStrategy``: by default training only (no validation, logger or
-    checkpoints); ``overrides`` replace any of these Trainer arguments."""
+    checkpoints); ``overrides`` replace any of these Trainer arguments (``strategy``: another MegatronCPStrategy)."""
     from lightning_llama_fp8 import MegatronCPStrategy
+
+    strategy = overrides.pop("strategy", None) or MegatronCPStrategy()
 
     kwargs: dict[str, Any] = {
         "logger": False,
@@ -55,7 +57,7 @@ def one_gpu_trainer(plugin: Any, max_steps: int, callbacks: list[Callback], **ov
     return Trainer(
         accelerator="gpu",
         devices=1,
-        strategy=MegatronCPStrategy(),
+        strategy=strategy,
         plugins=[plugin],
         max_steps=max_steps,
         callbacks=callbacks,

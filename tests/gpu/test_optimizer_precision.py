@@ -1,0 +1,84 @@
+"""The precision-aware optimizer (bf16 Adam moments, main-weight remainders) on one GPU: it trains like Megatron's
+default optimizer over a short run, keeps less memory, and a run resumed from its checkpoint continues it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from benchmarks.throughput import small_arch
+from lightning_llama_fp8 import (
+    CheckpointError,
+    LlamaLightningModule,
+    MegatronCPStrategy,
+    MockDataModule,
+    OptimizerPrecisionSettings,
+    TEFP8Precision,
+    read_checkpoint_info,
+)
+from tests.gpu.probes import StepProbe, one_gpu_trainer, short_run_optimizer
+
+STEPS, SAVE_EVERY, GBS = 8, 4, 4
+ARCH = small_arch(num_layers=4, seq_length=2048)
+
+
+def _train(
+    settings: OptimizerPrecisionSettings | None, ckpt_dir: Path | None = None, ckpt_path: Path | None = None
+) -> tuple[StepProbe, Any, float]:
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    FP8GlobalStateManager.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seed_everything(1234)
+    probe = StepProbe()
+    callbacks: list[Any] = [probe]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_EVERY, save_top_k=-1))
+    trainer = one_gpu_trainer(
+        TEFP8Precision(),  # bf16 weights, FP8 compute
+        STEPS,
+        callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+        strategy=MegatronCPStrategy(optimizer_precision=settings),
+    )
+    module = LlamaLightningModule(ARCH, short_run_optimizer(STEPS))
+    data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return probe, trainer, torch.cuda.max_memory_allocated() / 2**30
+
+
+def test_bf16_moments_train_like_fp32_ones_and_resume(tmp_path: Path, record: Any) -> None:
+    default, _, default_peak = _train(None)
+    bf16_dir = tmp_path / "bf16"
+    bf16, trainer, bf16_peak = _train(OptimizerPrecisionSettings(), ckpt_dir=bf16_dir)
+    assert trainer.global_step == STEPS
+    gaps = [abs(a - b) / abs(b) for a, b in zip(bf16.losses, default.losses, strict=True)]
+    step4 = bf16_dir / f"epoch=0-step={SAVE_EVERY}.ckpt"
+    info = read_checkpoint_info(step4)
+    resumed, _, _ = _train(OptimizerPrecisionSettings(), ckpt_dir=tmp_path / "resumed", ckpt_path=step4)
+    resume_gaps = [abs(a - b) / abs(b) for a, b in zip(resumed.losses, bf16.losses[SAVE_EVERY:], strict=True)]
+    with pytest.raises(CheckpointError, match="holds optimizer state as precision-aware Adam"):
+        _train(None, ckpt_path=step4)
+    record(
+        "optimizer_precision_1gpu",
+        {
+            "default_losses": default.losses,
+            "bf16_moments_losses": bf16.losses,
+            "relative_loss_gaps": gaps,
+            "resumed_losses": resumed.losses,
+            "resume_relative_gaps": resume_gaps,
+            "peak_gib_default": default_peak,
+            "peak_gib_bf16_moments": bf16_peak,
+            "checkpoint_optimizer_state": info.optimizer_state,
+        },
+    )
+    assert info.optimizer_state == OptimizerPrecisionSettings().checkpoint_record()
+    assert max(gaps) < 2e-2, gaps  # the same first steps; bf16 moments round the update's statistics only
+    assert max(resume_gaps) < 1e-3, resume_gaps  # the resumed run continues the interrupted one
+    assert bf16_peak < default_peak
