@@ -232,17 +232,8 @@ def real_text(session: StageSession) -> None:
     session.mkdir(t)
     real_text_corpus(session, t)
     session.call(write_real_text_configs, t)
-    for name in ("real", "mock"):
-        code = session.run(
-            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", t / f"{name}.yaml"],
-            stdout=t / f"fit_{name}.stdout",
-            stderr=t / f"fit_{name}.stderr",
-        )
-        session.say(f"fit {name} exit {code}")
-        session.say(_tail_bytes(t / f"fit_{name}.stderr", 400))
-    card = session.capture(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
-    ).rstrip("\n")
+    fit_each(session, t, ("real", "mock"))
+    card = card_name(session)
     session.run(
         session.words(
             "python3 -m benchmarks.real_text training --real-csv {t}/real_csv/run/version_0/metrics.csv "
@@ -288,22 +279,53 @@ def real_text_corpus(session: StageSession, t: Path) -> None:
     session.copy(Path(f"{REAL_TEXT}.corpus.json"), t / "real_text.corpus.json")
 
 
-def write_real_text_configs(t: Path) -> None:
-    """The two example configs as a user runs them, minus checkpoints (time), with CSV logs for the summary."""
+def example_run_config(source: str, d: Path, name: str, steps: int, real_text: bool = True) -> dict[str, Any]:
+    """``examples/configs/<source>.yaml`` as a user runs it, for a timed run ``name``: ``steps`` steps, validation every
+    50, no checkpoints (time), a CSV log under ``d/<name>_csv`` and, with ``real_text``, the real-text corpus."""
     import yaml
 
-    for name, source, steps in (("real", "llama3_1b_text", 300), ("mock", "llama3_1b_1gpu_fp8", 200)):
-        config = yaml.safe_load(Path(f"examples/configs/{source}.yaml").read_text())
-        trainer = config["trainer"]
-        trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
-        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
-        trainer["logger"] = {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": f"{t}/{name}_csv", "name": "run"},
-        }
-        if name == "real":
-            config["data"]["init_args"].update(data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache")
-        (t / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = yaml.safe_load(Path(f"examples/configs/{source}.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": f"{d}/{name}_csv", "name": "run"},
+    }
+    if real_text:
+        config["data"]["init_args"].update(data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache")
+    return config
+
+
+def write_config(d: Path, name: str, config: dict[str, Any]) -> None:
+    import yaml
+
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def fit_each(session: StageSession, d: Path, names: list[str] | tuple[str, ...]) -> None:
+    """``llama-fp8 fit --config d/<name>.yaml`` for each name, its stdout and stderr beside the config."""
+    for name in names:
+        code = session.run(
+            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
+            stdout=d / f"fit_{name}.stdout",
+            stderr=d / f"fit_{name}.stderr",
+        )
+        session.say(f"fit {name} exit {code}")
+        session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
+
+
+def card_name(session: StageSession) -> str:
+    """The GPU's name as nvidia-smi gives it."""
+    return session.capture(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
+    ).rstrip("\n")
+
+
+def write_real_text_configs(t: Path) -> None:
+    """The two example configs as a user runs them, minus checkpoints (time), with CSV logs for the summary."""
+    write_config(t, "real", example_run_config("llama3_1b_text", t, "real", 300))
+    write_config(t, "mock", example_run_config("llama3_1b_1gpu_fp8", t, "mock", 200, real_text=False))
 
 
 # ---------------------------------------------------------------------------------------------- document masking
@@ -368,17 +390,8 @@ def document_masking_training(session: StageSession) -> None:
     session.mkdir(d)
     real_text_corpus(session, d)
     session.call(write_document_masking_configs, d, int(session.knob("MASKING_TRAIN_STEPS")))
-    for name in ("masked", "unmasked"):
-        code = session.run(
-            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
-            stdout=d / f"fit_{name}.stdout",
-            stderr=d / f"fit_{name}.stderr",
-        )
-        session.say(f"fit {name} exit {code}")
-        session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
-    card = session.capture(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
-    ).rstrip("\n")
+    fit_each(session, d, ("masked", "unmasked"))
+    card = card_name(session)
     session.run(
         session.words(
             "python3 -m benchmarks.real_text masking --masked-csv {d}/masked_csv/run/version_0/metrics.csv "
@@ -393,21 +406,10 @@ def document_masking_training(session: StageSession) -> None:
 def write_document_masking_configs(d: Path, steps: int) -> None:
     """The 1B text example as a user runs it on the real corpus, masked and unmasked: no checkpoints (time), CSV
     logs, validation every 50 steps."""
-    import yaml
-
     for name, masking in (("masked", True), ("unmasked", False)):
-        config = yaml.safe_load(Path("examples/configs/llama3_1b_text.yaml").read_text())
-        trainer = config["trainer"]
-        trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
-        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
-        trainer["logger"] = {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": f"{d}/{name}_csv", "name": "run"},
-        }
-        config["data"]["init_args"].update(
-            data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache", document_masking=masking
-        )
-        (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        config = example_run_config("llama3_1b_text", d, name, steps)
+        config["data"]["init_args"]["document_masking"] = masking
+        write_config(d, name, config)
 
 
 # ---------------------------------------------------------------------------------------------- moments-check
@@ -427,20 +429,11 @@ def moments_check(session: StageSession) -> None:
     real_text_corpus(session, d)
     names = session.knob("MOMENTS_RUN_NAMES").split()
     session.call(write_moments_configs, d, int(session.knob("MOMENTS_STEPS")), " ".join(names))
-    for name in names:
-        code = session.run(
-            ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
-            stdout=d / f"fit_{name}.stdout",
-            stderr=d / f"fit_{name}.stderr",
-        )
-        session.say(f"fit {name} exit {code}")
-        session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
+    fit_each(session, d, names)
     if set(names) != set(MOMENTS_RUNS):
         session.note("not all three runs here: summarize later with python -m benchmarks.real_text moments")
         return
-    card = session.capture(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], max_lines=1, placeholder="<GPU name>"
-    ).rstrip("\n")
+    card = card_name(session)
     runs = [f"--run={name}={d}/{name}_csv/run/version_0/metrics.csv" for name in names]
     session.run(["python3", "-m", "benchmarks.real_text", "moments", *runs, "--card", card, "--out-dir", str(d)])
 
@@ -448,22 +441,12 @@ def moments_check(session: StageSession) -> None:
 def write_moments_configs(d: Path, steps: int, names: str) -> None:
     """The 1B text example on the real corpus, one config per run of ``names``: its seed and optimizer state; no
     checkpoints (time), CSV logs, validation every 50 steps."""
-    import yaml
-
     for name in names.split():
         seed, optimizer_precision = MOMENTS_RUNS[name]
-        config = yaml.safe_load(Path("examples/configs/llama3_1b_text.yaml").read_text())
+        config = example_run_config("llama3_1b_text", d, name, steps)
         config["seed_everything"] = seed
-        trainer = config["trainer"]
-        trainer.update(max_steps=steps, val_check_interval=50, enable_checkpointing=False)
-        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
-        trainer["logger"] = {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": f"{d}/{name}_csv", "name": "run"},
-        }
-        trainer["strategy"].setdefault("init_args", {})["optimizer_precision"] = optimizer_precision
-        config["data"]["init_args"].update(data_path=[REAL_TEXT], path_to_cache="/tmp/real_text_cache")
-        (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        config["trainer"]["strategy"].setdefault("init_args", {})["optimizer_precision"] = optimizer_precision
+        write_config(d, name, config)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint-stall

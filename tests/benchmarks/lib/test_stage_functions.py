@@ -123,3 +123,20 @@ def test_document_masking_configs_are_the_text_example_on_and_off(tmp_path: Path
         assert config["trainer"]["max_steps"] == 300 and config["trainer"]["val_check_interval"] == 50
         assert config["trainer"]["logger"]["init_args"]["save_dir"] == f"{tmp_path}/{name}_csv"
         assert plan_from_config(config).document_masking is masking  # the plan reads the switch
+
+
+def test_one_gpu_8b_summary_has_a_row_per_setting_run(tmp_path: Path) -> None:
+    runs = tmp_path / "one_gpu_8b"
+    runs.mkdir()
+    fits = {"device": "NVIDIA H200", "fits": True, "tokens_per_sec_per_gpu": 15000.0, "median_step_time_s": 4.37,
+            "peak_memory_gib": 126.0, "plan_gib": 121.4, "losses": [12.1, 11.9]}  # fmt: skip
+    oom = {"device": "NVIDIA H200", "fits": False, "error": "CUDA out of memory.", "peak_memory_gib": 139.0}
+    (runs / "bf16_moments.json").write_text(json.dumps(fits))
+    (runs / "bf16_moments_current.json").write_text(json.dumps(oom))
+    stage_functions.summarize_one_gpu_8b(tmp_path)
+    summary = json.loads((tmp_path / "one_gpu_8b.json").read_text())
+    assert summary["card"] == "NVIDIA H200"
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert rows["bf16_moments"]["settings"] == stage_functions.ONE_GPU_8B_ROWS["bf16_moments"]
+    assert rows["bf16_moments"]["tokens_per_s"] == 15000.0 and rows["bf16_moments"]["plan_gib"] == 121.4
+    assert rows["bf16_moments_current"]["fits"] is False and rows["bf16_moments_current"]["tokens_per_s"] is None
