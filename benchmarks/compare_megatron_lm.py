@@ -22,6 +22,9 @@ unmasked, one after the other, into ``document_masking_speed.json`` (seconds per
 
     python -m benchmarks.compare_megatron_lm --out-dir $OUT --precisions fp8 bf16 --data-path /tmp/real_text \
         --masking-rows --steps 14 --warmup 6
+
+``--fp8-recipe current`` runs the FP8 rows with current (per-tensor) scaling on both sides (ours ``--recipe current``,
+Megatron-LM ``--fp8-recipe tensorwise``) instead of the recipe's delayed scaling.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ from benchmarks.lib.launch import (
 from benchmarks.lib.megatron_log import parse_iteration_times, parse_losses
 
 HERE = Path(__file__).resolve().parent
+
+# FP8 recipe -> (our benchmarks.throughput flags, Megatron-LM pretrain_gpt.py flags), for the FP8 rows.
+FP8_RECIPE_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "delayed": ([], []),  # both sides' default: the recipe's delayed scaling
+    "current": (["--recipe", "current"], ["--fp8-recipe", "tensorwise"]),
+}
 
 # Recompute rows: (our benchmarks.throughput flags, Megatron-LM pretrain_gpt.py flags), the same setting on each side.
 RECOMPUTE_ROWS: dict[str, tuple[list[str], list[str]]] = {
@@ -176,6 +185,7 @@ def run_config(args: argparse.Namespace) -> dict:
         "cp": args.cp,
         "steps": args.steps,
         "warmup_steps_excluded": args.warmup,
+        "fp8_recipe": getattr(args, "fp8_recipe", "delayed"),
     }
 
 
@@ -303,6 +313,9 @@ def main() -> None:
     parser.add_argument("--data-path", help="both sides train on this corpus prefix instead of mock data")
     parser.add_argument("--document-masking", action="store_true", help="both sides mask documents")
     parser.add_argument(
+        "--fp8-recipe", choices=tuple(FP8_RECIPE_FLAGS), default="delayed", help="FP8 rows: scaling on both sides"
+    )
+    parser.add_argument(
         "--masking-rows", action="store_true", help="measure document masking (document_masking_speed.json)"
     )
     args = parser.parse_args()
@@ -316,8 +329,10 @@ def main() -> None:
 
     rows = []
     for precision in args.precisions:
-        theirs = megatron_lm(args, precision, args.out_dir)
-        mine = ours(args, precision, args.out_dir)
+        our_flags, lm_flags = FP8_RECIPE_FLAGS[args.fp8_recipe] if precision == "fp8" else ([], [])
+        tag = "" if args.fp8_recipe == "delayed" or precision != "fp8" else f"_{args.fp8_recipe}"
+        theirs = megatron_lm(args, precision, args.out_dir, tag, lm_flags)
+        mine = ours(args, precision, args.out_dir, tag, our_flags)
         ratio = mine["tokens_per_sec_per_gpu"] / theirs["tokens_per_sec_per_gpu"]
         # Same model and tokens, so the same FLOPs per token: both FLOP conventions (see flops_per_token) for LM too.
         for key in ("tflops_per_gpu", "tflops_per_gpu_causal"):

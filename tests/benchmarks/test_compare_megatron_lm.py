@@ -99,3 +99,31 @@ def test_masking_rows_time_megatron_lm_masked_and_ours_both_ways(
     assert rows[0]["megatron_lm_s_per_step"] == 1.2 and rows[1]["megatron_lm_s_per_step"] is None
     assert rows[0]["ours_over_megatron_lm"] == pytest.approx(1.2 / 1.02)
     assert rows[0]["masked_s_over_unmasked_s"] == pytest.approx(1.02)
+
+
+def test_current_scaling_runs_the_fp8_rows_with_it_on_both_sides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched: list[tuple[str, str, str, tuple[str, ...]]] = []
+
+    def fake(side: str) -> Any:
+        def run(args: argparse.Namespace, precision: str, out_dir: Path, tag: str = "", extra: Any = ()) -> dict:
+            launched.append((side, precision, tag, tuple(extra)))
+            return {"tokens_per_sec_per_gpu": 1000.0, "losses": [12.0, 11.0], "median_step_time_s": 1.0}
+
+        return run
+
+    monkeypatch.setattr(compare_megatron_lm, "ours", fake("ours"))
+    monkeypatch.setattr(compare_megatron_lm, "megatron_lm", fake("lm"))
+    monkeypatch.setattr(compare_megatron_lm.torch.cuda, "get_device_name", lambda: "GPU")
+    argv = ["compare", "--out-dir", str(tmp_path), "--precisions", "fp8", "bf16", "--fp8-recipe", "current"]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare_megatron_lm.main()
+    assert launched == [
+        ("lm", "fp8", "_current", ("--fp8-recipe", "tensorwise")),
+        ("ours", "fp8", "_current", ("--recipe", "current")),
+        ("lm", "bf16", "", ()),
+        ("ours", "bf16", "", ()),
+    ]
+    summary = __import__("json").loads((tmp_path / "compare.json").read_text())
+    assert summary["config"]["fp8_recipe"] == "current"
