@@ -315,7 +315,7 @@ STAGES: tuple[Stage, ...] = (
         steps=(functions.one_gpu_8b,),
         outputs=("one_gpu_8b.json", "one_gpu_8b/"),
         knobs={
-            "ONE_GPU_8B_ROWS": "bf16_moments offload_0.5",
+            "ONE_GPU_8B_ROWS": "bf16_moments bf16_moments_block4 offload_0.5",
             "ONE_GPU_8B_STEPS": "24",
             "ONE_GPU_8B_ROW_S": "bf16_moments=200 bf16_moments_current=200 bf16_moments_block4=220 offload_0.5=300",
         },
