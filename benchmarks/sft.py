@@ -122,6 +122,8 @@ def evaluate(paths: SFTPaths, seed: int, batch_size: int) -> dict[str, Any]:
     if reference is not None:
         record["untrained"] = answer_heldout(reference, heldout, untrained_seed=seed, batch_size=batch_size)
         print(f"untrained: exact match {record['untrained']['exact_match']:.3f}", flush=True)
+        # The grades are written before the cross-check below, so a failure there does not lose them.
+        (paths.out / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
         if Path(f"{paths.corpus}.idx").is_file():
             train = read_jsonl(paths.train_jsonl)[:200]
             record["chat_template_matches_corpus"] = template_matches_corpus(reference, str(paths.corpus), train)

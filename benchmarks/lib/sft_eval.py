@@ -99,18 +99,23 @@ def template_matches_corpus(
 ) -> dict[str, Any]:
     """Whether transformers renders the first ``count`` training conversations (``apply_chat_template`` of the
     exported tokenizer) as the token ids of the chat corpus ``prefix`` (one conversation per document, in input
-    order)."""
+    order). The corpus is read with numpy: megatron-core would load Transformer Engine's cuDNN after transformers
+    loaded torch's, which fails (undefined cuDNN symbols) on the GPU machine."""
+    import numpy
     import transformers
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from lightning_llama_fp8.data.corpus import bin_path, idx_path, read_index
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    corpus = IndexedDataset(prefix, mmap=True)
-    checked = min(count, len(conversations), len(corpus))
+    dtype, lengths, pointers = read_index(idx_path(prefix))
+    tokens = numpy.memmap(bin_path(prefix), dtype=dtype, mode="r")
+    checked = min(count, len(conversations), len(lengths))
     equal = 0
     first_difference = None
     for index in range(checked):
         rendered = _chat_ids(tokenizer, conversations[index]["messages"])
-        stored = corpus.get(index).tolist()
+        start = int(pointers[index]) // dtype.itemsize
+        stored = tokens[start : start + int(lengths[index])].tolist()
         if rendered == stored:
             equal += 1
         elif first_difference is None:

@@ -428,7 +428,7 @@ def require_corpus_kind(prefix: str | Path, kind: str) -> dict[str, Any] | None:
     return found.sidecar
 
 
-def _read_index(idx_file: Path) -> tuple[numpy.dtype, numpy.ndarray, numpy.ndarray]:
+def read_index(idx_file: Path) -> tuple[numpy.dtype, numpy.ndarray, numpy.ndarray]:
     """The token dtype, sequence lengths and byte pointers of Megatron's ``.idx`` (version 1)."""
     codes = {code: numpy.dtype(dtype) for dtype, code in DTYPE_CODES.items()}
     with open(idx_file, "rb") as fh:
@@ -457,7 +457,7 @@ class LossMask:
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix, self.path = str(prefix), loss_mask_path(prefix)
-        self.token_dtype, self.sequence_lengths, pointers = _read_index(idx_path(prefix))
+        self.token_dtype, self.sequence_lengths, pointers = read_index(idx_path(prefix))
         self.sequence_starts = pointers // self.token_dtype.itemsize  # token (= mask byte) offsets
         tokens = bin_path(prefix).stat().st_size // self.token_dtype.itemsize
         try:

@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 MomentDtype = Literal["fp32", "bf16"]
-MOMENT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: Moment dtype names -> torch dtype names (torch is imported only where Megatron's config is built: `llama-fp8 plan`
+#: stays light).
+MOMENT_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16"}
 MOMENT_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2}
 
 
@@ -104,10 +104,12 @@ class OptimizerPrecisionSettings:
 
     def optimizer_config_kwargs(self) -> dict[str, Any]:
         """The precision fields of Megatron's ``OptimizerConfig``."""
+        import torch
+
         return {
             "use_precision_aware_optimizer": True,
-            "exp_avg_dtype": MOMENT_DTYPES[self.exp_avg_dtype],
-            "exp_avg_sq_dtype": MOMENT_DTYPES[self.exp_avg_sq_dtype],
+            "exp_avg_dtype": getattr(torch, MOMENT_DTYPES[self.exp_avg_dtype]),
+            "exp_avg_sq_dtype": getattr(torch, MOMENT_DTYPES[self.exp_avg_sq_dtype]),
             "main_params_dtype": torch.float32,
             "store_param_remainders": self.store_param_remainders,
         }
