@@ -161,6 +161,36 @@ def test_a_template_saved_as_chat_template_jinja_is_carried(tmp_path: Path) -> N
     )
 
 
+def test_transformers_loads_the_exported_llama3_tokenizer_without_a_mistral_regex_warning(tmp_path: Path) -> None:
+    """transformers 5 warns ("incorrect regex pattern") for a large local tokenizer whose config.json names no
+    transformers version; the exported config.json names the format it is written in."""
+    import logging
+
+    from lightning_llama_fp8 import get_preset
+    from lightning_llama_fp8.hf.arch import hf_config_from_llama
+
+    _llama3_tokenizer_json()
+    special = _export_tokenizer("llama3", tmp_path / "out")
+    config = hf_config_from_llama(get_preset("llama3_8b"), special.bos, list(special.stop_ids))
+
+    def warnings_on_loading() -> list[str]:
+        (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = records.append  # type: ignore[method-assign]
+        library = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+        library.addHandler(handler)
+        try:
+            transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+        finally:
+            library.removeHandler(handler)
+        return [record.getMessage() for record in records]
+
+    assert not [message for message in warnings_on_loading() if "regex" in message]
+    del config["transformers_version"]  # what the warning needs: it is what the field prevents
+    assert any("incorrect regex pattern" in message for message in warnings_on_loading())
+
+
 def test_a_directory_without_a_template_gets_llama3s_when_it_has_the_chat_tokens(tmp_path: Path) -> None:
     source = small_chat_tokenizer_dir(tmp_path / "source")
     special = _export_tokenizer(source, tmp_path / "out")

@@ -93,6 +93,13 @@ def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+#: The oldest transformers that reads every field :func:`hf_config_from_llama` writes (Llama 3.1's ``llama3`` RoPE
+#: scaling came in 4.43). Written as ``transformers_version``: transformers 5 warns that a local tokenizer whose
+#: config.json has none may carry Mistral's faulty pre-tokenizer regex ("incorrect regex pattern"), which a Llama 3
+#: tokenizer does not.
+CONFIG_TRANSFORMERS_VERSION = "4.43.0"
+
+
 def hf_config_from_llama(
     arch: LlamaConfig, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None
 ) -> dict[str, Any]:
@@ -111,6 +118,7 @@ def hf_config_from_llama(
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        "transformers_version": CONFIG_TRANSFORMERS_VERSION,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
