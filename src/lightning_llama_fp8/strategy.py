@@ -222,9 +222,9 @@ class MegatronCPStrategy(ParallelStrategy):
         if optimizer_precision is not None:
             optimizer_precision.check(
                 use_distributed_optimizer,
-                fp8_recipe=None,
                 fp8_param_gather=False,
                 optimizer_offloaded=optimizer_offload is not None,
+                checkpoint_optimizer_sharding=checkpoint_optimizer_sharding,
             )
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -422,10 +422,11 @@ class MegatronCPStrategy(ParallelStrategy):
         if self.optimizer_precision is not None:
             self.optimizer_precision.check(
                 self.use_distributed_optimizer,
-                fp8_recipe,
                 bool(plugin.ddp_config_kwargs().get("fp8_param_gather")),
                 optimizer_offloaded=self.optimizer_offload is not None,
+                checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
             )
+            self.optimizer_precision.check_transformer_engine()
         if self.activation_recompute is not None and arch is not None:
             chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)

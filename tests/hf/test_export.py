@@ -217,3 +217,32 @@ def test_a_second_export_to_the_same_output_is_refused_while_the_first_runs(chec
     busy = pytest.raises(OutputBusyError, match="being written by another process")
     with output_lock(tmp_path / "out", "llama-fp8 convert"), busy:
         export_to_hf(checkpoint, tmp_path / "out")
+
+
+def test_remainders_in_the_main_weights_place_are_not_exported(
+    imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose optimizer state holds the precision-aware optimizer's 16-bit remainders where fp32 main
+    weights would be exports its bf16 model tensors, not the remainders (which would read as numbers like -12345)."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from lightning_llama_fp8.checkpoint.info import read_checkpoint_info
+    from lightning_llama_fp8.hf import export
+
+    read_metadata = FileSystemReader.read_metadata
+
+    def with_main_weights(reader: FileSystemReader) -> Any:
+        metadata = read_metadata(reader)
+        model_keys = [key for key in metadata.state_dict_metadata if not key.startswith("optimizer")]
+        for key in model_keys:
+            metadata.state_dict_metadata[f"optimizer.state.param.{key}"] = metadata.state_dict_metadata[key]
+        return metadata
+
+    monkeypatch.setattr(FileSystemReader, "read_metadata", with_main_weights)
+    info = read_checkpoint_info(imported["ckpt"])
+    arch = export.checkpoint_arch(info)
+    assert export._CheckpointTensors(info, arch, allow_fp8_weights=False).source == export.SOURCE_MAIN
+    remainders = dataclasses.replace(info, optimizer_state={"precision_aware": True, "store_param_remainders": True})
+    assert export._CheckpointTensors(remainders, arch, allow_fp8_weights=False).source == export.SOURCE_MODEL

@@ -39,6 +39,7 @@ PARAMS_8B = 8_030_261_248
         ({"exp_avg_dtype": "fp16"}, r"exp_avg_dtype must be one of fp32, bf16, got 'fp16'"),
         ({"exp_avg_sq_dtype": "fp8"}, r"exp_avg_sq_dtype must be one of fp32, bf16, got 'fp8'"),
         ({"store_param_remainders": "yes"}, r"store_param_remainders must be true or false"),
+        ({"exp_avg_sq_dtype": "fp32"}, r"exp_avg_dtype \(bf16\) and exp_avg_sq_dtype \(fp32\) must be the same"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(kwargs: dict[str, Any], message: str) -> None:
@@ -47,13 +48,10 @@ def test_bad_settings_are_refused_naming_the_field(kwargs: dict[str, Any], messa
 
 
 def test_bytes_per_parameter_follow_what_fusedadam_keeps() -> None:
-    bf16 = OptimizerPrecisionSettings()
-    assert bf16.bytes_per_parameter(fp8_param_gather=False) == 2 + 2 + 2  # remainders, two bf16 moments
-    assert bf16.bytes_per_parameter(fp8_param_gather=True) == 4 + 2 + 2  # FP8 weights: no bf16 half, whole fp32
-    fp32 = OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=False)
-    assert fp32.bytes_per_parameter(fp8_param_gather=False) == 12
-    assert OptimizerPrecisionSettings("fp32", "bf16").bytes_per_parameter(fp8_param_gather=False) == 2 + 4 + 2
-    assert "exp_avg fp32, exp_avg_sq bf16" in OptimizerPrecisionSettings("fp32", "bf16").describe()
+    assert OptimizerPrecisionSettings().bytes_per_parameter() == 2 + 2 + 2  # remainders, two bf16 moments
+    assert OptimizerPrecisionSettings(store_param_remainders=False).bytes_per_parameter() == 4 + 2 + 2
+    assert OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=False).bytes_per_parameter() == 12
+    assert "fp32 moments, fp32 main weights" in OptimizerPrecisionSettings("fp32", "fp32", False).describe()
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -73,21 +71,41 @@ def test_cannot_be_combined_with_offload() -> None:
         )
 
 
-def test_bf16_moments_with_fp8_weights_are_refused_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Transformer Engine's FP8 Adam kernel takes fp32 moments only (Megatron-LM fails at its first step)."""
+@pytest.mark.parametrize(
+    "settings", [OptimizerPrecisionSettings(), OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=False)]
+)
+def test_fp8_weights_are_refused_before_building(
+    monkeypatch: pytest.MonkeyPatch, settings: OptimizerPrecisionSettings
+) -> None:
+    """Transformer Engine's FP8 Adam kernel takes fp32 moments and fp32 main weights only (Megatron-LM fails at its
+    first step with bf16 moments; TE would give FP8 weights int16 remainders too, as their nominal dtype is bf16)."""
     monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
-    with pytest.raises(ValueError, match=r"bf16 Adam moments do not work with FP8 weights \(fp8_param_gather\)"):
-        fit_never_built(TEFP8Precision(fp8_param_gather=True), optimizer_precision=OptimizerPrecisionSettings())
+    with pytest.raises(ValueError, match=r"needs bf16 weights \(FP8 compute is fine\).*Set fp8_param_gather: false"):
+        fit_never_built(TEFP8Precision(fp8_param_gather=True), optimizer_precision=settings)
     assert not torch.distributed.is_initialized()
 
 
-def test_fp8_weights_of_another_recipe_than_delayed_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
-    with pytest.raises(ValueError, match=r"with FP8 weights \(fp8_param_gather\) it needs the delayed recipe"):
-        fit_never_built(
-            TEFP8Precision(recipe="current", fp8_param_gather=True),
-            optimizer_precision=OptimizerPrecisionSettings("fp32", "fp32"),
+def test_remainders_with_fully_reshardable_checkpoints_are_refused() -> None:
+    """Megatron writes the int16 remainders into fully_reshardable's fp32 main weights and cannot load them back."""
+    with pytest.raises(ValueError, match=r"store_param_remainders cannot go with checkpoint_optimizer_sharding="):
+        MegatronCPStrategy(
+            checkpoint_optimizer_sharding="fully_reshardable", optimizer_precision=OptimizerPrecisionSettings()
         )
+    MegatronCPStrategy(
+        checkpoint_optimizer_sharding="fully_reshardable",
+        optimizer_precision=OptimizerPrecisionSettings(store_param_remainders=False),
+    )
+
+
+def test_without_transformer_engine_it_is_refused_before_building() -> None:
+    """This CPU machine has no Transformer Engine; Megatron would fail building the optimizer, after the model."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ValueError, match=r"Transformer Engine is not installed here"):
+        fit_never_built(MegatronPrecision(), optimizer_precision=OptimizerPrecisionSettings())
+    assert not torch.distributed.is_initialized()
 
 
 # ---------------------------------------------------------------------------------------------- Megatron's config
@@ -168,12 +186,12 @@ def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatc
             "cpu",
             "--trainer.plugins",
             "lightning_llama_fp8.MegatronPrecision",
-            "--trainer.strategy.optimizer_precision.exp_avg_sq_dtype",
-            "fp32",
+            "--trainer.strategy.optimizer_precision.store_param_remainders",
+            "false",
         ],
     )
     settings = parsed.trainer.strategy.optimizer_precision
-    assert settings == OptimizerPrecisionSettings(exp_avg_dtype="bf16", exp_avg_sq_dtype="fp32")
+    assert settings == OptimizerPrecisionSettings("bf16", "bf16", store_param_remainders=False)
     assert isinstance(parsed.trainer.precision_plugin, MegatronPrecision)
 
 
@@ -188,21 +206,17 @@ def test_plan_counts_the_precision_aware_state_and_no_gradient_copy() -> None:
     # FP8 compute on bf16 weights: TE's FP8 copy and transpose of every linear weight, counted in both.
     linear = bf16.parameter_counts.linear
     assert bf16.memory.fp8_weight_cache == default.memory.fp8_weight_cache == 2 * linear
-    fp8_weights = plan_training(
-        "llama3_8b",
-        layout,
-        1,
-        8,
-        1,
-        "fp8",
-        fp8_param_gather=True,
-        optimizer_precision=OptimizerPrecisionSettings("fp32", "fp32"),
-    )
-    assert fp8_weights.memory.fp8_weight_cache == 0 and fp8_weights.memory.optimizer == 12 * PARAMS_8B
-    with pytest.raises(ValueError, match="bf16 Adam moments do not work with FP8 weights"):
+    fp8_weights = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", fp8_param_gather=True)
+    assert fp8_weights.memory.fp8_weight_cache == 0
+    with pytest.raises(ValueError, match="needs bf16 weights"):
         plan_training(
             "llama3_8b", layout, 1, 8, 1, "fp8", fp8_param_gather=True, optimizer_precision=OptimizerPrecisionSettings()
         )
+    with pytest.raises(ValueError, match="store_param_remainders cannot go with"):
+        plan_training(
+            "llama3_8b", layout, 1, 8, 1, "fp8", optimizer_precision=OptimizerPrecisionSettings(),
+            checkpoint_optimizer_sharding="fully_reshardable",
+        )  # fmt: skip
 
 
 def test_llama_fp8_plan_says_whether_the_one_gpu_8b_fits(capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,7 +233,7 @@ def test_llama_fp8_plan_says_whether_the_one_gpu_8b_fits(capsys: pytest.CaptureF
     assert re.search(r"Fits 139.8 GiB per GPU +yes", out)
     code = plan_main([*common, "--precision", "fp8", "--fp8-param-gather", "--optimizer-precision", "bf16"])
     assert code != 0
-    assert "bf16 Adam moments do not work with FP8 weights" in capsys.readouterr().err
+    assert "needs bf16 weights" in capsys.readouterr().err
 
 
 def test_plan_reads_the_setting_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -229,6 +243,13 @@ def test_plan_reads_the_setting_from_a_config(tmp_path: Path, capsys: pytest.Cap
     assert plan_main(["--config", str(config), "--gpu-memory-gib", "139.8"]) == 0
     out = capsys.readouterr().out
     assert "precision-aware Adam: bf16 moments" in out and "FP8 param gather off" in out
+    # --optimizer-precision changes the moments and keeps the config's other fields
+    text = config.read_text().replace("store_param_remainders: true", "store_param_remainders: false")
+    (tmp_path / "whole_main_weights.yaml").write_text(text)
+    assert plan_main(["--config", str(tmp_path / "whole_main_weights.yaml"), "--optimizer-precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "precision-aware Adam: fp32 moments, fp32 main weights, no fp32 gradient copy" in out
+    assert re.search(r"\n  optimizer +89\.75 GiB\n", out)  # 4 + 4 + 4 bytes per parameter
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -259,10 +280,10 @@ def test_resume_into_other_optimizer_state_dtypes_is_refused_naming_both() -> No
 
 
 def test_checkpoints_record_the_strategys_optimizer_state() -> None:
-    settings = OptimizerPrecisionSettings("bf16", "fp32")
+    settings = OptimizerPrecisionSettings("bf16", "bf16", store_param_remainders=False)
     strategy = MegatronCPStrategy(optimizer_precision=settings)
     assert optimizer_state_record(strategy) == {
-        "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "fp32", "store_param_remainders": True, "precision_aware": True,
+        "exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16", "store_param_remainders": False, "precision_aware": True,
     }  # fmt: skip
     assert optimizer_state_record(MegatronCPStrategy()) == DEFAULT_OPTIMIZER_PRECISION_RECORD
     module = types.SimpleNamespace(_trainer=types.SimpleNamespace(strategy=strategy, datamodule=None), optim=None)

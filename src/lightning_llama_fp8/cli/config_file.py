@@ -147,6 +147,7 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         optimizer_precision=_settings(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
+        checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
         # SFTDataModule always masks documents (its samples pack conversations); it refuses document_masking: false.
         document_masking=class_name(config.get("data")) == "SFTDataModule"

@@ -147,7 +147,9 @@ def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namesp
     if args.optimizer_precision == "off":
         strategy_args["optimizer_precision"] = None
     elif args.optimizer_precision is not None:
-        strategy_args["optimizer_precision"] = {
+        given = strategy_args.get("optimizer_precision")
+        strategy_args["optimizer_precision"] = {  # the config's other fields (store_param_remainders) stay
+            **(given if isinstance(given, dict) else {}),
             "exp_avg_dtype": args.optimizer_precision,
             "exp_avg_sq_dtype": args.optimizer_precision,
         }

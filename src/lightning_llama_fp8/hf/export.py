@@ -144,6 +144,12 @@ class _CheckpointTensors:
             if found:
                 self.main_key[key] = found[0]
         fp8_buckets = any("torch.uint8" in key for key in self.metadata if key.startswith("optimizer.distributed"))
+        # A precision-aware optimizer with remainders keeps 16-bit remainders, not main weights, in that place
+        # (MegatronCPStrategy refuses to save them fully_reshardable; a checkpoint from elsewhere may): its bf16
+        # model tensors are the weights.
+        remainders = bool(info.optimizer_state.get("store_param_remainders"))
+        if remainders:
+            self.main_key = {}
         if self.main_key and len(self.main_key) == len(expected_checkpoint_shapes(arch)):
             self.source = SOURCE_MAIN
         elif fp8_buckets:

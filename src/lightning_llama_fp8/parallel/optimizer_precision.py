@@ -34,18 +34,22 @@ MOMENT_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2}
 
 @dataclass
 class OptimizerPrecisionSettings:
-    """Megatron-Core's precision-aware distributed optimizer (Transformer Engine's ``FusedAdam``).
+    """Megatron-Core's precision-aware distributed optimizer (Transformer Engine's ``FusedAdam``), on bf16 weights.
 
-    Bytes per parameter of this rank's optimizer shard: main weights 2 (bf16 weights, remainders) or 4, plus each
-    moment 2 (bf16) or 4 (fp32); no fp32 gradient copy at the step. Needs the distributed optimizer and Transformer
-    Engine.
+    Bytes per parameter of this rank's optimizer shard: main weights 2 (remainders) or 4, plus 2 (bf16) or 4 (fp32)
+    per moment; no fp32 gradient copy at the step. Needs the distributed optimizer, Transformer Engine and bf16
+    weights (FP8 compute is fine; FP8 weights, ``fp8_param_gather``, are refused: Transformer Engine's FP8 Adam kernel
+    takes fp32 moments and fp32 main weights only, and that path was never shown to train or resume here).
 
     Args:
         exp_avg_dtype: dtype of Adam's first moment, ``bf16`` (default) or ``fp32``.
-        exp_avg_sq_dtype: dtype of Adam's second moment, ``bf16`` (default) or ``fp32``.
-        store_param_remainders: with bf16 weights, keep only the 16 low bits of each fp32 main weight (its high
-            half is the bf16 weight): exact, 2 bytes per parameter instead of 4 (default). ``False``: whole fp32
-            main weights. With FP8 weights (``fp8_param_gather``) there is no bf16 half and it does not apply.
+        exp_avg_sq_dtype: dtype of Adam's second moment, the same as ``exp_avg_dtype`` (Transformer Engine steps
+            mixed dtypes through an fp32 copy of the bf16 moment of every parameter: memory the setting is meant to
+            save).
+        store_param_remainders: keep only the 16 low bits of each fp32 main weight (its high half is the bf16
+            weight): exact, 2 bytes per parameter instead of 4 (default). ``False``: whole fp32 main weights; needed
+            with ``checkpoint_optimizer_sharding="fully_reshardable"``, whose checkpoints Megatron writes and reads as
+            fp32 main weights.
     """
 
     exp_avg_dtype: MomentDtype = "bf16"
@@ -58,21 +62,23 @@ class OptimizerPrecisionSettings:
             for name, value in (("exp_avg_dtype", self.exp_avg_dtype), ("exp_avg_sq_dtype", self.exp_avg_sq_dtype))
             if value not in MOMENT_DTYPES
         ]
+        if not problems and self.exp_avg_dtype != self.exp_avg_sq_dtype:
+            problems.append(
+                f"exp_avg_dtype ({self.exp_avg_dtype}) and exp_avg_sq_dtype ({self.exp_avg_sq_dtype}) must be the "
+                "same: Transformer Engine steps mixed dtypes through an fp32 copy of every bf16 moment (4 more bytes "
+                "per parameter at each step)"
+            )
         if not isinstance(self.store_param_remainders, bool):
             problems.append(f"store_param_remainders must be true or false, got {self.store_param_remainders!r}")
         if problems:
             raise ValueError("optimizer_precision: " + "; ".join(problems) + ".")
 
-    @property
-    def low_precision_moments(self) -> bool:
-        return self.exp_avg_dtype != "fp32" or self.exp_avg_sq_dtype != "fp32"
-
     def check(
         self,
         use_distributed_optimizer: bool,
-        fp8_recipe: str | None,
         fp8_param_gather: bool,
         optimizer_offloaded: bool,
+        checkpoint_optimizer_sharding: str = "dp_reshardable",
     ) -> None:
         """Raise ``ValueError`` for the combinations Megatron or Transformer Engine cannot run (or that were never
         shown to train: those are refused rather than run unchecked)."""
@@ -87,20 +93,31 @@ class OptimizerPrecisionSettings:
                 "its own Adam); choose one"
             )
         if fp8_param_gather:
-            if fp8_recipe not in (None, "delayed"):
-                problems.append(
-                    f"with FP8 weights (fp8_param_gather) it needs the delayed recipe, not {fp8_recipe!r} (Megatron "
-                    "then keeps fp32 main weights and gradients itself; that path was never shown to train here); "
-                    "set fp8_param_gather: false"
-                )
-            if self.low_precision_moments:
-                problems.append(
-                    "bf16 Adam moments do not work with FP8 weights (fp8_param_gather): Transformer Engine's FP8 Adam "
-                    "kernel takes fp32 moments only (multi_tensor_adam_fp8 fails at the first step). Set "
-                    "fp8_param_gather: false (bf16 weights, FP8 compute) or exp_avg_dtype/exp_avg_sq_dtype: fp32"
-                )
+            problems.append(
+                "needs bf16 weights (FP8 compute is fine): with FP8 weights (fp8_param_gather) Transformer Engine's "
+                "FP8 Adam kernel takes fp32 moments and fp32 main weights only (bf16 moments or remainders fail at the "
+                "first step), and resuming that path was never shown here. Set fp8_param_gather: false"
+            )
+        if self.store_param_remainders and checkpoint_optimizer_sharding == "fully_reshardable":
+            problems.append(
+                "store_param_remainders cannot go with checkpoint_optimizer_sharding='fully_reshardable': Megatron "
+                "writes the 16-bit remainders into that format's fp32 main weights, and cannot load them back. Set "
+                "store_param_remainders: false (4 bytes per parameter instead of 2) or keep 'dp_reshardable'"
+            )
         if problems:
             raise ValueError("optimizer_precision: " + "; ".join(problems) + ".")
+
+    def check_transformer_engine(self) -> None:
+        """Raise ``ValueError`` where Transformer Engine is not installed (Megatron would fail building the optimizer,
+        after the model)."""
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(
+                "optimizer_precision: Megatron's precision-aware optimizer is Transformer Engine's FusedAdam, and "
+                "Transformer Engine is not installed here (pip install 'lightning-llama-fp8[te]'); or drop "
+                "optimizer_precision."
+            )
 
     def optimizer_config_kwargs(self) -> dict[str, Any]:
         """The precision fields of Megatron's ``OptimizerConfig``."""
@@ -114,21 +131,15 @@ class OptimizerPrecisionSettings:
             "store_param_remainders": self.store_param_remainders,
         }
 
-    def bytes_per_parameter(self, fp8_param_gather: bool) -> int:
+    def bytes_per_parameter(self) -> int:
         """GPU bytes per parameter of the optimizer shard: main weights (or their remainders) and both moments."""
-        remainders = self.store_param_remainders and not fp8_param_gather
-        main = 2 if remainders else 4
+        main = 2 if self.store_param_remainders else 4
         return main + MOMENT_BYTES[self.exp_avg_dtype] + MOMENT_BYTES[self.exp_avg_sq_dtype]
 
-    def describe(self, fp8_param_gather: bool = False) -> str:
+    def describe(self) -> str:
         """One line, e.g. ``precision-aware Adam: bf16 moments, fp32 main weights as 16-bit remainders``."""
-        if self.exp_avg_dtype == self.exp_avg_sq_dtype:
-            moments = f"{self.exp_avg_dtype} moments"
-        else:
-            moments = f"exp_avg {self.exp_avg_dtype}, exp_avg_sq {self.exp_avg_sq_dtype}"
-        remainders = self.store_param_remainders and not fp8_param_gather
-        main = "fp32 main weights as 16-bit remainders" if remainders else "fp32 main weights"
-        return f"precision-aware Adam: {moments}, {main}, no fp32 gradient copy"
+        main = "fp32 main weights as 16-bit remainders" if self.store_param_remainders else "fp32 main weights"
+        return f"precision-aware Adam: {self.exp_avg_dtype} moments, {main}, no fp32 gradient copy"
 
     def checkpoint_record(self) -> dict[str, Any]:
         """What a checkpoint records of these settings (its optimizer state has these dtypes)."""

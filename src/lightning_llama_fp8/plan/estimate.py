@@ -29,7 +29,8 @@ What is exact and what is an estimate:
   bf16 weights, else 4) and moments (2 or 4 bytes each) are as asked, and the step reads the gradient buffer itself.
 * With FP8 compute on bf16 weights (FP8 param gather off) Transformer Engine keeps an FP8 copy and an FP8 transpose
   of every linear weight (2 bytes per linear parameter), cached over the micro batches of a step and kept between
-  steps: counted as ``fp8_weight_cache``.
+  steps: counted as ``fp8_weight_cache`` (for every layer: layers kept in BF16 by ``bf16_first_layers`` /
+  ``bf16_last_layers`` keep none, so it over-counts there; MXFP8 / blockwise scale tensors are not counted).
 * **Not counted at all**: the CUDA context and loaded kernels (about 0.5-1 GiB), NCCL communication buffers,
   PyTorch caching-allocator fragmentation and reserved-but-unused memory, Transformer Engine workspaces
   (cuBLAS workspaces, FP8 scaling metadata and amax histories), per-parameter temporaries of the offload copies,
@@ -476,7 +477,7 @@ def _optimizer_bytes(
     """
     params = -(-counts.total // shards) if use_distributed_optimizer else counts.total
     if optimizer_precision is not None:
-        return optimizer_precision.bytes_per_parameter(fp8_param_gather) * params, 0, 0
+        return optimizer_precision.bytes_per_parameter() * params, 0, 0
     if offload is not None:
         on_host = round(params * offload.fraction)
         return OFFLOADED_BYTES_PER_PARAM * (params - on_host), 0, OFFLOADED_BYTES_PER_PARAM * on_host
@@ -508,6 +509,7 @@ def plan_training(
     document_masking: bool = False,
     fp8_attention: bool = False,
     optimizer_precision: OptimizerPrecisionSettings | None = None,
+    checkpoint_optimizer_sharding: str = "dp_reshardable",
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
@@ -528,7 +530,10 @@ def plan_training(
         optimizer_offload.check(use_distributed_optimizer, recipe, fp8_param_gather)
     if optimizer_precision is not None:
         optimizer_precision.check(
-            use_distributed_optimizer, recipe, fp8_param_gather, optimizer_offloaded=optimizer_offload is not None
+            use_distributed_optimizer,
+            fp8_param_gather,
+            optimizer_offloaded=optimizer_offload is not None,
+            checkpoint_optimizer_sharding=checkpoint_optimizer_sharding,
         )
     if document_masking:
         check_document_masking(

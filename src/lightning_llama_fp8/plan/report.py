@@ -55,7 +55,7 @@ def _header_rows(plan: TrainingPlan) -> list[tuple[str, str]]:
 def _optimizer_state(plan: TrainingPlan) -> str:
     if plan.optimizer_precision is None:
         return "Megatron's default: fp32 main weights and Adam moments, fp32 gradient copy at the step"
-    return plan.optimizer_precision.describe(plan.fp8_param_gather)
+    return plan.optimizer_precision.describe()
 
 
 def _document_masking(plan: TrainingPlan) -> str:
