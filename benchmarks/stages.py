@@ -225,8 +225,8 @@ STAGES: tuple[Stage, ...] = (
             functions.lever_weight_refresh,
         ),
         outputs=("weight_refresh.log", "fp8_weight_refresh_*.json", "lever/summary.json"),
-        knobs={"LEVER_ENV": ""},
-        notes="the test's JSON records land in OUT (GPU_RESULTS_DIR); LEVER_ENV as in lever-1; 4.9 min measured",
+        knobs={"LEVER_ENV": "", "LEVER_PRECISION": "fp8", "LEVER_LAYERS": "4", "LEVER_BASE_ARGS": ""},
+        notes="the test's JSON records land in OUT (GPU_RESULTS_DIR); LEVER_* as in lever-1; 4.9 min measured",
     ),
     Stage(
         name="lever-1",
