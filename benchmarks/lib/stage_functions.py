@@ -641,7 +641,8 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
     """Today's defaults (A) against one lever (B), alternating A B A B in one call: s/step and loss difference.
 
     B adds ``lever_args`` (default: the knob LEVER_ARGS), flags of ``benchmarks.throughput``, and runs with the
-    environment assignments of LEVER_ENV, for levers that are settings of a dependency.
+    environment assignments of LEVER_ENV, for levers that are settings of a dependency. Both run LEVER_PRECISION with
+    LEVER_LAYERS layers and the flags LEVER_BASE_ARGS.
     """
     flags = session.knob("LEVER_ARGS") if lever_args is None else lever_args
     env = session.knob("LEVER_ENV")
@@ -653,8 +654,8 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
         lever_flags, lever_env = (flags, env) if run.startswith("b") else ("", "")
         code = session.run(
             session.words(
-                "env {*env} python3 -m benchmarks.throughput --precision fp8 --layers 4 --gbs 8 --steps 20 --warmup 8 "
-                "{*flags} --out {runs}/{run}.json",
+                "env {*env} python3 -m benchmarks.throughput --precision {LEVER_PRECISION} --layers {LEVER_LAYERS} "
+                "--gbs 8 --steps 20 --warmup 8 {*LEVER_BASE_ARGS} {*flags} --out {runs}/{run}.json",
                 env=lever_env,
                 flags=lever_flags,
                 runs=runs,
