@@ -150,6 +150,29 @@ def test_cli_refuses_changed_batch_size_and_learning_rates(tmp_path: Path, capsy
     assert capsys.readouterr().err == ""
 
 
+def test_cli_refuses_a_resume_into_other_optimizer_state_dtypes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint holds Megatron's default optimizer state (an older record: no optimizer_state); the config asks
+    for bf16 moments. Refused before building, naming both; the checkpoint's setting (none) passes."""
+    from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
+
+    path = fake_resumable_checkpoint(tmp_path)
+    config = _cli_config(ckpt_path=path)
+    config["trainer"]["strategy"]["init_args"]["optimizer_precision"] = {"exp_avg_dtype": "bf16"}
+    with pytest.raises(SystemExit) as excinfo:
+        cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
+    assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
+    err = capsys.readouterr().err
+    assert "holds optimizer state as Megatron's default (fp32 main weights and moments)" in err
+    assert "Resume with the checkpoint's optimizer_precision (null)" in err
+    cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=False)  # validation loads weights only
+    config["trainer"]["strategy"]["init_args"]["optimizer_precision"] = None
+    cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_refuses_a_val_check_interval_larger_than_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_llama_fp8.cli import fit as cli
 
