@@ -288,3 +288,21 @@ def test_checkpoints_record_the_strategys_optimizer_state() -> None:
     assert optimizer_state_record(MegatronCPStrategy()) == DEFAULT_OPTIMIZER_PRECISION_RECORD
     module = types.SimpleNamespace(_trainer=types.SimpleNamespace(strategy=strategy, datamodule=None), optim=None)
     assert resume_records(module)["optimizer_state"] == settings.checkpoint_record()
+
+
+def test_the_fp8_weight_cache_counts_only_the_layers_that_run_in_fp8() -> None:
+    layout = ParallelLayout()
+    every = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", fp8_recipe="current")
+    kept = plan_training(
+        "llama3_8b", layout, 1, 8, 1, "fp8", fp8_recipe="current", bf16_first_layers=2, bf16_last_layers=2
+    )
+    assert kept.memory.fp8_weight_cache == every.memory.fp8_weight_cache * 28 // 32
+    bf16 = plan_training("llama3_8b", layout, 1, 8, 1, "bf16")
+    assert bf16.memory.fp8_weight_cache == 0
+    # With pipeline stages each stage counts its own FP8 layers: the first stage holds the two BF16 ones here.
+    staged = plan_training(
+        "llama3_8b", ParallelLayout(pipeline_model_parallel_size=2), 2, 8, 1, "fp8", fp8_recipe="current",
+        bf16_first_layers=2,
+    )  # fmt: skip
+    first, last = (stage.memory.fp8_weight_cache for stage in staged.stages)
+    assert first == last * 14 // 16

@@ -148,6 +148,8 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         optimizer_precision=_settings(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
         checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
+        bf16_first_layers=as_int(fp8_args.get("bf16_first_layers", 0), "TEFP8Precision.bf16_first_layers", at_least=0),
+        bf16_last_layers=as_int(fp8_args.get("bf16_last_layers", 0), "TEFP8Precision.bf16_last_layers", at_least=0),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),
         # SFTDataModule always masks documents (its samples pack conversations); it refuses document_masking: false.
         document_masking=class_name(config.get("data")) == "SFTDataModule"

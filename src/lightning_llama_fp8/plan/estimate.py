@@ -29,8 +29,8 @@ What is exact and what is an estimate:
   bf16 weights, else 4) and moments (2 or 4 bytes each) are as asked, and the step reads the gradient buffer itself.
 * With FP8 compute on bf16 weights (FP8 param gather off) Transformer Engine keeps an FP8 copy and an FP8 transpose
   of every linear weight (2 bytes per linear parameter), cached over the micro batches of a step and kept between
-  steps: counted as ``fp8_weight_cache`` (for every layer: layers kept in BF16 by ``bf16_first_layers`` /
-  ``bf16_last_layers`` keep none, so it over-counts there; MXFP8 / blockwise scale tensors are not counted).
+  steps: counted as ``fp8_weight_cache`` for the layers that run in FP8 (not those kept in BF16 by
+  ``bf16_first_layers`` / ``bf16_last_layers``; MXFP8 / blockwise scale tensors are not counted).
 * **Not counted at all**: the CUDA context and loaded kernels (about 0.5-1 GiB), NCCL communication buffers,
   PyTorch caching-allocator fragmentation and reserved-but-unused memory, Transformer Engine workspaces
   (cuBLAS workspaces, FP8 scaling metadata and amax histories), per-parameter temporaries of the offload copies,
@@ -451,11 +451,14 @@ def _gradient_bytes(counts: ParameterCounts, grad_reduce_in_fp32: bool) -> int:
     return (FP32_BYTES if grad_reduce_in_fp32 else BF16_BYTES) * counts.total
 
 
-def _fp8_weight_cache_bytes(counts: ParameterCounts, precision: PrecisionName, fp8_param_gather: bool) -> int:
-    """FP8 compute on bf16 weights: TE's cached FP8 weight and its transpose (1 byte each per linear parameter)."""
-    if precision == "fp8" and not fp8_param_gather:
-        return 2 * FP8_BYTES * counts.linear
-    return 0
+def _fp8_weight_cache_bytes(
+    counts: ParameterCounts, precision: PrecisionName, fp8_param_gather: bool, layers: int, fp8_layers: int
+) -> int:
+    """FP8 compute on bf16 weights: TE's cached FP8 weight and its transpose (1 byte each per linear parameter) of the
+    ``fp8_layers`` of a stage's ``layers`` that run in FP8."""
+    if precision != "fp8" or fp8_param_gather or layers == 0:
+        return 0
+    return 2 * FP8_BYTES * counts.linear * fp8_layers // layers
 
 
 def _optimizer_bytes(
@@ -465,7 +468,6 @@ def _optimizer_bytes(
     grad_reduce_in_fp32: bool,
     offload: OptimizerOffloadSettings | None,
     optimizer_precision: OptimizerPrecisionSettings | None = None,
-    fp8_param_gather: bool = False,
 ) -> tuple[int, int, int]:
     """(GPU state, GPU transient at the step, host state) of Megatron's mixed-precision Adam.
 
@@ -510,6 +512,8 @@ def plan_training(
     fp8_attention: bool = False,
     optimizer_precision: OptimizerPrecisionSettings | None = None,
     checkpoint_optimizer_sharding: str = "dp_reshardable",
+    bf16_first_layers: int = 0,
+    bf16_last_layers: int = 0,
 ) -> TrainingPlan:
     """Validate ``layout`` and compute the :class:`TrainingPlan` of one training step, on the CPU.
 
@@ -553,6 +557,9 @@ def plan_training(
         )
         if packed_bytes:
             activations = dataclasses.replace(activations, packed_bytes=packed_bytes)
+        layers = tuple(chunk.layers for chunk in model_chunks(layout, cfg.num_layers, rank))
+        indices = [index for chunk in layers for index in chunk]
+        fp8_layers = sum(bf16_first_layers <= index < cfg.num_layers - bf16_last_layers for index in indices)
         optimizer, optimizer_step, host = _optimizer_bytes(
             counts,
             dp * cp,
@@ -560,7 +567,6 @@ def plan_training(
             grad_reduce_in_fp32,
             optimizer_offload,
             optimizer_precision,
-            fp8_param_gather,
         )
         memory = MemoryBreakdown(
             weights=_weight_bytes(counts, precision, fp8_param_gather),
@@ -570,9 +576,8 @@ def plan_training(
             optimizer_step=optimizer_step,
             host=host,
             rope_cache=rope_cache,
-            fp8_weight_cache=_fp8_weight_cache_bytes(counts, precision, fp8_param_gather),
+            fp8_weight_cache=_fp8_weight_cache_bytes(counts, precision, fp8_param_gather, len(indices), fp8_layers),
         )
-        layers = tuple(chunk.layers for chunk in model_chunks(layout, cfg.num_layers, rank))
         return StagePlan(rank, layers, counts, memory, activations)
 
     stages = tuple(stage(rank) for rank in range(layout.pipeline_model_parallel_size))
