@@ -49,6 +49,7 @@ from lightning.pytorch.loggers import CSVLogger
 from benchmarks.lib.internals import plan_training
 from benchmarks.lib.kernel_profile import StepProfiler
 from lightning_llama_fp8 import (
+    CudaGraphSettings,
     IndexedDataModule,
     LlamaConfig,
     LlamaLightningModule,
@@ -270,6 +271,9 @@ def main() -> None:
     parser.add_argument("--optimizer-offload-fraction", type=float, default=0.0, help="0: optimizer on the GPU")
     parser.add_argument("--no-fp8-param-gather", action="store_true", help="keep BF16 weights in FP8 runs")
     parser.add_argument(
+        "--cuda-graphs", action="store_true", help="MegatronCPStrategy(cuda_graphs=CudaGraphSettings()): graphed layers"
+    )
+    parser.add_argument(
         "--optimizer-precision",
         choices=("off", "bf16", "fp32"),
         default="off",
@@ -373,6 +377,7 @@ def main() -> None:
             activation_recompute=recompute,
             optimizer_offload=offload,
             optimizer_precision=optimizer_precision,
+            cuda_graphs=CudaGraphSettings() if args.cuda_graphs else None,
             async_save=args.save_mode == "async",
             gradient_accumulation_fusion={"default": None, "on": True, "off": False}[args.grad_accum_fusion],
         ),
@@ -441,6 +446,7 @@ def main() -> None:
         "optimizer_offload_fraction": args.optimizer_offload_fraction,
         "fp8_param_gather": fp8_param_gather,
         "optimizer_precision": args.optimizer_precision,
+        "cuda_graphs": args.cuda_graphs,
         "plan_gib": plan.memory.total / 2**30,
         "plan_host_gib": plan.memory.host / 2**30,
     }

@@ -7,6 +7,7 @@ Public API::
         TEFP8Precision, MegatronPrecision, FP8UnavailableError, MockDataModule, IndexedDataModule, SFTDataModule,
         GPTDataModule, ParallelLayout, validate_layout, LayoutError, CheckpointError, CheckpointInfo,
         read_checkpoint_info, RecomputeSettings, OptimizerOffloadSettings, OptimizerPrecisionSettings,
+        CudaGraphSettings,
     )
     from lightning_llama_fp8.callbacks import NaNGuard, NonFiniteTrainingError, FP8StatsMonitor, FaultInjector, ManualGC
     from lightning_llama_fp8.callbacks import ThroughputMonitor, StepProgressBar
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from lightning_llama_fp8.data.mock import MockDataModule
     from lightning_llama_fp8.data.sft import SFTDataModule
     from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
+    from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphSettings
     from lightning_llama_fp8.parallel.layout import LayoutError, ParallelLayout, validate_layout
     from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
     from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
@@ -40,6 +42,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "CheckpointInfo",
+    "CudaGraphSettings",
     "FP8UnavailableError",
     "GPTDataModule",
     "IndexedDataModule",
@@ -66,6 +69,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "CheckpointError": "lightning_llama_fp8.checkpoint.info",
         "CheckpointInfo": "lightning_llama_fp8.checkpoint.info",
+        "CudaGraphSettings": "lightning_llama_fp8.parallel.cuda_graphs",
         "FP8UnavailableError": "lightning_llama_fp8.precision",
         "GPTDataModule": "lightning_llama_fp8.data.base",
         "IndexedDataModule": "lightning_llama_fp8.data.indexed",

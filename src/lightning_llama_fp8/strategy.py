@@ -46,6 +46,7 @@ from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import preflight
 from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
 from lightning_llama_fp8.parallel import ddp, determinism
+from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphCapture, CudaGraphSettings, prepare_environment
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
@@ -123,6 +124,9 @@ class MegatronCPStrategy(ParallelStrategy):
             16-bit remainders of bf16 weights, no fp32 gradient copy at the step
             (:class:`~.parallel.optimizer_precision.OptimizerPrecisionSettings`). ``None``: Megatron's default
             (fp32 main weights and moments, 16 bytes per parameter at the step instead of 6).
+        cuda_graphs: capture each transformer layer as CUDA graphs after a few eager training steps and replay them
+            (:class:`~.parallel.cuda_graphs.CudaGraphSettings`; Megatron's ``cuda_graph_impl="transformer_engine"``).
+            ``None`` (default): eager.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: collective timeout.
     """
@@ -155,6 +159,7 @@ class MegatronCPStrategy(ParallelStrategy):
         activation_recompute: RecomputeSettings | None = None,
         optimizer_offload: OptimizerOffloadSettings | None = None,
         optimizer_precision: OptimizerPrecisionSettings | None = None,
+        cuda_graphs: CudaGraphSettings | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         **kwargs: Any,
@@ -226,6 +231,8 @@ class MegatronCPStrategy(ParallelStrategy):
                 optimizer_offloaded=optimizer_offload is not None,
                 checkpoint_optimizer_sharding=checkpoint_optimizer_sharding,
             )
+        self.cuda_graphs = cuda_graphs
+        self._graph_capture = CudaGraphCapture(cuda_graphs) if cuda_graphs is not None else None
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self.num_nodes = 1
@@ -297,8 +304,14 @@ class MegatronCPStrategy(ParallelStrategy):
         if arch is not None:
             self.precision_plugin.check_num_layers(arch.num_layers, self.layout.pipeline_model_parallel_size)
         self._check_memory_settings(arch)
+        self._check_cuda_graphs(arch)
         self._check_gradient_accumulation_fusion(arch)
         self._enter_deterministic_mode()  # its NCCL_ALGO before the process groups, its TE setting before the model
+        if self.cuda_graphs is not None and self.root_device.type == "cuda":
+            prepare_environment()
+            # As Megatron-LM does before its process groups: the capture needs work off the legacy default stream.
+            torch.cuda.set_device(self.root_device)
+            torch.cuda.set_stream(torch.cuda.Stream())
         backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
         self._process_group_backend = backend
         compat.init_dist_connection(self.cluster_environment, backend, self._timeout)
@@ -357,7 +370,8 @@ class MegatronCPStrategy(ParallelStrategy):
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             torch.cuda.set_device(self.root_device)
-            model_parallel_cuda_manual_seed(self._seed())
+            graphs = self.cuda_graphs is not None  # graphed layers draw from Transformer Engine's RNG tracker
+            model_parallel_cuda_manual_seed(self._seed(), te_rng_tracker=graphs, use_cudagraphable_rng=graphs)
 
     def _seed(self) -> int:
         if self.seed is not None:
@@ -431,6 +445,52 @@ class MegatronCPStrategy(ParallelStrategy):
             chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
 
+    def _check_cuda_graphs(self, arch: Any) -> None:
+        """Refuse CUDA graphs where they cannot run (before any process group exists)."""
+        if self.cuda_graphs is None:
+            return
+        trainer = self.lightning_module.trainer
+        rollback_bf16 = max(
+            (int(getattr(callback, "bf16_steps_after_rollback", 0) or 0) for callback in trainer.callbacks), default=0
+        )
+        if any(getattr(callback, "watch_outputs", None) for callback in trainer.callbacks):
+            log.warning(
+                "cuda_graphs: NaNGuard's watch of the layer outputs does not see layers replayed as CUDA graphs (their "
+                "forward hooks do not run); non-finite losses and gradients are still caught. "
+                "NaNGuard(watch_outputs=None) says it is off."
+            )
+        recompute = self.activation_recompute
+        self.cuda_graphs.check(
+            transformer_impl=getattr(arch, "transformer_impl", "transformer_engine"),
+            full_recompute=recompute is not None and recompute.granularity == "full",
+            optimizer_offloaded=self.optimizer_offload is not None,
+            document_masking=bool(getattr(trainer.datamodule, "document_masking", False)),
+            pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
+            bf16_steps_after_rollback=rollback_bf16,
+        )
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's training step; with ``cuda_graphs``, after the warm-up steps capture the layers first."""
+        if self._graph_capture is not None:
+            self._capture_cuda_graphs_when_due()
+        return super().training_step(*args, **kwargs)
+
+    def _capture_cuda_graphs_when_due(self) -> None:
+        from megatron.core import parallel_state
+
+        assert self._graph_capture is not None
+        datamodule = self.lightning_module.trainer.datamodule
+        self._graph_capture.before_training_step(
+            self._ddp_modules,
+            self.optimizers[0],
+            seq_length=self.lightning_module.arch.seq_length,
+            micro_batch_size=datamodule.micro_batch_size,
+            global_batch_size=datamodule.global_batch_size,
+            data_parallel_size=parallel_state.get_data_parallel_world_size(),
+            rank=torch.distributed.get_rank(),
+            overlap_param_gather=self.overlap_param_gather,
+        )
+
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """The layout (and activation recompute) fields of the model's ``TransformerConfig``, and
         ``deterministic_mode`` (``Trainer(deterministic=True)``)."""
@@ -444,6 +504,8 @@ class MegatronCPStrategy(ParallelStrategy):
         }
         if cp > 1:
             kwargs["cp_comm_type"] = self.layout.cp_comm_type
+        if self.cuda_graphs is not None:
+            kwargs.update(self.cuda_graphs.transformer_config_kwargs())
         kwargs.update(pipeline_config_kwargs(self.layout))
         if self.activation_recompute is not None:
             arch = getattr(self.lightning_module, "arch", None) if self._lightning_module is not None else None
@@ -699,6 +761,8 @@ class MegatronCPStrategy(ParallelStrategy):
 
         self._own_directory_warnings.close()
         self.checkpointing.close()  # the run waits for a pending save before it exits
+        if self._graph_capture is not None:
+            self._graph_capture.close()  # before the process groups the graphs' collectives belong to
         self._ddp_modules = []
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

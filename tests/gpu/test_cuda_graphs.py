@@ -1,0 +1,88 @@
+"""CUDA graphs of the transformer layers on one GPU: captured after the warm-up steps, the run trains like the eager
+one (same losses within kernel noise), validation in between still runs (eagerly), and the step time is recorded."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+
+from benchmarks.throughput import small_arch
+from lightning_llama_fp8 import (
+    CudaGraphSettings,
+    LlamaLightningModule,
+    MegatronCPStrategy,
+    MegatronPrecision,
+    MockDataModule,
+    TEFP8Precision,
+)
+from tests.gpu.probes import StepProbe, one_gpu_trainer, short_run_optimizer
+
+STEPS, GBS, WARMUP = 12, 4, 3
+ARCH = small_arch(num_layers=4, seq_length=2048)
+
+
+class StepTimes(Callback):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _train(precision: str, graphs: bool) -> tuple[StepProbe, StepTimes, Any]:
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    FP8GlobalStateManager.reset()
+    seed_everything(1234)
+    probe, times = StepProbe(), StepTimes()
+    plugin = TEFP8Precision() if precision == "fp8" else MegatronPrecision()
+    trainer = one_gpu_trainer(
+        plugin,
+        STEPS,
+        [probe, times],
+        strategy=MegatronCPStrategy(cuda_graphs=CudaGraphSettings(warmup_steps=WARMUP) if graphs else None),
+        limit_val_batches=1,
+        val_check_interval=6,  # one validation between replayed steps
+        check_val_every_n_epoch=None,
+    )
+    module = LlamaLightningModule(ARCH, short_run_optimizer(STEPS))
+    data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
+    trainer.fit(module, datamodule=data)
+    return probe, times, trainer
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_graphed_layers_train_like_eager_ones(precision: str, record: Any) -> None:
+    eager, eager_times, _ = _train(precision, graphs=False)
+    graphed, graphed_times, trainer = _train(precision, graphs=True)
+    assert trainer.global_step == STEPS and "val/loss" in trainer.callback_metrics
+    gaps = [abs(a - b) / abs(b) for a, b in zip(graphed.losses, eager.losses, strict=True)]
+    replayed = slice(WARMUP + 2, None)  # after the capture step
+    record(
+        f"cuda_graphs_{precision}",
+        {
+            "eager_losses": eager.losses,
+            "graphed_losses": graphed.losses,
+            "relative_loss_gaps": gaps,
+            "eager_step_s": eager_times.seconds,
+            "graphed_step_s": graphed_times.seconds,
+            "eager_median_replayed_steps_s": sorted(eager_times.seconds[replayed])[
+                len(eager_times.seconds[replayed]) // 2
+            ],
+            "graphed_median_replayed_steps_s": sorted(graphed_times.seconds[replayed])[
+                len(graphed_times.seconds[replayed]) // 2
+            ],
+        },
+    )
+    assert max(gaps[:WARMUP]) == 0.0, gaps  # the eager warm-up steps are the eager run's
+    assert max(gaps) < 1e-3, gaps  # the replayed layers compute the same
