@@ -471,16 +471,16 @@ class MegatronCPStrategy(ParallelStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The module's training step; with ``cuda_graphs``, after the warm-up steps capture the layers first."""
-        if self._graph_capture is not None:
-            self._capture_cuda_graphs_when_due()
+        if self._graph_capture is not None and self._graph_capture.count_step():
+            self._capture_cuda_graphs()
         return super().training_step(*args, **kwargs)
 
-    def _capture_cuda_graphs_when_due(self) -> None:
+    def _capture_cuda_graphs(self) -> None:
         from megatron.core import parallel_state
 
         assert self._graph_capture is not None
         datamodule = self.lightning_module.trainer.datamodule
-        self._graph_capture.before_training_step(
+        self._graph_capture.capture(
             self._ddp_modules,
             self.optimizers[0],
             seq_length=self.lightning_module.arch.seq_length,

@@ -110,3 +110,28 @@ def quiet_trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
     return Trainer(
         accelerator="cpu", devices=1, logger=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs
     )
+
+
+def cpu_cli_of_example(monkeypatch: Any, example: str, *overrides: str) -> Any:
+    """``llama-fp8 fit --config examples/configs/<example>`` as LightningCLI parses it (nothing run, no pre-flight), on
+    the CPU in BF16, with ``overrides`` (``--flag value`` pairs) after the config."""
+    import lightning_llama_fp8.cli.fit as cli
+    from tests.helpers.paths import REPO_ROOT
+
+    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
+    return cli.LlamaCLI(
+        LlamaLightningModule,
+        cli.GPTDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config",
+            str(REPO_ROOT / "examples" / "configs" / example),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.plugins",
+            "lightning_llama_fp8.MegatronPrecision",
+            *overrides,
+        ],
+        save_config_kwargs={"overwrite": True},
+    )

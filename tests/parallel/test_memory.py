@@ -17,7 +17,8 @@ from lightning_llama_fp8 import (
     get_preset,
 )
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from tests.helpers import REPO_ROOT, fit_never_built, run_distributed
+from tests.helpers import fit_never_built, run_distributed
+from tests.helpers.trainers import cpu_cli_of_example
 
 LOCAL_TINY = dict(transformer_impl="local", apply_rope_fusion=False)
 
@@ -238,26 +239,8 @@ def test_offload_settings_reach_megatron_optimizer_config() -> None:
 
 # ---------------------------------------------------------------------------------------------- YAML
 def test_memory_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_llama_fp8.cli.fit as cli
-
-    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
-    config = REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"
-    parsed = cli.LlamaCLI(
-        LlamaLightningModule,
-        cli.GPTDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=[
-            "--config",
-            str(config),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.plugins",
-            "lightning_llama_fp8.MegatronPrecision",
-            "--trainer.strategy.activation_recompute.num_layers",
-            "2",
-        ],
-        save_config_kwargs={"overwrite": True},
+    parsed = cpu_cli_of_example(
+        monkeypatch, "llama3_8b_1gpu_fp8_recompute.yaml", "--trainer.strategy.activation_recompute.num_layers", "2"
     )
     strategy = parsed.trainer.strategy
     assert isinstance(strategy, MegatronCPStrategy)

@@ -28,6 +28,7 @@ from lightning_llama_fp8.cli.plan import plan_main
 from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
 from lightning_llama_fp8.plan import plan_training
 from tests.helpers import fit_never_built
+from tests.helpers.trainers import cpu_cli_of_example
 
 PARAMS_8B = 8_030_261_248
 
@@ -169,26 +170,8 @@ def test_fusedadam_keeps_the_main_weights_with_bf16_weights_for_every_recipe(
 
 
 def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_llama_fp8.cli.fit as cli
-    from lightning_llama_fp8 import LlamaLightningModule
-    from tests.helpers import REPO_ROOT
-
-    monkeypatch.setattr(cli, "preflight", lambda config, **kwargs: None)
-    parsed = cli.LlamaCLI(
-        LlamaLightningModule,
-        cli.GPTDataModule,
-        subclass_mode_data=True,
-        run=False,
-        args=[
-            "--config",
-            str(REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8.yaml"),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.plugins",
-            "lightning_llama_fp8.MegatronPrecision",
-            "--trainer.strategy.optimizer_precision.store_param_remainders",
-            "false",
-        ],
+    parsed = cpu_cli_of_example(
+        monkeypatch, "llama3_8b_1gpu_fp8.yaml", "--trainer.strategy.optimizer_precision.store_param_remainders", "false"
     )
     settings = parsed.trainer.strategy.optimizer_precision
     assert settings == OptimizerPrecisionSettings("bf16", "bf16", store_param_remainders=False)

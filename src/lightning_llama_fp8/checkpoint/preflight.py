@@ -32,7 +32,7 @@ from lightning_llama_fp8.checkpoint.outputs import (
     output_locations,
     unwritable_reason,
 )
-from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
+from lightning_llama_fp8.parallel.optimizer_precision import state_record
 
 __all__ = [
     "check_before_building",
@@ -157,8 +157,7 @@ def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
 
 def optimizer_state_record(strategy: Any) -> dict[str, Any]:
     """The dtypes of the optimizer state ``strategy`` (a ``MegatronCPStrategy``) keeps, as checkpoints record them."""
-    settings = getattr(strategy, "optimizer_precision", None)
-    return settings.checkpoint_record() if settings is not None else dict(DEFAULT_OPTIMIZER_PRECISION_RECORD)
+    return state_record(getattr(strategy, "optimizer_precision", None))
 
 
 def resume_records(module: Any) -> dict[str, Any]:

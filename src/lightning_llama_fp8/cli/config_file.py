@@ -144,9 +144,9 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         use_distributed_optimizer=switch("use_distributed_optimizer", True),
         grad_reduce_in_fp32=switch("grad_reduce_in_fp32", False),
         fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
-        recompute=_settings(RecomputeSettings, strategy.get("activation_recompute")),
-        optimizer_offload=_settings(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
-        optimizer_precision=_settings(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
+        recompute=settings_from_yaml(RecomputeSettings, strategy.get("activation_recompute")),
+        optimizer_offload=settings_from_yaml(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
+        optimizer_precision=settings_from_yaml(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
         checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
         bf16_first_layers=as_int(fp8_args.get("bf16_first_layers", 0), "TEFP8Precision.bf16_first_layers", at_least=0),
         bf16_last_layers=as_int(fp8_args.get("bf16_last_layers", 0), "TEFP8Precision.bf16_last_layers", at_least=0),
@@ -158,7 +158,7 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
     )
 
 
-def _settings(cls: Any, value: Any) -> Any:
+def settings_from_yaml(cls: Any, value: Any) -> Any:
     """A settings dataclass from its YAML mapping (``None``: not set); raises ValueError/TypeError when bad."""
     if value is None or isinstance(value, cls):
         return value

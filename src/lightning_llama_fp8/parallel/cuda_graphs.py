@@ -138,7 +138,12 @@ class CudaGraphCapture:
     def captured(self) -> bool:
         return self._helper is not None
 
-    def before_training_step(
+    def count_step(self) -> bool:
+        """Count a training step of this fit; True when the layers are to be captured before it."""
+        self.steps_seen += 1
+        return not self.captured and self.steps_seen > self.settings.warmup_steps
+
+    def capture(
         self,
         ddp_modules: list[Any],
         optimizer: Any,
@@ -149,10 +154,7 @@ class CudaGraphCapture:
         rank: int,
         overlap_param_gather: bool,
     ) -> None:
-        """Count this training step; at the first one after the warm-up, capture (before its gradients are zeroed)."""
-        self.steps_seen += 1
-        if self.captured or self.steps_seen <= self.settings.warmup_steps:
-            return
+        """Capture every layer once per micro batch (before the step's gradients are zeroed)."""
         from megatron.core import num_microbatches_calculator as calculator
         from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
 

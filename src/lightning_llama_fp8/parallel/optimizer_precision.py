@@ -158,3 +158,8 @@ DEFAULT_OPTIMIZER_PRECISION_RECORD: dict[str, Any] = {
     "store_param_remainders": False,
     "precision_aware": False,
 }
+
+
+def state_record(settings: OptimizerPrecisionSettings | None) -> dict[str, Any]:
+    """What a checkpoint records of the optimizer state kept under ``settings`` (``None``: Megatron's default)."""
+    return settings.checkpoint_record() if settings is not None else dict(DEFAULT_OPTIMIZER_PRECISION_RECORD)
