@@ -330,11 +330,16 @@ STAGES: tuple[Stage, ...] = (
         limit_s=CALL_LIMIT_S,
         steps=(functions.moments_check,),
         outputs=("moments/",),
-        knobs={"MOMENTS_STEPS": "300", "MOMENTS_RUN_NAMES": "default bf16_moments default_seed2"},
+        knobs={
+            "MOMENTS_STEPS": "300",
+            "MOMENTS_RUN_NAMES": "default bf16_moments default_seed2",
+            "MOMENTS_CONCURRENT": "0",
+        },
         notes="the real-text corpus, then examples/configs/llama3_1b_text.yaml for each run of MOMENTS_RUN_NAMES "
         "(default: seed 1234; bf16_moments: seed 1234 with optimizer_precision bf16; default_seed2: seed 4321), "
         "validation every 50 steps; ~3.3 min per run on an H100: split the runs over two calls with "
-        "MOMENTS_RUN_NAMES and summarize with python -m benchmarks.real_text moments",
+        "MOMENTS_RUN_NAMES and summarize with python -m benchmarks.real_text moments, or MOMENTS_CONCURRENT=1: all "
+        "runs at once on the one GPU (~35 GiB each, 3 fit an H200; their losses compared, not their speed)",
     ),
     Stage(
         name="offload-check",

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -314,14 +315,25 @@ def write_config(d: Path, name: str, config: dict[str, Any]) -> None:
     (d / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def fit_each(session: StageSession, d: Path, names: list[str] | tuple[str, ...]) -> None:
-    """``llama-fp8 fit --config d/<name>.yaml`` for each name, its stdout and stderr beside the config."""
-    for name in names:
-        code = session.run(
+def fit_each(session: StageSession, d: Path, names: list[str] | tuple[str, ...], *, concurrently: bool = False) -> None:
+    """``llama-fp8 fit --config d/<name>.yaml`` for each name, its stdout and stderr beside the config; with
+    ``concurrently`` all at once on the one GPU (for runs compared by their losses, not their speed)."""
+
+    def fit(name: str) -> int:
+        return session.run(
             ["python3", "-m", "lightning_llama_fp8.cli", "fit", "--config", d / f"{name}.yaml"],
             stdout=d / f"fit_{name}.stdout",
             stderr=d / f"fit_{name}.stderr",
         )
+
+    if concurrently:
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            codes = list(pool.map(fit, names))
+    else:
+        codes = []
+        for name in names:
+            codes.append(fit(name))
+    for name, code in zip(names, codes, strict=True):
         session.say(f"fit {name} exit {code}")
         session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))
 
@@ -440,7 +452,7 @@ def moments_check(session: StageSession) -> None:
     real_text_corpus(session, d)
     names = session.knob("MOMENTS_RUN_NAMES").split()
     session.call(write_moments_configs, d, int(session.knob("MOMENTS_STEPS")), " ".join(names))
-    fit_each(session, d, names)
+    fit_each(session, d, names, concurrently=session.knob("MOMENTS_CONCURRENT") == "1")
     if set(names) != set(MOMENTS_RUNS):
         session.note("not all three runs here: summarize later with python -m benchmarks.real_text moments")
         return
@@ -456,6 +468,8 @@ def write_moments_configs(d: Path, steps: int, names: str) -> None:
         seed, optimizer_precision = MOMENTS_RUNS[name]
         config = example_run_config("llama3_1b_text", d, name, steps)
         config["seed_everything"] = seed
+        # Its own sample-index cache: runs started together would otherwise write the same files at once.
+        config["data"]["init_args"]["path_to_cache"] = f"/tmp/real_text_cache_{name}"
         config["trainer"]["strategy"].setdefault("init_args", {})["optimizer_precision"] = optimizer_precision
         write_config(d, name, config)
 

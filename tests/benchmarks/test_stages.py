@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.lib import stage_functions
 from benchmarks.lib.stage_run import Command, Stage, StageSession
@@ -207,3 +210,49 @@ def test_the_repro_processes_get_the_cublas_setting_before_their_first_gemm(
     assert all(
         line.startswith("$ CUBLAS_WORKSPACE_CONFIG=:4096:8 NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 python3") for line in runs
     )
+
+
+class _OverlapRecorder:
+    """Stands in for a StageSession in fit_each: each run takes a moment; how many ran at once is recorded."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.configs: list[str] = []
+
+    def run(self, argv: list[str | Path], **_: object) -> int:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.configs.append(str(argv[-1]))
+        time.sleep(0.3)
+        with self.lock:
+            self.running -= 1
+        return 0
+
+    def say(self, text: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("concurrently", "most_at_once"), [(True, 3), (False, 1)])
+def test_moments_runs_started_together_overlap_each_with_its_own_sample_index_cache(
+    tmp_path: Path, concurrently: bool, most_at_once: int
+) -> None:
+    names = ("default", "bf16_moments", "default_seed2")
+    stage_functions.write_moments_configs(tmp_path, 300, " ".join(names))
+    caches = {yaml.safe_load((tmp_path / f"{n}.yaml").read_text())["data"]["init_args"]["path_to_cache"] for n in names}
+    assert len(caches) == 3  # runs at once must not build the same index files together
+
+    recorder = _OverlapRecorder()
+    stage_functions.fit_each(recorder, tmp_path, names, concurrently=concurrently)  # type: ignore[arg-type]
+    assert recorder.most_at_once == most_at_once
+    assert sorted(recorder.configs) == sorted(str(tmp_path / f"{n}.yaml") for n in names)
+
+
+def test_moments_check_knob_runs_the_fits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    monkeypatch.setattr(stage_functions, "fit_each", lambda *a, concurrently=False: seen.append(concurrently))
+    dry_run("moments-check", tmp_path / "out", {"MOMENTS_CONCURRENT": "1"})
+    dry_run("moments-check", tmp_path / "out")
+    assert seen == [True, False]
