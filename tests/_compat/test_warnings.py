@@ -365,3 +365,29 @@ def test_the_checkpoint_directory_warning_is_hidden_only_for_the_resumed_runs_ow
     assert fit_and_collect(own, [str(own)]) == []
     assert fit_and_collect(other, [str(own)]) == [f"Checkpoint directory {other} exists and is not empty."]
     assert fit_and_collect(own, []) == [f"Checkpoint directory {own} exists and is not empty."]  # a fresh run
+
+
+def test_megatrons_rank_fallback_warning_before_distributed_is_real_and_filtered_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The corpus check of `llama-fp8 fit` opens Megatron's IndexedDataset before torch.distributed starts; megatron-core
+    # asks for the rank before each of its INFO lines (seen in a GPU fit's stderr, 2026-12-07).
+    import torch.distributed as dist
+
+    from lightning_llama_fp8.data.indexed import check_corpus
+    from tests.helpers.corpora import write_corpus
+
+    assert not dist.is_initialized()
+    for name in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    write_corpus(tmp_path / "corpus", documents=3, low=0, high=100)
+
+    def check() -> None:
+        check_corpus(str(tmp_path / "corpus"))
+        warn_from("megatron.core._rank_utils", "another rank warning", UserWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check()
+    assert any(str(w.message).startswith("Could not determine rank from torch.distributed") for w in caught)
+    assert shown_warnings(check) == ["another rank warning", OWN_WARNING]

@@ -104,6 +104,16 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
         "Lightning's summary cannot be told the bit width of a TE FP8 model",
     ),
     (
+        r"Could not determine rank from torch\.distributed, RANK, or SLURM_PROCID\. Defaulting to rank 0\.",
+        UserWarning,
+        r"megatron\.core\._rank_utils",
+        # megatron-core 0.19.2 asks for the rank before each INFO line of its dataset code (log only on rank 0); the
+        # corpus checks of `llama-fp8 fit` and the data modules open Megatron's IndexedDataset before
+        # torch.distributed starts, on purpose (a bad corpus fails before anything is built). The fallback decides
+        # only whether an INFO log line is printed, never which data is read.
+        "decides only whether megatron-core prints an INFO line; the corpus checks run before distributed on purpose",
+    ),
+    (
         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         FutureWarning,
         r"lightning\.pytorch\.utilities\._pytree",
