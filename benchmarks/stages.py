@@ -261,13 +261,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="profile-fp8",
         gpus=1,
-        purpose="issue 15: where the FP8 step loses time: FP8 and BF16, 4 layers, 3 steps profiled after 10",
+        purpose="where the step's time goes: FP8 and BF16, PROFILE_LAYERS layers, 3 steps profiled after 10",
         limit_s=420,
         steps=(functions.profile_fp8,),
         outputs=("profile/fp8.json", "profile/bf16.json"),
-        knobs={"PROFILE_PRECISIONS": "fp8 bf16", "PROFILE_STACKS": ""},
+        knobs={"PROFILE_PRECISIONS": "fp8 bf16", "PROFILE_STACKS": "", "PROFILE_LAYERS": "4"},
         notes="torch.profiler: kernel time by kind, GPU idle; PROFILE_STACKS=1 adds profile/fp8_stacks.json (one FP8 "
-        "step with Python stacks: which code launched each FP8 cast); ~3 min estimated",
+        "step with Python stacks: which code launched each FP8 cast); ~3 min estimated at 4 layers; issue 28's BF16 "
+        "question: PROFILE_PRECISIONS=bf16 PROFILE_LAYERS=16 (an H200: ~90 GiB)",
     ),
     Stage(
         name="recipes-1",

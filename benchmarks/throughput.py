@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -116,6 +117,12 @@ def _host_memory_stats() -> dict[str, float]:
     if stats is None or not torch.cuda.is_available():
         return {}
     return {k: float(v) for k, v in stats().items() if isinstance(v, (int, float)) and ("time" in k or "bytes" in k)}
+
+
+def host_peak_rss_gib() -> float:
+    """This process's peak resident host memory so far (Linux reports ``ru_maxrss`` in KiB): what a run needs of the
+    host besides pinned buffers, e.g. the offloaded optimizer."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class CheckpointStall(Callback):
@@ -465,6 +472,7 @@ def main() -> None:
             "steps_done": trainer.global_step,
             "error": str(err).splitlines()[0],
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "host_peak_rss_gib": host_peak_rss_gib(),
             "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
             **memory_settings,
         }
@@ -518,6 +526,7 @@ def main() -> None:
         "tflops_per_gpu_causal": arch.flops_per_token(causal=True) * tokens_per_gpu / 1e12,  # today's LM logs
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "host_peak_rss_gib": host_peak_rss_gib(),
         "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
         "losses": step_log.losses,
         "grad_norms": step_log.grad_norms,

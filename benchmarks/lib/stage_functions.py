@@ -185,6 +185,7 @@ def summarize_one_gpu_8b(out: Path) -> None:
                 "peak_reserved_gib": run.get("peak_reserved_gib"),
                 "plan_gib": run.get("plan_gib"),
                 "plan_host_gib": run.get("plan_host_gib"),
+                "host_peak_rss_gib": run.get("host_peak_rss_gib"),
                 "mfu_tflops_per_gpu": run.get("tflops_per_gpu"),
                 "losses": run.get("losses"),
                 "error": run.get("error"),
@@ -730,8 +731,8 @@ def profile_fp8(session: StageSession) -> None:
     for precision in session.knob("PROFILE_PRECISIONS").split():
         code = session.run(
             session.words(
-                "python3 -m benchmarks.throughput --precision {precision} --layers 4 --steps 13 --warmup 10 "
-                "--profile-steps 3 --out {profiles}/{precision}.json",
+                "python3 -m benchmarks.throughput --precision {precision} --layers {PROFILE_LAYERS} --steps 13 "
+                "--warmup 10 --profile-steps 3 --out {profiles}/{precision}.json",
                 precision=precision,
                 profiles=profiles,
             ),

@@ -256,3 +256,11 @@ def test_moments_check_knob_runs_the_fits_at_once(tmp_path: Path, monkeypatch: p
     dry_run("moments-check", tmp_path / "out", {"MOMENTS_CONCURRENT": "1"})
     dry_run("moments-check", tmp_path / "out")
     assert seen == [True, False]
+
+
+def test_profile_layers_knob_sets_the_depth_of_the_profiled_runs(tmp_path: Path) -> None:
+    _, session = dry_run("profile-fp8", tmp_path / "out", {"PROFILE_PRECISIONS": "bf16", "PROFILE_LAYERS": "16"})
+    (run, *_) = throughput_runs(session)
+    assert run[run.index("--precision") + 1] == "bf16" and run[run.index("--layers") + 1] == "16"
+    _, session = dry_run("profile-fp8", tmp_path / "out")
+    assert all(run[run.index("--layers") + 1] == "4" for run in throughput_runs(session))

@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from benchmarks.throughput import CheckpointStall
 from lightning_llama_fp8.checkpoint.background import SaveTiming
 
@@ -40,3 +42,17 @@ def test_checkpoint_stall_records_the_wait_for_the_previous_write_and_the_interv
     assert summary["shortest_nonblocking_interval_steps"] == 24  # the longest write, in 1 s steps
     assert [save["step"] for save in summary["saves"]] == [8, 16]
     assert summary["saves"][1]["waited_for_previous_s"] == 16.0 and summary["saves"][1]["write_s"] == 23.5
+
+
+def test_host_peak_rss_is_the_kernels_high_water_mark_and_follows_an_allocation() -> None:
+    from benchmarks.throughput import host_peak_rss_gib
+
+    def high_water_mark_gib() -> float:  # Linux's own count, /proc/self/status "VmHWM: N kB"
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+
+    before = host_peak_rss_gib()
+    assert before == pytest.approx(high_water_mark_gib(), abs=0.01)
+    block = bytearray(int((before + 0.25) * 2**30))  # more than the peak so far, every page written (zeroed)
+    assert host_peak_rss_gib() >= before + 0.2
+    del block

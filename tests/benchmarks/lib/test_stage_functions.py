@@ -129,7 +129,7 @@ def test_one_gpu_8b_summary_has_a_row_per_setting_run(tmp_path: Path) -> None:
     runs = tmp_path / "one_gpu_8b"
     runs.mkdir()
     fits = {"device": "NVIDIA H200", "fits": True, "tokens_per_sec_per_gpu": 15000.0, "median_step_time_s": 4.37,
-            "peak_memory_gib": 126.0, "plan_gib": 121.4, "losses": [12.1, 11.9]}  # fmt: skip
+            "peak_memory_gib": 126.0, "plan_gib": 121.4, "host_peak_rss_gib": 9.5, "losses": [12.1, 11.9]}  # fmt: skip
     oom = {"device": "NVIDIA H200", "fits": False, "error": "CUDA out of memory.", "peak_memory_gib": 139.0}
     (runs / "bf16_moments.json").write_text(json.dumps(fits))
     (runs / "bf16_moments_current.json").write_text(json.dumps(oom))
@@ -139,4 +139,5 @@ def test_one_gpu_8b_summary_has_a_row_per_setting_run(tmp_path: Path) -> None:
     rows = {row["name"]: row for row in summary["rows"]}
     assert rows["bf16_moments"]["settings"] == stage_functions.ONE_GPU_8B_ROWS["bf16_moments"]
     assert rows["bf16_moments"]["tokens_per_s"] == 15000.0 and rows["bf16_moments"]["plan_gib"] == 121.4
+    assert rows["bf16_moments"]["host_peak_rss_gib"] == 9.5
     assert rows["bf16_moments_current"]["fits"] is False and rows["bf16_moments_current"]["tokens_per_s"] is None
