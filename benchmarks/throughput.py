@@ -99,11 +99,16 @@ def small_arch(num_layers: int, seq_length: int) -> LlamaConfig:
 
 
 class StepLog(Callback):
-    """Per-step training loss (the global per-token loss each step returns) and gradient norm."""
+    """Per-step training loss (the global per-token loss each step returns) and gradient norm; at the end, how many
+    modules held captured CUDA graphs (the layers, with ``--cuda-graphs``; before the strategy deletes them)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
+        self.graphed_modules = 0
+
+    def on_train_end(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
+        self.graphed_modules = sum(1 for module in pl_module.modules() if getattr(module, "cuda_graphs", None))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
         self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
@@ -528,6 +533,7 @@ def main() -> None:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "host_peak_rss_gib": host_peak_rss_gib(),
         "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
+        "graphed_modules": step_log.graphed_modules,  # what ran: 0 unless layers were captured
         "losses": step_log.losses,
         "grad_norms": step_log.grad_norms,
         "telemetry": telemetry.last_metrics,  # ThroughputMonitor over the timed steps

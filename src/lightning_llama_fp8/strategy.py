@@ -46,7 +46,12 @@ from lightning_llama_fp8.checkpoint import info as ckpt
 from lightning_llama_fp8.checkpoint import preflight
 from lightning_llama_fp8.checkpoint.hooks import StrategyCheckpointing
 from lightning_llama_fp8.parallel import ddp, determinism
-from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphCapture, CudaGraphSettings, prepare_environment
+from lightning_llama_fp8.parallel.cuda_graphs import (
+    CudaGraphCapture,
+    CudaGraphSettings,
+    callback_conflicts,
+    prepare_environment,
+)
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
@@ -371,7 +376,11 @@ class MegatronCPStrategy(ParallelStrategy):
 
             torch.cuda.set_device(self.root_device)
             graphs = self.cuda_graphs is not None  # graphed layers draw from Transformer Engine's RNG tracker
-            model_parallel_cuda_manual_seed(self._seed(), te_rng_tracker=graphs, use_cudagraphable_rng=graphs)
+            # force_reset_rng: Megatron keeps the first tracker a process made (an earlier eager fit's), whose plain
+            # states Transformer Engine's capture cannot fork.
+            model_parallel_cuda_manual_seed(
+                self._seed(), te_rng_tracker=graphs, use_cudagraphable_rng=graphs, force_reset_rng=graphs
+            )
 
     def _seed(self) -> int:
         if self.seed is not None:
@@ -453,13 +462,14 @@ class MegatronCPStrategy(ParallelStrategy):
         rollback_bf16 = max(
             (int(getattr(callback, "bf16_steps_after_rollback", 0) or 0) for callback in trainer.callbacks), default=0
         )
-        if any(getattr(callback, "watch_outputs", None) for callback in trainer.callbacks):
-            log.warning(
-                "cuda_graphs: NaNGuard's watch of the layer outputs does not see layers replayed as CUDA graphs (their "
-                "forward hooks do not run); non-finite losses and gradients are still caught. "
-                "NaNGuard(watch_outputs=None) says it is off."
-            )
         recompute = self.activation_recompute
+        if recompute is not None and recompute.granularity == "selective":
+            # megatron-core 0.19.2 runs checkpointed functions plainly while capturing (tensor_parallel/random.py).
+            log.warning(
+                "cuda_graphs: selective recompute does not apply inside the captured layers (megatron-core keeps "
+                "their activations during the capture); their memory is that of no recompute, which `llama-fp8 "
+                "plan` does not show."
+            )
         self.cuda_graphs.check(
             transformer_impl=getattr(arch, "transformer_impl", "transformer_engine"),
             full_recompute=recompute is not None and recompute.granularity == "full",
@@ -467,26 +477,29 @@ class MegatronCPStrategy(ParallelStrategy):
             document_masking=bool(getattr(trainer.datamodule, "document_masking", False)),
             pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
             bf16_steps_after_rollback=rollback_bf16,
+            callback_conflicts=callback_conflicts(trainer.callbacks),
         )
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """The module's training step; with ``cuda_graphs``, after the warm-up steps capture the layers first."""
         if self._graph_capture is not None and self._graph_capture.count_step():
-            self._capture_cuda_graphs()
+            self._capture_cuda_graphs(args[0] if args else kwargs["batch"])
         return super().training_step(*args, **kwargs)
 
-    def _capture_cuda_graphs(self) -> None:
+    def _capture_cuda_graphs(self, batch: dict[str, torch.Tensor]) -> None:
         from megatron.core import parallel_state
 
         assert self._graph_capture is not None
-        datamodule = self.lightning_module.trainer.datamodule
+        # The shapes of the step about to run (any data module or plain dataloader): [micro batches, micro batch, seq].
+        num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
+        data_parallel_size = parallel_state.get_data_parallel_world_size()
         self._graph_capture.capture(
             self._ddp_modules,
             self.optimizers[0],
-            seq_length=self.lightning_module.arch.seq_length,
-            micro_batch_size=datamodule.micro_batch_size,
-            global_batch_size=datamodule.global_batch_size,
-            data_parallel_size=parallel_state.get_data_parallel_world_size(),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=num_microbatches * micro_batch_size * data_parallel_size,
+            data_parallel_size=data_parallel_size,
             rank=torch.distributed.get_rank(),
             overlap_param_gather=self.overlap_param_gather,
         )

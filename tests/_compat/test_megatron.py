@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 
 from lightning_llama_fp8._compat.megatron import copy_main_params_to_model_params
 
@@ -27,3 +29,31 @@ def test_the_copy_runs_on_every_part_of_a_chained_optimizer() -> None:
     assert calls == ["first", "second"]
     copy_main_params_to_model_params(part("plain"))
     assert calls == ["first", "second", "plain"]
+
+
+def test_a_failed_graph_capture_leaves_no_capture_state_behind() -> None:
+    """megatron-core sets its capture flags and Transformer Engine swaps the layer class's __call__; both are undone
+    only at the end of a successful capture. A capture that raises must not leave them for the rest of the process."""
+    from megatron.core.transformer import cuda_graphs
+
+    from lightning_llama_fp8._compat.megatron import graph_capture_undone_on_failure
+
+    class Layer(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1
+
+    def autocast_wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the capture's wrapper must be gone")
+
+    layer = Layer()
+    with pytest.raises(RuntimeError, match="capture failed"), graph_capture_undone_on_failure([layer]):
+        cuda_graphs._set_warmup_start()
+        cuda_graphs._set_capture_start()
+        Layer.__call__ = autocast_wrapper  # as make_graphed_callables does until it finishes
+        raise RuntimeError("capture failed")
+    assert not cuda_graphs.is_graph_capturing() and not cuda_graphs.is_graph_warmup()
+    assert "__call__" not in Layer.__dict__ and layer(torch.zeros(1)).item() == 1.0
+
+    with graph_capture_undone_on_failure([layer]):  # a capture that succeeds keeps what it did
+        Layer.__call__ = torch.nn.Module.__call__
+    assert Layer.__dict__["__call__"] is torch.nn.Module.__call__

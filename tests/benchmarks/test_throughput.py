@@ -56,3 +56,16 @@ def test_host_peak_rss_is_the_kernels_high_water_mark_and_follows_an_allocation(
     block = bytearray(int((before + 0.25) * 2**30))  # more than the peak so far, every page written (zeroed)
     assert host_peak_rss_gib() >= before + 0.2
     del block
+
+
+def test_the_record_counts_the_modules_that_held_cuda_graphs_at_the_end() -> None:
+    import torch
+
+    from benchmarks.throughput import StepLog
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].cuda_graphs = ["graph"]  # as Megatron's TECudaGraphHelper leaves them on each captured layer
+    model[1].cuda_graphs = []  # a layer not (or no longer) captured
+    log = StepLog()
+    log.on_train_end(SimpleNamespace(), model)  # type: ignore[arg-type]
+    assert log.graphed_modules == 1

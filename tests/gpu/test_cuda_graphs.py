@@ -1,5 +1,7 @@
-"""CUDA graphs of the transformer layers on one GPU: captured after the warm-up steps, the run trains like the eager
-one (same losses within kernel noise), validation in between still runs (eagerly), and the step time is recorded."""
+"""CUDA graphs of the transformer layers on one GPU: every layer is captured after the warm-up steps (and none before),
+the run trains like the eager one (same losses within kernel noise), validation in between still runs (eagerly) and
+agrees, and the step time is recorded. BF16, FP8 on bf16 weights, and FP8 weights (fp8_param_gather, what
+``benchmarks.throughput --cuda-graphs`` runs)."""
 
 from __future__ import annotations
 
@@ -39,17 +41,33 @@ class StepTimes(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _train(precision: str, graphs: bool) -> tuple[StepProbe, StepTimes, Any]:
+class GraphedLayers(Callback):
+    """Per training step, after it: how many modules hold captured CUDA graphs (Megatron puts them on each layer)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.counts.append(sum(1 for module in pl_module.modules() if getattr(module, "cuda_graphs", None)))
+
+
+PLUGINS = {
+    "bf16": lambda: MegatronPrecision(),
+    "fp8": lambda: TEFP8Precision(fp8_param_gather=False),
+    "fp8_param_gather": lambda: TEFP8Precision(fp8_param_gather=True),
+}
+
+
+def _train(precision: str, graphs: bool) -> tuple[StepProbe, StepTimes, GraphedLayers, Any]:
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     FP8GlobalStateManager.reset()
     seed_everything(1234)
-    probe, times = StepProbe(), StepTimes()
-    plugin = TEFP8Precision() if precision == "fp8" else MegatronPrecision()
+    probe, times, graphed_layers = StepProbe(), StepTimes(), GraphedLayers()
     trainer = one_gpu_trainer(
-        plugin,
+        PLUGINS[precision](),
         STEPS,
-        [probe, times],
+        [probe, times, graphed_layers],
         strategy=MegatronCPStrategy(cuda_graphs=CudaGraphSettings(warmup_steps=WARMUP) if graphs else None),
         limit_val_batches=1,
         val_check_interval=6,  # one validation between replayed steps
@@ -58,14 +76,15 @@ def _train(precision: str, graphs: bool) -> tuple[StepProbe, StepTimes, Any]:
     module = LlamaLightningModule(ARCH, short_run_optimizer(STEPS))
     data = MockDataModule(seq_length=ARCH.seq_length, vocab_size=ARCH.vocab_size, global_batch_size=GBS)
     trainer.fit(module, datamodule=data)
-    return probe, times, trainer
+    return probe, times, graphed_layers, trainer
 
 
-@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+@pytest.mark.parametrize("precision", list(PLUGINS))
 def test_graphed_layers_train_like_eager_ones(precision: str, record: Any) -> None:
-    eager, eager_times, _ = _train(precision, graphs=False)
-    graphed, graphed_times, trainer = _train(precision, graphs=True)
-    assert trainer.global_step == STEPS and "val/loss" in trainer.callback_metrics
+    eager, eager_times, eager_layers, eager_trainer = _train(precision, graphs=False)
+    graphed, graphed_times, graphed_layers, trainer = _train(precision, graphs=True)
+    assert trainer.global_step == STEPS
+    eager_val, graphed_val = (float(t.callback_metrics["val/loss"]) for t in (eager_trainer, trainer))
     gaps = [abs(a - b) / abs(b) for a, b in zip(graphed.losses, eager.losses, strict=True)]
     replayed = slice(WARMUP + 2, None)  # after the capture step
     record(
@@ -74,6 +93,9 @@ def test_graphed_layers_train_like_eager_ones(precision: str, record: Any) -> No
             "eager_losses": eager.losses,
             "graphed_losses": graphed.losses,
             "relative_loss_gaps": gaps,
+            "graphed_modules_per_step": graphed_layers.counts,
+            "eager_val_loss": eager_val,
+            "graphed_val_loss": graphed_val,
             "eager_step_s": eager_times.seconds,
             "graphed_step_s": graphed_times.seconds,
             "eager_median_replayed_steps_s": sorted(eager_times.seconds[replayed])[
@@ -84,5 +106,8 @@ def test_graphed_layers_train_like_eager_ones(precision: str, record: Any) -> No
             ],
         },
     )
-    assert max(gaps[:WARMUP]) == 0.0, gaps  # the eager warm-up steps are the eager run's
-    assert max(gaps) < 1e-3, gaps  # the replayed layers compute the same
+    # Captured before step WARMUP + 1 (0-based WARMUP), every layer, and never in the eager run.
+    assert graphed_layers.counts[:WARMUP] == [0] * WARMUP and set(graphed_layers.counts[WARMUP:]) == {ARCH.num_layers}
+    assert set(eager_layers.counts) == {0}
+    assert max(gaps) < 1e-3, gaps  # the replayed layers compute the same (warm-up steps: the same eager kernels)
+    assert abs(graphed_val - eager_val) / eager_val < 1e-3, (graphed_val, eager_val)  # validation runs eagerly

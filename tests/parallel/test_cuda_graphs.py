@@ -5,6 +5,7 @@ tests/gpu/test_cuda_graphs.py)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import pytest
@@ -18,8 +19,8 @@ from lightning_llama_fp8 import (
     RecomputeSettings,
     get_preset,
 )
-from lightning_llama_fp8.callbacks import NaNGuard
-from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphSettings
+from lightning_llama_fp8.callbacks import FaultInjector, NaNGuard
+from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphSettings, callback_conflicts
 from tests.helpers import NeverBuilt
 from tests.helpers.trainers import cpu_cli_of_example
 
@@ -89,15 +90,22 @@ def test_what_cannot_run_with_graphs_is_refused_before_building(
     assert not torch.distributed.is_initialized()
 
 
-def test_nanguard_bf16_steps_are_refused_and_its_output_watch_is_said_to_be_blind(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_nanguard_bf16_steps_and_hooks_on_layer_outputs_are_refused() -> None:
+    """Transformer Engine refuses to capture a module with forward hooks ("Modules must not have hooks registered"),
+    after the warm-up steps; hooks on modules inside a layer would never run during replay. Refused before building."""
     with pytest.raises(ValueError, match=r"cannot go with NaNGuard\(bf16_steps_after_rollback>0\)"):
         _fit({"cuda_graphs": CudaGraphSettings()}, callbacks=[NaNGuard(policy="rollback", bf16_steps_after_rollback=5)])
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="cannot go with document masking"):
-        _fit({"cuda_graphs": CudaGraphSettings()}, callbacks=[NaNGuard()], document_masking=True)
-    assert "does not see layers replayed as CUDA graphs" in caplog.text
+    with pytest.raises(ValueError, match=r"cannot go with NaNGuard\(watch_outputs=.*set watch_outputs=None"):
+        _fit({"cuda_graphs": CudaGraphSettings()}, callbacks=[NaNGuard()])
+    inside = FaultInjector(target="activation", step=5, name="decoder.layers.1.mlp")
+    with pytest.raises(
+        ValueError, match=r"cannot go with FaultInjector\(target='activation', name='decoder\.layers\.1"
+    ):
+        _fit({"cuda_graphs": CudaGraphSettings()}, callbacks=[inside])
     assert not torch.distributed.is_initialized()
+    # Outside the layers, and NaNGuard without its output watch: nothing to refuse.
+    outside = FaultInjector(target="activation", step=5, name="output_layer")
+    assert callback_conflicts([NaNGuard(watch_outputs=None), outside, FaultInjector("loss", step=5)]) == []
 
 
 def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,3 +113,32 @@ def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatc
         monkeypatch, "llama3_8b_h100_fp8.yaml", "--trainer.strategy.cuda_graphs.modules", "[attn]"
     )
     assert parsed.trainer.strategy.cuda_graphs == CudaGraphSettings(modules=["attn"], warmup_steps=3)
+
+
+def test_te_debug_statistics_are_refused_with_graphs() -> None:
+    from lightning_llama_fp8.callbacks import FP8StatsMonitor
+
+    (conflict,) = callback_conflicts([FP8StatsMonitor(te_debug_stats=["underflows%"])])
+    assert conflict.startswith("FP8StatsMonitor(te_debug_stats=...)") and "drop te_debug_stats" in conflict
+    assert callback_conflicts([FP8StatsMonitor()]) == []
+
+
+def test_nccl_graph_registration_with_expandable_segments_is_refused_before_the_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning_llama_fp8.parallel.cuda_graphs import prepare_environment
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("NCCL_GRAPH_REGISTER", "1")
+    with pytest.raises(ValueError, match=r"need NCCL_GRAPH_REGISTER=0 \(got '1'.*unset it or set it to 0"):
+        prepare_environment()
+    monkeypatch.delenv("NCCL_GRAPH_REGISTER")
+    prepare_environment()
+    assert os.environ["NCCL_GRAPH_REGISTER"] == "0"
+
+
+def test_selective_recompute_is_said_not_to_apply_inside_the_captured_layers(caplog: pytest.LogCaptureFixture) -> None:
+    settings = {"cuda_graphs": CudaGraphSettings(), "activation_recompute": RecomputeSettings("selective")}
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="cannot go with document masking"):
+        _fit(settings, document_masking=True)  # refused for another reason, after the warning
+    assert "selective recompute does not apply inside the captured layers" in caplog.text

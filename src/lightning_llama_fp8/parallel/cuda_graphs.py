@@ -1,14 +1,15 @@
 """CUDA graphs of the transformer layers for ``MegatronCPStrategy``: Megatron-Core's ``cuda_graph_impl =
-"transformer_engine"`` (Transformer Engine's ``make_graphed_callables``, one graph per layer and micro batch).
+"transformer_engine"`` (Transformer Engine's ``make_graphed_callables``: each layer's forward and backward as graphs).
 
 After ``warmup_steps`` eager training steps of this fit, :class:`CudaGraphCapture` captures every transformer layer's
-forward and backward for each micro batch of a step (Megatron's ``TECudaGraphHelper``); later training steps replay
-them, so each layer launches as one graph instead of dozens of kernels. Evaluation runs eagerly (Megatron replays
-only in training mode). What cannot run with graphs is refused before anything is built (:meth:`CudaGraphSettings.
-check`): Megatron's own layer implementation, full activation recompute (Megatron allows it only with whole-iteration
-graphs), optimizer CPU offload, document masking (packed sequences change shape from batch to batch; Transformer
-Engine's layers assert on them), pipeline parallelism (not shown to work here), and NaNGuard's BF16 steps after a
-rollback (the graphs were captured in FP8).
+forward and backward (Megatron's ``TECudaGraphHelper``; without pipeline parallelism one capture serves every micro
+batch); later training steps replay them, so each layer launches as one graph instead of dozens of kernels.
+Evaluation runs eagerly (Megatron replays only in training mode). What cannot run with graphs is refused before
+anything is built (:meth:`CudaGraphSettings.check`): Megatron's own layer implementation, full activation recompute
+(Megatron allows it only with whole-iteration graphs), optimizer CPU offload (not tried here), document masking
+(packed sequences change shape from batch to batch; Transformer Engine's layers assert on them), pipeline parallelism
+(not shown to work here), NaNGuard's BF16 steps after a rollback (the graphs were captured in FP8), and callbacks that
+hook a layer's output (Transformer Engine captures no module with hooks).
 
 From YAML::
 
@@ -23,9 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_llama_fp8._compat.megatron import graph_capture_undone_on_failure
 from lightning_llama_fp8.validate import SettingError, as_int
 
 log = logging.getLogger(__name__)
@@ -77,8 +81,10 @@ class CudaGraphSettings:
         document_masking: bool,
         pipeline_model_parallel_size: int,
         bf16_steps_after_rollback: int,
+        callback_conflicts: Sequence[str] = (),
     ) -> None:
-        """Raise ``ValueError`` for what cannot run with the layers captured as graphs (before anything is built)."""
+        """Raise ``ValueError`` for what cannot run with the layers captured as graphs (before anything is built);
+        ``callback_conflicts``: the callbacks that cannot go with graphs, and why (:func:`callback_conflicts`)."""
         problems = []
         if transformer_impl != "transformer_engine":
             problems.append("needs model.arch.transformer_impl 'transformer_engine' (Transformer Engine captures them)")
@@ -88,7 +94,7 @@ class CudaGraphSettings:
                 "iteration graphs); use selective recompute or none"
             )
         if optimizer_offloaded:
-            problems.append("cannot go with optimizer_offload (Megatron refuses CPU offloading with CUDA graphs)")
+            problems.append("cannot go with optimizer_offload (the two were never run together here)")
         if document_masking:
             problems.append(
                 "cannot go with document masking (packed sequences change shape from batch to batch, and Transformer "
@@ -101,6 +107,7 @@ class CudaGraphSettings:
                 "cannot go with NaNGuard(bf16_steps_after_rollback>0): the graphs were captured in FP8 and would keep "
                 "running FP8 during those steps"
             )
+        problems.extend(f"cannot go with {conflict}" for conflict in callback_conflicts)
         if problems:
             raise ValueError("cuda_graphs: " + "; ".join(problems) + ".")
 
@@ -118,11 +125,47 @@ class CudaGraphSettings:
         return f"CUDA graphs of the transformer layers ({parts}), captured after {self.warmup_steps} training steps"
 
 
+#: A module name inside a transformer layer (``decoder.layers.3``, ``decoder.layers.3.mlp``): captured or replayed.
+_IN_A_LAYER = re.compile(r"(^|\.)layers\.\d+(\.|$)")
+
+
+def callback_conflicts(callbacks: list[Any]) -> list[str]:
+    """The callbacks that cannot go with captured layers, each with why and what to change: NaNGuard's output watch
+    (its default pattern names the layers) and FaultInjector's activation target inside a layer hook a layer's output
+    (Transformer Engine captures no module with forward hooks, and hooks inside a replayed layer never run);
+    FP8StatsMonitor's Transformer Engine debug statistics (TE refuses CUDA graphs with debug on)."""
+    why_hooks = "Transformer Engine captures no layer with forward hooks, and hooks inside a replayed layer never run"
+    conflicts = []
+    for callback in callbacks:
+        kind = type(callback).__name__
+        watch = getattr(callback, "watch_outputs", None)
+        if watch is not None:
+            conflicts.append(
+                f"{kind}(watch_outputs={watch!r}) ({why_hooks}; set watch_outputs=None: non-finite losses and "
+                "gradients are still caught)"
+            )
+        if getattr(callback, "target", None) == "activation" and _IN_A_LAYER.search(getattr(callback, "name", "")):
+            conflicts.append(f"{kind}(target='activation', name={callback.name!r}) ({why_hooks}; inject outside the "
+                             "layers, or into a gradient)")  # fmt: skip
+        if getattr(callback, "te_debug_stats", None):
+            conflicts.append(
+                f"{kind}(te_debug_stats=...) (Transformer Engine's debug statistics do not run in CUDA graphs; drop "
+                "te_debug_stats)"
+            )
+    return conflicts
+
+
 def prepare_environment() -> None:
     """Settings the capture needs before CUDA and NCCL start: with PyTorch's expandable segments, NCCL must not
-    register graph buffers (Megatron asserts ``NCCL_GRAPH_REGISTER=0``, else illegal memory accesses)."""
-    if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
+    register graph buffers (Megatron asserts ``NCCL_GRAPH_REGISTER=0``, else illegal memory accesses); a value set
+    otherwise is refused here rather than at the capture."""
+    expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if expandable and os.environ.setdefault("NCCL_GRAPH_REGISTER", "0") != "0":
+        raise ValueError(
+            f"cuda_graphs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True need NCCL_GRAPH_REGISTER=0 (got "
+            f"{os.environ['NCCL_GRAPH_REGISTER']!r}; megatron-core refuses the capture otherwise): unset it or "
+            "set it to 0."
+        )
 
 
 class CudaGraphCapture:
@@ -154,7 +197,8 @@ class CudaGraphCapture:
         rank: int,
         overlap_param_gather: bool,
     ) -> None:
-        """Capture every layer once per micro batch (before the step's gradients are zeroed)."""
+        """Capture every layer (before the step's gradients are zeroed); a capture that fails, or finds no layer to
+        capture, raises, with the process-wide capture state undone."""
         from megatron.core import num_microbatches_calculator as calculator
         from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
 
@@ -170,7 +214,13 @@ class CudaGraphCapture:
         if overlap_param_gather:
             for wrapped in ddp_modules:
                 wrapped.disable_forward_pre_hook(param_sync=False)
-        helper.create_cudagraphs()
+        with graph_capture_undone_on_failure(list(helper.flattened_callables)):
+            helper.create_cudagraphs()
+        if not helper.graphs_created():  # megatron-core only logs "No graphable layers found" and trains eagerly
+            raise RuntimeError(
+                f"cuda_graphs: no transformer layer could be captured ({self.settings.describe()}); megatron-core "
+                "found none it can graph. Remove cuda_graphs (or set modules: null) to train without them."
+            )
         if overlap_param_gather:
             for wrapped in ddp_modules:
                 wrapped.enable_forward_pre_hook()
