@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,21 @@ from tests.helpers.checkpoints import save_worker
 from tests.helpers.corpora import write_corpus
 from tests.helpers.gpus import Machine, te_support_checks
 from tests.helpers.hf_models import LLAMA31_ROPE, import_and_save_worker, make_hf_model
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves the process environment as it found it. In-process fits set Lightning's launcher variables
+    (LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT) and the strategy's own; a later test's subprocess that
+    inherited them took itself for one rank of a launched job (seen: a two-rank preemption run waiting forever for
+    the rank its launcher never started, and "[rank: 0]" prefixes on a command's console)."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
