@@ -366,7 +366,8 @@ def main() -> None:
     telemetry = ThroughputMonitor(window=max(args.steps - args.warmup, 1), log_every_n_steps=1)
     callbacks: list[Callback] = [ManualGC(), step_log := StepLog(), telemetry]
     if args.nan_guard:
-        callbacks.append(NaNGuard(policy=args.nan_guard))
+        # With --cuda-graphs the layers cannot carry NaNGuard's output hooks (refused before building).
+        callbacks.append(NaNGuard(policy=args.nan_guard, **({"watch_outputs": None} if args.cuda_graphs else {})))
     profiler = StepProfiler(args.warmup, args.profile_steps, stacks=args.profile_stacks) if args.profile_steps else None
     if profiler is not None:
         callbacks.append(profiler)

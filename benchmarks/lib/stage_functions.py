@@ -327,7 +327,10 @@ def fit_each(session: StageSession, d: Path, names: list[str] | tuple[str, ...],
             stderr=d / f"fit_{name}.stderr",
         )
 
-    if concurrently:
+    if concurrently and names:
+        if "MASTER_PORT" in session.env:  # each fit must find its own free port (Lightning does when it is unset)
+            raise StageUsageError("runs started together cannot share the exported MASTER_PORT: unset it")
+        # An interrupt stops the stage's main thread only; each run's own time limit (the stage's) ends the others.
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             codes = list(pool.map(fit, names))
     else:

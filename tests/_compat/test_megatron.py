@@ -54,6 +54,16 @@ def test_a_failed_graph_capture_leaves_no_capture_state_behind() -> None:
     assert not cuda_graphs.is_graph_capturing() and not cuda_graphs.is_graph_warmup()
     assert "__call__" not in Layer.__dict__ and layer(torch.zeros(1)).item() == 1.0
 
+    class OwnCall(Layer):  # as megatron-core's TransformerLayer, which defines __call__ itself
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*args, **kwargs)
+
+    own = OwnCall.__dict__["__call__"]
+    with pytest.raises(RuntimeError), graph_capture_undone_on_failure([OwnCall()]):
+        OwnCall.__call__ = autocast_wrapper
+        raise RuntimeError("capture failed")
+    assert OwnCall.__dict__["__call__"] is own
+
     with graph_capture_undone_on_failure([layer]):  # a capture that succeeds keeps what it did
         Layer.__call__ = torch.nn.Module.__call__
     assert Layer.__dict__["__call__"] is torch.nn.Module.__call__

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from benchmarks.lib import stage_functions
-from benchmarks.lib.stage_run import Command, Stage, StageSession
+from benchmarks.lib.stage_run import Command, Stage, StageSession, StageUsageError
 from benchmarks.stages import STAGES, STAGES_BY_NAME
 from tests.helpers import REPO_ROOT
 
@@ -220,6 +220,7 @@ class _OverlapRecorder:
         self.running = 0
         self.most_at_once = 0
         self.configs: list[str] = []
+        self.env: dict[str, str] = {}
 
     def run(self, argv: list[str | Path], **_: object) -> int:
         with self.lock:
@@ -248,6 +249,10 @@ def test_moments_runs_started_together_overlap_each_with_its_own_sample_index_ca
     stage_functions.fit_each(recorder, tmp_path, names, concurrently=concurrently)  # type: ignore[arg-type]
     assert recorder.most_at_once == most_at_once
     assert sorted(recorder.configs) == sorted(str(tmp_path / f"{n}.yaml") for n in names)
+    if concurrently:  # three fits cannot share one exported port
+        recorder.env["MASTER_PORT"] = "29500"
+        with pytest.raises(StageUsageError, match="cannot share the exported MASTER_PORT"):
+            stage_functions.fit_each(recorder, tmp_path, names, concurrently=True)  # type: ignore[arg-type]
 
 
 def test_moments_check_knob_runs_the_fits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

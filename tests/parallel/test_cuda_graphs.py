@@ -142,3 +142,51 @@ def test_selective_recompute_is_said_not_to_apply_inside_the_captured_layers(cap
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="cannot go with document masking"):
         _fit(settings, document_masking=True)  # refused for another reason, after the warning
     assert "selective recompute does not apply inside the captured layers" in caplog.text
+
+
+class _Helper:
+    """Stands in for megatron-core's TECudaGraphHelper (whose capture needs CUDA): no layer to graph, or a capture
+    that raises half-way (after megatron-core has set its capture flag)."""
+
+    fail = False
+
+    def __init__(self, model: Any, config: Any, seq_length: int, micro_batch_size: int, optimizers: Any) -> None:
+        self.flattened_callables: list[Any] = []
+
+    def create_cudagraphs(self) -> None:
+        from megatron.core.transformer import cuda_graphs
+
+        cuda_graphs._set_capture_start()
+        if self.fail:
+            raise RuntimeError("capture failed")
+
+    def graphs_created(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_capture_that_graphs_nothing_or_fails_stops_the_fit_and_leaves_no_capture_state(
+    monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from megatron.core import num_microbatches_calculator as calculator
+    from megatron.core.transformer import cuda_graphs
+
+    from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphCapture
+
+    monkeypatch.setattr(cuda_graphs, "TECudaGraphHelper", type("Helper", (_Helper,), {"fail": fail}))
+    capture = CudaGraphCapture(CudaGraphSettings())
+    module = SimpleNamespace(config=None)
+    message = "capture failed" if fail else r"no transformer layer could be captured.*Remove cuda_graphs"
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            capture.capture([module], None, 2048, 1, 8, 1, 0, overlap_param_gather=False)
+        assert not capture.captured
+        if fail:
+            assert not cuda_graphs.is_graph_capturing()
+    finally:
+        cuda_graphs._set_capture_end()
+        capture.close()  # the micro-batch calculator the capture set up
+    with pytest.raises(AttributeError):
+        calculator.get_num_microbatches()  # gone again

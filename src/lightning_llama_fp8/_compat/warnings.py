@@ -109,8 +109,10 @@ DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
         r"megatron\.core\._rank_utils",
         # megatron-core 0.19.2 asks for the rank before each INFO line of its dataset code (log only on rank 0); the
         # corpus checks of `llama-fp8 fit` and the data modules open Megatron's IndexedDataset before
-        # torch.distributed starts, on purpose (a bad corpus fails before anything is built). The fallback decides
-        # only whether an INFO log line is printed, never which data is read.
+        # torch.distributed starts, on purpose (a bad corpus fails before anything is built), and DataLoader workers
+        # open it where torch.distributed never starts. There the fallback decides only whether an INFO log line is
+        # printed, never which data is read. The filter is process-wide: the same fallback in megatron-core's rerun
+        # state machine or async checkpoint workers would be hidden too; only launcher variables (RANK) answer it.
         "decides only whether megatron-core prints an INFO line; the corpus checks run before distributed on purpose",
     ),
     (
