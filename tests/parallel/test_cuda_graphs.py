@@ -190,3 +190,28 @@ def test_a_capture_that_graphs_nothing_or_fails_stops_the_fit_and_leaves_no_capt
         capture.close()  # the micro-batch calculator the capture set up
     with pytest.raises(AttributeError):
         calculator.get_num_microbatches()  # gone again
+
+
+def test_the_capture_takes_its_shapes_from_the_step_about_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[micro batches, micro batch, sequence] of the step's tokens, whatever made the batch (data module or a plain
+    dataloader); the global batch Megatron's micro-batch calculator is given is micro batches x micro batch x DP."""
+    from megatron.core import parallel_state
+
+    from lightning_llama_fp8.parallel.cuda_graphs import CudaGraphCapture
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(CudaGraphCapture, "capture", lambda self, modules, optimizer, **kw: seen.update(kw))
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    strategy = MegatronCPStrategy(cuda_graphs=CudaGraphSettings(warmup_steps=1))
+    strategy._optimizers = [object()]
+    batch = {"tokens": torch.zeros(8, 2, 4096, dtype=torch.long)}
+    strategy._capture_cuda_graphs(batch)
+    assert seen == {
+        "seq_length": 4096,
+        "micro_batch_size": 2,
+        "global_batch_size": 8 * 2 * 4,
+        "data_parallel_size": 4,
+        "rank": 3,
+        "overlap_param_gather": strategy.overlap_param_gather,
+    }
