@@ -65,6 +65,7 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
+from lightning_llama_fp8.parallel.cuda_graphs import graphed_layers
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
@@ -108,7 +109,7 @@ class StepLog(Callback):
         self.graphed_modules = 0
 
     def on_train_end(self, trainer: Trainer, pl_module: torch.nn.Module) -> None:
-        self.graphed_modules = sum(1 for module in pl_module.modules() if getattr(module, "cuda_graphs", None))
+        self.graphed_modules = graphed_layers(pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: object, outputs: object, batch: object, idx: int) -> None:
         self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))

@@ -334,9 +334,7 @@ def fit_each(session: StageSession, d: Path, names: list[str] | tuple[str, ...],
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             codes = list(pool.map(fit, names))
     else:
-        codes = []
-        for name in names:
-            codes.append(fit(name))
+        codes = [fit(name) for name in names]
     for name, code in zip(names, codes, strict=True):
         session.say(f"fit {name} exit {code}")
         session.say(_tail_bytes(d / f"fit_{name}.stderr", 400))

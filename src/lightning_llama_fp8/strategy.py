@@ -459,9 +459,6 @@ class MegatronCPStrategy(ParallelStrategy):
         if self.cuda_graphs is None:
             return
         trainer = self.lightning_module.trainer
-        rollback_bf16 = max(
-            (int(getattr(callback, "bf16_steps_after_rollback", 0) or 0) for callback in trainer.callbacks), default=0
-        )
         recompute = self.activation_recompute
         if recompute is not None and recompute.granularity == "selective":
             # megatron-core 0.19.2 runs checkpointed functions plainly while capturing (tensor_parallel/random.py).
@@ -476,7 +473,6 @@ class MegatronCPStrategy(ParallelStrategy):
             optimizer_offloaded=self.optimizer_offload is not None,
             document_masking=bool(getattr(trainer.datamodule, "document_masking", False)),
             pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
-            bf16_steps_after_rollback=rollback_bf16,
             callback_conflicts=callback_conflicts(trainer.callbacks),
         )
 

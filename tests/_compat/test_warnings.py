@@ -26,15 +26,11 @@ from tests.helpers.gpus import no_gpu
 from tests.helpers.models import Regression
 from tests.helpers.trainers import quiet_trainer
 
-LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def llama_fp8(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("llama-fp8")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_llama_fp8.cli"]
-    # A user's shell, not this test process's: in-process fits of earlier tests leave Lightning's launcher variables
-    # (LOCAL_RANK, ...) behind, which make Lightning prefix its messages with "[rank: 0]".
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", *LAUNCHER_VARIABLES)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
     return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

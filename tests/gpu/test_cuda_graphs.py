@@ -21,6 +21,7 @@ from lightning_llama_fp8 import (
     MockDataModule,
     TEFP8Precision,
 )
+from lightning_llama_fp8.parallel.cuda_graphs import graphed_layers
 from tests.gpu.probes import StepProbe, one_gpu_trainer, short_run_optimizer
 
 STEPS, GBS, WARMUP = 12, 4, 3
@@ -48,7 +49,7 @@ class GraphedLayers(Callback):
         self.counts: list[int] = []
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.counts.append(sum(1 for module in pl_module.modules() if getattr(module, "cuda_graphs", None)))
+        self.counts.append(graphed_layers(pl_module))
 
 
 PLUGINS = {

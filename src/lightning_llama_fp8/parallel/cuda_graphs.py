@@ -80,7 +80,6 @@ class CudaGraphSettings:
         optimizer_offloaded: bool,
         document_masking: bool,
         pipeline_model_parallel_size: int,
-        bf16_steps_after_rollback: int,
         callback_conflicts: Sequence[str] = (),
     ) -> None:
         """Raise ``ValueError`` for what cannot run with the layers captured as graphs (before anything is built);
@@ -102,11 +101,6 @@ class CudaGraphSettings:
             )
         if pipeline_model_parallel_size > 1:
             problems.append("was not shown to work with pipeline parallelism here; set pipeline_model_parallel_size 1")
-        if bf16_steps_after_rollback:
-            problems.append(
-                "cannot go with NaNGuard(bf16_steps_after_rollback>0): the graphs were captured in FP8 and would keep "
-                "running FP8 during those steps"
-            )
         problems.extend(f"cannot go with {conflict}" for conflict in callback_conflicts)
         if problems:
             raise ValueError("cuda_graphs: " + "; ".join(problems) + ".")
@@ -133,7 +127,8 @@ def callback_conflicts(callbacks: list[Any]) -> list[str]:
     """The callbacks that cannot go with captured layers, each with why and what to change: NaNGuard's output watch
     (its default pattern names the layers) and FaultInjector's activation target inside a layer hook a layer's output
     (Transformer Engine captures no module with forward hooks, and hooks inside a replayed layer never run);
-    FP8StatsMonitor's Transformer Engine debug statistics (TE refuses CUDA graphs with debug on)."""
+    FP8StatsMonitor's Transformer Engine debug statistics (TE refuses CUDA graphs with debug on); NaNGuard's BF16
+    steps after a rollback (the graphs were captured in FP8)."""
     why_hooks = "Transformer Engine captures no layer with forward hooks, and hooks inside a replayed layer never run"
     conflicts = []
     for callback in callbacks:
@@ -147,12 +142,22 @@ def callback_conflicts(callbacks: list[Any]) -> list[str]:
         if getattr(callback, "target", None) == "activation" and _IN_A_LAYER.search(getattr(callback, "name", "")):
             conflicts.append(f"{kind}(target='activation', name={callback.name!r}) ({why_hooks}; inject outside the "
                              "layers, or into a gradient)")  # fmt: skip
+        if getattr(callback, "bf16_steps_after_rollback", 0):
+            conflicts.append(
+                f"{kind}(bf16_steps_after_rollback>0) (the graphs were captured in FP8 and would keep running FP8 "
+                "during those steps)"
+            )
         if getattr(callback, "te_debug_stats", None):
             conflicts.append(
                 f"{kind}(te_debug_stats=...) (Transformer Engine's debug statistics do not run in CUDA graphs; drop "
                 "te_debug_stats)"
             )
     return conflicts
+
+
+def graphed_layers(module: Any) -> int:
+    """How many modules of ``module`` hold captured CUDA graphs now (Megatron puts them on each captured layer)."""
+    return sum(1 for part in module.modules() if getattr(part, "cuda_graphs", None))
 
 
 def prepare_environment() -> None:
