@@ -225,7 +225,14 @@ STAGES: tuple[Stage, ...] = (
             functions.lever_weight_refresh,
         ),
         outputs=("weight_refresh.log", "fp8_weight_refresh_*.json", "lever/summary.json"),
-        knobs={"LEVER_ENV": "", "LEVER_PRECISION": "fp8", "LEVER_LAYERS": "4", "LEVER_BASE_ARGS": ""},
+        knobs={
+            "LEVER_ENV": "",
+            "LEVER_PRECISION": "fp8",
+            "LEVER_LAYERS": "4",
+            "LEVER_BASE_ARGS": "",
+            "LEVER_STEPS": "20",
+            "LEVER_WARMUP": "8",
+        },
         notes="the test's JSON records land in OUT (GPU_RESULTS_DIR); LEVER_* as in lever-1; 4.9 min measured",
     ),
     Stage(
@@ -235,11 +242,20 @@ STAGES: tuple[Stage, ...] = (
         limit_s=540,
         steps=(functions.lever,),
         outputs=("lever/summary.json", "lever/a1.json", "lever/b1.json", "lever/a2.json", "lever/b2.json"),
-        knobs={"LEVER_ARGS": "", "LEVER_ENV": "", "LEVER_PRECISION": "fp8", "LEVER_LAYERS": "4", "LEVER_BASE_ARGS": ""},
+        knobs={
+            "LEVER_ARGS": "",
+            "LEVER_ENV": "",
+            "LEVER_PRECISION": "fp8",
+            "LEVER_LAYERS": "4",
+            "LEVER_BASE_ARGS": "",
+            "LEVER_STEPS": "20",
+            "LEVER_WARMUP": "8",
+        },
         notes="LEVER_ARGS: benchmarks.throughput flags of B; LEVER_ENV: environment of B (VAR=value ...); one of "
         "them needed (LEVER_ARGS='--grad-accum-fusion off' measures the first lever, now the default, again); "
         "LEVER_BASE_ARGS: flags of both; issue 28's optimizer lever on BF16 at 16 layers: LEVER_PRECISION=bf16 "
-        "LEVER_LAYERS=16 LEVER_ARGS='--optimizer-precision fp32' (~6 min); ~4 min estimated at 4 layers",
+        "LEVER_LAYERS=16 LEVER_ARGS='--optimizer-precision fp32' (~6 min; LEVER_STEPS=14 LEVER_WARMUP=6 for ~5 min); "
+        "~4 min estimated at 4 layers",
     ),
     Stage(
         name="fp8-casts",
