@@ -320,6 +320,9 @@ def main() -> None:
         help="LlamaConfig(cross_entropy_fusion_impl=None|'te'|'native'); default: TE's kernel with TE layers",
     )
     parser.add_argument(
+        "--fused-qkv-rope", action="store_true", help="LlamaConfig(fused_qkv_rope=True): RoPE on the whole QKV output"
+    )
+    parser.add_argument(
         "--deterministic", action="store_true", help="Trainer(deterministic=True): bitwise reproducible, slower"
     )
     parser.add_argument("--allow-oom", action="store_true", help="record an out-of-memory end instead of failing")
@@ -353,6 +356,8 @@ def main() -> None:
         arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     if args.cross_entropy != "default":
         arch = dataclasses.replace(arch, cross_entropy_fusion_impl=args.cross_entropy)
+    if args.fused_qkv_rope:
+        arch = dataclasses.replace(arch, fused_qkv_rope=True)
     plugin = (
         TEFP8Precision(
             recipe=args.recipe,
@@ -517,6 +522,7 @@ def main() -> None:
         "data": args.data_path or "mock",
         "document_masking": args.document_masking,
         "cross_entropy": arch.cross_entropy_impl,
+        "fused_qkv_rope": arch.fused_qkv_rope,
         "deterministic": getattr(trainer.strategy, "deterministic_mode", None) is not None
         and trainer.strategy.deterministic_mode.on,
         "cp_comm_type": args.cp_comm_type,

@@ -671,7 +671,8 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
         code = session.run(
             session.words(
                 "env {*env} python3 -m benchmarks.throughput --precision {LEVER_PRECISION} --layers {LEVER_LAYERS} "
-                "--gbs 8 --steps {LEVER_STEPS} --warmup {LEVER_WARMUP} {*LEVER_BASE_ARGS} {*flags} --out {runs}/{run}.json",
+                "--gbs 8 --steps {LEVER_STEPS} --warmup {LEVER_WARMUP} {*LEVER_BASE_ARGS} {*flags} "
+                "--out {runs}/{run}.json",
                 env=lever_env,
                 flags=lever_flags,
                 runs=runs,

@@ -61,7 +61,7 @@ POSITIVE_REAL_FIELDS: tuple[str, ...] = ("rope_scaling_factor", "norm_epsilon", 
 #: LlamaConfig's true/false fields.
 SWITCH_FIELDS: tuple[str, ...] = ("rope_scaling", "tie_embeddings", "zero_centered_gamma", "cross_entropy_fusion",
                                   "apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion",
-                                  "bias_dropout_fusion")  # fmt: skip
+                                  "bias_dropout_fusion", "fused_qkv_rope")  # fmt: skip
 
 
 @dataclass
@@ -114,6 +114,13 @@ class LlamaConfig:
     bias_activation_fusion: bool = True
     masked_softmax_fusion: bool = True
     bias_dropout_fusion: bool = True
+    # Megatron's fused_single_qkv_rope: one Transformer Engine kernel applies RoPE to the fused QKV output and hands
+    # attention its query, key and value, and one kernel in backward writes the QKV gradient whole. Without it
+    # Megatron splits QKV, copies the query to regroup its heads, runs RoPE on query and key separately, and
+    # concatenates their gradients: the same function computed, with more memory traffic per layer. Needs the
+    # Transformer Engine layer spec; not with document masking (Megatron takes the split path for packed sequences
+    # and asserts).
+    fused_qkv_rope: bool = False
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -146,6 +153,12 @@ class LlamaConfig:
             raise ValueError(
                 "zero_centered_gamma needs transformer_impl='transformer_engine' (Megatron-Core's local spec builds "
                 "RMSNorm from torch.nn.RMSNorm, which has no zero-centered weight)."
+            )
+        if self.fused_qkv_rope and (self.transformer_impl == "local" or not self.apply_rope_fusion):
+            raise ValueError(
+                "fused_qkv_rope needs transformer_impl='transformer_engine' and apply_rope_fusion=True (the kernel is "
+                "Transformer Engine's fused RoPE, applied to the whole QKV output); turn it off or use the "
+                "Transformer Engine layer spec with fused RoPE."
             )
 
     def _check_numbers(self) -> None:
@@ -270,6 +283,7 @@ class LlamaConfig:
             init_method_std=self.init_method_std,
             # The fused RoPE kernel comes from Transformer Engine; the local spec runs without TE.
             apply_rope_fusion=self.apply_rope_fusion and self.transformer_impl == "transformer_engine",
+            fused_single_qkv_rope=self.fused_qkv_rope,
             bias_activation_fusion=self.bias_activation_fusion,
             masked_softmax_fusion=self.masked_softmax_fusion,
             bias_dropout_fusion=self.bias_dropout_fusion,

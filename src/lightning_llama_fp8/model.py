@@ -178,6 +178,11 @@ class LlamaLightningModule(LightningModule):
         check_data_matches_arch(
             self.arch, getattr(datamodule, "seq_length", None), getattr(datamodule, "vocab_size", None)
         )
+        if self.arch.fused_qkv_rope and getattr(datamodule, "document_masking", False):
+            raise ValueError(
+                "model.arch.fused_qkv_rope cannot go with data.document_masking: Megatron applies RoPE to packed "
+                "sequences on the split query and key only (it asserts at the first step). Turn one of them off."
+            )
 
     def configure_model(self) -> None:
         """Build GPTModel with the layout from the strategy and the precision from the plugin.
