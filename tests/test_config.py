@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset, llama3_8b, llama3_8b_4layers
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import free_port
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).
@@ -455,3 +456,17 @@ def test_llama_config_numbers_are_what_they_look_like() -> None:
     )
     with pytest.raises(ValueError, match=problems):  # every problem at once
         LlamaConfig(num_layers=True, seq_length=-1, init_method_std=float("nan"), tie_embeddings="false")
+
+
+def test_fused_qkv_rope_reaches_megatron_and_needs_te_fused_rope() -> None:
+    # Megatron's config refuses fused RoPE where TE is missing (this CPU machine): built with it overridden off.
+    on = get_preset("llama_tiny", apply_rope_fusion=True, fused_qkv_rope=True)
+    assert on.transformer_config(apply_rope_fusion=False).fused_single_qkv_rope is True
+    off = get_preset("llama_tiny", apply_rope_fusion=True)
+    assert off.transformer_config(apply_rope_fusion=False).fused_single_qkv_rope is False
+    with pytest.raises(ValueError, match="fused_qkv_rope needs transformer_impl='transformer_engine'"):
+        cpu_arch("llama_tiny", fused_qkv_rope=True)
+    with pytest.raises(ValueError, match="and apply_rope_fusion=True"):
+        get_preset("llama_tiny", apply_rope_fusion=False, fused_qkv_rope=True)
+    with pytest.raises(SettingError, match="fused_qkv_rope"):
+        get_preset("llama_tiny", fused_qkv_rope="yes")

@@ -327,3 +327,16 @@ def test_schedule_gets_the_packed_shape_and_every_micro_batch_its_documents(
             assert inputs["packed_seq_params"].cu_seqlens_q.tolist() == list(batch["cu_seqlens"][index])
         else:
             assert inputs["input_ids"].shape == (2, 64) and "packed_seq_params" not in inputs
+
+
+def test_fused_qkv_rope_with_document_masking_is_refused_before_building() -> None:
+    from types import SimpleNamespace
+
+    module = LlamaLightningModule(get_preset("llama_tiny", apply_rope_fusion=True, fused_qkv_rope=True))
+    data = SimpleNamespace(seq_length=module.arch.seq_length, vocab_size=module.arch.vocab_size, document_masking=True)
+    module._trainer = SimpleNamespace(datamodule=data, max_steps=1000)
+    with pytest.raises(ValueError, match=r"fused_qkv_rope cannot go with data\.document_masking"):
+        module.setup("fit")
+    data.document_masking = False
+    module.setup("fit")
+    assert module.model is None  # the check builds nothing
