@@ -244,6 +244,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=("lever/summary.json", "lever/a1.json", "lever/b1.json", "lever/a2.json", "lever/b2.json"),
         knobs={
             "LEVER_ARGS": "",
+            "LEVER_C_ARGS": "",
             "LEVER_ENV": "",
             "LEVER_PRECISION": "fp8",
             "LEVER_LAYERS": "4",
@@ -253,7 +254,8 @@ STAGES: tuple[Stage, ...] = (
         },
         notes="LEVER_ARGS: benchmarks.throughput flags of B; LEVER_ENV: environment of B (VAR=value ...); one of "
         "them needed (LEVER_ARGS='--grad-accum-fusion off' measures the first lever, now the default, again); "
-        "LEVER_BASE_ARGS: flags of both; issue 28's optimizer lever on BF16 at 16 layers: LEVER_PRECISION=bf16 "
+        "LEVER_BASE_ARGS: flags of both; LEVER_C_ARGS: flags of a third setting C (A B C A B C); "
+        "issue 28's optimizer lever on BF16 at 16 layers: LEVER_PRECISION=bf16 "
         "LEVER_LAYERS=16 LEVER_ARGS='--optimizer-precision fp32' (~6 min; LEVER_STEPS=14 LEVER_WARMUP=6 for ~5 min); "
         "~4 min estimated at 4 layers",
     ),

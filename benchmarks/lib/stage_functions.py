@@ -658,16 +658,19 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
 
     B adds ``lever_args`` (default: the knob LEVER_ARGS), flags of ``benchmarks.throughput``, and runs with the
     environment assignments of LEVER_ENV, for levers that are settings of a dependency. Both run LEVER_PRECISION with
-    LEVER_LAYERS layers and the flags LEVER_BASE_ARGS.
+    LEVER_LAYERS layers and the flags LEVER_BASE_ARGS. With LEVER_C_ARGS a third setting C (usually B plus one more
+    lever) runs after each B: A B C A B C, so two levers are measured against the same A runs in one call.
     """
     flags = session.knob("LEVER_ARGS") if lever_args is None else lever_args
     env = session.knob("LEVER_ENV")
+    c_flags = session.knob("LEVER_C_ARGS") if lever_args is None else ""
     if not flags and not env:
         raise StageUsageError("lever-1 needs LEVER_ARGS and/or LEVER_ENV")
     runs = session.out / "lever"
     session.mkdir(runs)
-    for run in ("a1", "b1", "a2", "b2"):
-        lever_flags, lever_env = (flags, env) if run.startswith("b") else ("", "")
+    order = ("a1", "b1", "c1", "a2", "b2", "c2") if c_flags else ("a1", "b1", "a2", "b2")
+    for run in order:
+        lever_flags, lever_env = {"a": ("", ""), "b": (flags, env), "c": (c_flags, env)}[run[0]]
         code = session.run(
             session.words(
                 "env {*env} python3 -m benchmarks.throughput --precision {LEVER_PRECISION} --layers {LEVER_LAYERS} "
@@ -681,7 +684,8 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
             log=runs / f"{run}.log",
         )
         session.say(f"{run} ({lever_env} {lever_flags}) exit {code}")
-    session.call(summarize_lever, runs, f"{env} {flags}" if env else flags)
+    setting = f"{env} {flags}" if env else flags
+    session.call(summarize_lever, runs, setting, f"{env} {c_flags}" if env and c_flags else c_flags)
 
 
 def lever_weight_refresh(session: StageSession) -> None:
@@ -689,9 +693,10 @@ def lever_weight_refresh(session: StageSession) -> None:
     lever(session, lever_args="--weight-refresh te")
 
 
-def summarize_lever(runs_dir: Path, lever_setting: str) -> None:
-    """``lever/summary.json``: s/step of A and B, the speed-up, and the loss differences A-A and A-B."""
-    runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("[ab][12].json")}
+def summarize_lever(runs_dir: Path, lever_setting: str, lever_c_setting: str = "") -> None:
+    """``lever/summary.json``: s/step of A and B (and C), the speed-ups over A, and the loss differences A-A, A-B
+    (and A-C)."""
+    runs = {path.stem: json.loads(path.read_text()) for path in runs_dir.glob("[abc][12].json")}
 
     def side(tag: str) -> dict[str, list[Any]]:
         records = [record for name, record in sorted(runs.items()) if name.startswith(tag)]
@@ -700,18 +705,21 @@ def summarize_lever(runs_dir: Path, lever_setting: str) -> None:
             "losses": [record["losses"] for record in records],
         }
 
+    def largest_gap(first: list[float], second: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(first, second, strict=False))
+
+    def against_default(other: dict[str, list[Any]]) -> tuple[float | None, float | None]:
+        diff = largest_gap(a["losses"][0], other["losses"][0]) if a["losses"] and other["losses"] else None
+        speedup = (
+            statistics.mean(a["s_per_step"]) / statistics.mean(other["s_per_step"])
+            if a["s_per_step"] and other["s_per_step"]
+            else None
+        )
+        return speedup, diff
+
     a, b = side("a"), side("b")
-    noise = max(abs(x - y) for x, y in zip(*a["losses"], strict=False)) if len(a["losses"]) == 2 else None
-    diff = (
-        max(abs(x - y) for x, y in zip(a["losses"][0], b["losses"][0], strict=False))
-        if a["losses"] and b["losses"]
-        else None
-    )
-    speedup = (
-        statistics.mean(a["s_per_step"]) / statistics.mean(b["s_per_step"])
-        if a["s_per_step"] and b["s_per_step"]
-        else None
-    )
+    noise = largest_gap(*a["losses"]) if len(a["losses"]) == 2 else None
+    speedup, diff = against_default(b)
     summary = {
         "card": next(iter(runs.values()), {}).get("device"),
         "lever": lever_setting,
@@ -721,6 +729,15 @@ def summarize_lever(runs_dir: Path, lever_setting: str) -> None:
         "max_loss_diff_default_vs_default": noise,
         "max_loss_diff_default_vs_lever": diff,
     }
+    if lever_c_setting:
+        c = side("c")
+        speedup_c, diff_c = against_default(c)
+        summary.update(
+            lever_c=lever_c_setting,
+            lever_c_s_per_step=c["s_per_step"],
+            speedup_c=speedup_c,
+            max_loss_diff_default_vs_lever_c=diff_c,
+        )
     _write_summary(runs_dir / "summary.json", summary)
 
 

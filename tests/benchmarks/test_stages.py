@@ -158,6 +158,12 @@ def test_knobs_change_the_commands(tmp_path: Path) -> None:
     assert b1[:4] == ["env", "NVTE_X=1", "NVTE_Y=2", "python3"]
     assert b1[-4:] == ["--cross-entropy", "native", "--out", f"{out}/lever/b1.json"]
 
+    # With LEVER_C_ARGS a third setting runs after each B: A B C A B C.
+    _, session = dry_run("lever-1", out, {"LEVER_ARGS": "--optimizer-precision fp32", "LEVER_C_ARGS": "--x"})
+    a1, b1, c1, a2, b2, c2 = throughput_runs(session)
+    assert "--optimizer-precision" not in a1 and b1[-4:-2] == ["--optimizer-precision", "fp32"]
+    assert c1[-3:] == ["--x", "--out", f"{out}/lever/c1.json"] and c2[-1] == f"{out}/lever/c2.json"
+
     _, session = dry_run("suite", out, args=("--precisions", "fp8"))
     assert session.commands[-1][-3:] == [f"{out}/bench", "--precisions", "fp8"]
     _, session = dry_run("suite", out, {"SKIP_TESTS": "1"})

@@ -21,6 +21,15 @@ def test_summaries_read_the_run_records(tmp_path: Path) -> None:
     assert summary["speedup"] == pytest.approx(1.25)
     assert summary["max_loss_diff_default_vs_default"] == pytest.approx(0.05)
     assert summary["max_loss_diff_default_vs_lever"] == pytest.approx(0.1)
+    assert "lever_c" not in summary
+
+    # A third setting C against the same A runs.
+    (tmp_path / "c1.json").write_text(json.dumps({"device": "GPU", "median_step_time_s": 0.5, "losses": [5.0, 3.8]}))
+    stage_functions.summarize_lever(tmp_path, "--optimizer-precision fp32", "--optimizer-precision fp32 --x")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lever_c"] == "--optimizer-precision fp32 --x" and summary["lever_c_s_per_step"] == [0.5]
+    assert summary["speedup_c"] == pytest.approx(2.0) and summary["speedup"] == pytest.approx(1.25)
+    assert summary["max_loss_diff_default_vs_lever_c"] == pytest.approx(0.2)
 
 
 def _stall_record(mode: str, blocked: list[float], **checkpoint: object) -> dict[str, object]:
