@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lightning_llama_fp8.config import PRESETS, LlamaConfig, get_preset, llama3_8b, llama3_8b_4layers
 from lightning_llama_fp8.validate import SettingError
-from tests.helpers import free_port
+from tests.helpers import megatron_single_process_groups
 
 # Parameter counts of the released checkpoints (Meta's model cards / Hugging Face safetensors totals).
 PUBLISHED = {
@@ -37,17 +37,8 @@ def cpu_arch(name: str, **overrides: object) -> LlamaConfig:
 @pytest.fixture(scope="module")
 def megatron_tp1() -> Iterator[None]:
     """A 1-process gloo group and Megatron's parallel_state at TP 1, CP 1 (what GPTModel's layers read)."""
-    from megatron.core import parallel_state
-
-    assert not torch.distributed.is_initialized(), "another test leaked a process group"
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
+    with megatron_single_process_groups():
         yield
-    finally:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def meta_build(arch: LlamaConfig) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from lightning_llama_fp8.fp8.recipes import RECIPES
 from lightning_llama_fp8.fp8.support import FP8UnavailableError
 from lightning_llama_fp8.precision import MegatronPrecision, TEFP8Precision, amax_reduction_group, is_megatron_model
 from lightning_llama_fp8.validate import SettingError
-from tests.helpers import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, megatron_single_process_groups
 from tests.helpers.gpus import A100, H100, L40S_CUDA_12_8, Machine, no_gpu
 
 BF16_KWARGS = {"bf16": True, "params_dtype": torch.bfloat16}
@@ -135,16 +135,8 @@ def fake_te(monkeypatch: pytest.MonkeyPatch) -> FakeTE:
 @pytest.fixture
 def megatron_groups() -> Iterator[Any]:
     """A 1-process gloo group with Megatron's parallel_state (TP 1, CP 1) built on it; torn down afterwards."""
-    from megatron.core import parallel_state
-
-    assert not torch.distributed.is_initialized()
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=1)
+    with megatron_single_process_groups() as parallel_state:
         yield parallel_state
-    finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def build_gpt(transformer_config_kwargs: dict[str, Any]) -> nn.Module:

@@ -5,7 +5,12 @@ module: ``models`` (the tiny test model and mock data), ``fp8_fakes``, ``hf_mode
 ``megatron_lm``, ... Fixtures shared by test files of several folders are in tests/conftest.py.
 """
 
-from tests.helpers.distributed import allow_dist_checkpointing_on_cpu, free_port, run_distributed
+from tests.helpers.distributed import (
+    allow_dist_checkpointing_on_cpu,
+    free_port,
+    megatron_single_process_groups,
+    run_distributed,
+)
 from tests.helpers.paths import LAUNCH_PROBE, MULTINODE_PROBE, REPO_ROOT
 from tests.helpers.trainers import (
     MemoryLogger,
@@ -28,5 +33,6 @@ __all__ = [
     "fit_never_built",
     "free_port",
     "megatron_cpu_trainer",
+    "megatron_single_process_groups",
     "run_distributed",
 ]

@@ -11,7 +11,8 @@ import pickle
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def megatron_single_process_groups() -> Iterator[Any]:
+    """A 1-process gloo group with Megatron's parallel_state (TP 1, CP 1) built on it, what Megatron's layers read
+    when built on the CPU; yields ``parallel_state`` and tears both down afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    assert not dist.is_initialized(), "another test leaked a process group"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=1)
+        yield parallel_state
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def allow_dist_checkpointing_on_cpu() -> None:

@@ -21,3 +21,58 @@ def test_gradient_accumulation_fusion_switches_the_te_modules_only() -> None:
         fuse_te_weight_gradient_accumulation([torch.nn.Sequential(megatron_linear(2, 2))])
     # The default setting asks for it only where TE modules exist: none is no error there.
     assert fuse_te_weight_gradient_accumulation([torch.nn.Sequential(megatron_linear(2, 2))], required=False) == 0
+
+
+def _with_main_grads(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    for param in model.parameters():
+        param.main_grad = torch.zeros_like(param, dtype=dtype)  # what Megatron DDP's buffer gives each parameter
+    return model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "grad_dtype", "fused"),
+    [
+        ({}, torch.bfloat16, True),
+        ({}, torch.float32, False),  # grad_reduce_in_fp32: no bf16 GEMM accumulates into fp32 in torch
+        ({"tie_embeddings": True}, torch.bfloat16, False),  # the output weight is the embedding's
+    ],
+)
+def test_output_layer_accumulates_its_weight_gradient_in_the_gemm(
+    overrides: dict, grad_dtype: torch.dtype, fused: bool
+) -> None:
+    """The output layer, Megatron's own linear, switched to accumulate into a 16-bit main_grad; no other layer."""
+    import megatron.core.tensor_parallel.layers as megatron_layers
+
+    from lightning_llama_fp8._compat.megatron import TorchWeightGradientAccumulation
+    from lightning_llama_fp8.parallel.ddp import fuse_output_layer_weight_gradient_accumulation
+    from tests.helpers import megatron_single_process_groups
+    from tests.helpers.models import tiny_llama
+
+    with megatron_single_process_groups():
+        arch = tiny_llama(**overrides)
+        model = _with_main_grads(arch.build_model(arch.transformer_config(use_cpu_initialization=True)), grad_dtype)
+        # Megatron's own layers of the local spec are ColumnParallelLinear too; only the output layer is switched.
+        switched = {
+            name for name, module in model.named_modules() if getattr(module, "gradient_accumulation_fusion", 0)
+        }
+        assert fuse_output_layer_weight_gradient_accumulation([model]) == int(fused)
+        now = {name for name, module in model.named_modules() if getattr(module, "gradient_accumulation_fusion", 0)}
+        assert now - switched == ({"output_layer"} if fused else set())
+        if fused:  # the kernel megatron-core calls for it, where APEX is missing (as here)
+            assert megatron_layers.fused_weight_gradient_mlp_cuda is TorchWeightGradientAccumulation
+
+
+def test_torch_weight_gradient_accumulation_adds_in_place() -> None:
+    """main_grad += grad_output^T @ input, in the buffer itself (megatron-core passes the 2-D tensors)."""
+    from lightning_llama_fp8._compat.megatron import TorchWeightGradientAccumulation
+
+    torch.manual_seed(0)
+    total_input, grad_output = torch.randn(64, 16), torch.randn(64, 32)
+    main_grad = torch.randn(32, 16).to(torch.bfloat16)
+    expected = main_grad.float() + grad_output.t() @ total_input
+    storage = main_grad.data_ptr()
+    TorchWeightGradientAccumulation.wgrad_gemm_accum_fp16(
+        total_input.to(torch.bfloat16), grad_output.to(torch.bfloat16), main_grad
+    )
+    assert main_grad.data_ptr() == storage and main_grad.dtype is torch.bfloat16
+    torch.testing.assert_close(main_grad.float(), expected, atol=0.25, rtol=0.02)  # bf16 inputs and result
