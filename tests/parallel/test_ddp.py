@@ -76,3 +76,34 @@ def test_torch_weight_gradient_accumulation_adds_in_place() -> None:
     )
     assert main_grad.data_ptr() == storage and main_grad.dtype is torch.bfloat16
     torch.testing.assert_close(main_grad.float(), expected, atol=0.25, rtol=0.02)  # bf16 inputs and result
+
+
+def test_output_layer_backward_adds_its_weight_gradient_into_main_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """megatron-core's own backward of the output layer, switched: the weight gradient lands in main_grad (on top of
+    what it held), the layer tells DDP's hook so (``grad_added_to_main_grad``), and the input gradient is unchanged."""
+    from lightning_llama_fp8._compat.megatron import accumulate_weight_gradient_in_gemm
+    from tests.helpers import megatron_single_process_groups
+    from tests.helpers.models import tiny_llama
+
+    # Its placeholder gradient goes to torch.cuda.current_device() where Transformer Engine is missing (this CPU).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    with megatron_single_process_groups():
+        arch = tiny_llama()
+        layer = arch.build_model(arch.transformer_config(use_cpu_initialization=True)).output_layer
+        torch.manual_seed(0)
+        hidden = torch.randn(16, 1, arch.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        logits, _ = layer(hidden)
+        grad_logits = torch.randn_like(logits)
+        logits.backward(grad_logits)
+        unfused_weight_grad, unfused_input_grad = layer.weight.grad.float(), hidden.grad.clone()
+        layer.weight.grad, hidden.grad = None, None
+
+        layer.weight.main_grad = torch.full_like(layer.weight, 0.5)  # what earlier micro batches left there
+        layer.weight.grad_added_to_main_grad = False  # Megatron DDP sets it on every parameter
+        accumulate_weight_gradient_in_gemm(layer)
+        logits, _ = layer(hidden)
+        logits.backward(grad_logits)
+        assert layer.weight.grad_added_to_main_grad is True
+        # One bf16 rounding of 0.5 + gradient (|gradient| up to ~21 here: half a bf16 step there is 0.0625).
+        torch.testing.assert_close(layer.weight.main_grad.float(), 0.5 + unfused_weight_grad, atol=0.0625, rtol=0)
+        assert torch.equal(hidden.grad, unfused_input_grad)
