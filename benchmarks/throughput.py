@@ -65,7 +65,6 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
 )
 from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
-from lightning_llama_fp8.parallel import ddp
 from lightning_llama_fp8.parallel.cuda_graphs import graphed_layers
 
 
@@ -300,12 +299,6 @@ def main() -> None:
         help="MegatronCPStrategy(gradient_accumulation_fusion=None|True|False); default: on with TE layers",
     )
     parser.add_argument(
-        "--output-layer-grad-fusion",
-        choices=("on", "off"),
-        default="on",
-        help="off: the output layer returns its weight gradient for DDP's hook to add (the TE layers stay fused)",
-    )
-    parser.add_argument(
         "--weight-refresh",
         choices=("fast", "te"),
         default="fast",
@@ -356,10 +349,6 @@ def main() -> None:
         else OptimizerPrecisionSettings(args.optimizer_precision, args.optimizer_precision)
     )
 
-    if args.output_layer_grad_fusion == "off":
-        # A/B of the output layer's share of gradient-accumulation fusion: the strategy fuses it through this
-        # function once the model is wrapped; one that fuses nothing leaves the TE layers' fusion as it is.
-        ddp.fuse_output_layer_weight_gradient_accumulation = lambda ddp_modules: 0
     seed_everything(1234)
     if args.init_weights is not None:  # the same initial weights in every layout, pipeline splits included
         arch = LlamaConfig.from_hf(args.init_weights, seq_length=args.seq)
@@ -528,7 +517,6 @@ def main() -> None:
         # What ran (the default resolves per model), and what was asked for.
         "gradient_accumulation_fusion": getattr(trainer.strategy, "gradient_accumulation_fused", None),
         "gradient_accumulation_fusion_setting": args.grad_accum_fusion,
-        "output_layer_gradient_fused": getattr(trainer.strategy, "output_layer_gradient_fused", None),
         "weight_refresh": args.weight_refresh,
         "fp8_attention": args.fp8_attention,
         "data": args.data_path or "mock",

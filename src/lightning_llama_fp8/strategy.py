@@ -95,10 +95,9 @@ class MegatronCPStrategy(ParallelStrategy):
         check_for_nan_in_grad: have Megatron DDP assert that gradients are finite before reducing them.
         gradient_accumulation_fusion: Transformer Engine's layers add their weight gradients straight into Megatron
             DDP's gradient buffer (TE's ``fuse_wgrad_accumulation``, Megatron-LM's ``--gradient-accumulation-fusion``)
-            instead of returning them for DDP's hook to add; with a 16-bit buffer and untied embeddings also the
-            output layer, Megatron's own linear, whose fused kernel would need APEX (Megatron-LM turns the whole
-            option off without APEX; here a cuBLAS GEMM that accumulates does it). ``None`` (default): on for models
-            with the Transformer Engine layer spec
+            instead of returning them for DDP's hook to add. Only for the TE layers: the output layer is
+            Megatron's own linear, whose fused kernel needs APEX (Megatron-LM turns the whole option off without
+            APEX; this package needs none). ``None`` (default): on for models with the Transformer Engine layer spec
             (one H200, 4 layers, FP8: 1.0097x, losses within run-to-run noise,
             benchmarks/results/2026-12-03-h200-fp8-profile), unless a callback needs the unfused weight gradients
             (``FaultInjector(target="gradient")`` hooks them); off otherwise. ``True``: on, refused without TE layers
@@ -212,8 +211,6 @@ class MegatronCPStrategy(ParallelStrategy):
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
         #: Whether TE's layers accumulate into main_grad in this fit (resolved in ``setup``).
         self.gradient_accumulation_fused = False
-        #: Whether the output layer (Megatron's own linear) does too (resolved in ``setup``, with the above).
-        self.output_layer_gradient_fused = False
         self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
         if checkpoint_optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):
@@ -577,10 +574,6 @@ class MegatronCPStrategy(ParallelStrategy):
                 )
                 > 0
             )
-            if self.gradient_accumulation_fused:
-                self.output_layer_gradient_fused = (
-                    ddp.fuse_output_layer_weight_gradient_accumulation(self._ddp_modules) > 0
-                )
             self.setup_optimizers(trainer)
             self._connect_schedule_hooks()
         self.setup_precision_plugin()

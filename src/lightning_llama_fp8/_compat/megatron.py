@@ -47,27 +47,3 @@ def graph_capture_undone_on_failure(layers: list[Any]) -> Iterator[None]:
         if getattr(cuda_graphs, "te_set_capture_end", None) is not None:
             cuda_graphs.te_set_capture_end()
         raise
-
-
-class TorchWeightGradientAccumulation:
-    """What megatron-core's own linear layers call to add a weight gradient into ``main_grad`` in the GEMM itself
-    (megatron-core 0.19.2 ``tensor_parallel/layers.py`` imports APEX's ``fused_weight_gradient_mlp_cuda`` for it and
-    goes without where APEX is missing), for 16-bit gradient buffers: ``main_grad += grad_output^T @ input`` as one
-    cuBLAS GEMM with beta = 1 (``addmm_``), rounded to the buffer's dtype once, as Transformer Engine's layers do
-    with ``fuse_wgrad_accumulation``."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp16(total_input: Any, grad_output: Any, main_grad: Any) -> None:
-        main_grad.addmm_(grad_output.t(), total_input)
-
-
-def accumulate_weight_gradient_in_gemm(linear: Any) -> None:
-    """Have megatron-core's ``linear`` (a ``ColumnParallelLinear`` / ``RowParallelLinear`` whose weight has a 16-bit
-    ``main_grad``, Megatron DDP's buffer) add its weight gradient into ``main_grad`` in the GEMM and hand autograd a
-    placeholder, as its ``gradient_accumulation_fusion`` does with APEX. The layer reads the switch from its own
-    attribute at every forward; megatron-core checks for APEX only when it is built with the config's switch on."""
-    import megatron.core.tensor_parallel.layers as layers
-
-    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is None:  # APEX's kernels stay where installed
-        layers.fused_weight_gradient_mlp_cuda = TorchWeightGradientAccumulation
-    linear.gradient_accumulation_fusion = True

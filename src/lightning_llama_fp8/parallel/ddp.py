@@ -181,34 +181,3 @@ def fuse_te_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module], req
         module.fuse_wgrad_accumulation = True
     log.info("Gradient accumulation fusion: %d Transformer Engine modules add into main_grad.", len(modules))
     return len(modules)
-
-
-def fuse_output_layer_weight_gradient_accumulation(ddp_modules: list[torch.nn.Module]) -> int:
-    """Have the output layer (Megatron's own ``ColumnParallelLinear``, outside Transformer Engine) of each model
-    under ``ddp_modules`` add its weight gradient into DDP's 16-bit gradient buffer in the GEMM; returns how many.
-
-    Unfused, each micro batch writes the vocab x hidden gradient and Megatron DDP's hook then adds it into the
-    buffer (1 GB written, then 2 GB read and 1 GB written again for Llama 3's 128,256 x 4,096, bf16). Skipped where
-    the output weight is the embedding's (tied: the embedding's unfused gradient joins it in the same ``.grad``) or
-    the buffer is fp32 (``grad_reduce_in_fp32``: torch has no bf16 GEMM accumulating into fp32).
-    """
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    from lightning_llama_fp8._compat.megatron import accumulate_weight_gradient_in_gemm
-
-    fused = 0
-    for ddp in ddp_modules:
-        for name, module in ddp.named_modules():
-            weight = getattr(module, "weight", None)
-            main_grad = getattr(weight, "main_grad", None)
-            if (
-                name.rsplit(".", 1)[-1] == "output_layer"
-                and isinstance(module, ColumnParallelLinear)
-                and main_grad is not None
-                and main_grad.dtype in (torch.bfloat16, torch.float16)
-            ):
-                accumulate_weight_gradient_in_gemm(module)
-                fused += 1
-    if fused:
-        log.info("Gradient accumulation fusion: the output layer adds into main_grad in its weight-gradient GEMM.")
-    return fused
