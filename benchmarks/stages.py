@@ -241,7 +241,7 @@ STAGES: tuple[Stage, ...] = (
         purpose="issue 15: one speed lever against today's defaults, alternating A B A B (FP8, 4 layers, GBS 8)",
         limit_s=540,
         steps=(functions.lever,),
-        outputs=("lever/summary.json", "lever/a1.json", "lever/b1.json", "lever/a2.json", "lever/b2.json"),
+        outputs=("lever/summary.json", "lever/[abc][12].json"),
         knobs={
             "LEVER_ARGS": "",
             "LEVER_C_ARGS": "",
@@ -254,7 +254,8 @@ STAGES: tuple[Stage, ...] = (
         },
         notes="LEVER_ARGS: benchmarks.throughput flags of B; LEVER_ENV: environment of B (VAR=value ...); one of "
         "them needed (LEVER_ARGS='--grad-accum-fusion off' measures the first lever, now the default, again); "
-        "LEVER_BASE_ARGS: flags of both; LEVER_C_ARGS: flags of a third setting C (A B C A B C); "
+        "LEVER_BASE_ARGS: flags of both; LEVER_C_ARGS: flags of a third setting C (A B C A B C; 16 layers BF16 with "
+        "LEVER_STEPS=12 LEVER_WARMUP=5: ~7.5 min estimated); "
         "issue 28's optimizer lever on BF16 at 16 layers: LEVER_PRECISION=bf16 "
         "LEVER_LAYERS=16 LEVER_ARGS='--optimizer-precision fp32' (~6 min; LEVER_STEPS=14 LEVER_WARMUP=6 for ~5 min); "
         "~4 min estimated at 4 layers",

@@ -340,3 +340,7 @@ def test_fused_qkv_rope_with_document_masking_is_refused_before_building() -> No
     data.document_masking = False
     module.setup("fit")
     assert module.model is None  # the check builds nothing
+    # A batch with document boundaries from elsewhere (no masking data module) is refused at the step.
+    module.model = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"boundaries \(document masking\) and model.arch.fused_qkv_rope"):
+        module.forward_backward(_masked_batch(micro_batch_size=1, num_microbatches=1), forward_only=True)

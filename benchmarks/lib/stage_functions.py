@@ -659,7 +659,8 @@ def lever(session: StageSession, lever_args: str | None = None) -> None:
     B adds ``lever_args`` (default: the knob LEVER_ARGS), flags of ``benchmarks.throughput``, and runs with the
     environment assignments of LEVER_ENV, for levers that are settings of a dependency. Both run LEVER_PRECISION with
     LEVER_LAYERS layers and the flags LEVER_BASE_ARGS. With LEVER_C_ARGS a third setting C (usually B plus one more
-    lever) runs after each B: A B C A B C, so two levers are measured against the same A runs in one call.
+    lever; LEVER_ARGS are not added to it, LEVER_ENV is) runs after each B: A B C A B C, so two levers are measured
+    against the same A runs in one call.
     """
     flags = session.knob("LEVER_ARGS") if lever_args is None else lever_args
     env = session.knob("LEVER_ENV")
@@ -703,6 +704,7 @@ def summarize_lever(runs_dir: Path, lever_setting: str, lever_c_setting: str = "
         return {
             "s_per_step": [record["median_step_time_s"] for record in records],
             "losses": [record["losses"] for record in records],
+            "peak_gib": [record.get("peak_memory_gib") for record in records],
         }
 
     def largest_gap(first: list[float], second: list[float]) -> float:
@@ -725,6 +727,8 @@ def summarize_lever(runs_dir: Path, lever_setting: str, lever_c_setting: str = "
         "lever": lever_setting,
         "default_s_per_step": a["s_per_step"],
         "lever_s_per_step": b["s_per_step"],
+        "default_peak_gib": a["peak_gib"],
+        "lever_peak_gib": b["peak_gib"],
         "speedup": speedup,
         "max_loss_diff_default_vs_default": noise,
         "max_loss_diff_default_vs_lever": diff,
@@ -735,6 +739,7 @@ def summarize_lever(runs_dir: Path, lever_setting: str, lever_c_setting: str = "
         summary.update(
             lever_c=lever_c_setting,
             lever_c_s_per_step=c["s_per_step"],
+            lever_c_peak_gib=c["peak_gib"],
             speedup_c=speedup_c,
             max_loss_diff_default_vs_lever_c=diff_c,
         )

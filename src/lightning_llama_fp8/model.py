@@ -326,6 +326,11 @@ class LlamaLightningModule(LightningModule):
         num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
         micro_batches = [{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)]
         if CU_SEQLENS_KEY in batch:
+            if self.arch.fused_qkv_rope:  # setup() refuses it with a masking data module; a batch built elsewhere
+                raise ValueError(
+                    "This batch has document boundaries (document masking) and model.arch.fused_qkv_rope is on: "
+                    "Megatron applies RoPE to packed sequences on the split query and key only. Turn one off."
+                )
             # Document masking: each micro batch runs as one packed sequence ([1, mbs * seq], see forward_inputs),
             # which is the activation shape pipeline stages send each other.
             seq_length, micro_batch_size = micro_batch_size * seq_length, 1
