@@ -16,6 +16,17 @@ from benchmarks.lib.stage_run import Command, Stage
 CALL_LIMIT_S = 590
 
 
+#: The knobs every stage built on ``functions.lever`` reads (A/B runs of benchmarks.throughput).
+LEVER_KNOBS = {
+    "LEVER_ENV": "",
+    "LEVER_PRECISION": "fp8",
+    "LEVER_LAYERS": "4",
+    "LEVER_BASE_ARGS": "",
+    "LEVER_STEPS": "20",
+    "LEVER_WARMUP": "8",
+}
+
+
 def _compare(out_dir: str, flags: str, *, after_success: bool = False) -> Command:
     """Ours against Megatron-LM (``benchmarks.compare_megatron_lm``) into ``{out}/<out_dir>``."""
     line = f"python3 -m benchmarks.compare_megatron_lm --out-dir {{out}}/{out_dir} {flags}"
@@ -225,14 +236,7 @@ STAGES: tuple[Stage, ...] = (
             functions.lever_weight_refresh,
         ),
         outputs=("weight_refresh.log", "fp8_weight_refresh_*.json", "lever/summary.json"),
-        knobs={
-            "LEVER_ENV": "",
-            "LEVER_PRECISION": "fp8",
-            "LEVER_LAYERS": "4",
-            "LEVER_BASE_ARGS": "",
-            "LEVER_STEPS": "20",
-            "LEVER_WARMUP": "8",
-        },
+        knobs=LEVER_KNOBS,
         notes="the test's JSON records land in OUT (GPU_RESULTS_DIR); LEVER_* as in lever-1; 4.9 min measured",
     ),
     Stage(
@@ -242,16 +246,7 @@ STAGES: tuple[Stage, ...] = (
         limit_s=540,
         steps=(functions.lever,),
         outputs=("lever/summary.json", "lever/[abc][12].json"),
-        knobs={
-            "LEVER_ARGS": "",
-            "LEVER_C_ARGS": "",
-            "LEVER_ENV": "",
-            "LEVER_PRECISION": "fp8",
-            "LEVER_LAYERS": "4",
-            "LEVER_BASE_ARGS": "",
-            "LEVER_STEPS": "20",
-            "LEVER_WARMUP": "8",
-        },
+        knobs={"LEVER_ARGS": "", "LEVER_C_ARGS": "", **LEVER_KNOBS},
         notes="LEVER_ARGS: benchmarks.throughput flags of B; LEVER_ENV: environment of B (VAR=value ...); one of "
         "them needed (LEVER_ARGS='--grad-accum-fusion off' measures the first lever, now the default, again); "
         "LEVER_BASE_ARGS: flags of both; LEVER_C_ARGS: flags of a third setting C (A B C A B C; 16 layers BF16 with "
