@@ -131,6 +131,13 @@ def check_data_matches_arch(arch: LlamaConfig, seq_length: int | None, vocab_siz
         )
 
 
+#: Why fused QKV RoPE and packed sequences (document masking) cannot go together, and what to do.
+FUSED_QKV_ROPE_PACKED = (
+    "Megatron applies RoPE to packed sequences on the split query and key only (it asserts at the first step). "
+    "Turn one of them off."
+)
+
+
 class LlamaLightningModule(LightningModule):
     """Llama 3 pre-training with Megatron-Core, under a Lightning Trainer.
 
@@ -179,10 +186,7 @@ class LlamaLightningModule(LightningModule):
             self.arch, getattr(datamodule, "seq_length", None), getattr(datamodule, "vocab_size", None)
         )
         if self.arch.fused_qkv_rope and getattr(datamodule, "document_masking", False):
-            raise ValueError(
-                "model.arch.fused_qkv_rope cannot go with data.document_masking: Megatron applies RoPE to packed "
-                "sequences on the split query and key only (it asserts at the first step). Turn one of them off."
-            )
+            raise ValueError(f"model.arch.fused_qkv_rope cannot go with data.document_masking: {FUSED_QKV_ROPE_PACKED}")
 
     def configure_model(self) -> None:
         """Build GPTModel with the layout from the strategy and the precision from the plugin.
@@ -329,7 +333,7 @@ class LlamaLightningModule(LightningModule):
             if self.arch.fused_qkv_rope:  # setup() refuses it with a masking data module; a batch built elsewhere
                 raise ValueError(
                     "This batch has document boundaries (document masking) and model.arch.fused_qkv_rope is on: "
-                    "Megatron applies RoPE to packed sequences on the split query and key only. Turn one off."
+                    + FUSED_QKV_ROPE_PACKED
                 )
             # Document masking: each micro batch runs as one packed sequence ([1, mbs * seq], see forward_inputs),
             # which is the activation shape pipeline stages send each other.
