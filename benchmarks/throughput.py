@@ -66,6 +66,7 @@ from lightning_llama_fp8 import (
 )
 from lightning_llama_fp8.callbacks import ManualGC, NaNGuard, ThroughputMonitor
 from lightning_llama_fp8.parallel.cuda_graphs import graphed_layers
+from lightning_llama_fp8.parallel.optimizer_precision import AUTO, OptimizerPrecision, state_record
 
 
 def recipe_arch(num_layers: int, seq_length: int) -> LlamaConfig:
@@ -288,9 +289,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--optimizer-precision",
-        choices=("off", "bf16", "fp32"),
-        default="off",
-        help="MegatronCPStrategy(optimizer_precision=...) with Adam moments in this dtype (off: Megatron's default)",
+        choices=("auto", "off", "bf16", "fp32"),
+        default="auto",
+        help="MegatronCPStrategy(optimizer_precision=...) with Adam moments in this dtype (off: Megatron's default; "
+        "auto: the strategy's default)",
     )
     parser.add_argument(
         "--grad-accum-fusion",
@@ -320,7 +322,10 @@ def main() -> None:
         help="LlamaConfig(cross_entropy_fusion_impl=None|'te'|'native'); default: TE's kernel with TE layers",
     )
     parser.add_argument(
-        "--fused-qkv-rope", action="store_true", help="LlamaConfig(fused_qkv_rope=True): RoPE on the whole QKV output"
+        "--fused-qkv-rope",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="LlamaConfig(fused_qkv_rope=...): RoPE on the whole QKV output (auto: the default, on where it applies)",
     )
     parser.add_argument(
         "--deterministic", action="store_true", help="Trainer(deterministic=True): bitwise reproducible, slower"
@@ -343,9 +348,11 @@ def main() -> None:
     )
     offload = OptimizerOffloadSettings(args.optimizer_offload_fraction) if args.optimizer_offload_fraction else None
     fp8_param_gather = args.precision == "fp8" and not args.no_fp8_param_gather
-    optimizer_precision = (
+    optimizer_precision: OptimizerPrecision = (
         None
         if args.optimizer_precision == "off"
+        else AUTO
+        if args.optimizer_precision == "auto"
         else OptimizerPrecisionSettings(args.optimizer_precision, args.optimizer_precision)
     )
 
@@ -356,8 +363,8 @@ def main() -> None:
         arch = (recipe_arch if args.arch == "recipe" else small_arch)(args.layers, args.seq)
     if args.cross_entropy != "default":
         arch = dataclasses.replace(arch, cross_entropy_fusion_impl=args.cross_entropy)
-    if args.fused_qkv_rope:
-        arch = dataclasses.replace(arch, fused_qkv_rope=True)
+    if args.fused_qkv_rope != "auto":
+        arch = dataclasses.replace(arch, fused_qkv_rope=args.fused_qkv_rope == "on")
     plugin = (
         TEFP8Precision(
             recipe=args.recipe,
@@ -482,6 +489,7 @@ def main() -> None:
             "global_batch_size": args.gbs,
             "fits": False,
             "steps_done": trainer.global_step,
+            "optimizer_state": state_record(getattr(trainer.strategy, "optimizer_precision_in_use", None)),
             "error": str(err).splitlines()[0],
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
             "host_peak_rss_gib": host_peak_rss_gib(),
@@ -493,6 +501,8 @@ def main() -> None:
             args.out.write_text(json.dumps(record, indent=2))
         return
 
+    # What ran: optimizer_precision with "auto" resolved (precision_aware false: Megatron's default optimizer).
+    memory_settings["optimizer_state"] = state_record(trainer.strategy.optimizer_precision_in_use)
     times = module.step_times[max(args.warmup - 1, 0) :]  # step_times starts at step 2
     median = statistics.median(times)
     world = trainer.world_size
@@ -522,7 +532,7 @@ def main() -> None:
         "data": args.data_path or "mock",
         "document_masking": args.document_masking,
         "cross_entropy": arch.cross_entropy_impl,
-        "fused_qkv_rope": arch.fused_qkv_rope,
+        "fused_qkv_rope": module.fused_qkv_rope_in_use,  # what ran
         "deterministic": getattr(trainer.strategy, "deterministic_mode", None) is not None
         and trainer.strategy.deterministic_mode.on,
         "cp_comm_type": args.cp_comm_type,

@@ -453,8 +453,14 @@ def test_fused_qkv_rope_reaches_megatron_and_needs_te_fused_rope() -> None:
     # Megatron's config refuses fused RoPE where TE is missing (this CPU machine): built with it overridden off.
     on = get_preset("llama_tiny", apply_rope_fusion=True, fused_qkv_rope=True)
     assert on.transformer_config(apply_rope_fusion=False).fused_single_qkv_rope is True
-    off = get_preset("llama_tiny", apply_rope_fusion=True)
+    off = get_preset("llama_tiny", apply_rope_fusion=True, fused_qkv_rope=False)
     assert off.transformer_config(apply_rope_fusion=False).fused_single_qkv_rope is False
+    # None (default): on where it applies, the TE layer spec with fused RoPE (TE's kernel assumed where TE is absent).
+    default = get_preset("llama_tiny", apply_rope_fusion=True)
+    assert default.fused_qkv_rope is None and default.fused_qkv_rope_applies
+    assert default.transformer_config(apply_rope_fusion=False).fused_single_qkv_rope is True
+    assert not cpu_arch("llama_tiny").fused_qkv_rope_applies  # the local spec
+    assert not get_preset("llama_tiny", apply_rope_fusion=False).fused_qkv_rope_applies
     with pytest.raises(ValueError, match="fused_qkv_rope needs transformer_impl='transformer_engine'"):
         cpu_arch("llama_tiny", fused_qkv_rope=True)
     with pytest.raises(ValueError, match="and apply_rope_fusion=True"):

@@ -342,5 +342,19 @@ def test_fused_qkv_rope_with_document_masking_is_refused_before_building() -> No
     assert module.model is None  # the check builds nothing
     # A batch with document boundaries from elsewhere (no masking data module) is refused at the step.
     module.model = torch.nn.Identity()
-    with pytest.raises(ValueError, match=r"boundaries \(document masking\) and model.arch.fused_qkv_rope"):
+    with pytest.raises(ValueError, match=r"boundaries \(document masking\) and fused QKV RoPE is on .* Set "
+                       r"model.arch.fused_qkv_rope: false"):  # fmt: skip
         module.forward_backward(_masked_batch(micro_batch_size=1, num_microbatches=1), forward_only=True)
+
+
+def test_fused_qkv_rope_by_default_is_off_for_a_masking_data_module_and_on_otherwise() -> None:
+    from types import SimpleNamespace
+
+    module = LlamaLightningModule(get_preset("llama_tiny", apply_rope_fusion=True))
+    data = SimpleNamespace(seq_length=module.arch.seq_length, vocab_size=module.arch.vocab_size, document_masking=True)
+    module._trainer = SimpleNamespace(datamodule=data, max_steps=1000)
+    module.setup("fit")
+    assert module.fused_qkv_rope_in_use is False
+    data.document_masking = False
+    module.setup("fit")
+    assert module.fused_qkv_rope_in_use is True

@@ -175,6 +175,9 @@ class LlamaLightningModule(LightningModule):
         self.step_times: list[float] = []
         self.last_loss: Tensor | None = None  # this step's global per-token loss, set before the optimizer step
         self.last_local_loss: Tensor | None = None  # the same over this rank's tokens only
+        #: Whether the model applies RoPE to the whole QKV output (``LlamaConfig.fused_qkv_rope``; off by default for a
+        #: data module that masks documents: set in ``setup``).
+        self.fused_qkv_rope_in_use = self.arch.fused_qkv_rope_applies
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -185,8 +188,10 @@ class LlamaLightningModule(LightningModule):
         check_data_matches_arch(
             self.arch, getattr(datamodule, "seq_length", None), getattr(datamodule, "vocab_size", None)
         )
-        if self.arch.fused_qkv_rope and getattr(datamodule, "document_masking", False):
+        masking = bool(getattr(datamodule, "document_masking", False))
+        if self.arch.fused_qkv_rope is True and masking:
             raise ValueError(f"model.arch.fused_qkv_rope cannot go with data.document_masking: {FUSED_QKV_ROPE_PACKED}")
+        self.fused_qkv_rope_in_use = self.arch.fused_qkv_rope_applies and not masking
 
     def configure_model(self) -> None:
         """Build GPTModel with the layout from the strategy and the precision from the plugin.
@@ -223,7 +228,11 @@ class LlamaLightningModule(LightningModule):
                 "LlamaLightningModule needs plugins=[TEFP8Precision()] (FP8) or plugins=[MegatronPrecision()] "
                 f"(BF16); got {type(precision).__name__}."
             )
-        overrides = {**strategy.transformer_config_kwargs(), **precision.transformer_config_kwargs()}
+        overrides = {
+            **strategy.transformer_config_kwargs(),
+            **precision.transformer_config_kwargs(),
+            "fused_single_qkv_rope": self.fused_qkv_rope_in_use,
+        }
         return self.arch.transformer_config(**overrides)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -330,10 +339,11 @@ class LlamaLightningModule(LightningModule):
         num_microbatches, micro_batch_size, seq_length = batch["tokens"].shape
         micro_batches = [{k: v[i] for k, v in batch.items()} for i in range(num_microbatches)]
         if CU_SEQLENS_KEY in batch:
-            if self.arch.fused_qkv_rope:  # setup() refuses it with a masking data module; a batch built elsewhere
+            if self.fused_qkv_rope_in_use:  # off for a masking data module (setup); this batch came from elsewhere
                 raise ValueError(
-                    "This batch has document boundaries (document masking) and model.arch.fused_qkv_rope is on: "
-                    + FUSED_QKV_ROPE_PACKED
+                    "This batch has document boundaries (document masking) and fused QKV RoPE is on "
+                    "(model.arch.fused_qkv_rope, by default where it applies; a data module with document_masking "
+                    f"turns it off): {FUSED_QKV_ROPE_PACKED} Set model.arch.fused_qkv_rope: false for such batches."
                 )
             # Document masking: each micro batch runs as one packed sequence ([1, mbs * seq], see forward_inputs),
             # which is the activation shape pipeline stages send each other.

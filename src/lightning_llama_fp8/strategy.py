@@ -54,7 +54,16 @@ from lightning_llama_fp8.parallel.cuda_graphs import (
 )
 from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
+from lightning_llama_fp8.parallel.optimizer_precision import (
+    AUTO,
+    OptimizerPrecision,
+    OptimizerPrecisionSettings,
+    resolve_optimizer_precision,
+    settings_from_record,
+    state_description,
+    transformer_engine_installed,
+)
+from lightning_llama_fp8.parallel.optimizer_precision import check_setting as check_optimizer_precision_setting
 from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
 from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
@@ -125,10 +134,15 @@ class MegatronCPStrategy(ParallelStrategy):
         optimizer_offload: keep (part of) the distributed optimizer's state in CPU memory and step it there
             (:class:`~.parallel.memory.OptimizerOffloadSettings`; Megatron's ``optimizer_cpu_offload``).
             ``None``: all on the GPU.
-        optimizer_precision: Megatron's precision-aware optimizer: bf16 Adam moments, fp32 main weights kept as
-            16-bit remainders of bf16 weights, no fp32 gradient copy at the step
-            (:class:`~.parallel.optimizer_precision.OptimizerPrecisionSettings`). ``None``: Megatron's default
-            (fp32 main weights and moments, 16 bytes per parameter at the step instead of 6).
+        optimizer_precision: Megatron's precision-aware optimizer (Transformer Engine's FusedAdam stepping straight
+            from the gradient buffer): :class:`~.parallel.optimizer_precision.OptimizerPrecisionSettings` (bf16 Adam
+            moments and fp32 main weights kept as 16-bit remainders of bf16 weights by default: 6 bytes per parameter
+            at the step instead of 16). ``"auto"`` (default): fp32 moments and exact fp32 main weights (the update of
+            Megatron's default optimizer, without its fp32 gradient copy and its copy of the main weights into the
+            model) wherever the precision-aware optimizer runs (distributed optimizer, no optimizer offload, bf16
+            weights, Transformer Engine's layers), Megatron's default elsewhere, and a resumed checkpoint's own
+            optimizer state when resuming (``optimizer_precision_in_use`` says which, from ``setup_environment``
+            on). ``None``: Megatron's default (fp32 main weights and moments).
         cuda_graphs: capture each transformer layer as CUDA graphs after a few eager training steps and replay them
             (:class:`~.parallel.cuda_graphs.CudaGraphSettings`; Megatron's ``cuda_graph_impl="transformer_engine"``).
             ``None`` (default): eager.
@@ -163,7 +177,7 @@ class MegatronCPStrategy(ParallelStrategy):
         async_save: bool = False,
         activation_recompute: RecomputeSettings | None = None,
         optimizer_offload: OptimizerOffloadSettings | None = None,
-        optimizer_precision: OptimizerPrecisionSettings | None = None,
+        optimizer_precision: OptimizerPrecision = AUTO,
         cuda_graphs: CudaGraphSettings | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
@@ -228,8 +242,14 @@ class MegatronCPStrategy(ParallelStrategy):
         self.optimizer_offload = optimizer_offload
         if optimizer_offload is not None:
             optimizer_offload.check(use_distributed_optimizer, fp8_recipe=None, fp8_param_gather=False)
+        check_optimizer_precision_setting(optimizer_precision)
         self.optimizer_precision = optimizer_precision
-        if optimizer_precision is not None:
+        #: The optimizer-state precision of this run: ``optimizer_precision`` with "auto" resolved (in
+        #: ``setup_environment``, and from the checkpoint when resuming); ``None``: Megatron's default optimizer.
+        self.optimizer_precision_in_use: OptimizerPrecisionSettings | None = (
+            None if optimizer_precision == AUTO else optimizer_precision  # type: ignore[assignment]
+        )
+        if isinstance(optimizer_precision, OptimizerPrecisionSettings):
             optimizer_precision.check(
                 use_distributed_optimizer,
                 fp8_param_gather=False,
@@ -442,17 +462,53 @@ class MegatronCPStrategy(ParallelStrategy):
         if self.optimizer_offload is not None:
             fp8_param_gather = bool(plugin.ddp_config_kwargs().get("fp8_param_gather"))
             self.optimizer_offload.check(self.use_distributed_optimizer, fp8_recipe, fp8_param_gather)
-        if self.optimizer_precision is not None:
-            self.optimizer_precision.check(
-                self.use_distributed_optimizer,
-                bool(plugin.ddp_config_kwargs().get("fp8_param_gather")),
-                optimizer_offloaded=self.optimizer_offload is not None,
-                checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
-            )
-            self.optimizer_precision.check_transformer_engine()
+        self.optimizer_precision_in_use = resolve_optimizer_precision(
+            self.optimizer_precision,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            fp8_param_gather=bool(plugin.ddp_config_kwargs().get("fp8_param_gather")),
+            optimizer_offloaded=self.optimizer_offload is not None,
+            checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
+            transformer_engine_layers=getattr(arch, "transformer_impl", None) == "transformer_engine"
+            and transformer_engine_installed(),
+        )
+        self._check_optimizer_precision_in_use()
+        if self.optimizer_precision == AUTO:
+            chosen = self.optimizer_precision_in_use
+            default = "Megatron's default optimizer (fp32 main weights and moments)"
+            log.info("optimizer_precision 'auto': %s.", chosen.describe() if chosen is not None else default)
         if self.activation_recompute is not None and arch is not None:
             chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
+
+    def _check_optimizer_precision_in_use(self) -> None:
+        """Refuse optimizer-state precision this run cannot keep (before anything is built)."""
+        settings = self.optimizer_precision_in_use
+        if settings is None:
+            return
+        settings.check(
+            self.use_distributed_optimizer,
+            bool(self.precision_plugin.ddp_config_kwargs().get("fp8_param_gather")),
+            optimizer_offloaded=self.optimizer_offload is not None,
+            checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
+        )
+        settings.check_transformer_engine()
+
+    def adopt_resumed_optimizer_state(self, checkpoint: str, record: dict[str, Any]) -> None:
+        """With ``optimizer_precision="auto"``, keep the optimizer state as the resumed checkpoint ``checkpoint``
+        recorded it (``record``, its ``optimizer_state``); raise ``CheckpointError`` where this run cannot."""
+        if self.optimizer_precision != AUTO:
+            return
+        self.optimizer_precision_in_use = settings_from_record(record)
+        try:
+            self._check_optimizer_precision_in_use()
+        except ValueError as err:
+            raise ckpt.CheckpointError(
+                f"Checkpoint {checkpoint} keeps its optimizer state as {state_description(record)}, which "
+                f"optimizer_precision 'auto' resumes as it is, and this run cannot: {err} Resume with the "
+                "checkpoint's settings, or start a new run from its weights (llama-fp8 convert, then "
+                "model.init_weights)."
+            ) from err
+        log.info("optimizer_precision 'auto', resuming %s: %s.", checkpoint, state_description(record))
 
     def _check_cuda_graphs(self, arch: Any) -> None:
         """Refuse CUDA graphs where they cannot run (before any process group exists)."""
@@ -537,8 +593,8 @@ class MegatronCPStrategy(ParallelStrategy):
         }
         if self.optimizer_offload is not None:
             kwargs.update(self.optimizer_offload.optimizer_config_kwargs())
-        if self.optimizer_precision is not None:
-            kwargs.update(self.optimizer_precision.optimizer_config_kwargs())
+        if self.optimizer_precision_in_use is not None:
+            kwargs.update(self.optimizer_precision_in_use.optimizer_config_kwargs())
         return kwargs
 
     @property

@@ -8,7 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_llama_fp8._compat.transformer_engine import replace_high_precision_init_val, reset_debug_state
+from lightning_llama_fp8._compat.transformer_engine import (
+    has_fused_qkv_rope,
+    replace_high_precision_init_val,
+    reset_debug_state,
+)
 
 
 def test_a_kept_high_precision_value_is_replaced_in_its_dtype_and_device() -> None:
@@ -38,3 +42,18 @@ def test_the_installed_transformer_engine_has_the_private_names() -> None:
 
     assert callable(base._attach_high_precision_init_val)
     assert callable(TEDebugState._reset)
+    assert has_fused_qkv_rope()  # TE 2.20.2, the pinned stack
+
+
+def test_fused_qkv_rope_is_looked_up_where_megatron_imports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    name = "transformer_engine.pytorch.attention.rope"
+    for parent in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.attention"):
+        monkeypatch.setitem(sys.modules, parent, sys.modules.get(parent) or types.ModuleType(parent))
+    rope = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, rope)
+    assert not has_fused_qkv_rope()  # a TE without the kernel: megatron-core would assert at the first step
+    rope.apply_fused_qkv_rotary_pos_emb = lambda *args: None  # type: ignore[attr-defined]
+    assert has_fused_qkv_rope()

@@ -170,6 +170,10 @@ def test_cli_refuses_a_resume_into_other_optimizer_state_dtypes(
     cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=False)  # validation loads weights only
     config["trainer"]["strategy"]["init_args"]["optimizer_precision"] = None
     cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
+    # "auto" (also when not set) resumes the checkpoint's own optimizer state: nothing to refuse here.
+    for auto in ({"optimizer_precision": "auto"}, {}):
+        config["trainer"]["strategy"]["init_args"] = auto
+        cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
     assert capsys.readouterr().err == ""
 
 

@@ -1,5 +1,6 @@
 """The precision-aware optimizer (bf16 Adam moments, main-weight remainders) on one GPU: it trains like Megatron's
-default optimizer over a short run, keeps less memory, and a run resumed from its checkpoint continues it."""
+default optimizer over a short run, keeps less memory, and a run resumed from its checkpoint continues it; the
+strategy's default ("auto": fp32 moments) trains like Megatron's default too and resumes a checkpoint's own state."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lightning_llama_fp8 import (
     TEFP8Precision,
     read_checkpoint_info,
 )
+from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecision
 from tests.gpu.probes import StepProbe, one_gpu_trainer, short_run_optimizer
 
 STEPS, SAVE_EVERY, GBS = 8, 4, 4
@@ -45,7 +47,7 @@ class StateDtypes(Callback):
 
 
 def _train(
-    settings: OptimizerPrecisionSettings | None, ckpt_dir: Path | None = None, ckpt_path: Path | None = None
+    settings: OptimizerPrecision, ckpt_dir: Path | None = None, ckpt_path: Path | None = None
 ) -> tuple[StepProbe, Any, dict[str, set[str]]]:
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
@@ -83,6 +85,11 @@ def test_bf16_moments_train_like_fp32_ones_and_resume(tmp_path: Path, record: An
     resume_gaps = [abs(a - b) / abs(b) for a, b in zip(resumed.losses, bf16.losses[SAVE_EVERY:], strict=True)]
     with pytest.raises(CheckpointError, match="holds optimizer state as precision-aware Adam"):
         _train(None, ckpt_path=step4)
+    # "auto", the default: a new run keeps fp32 moments (and remainders); resuming, the checkpoint's bf16 moments.
+    auto, auto_trainer, auto_state = _train("auto")
+    auto_gaps = [abs(a - b) / abs(b) for a, b in zip(auto.losses, default.losses, strict=True)]
+    auto_resumed, resumed_trainer, auto_resumed_state = _train("auto", ckpt_dir=tmp_path / "auto", ckpt_path=step4)
+    auto_resume_gaps = [abs(a - b) / abs(b) for a, b in zip(auto_resumed.losses, bf16.losses[SAVE_EVERY:], strict=True)]
     record(
         "optimizer_precision_1gpu",
         {
@@ -94,8 +101,19 @@ def test_bf16_moments_train_like_fp32_ones_and_resume(tmp_path: Path, record: An
             "adam_state_dtypes_default": {key: sorted(value) for key, value in default_state.items()},
             "adam_state_dtypes_bf16_moments": {key: sorted(value) for key, value in bf16_state.items()},
             "checkpoint_optimizer_state": info.optimizer_state,
+            "auto_losses": auto.losses,
+            "auto_relative_loss_gaps": auto_gaps,
+            "adam_state_dtypes_auto": {key: sorted(value) for key, value in auto_state.items()},
+            "auto_resumed_from_bf16_losses": auto_resumed.losses,
+            "auto_resume_relative_gaps": auto_resume_gaps,
         },
     )
+    assert auto_trainer.strategy.optimizer_precision_in_use == OptimizerPrecisionSettings("fp32", "fp32")
+    assert auto_state["exp_avg"] == auto_state["exp_avg_sq"] == {"float32"} and auto_state["master_param"] == {"int16"}
+    assert max(auto_gaps) < 1e-2, auto_gaps  # the same update as the default optimizer's (fp32 moments, exact main)
+    assert resumed_trainer.strategy.optimizer_precision_in_use == OptimizerPrecisionSettings()
+    assert auto_resumed_state["exp_avg"] == {"bfloat16"}, auto_resumed_state
+    assert max(auto_resume_gaps) < 1e-3, auto_resume_gaps
     assert info.optimizer_state == OptimizerPrecisionSettings().checkpoint_record()
     assert max(gaps) < 2e-2, gaps  # the same first steps; bf16 moments round the update's statistics only
     assert max(resume_gaps) < 1e-3, resume_gaps  # the resumed run continues the interrupted one

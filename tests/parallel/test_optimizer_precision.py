@@ -20,6 +20,7 @@ from lightning_llama_fp8 import (
     OptimizerPrecisionSettings,
     ParallelLayout,
     TEFP8Precision,
+    get_preset,
 )
 from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo
 from lightning_llama_fp8.checkpoint.preflight import optimizer_state_record, resume_records
@@ -181,7 +182,7 @@ def test_settings_from_yaml_through_lightning_cli(monkeypatch: pytest.MonkeyPatc
 # ---------------------------------------------------------------------------------------------- the plan
 def test_plan_counts_the_precision_aware_state_and_no_gradient_copy() -> None:
     layout = ParallelLayout()
-    default = plan_training("llama3_8b", layout, 1, 8, 1, "fp8")
+    default = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", optimizer_precision=None)
     bf16 = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", optimizer_precision=OptimizerPrecisionSettings())
     assert default.parameters_per_gpu == bf16.parameters_per_gpu == PARAMS_8B
     assert default.memory.optimizer == 12 * PARAMS_8B and default.memory.optimizer_step == 4 * PARAMS_8B
@@ -204,7 +205,7 @@ def test_plan_counts_the_precision_aware_state_and_no_gradient_copy() -> None:
 
 def test_llama_fp8_plan_says_whether_the_one_gpu_8b_fits(capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--arch", "llama3_8b", "--gpus", "1", "--global-batch-size", "8", "--micro-batch-size", "1"]
-    assert plan_main([*common, "--precision", "fp8", "--gpu-memory-gib", "139.8"]) == 0
+    assert plan_main([*common, "--precision", "fp8", "--optimizer-precision", "off", "--gpu-memory-gib", "139.8"]) == 0
     default = capsys.readouterr().out
     assert "Megatron's default: fp32 main weights and Adam moments" in default
     assert re.search(r"Fits 139.8 GiB per GPU +no,", default)
@@ -289,3 +290,111 @@ def test_the_fp8_weight_cache_counts_only_the_layers_that_run_in_fp8() -> None:
     )  # fmt: skip
     first, last = (stage.memory.fp8_weight_cache for stage in staged.stages)
     assert first == last * 14 // 16
+
+
+# ---------------------------------------------------------------------------------------------- "auto", the default
+def _resolved_for_a_new_run(
+    monkeypatch: pytest.MonkeyPatch,
+    plugin: Any = None,
+    arch_impl: str = "transformer_engine",
+    te_installed: bool = True,
+    **strategy_kwargs: Any,
+) -> MegatronCPStrategy:
+    """A strategy attached to a Trainer and a tiny module, after its check of the memory settings (setup_environment
+    runs it first, before any process group): ``optimizer_precision_in_use`` resolved for a new run."""
+    from lightning.pytorch import Trainer
+
+    from tests.helpers.trainers import NeverBuilt
+
+    for module in ("strategy", "parallel.optimizer_precision"):
+        monkeypatch.setattr(f"lightning_llama_fp8.{module}.transformer_engine_installed", lambda: te_installed)
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
+    strategy = MegatronCPStrategy(**strategy_kwargs)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[plugin or MegatronPrecision()])
+    module = NeverBuilt(get_preset("llama_tiny", transformer_impl=arch_impl))
+    module.trainer = trainer
+    strategy.connect(module)
+    strategy._check_memory_settings(module.arch)
+    return strategy
+
+
+def test_auto_is_fp32_moments_and_remainders_where_the_precision_aware_optimizer_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fp32 = OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=True)
+    assert MegatronCPStrategy().optimizer_precision == "auto"
+    for plugin in (MegatronPrecision(), TEFP8Precision()):  # BF16, and FP8 compute on bf16 weights
+        strategy = _resolved_for_a_new_run(monkeypatch, plugin)
+        assert strategy.optimizer_precision_in_use == fp32
+        kwargs = strategy.optimizer_config_kwargs()
+        assert kwargs["use_precision_aware_optimizer"] and kwargs["store_param_remainders"]
+        assert kwargs["exp_avg_dtype"] == kwargs["exp_avg_sq_dtype"] == kwargs["main_params_dtype"] == torch.float32
+        assert optimizer_state_record(strategy) == fp32.checkpoint_record()
+    # fully_reshardable checkpoints cannot hold remainders: whole fp32 main weights.
+    whole = _resolved_for_a_new_run(monkeypatch, checkpoint_optimizer_sharding="fully_reshardable")
+    assert whole.optimizer_precision_in_use == OptimizerPrecisionSettings("fp32", "fp32", store_param_remainders=False)
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    [
+        ("FP8 weights", {"plugin": TEFP8Precision(fp8_param_gather=True)}),
+        ("optimizer offload", {"optimizer_offload": OptimizerOffloadSettings(0.5)}),
+        ("no distributed optimizer", {"use_distributed_optimizer": False, "overlap_param_gather": False}),
+        ("local layer spec", {"arch_impl": "local"}),
+        ("no Transformer Engine", {"te_installed": False}),
+        ("asked for Megatron's own", {"optimizer_precision": None}),
+    ],
+)
+def test_auto_is_megatrons_default_optimizer_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, case: str, kwargs: dict[str, Any]
+) -> None:
+    strategy = _resolved_for_a_new_run(monkeypatch, **kwargs)
+    assert strategy.optimizer_precision_in_use is None, case
+    assert "use_precision_aware_optimizer" not in strategy.optimizer_config_kwargs() or case == "optimizer offload"
+    assert optimizer_state_record(strategy) == DEFAULT_OPTIMIZER_PRECISION_RECORD
+
+
+def test_a_setting_that_is_not_auto_null_or_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"optimizer_precision must be 'auto', null or OptimizerPrecisionSettings"):
+        MegatronCPStrategy(optimizer_precision="fp32")  # type: ignore[arg-type]
+
+
+def test_auto_resumes_a_checkpoint_with_its_own_optimizer_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    bf16 = OptimizerPrecisionSettings()
+    strategy = _resolved_for_a_new_run(monkeypatch)
+    strategy.adopt_resumed_optimizer_state("ck", bf16.checkpoint_record())
+    assert strategy.optimizer_precision_in_use == bf16
+    assert (
+        resume_records(types.SimpleNamespace(_trainer=strategy.lightning_module.trainer, optim=None))["optimizer_state"]
+        == bf16.checkpoint_record()
+    )
+    strategy.adopt_resumed_optimizer_state("ck", {})  # written before the record existed: Megatron's default
+    assert strategy.optimizer_precision_in_use is None
+    # A run that cannot keep the checkpoint's state says so, naming the checkpoint and what to do.
+    fp8_weights = _resolved_for_a_new_run(monkeypatch, TEFP8Precision(fp8_param_gather=True))
+    refusal = r"Checkpoint ck keeps .* as precision-aware Adam .* this run cannot: optimizer_precision: needs bf16"
+    with pytest.raises(CheckpointError, match=refusal):
+        fp8_weights.adopt_resumed_optimizer_state("ck", bf16.checkpoint_record())
+    # Settings given explicitly stay (check_can_resume compares them with the checkpoint's).
+    explicit = _resolved_for_a_new_run(monkeypatch, optimizer_precision=None)
+    explicit.adopt_resumed_optimizer_state("ck", bf16.checkpoint_record())
+    assert explicit.optimizer_precision_in_use is None
+
+
+def test_the_plan_resolves_auto_as_a_new_run_does() -> None:
+    layout = ParallelLayout()
+    auto = plan_training("llama3_8b", layout, 1, 8, 1, "fp8")  # bf16 weights: fp32 moments + remainders
+    assert auto.optimizer_precision == OptimizerPrecisionSettings("fp32", "fp32")
+    assert auto.memory.optimizer == 10 * PARAMS_8B and auto.memory.optimizer_step == 0
+    fp8_weights = plan_training("llama3_8b", layout, 1, 8, 1, "fp8", fp8_param_gather=True)
+    assert fp8_weights.optimizer_precision is None and fp8_weights.memory.optimizer_step == 4 * PARAMS_8B
+    local = plan_training(get_preset("llama3_8b", transformer_impl="local"), layout, 1, 8, 1, "bf16")
+    assert local.optimizer_precision is None
+
+
+@pytest.mark.parametrize(("given", "expected"), [((), "auto"), (("null",), None), (("auto",), "auto")])
+def test_auto_and_null_through_lightning_cli(monkeypatch: pytest.MonkeyPatch, given: tuple, expected: Any) -> None:
+    flag = ("--trainer.strategy.optimizer_precision", *given) if given else ()
+    parsed = cpu_cli_of_example(monkeypatch, "llama3_1b_1gpu_fp8.yaml", *flag)
+    assert parsed.trainer.strategy.optimizer_precision == expected

@@ -44,11 +44,12 @@ def test_reference_recipe_sizes_and_state_memory() -> None:
 
 
 def test_tp2_halves_linear_weights_per_gpu() -> None:
-    tp1 = reference_plan(precision="bf16", fp8_param_gather=False)
+    tp1 = reference_plan(precision="bf16", fp8_param_gather=False, optimizer_precision=None)
     tp2 = reference_plan(
         precision="bf16",
         fp8_param_gather=False,
         layout=ParallelLayout(tensor_model_parallel_size=2, context_parallel_size=2),
+        optimizer_precision=None,  # Megatron's default optimizer: 12 bytes per parameter
     )
     assert tp2.data_parallel_size == 2
     assert tp2.total_parameters == TOTAL_8B
@@ -87,9 +88,9 @@ def test_flops_match_megatron_closed_form() -> None:
 
 
 def test_fp8_param_gather_shrinks_weights() -> None:
-    bf16 = reference_plan(precision="bf16", fp8_param_gather=False)
+    bf16 = reference_plan(precision="bf16", fp8_param_gather=False, optimizer_precision=None)
     fp8_gather = reference_plan(precision="fp8", fp8_param_gather=True)
-    fp8_bf16_weights = reference_plan(precision="fp8", fp8_param_gather=False)
+    fp8_bf16_weights = reference_plan(precision="fp8", fp8_param_gather=False, optimizer_precision=None)
     assert fp8_gather.memory.weights < bf16.memory.weights
     assert bf16.memory.weights - fp8_gather.memory.weights == LINEAR
     assert fp8_bf16_weights.memory.weights == bf16.memory.weights

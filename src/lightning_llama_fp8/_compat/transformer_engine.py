@@ -26,3 +26,14 @@ def reset_debug_state(debug_state: Any) -> None:
     """Reset TE's debug state (``TEDebugState._reset``): TE modules then run without the debug API and new ones may be
     built; TE's own ``end_debug`` hook does the same, unless setup failed before its features were registered."""
     debug_state._reset()
+
+
+def has_fused_qkv_rope() -> bool:
+    """Whether this Transformer Engine has the fused QKV RoPE kernel that megatron-core's ``fused_single_qkv_rope``
+    calls (``transformer_engine.pytorch.attention.rope.apply_fused_qkv_rotary_pos_emb``; megatron-core asserts at the
+    first step where it is missing)."""
+    try:
+        from transformer_engine.pytorch.attention.rope import apply_fused_qkv_rotary_pos_emb  # noqa: F401
+    except ImportError:
+        return False
+    return True

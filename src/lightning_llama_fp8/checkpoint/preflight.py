@@ -59,6 +59,8 @@ def check_before_building(strategy: Any) -> tuple[Path, dict[str, Any]] | None:
             # Only a module with an architecture (LlamaLightningModule) is known to bring Megatron's optimizer.
             fitting = trainer.state.fn == TrainerFn.FITTING
             resuming = fitting and getattr(module, "arch", None) is not None
+            if resuming:  # optimizer_precision "auto" keeps the checkpoint's optimizer state
+                strategy.adopt_resumed_optimizer_state(str(path), ckpt.read_checkpoint_info(path).optimizer_state)
             settings = resume_settings(module, trainer.datamodule) if fitting else {}
             strategy.check_checkpoint(path, with_optimizer=resuming, **settings)
             early = (path, state_io.load_lightning_state(path))
@@ -157,7 +159,7 @@ def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
 
 def optimizer_state_record(strategy: Any) -> dict[str, Any]:
     """The dtypes of the optimizer state ``strategy`` (a ``MegatronCPStrategy``) keeps, as checkpoints record them."""
-    return state_record(getattr(strategy, "optimizer_precision", None))
+    return state_record(getattr(strategy, "optimizer_precision_in_use", None))
 
 
 def resume_records(module: Any) -> dict[str, Any]:

@@ -19,7 +19,11 @@ from lightning_llama_fp8.checkpoint.info import (
     CheckpointInfo,
     read_checkpoint_info,
 )
-from lightning_llama_fp8.parallel.optimizer_precision import DEFAULT_OPTIMIZER_PRECISION_RECORD
+from lightning_llama_fp8.parallel.optimizer_precision import (
+    DEFAULT_OPTIMIZER_PRECISION_RECORD,
+    state_description,
+    state_key,
+)
 
 if TYPE_CHECKING:
     from lightning_llama_fp8.config import LlamaConfig
@@ -227,31 +231,18 @@ def check_can_resume(
             "MegatronCPStrategy(checkpoint_optimizer_sharding='fully_reshardable') to change the layout."
         )
     saved_state = info.optimizer_state or DEFAULT_OPTIMIZER_PRECISION_RECORD
-    if optimizer_state is not None and _state_key(saved_state) != _state_key(optimizer_state):
+    if optimizer_state is not None and state_key(saved_state) != state_key(optimizer_state):
         raise CheckpointError(
-            f"Checkpoint {info.path} holds optimizer state as {_describe_state(saved_state)}; this run keeps it as "
-            f"{_describe_state(optimizer_state)} (strategy.optimizer_precision). Megatron would load it into this "
+            f"Checkpoint {info.path} holds optimizer state as {state_description(saved_state)}; this run keeps it as "
+            f"{state_description(optimizer_state)} (strategy.optimizer_precision). Megatron would load it into this "
             "run's dtypes, a conversion never shown to train here. Resume with the checkpoint's optimizer_precision"
             f" ({_setting_for(saved_state)}), or start a new run from its weights (llama-fp8 convert, then "
             "model.init_weights)."
         )
 
 
-def _state_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    keys = ("precision_aware", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders")
-    return tuple(record.get(key, DEFAULT_OPTIMIZER_PRECISION_RECORD[key]) for key in keys)
-
-
-def _describe_state(record: dict[str, Any]) -> str:
-    aware, exp_avg, exp_avg_sq, remainders = _state_key(record)
-    if not aware:
-        return "Megatron's default (fp32 main weights and moments)"
-    main = "main-weight remainders" if remainders else "fp32 main weights"
-    return f"precision-aware Adam (exp_avg {exp_avg}, exp_avg_sq {exp_avg_sq}, {main})"
-
-
 def _setting_for(record: dict[str, Any]) -> str:
-    aware, exp_avg, exp_avg_sq, remainders = _state_key(record)
+    aware, exp_avg, exp_avg_sq, remainders = state_key(record)
     if not aware:
         return "null"
     remainders_flag = str(remainders).lower()

@@ -15,7 +15,7 @@ from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
+from lightning_llama_fp8.parallel.optimizer_precision import AUTO, OptimizerPrecision, OptimizerPrecisionSettings
 from lightning_llama_fp8.plan import TrainingPlan, plan_training
 from lightning_llama_fp8.validate import SettingError, as_bool, as_int, as_optional_int
 
@@ -146,7 +146,7 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
         recompute=settings_from_yaml(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=settings_from_yaml(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
-        optimizer_precision=settings_from_yaml(OptimizerPrecisionSettings, strategy.get("optimizer_precision")),
+        optimizer_precision=optimizer_precision_from_yaml(strategy.get("optimizer_precision", AUTO)),
         checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
         bf16_first_layers=as_int(fp8_args.get("bf16_first_layers", 0), "TEFP8Precision.bf16_first_layers", at_least=0),
         bf16_last_layers=as_int(fp8_args.get("bf16_last_layers", 0), "TEFP8Precision.bf16_last_layers", at_least=0),
@@ -156,6 +156,11 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         or as_bool(data.get("document_masking", False), "data.document_masking"),
         fp8_attention=as_bool(fp8_args.get("fp8_attention", False), "TEFP8Precision.fp8_attention"),
     )
+
+
+def optimizer_precision_from_yaml(value: Any) -> OptimizerPrecision:
+    """``optimizer_precision`` of a strategy's init_args: ``"auto"``, ``None`` or the settings' mapping."""
+    return value if value == AUTO else settings_from_yaml(OptimizerPrecisionSettings, value)
 
 
 def settings_from_yaml(cls: Any, value: Any) -> Any:

@@ -28,9 +28,9 @@ from lightning_llama_fp8.cli.config_file import (
     arch_from,
     class_name,
     init_args,
+    optimizer_precision_from_yaml,
     plan_from_config,
     precision_from,
-    settings_from_yaml,
 )
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
@@ -38,7 +38,7 @@ from lightning_llama_fp8.fp8.recipes import check_bf16_layers
 from lightning_llama_fp8.fp8.support import fp8_support
 from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
-from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings, state_record
+from lightning_llama_fp8.parallel.optimizer_precision import AUTO, state_record
 from lightning_llama_fp8.plan import TrainingPlan, format_plan
 from lightning_llama_fp8.plan.machine import host_memory_problem
 
@@ -188,10 +188,13 @@ def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
             )
 
 
-def _optimizer_state(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer-state record (checkpoints' ``optimizer_state``) of the config's strategy."""
-    value = init_args((config.get("trainer") or {}).get("strategy")).get("optimizer_precision")
-    return state_record(settings_from_yaml(OptimizerPrecisionSettings, value))
+def _optimizer_state(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The optimizer-state record (checkpoints' ``optimizer_state``) of the config's strategy; ``None`` for
+    ``optimizer_precision: auto`` (the default), which resumes a checkpoint's own (the strategy checks it can)."""
+    value = optimizer_precision_from_yaml(
+        init_args((config.get("trainer") or {}).get("strategy")).get("optimizer_precision", AUTO)
+    )
+    return None if value == AUTO else state_record(value)  # type: ignore[arg-type]
 
 
 def _optimizer_settings(config: dict[str, Any]) -> OptimizerSettings:

@@ -48,8 +48,9 @@ def plan_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--optimizer-precision",
-        choices=("off", "bf16", "fp32"),
-        help="Megatron's precision-aware optimizer with Adam moments in this dtype (off: Megatron's default optimizer)",
+        choices=("auto", "off", "bf16", "fp32"),
+        help="Megatron's precision-aware optimizer with Adam moments in this dtype (off: Megatron's default optimizer; "
+        "auto: the strategy's default, fp32 moments where the precision-aware optimizer runs)",
     )
     parser.add_argument(
         "--fp8-param-gather",
@@ -146,6 +147,8 @@ def _apply_memory_overrides(strategy_args: dict[str, Any], args: argparse.Namesp
         recompute.update(given)
     if args.optimizer_precision == "off":
         strategy_args["optimizer_precision"] = None
+    elif args.optimizer_precision == "auto":
+        strategy_args["optimizer_precision"] = "auto"
     elif args.optimizer_precision is not None:
         given = strategy_args.get("optimizer_precision")
         strategy_args["optimizer_precision"] = {  # the config's other fields (store_param_remainders) stay

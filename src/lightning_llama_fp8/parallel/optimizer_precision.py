@@ -11,7 +11,11 @@ to Transformer Engine's ``FusedAdam``, which:
 - stores the Adam moments in the dtypes asked for (bf16 halves them; the update itself is computed in fp32).
 
 :class:`OptimizerPrecisionSettings` names these the way a strategy argument is set, checks the combinations before
-anything is built and turns them into Megatron's ``OptimizerConfig`` fields. From YAML::
+anything is built and turns them into Megatron's ``OptimizerConfig`` fields. ``"auto"``, the strategy's default,
+is resolved by :func:`resolve_optimizer_precision`: fp32 moments and main weights kept as remainders where the
+precision-aware optimizer can run (the same update as Megatron's default optimizer, without its fp32 gradient copy and
+its copy of the main weights back into the model), Megatron's default optimizer elsewhere, and a resumed checkpoint's
+own optimizer state when resuming. From YAML::
 
     trainer:
       strategy:
@@ -22,6 +26,7 @@ anything is built and turns them into Megatron's ``OptimizerConfig`` fields. Fro
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,9 +115,7 @@ class OptimizerPrecisionSettings:
     def check_transformer_engine(self) -> None:
         """Raise ``ValueError`` where Transformer Engine is not installed (Megatron would fail building the optimizer,
         after the model)."""
-        import importlib.util
-
-        if importlib.util.find_spec("transformer_engine") is None:
+        if not transformer_engine_installed():
             raise ValueError(
                 "optimizer_precision: Megatron's precision-aware optimizer is Transformer Engine's FusedAdam, and "
                 "Transformer Engine is not installed here (pip install 'lightning-llama-fp8[te]'); or drop "
@@ -160,6 +163,87 @@ DEFAULT_OPTIMIZER_PRECISION_RECORD: dict[str, Any] = {
 }
 
 
+def state_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """A checkpoint's ``optimizer_state`` record as (precision_aware, exp_avg, exp_avg_sq, remainders), with the
+    default optimizer's values for what an older record lacks: equal keys mean the same optimizer-state dtypes."""
+    keys = ("precision_aware", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders")
+    return tuple(record.get(key, DEFAULT_OPTIMIZER_PRECISION_RECORD[key]) for key in keys)
+
+
+def state_description(record: dict[str, Any]) -> str:
+    """A checkpoint's ``optimizer_state`` record in words."""
+    aware, exp_avg, exp_avg_sq, remainders = state_key(record)
+    if not aware:
+        return "Megatron's default (fp32 main weights and moments)"
+    main = "main-weight remainders" if remainders else "fp32 main weights"
+    return f"precision-aware Adam (exp_avg {exp_avg}, exp_avg_sq {exp_avg_sq}, {main})"
+
+
 def state_record(settings: OptimizerPrecisionSettings | None) -> dict[str, Any]:
     """What a checkpoint records of the optimizer state kept under ``settings`` (``None``: Megatron's default)."""
     return settings.checkpoint_record() if settings is not None else dict(DEFAULT_OPTIMIZER_PRECISION_RECORD)
+
+
+#: ``MegatronCPStrategy(optimizer_precision=AUTO)``, the default: see :func:`resolve_optimizer_precision`.
+AUTO = "auto"
+#: What ``MegatronCPStrategy(optimizer_precision=...)`` takes: settings, ``"auto"`` or ``None`` (Megatron's default).
+OptimizerPrecision = OptimizerPrecisionSettings | Literal["auto"] | None
+
+
+def check_setting(setting: Any) -> None:
+    """Raise ``ValueError`` unless ``setting`` is ``OptimizerPrecisionSettings``, ``"auto"`` or ``None``."""
+    if setting is not None and setting != AUTO and not isinstance(setting, OptimizerPrecisionSettings):
+        raise ValueError(
+            f"optimizer_precision must be 'auto', null or OptimizerPrecisionSettings fields, got {setting!r}."
+        )
+
+
+def resolve_optimizer_precision(
+    setting: OptimizerPrecision,
+    *,
+    use_distributed_optimizer: bool,
+    fp8_param_gather: bool,
+    optimizer_offloaded: bool,
+    checkpoint_optimizer_sharding: str,
+    transformer_engine_layers: bool,
+    resumed_state: dict[str, Any] | None = None,
+) -> OptimizerPrecisionSettings | None:
+    """The optimizer-state precision a run keeps for ``setting`` (``None``: Megatron's default optimizer).
+
+    Settings and ``None`` stand as given. ``"auto"``:
+
+    - resuming (``resumed_state``, the checkpoint's recorded ``optimizer_state``): the checkpoint's own, so every
+      checkpoint resumes as it was saved (Megatron would otherwise convert its state, which was never shown to train);
+    - else fp32 moments and fp32 main weights (as remainders of the bf16 weights where checkpoints are
+      ``dp_reshardable``, which can hold them) where Megatron's precision-aware optimizer runs: the distributed
+      optimizer, no optimizer offload, bf16 weights (not ``fp8_param_gather``) and Transformer Engine's layers
+      (``transformer_engine_layers``: the TE layer spec, with Transformer Engine installed). The update is that of
+      Megatron's default optimizer (fp32 moments, exact fp32 main weights), stepped by Transformer Engine's FusedAdam
+      straight from the gradient buffer: no fp32 gradient copy and no copy of the main weights back into the model;
+    - else Megatron's default optimizer.
+    """
+    if setting != AUTO:
+        return setting  # type: ignore[return-value]
+    if resumed_state is not None:
+        return settings_from_record(resumed_state)
+    if not (use_distributed_optimizer and transformer_engine_layers) or fp8_param_gather or optimizer_offloaded:
+        return None
+    return OptimizerPrecisionSettings(
+        exp_avg_dtype="fp32",
+        exp_avg_sq_dtype="fp32",
+        store_param_remainders=checkpoint_optimizer_sharding == "dp_reshardable",
+    )
+
+
+def transformer_engine_installed() -> bool:
+    """Whether Transformer Engine can be imported here (looked up, not imported)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def settings_from_record(record: dict[str, Any]) -> OptimizerPrecisionSettings | None:
+    """The settings that keep optimizer state as a checkpoint records it (``state_record``'s inverse; a record
+    without ``precision_aware``, from checkpoints written before it, is Megatron's default)."""
+    aware, exp_avg, exp_avg_sq, remainders = state_key(record)
+    if not aware:
+        return None
+    return OptimizerPrecisionSettings(exp_avg, exp_avg_sq, store_param_remainders=bool(remainders))

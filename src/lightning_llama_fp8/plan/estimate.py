@@ -51,7 +51,12 @@ from lightning_llama_fp8.data.packing import check_document_masking
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.parallel.optimizer_precision import OptimizerPrecisionSettings
+from lightning_llama_fp8.parallel.optimizer_precision import (
+    AUTO,
+    OptimizerPrecision,
+    OptimizerPrecisionSettings,
+    resolve_optimizer_precision,
+)
 from lightning_llama_fp8.parallel.pipeline_layout import (
     bubble_fraction,
     largest_chunk_layers,
@@ -510,7 +515,7 @@ def plan_training(
     fp8_recipe: str = "delayed",
     document_masking: bool = False,
     fp8_attention: bool = False,
-    optimizer_precision: OptimizerPrecisionSettings | None = None,
+    optimizer_precision: OptimizerPrecision = AUTO,
     checkpoint_optimizer_sharding: str = "dp_reshardable",
     bf16_first_layers: int = 0,
     bf16_last_layers: int = 0,
@@ -523,9 +528,19 @@ def plan_training(
     parallelism, Megatron's own attention, FP8 attention: ``fp8_attention`` is only read for that check). Activation
     memory is an estimate (one micro batch alive at a time, or under PP the micro batches a stage's schedule keeps
     alive); CUDA context, NCCL buffers, allocator fragmentation and TE workspaces are not counted.
+    ``optimizer_precision="auto"`` (the strategy's default) is resolved as a new run resolves it
+    (``resolve_optimizer_precision``; a resumed run keeps its checkpoint's optimizer state instead).
     """
     cfg = resolve_arch(arch)
     _check_precision(precision, fp8_param_gather)
+    optimizer_precision = resolve_optimizer_precision(
+        optimizer_precision,
+        use_distributed_optimizer=use_distributed_optimizer,
+        fp8_param_gather=fp8_param_gather,
+        optimizer_offloaded=optimizer_offload is not None,
+        checkpoint_optimizer_sharding=checkpoint_optimizer_sharding,
+        transformer_engine_layers=cfg.transformer_impl == "transformer_engine",
+    )
     dp = validate_layout(layout, world_size, cfg, global_batch_size, micro_batch_size)
     recipe = fp8_recipe if precision == "fp8" else None
     if recompute is not None:
