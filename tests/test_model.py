@@ -358,3 +358,25 @@ def test_fused_qkv_rope_by_default_is_off_for_a_masking_data_module_and_on_other
     data.document_masking = False
     module.setup("fit")
     assert module.fused_qkv_rope_in_use is True
+    # Megatron's config gets the module's choice, over the architecture's default (on here).
+    strategy = MegatronCPStrategy()
+    strategy.transformer_config_kwargs = dict  # type: ignore[method-assign]  # the layout's fields: not needed
+    module._trainer = SimpleNamespace(datamodule=data, max_steps=1000, strategy=strategy, precision_plugin=None)
+    module._trainer.precision_plugin = MegatronPrecision()
+    module.arch.transformer_config = lambda **overrides: overrides  # type: ignore[method-assign]
+    data.document_masking = True
+    module.setup("fit")
+    assert module.transformer_config()["fused_single_qkv_rope"] is False
+
+
+def test_fused_qkv_rope_of_a_built_model_stands_and_masked_data_is_refused_for_it() -> None:
+    from types import SimpleNamespace
+
+    module = LlamaLightningModule(get_preset("llama_tiny", apply_rope_fusion=True))
+    data = SimpleNamespace(seq_length=module.arch.seq_length, vocab_size=module.arch.vocab_size, document_masking=False)
+    module._trainer = SimpleNamespace(datamodule=data, max_steps=1000)
+    module.setup("fit")
+    module.model = torch.nn.Identity()  # built with fused QKV RoPE by this fit
+    data.document_masking = True
+    with pytest.raises(ValueError, match=r"model was built with fused QKV RoPE .* Build a new LlamaLightningModule"):
+        module.setup("fit")

@@ -191,6 +191,14 @@ class LlamaLightningModule(LightningModule):
         masking = bool(getattr(datamodule, "document_masking", False))
         if self.arch.fused_qkv_rope is True and masking:
             raise ValueError(f"model.arch.fused_qkv_rope cannot go with data.document_masking: {FUSED_QKV_ROPE_PACKED}")
+        if self.model is not None:  # built by an earlier fit: its RoPE path stands
+            if masking and self.fused_qkv_rope_in_use:
+                raise ValueError(
+                    "This module's model was built with fused QKV RoPE (for data without document masking) and this "
+                    f"data module masks documents: {FUSED_QKV_ROPE_PACKED} Build a new LlamaLightningModule for it "
+                    "(the default turns fused QKV RoPE off for such data), or set model.arch.fused_qkv_rope: false."
+                )
+            return
         self.fused_qkv_rope_in_use = self.arch.fused_qkv_rope_applies and not masking
 
     def configure_model(self) -> None:

@@ -59,8 +59,7 @@ from lightning_llama_fp8.parallel.optimizer_precision import (
     OptimizerPrecision,
     OptimizerPrecisionSettings,
     resolve_optimizer_precision,
-    settings_from_record,
-    state_description,
+    resumed_settings,
     transformer_engine_installed,
 )
 from lightning_llama_fp8.parallel.optimizer_precision import check_setting as check_optimizer_precision_setting
@@ -343,6 +342,9 @@ class MegatronCPStrategy(ParallelStrategy):
         self.initialize_parallel_state()
         # The checkpoint to load and every output directory, before data, model and optimizer are built.
         self.checkpointing.early_state = preflight.check_before_building(self)
+        early = self.checkpointing.early_state
+        resumed = early is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        self._log_optimizer_precision(resumed)
         self._hide_directory_warning_of_own_resume()
 
     def _hide_directory_warning_of_own_resume(self) -> None:
@@ -472,10 +474,6 @@ class MegatronCPStrategy(ParallelStrategy):
             and transformer_engine_installed(),
         )
         self._check_optimizer_precision_in_use()
-        if self.optimizer_precision == AUTO:
-            chosen = self.optimizer_precision_in_use
-            default = "Megatron's default optimizer (fp32 main weights and moments)"
-            log.info("optimizer_precision 'auto': %s.", chosen.describe() if chosen is not None else default)
         if self.activation_recompute is not None and arch is not None:
             chunk_layers = largest_chunk_layers(self.layout, arch.num_layers)
             self.activation_recompute.check(chunk_layers, arch.transformer_impl, fp8_recipe)
@@ -498,17 +496,26 @@ class MegatronCPStrategy(ParallelStrategy):
         recorded it (``record``, its ``optimizer_state``); raise ``CheckpointError`` where this run cannot."""
         if self.optimizer_precision != AUTO:
             return
-        self.optimizer_precision_in_use = settings_from_record(record)
         try:
-            self._check_optimizer_precision_in_use()
+            self.optimizer_precision_in_use = resumed_settings(
+                checkpoint,
+                record,
+                use_distributed_optimizer=self.use_distributed_optimizer,
+                fp8_param_gather=bool(self.precision_plugin.ddp_config_kwargs().get("fp8_param_gather")),
+                optimizer_offloaded=self.optimizer_offload is not None,
+                checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
+            )
         except ValueError as err:
-            raise ckpt.CheckpointError(
-                f"Checkpoint {checkpoint} keeps its optimizer state as {state_description(record)}, which "
-                f"optimizer_precision 'auto' resumes as it is, and this run cannot: {err} Resume with the "
-                "checkpoint's settings, or start a new run from its weights (llama-fp8 convert, then "
-                "model.init_weights)."
-            ) from err
-        log.info("optimizer_precision 'auto', resuming %s: %s.", checkpoint, state_description(record))
+            raise ckpt.CheckpointError(str(err)) from err
+
+    def _log_optimizer_precision(self, resumed: bool) -> None:
+        """Say once what ``optimizer_precision="auto"`` resolved to (after a resumed checkpoint had its say)."""
+        if self.optimizer_precision != AUTO:
+            return
+        chosen = self.optimizer_precision_in_use
+        what = chosen.describe() if chosen is not None else "Megatron's default optimizer (fp32 main weights, moments)"
+        source = " (the resumed checkpoint's)" if resumed else ""
+        rank_zero_info(f"optimizer_precision 'auto': {what}{source}.")
 
     def _check_cuda_graphs(self, arch: Any) -> None:
         """Refuse CUDA graphs where they cannot run (before any process group exists)."""

@@ -7,6 +7,7 @@ step, no ``configure_model``, no data set up."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -139,9 +140,13 @@ def test_missing_ckpt_path_from_python_is_refused_before_building(tmp_path: Path
     assert not refused["data_built"]
 
 
-def _changed_lr_worker(rank: int, world_size: int, path: str) -> tuple[str, str, list[str]]:
-    """``LlamaLightningModule`` resumed with another lr: refused in setup_environment, before configure_model
-    (which needs CUDA for Megatron's DDP and optimizer, so reaching it would fail differently here)."""
+def _resume_worker(
+    rank: int, world_size: int, path: str, optimizer: dict, strategy_kwargs: dict
+) -> tuple[str, str, list[str]]:
+    """``LlamaLightningModule`` resumed from ``path`` with ``OptimizerSettings(**optimizer)`` and
+    ``MegatronCPStrategy(**strategy_kwargs)``:
+    refused in setup_environment, before configure_model (which needs CUDA for Megatron's DDP and optimizer, so
+    reaching it would fail differently here)."""
     from lightning_llama_fp8 import (
         LlamaLightningModule,
         MegatronCPStrategy,
@@ -158,9 +163,10 @@ def _changed_lr_worker(rank: int, world_size: int, path: str) -> tuple[str, str,
             hooks.append("configure_model")
             super().configure_model()
 
-    module = Module(get_preset("llama_tiny", apply_rope_fusion=False), OptimizerSettings(lr=1e-4, min_lr=1e-5))
+    module = Module(get_preset("llama_tiny", apply_rope_fusion=False), OptimizerSettings(**optimizer))
     data = MockDataModule(seq_length=256, vocab_size=VOCAB, global_batch_size=GBS, num_workers=0)
-    trainer = cpu_trainer(max_steps=8, strategy=MegatronCPStrategy(), plugins=[MegatronPrecision()])
+    strategy = MegatronCPStrategy(**strategy_kwargs)
+    trainer = cpu_trainer(max_steps=8, strategy=strategy, plugins=[MegatronPrecision()])
     try:
         trainer.fit(module, datamodule=data, ckpt_path=path)
     except CheckpointError as err:
@@ -171,12 +177,31 @@ def _changed_lr_worker(rank: int, world_size: int, path: str) -> tuple[str, str,
 @pytest.mark.multiprocess
 def test_resume_with_changed_learning_rates_is_refused_before_building(tmp_path: Path) -> None:
     path = fake_resumable_checkpoint(tmp_path)
-    (result,) = run_distributed(_changed_lr_worker, 1, tmp_path / "workers", str(path))
+    (result,) = run_distributed(_resume_worker, 1, tmp_path / "workers", str(path), {"lr": 1e-4, "min_lr": 1e-5}, {})
     name, message, hooks = result
     assert name == "CheckpointError" and hooks == []
     assert re.search(
         r"other learning rates \(lr: checkpoint 0\.0003, this run 0\.0001; min_lr: checkpoint 3e-05", message
     )
+
+
+@pytest.mark.multiprocess
+def test_auto_optimizer_precision_adopts_the_checkpoints_state_before_building(tmp_path: Path) -> None:
+    """The default ``optimizer_precision="auto"`` keeps a resumed checkpoint's optimizer state; here main-weight
+    remainders, which this run's fully_reshardable saves cannot hold: refused by the adoption, before building."""
+    from lightning_llama_fp8 import OptimizerPrecisionSettings
+
+    path = fake_resumable_checkpoint(tmp_path)
+    record = OptimizerPrecisionSettings("fp32", "fp32").checkpoint_record()
+    info = dataclasses.replace(ckpt.read_checkpoint_info(path), optimizer_state=record)
+    (path / ckpt.INFO_FILENAME).write_text(info.to_json())
+    sharding = {"checkpoint_optimizer_sharding": "fully_reshardable"}
+    (result,) = run_distributed(_resume_worker, 1, tmp_path / "workers", str(path), {}, sharding)
+    name, message, hooks = result
+    assert name == "CheckpointError" and hooks == []
+    assert re.search(r"keeps its optimizer state as precision-aware Adam \(exp_avg fp32, exp_avg_sq fp32, "
+                     r"main-weight remainders\).* Resume with 'dp_reshardable'; to change the layout, start a new run "
+                     r"from its weights", message)  # fmt: skip
 
 
 def test_default_checkpoint_dir_is_probed_and_free_space_checked(

@@ -3,6 +3,7 @@ train here or cannot work at all."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -175,6 +176,32 @@ def test_cli_refuses_a_resume_into_other_optimizer_state_dtypes(
         config["trainer"]["strategy"]["init_args"] = auto
         cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
     assert capsys.readouterr().err == ""
+
+
+def test_cli_auto_resume_keeps_the_checkpoints_optimizer_state_in_the_plan_and_checks_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint with main-weight remainders: "auto" plans with its state, and a run that cannot keep it
+    (fully_reshardable saves) is refused before building, saying what to do."""
+    from lightning_llama_fp8 import OptimizerPrecisionSettings
+    from lightning_llama_fp8.checkpoint import info as ckpt
+    from lightning_llama_fp8.cli import fit as cli
+    from lightning_llama_fp8.cli.config_file import plan_from_config
+    from lightning_llama_fp8.parallel.layout import ParallelLayout
+
+    path = fake_resumable_checkpoint(tmp_path)
+    settings = OptimizerPrecisionSettings()  # bf16 moments, as an explicit setting wrote them
+    info = dataclasses.replace(ckpt.read_checkpoint_info(path), optimizer_state=settings.checkpoint_record())
+    (path / ckpt.INFO_FILENAME).write_text(info.to_json())
+    config = _cli_config(ckpt_path=path)
+    assert plan_from_config(config, gpus=1).optimizer_precision == settings  # a new run would plan fp32 moments
+    config["trainer"]["strategy"]["init_args"]["checkpoint_optimizer_sharding"] = "fully_reshardable"
+    with pytest.raises(SystemExit) as excinfo:
+        cli.check_checkpoint_from_config(config, ParallelLayout(), fitting=True)
+    assert excinfo.value.code == cli.EXIT_CANNOT_TRAIN
+    assert "Resume with 'dp_reshardable'; to change the layout, start a new run from its weights" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_refuses_a_val_check_interval_larger_than_the_run(capsys: pytest.CaptureFixture[str]) -> None:

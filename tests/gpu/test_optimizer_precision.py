@@ -110,7 +110,7 @@ def test_bf16_moments_train_like_fp32_ones_and_resume(tmp_path: Path, record: An
     )
     assert auto_trainer.strategy.optimizer_precision_in_use == OptimizerPrecisionSettings("fp32", "fp32")
     assert auto_state["exp_avg"] == auto_state["exp_avg_sq"] == {"float32"} and auto_state["master_param"] == {"int16"}
-    assert max(auto_gaps) < 1e-2, auto_gaps  # the same update as the default optimizer's (fp32 moments, exact main)
+    assert max(auto_gaps) < 1e-3, auto_gaps  # the default update but for bf16 rounding of clipped gradients
     assert resumed_trainer.strategy.optimizer_precision_in_use == OptimizerPrecisionSettings()
     assert auto_resumed_state["exp_avg"] == {"bfloat16"}, auto_resumed_state
     assert max(auto_resume_gaps) < 1e-3, auto_resume_gaps

@@ -398,3 +398,11 @@ def test_auto_and_null_through_lightning_cli(monkeypatch: pytest.MonkeyPatch, gi
     flag = ("--trainer.strategy.optimizer_precision", *given) if given else ()
     parsed = cpu_cli_of_example(monkeypatch, "llama3_1b_1gpu_fp8.yaml", *flag)
     assert parsed.trainer.strategy.optimizer_precision == expected
+
+
+@pytest.mark.parametrize("value", ["fp32", False, "on"])
+def test_a_yaml_value_that_is_not_auto_null_or_a_mapping_says_what_is_accepted(value: Any) -> None:
+    from lightning_llama_fp8.cli.config_file import optimizer_precision_from_yaml
+
+    with pytest.raises(ValueError, match=r"optimizer_precision must be 'auto', null or OptimizerPrecisionSettings"):
+        optimizer_precision_from_yaml(value)

@@ -32,7 +32,7 @@ from lightning_llama_fp8.checkpoint.outputs import (
     output_locations,
     unwritable_reason,
 )
-from lightning_llama_fp8.parallel.optimizer_precision import state_record
+from lightning_llama_fp8.parallel.optimizer_precision import AUTO, state_record
 
 __all__ = [
     "check_before_building",
@@ -59,10 +59,10 @@ def check_before_building(strategy: Any) -> tuple[Path, dict[str, Any]] | None:
             # Only a module with an architecture (LlamaLightningModule) is known to bring Megatron's optimizer.
             fitting = trainer.state.fn == TrainerFn.FITTING
             resuming = fitting and getattr(module, "arch", None) is not None
-            if resuming:  # optimizer_precision "auto" keeps the checkpoint's optimizer state
-                strategy.adopt_resumed_optimizer_state(str(path), ckpt.read_checkpoint_info(path).optimizer_state)
             settings = resume_settings(module, trainer.datamodule) if fitting else {}
-            strategy.check_checkpoint(path, with_optimizer=resuming, **settings)
+            info = strategy.check_checkpoint(path, with_optimizer=resuming, **settings)
+            if resuming:  # optimizer_precision "auto" keeps the checkpoint's optimizer state
+                strategy.adopt_resumed_optimizer_state(str(path), info.optimizer_state)
             early = (path, state_io.load_lightning_state(path))
     except ckpt.CheckpointError as err:
         error = err
@@ -150,10 +150,12 @@ def resume_settings(module: Any, datamodule: Any) -> dict[str, Any]:
     """
     optim = getattr(module, "optim", None)
     batch = getattr(datamodule, "global_batch_size", None)
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    auto = getattr(strategy, "optimizer_precision", None) == AUTO  # it keeps the checkpoint's: nothing to compare
     return {
         "global_batch_size": batch if isinstance(batch, int) else None,
         "optimizer_settings": dataclasses.asdict(optim) if dataclasses.is_dataclass(optim) else None,
-        "optimizer_state": optimizer_state_record(getattr(getattr(module, "_trainer", None), "strategy", None)),
+        "optimizer_state": None if auto else optimizer_state_record(strategy),
     }
 
 
@@ -171,7 +173,7 @@ def resume_records(module: Any) -> dict[str, Any]:
     return {
         "data": dict(data_info()) if callable(data_info) else {},
         "optimizer_settings": settings["optimizer_settings"] or {},
-        "optimizer_state": settings["optimizer_state"],
+        "optimizer_state": optimizer_state_record(getattr(trainer, "strategy", None)),
     }
 
 

@@ -10,12 +10,19 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.hf.arch import resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
-from lightning_llama_fp8.parallel.optimizer_precision import AUTO, OptimizerPrecision, OptimizerPrecisionSettings
+from lightning_llama_fp8.parallel.optimizer_precision import (
+    AUTO,
+    OptimizerPrecision,
+    OptimizerPrecisionSettings,
+    resumed_settings,
+)
+from lightning_llama_fp8.parallel.optimizer_precision import check_setting as check_optimizer_precision_setting
 from lightning_llama_fp8.plan import TrainingPlan, plan_training
 from lightning_llama_fp8.validate import SettingError, as_bool, as_int, as_optional_int
 
@@ -146,7 +153,7 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
         recompute=settings_from_yaml(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=settings_from_yaml(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
-        optimizer_precision=optimizer_precision_from_yaml(strategy.get("optimizer_precision", AUTO)),
+        optimizer_precision=optimizer_precision_of_run(config),
         checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
         bf16_first_layers=as_int(fp8_args.get("bf16_first_layers", 0), "TEFP8Precision.bf16_first_layers", at_least=0),
         bf16_last_layers=as_int(fp8_args.get("bf16_last_layers", 0), "TEFP8Precision.bf16_last_layers", at_least=0),
@@ -160,7 +167,51 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
 
 def optimizer_precision_from_yaml(value: Any) -> OptimizerPrecision:
     """``optimizer_precision`` of a strategy's init_args: ``"auto"``, ``None`` or the settings' mapping."""
+    if isinstance(value, (str, bool)):  # YAML's `off` is false
+        check_optimizer_precision_setting(value)
     return value if value == AUTO else settings_from_yaml(OptimizerPrecisionSettings, value)
+
+
+def resumed_checkpoint(config: dict[str, Any]) -> str | None:
+    """The config's ``ckpt_path`` where it names a checkpoint directory (not ``last``/``best``/``hpc``/``registry``,
+    which Lightning resolves later)."""
+    path = config.get("ckpt_path")
+    if not path or str(path) in ("last", "best", "hpc", "registry"):
+        return None
+    return str(path)
+
+
+def optimizer_precision_of_run(config: dict[str, Any]) -> OptimizerPrecision:
+    """The config's ``optimizer_precision``; ``"auto"`` resuming a named checkpoint is that checkpoint's own optimizer
+    state (an unreadable checkpoint is left to the checkpoint checks, which say what is wrong with it)."""
+    strategy = init_args((config.get("trainer") or {}).get("strategy"))
+    setting = optimizer_precision_from_yaml(strategy.get("optimizer_precision", AUTO))
+    checkpoint = resumed_checkpoint(config)
+    if setting != AUTO or checkpoint is None:
+        return setting
+    try:
+        record = read_checkpoint_info(checkpoint).optimizer_state
+        return resumed_optimizer_settings(config, checkpoint, record, needs_transformer_engine_here=False)
+    except (CheckpointError, ValueError):
+        return setting  # the checkpoint checks say what is wrong
+
+
+def resumed_optimizer_settings(
+    config: dict[str, Any], checkpoint: str, record: dict[str, Any], needs_transformer_engine_here: bool = True
+) -> OptimizerPrecisionSettings | None:
+    """What the config's ``optimizer_precision: auto`` run keeps resuming ``checkpoint`` (its ``record``); raises
+    ``ValueError`` (naming the fix) where it cannot keep it; see ``resumed_settings``."""
+    strategy = init_args((config.get("trainer") or {}).get("strategy"))
+    _, fp8_args = precision_from(config.get("trainer") or {})
+    return resumed_settings(
+        checkpoint,
+        record,
+        use_distributed_optimizer=as_bool(strategy.get("use_distributed_optimizer", True), "use_distributed_optimizer"),
+        fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
+        optimizer_offloaded=strategy.get("optimizer_offload") is not None,
+        checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
+        needs_transformer_engine_here=needs_transformer_engine_here,
+    )
 
 
 def settings_from_yaml(cls: Any, value: Any) -> Any:

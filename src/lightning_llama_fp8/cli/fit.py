@@ -31,6 +31,7 @@ from lightning_llama_fp8.cli.config_file import (
     optimizer_precision_from_yaml,
     plan_from_config,
     precision_from,
+    resumed_optimizer_settings,
 )
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
@@ -238,6 +239,11 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             optimizer_settings=asdict(_optimizer_settings(config)) if fitting else None,
             optimizer_state=_optimizer_state(config) if fitting else None,
         )
+        if fitting and _optimizer_state(config) is None:  # "auto": it keeps the checkpoint's, if this run can
+            try:
+                resumed_optimizer_settings(config, str(path), info.optimizer_state)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from err
         load_lightning_state(Path(path))  # small; a damaged or unloadable one is found now, not after the build
     except CheckpointError as err:
         _refuse(err, fitting)

@@ -13,9 +13,9 @@ to Transformer Engine's ``FusedAdam``, which:
 :class:`OptimizerPrecisionSettings` names these the way a strategy argument is set, checks the combinations before
 anything is built and turns them into Megatron's ``OptimizerConfig`` fields. ``"auto"``, the strategy's default,
 is resolved by :func:`resolve_optimizer_precision`: fp32 moments and main weights kept as remainders where the
-precision-aware optimizer can run (the same update as Megatron's default optimizer, without its fp32 gradient copy and
-its copy of the main weights back into the model), Megatron's default optimizer elsewhere, and a resumed checkpoint's
-own optimizer state when resuming. From YAML::
+precision-aware optimizer can run (Megatron's default update but for the bf16 rounding of clipped gradients, without
+its fp32 gradient copy and its copy of the main weights back into the model), Megatron's default optimizer
+elsewhere, and a resumed checkpoint's own optimizer state when resuming (:func:`resumed_settings`). From YAML::
 
     trainer:
       strategy:
@@ -218,8 +218,12 @@ def resolve_optimizer_precision(
       ``dp_reshardable``, which can hold them) where Megatron's precision-aware optimizer runs: the distributed
       optimizer, no optimizer offload, bf16 weights (not ``fp8_param_gather``) and Transformer Engine's layers
       (``transformer_engine_layers``: the TE layer spec, with Transformer Engine installed). The update is that of
-      Megatron's default optimizer (fp32 moments, exact fp32 main weights), stepped by Transformer Engine's FusedAdam
-      straight from the gradient buffer: no fp32 gradient copy and no copy of the main weights back into the model;
+      Megatron's default optimizer (fp32 moments, exact fp32 main weights) but for one rounding: gradient clipping
+      scales the bf16 gradients in DDP's buffer, where Megatron's default scales an fp32 copy. Transformer Engine's
+      FusedAdam steps straight from that buffer: no fp32 gradient copy and no copy of the main weights back into
+      the model. Its checkpoints, like every ``dp_reshardable`` one, reload with their TP, CP and pipeline split,
+      and (holding remainders) cannot be re-saved as ``fully_reshardable``: a run that may change layout later sets
+      ``fully_reshardable`` from the start, and gets whole fp32 main weights;
     - else Megatron's default optimizer.
     """
     if setting != AUTO:
@@ -233,6 +237,48 @@ def resolve_optimizer_precision(
         exp_avg_sq_dtype="fp32",
         store_param_remainders=checkpoint_optimizer_sharding == "dp_reshardable",
     )
+
+
+def resumed_settings(
+    checkpoint: str,
+    record: dict[str, Any],
+    *,
+    use_distributed_optimizer: bool,
+    fp8_param_gather: bool,
+    optimizer_offloaded: bool,
+    checkpoint_optimizer_sharding: str,
+    needs_transformer_engine_here: bool = True,
+) -> OptimizerPrecisionSettings | None:
+    """What ``"auto"`` keeps when resuming ``checkpoint``: the optimizer state its ``record`` names. Raises
+    ``ValueError`` naming the checkpoint and the fix where this run cannot keep it (``fit``'s config check and the
+    strategy both ask here, before anything is built; a plan made on a machine without Transformer Engine passes
+    ``needs_transformer_engine_here=False``)."""
+    description = state_description(record)
+    try:
+        settings = settings_from_record(record)
+        if settings is None:
+            return None
+        if settings.store_param_remainders and checkpoint_optimizer_sharding == "fully_reshardable":
+            raise ValueError(
+                f"Checkpoint {checkpoint} keeps its optimizer state as {description}: the 16-bit remainders of the "
+                "fp32 main weights, which reload only with checkpoint_optimizer_sharding='dp_reshardable' and the "
+                "checkpoint's TP, CP and pipeline split (any DP size). Resume with 'dp_reshardable'; to change the "
+                "layout, start a new run from its weights (llama-fp8 convert, then model.init_weights). Runs that may "
+                "change layout later: set checkpoint_optimizer_sharding='fully_reshardable' from the start ('auto' "
+                "then keeps whole fp32 main weights)."
+            )
+        settings.check(use_distributed_optimizer, fp8_param_gather, optimizer_offloaded, checkpoint_optimizer_sharding)
+        if needs_transformer_engine_here:
+            settings.check_transformer_engine()
+    except ValueError as err:
+        if str(err).startswith(f"Checkpoint {checkpoint} "):
+            raise
+        raise ValueError(
+            f"Checkpoint {checkpoint} keeps its optimizer state as {description}, which optimizer_precision 'auto' "
+            f"resumes as it is, and this run cannot: {err} Resume with the settings the checkpoint was written with, "
+            "or start a new run from its weights (llama-fp8 convert, then model.init_weights)."
+        ) from err
+    return settings
 
 
 def transformer_engine_installed() -> bool:
