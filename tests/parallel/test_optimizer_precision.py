@@ -406,3 +406,13 @@ def test_a_yaml_value_that_is_not_auto_null_or_a_mapping_says_what_is_accepted(v
 
     with pytest.raises(ValueError, match=r"optimizer_precision must be 'auto', null or OptimizerPrecisionSettings"):
         optimizer_precision_from_yaml(value)
+
+
+def test_a_strategy_reused_for_another_fit_resolves_auto_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed fit adopts its checkpoint's state; the next fit with the same strategy object starts from "auto"
+    again (setup_environment resolves it before any checkpoint is read)."""
+    strategy = _resolved_for_a_new_run(monkeypatch)
+    strategy.adopt_resumed_optimizer_state("ck", {})  # a default-optimizer checkpoint
+    assert strategy.optimizer_precision_in_use is None
+    strategy._check_memory_settings(strategy.lightning_module.arch)  # the next fit's setup_environment
+    assert strategy.optimizer_precision_in_use == OptimizerPrecisionSettings("fp32", "fp32")
