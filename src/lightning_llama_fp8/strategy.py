@@ -136,12 +136,12 @@ class MegatronCPStrategy(ParallelStrategy):
         optimizer_precision: Megatron's precision-aware optimizer (Transformer Engine's FusedAdam stepping straight
             from the gradient buffer): :class:`~.parallel.optimizer_precision.OptimizerPrecisionSettings` (bf16 Adam
             moments and fp32 main weights kept as 16-bit remainders of bf16 weights by default: 6 bytes per parameter
-            at the step instead of 16). ``"auto"`` (default): fp32 moments and exact fp32 main weights (the update of
-            Megatron's default optimizer, without its fp32 gradient copy and its copy of the main weights into the
-            model) wherever the precision-aware optimizer runs (distributed optimizer, no optimizer offload, bf16
-            weights, Transformer Engine's layers), Megatron's default elsewhere, and a resumed checkpoint's own
-            optimizer state when resuming (``optimizer_precision_in_use`` says which, from ``setup_environment``
-            on). ``None``: Megatron's default (fp32 main weights and moments).
+            at the step instead of 16). ``"auto"`` (default): fp32 moments and exact fp32 main weights (Megatron's
+            default update but for the bf16 rounding of clipped gradients, without its fp32 gradient copy and its
+            copy of the main weights into the model) wherever the precision-aware optimizer runs (distributed
+            optimizer, no optimizer offload, bf16 weights, Transformer Engine's layers), Megatron's default elsewhere,
+            and a resumed checkpoint's own optimizer state when resuming (``optimizer_precision_in_use`` says which,
+            from ``setup_environment`` on). ``None``: Megatron's default (fp32 main weights and moments).
         cuda_graphs: capture each transformer layer as CUDA graphs after a few eager training steps and replay them
             (:class:`~.parallel.cuda_graphs.CudaGraphSettings`; Megatron's ``cuda_graph_impl="transformer_engine"``).
             ``None`` (default): eager.
@@ -466,10 +466,7 @@ class MegatronCPStrategy(ParallelStrategy):
             self.optimizer_offload.check(self.use_distributed_optimizer, fp8_recipe, fp8_param_gather)
         self.optimizer_precision_in_use = resolve_optimizer_precision(
             self.optimizer_precision,
-            use_distributed_optimizer=self.use_distributed_optimizer,
-            fp8_param_gather=bool(plugin.ddp_config_kwargs().get("fp8_param_gather")),
-            optimizer_offloaded=self.optimizer_offload is not None,
-            checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
+            **self._optimizer_facts(),
             transformer_engine_layers=getattr(arch, "transformer_impl", None) == "transformer_engine"
             and transformer_engine_installed(),
         )
@@ -483,13 +480,18 @@ class MegatronCPStrategy(ParallelStrategy):
         settings = self.optimizer_precision_in_use
         if settings is None:
             return
-        settings.check(
-            self.use_distributed_optimizer,
-            bool(self.precision_plugin.ddp_config_kwargs().get("fp8_param_gather")),
-            optimizer_offloaded=self.optimizer_offload is not None,
-            checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
-        )
+        settings.check(**self._optimizer_facts())
         settings.check_transformer_engine()
+
+    def _optimizer_facts(self) -> dict[str, Any]:
+        """What decides which optimizer-state precision can run here (keyword arguments of
+        ``OptimizerPrecisionSettings.check``, ``resolve_optimizer_precision`` and ``resumed_settings``)."""
+        return {
+            "use_distributed_optimizer": self.use_distributed_optimizer,
+            "fp8_param_gather": bool(self.precision_plugin.ddp_config_kwargs().get("fp8_param_gather")),
+            "optimizer_offloaded": self.optimizer_offload is not None,
+            "checkpoint_optimizer_sharding": self.checkpoint_optimizer_sharding,
+        }
 
     def adopt_resumed_optimizer_state(self, checkpoint: str, record: dict[str, Any]) -> None:
         """With ``optimizer_precision="auto"``, keep the optimizer state as the resumed checkpoint ``checkpoint``
@@ -497,14 +499,7 @@ class MegatronCPStrategy(ParallelStrategy):
         if self.optimizer_precision != AUTO:
             return
         try:
-            self.optimizer_precision_in_use = resumed_settings(
-                checkpoint,
-                record,
-                use_distributed_optimizer=self.use_distributed_optimizer,
-                fp8_param_gather=bool(self.precision_plugin.ddp_config_kwargs().get("fp8_param_gather")),
-                optimizer_offloaded=self.optimizer_offload is not None,
-                checkpoint_optimizer_sharding=self.checkpoint_optimizer_sharding,
-            )
+            self.optimizer_precision_in_use = resumed_settings(checkpoint, record, **self._optimizer_facts())
         except ValueError as err:
             raise ckpt.CheckpointError(str(err)) from err
 

@@ -31,6 +31,7 @@ from lightning_llama_fp8.cli.config_file import (
     optimizer_precision_from_yaml,
     plan_from_config,
     precision_from,
+    resumed_checkpoint,
     resumed_optimizer_settings,
 )
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
@@ -222,10 +223,11 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
 
     ``last``/``best``/``hpc``/``registry`` are resolved by Lightning later; the strategy checks those when loading.
     """
-    path = config.get("ckpt_path")
-    if not path or str(path) in ("last", "best", "hpc", "registry"):
+    path = resumed_checkpoint(config)
+    if path is None:
         return
     data = init_args(config.get("data")) or dict(config.get("data") or {})
+    optimizer_state = _optimizer_state(config) if fitting else None
     try:
         info = read_checkpoint_info(path)
         check_can_resume(
@@ -237,11 +239,11 @@ def check_checkpoint_from_config(config: dict[str, Any], layout: ParallelLayout,
             pipeline=layout.pipeline_split,
             global_batch_size=int(data["global_batch_size"]) if fitting and data.get("global_batch_size") else None,
             optimizer_settings=asdict(_optimizer_settings(config)) if fitting else None,
-            optimizer_state=_optimizer_state(config) if fitting else None,
+            optimizer_state=optimizer_state,
         )
-        if fitting and _optimizer_state(config) is None:  # "auto": it keeps the checkpoint's, if this run can
+        if fitting and optimizer_state is None:  # "auto": it keeps the checkpoint's, if this run can
             try:
-                resumed_optimizer_settings(config, str(path), info.optimizer_state)
+                resumed_optimizer_settings(config, path, info.optimizer_state)
             except ValueError as err:
                 raise CheckpointError(str(err)) from err
         load_lightning_state(Path(path))  # small; a damaged or unloadable one is found now, not after the build

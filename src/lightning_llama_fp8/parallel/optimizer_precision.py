@@ -206,15 +206,13 @@ def resolve_optimizer_precision(
     optimizer_offloaded: bool,
     checkpoint_optimizer_sharding: str,
     transformer_engine_layers: bool,
-    resumed_state: dict[str, Any] | None = None,
 ) -> OptimizerPrecisionSettings | None:
-    """The optimizer-state precision a run keeps for ``setting`` (``None``: Megatron's default optimizer).
+    """The optimizer-state precision a new run keeps for ``setting`` (``None``: Megatron's default optimizer; a
+    resumed run keeps its checkpoint's instead, :func:`resumed_settings`).
 
     Settings and ``None`` stand as given. ``"auto"``:
 
-    - resuming (``resumed_state``, the checkpoint's recorded ``optimizer_state``): the checkpoint's own, so every
-      checkpoint resumes as it was saved (Megatron would otherwise convert its state, which was never shown to train);
-    - else fp32 moments and fp32 main weights (as remainders of the bf16 weights where checkpoints are
+    - fp32 moments and fp32 main weights (as remainders of the bf16 weights where checkpoints are
       ``dp_reshardable``, which can hold them) where Megatron's precision-aware optimizer runs: the distributed
       optimizer, no optimizer offload, bf16 weights (not ``fp8_param_gather``) and Transformer Engine's layers
       (``transformer_engine_layers``: the TE layer spec, with Transformer Engine installed). The update is that of
@@ -228,8 +226,6 @@ def resolve_optimizer_precision(
     """
     if setting != AUTO:
         return setting  # type: ignore[return-value]
-    if resumed_state is not None:
-        return settings_from_record(resumed_state)
     if not (use_distributed_optimizer and transformer_engine_layers) or fp8_param_gather or optimizer_offloaded:
         return None
     return OptimizerPrecisionSettings(
@@ -254,30 +250,35 @@ def resumed_settings(
     strategy both ask here, before anything is built; a plan made on a machine without Transformer Engine passes
     ``needs_transformer_engine_here=False``)."""
     description = state_description(record)
+
+    def cannot_keep(err: ValueError) -> ValueError:
+        return ValueError(
+            f"Checkpoint {checkpoint} keeps its optimizer state as {description}, which optimizer_precision 'auto' "
+            f"resumes as it is, and this run cannot: {err} Resume with the settings the checkpoint was written with, "
+            "or start a new run from its weights (llama-fp8 convert, then model.init_weights)."
+        )
+
     try:
         settings = settings_from_record(record)
-        if settings is None:
-            return None
-        if settings.store_param_remainders and checkpoint_optimizer_sharding == "fully_reshardable":
-            raise ValueError(
-                f"Checkpoint {checkpoint} keeps its optimizer state as {description}: the 16-bit remainders of the "
-                "fp32 main weights, which reload only with checkpoint_optimizer_sharding='dp_reshardable' and the "
-                "checkpoint's TP, CP and pipeline split (any DP size). Resume with 'dp_reshardable'; to change the "
-                "layout, start a new run from its weights (llama-fp8 convert, then model.init_weights). Runs that may "
-                "change layout later: set checkpoint_optimizer_sharding='fully_reshardable' from the start ('auto' "
-                "then keeps whole fp32 main weights)."
-            )
+    except ValueError as err:  # a record with dtypes this package does not know
+        raise cannot_keep(err) from err
+    if settings is None:
+        return None
+    if settings.store_param_remainders and checkpoint_optimizer_sharding == "fully_reshardable":
+        raise ValueError(
+            f"Checkpoint {checkpoint} keeps its optimizer state as {description}: the 16-bit remainders of the fp32 "
+            "main weights, which reload only with checkpoint_optimizer_sharding='dp_reshardable' and the "
+            "checkpoint's TP, CP and pipeline split (any DP size). Resume with 'dp_reshardable'; to change the "
+            "layout, start a new run from its weights (llama-fp8 convert, then model.init_weights). Runs that may "
+            "change layout later: set checkpoint_optimizer_sharding='fully_reshardable' from the start ('auto' then "
+            "keeps whole fp32 main weights)."
+        )
+    try:
         settings.check(use_distributed_optimizer, fp8_param_gather, optimizer_offloaded, checkpoint_optimizer_sharding)
         if needs_transformer_engine_here:
             settings.check_transformer_engine()
     except ValueError as err:
-        if str(err).startswith(f"Checkpoint {checkpoint} "):
-            raise
-        raise ValueError(
-            f"Checkpoint {checkpoint} keeps its optimizer state as {description}, which optimizer_precision 'auto' "
-            f"resumes as it is, and this run cannot: {err} Resume with the settings the checkpoint was written with, "
-            "or start a new run from its weights (llama-fp8 convert, then model.init_weights)."
-        ) from err
+        raise cannot_keep(err) from err
     return settings
 
 
