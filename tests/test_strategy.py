@@ -222,15 +222,17 @@ def test_weights_only_loading_is_refused_with_the_reason() -> None:
 def test_strategy_rejects_unknown_optimizer_sharding() -> None:
     from lightning_llama_fp8 import MegatronCPStrategy
 
-    with pytest.raises(ValueError, match="'dp_reshardable' or 'fully_reshardable'"):
+    with pytest.raises(ValueError, match=r"must be 'dp_reshardable' .* or 'fully_reshardable'"):
         MegatronCPStrategy(checkpoint_optimizer_sharding="zero")  # type: ignore[arg-type]
 
 
 def test_align_param_gather_without_overlap_is_refused() -> None:
     from lightning_llama_fp8 import MegatronCPStrategy
 
-    with pytest.raises(ValueError, match="align_param_gather=True has no effect without overlap_param_gather=True"):
+    with pytest.raises(ValueError, match="align_param_gather=True has no effect without overlapped parameter gathers"):
         MegatronCPStrategy(overlap_param_gather=False, align_param_gather=True)
+    with pytest.raises(ValueError, match="align_param_gather=True has no effect"):
+        MegatronCPStrategy(use_distributed_optimizer=False, align_param_gather=True)
     MegatronCPStrategy(overlap_param_gather=True, align_param_gather=True)
 
 
@@ -239,6 +241,30 @@ def test_overlap_param_gather_needs_distributed_optimizer() -> None:
         MegatronCPStrategy(overlap_param_gather=True, use_distributed_optimizer=False)
     strategy = MegatronCPStrategy(overlap_param_gather=False, use_distributed_optimizer=False)
     assert not strategy.overlap_param_gather and not strategy.use_distributed_optimizer
+
+
+def test_overlap_param_gather_follows_the_distributed_optimizer_by_default() -> None:
+    assert MegatronCPStrategy().overlap_param_gather is True
+    assert MegatronCPStrategy(use_distributed_optimizer=False).overlap_param_gather is False
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"accumulate_grad_batches": 4}, "raise the data module's global_batch_size"),
+        ({"gradient_clip_val": 1.0}, r"OptimizerSettings\(clip_grad=...\)"),
+    ],
+)
+def test_trainer_accumulation_and_clipping_are_refused_with_megatrons_way(
+    setting: dict[str, Any], message: str
+) -> None:
+    from lightning.pytorch import Trainer
+
+    from lightning_llama_fp8 import LlamaLightningModule
+
+    trainer = Trainer(strategy=MegatronCPStrategy(), accelerator="cpu", devices=1, logger=False, **setting)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(LlamaLightningModule(arch="llama_tiny"))
 
 
 def test_sequence_parallel_without_tp_is_turned_off(caplog: pytest.LogCaptureFixture) -> None:

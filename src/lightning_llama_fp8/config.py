@@ -478,3 +478,17 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     if unknown:
         raise ValueError(f"Unknown LlamaConfig field(s) {sorted(unknown)} in overrides for preset {name!r}.")
     return PRESETS[name](**overrides)
+
+
+def check_data_matches_arch(arch: LlamaConfig, seq_length: int | None, vocab_size: int | None) -> None:
+    """Raise ``ValueError`` if data of this ``seq_length`` / ``vocab_size`` (None: not known) cannot feed ``arch``."""
+    if seq_length is not None and seq_length != arch.seq_length:
+        raise ValueError(
+            f"data.seq_length ({seq_length}) differs from model.arch.seq_length ({arch.seq_length}); "
+            "set both to the same value."
+        )
+    if vocab_size is not None and vocab_size > arch.vocab_size:
+        raise ValueError(
+            f"data.vocab_size ({vocab_size}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
+            "would index past the embedding."
+        )

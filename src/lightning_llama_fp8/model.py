@@ -21,7 +21,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
-from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.config import LlamaConfig, check_data_matches_arch
 from lightning_llama_fp8.data import packing
 from lightning_llama_fp8.data.base import BATCH_KEYS, CU_SEQLENS_KEY
 from lightning_llama_fp8.hf.arch import resolve_arch
@@ -115,20 +115,6 @@ class OptimizerSettings:
                 "set optimizer.decay_steps or trainer.max_steps."
             )
         return decay_steps
-
-
-def check_data_matches_arch(arch: LlamaConfig, seq_length: int | None, vocab_size: int | None) -> None:
-    """Raise ``ValueError`` if data of this ``seq_length`` / ``vocab_size`` (None: not known) cannot feed ``arch``."""
-    if seq_length is not None and seq_length != arch.seq_length:
-        raise ValueError(
-            f"data.seq_length ({seq_length}) differs from model.arch.seq_length ({arch.seq_length}); "
-            "set both to the same value."
-        )
-    if vocab_size is not None and vocab_size > arch.vocab_size:
-        raise ValueError(
-            f"data.vocab_size ({vocab_size}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
-            "would index past the embedding."
-        )
 
 
 #: Why fused QKV RoPE and packed sequences (document masking) cannot go together, and what to do.

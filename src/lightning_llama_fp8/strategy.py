@@ -52,7 +52,7 @@ from lightning_llama_fp8.parallel.cuda_graphs import (
     callback_conflicts,
     prepare_environment,
 )
-from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, validate_layout
+from lightning_llama_fp8.parallel.layout import CPCommType, ParallelLayout, resolve_param_gather, validate_layout
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.optimizer_precision import (
     AUTO,
@@ -77,6 +77,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_trainer_settings(accumulate_grad_batches: Any, gradient_clip_val: Any) -> None:
+    """Refuse the Trainer settings that Megatron's step does in its own way (``ValueError`` naming that way)."""
+    if accumulate_grad_batches not in (None, 1):
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} does not apply to MegatronCPStrategy: each "
+            "step already accumulates global_batch_size / (micro_batch_size x data-parallel size) micro batches. "
+            "Remove it and raise the data module's global_batch_size instead."
+        )
+    if gradient_clip_val not in (None, 0, 0.0):
+        raise ValueError(
+            f"trainer.gradient_clip_val={gradient_clip_val} does not apply to MegatronCPStrategy: Megatron's "
+            "optimizer clips the gradient norm itself. Remove it and set the module's "
+            "OptimizerSettings(clip_grad=...) (model.optimizer.clip_grad; 1.0 by default, 0 turns clipping off)."
+        )
+
+
 class MegatronCPStrategy(ParallelStrategy):
     """Tensor x context x pipeline x data parallel training of Megatron-Core models.
 
@@ -95,7 +111,8 @@ class MegatronCPStrategy(ParallelStrategy):
             the middle stages share the rest evenly. None: the even split.
         use_distributed_optimizer: shard fp32 main weights and Adam moments over DP x CP (ZeRO-1).
         overlap_grad_reduce: reduce-scatter gradient buckets during the backward pass.
-        overlap_param_gather: all-gather updated parameters during the next forward pass.
+        overlap_param_gather: all-gather updated parameters during the next forward pass. ``None`` (default): on
+            with the distributed optimizer (the only one that gathers parameters), off without it.
         align_param_gather: launch all parameter all-gathers together (Megatron's ``--align-param-gather``).
         grad_reduce_in_fp32: reduce gradients in fp32 instead of bf16.
         average_in_collective: average gradients inside the collective rather than before it.
@@ -163,7 +180,7 @@ class MegatronCPStrategy(ParallelStrategy):
         num_layers_in_last_pipeline_stage: int | None = None,
         use_distributed_optimizer: bool = True,
         overlap_grad_reduce: bool = True,
-        overlap_param_gather: bool = True,
+        overlap_param_gather: bool | None = None,
         align_param_gather: bool = False,
         grad_reduce_in_fp32: bool = False,
         average_in_collective: bool = False,
@@ -197,12 +214,7 @@ class MegatronCPStrategy(ParallelStrategy):
         if sequence_parallel and tensor_model_parallel_size == 1:
             log.warning("sequence_parallel needs tensor_model_parallel_size > 1; turning it off.")
             sequence_parallel = False
-        if overlap_param_gather and not use_distributed_optimizer:
-            raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True.")
-        if align_param_gather and not overlap_param_gather:  # Megatron reads it only for overlapped gathers
-            raise ValueError(
-                "align_param_gather=True has no effect without overlap_param_gather=True; set both or neither."
-            )
+        overlap_param_gather = resolve_param_gather(use_distributed_optimizer, overlap_param_gather, align_param_gather)
         self.layout = ParallelLayout(
             tensor_model_parallel_size=tensor_model_parallel_size,
             context_parallel_size=context_parallel_size,
@@ -226,12 +238,7 @@ class MegatronCPStrategy(ParallelStrategy):
         self.gradient_accumulation_fused = False
         self.use_cpu_initialization = use_cpu_initialization
         self.seed = seed
-        if checkpoint_optimizer_sharding not in ("dp_reshardable", "fully_reshardable"):
-            raise ValueError(
-                f"checkpoint_optimizer_sharding must be 'dp_reshardable' or 'fully_reshardable', got "
-                f"{checkpoint_optimizer_sharding!r}."
-            )
-        self.checkpoint_optimizer_sharding = checkpoint_optimizer_sharding
+        self.checkpoint_optimizer_sharding = ckpt.check_optimizer_sharding(checkpoint_optimizer_sharding)
         self.async_save = async_save
         self.checkpointing = StrategyCheckpointing(self)
         # Lightning's "Checkpoint directory ... exists and is not empty", hidden while a resumed run sets up the
@@ -315,6 +322,14 @@ class MegatronCPStrategy(ParallelStrategy):
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         compat.set_rank_zero(self.global_rank)
+
+    def connect(self, model: pl.LightningModule) -> None:
+        """Refuse the Trainer's own accumulation and clipping first: Lightning refuses them for manual optimization
+        with advice (switch to automatic optimization) that does not apply to Megatron's optimizer."""
+        trainer = getattr(model, "_trainer", None)
+        if trainer is not None:
+            check_trainer_settings(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+        super().connect(model)
 
     # ------------------------------------------------------------------ environment
     def setup_environment(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import yaml
 
 from lightning_llama_fp8.cli import config_file
 from lightning_llama_fp8.cli.config_file import plan_from_config
+from lightning_llama_fp8.config import get_preset
 from tests.helpers.gpus import no_gpu
 from tests.helpers.hf_models import make_hf_model
-from tests.helpers.paths import CONFIG_8B
+from tests.helpers.paths import CONFIG_1B, CONFIG_8B
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "plan"])
@@ -80,3 +82,43 @@ def test_yaml_init_weights_reaches_the_module(tmp_path: Path) -> None:
     arch = _arch_from(model)
     assert (arch.num_layers, arch.num_query_groups, arch.vocab_size) == (2, 2, 1000)
     assert _arch_from({}).num_layers == 32  # no init_weights: still the 8B default
+
+
+def test_field_overrides_change_the_named_architecture_not_llama3_8b(tmp_path: Path) -> None:
+    """jsonargparse applies ``--model.arch.num_layers 4`` to a fresh LlamaConfig (8B defaults) when model.arch is a
+    preset name: the preset is written out before the first such override, so only the field changes."""
+    import json
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"arch": "llama3_2_1b"}}))
+    words = ["fit", "--config", str(config), "--model.arch.num_layers", "4", "--trainer.max_steps", "5"]
+    expanded = config_file.expand_arch_before_field_overrides(words)
+    assert expanded[:3] == words[:3] and expanded[4:] == words[3:]
+    flag, fields = expanded[3].split("=", 1)
+    assert flag == "--model.arch" and json.loads(fields)["hidden_size"] == 2048  # llama3_2_1b's, not the 8B's 4096
+    # A name on the command line counts from where it stands; a mapping in the config needs nothing.
+    words = ["fit", "-c", str(config), "--model.arch", "llama_tiny", "--model.arch.num_layers=1"]
+    assert config_file.expand_arch_before_field_overrides(words)[5] == (
+        "--model.arch=" + json.dumps(dataclasses.asdict(get_preset("llama_tiny")))
+    )
+    config.write_text(yaml.safe_dump({"model": {"arch": {"num_layers": 2}}}))
+    words = ["fit", "--config", str(config), "--model.arch.num_layers", "4"]
+    assert config_file.expand_arch_before_field_overrides(words) == words
+
+
+def test_field_override_of_a_preset_reaches_the_parsed_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end through LightningCLI's parser: the 1B preset with 4 layers, not the 8B with 4 layers."""
+    from lightning_llama_fp8.cli import main
+
+    config = yaml.safe_load(CONFIG_1B.read_text())
+    config["model"]["arch"] = "llama3_2_1b"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(path), "--model.arch.num_layers", "4", "--print_config"])
+    assert stop.value.code in (0, None)
+    arch = yaml.safe_load(capsys.readouterr().out)["model"]["arch"]
+    assert (arch["num_layers"], arch["hidden_size"], arch["tie_embeddings"]) == (4, 2048, True)

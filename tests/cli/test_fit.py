@@ -424,6 +424,8 @@ def test_preflight_bf16_on_gpus_without_transformer_engine(
         (("data", "seq_length", 4096), r"data.seq_length \(4096\) differs from model.arch.seq_length \(8192\)"),
         (("optimizer", "decay_steps", 100), r"warmup_steps \(30518\) must be smaller than decay_steps \(100\)"),
         (("trainer", "devices", 0), r"trainer.devices must be >= 1"),
+        (("trainer", "accumulate_grad_batches", 4), r"accumulate_grad_batches=4 does not apply .* global_batch_size"),
+        (("trainer", "gradient_clip_val", 1.0), r"gradient_clip_val=1.0 does not apply .*\(model.optimizer.clip_grad"),
     ],
 )
 def test_fit_preflight_refuses_configs_that_cannot_work(
@@ -577,3 +579,20 @@ def test_fit_preflight_refuses_document_masking_that_cannot_run(
         cli.preflight(config, fitting=True)
     assert excinfo.value.code == EXIT_CANNOT_TRAIN
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_validate_without_weights_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``llama-fp8 validate --config X`` without ckpt_path or init_weights validated random weights without a word."""
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    with pytest.raises(SystemExit) as excinfo:
+        cli.preflight(config, fitting=False)
+    assert excinfo.value.code == EXIT_CANNOT_TRAIN
+    assert "Not validating: validate needs weights: --ckpt_path CHECKPOINT" in capsys.readouterr().err
+
+
+def test_fit_offers_no_torch_optimizer_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """LightningCLI's --optimizer/--lr_scheduler would replace Megatron's optimizer (and fail on the unbuilt model)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.optimizer" in out and "--optimizer " not in out and "--lr_scheduler" not in out

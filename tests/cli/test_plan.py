@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_plan_command_recompute_and_offload_flags(capsys: pytest.CaptureFixture[
     # The shipped one-GPU 8B plan is 89.28 GiB; measured runs needed up to 13% more (11.61 GiB here).
     assert main([*args[:-1], "100"]) == 0
     assert "tight: 10.72 GiB left, less than the up to 13% above the plan (11.61 GiB)" in capsys.readouterr().out
-    assert main([*args, "--optimizer-offload-fraction", "0"]) == 0
+    assert main([*args, "--optimizer-offload-fraction", "0"]) == 1  # "no": scripts read it from the exit status
     no_offload = capsys.readouterr().out
     assert re.search(r"Optimizer offload +off", no_offload) and "no, " in no_offload
     assert main([*args, "--recompute", "selective", "--recompute-modules", "core_attn", "mlp"]) == 0
@@ -201,3 +202,57 @@ def test_plan_refuses_config_numbers_that_training_would_refuse_or_misread(
     code, out, err = run_plan(["--config", str(path)], capsys)
     assert (code, out) == (EXIT_CANNOT_TRAIN, "")
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["data"]["init_args"].update(seq_length=4096),
+            r"data\.seq_length \(4096\) differs from model\.arch\.seq_length \(8192\)",
+        ),
+        (
+            lambda c: c["trainer"]["strategy"]["init_args"].update(use_distributed_optimizer=False),
+            r"overlap_param_gather=True needs use_distributed_optimizer=True .* leave overlap_param_gather unset",
+        ),
+        (
+            lambda c: c["trainer"]["strategy"]["init_args"].update(checkpoint_optimizer_sharding="bogus"),
+            r"checkpoint_optimizer_sharding must be 'dp_reshardable' .* got 'bogus'",
+        ),
+        (
+            lambda c: c["trainer"].update(strategy="lightning_llama_fp8.MegatronCPStrategy"),
+            r"read by Lightning as a registered strategy name, not a class path: write it as a mapping",
+        ),
+        (
+            lambda c: c["model"]["arch"].update(num_layer=4),
+            r"model\.arch has no field 'num_layer'; LlamaConfig's fields are num_layers, ",
+        ),
+    ],
+    ids=["seq-length", "overlap-without-distributed-optimizer", "sharding", "strategy-class-path", "arch-typo"],
+)
+def test_plan_refuses_settings_that_training_would_refuse(
+    change: Any, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these was planned with exit status 0 while ``fit`` refused it (or failed after starting)."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    change(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = run_plan(["--config", str(path)], capsys)
+    assert (code, out) == (EXIT_CANNOT_TRAIN, "")
+    assert re.search(message, err), err
+
+
+def test_plan_reads_a_plugin_given_as_a_bare_class_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``plugins: [lightning_llama_fp8.TEFP8Precision]`` trains in FP8; the plan said bf16 and counted bf16 memory."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG_8B.read_text())
+    config["trainer"]["plugins"] = ["lightning_llama_fp8.TEFP8Precision"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, _ = run_plan(["--config", str(path)], capsys)
+    assert code == 0
+    assert re.search(r"Precision +fp8", out), out

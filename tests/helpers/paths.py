@@ -15,4 +15,5 @@ MULTINODE_PROBE = Path(__file__).with_name("multinode_probe.py")
 CONFIGS = sorted((REPO_ROOT / "examples" / "configs").glob("*.yaml"))
 CONFIG_8B = REPO_ROOT / "examples" / "configs" / "llama3_8b_h100_fp8.yaml"
 PARAMS_8B = "8,030,261,248"
+CONFIG_1B = REPO_ROOT / "examples" / "configs" / "llama3_1b_1gpu_fp8.yaml"
 CONFIG_1GPU = REPO_ROOT / "examples" / "configs" / "llama3_8b_1gpu_fp8_recompute.yaml"

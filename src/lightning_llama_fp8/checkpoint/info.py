@@ -24,12 +24,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from lightning_llama_fp8.storage.paths import PathOutsideFolderError, path_inside
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "INFO_FILENAME",
@@ -37,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "OptimizerSharding",
+    "check_optimizer_sharding",
     "read_checkpoint_info",
 ]
 
@@ -46,6 +44,17 @@ LIGHTNING_FILENAME = "lightning.pt"
 MEGATRON_METADATA_FILENAME = "metadata.json"  # written last by dist_checkpointing.save
 
 OptimizerSharding = Literal["dp_reshardable", "fully_reshardable"]
+
+
+def check_optimizer_sharding(value: Any) -> OptimizerSharding:
+    """``checkpoint_optimizer_sharding`` as given, or ``ValueError`` naming the two it accepts."""
+    if value not in ("dp_reshardable", "fully_reshardable"):
+        raise ValueError(
+            f"checkpoint_optimizer_sharding must be 'dp_reshardable' (each rank writes its own shard; resume with the "
+            f"same TP and CP) or 'fully_reshardable' (gathered on save; resume with any layout), got {value!r}."
+        )
+    return value
+
 
 #: Architecture fields that decide the shape of some weight; a checkpoint only loads into a model that agrees.
 SHAPE_FIELDS: tuple[str, ...] = (

@@ -52,14 +52,25 @@ def main(argv: list[str] | None = None) -> int:
             f"llama-fp8: unknown command {command!r}" if command else "llama-fp8: a command is needed", file=sys.stderr
         )
         return 2
-    from lightning_llama_fp8.cli.config_file import EXIT_CANNOT_TRAIN, config_paths, read_config_file
+    from lightning_llama_fp8.cli.config_file import (
+        EXIT_CANNOT_TRAIN,
+        config_paths,
+        expand_arch_before_field_overrides,
+        read_config_file,
+    )
 
-    for path in config_paths(words):  # a broken file gets one sentence, not LightningCLI's whole usage
-        try:
+    try:
+        for path in config_paths(words):  # a broken file gets one sentence, not LightningCLI's whole usage
             read_config_file(path)
-        except ValueError as err:
-            print(f"llama-fp8 {command}: {err}", file=sys.stderr)
-            return EXIT_CANNOT_TRAIN
+        expanded = expand_arch_before_field_overrides(words)
+    except ValueError as err:
+        print(f"llama-fp8 {command}: {err}", file=sys.stderr)
+        return EXIT_CANNOT_TRAIN
+    if expanded != words:
+        if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv[1:] = expanded
+        else:
+            argv = expanded
     from lightning_llama_fp8.cli.fit import run
 
     return run(argv)

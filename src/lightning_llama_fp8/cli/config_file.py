@@ -6,15 +6,17 @@ Shared by ``fit``/``validate`` (their pre-flight check) and ``plan``; imports ne
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
-from lightning_llama_fp8.checkpoint.info import CheckpointError, read_checkpoint_info
-from lightning_llama_fp8.config import LlamaConfig
+from lightning_llama_fp8.checkpoint.info import CheckpointError, check_optimizer_sharding, read_checkpoint_info
+from lightning_llama_fp8.config import PRESETS, LlamaConfig, check_data_matches_arch, get_preset
 from lightning_llama_fp8.data.arguments import check_data_arguments
-from lightning_llama_fp8.hf.arch import resolve_arch
-from lightning_llama_fp8.parallel.layout import ParallelLayout
+from lightning_llama_fp8.hf.arch import llama_config_from_hf, resolve_arch
+from lightning_llama_fp8.parallel.layout import ParallelLayout, resolve_param_gather
 from lightning_llama_fp8.parallel.memory import OptimizerOffloadSettings, RecomputeSettings
 from lightning_llama_fp8.parallel.optimizer_precision import (
     AUTO,
@@ -50,10 +52,66 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return config
 
 
+#: LightningCLI's config-file options (jsonargparse's ``--config`` and its short form).
+CONFIG_OPTIONS = ("--config", "-c")
+#: The command-line option of the model's architecture; ``--model.arch.FIELD`` sets one of its fields.
+ARCH_OPTION = "--model.arch"
+
+
 def config_paths(words: list[str]) -> list[Path]:
-    """The files given to ``--config`` (``--config X`` or ``--config=X``) on a command line."""
-    paths = [Path(word.split("=", 1)[1]) for word in words if word.startswith("--config=")]
-    return paths + [Path(value) for flag, value in itertools.pairwise(words) if flag == "--config"]
+    """The files given to ``--config``/``-c`` (``--config X`` or ``--config=X``) on a command line, in order."""
+    return [Path(value) for flag, value in _options(words) if flag in CONFIG_OPTIONS and value is not None]
+
+
+def _options(words: list[str]) -> list[tuple[str, str | None]]:
+    """(option, value) of each ``--option value`` / ``--option=value`` word; value None where none follows."""
+    pairs = []
+    for index, word in enumerate(words):
+        if not word.startswith("-"):
+            continue
+        flag, equals, inline = word.partition("=")
+        following = words[index + 1] if index + 1 < len(words) and not words[index + 1].startswith("--") else None
+        pairs.append((flag, inline if equals else following))
+    return pairs
+
+
+def expand_arch_before_field_overrides(words: list[str]) -> list[str]:
+    """The command line with a named architecture written out as its fields before ``--model.arch.FIELD`` overrides.
+
+    jsonargparse applies a dotted override (``--model.arch.num_layers 4``) to a fresh :class:`LlamaConfig`, whose
+    defaults are Llama 3 8B's, whenever ``model.arch`` so far is a name (a preset such as ``llama3_2_1b``, or a
+    Hugging Face directory): the named architecture would be dropped without a word and another model trained.
+    Writing the named architecture's fields as ``--model.arch={...}`` just before the first such override makes the
+    override change one field of the architecture the config names, as a user reads it.
+    """
+    named: str | None = None  # model.arch so far, where it is a name
+    expanded: list[str] = []
+    for index, word in enumerate(words):
+        flag, equals, inline = word.partition("=")
+        value = inline if equals else (words[index + 1] if index + 1 < len(words) else None)
+        if flag in CONFIG_OPTIONS and value is not None and Path(value).is_file():
+            model = read_config_file(Path(value)).get("model")
+            model_args = {**model, **init_args(model)} if isinstance(model, dict) else {}
+            if "arch" in model_args:
+                named = model_args["arch"] if isinstance(model_args["arch"], str) else None
+        elif flag == ARCH_OPTION:
+            named = value
+        elif flag.startswith(ARCH_OPTION + ".") and named is not None:
+            fields = _named_arch_fields(named)
+            if fields is not None:
+                expanded.append(f"{ARCH_OPTION}={json.dumps(fields)}")
+            named = None
+        expanded.append(word)
+    return expanded
+
+
+def _named_arch_fields(name: str) -> dict[str, Any] | None:
+    """The fields of the preset or Hugging Face directory ``name`` (None for anything else, e.g. inline JSON)."""
+    if name in PRESETS:
+        return dataclasses.asdict(get_preset(name))
+    if os.path.isdir(name):
+        return dataclasses.asdict(llama_config_from_hf(name))
+    return None
 
 
 def init_args(value: Any) -> dict[str, Any]:
@@ -64,15 +122,34 @@ def init_args(value: Any) -> dict[str, Any]:
 
 
 def class_name(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("class_path", "")).rsplit(".", 1)[-1]
-    return str(value or "")
+    """The class of a ``{class_path, init_args}`` entry or of a bare class path, without its module
+    (``lightning_llama_fp8.TEFP8Precision`` -> ``TEFP8Precision``); a registered name (``megatron_cp``) as it is."""
+    path = value.get("class_path", "") if isinstance(value, dict) else value or ""
+    return str(path).rsplit(".", 1)[-1]
+
+
+def check_strategy_entry(value: Any) -> None:
+    """Refuse ``trainer.strategy`` written as a bare class path: Lightning reads a string as a registered strategy
+    name (``megatron_cp``, ``ddp``) and fails on a dotted one only after the run has started."""
+    if isinstance(value, str) and "." in value:
+        raise ValueError(
+            f"trainer.strategy {value!r} is read by Lightning as a registered strategy name, not a class path: write "
+            f"it as a mapping (strategy: {{class_path: {value}, init_args: {{...}}}}) or use the name megatron_cp."
+        )
 
 
 def arch_from(model: dict[str, Any]) -> LlamaConfig:
     args = {**model, **init_args(model)} if model else {}
     arch = args.get("arch")
-    return resolve_arch(LlamaConfig(**arch) if isinstance(arch, dict) else arch, args.get("init_weights"))
+    if isinstance(arch, dict):
+        unknown = sorted(set(arch) - {field.name for field in dataclasses.fields(LlamaConfig)})
+        if unknown:
+            raise ValueError(
+                f"model.arch has no field {', '.join(map(repr, unknown))}; LlamaConfig's fields are "
+                f"{', '.join(field.name for field in dataclasses.fields(LlamaConfig))}."
+            )
+        arch = LlamaConfig(**arch)
+    return resolve_arch(arch, args.get("init_weights"))
 
 
 def precision_from(trainer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -113,9 +190,12 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
     (``tensor_model_parallel_size: 2.5``, ``data.seq_length: -1``) is refused here too.
     """
     trainer = config.get("trainer") or {}
+    check_strategy_entry(trainer.get("strategy"))
     strategy = init_args(trainer.get("strategy"))
     data = init_args(config.get("data")) or dict(config.get("data") or {})
     data_numbers = check_data_arguments(data)
+    arch = arch_from(config.get("model") or {})
+    check_data_matches_arch(arch, data_numbers.get("seq_length"), data_numbers.get("vocab_size"))
     precision, fp8_args = precision_from(trainer)
     world_size = gpus if gpus is not None else gpus_from(trainer)
     if world_size is None:
@@ -130,6 +210,12 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
     def switch(name: str, default: bool) -> bool:
         return as_bool(strategy.get(name, default), f"{STRATEGY}.{name}")
 
+    use_distributed_optimizer = switch("use_distributed_optimizer", True)
+    resolve_param_gather(
+        use_distributed_optimizer,
+        None if strategy.get("overlap_param_gather") is None else switch("overlap_param_gather", True),
+        switch("align_param_gather", False),
+    )
     tp = size("tensor_model_parallel_size", 1)
     layout = ParallelLayout(
         tensor_model_parallel_size=tp,
@@ -142,19 +228,21 @@ def plan_from_config(config: dict[str, Any], gpus: int | None = None) -> Trainin
         num_layers_in_last_pipeline_stage=size("num_layers_in_last_pipeline_stage", None),
     )
     return plan_training(
-        arch_from(config.get("model") or {}),
+        arch,
         layout,
         world_size,
         global_batch_size=data_numbers.get("global_batch_size", 128),
         micro_batch_size=data_numbers.get("micro_batch_size", 1),
         precision=precision,  # type: ignore[arg-type]
-        use_distributed_optimizer=switch("use_distributed_optimizer", True),
+        use_distributed_optimizer=use_distributed_optimizer,
         grad_reduce_in_fp32=switch("grad_reduce_in_fp32", False),
         fp8_param_gather=as_bool(fp8_args.get("fp8_param_gather", False), "TEFP8Precision.fp8_param_gather"),
         recompute=settings_from_yaml(RecomputeSettings, strategy.get("activation_recompute")),
         optimizer_offload=settings_from_yaml(OptimizerOffloadSettings, strategy.get("optimizer_offload")),
         optimizer_precision=optimizer_precision_of_run(config),
-        checkpoint_optimizer_sharding=str(strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")),
+        checkpoint_optimizer_sharding=check_optimizer_sharding(
+            strategy.get("checkpoint_optimizer_sharding", "dp_reshardable")
+        ),
         bf16_first_layers=as_int(fp8_args.get("bf16_first_layers", 0), "TEFP8Precision.bf16_first_layers", at_least=0),
         bf16_last_layers=as_int(fp8_args.get("bf16_last_layers", 0), "TEFP8Precision.bf16_last_layers", at_least=0),
         fp8_recipe=str(fp8_args.get("recipe", "delayed")),

@@ -34,18 +34,19 @@ from lightning_llama_fp8.cli.config_file import (
     resumed_checkpoint,
     resumed_optimizer_settings,
 )
+from lightning_llama_fp8.config import check_data_matches_arch
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.fp8.recipes import check_bf16_layers
 from lightning_llama_fp8.fp8.support import fp8_support
-from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings, check_data_matches_arch
+from lightning_llama_fp8.model import LlamaLightningModule, OptimizerSettings
 from lightning_llama_fp8.parallel.layout import ParallelLayout
 from lightning_llama_fp8.parallel.optimizer_precision import AUTO, state_record
 from lightning_llama_fp8.plan import TrainingPlan, format_plan
 from lightning_llama_fp8.plan.machine import host_memory_problem
 
 # Registers the strategy's name ("megatron_cp") with Lightning before a config names it.
-from lightning_llama_fp8.strategy import MegatronCPStrategy  # noqa: F401
+from lightning_llama_fp8.strategy import MegatronCPStrategy, check_trainer_settings  # noqa: F401
 from lightning_llama_fp8.validate import available_host_memory
 
 
@@ -114,12 +115,19 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
         return
     try:
         plan = plan_from_config(config)  # raises LayoutError for layouts that cannot work
+        check_trainer_settings(trainer.get("accumulate_grad_batches"), trainer.get("gradient_clip_val"))
         check_model_against_config(config, fitting)
         if config.get("weights_only") and config.get("ckpt_path"):
             raise CheckpointError(
                 "weights_only=True cannot load MegatronCPStrategy checkpoints: they hold pickled data "
                 "(torch.distributed.checkpoint's index, Transformer Engine's FP8 state, Lightning's state). Load only "
                 "checkpoints you trust, without --weights_only."
+            )
+        model_args = init_args(config.get("model")) or dict(config.get("model") or {})
+        if not fitting and not config.get("ckpt_path") and not model_args.get("init_weights"):
+            raise ValueError(
+                "validate needs weights: --ckpt_path CHECKPOINT (or ckpt_path: last), or model.init_weights (a "
+                "Hugging Face directory); without them it would validate randomly initialised weights."
             )
     except (ValueError, TypeError) as err:  # a config that cannot work on any machine
         _refuse(err, fitting)
@@ -131,21 +139,25 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
 
     if torch.cuda.is_available() and (ok or precision == "bf16" or fp8_args.get("fallback") == "bf16"):
         if torch.cuda.device_count() < plan.world_size // int(trainer.get("num_nodes", 1) or 1):
-            _cannot_train(plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.")
+            _cannot_train(
+                plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.", fitting
+            )
         if arch_from(config.get("model") or {}).transformer_impl == "transformer_engine" and not te_importable():
             _cannot_train(
                 plan,
                 "model.arch.transformer_impl is 'transformer_engine' (the default, in BF16 too) but Transformer Engine "
                 "does not import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch "
                 "container) or set model.arch.transformer_impl: local (BF16 only, no context parallelism).",
+                fitting,
             )
         nodes = int(trainer.get("num_nodes") or 1)  # checked by plan_from_config
         host_problem = host_memory_problem(plan, max(plan.world_size // nodes, 1), available_host_memory())
         if host_problem:
-            _cannot_train(plan, host_problem)
+            _cannot_train(plan, host_problem, fitting)
         return
-    what = "FP8 training needs" if precision == "fp8" else "Training needs"
-    _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).")
+    what = ("Training" if fitting else "Validation") + " needs"
+    what = f"FP8 {what.lower()}" if precision == "fp8" else what
+    _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).", fitting)
 
 
 def te_importable() -> bool:
@@ -288,9 +300,9 @@ def _refuse(err: Exception, fitting: bool) -> NoReturn:
     raise SystemExit(EXIT_CANNOT_TRAIN) from None
 
 
-def _cannot_train(plan: TrainingPlan, why: str) -> None:
+def _cannot_train(plan: TrainingPlan, why: str, fitting: bool) -> None:
     print(format_plan(plan))
-    print(f"\nNot training: {why}", file=sys.stderr)
+    print(f"\nNot {'training' if fitting else 'validating'}: {why}", file=sys.stderr)
     print(
         "The plan above is what this config would use; run the same command on a machine that has them.",
         file=sys.stderr,
@@ -314,6 +326,9 @@ def run(argv: list[str] | None = None) -> int:
         LlamaLightningModule,
         GPTDataModule,  # any of its subclasses by class_path: MockDataModule, IndexedDataModule, your own
         subclass_mode_data=True,
+        # Megatron's optimizer is built from model.optimizer (OptimizerSettings) once the model exists; LightningCLI's
+        # --optimizer/--lr_scheduler would replace configure_optimizers with torch's, on parameters not yet built.
+        auto_configure_optimizers=False,
         args=argv,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},

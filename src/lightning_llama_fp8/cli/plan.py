@@ -16,8 +16,11 @@ from lightning_llama_fp8.cli.config_file import (
 )
 from lightning_llama_fp8.parallel.layout import LayoutError
 from lightning_llama_fp8.plan import format_plan
+from lightning_llama_fp8.plan.estimate import GIB
 from lightning_llama_fp8.validate import float_argument, int_argument
 
+#: Exit status of ``--gpu-memory-gib N`` when the plan needs more than N GiB per GPU (a scriptable "no").
+EXIT_DOES_NOT_FIT = 1
 #: argparse types of the whole-number flags (``validate``'s rules: ``--tp 2.5`` or ``--gpus 0`` are refused).
 POSITIVE, NON_NEGATIVE = int_argument(at_least=1), int_argument(at_least=0)
 
@@ -59,7 +62,9 @@ def plan_main(argv: list[str]) -> int:
         help="FP8 runs: keep the weights in FP8 (TEFP8Precision.fp8_param_gather)",
     )
     parser.add_argument(
-        "--gpu-memory-gib", type=float_argument(above=0), help="say whether the plan fits GPUs of this size"
+        "--gpu-memory-gib",
+        type=float_argument(above=0),
+        help=f"say whether the plan fits GPUs of this size (exit status {EXIT_DOES_NOT_FIT} where it does not)",
     )
     args = parser.parse_args(argv)
 
@@ -77,18 +82,20 @@ def plan_main(argv: list[str]) -> int:
         print(f"llama-fp8 plan: {err}", file=sys.stderr)
         return EXIT_CANNOT_TRAIN
     print(format_plan(plan, gpu_memory_gib=args.gpu_memory_gib))
+    if args.gpu_memory_gib is not None and plan.memory.total / GIB > args.gpu_memory_gib:
+        return EXIT_DOES_NOT_FIT
     return 0
 
 
 def _apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> None:
     trainer = config.setdefault("trainer", {})
     strategy = trainer.get("strategy")
-    if not isinstance(strategy, dict):
+    if strategy is None or strategy == "megatron_cp":
         strategy = trainer["strategy"] = {
             "class_path": "lightning_llama_fp8.MegatronCPStrategy",
             "init_args": {},
         }
-    strategy_args = strategy.setdefault("init_args", {})
+    strategy_args = strategy.setdefault("init_args", {}) if isinstance(strategy, dict) else {}
     data = config.setdefault("data", {"init_args": {}})
     data_args = data.setdefault("init_args", {})
     if args.arch:

@@ -81,6 +81,26 @@ class ParallelLayout:
         return world_size // self.model_parallel_size
 
 
+def resolve_param_gather(
+    use_distributed_optimizer: bool, overlap_param_gather: bool | None, align_param_gather: bool
+) -> bool:
+    """Whether updated parameters are all-gathered during the next forward pass (``overlap_param_gather``; None:
+    with the distributed optimizer, the only one that gathers parameters); ``LayoutError`` naming the fix for
+    settings Megatron would refuse or ignore."""
+    overlap = use_distributed_optimizer if overlap_param_gather is None else bool(overlap_param_gather)
+    if overlap and not use_distributed_optimizer:
+        raise LayoutError(
+            "overlap_param_gather=True needs use_distributed_optimizer=True (only the distributed optimizer gathers "
+            "parameters); leave overlap_param_gather unset (it follows use_distributed_optimizer) or set it false."
+        )
+    if align_param_gather and not overlap:  # Megatron reads it only for overlapped gathers
+        raise LayoutError(
+            "align_param_gather=True has no effect without overlapped parameter gathers (overlap_param_gather, on "
+            "with the distributed optimizer): turn on both or neither."
+        )
+    return overlap
+
+
 def validate_layout(
     layout: ParallelLayout,
     world_size: int,
