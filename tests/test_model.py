@@ -380,3 +380,18 @@ def test_fused_qkv_rope_of_a_built_model_stands_and_masked_data_is_refused_for_i
     data.document_masking = True
     with pytest.raises(ValueError, match=r"model was built with fused QKV RoPE .* Build a new LlamaLightningModule"):
         module.setup("fit")
+
+
+def test_module_takes_mappings_for_its_settings_and_refuses_other_types() -> None:
+    """A dict arch or optimizer (as from JSON) failed later with "'dict' object has no attribute ..."."""
+    from lightning_llama_fp8 import LlamaLightningModule, OptimizerSettings, get_preset
+
+    module = LlamaLightningModule({"num_layers": 2, "hidden_size": 256}, optimizer={"lr": 1e-4, "warmup_steps": 5})
+    assert (module.arch.num_layers, module.arch.hidden_size) == (2, 256)
+    assert module.optim == OptimizerSettings(lr=1e-4, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"model.arch has no field 'num_layer'; LlamaConfig's fields are num_layers"):
+        LlamaLightningModule({"num_layer": 2})
+    with pytest.raises(TypeError, match=r"arch must be a preset name, a LlamaConfig .*; got 123"):
+        LlamaLightningModule(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"optimizer must be OptimizerSettings .*; got 0.1"):
+        LlamaLightningModule(get_preset("llama_tiny"), optimizer=0.1)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from lightning_llama_fp8 import (
 )
 from lightning_llama_fp8.checkpoint.info import CheckpointError
 from lightning_llama_fp8.parallel.layout import ParallelLayout
+from lightning_llama_fp8.validate import SettingError
 from tests.helpers import (
     LAUNCH_PROBE,
     MULTINODE_PROBE,
@@ -702,3 +703,83 @@ def test_settings_that_contradict_deterministic_mode_are_refused_before_any_proc
     assert not torch.distributed.is_initialized()
     assert os.environ[variable] == value  # nothing changed
     assert "NCCL_ALGO" not in os.environ or variable == "NCCL_ALGO"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"use_distributed_optimizer": "false"}, {"async_save": "yes"}, {"overlap_param_gather": 1.5}],
+)
+def test_switches_must_be_true_or_false(setting: dict[str, Any]) -> None:
+    """A string "false" is truthy: it kept the distributed optimizer on."""
+    ((name, value),) = setting.items()
+    with pytest.raises(SettingError, match=rf"{name} must be true or false; got {value!r}"):
+        MegatronCPStrategy(**setting)
+
+
+def test_timeout_must_be_a_timedelta() -> None:
+    with pytest.raises(TypeError, match=r"timeout must be a datetime.timedelta \(or None\), got 60"):
+        MegatronCPStrategy(timeout=60)  # type: ignore[arg-type]
+
+
+def test_fp8_on_local_layers_fails_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model was built with config.fp8 set and no TE module: it trained in BF16 while the log said FP8."""
+    monkeypatch.setattr("lightning_llama_fp8.fp8.support.fp8_support", lambda *args, **kwargs: (True, ""))
+    with pytest.raises(ValueError, match=r"transformer_impl is 'local' .* the model would train in BF16"):
+        fit_never_built(TEFP8Precision())
+    assert not torch.distributed.is_initialized()
+
+
+def test_transformer_engine_layers_without_transformer_engine_fail_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``llama-fp8 fit`` says before building, instead of Megatron's errors after the process groups."""
+    from lightning_llama_fp8 import get_preset
+
+    monkeypatch.setattr("lightning_llama_fp8.strategy.transformer_engine_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"is 'transformer_engine' .* but Transformer Engine does not import here"):
+        fit_never_built(MegatronPrecision(), arch=get_preset("llama_tiny"))
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_megatron_gradient_nan_check_cannot_go_with_a_guard_that_skips(policy: str) -> None:
+    """Megatron raises while reducing a non-finite gradient, before NaNGuard could veto or roll back the step."""
+    from lightning_llama_fp8.callbacks import NaNGuard
+
+    strategy = MegatronCPStrategy(check_for_nan_in_grad=True)
+    strategy._trainer_callbacks = lambda: [NaNGuard(policy=policy)]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=rf"NaNGuard\(policy='{policy}'\) could never skip or roll back"):
+        strategy._check_nan_check_against_nan_guard()
+    strategy._trainer_callbacks = lambda: [NaNGuard(policy="raise")]  # type: ignore[method-assign]
+    strategy._check_nan_check_against_nan_guard()
+
+
+def test_strategy_seed_decides_the_cpu_initialised_weights() -> None:
+    """Megatron's CPU initialisation draws from torch's CPU generator, which only seed_everything used to seed:
+    seed 1 gave other weights at each build, and seeds 1 and 2 the same weights after a seed_everything."""
+    from lightning.pytorch import Trainer
+
+    from lightning_llama_fp8 import LlamaLightningModule, get_preset
+
+    def first_weights(seed: int) -> torch.Tensor:
+        strategy = MegatronCPStrategy(use_cpu_initialization=True, seed=seed)
+        module = LlamaLightningModule(get_preset("llama_tiny", transformer_impl="local", apply_rope_fusion=False))
+        trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, plugins=[MegatronPrecision()], logger=False)
+        strategy._lightning_module = module
+        module.trainer = trainer
+        torch.manual_seed(int(torch.randint(0, 1000, ())))  # whatever state the process is in
+        try:
+            strategy.setup_environment()
+            module.configure_model()
+            return module.model.decoder.layers[0].mlp.linear_fc1.weight.detach().clone()
+        finally:
+            strategy.teardown()
+
+    first = first_weights(1)
+    assert torch.equal(first, first_weights(1))
+    assert not torch.equal(first, first_weights(2))
+
+
+def test_bucket_size_without_overlapped_reduce_is_refused() -> None:
+    """Megatron's DDP drops bucket_size when gradients are not reduced during the backward pass."""
+    with pytest.raises(ValueError, match=r"bucket_size has no effect without overlap_grad_reduce=True"):
+        MegatronCPStrategy(bucket_size=10_000_000, overlap_grad_reduce=False)
+    assert MegatronCPStrategy(bucket_size=10_000_000).bucket_size == 10_000_000

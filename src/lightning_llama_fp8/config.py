@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -492,3 +492,15 @@ def check_data_matches_arch(arch: LlamaConfig, seq_length: int | None, vocab_siz
             f"data.vocab_size ({vocab_size}) exceeds model.arch.vocab_size ({arch.vocab_size}): token ids "
             "would index past the embedding."
         )
+
+
+def llama_config_from_fields(fields: Mapping[str, Any], where: str = "model.arch") -> LlamaConfig:
+    """A :class:`LlamaConfig` from a mapping of its fields (a YAML ``model.arch``); ``ValueError`` naming an unknown
+    field and the fields there are (``LlamaConfig(**fields)`` would say only "unexpected keyword argument")."""
+    known = [field.name for field in dataclasses.fields(LlamaConfig)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where} has no field {', '.join(map(repr, unknown))}; LlamaConfig's fields are {', '.join(known)}."
+        )
+    return LlamaConfig(**fields)

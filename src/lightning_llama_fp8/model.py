@@ -9,8 +9,9 @@ Megatron's optimizer clips and steps. Optimization is therefore manual; the stra
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_llama_fp8._compat.warnings import filter_manual_optimization_checkpoint_warning
-from lightning_llama_fp8.config import LlamaConfig, check_data_matches_arch
+from lightning_llama_fp8.config import LlamaConfig, check_data_matches_arch, llama_config_from_fields
 from lightning_llama_fp8.data import packing
 from lightning_llama_fp8.data.base import BATCH_KEYS, CU_SEQLENS_KEY
 from lightning_llama_fp8.hf.arch import resolve_arch
@@ -144,6 +145,17 @@ class LlamaLightningModule(LightningModule):
         init_weights: str | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(arch, Mapping):
+            arch = llama_config_from_fields(arch)
+        elif arch is not None and not isinstance(arch, (str, os.PathLike, LlamaConfig)):
+            raise TypeError(
+                f"arch must be a preset name, a LlamaConfig (or a mapping of its fields) or a Hugging Face model "
+                f"directory; got {arch!r}."
+            )
+        if isinstance(optimizer, Mapping):
+            optimizer = OptimizerSettings(**optimizer)
+        elif optimizer is not None and not isinstance(optimizer, OptimizerSettings):
+            raise TypeError(f"optimizer must be OptimizerSettings (or a mapping of its fields); got {optimizer!r}.")
         self.arch: LlamaConfig = resolve_arch(arch, init_weights)
         self.init_weights = None if init_weights is None else str(init_weights)
         if self.init_weights is not None:

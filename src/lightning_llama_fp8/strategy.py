@@ -66,7 +66,7 @@ from lightning_llama_fp8.parallel.optimizer_precision import check_setting as ch
 from lightning_llama_fp8.parallel.pipeline import pipeline_config_kwargs
 from lightning_llama_fp8.parallel.pipeline_layout import largest_chunk_layers
 from lightning_llama_fp8.precision import MegatronPrecision
-from lightning_llama_fp8.validate import MAX_SEED, as_int, as_optional_int
+from lightning_llama_fp8.validate import MAX_SEED, as_bool, as_int, as_optional_int
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -85,12 +85,20 @@ def check_trainer_settings(accumulate_grad_batches: Any, gradient_clip_val: Any)
             "step already accumulates global_batch_size / (micro_batch_size x data-parallel size) micro batches. "
             "Remove it and raise the data module's global_batch_size instead."
         )
-    if gradient_clip_val not in (None, 0, 0.0):
+    if gradient_clip_val is not None:  # 0 too: Lightning's "no clipping" would leave Megatron clipping at 1.0
         raise ValueError(
             f"trainer.gradient_clip_val={gradient_clip_val} does not apply to MegatronCPStrategy: Megatron's "
             "optimizer clips the gradient norm itself. Remove it and set the module's "
             "OptimizerSettings(clip_grad=...) (model.optimizer.clip_grad; 1.0 by default, 0 turns clipping off)."
         )
+
+
+#: Why a model with the Transformer Engine layer spec cannot be built here, and what to do (the CLI says it too).
+TRANSFORMER_ENGINE_MISSING = (
+    "model.arch.transformer_impl is 'transformer_engine' (the default, in BF16 too) but Transformer Engine does not "
+    "import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch container) or set "
+    "model.arch.transformer_impl: local (BF16 only, no context parallelism)."
+)
 
 
 class MegatronCPStrategy(ParallelStrategy):
@@ -211,6 +219,39 @@ class MegatronCPStrategy(ParallelStrategy):
         pipeline_model_parallel_size = as_int(pipeline_model_parallel_size, "pipeline_model_parallel_size", at_least=1)
         bucket_size = as_optional_int(bucket_size, "bucket_size", at_least=1)
         seed = as_optional_int(seed, "seed", at_least=0, at_most=MAX_SEED)
+        switches = {
+            "use_distributed_optimizer": use_distributed_optimizer,
+            "overlap_grad_reduce": overlap_grad_reduce,
+            "align_param_gather": align_param_gather,
+            "grad_reduce_in_fp32": grad_reduce_in_fp32,
+            "average_in_collective": average_in_collective,
+            "check_for_nan_in_grad": check_for_nan_in_grad,
+            "use_cpu_initialization": use_cpu_initialization,
+            "async_save": async_save,
+        }
+        # A string "false" is truthy: every switch must be a real true/false (validate.as_bool).
+        (
+            use_distributed_optimizer,
+            overlap_grad_reduce,
+            align_param_gather,
+            grad_reduce_in_fp32,
+            average_in_collective,
+            check_for_nan_in_grad,
+            use_cpu_initialization,
+            async_save,
+        ) = (as_bool(value, name) for name, value in switches.items())
+        overlap_param_gather = (
+            None if overlap_param_gather is None else as_bool(overlap_param_gather, "overlap_param_gather")
+        )
+        if gradient_accumulation_fusion is not None:
+            gradient_accumulation_fusion = as_bool(gradient_accumulation_fusion, "gradient_accumulation_fusion")
+        if bucket_size is not None and not overlap_grad_reduce:  # Megatron's DDP then reduces in one bucket
+            raise ValueError(
+                "bucket_size has no effect without overlap_grad_reduce=True (Megatron reduces all gradients at once "
+                "then): remove it, or turn overlap_grad_reduce on."
+            )
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout must be a datetime.timedelta (or None), got {timeout!r}.")
         if sequence_parallel and tensor_model_parallel_size == 1:
             log.warning("sequence_parallel needs tensor_model_parallel_size > 1; turning it off.")
             sequence_parallel = False
@@ -345,6 +386,8 @@ class MegatronCPStrategy(ParallelStrategy):
         self._check_memory_settings(arch)
         self._check_cuda_graphs(arch)
         self._check_gradient_accumulation_fusion(arch)
+        self._check_layer_implementation(arch)
+        self._check_nan_check_against_nan_guard()
         self._enter_deterministic_mode()  # its NCCL_ALGO before the process groups, its TE setting before the model
         if self.cuda_graphs is not None and self.root_device.type == "cuda":
             prepare_environment()
@@ -408,6 +451,11 @@ class MegatronCPStrategy(ParallelStrategy):
                 pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
                 virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
             )
+        # As Megatron-LM seeds (its _set_random_seed): each pipeline stage from its own seed, or every stage would
+        # start its layers from the same draws; torch's CPU generator too, from which Megatron's CPU initialisation
+        # draws every full weight (the same on every TP rank, which then takes its slice).
+        seed = self._seed() + 100 * parallel_state.get_pipeline_model_parallel_rank()
+        torch.manual_seed(seed)
         if self.root_device.type == "cuda":
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -416,7 +464,7 @@ class MegatronCPStrategy(ParallelStrategy):
             # force_reset_rng: Megatron keeps the first tracker a process made (an earlier eager fit's), whose plain
             # states Transformer Engine's capture cannot fork.
             model_parallel_cuda_manual_seed(
-                self._seed(), te_rng_tracker=graphs, use_cudagraphable_rng=graphs, force_reset_rng=graphs
+                seed, te_rng_tracker=graphs, use_cudagraphable_rng=graphs, force_reset_rng=graphs
             )
 
     def _seed(self) -> int:
@@ -451,6 +499,33 @@ class MegatronCPStrategy(ParallelStrategy):
         determinism.enter(mode)
         self.deterministic_mode = mode
         rank_zero_info(mode.describe())
+
+    def _check_layer_implementation(self, arch: Any) -> None:
+        """Refuse FP8 on Megatron's local layers (it would train in BF16) and TE layers without TE installed."""
+        if arch is None:
+            return
+        if arch.transformer_impl != "transformer_engine":
+            if self.precision_plugin.fp8_active:
+                raise ValueError(
+                    f"TEFP8Precision computes Transformer Engine layers in FP8, but model.arch.transformer_impl is "
+                    f"{arch.transformer_impl!r} (Megatron's own layers, BF16 only): the model would train in BF16. "
+                    "Set transformer_impl='transformer_engine' (the default), or use MegatronPrecision for BF16."
+                )
+        elif not transformer_engine_installed():
+            raise ValueError(TRANSFORMER_ENGINE_MISSING)
+
+    def _check_nan_check_against_nan_guard(self) -> None:
+        """Megatron's own gradient check raises mid-reduce on a non-finite gradient (its rerun state machine, with
+        reruns off, raises for ``fatal`` checks), before a NaNGuard that skips or rolls back can act."""
+        if not self.check_for_nan_in_grad:
+            return
+        guards = [cb for cb in self._trainer_callbacks() if getattr(cb, "policy", None) in ("skip", "rollback")]
+        if guards:
+            raise ValueError(
+                f"check_for_nan_in_grad=True stops the run at the first non-finite gradient (Megatron raises while "
+                f"reducing it), so NaNGuard(policy={guards[0].policy!r}) could never skip or roll back that step. "
+                "Leave check_for_nan_in_grad off (NaNGuard checks every step), or use NaNGuard(policy='raise')."
+            )
 
     def _check_gradient_accumulation_fusion(self, arch: Any) -> None:
         problem = ddp.gradient_accumulation_fusion_problem(

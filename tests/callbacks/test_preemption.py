@@ -286,3 +286,29 @@ def test_boolean_decisions_reach_every_rank_with_tensor_parallelism(tmp_path: Pa
     """TP2 on two ranks: each DP x CP group is one rank. Reduced over it (Lightning's default), "any" stayed on the
     rank that voted and "all" was never true (ModelCheckpoint's monitored top-k never saved)."""
     assert run_distributed(_decisions_worker, 2, tmp_path) == [(True, True, False), (True, True, False)]
+
+
+def test_a_run_without_model_checkpoint_is_warned_and_not_told_to_try_again(tmp_path: Path) -> None:
+    """Nothing to resume from: status 75 ("try again later") or a requeue would start the run over at every
+    preemption. It stops after the step, exits as the signal would (128 + 15), and the GC is back on (ManualGC)."""
+    import gc
+
+    from lightning_llama_fp8.callbacks import ManualGC
+    from tests.helpers.models import Recorder, mock_data
+    from tests.helpers.trainers import megatron_cpu_trainer
+
+    class SignalledAtStepTwo(Recorder):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(batch, batch_idx)
+
+    trainer = megatron_cpu_trainer(
+        1, max_steps=6, callbacks=[PreemptionCheckpoint(), ManualGC(interval=100)], default_root_dir=str(tmp_path)
+    )
+    warned = pytest.warns(UserWarning, match="no ModelCheckpoint, so a preemption signal stops it after a step without")
+    with warned, pytest.raises(TrainingPreempted) as stop:
+        trainer.fit(SignalledAtStepTwo(seq_length=16), datamodule=mock_data(16, global_batch_size=2))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "nothing saved (no ModelCheckpoint)" in stop.value.message
+    assert trainer.global_step == 3 and gc.isenabled()

@@ -107,11 +107,11 @@ def test_resume_position_wraps_at_the_epoch_lightning_uses(tmp_path: Path) -> No
 
 
 def test_check_split_sizes_tiny_corpus_raises() -> None:
-    # 10 documents, split 99:1:0 -> validation gets documents [round(9.9), round(10)) = [10, 10).
-    with pytest.raises(ValueError, match=r"validation split zero documents") as err:
+    # 10 sequences, split 99:1:0 -> validation gets sequences [round(9.9), round(10)) = [10, 10).
+    with pytest.raises(ValueError, match=r"validation split zero sequences") as err:
         check_split_sizes(10, "99,1,0", [32, 8, 0])
     message = str(err.value)
-    assert "10 documents" in message and "[10, 10)" in message and "8 validation" in message
+    assert "10 sequences" in message and "[10, 10)" in message and "8 validation" in message
 
 
 def test_check_split_sizes_normal_corpus_passes() -> None:
@@ -124,12 +124,22 @@ def test_check_split_sizes_other_failures() -> None:
     # A split with zero weight is never built, so requesting samples from it is an error.
     with pytest.raises(ValueError, match=r"test split weight 0.*5 test samples"):
         check_split_sizes(1000, "99,1,0", [8, 8, 5])
-    # Positive weight but zero documents hangs megatron even for 0 requested samples
-    # (it asks for num_samples * seq_length + 1 tokens): 100 docs, test = [round(99.9), 100).
-    with pytest.raises(ValueError, match=r"test split zero documents"):
+    # Positive weight but zero sequences hangs megatron even for 0 requested samples
+    # (it asks for num_samples * seq_length + 1 tokens): 100 sequences, test = [round(99.9), 100).
+    with pytest.raises(ValueError, match=r"test split zero sequences"):
         check_split_sizes(100, "949,50,1", [8, 8, 0])
     with pytest.raises(ValueError, match=r"Invalid split"):
         check_split_sizes(1000, "0,0,0", [8, 8, 0])
+
+
+def test_check_split_sizes_refuses_a_split_of_empty_sequences() -> None:
+    # Sequences with no token add nothing to an epoch: megatron-core would loop forever on this validation split.
+    lengths = [5] * 9 + [0]
+    with pytest.raises(ValueError, match=r"validation split only empty sequences \(sequence range \[9, 10\) holds"):
+        check_split_sizes(10, "90,10,0", [8, 0, 0], lengths)
+    check_split_sizes(10, "90,10,0", [8, 8, 0], [0] + [5] * 9)  # an empty sequence among others is fine
+    with pytest.raises(ValueError, match=r"sequence_lengths has 9 entries for 10 sequences"):
+        check_split_sizes(10, "90,10,0", [8, 8, 0], [5] * 9)
 
 
 def test_the_constructor_refuses_numbers_that_are_not_what_they_look_like() -> None:

@@ -24,6 +24,8 @@ from lightning_llama_fp8.data.corpus import check_sidecar
 from lightning_llama_fp8.data.preprocess import preprocess
 from tests.helpers import REPO_ROOT
 from tests.helpers.corpora import LLAMA3_VOCAB, megatron_corpus, write_corpus, write_jsonl
+from tests.helpers.models import Recorder
+from tests.helpers.trainers import cpu_trainer
 
 SEQ, VOCAB, GBS, MBS = 64, 1000, 4, 2
 
@@ -139,7 +141,11 @@ def test_damaged_corpus_is_refused_before_building(corpora: dict[str, Any], tmp_
 
 def test_split_without_documents_is_refused(tmp_path: Path) -> None:
     write_corpus(tmp_path / "tiny", 3, 0, 100)
-    with pytest.raises(ValueError, match=r"Corpus .*tiny' \(3 documents\): Split '90,10,0' over 3 documents"):
+    with pytest.raises(
+        ValueError,
+        match=r"Corpus .*tiny' \(3 sequences in 3 documents; megatron-core splits by sequence\): "
+        r"Split '90,10,0' over 3 seq",
+    ):
         module([str(tmp_path / "tiny")]).setup("fit")
 
 
@@ -412,3 +418,93 @@ def test_a_corpus_re_created_under_its_prefix_gets_its_own_cached_indices(tmp_pa
     again = module([str(tmp_path / "c")], path_to_cache=str(cache))  # the same corpus: the same cache folder
     again.setup("fit")
     assert len(list(cache.iterdir())) == 2
+
+
+def _corpus_of_sequences(prefix: Path, documents: list[list[int]]) -> str:
+    """A corpus whose documents hold ``documents[i]`` sequences (0: an empty document, which preprocess writes for
+    an empty text; several: a ``--split-sentences`` corpus), each 40 tokens."""
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for sequences in documents:
+        builder.add_document(torch.randint(3, 100, (40 * len(sequences),), dtype=torch.int32), sequences)
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.fixture
+def builder_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """megatron-core's builder raises instead of building: a check that lets a hanging split through fails."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    def build(self: Any) -> None:
+        raise AssertionError("megatron-core's builder was reached; with this split it loops forever")
+
+    monkeypatch.setattr(BlendedMegatronDatasetBuilder, "build", build)
+
+
+def test_empty_documents_count_for_nothing_in_the_split_check(tmp_path: Path, builder_reached: None) -> None:
+    # 3 documents with tokens, 97 empty: megatron-core splits the 3 sequences, so validation (10%) gets none and its
+    # GPTDataset would loop forever; counting the 100 documents let it through.
+    prefix = _corpus_of_sequences(tmp_path / "sparse", [[40]] * 3 + [[]] * 97)
+    with pytest.raises(
+        ValueError,
+        match=r"sparse' \(3 sequences in 100 documents \(an empty document has none\); megatron-core splits by "
+        r"sequence\): "
+        r"Split '90,10,0' over 3 sequences gives the validation split zero sequences \(sequence range \[3, 3\)",
+    ):
+        module([prefix]).setup("fit")
+
+
+def test_sentences_of_few_documents_are_enough_to_split(tmp_path: Path) -> None:
+    # A --split-sentences corpus: 3 documents of 10 sequences. Megatron splits the 30 sequences (27/3), so this
+    # builds, though 3 documents could not be split 90/10.
+    prefix = _corpus_of_sequences(tmp_path / "sentences", [[40] * 10] * 3)
+    data = module([prefix], train_samples=2 * GBS, val_samples=GBS)
+    data.setup("fit")
+    assert (len(data.train_dataset), len(data.val_dataset)) == (2 * GBS, GBS)
+
+
+def test_split_of_only_empty_sequences_is_refused(tmp_path: Path, builder_reached: None) -> None:
+    # Sequences of 0 tokens (another writer's index): the validation range [9, 10) holds no token at all.
+    builder = IndexedDatasetBuilder(f"{tmp_path / 'holes'}.bin", dtype=numpy.int32)
+    for length in [40] * 9 + [0]:
+        builder.add_document(torch.randint(3, 100, (length,), dtype=torch.int32), [length])
+    builder.finalize(f"{tmp_path / 'holes'}.idx")
+    with pytest.raises(ValueError, match=r"gives the validation split only empty sequences \(sequence range \[9, 10\)"):
+        module([str(tmp_path / "holes")]).setup("fit")
+
+
+def test_split_without_validation_names_the_samples_requested(corpora: dict[str, Any]) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"weight 0, so megatron-core builds no validation dataset, yet 40 validation samples are requested\. "
+        r"Give validation a positive weight in `split`, or set data\.val_samples: 0 or trainer\.limit_val_batches: 0",
+    ):
+        module([corpora["low"]], split="100,0,0", val_samples=None).setup("fit")
+
+
+class _Validating(Recorder):
+    """Counts its validation steps."""
+
+    def __init__(self, seq_length: int) -> None:
+        super().__init__(seq_length)
+        self.validation_steps = 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_steps += 1
+
+
+@pytest.mark.parametrize(
+    ("split", "val_samples", "limit_val_batches"),
+    [("100,0,0", 0, 1.0), ("90,10,0", 0, 1.0), ("100,0,0", None, 0), ("100,0,0", None, 0.0)],
+)
+def test_no_validation_samples_means_no_validation(
+    corpora: dict[str, Any], split: str, val_samples: int | None, limit_val_batches: float
+) -> None:
+    """``val_samples: 0`` (the refusal's advice) or ``trainer.limit_val_batches: 0`` fits a model that has a
+    validation_step without validating, whatever the split gives validation."""
+    model = _Validating(SEQ)
+    data = module([corpora["low"]], split=split, val_samples=val_samples, train_samples=None)
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=limit_val_batches, val_check_interval=1)
+    trainer.fit(model, datamodule=data)
+    assert (trainer.global_step, model.validation_steps) == (2, 0)
+    assert data.val_dataloader() == []

@@ -111,11 +111,11 @@ def test_malformed_split_is_refused_when_the_datamodule_is_made(split: str) -> N
 
 
 def test_setup_rejects_tiny_mock_corpus_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Megatron forces split 1,1,1 for mock data: 2 documents leave validation with none."""
+    """Megatron forces split 1,1,1 for mock data: 2 sequences leave validation with none."""
     monkeypatch.setattr(MockGPTLowLevelDataset, "size", 2)
-    with pytest.raises(ValueError, match=r"'1,1,1' over 2 documents gives the validation split zero"):
+    with pytest.raises(ValueError, match=r"'1,1,1' over 2 sequences gives the validation split zero"):
         _module().setup("fit")
-    monkeypatch.setattr(MockGPTLowLevelDataset, "size", 3)  # one document per split is enough
+    monkeypatch.setattr(MockGPTLowLevelDataset, "size", 3)  # one sequence per split is enough
     dm = _module()
     dm.setup("fit")
     assert _first_batch(dm)["tokens"].shape == (GBS // MBS, MBS, SEQ)

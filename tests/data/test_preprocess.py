@@ -630,3 +630,71 @@ def test_a_full_disk_during_a_chat_corpus_keeps_the_previous_one(
     with pytest.raises(CorpusInputError, match=r"is full .* nothing was written"):
         preprocess_chat([source], tmp_path / "out", max_seq_length=64, overwrite=True, progress=False)
     assert chat_files(tmp_path / "out") == before
+
+
+def test_an_input_named_twice_is_read_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Named twice, matched by overlapping globs, or reached through a link: one file, read once, where it is first
+    named; each repeat left out gets one line on stderr."""
+    first = write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    second = write_jsonl(tmp_path / "b.jsonl", ["three"])
+    (tmp_path / "link.jsonl").symlink_to(first)
+    inputs = [first, str(tmp_path / "*.jsonl"), first, tmp_path / "link.jsonl"]
+    summary = preprocess(inputs, tmp_path / "out", progress=False)
+    assert corpus_documents(tmp_path / "out") == expected_ids(["one", "two", "three"])
+    assert [entry["path"] for entry in read_sidecar(tmp_path / "out")["inputs"]] == [str(first), str(second)]
+    assert summary.documents == 3
+    notes = [line for line in capsys.readouterr().err.splitlines() if "reading it once" in line]
+    assert notes == [
+        f"llama-fp8 preprocess: input {first} is named more than once; reading it once.",  # the glob's match
+        f"llama-fp8 preprocess: input {tmp_path / 'link.jsonl'} is the same file as {first}, named before it; "
+        "reading it once.",  # the glob's
+        f"llama-fp8 preprocess: input {first} is named more than once; reading it once.",
+        f"llama-fp8 preprocess: input {tmp_path / 'link.jsonl'} is the same file as {first}, named before it; "
+        "reading it once.",
+    ]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
+@pytest.mark.parametrize("layout", ["pretty", "one line", "gzip"])
+def test_a_json_array_is_named_as_such_before_any_work(tmp_path: Path, chat: bool, layout: str) -> None:
+    """A .json file holding one JSON array of records (not JSON Lines) is refused as that, with the conversion."""
+    record: dict[str, Any] = CONVERSATIONS[0] if chat else {"text": "w1 w2"}
+    text = json.dumps([record, record], indent=None if layout == "one line" else 2)
+    path = tmp_path / ("in.json.gz" if layout == "gzip" else "in.json")
+    path.write_bytes(gzip.compress(text.encode()) if layout == "gzip" else text.encode())
+    read = f"gunzip -c {path} | jq -c '.\\[\\]'" if layout == "gzip" else f"jq -c '.\\[\\]' {path}"
+    message = (
+        rf"in\.json(\.gz)?:1: the file is a JSON array \(\[\.\.\.\]\), not JSON Lines \(one JSON object per line, "
+        rf"no enclosing brackets\)\. Convert it, e\.g\. {read} > {tmp_path / 'in.jsonl'}, and give"
+    )
+    with pytest.raises(CorpusInputError, match=message):
+        if chat:
+            preprocess_chat([path], tmp_path / "out", max_seq_length=64, skip_bad_lines=True, progress=False)
+        else:
+            preprocess([path], tmp_path / "out", skip_bad_lines=True, progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_json_array_after_the_first_line_is_a_bad_line_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"text": "one"}\n[{"text": "two"}]\n')
+    with pytest.raises(CorpusInputError, match=r"in\.jsonl:2: a JSON array, not an object with key 'text' \(JSON"):
+        preprocess([tmp_path / "in.jsonl"], tmp_path / "out", progress=False)
+
+
+def test_an_output_prefix_that_names_no_file_is_refused(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "in.jsonl", ["x"])
+    (tmp_path / "out_dir").mkdir()
+    cases = {
+        f"{tmp_path / 'out_dir'}/": rf"--output-prefix {tmp_path / 'out_dir'}/ names a directory, not a file prefix: "
+        rf"give a prefix inside it, e\.g\. {tmp_path / 'out_dir' / 'corpus'} \(writes corpus\.bin",
+        str(tmp_path / "out_dir"): r"out_dir names a directory, not a file prefix",
+        f"{tmp_path / 'new_dir'}/": r"new_dir/ names a directory, not a file prefix",
+        "": r"--output-prefix is empty: give a file prefix such as data/corpus",
+    }
+    for prefix, message in cases.items():
+        with pytest.raises(CorpusInputError, match=message):
+            preprocess([good], prefix, progress=False)
+        with pytest.raises(CorpusInputError, match=message):
+            preprocess_chat([good], prefix, max_seq_length=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out_dir"]
+    assert not list((tmp_path / "out_dir").iterdir())

@@ -222,3 +222,14 @@ def test_layout_sizes_are_whole_numbers_and_switches_true_or_false() -> None:
     with pytest.raises(ValueError, match=r"^sequence_parallel must be true or false; got 'false' \(str\)"):
         ParallelLayout(tensor_model_parallel_size=2, sequence_parallel="false")
     assert ParallelLayout(context_parallel_size=2.0, virtual_pipeline_model_parallel_size=None) == layout(1, 2)
+
+
+def test_ffn_hidden_size_not_divisible_by_tp() -> None:
+    """Megatron asserted it on every rank once the data was built; the layout check says it first."""
+    arch = get_preset("llama_tiny", ffn_hidden_size=769)
+    with pytest.raises(LayoutError) as err:
+        validate_layout(layout(tp=2), 2, arch=arch)
+    assert problems(err) == [
+        "ffn_hidden_size 769 is not divisible by TP 2: each tensor-parallel rank holds an equal slice of the MLP; use "
+        "a TP that divides 769."
+    ]

@@ -205,7 +205,7 @@ def test_plan_counts_the_precision_aware_state_and_no_gradient_copy() -> None:
 
 def test_llama_fp8_plan_says_whether_the_one_gpu_8b_fits(capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--arch", "llama3_8b", "--gpus", "1", "--global-batch-size", "8", "--micro-batch-size", "1"]
-    assert plan_main([*common, "--precision", "fp8", "--optimizer-precision", "off", "--gpu-memory-gib", "139.8"]) == 0
+    assert plan_main([*common, "--precision", "fp8", "--optimizer-precision", "off", "--gpu-memory-gib", "139.8"]) == 1
     default = capsys.readouterr().out
     assert "Megatron's default: fp32 main weights and Adam moments" in default
     assert re.search(r"Fits 139.8 GiB per GPU +no,", default)

@@ -41,5 +41,13 @@ class ManualGC(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gc.collect()
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit that fails (NaNGuard's stop, Ctrl-C, an error) leaves the process, a notebook or a retry loop,
+        with the collector as it found it."""
+        self._restore()
+
+    def _restore(self) -> None:
         if self._was_enabled:
             gc.enable()

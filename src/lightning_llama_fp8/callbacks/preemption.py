@@ -24,7 +24,9 @@ decision is taken between steps:
 4. Every rank raises :class:`TrainingPreempted` (a Lightning ``SIGTERMException``): ``fit`` ends through Lightning's
    exception path (``on_exception`` hooks, loggers finalized) and the process exits with status 75
    (:data:`EXIT_PREEMPTED`, ``EX_TEMPFAIL``: "try again later"). A signal during the last step of ``max_steps``
-   saves it and lets ``fit`` finish (status 0).
+   saves it and lets ``fit`` finish (status 0). A run without a ModelCheckpoint (warned at setup) saves nothing:
+   it is not requeued and exits with 128 + the signal's number, as a process the signal stopped, since trying
+   again would start it over.
 
 Time budget: from the signal to the exit takes the rest of what runs when it comes (a training step, a periodic
 checkpoint save, or a validation and, if that step is not saved yet, one more step), one checkpoint save (none
@@ -58,7 +60,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,8 @@ class TrainingPreempted(SIGTERMException):
     ``message`` says what was saved.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(EXIT_PREEMPTED)
+    def __init__(self, message: str, status: int = EXIT_PREEMPTED) -> None:
+        super().__init__(status)
         self.message = message
 
 
@@ -180,6 +182,12 @@ class PreemptionCheckpoint(Callback):
         if stage == "fit":
             # Before the DataLoader forks its workers (fit_loop.setup_data, ahead of on_train_start).
             shield_forked_children(self._handled_signals(trainer))
+            if self.signals and not _model_checkpoints(trainer):
+                rank_zero_warn(
+                    "PreemptionCheckpoint: this run has no ModelCheckpoint, so a preemption signal stops it after a "
+                    "step without saving it (and without requeueing the job). Enable checkpointing "
+                    "(trainer.enable_checkpointing, or a ModelCheckpoint callback) to resume after one."
+                )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._received = None
@@ -250,6 +258,12 @@ class PreemptionCheckpoint(Callback):
             rank_zero_info(f"PreemptionCheckpoint: {summary}; that was the last step, so fit ends normally.")
             self._received = None
             return
+        if saved is None and self._saved_step != step:
+            # Nothing to resume from: "try again later" (75) or a requeue would start the run over from scratch,
+            # again at every preemption. Exit as a process stopped by the signal does (128 + its number).
+            signum = received[0] if received is not None else signal.SIGTERM
+            rank_zero_info(f"PreemptionCheckpoint: {summary}. Not requeued; exiting with status {128 + signum}.")
+            raise TrainingPreempted(f"stopped after step {step}: {summary}", status=128 + signum)
         if requeue:
             if trainer.is_global_zero:
                 summary += "; " + requeue_slurm_job()
@@ -261,11 +275,7 @@ class PreemptionCheckpoint(Callback):
     def _save(self, trainer: Any) -> Path | None:
         """Save this step as the run's first ModelCheckpoint would name it, and make its ``last`` name point at it;
         returns the path (``None``: the run has no ModelCheckpoint to save with)."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        saver = next(
-            (cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None
-        )
+        saver = next((cb for cb in _model_checkpoints(trainer) if cb.dirpath), None)
         if saver is None:
             return None
         metrics = {
@@ -298,6 +308,13 @@ class PreemptionCheckpoint(Callback):
             trainer.strategy.remove_checkpoint(replaced)
         trainer.strategy.barrier("preemption_checkpoint")
         return Path(path)
+
+
+def _model_checkpoints(trainer: Any) -> list[Any]:
+    """The run's ModelCheckpoint callbacks (what a preemption save is named and rotated by)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [cb for cb in getattr(trainer, "checkpoint_callbacks", []) if isinstance(cb, ModelCheckpoint)]
 
 
 def _may_delete(trainer: Any, saver: Any, previous: str, keep: str) -> bool:

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_llama_fp8.checkpoint.info import CheckpointError, check_optimizer_sharding, read_checkpoint_info
-from lightning_llama_fp8.config import PRESETS, LlamaConfig, check_data_matches_arch, get_preset
+from lightning_llama_fp8.config import (
+    PRESETS,
+    LlamaConfig,
+    check_data_matches_arch,
+    get_preset,
+    llama_config_from_fields,
+)
 from lightning_llama_fp8.data.arguments import check_data_arguments
 from lightning_llama_fp8.hf.arch import llama_config_from_hf, resolve_arch
 from lightning_llama_fp8.parallel.layout import ParallelLayout, resolve_param_gather
@@ -142,13 +148,7 @@ def arch_from(model: dict[str, Any]) -> LlamaConfig:
     args = {**model, **init_args(model)} if model else {}
     arch = args.get("arch")
     if isinstance(arch, dict):
-        unknown = sorted(set(arch) - {field.name for field in dataclasses.fields(LlamaConfig)})
-        if unknown:
-            raise ValueError(
-                f"model.arch has no field {', '.join(map(repr, unknown))}; LlamaConfig's fields are "
-                f"{', '.join(field.name for field in dataclasses.fields(LlamaConfig))}."
-            )
-        arch = LlamaConfig(**arch)
+        arch = llama_config_from_fields(arch)
     return resolve_arch(arch, args.get("init_weights"))
 
 

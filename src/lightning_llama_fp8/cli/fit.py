@@ -46,7 +46,11 @@ from lightning_llama_fp8.plan import TrainingPlan, format_plan
 from lightning_llama_fp8.plan.machine import host_memory_problem
 
 # Registers the strategy's name ("megatron_cp") with Lightning before a config names it.
-from lightning_llama_fp8.strategy import MegatronCPStrategy, check_trainer_settings  # noqa: F401
+from lightning_llama_fp8.strategy import (  # noqa: F401
+    TRANSFORMER_ENGINE_MISSING,
+    MegatronCPStrategy,
+    check_trainer_settings,
+)
 from lightning_llama_fp8.validate import available_host_memory
 
 
@@ -143,13 +147,7 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
                 plan, f"the config needs {plan.world_size} GPUs but {torch.cuda.device_count()} are visible.", fitting
             )
         if arch_from(config.get("model") or {}).transformer_impl == "transformer_engine" and not te_importable():
-            _cannot_train(
-                plan,
-                "model.arch.transformer_impl is 'transformer_engine' (the default, in BF16 too) but Transformer Engine "
-                "does not import here. Install it (pip install 'lightning-llama-fp8[te]', or NVIDIA's PyTorch "
-                "container) or set model.arch.transformer_impl: local (BF16 only, no context parallelism).",
-                fitting,
-            )
+            _cannot_train(plan, TRANSFORMER_ENGINE_MISSING, fitting)
         nodes = int(trainer.get("num_nodes") or 1)  # checked by plan_from_config
         host_problem = host_memory_problem(plan, max(plan.world_size // nodes, 1), available_host_memory())
         if host_problem:

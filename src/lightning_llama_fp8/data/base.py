@@ -78,35 +78,45 @@ def parse_split(split: str) -> list[float]:
     return weights
 
 
-def check_split_sizes(num_documents: int, split: str, requested_samples: Sequence[int]) -> None:
+def check_split_sizes(
+    num_sequences: int,
+    split: str,
+    requested_samples: Sequence[int],
+    sequence_lengths: Sequence[int] | None = None,
+) -> None:
     """Fail fast where megatron-core's dataset builder would hang or silently build nothing.
 
-    ``BlendedMegatronDatasetBuilder`` gives split ``i`` the documents
-    ``[round(lo_i * N), round(hi_i * N))``, where ``(lo_i, hi_i)`` are the cumulative, normalised
-    ``split`` weights (``convert_split_vector_to_split_matrix``). A split with positive weight that
-    rounds to zero documents has zero tokens, and ``GPTDataset._get_num_epochs`` then loops forever adding
-    zero-token epochs in search of ``num_samples * seq_length + 1`` tokens. That holds even for
-    ``num_samples == 0`` (the "+1" is the extra label token), so such a split is rejected whatever
-    is requested from it. A split with zero weight is not built at all (megatron returns ``None``),
-    which is fine only when nothing is requested from it.
+    ``BlendedMegatronDatasetBuilder`` splits a corpus by what ``GPTDataset.numel_low_level_dataset`` counts: its
+    *sequences* (one per document, or one per sentence of a ``--split-sentences`` corpus; an empty document has
+    none), not its documents. Split ``i`` gets the sequences ``[round(lo_i * N), round(hi_i * N))``, where
+    ``(lo_i, hi_i)`` are the cumulative, normalised ``split`` weights (``convert_split_vector_to_split_matrix``). A
+    split with positive weight whose sequences hold no token (none, or only empty ones) makes
+    ``GPTDataset._get_num_epochs`` loop forever adding zero-token epochs in search of
+    ``num_samples * seq_length + 1`` tokens. That holds even for ``num_samples == 0`` (the "+1" is the extra label
+    token), so such a split is rejected whatever is requested from it. A split with zero weight is not built at all
+    (megatron returns ``None``), which is fine only when nothing is requested from it.
 
     Args:
-        num_documents: Documents in the low-level dataset (for mock data,
+        num_sequences: Elements megatron-core splits: sequences of the corpus's index (for mock data,
             ``MockGPTLowLevelDataset.size``).
         split: Megatron split string, e.g. ``"949,50,1"``: up to three non-negative weights for
             train, validation and test; missing ones count as 0. Use the *effective* split, i.e.
             ``GPTDatasetConfig(...).split`` (megatron replaces it by ``"1,1,1"`` for mock data).
         requested_samples: Samples requested per split, ``[train, validation, test]``; missing
             entries count as 0.
+        sequence_lengths: The tokens of each sequence (``num_sequences`` of them), to also refuse a split whose
+            sequences are all empty; ``None``: every sequence holds tokens.
 
     Raises:
-        ValueError: If the split string is malformed, or a split would get zero documents while
+        ValueError: If the split string is malformed, or a split would get no token while
             megatron builds it or samples are requested from it. The message names the split,
             the numbers and how to fix it.
     """
     parse_split(split)
-    if num_documents < 0:
-        raise ValueError(f"num_documents must be >= 0, got {num_documents}.")
+    if num_sequences < 0:
+        raise ValueError(f"num_sequences must be >= 0, got {num_sequences}.")
+    if sequence_lengths is not None and len(sequence_lengths) != num_sequences:
+        raise ValueError(f"sequence_lengths has {len(sequence_lengths)} entries for {num_sequences} sequences.")
     if len(requested_samples) > len(_SPLIT_NAMES):
         raise ValueError(
             f"requested_samples has {len(requested_samples)} entries; at most 3 (train, validation, test)."
@@ -122,30 +132,44 @@ def check_split_sizes(num_documents: int, split: str, requested_samples: Sequenc
     for name, bookends, wanted in zip(_SPLIT_NAMES, matrix, requested, strict=True):
         if wanted < 0:
             raise ValueError(f"Requested {wanted} {name} samples; sample counts must be >= 0.")
+        no_samples = (  # how a run asks for none
+            "set data.val_samples: 0 or trainer.limit_val_batches: 0"
+            if name == "validation"
+            else f"request 0 {name} samples"
+        )
         if bookends is None:
             if wanted > 0:
                 raise ValueError(
                     f"Split {split!r} gives the {name} split weight 0, so megatron-core builds no "
                     f"{name} dataset, yet {wanted} {name} samples are requested. Give {name} a positive "
-                    f"weight in `split` or request 0 {name} samples."
+                    f"weight in `split`, or {no_samples}."
                 )
             continue
         lo, hi = bookends
         # BlendedMegatronDatasetBuilder's int(round(...)); Python's round() already returns an int
         # and rounds half to even, exactly like megatron's.
-        begin = round(lo * float(num_documents))
-        end = round(hi * float(num_documents))
+        begin = round(lo * float(num_sequences))
+        end = round(hi * float(num_sequences))
+        fraction = hi - lo
+        needed = math.ceil(1.0 / fraction)
+        then = f" (then {no_samples})" if wanted > 0 else ""
+        hangs = (
+            f"while {wanted} {name} samples are requested from it; megatron-core's dataset builder would loop forever "
+            "looking for tokens (it does so even for 0 requested samples, because it always asks for one extra label "
+            f"token). Fix: change `split` so that {name} gets either weight 0{then} or"
+        )
         if end - begin <= 0:
-            fraction = hi - lo
-            needed = math.ceil(1.0 / fraction)
             raise ValueError(
-                f"Split {split!r} over {num_documents} documents gives the {name} split zero "
-                f"documents (document range [{begin}, {end}), fraction {fraction:.4g}) while "
-                f"{wanted} {name} samples are requested from it; megatron-core's dataset builder "
-                "would loop forever looking for tokens (it does so even for 0 requested samples, "
-                f"because it always asks for one extra label token). Fix: change `split` so that "
-                f"{name} gets either weight 0 (and 0 samples) or at least one document, or use a "
-                f"corpus of at least ~{needed} documents."
+                f"Split {split!r} over {num_sequences} sequences gives the {name} split zero sequences (sequence "
+                f"range [{begin}, {end}), fraction {fraction:.4g}) {hangs} at least one sequence, or use a corpus of "
+                f"at least ~{needed} sequences."
+            )
+        # any() stops at the first sequence with tokens: the whole range is read only when it is all empty.
+        if sequence_lengths is not None and not any(int(n) for n in sequence_lengths[begin:end]):
+            raise ValueError(
+                f"Split {split!r} over {num_sequences} sequences gives the {name} split only empty sequences "
+                f"(sequence range [{begin}, {end}) holds no token) {hangs} sequences that hold tokens, or re-create "
+                "the corpus without empty sequences."
             )
 
 
@@ -378,9 +402,11 @@ class GPTDataModule(LightningDataModule):
             train_samples: Training samples to build. ``None`` means
                 ``trainer.max_steps * global_batch_size``, as Megatron-LM's ``train_iters * GBS``.
             val_samples: Validation samples to build. ``None`` means
-                ``trainer.limit_val_batches * global_batch_size`` when ``limit_val_batches`` is an int,
-                else ``10 * global_batch_size`` (ten validation steps).
-            split: Megatron split string (train,validation,test weights of the documents).
+                ``trainer.limit_val_batches * global_batch_size`` when ``limit_val_batches`` is an int (none when it
+                is 0), else ``10 * global_batch_size`` (ten validation steps). ``0``: no validation
+                (``val_dataloader`` returns no loader).
+            split: Megatron split string (train,validation,test weights of the documents; of the sequences for
+                indexed corpora, as megatron-core splits them).
             seed: Seed for megatron's document and sample shuffling; same seed, same batches.
             num_workers: DataLoader worker processes per rank (0 loads in the main process).
             document_masking: each document of a packed sample attends only to itself and its positions restart
@@ -453,15 +479,23 @@ class GPTDataModule(LightningDataModule):
         return max_steps * self.global_batch_size
 
     def _resolve_val_samples(self) -> int:
-        """Validation samples: explicit, else ``limit_val_batches`` (int) or 10 global batches."""
+        """Validation samples: explicit, else none when ``limit_val_batches`` is 0 (no validation), else
+        ``limit_val_batches`` (int) or 10 global batches."""
         if self.val_samples is not None:
             if self.val_samples < 0:
                 raise ValueError(f"data.val_samples must be >= 0, got {self.val_samples}.")
             return self.val_samples
+        if self._validation_off():
+            return 0
         limit = self.trainer.limit_val_batches if self.trainer is not None else None
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             return limit * self.global_batch_size
         return 10 * self.global_batch_size
+
+    def _validation_off(self) -> bool:
+        """Whether the Trainer never validates: ``limit_val_batches`` 0 (or 0.0), as Lightning reads it."""
+        limit = self.trainer.limit_val_batches if self.trainer is not None else None
+        return limit is not None and not isinstance(limit, bool) and limit == 0
 
     # ------------------------------------------------------------------ LightningDataModule hooks
 
@@ -714,6 +748,9 @@ class GPTDataModule(LightningDataModule):
         """Training batches: this DP rank's ``[num_microbatches, micro_batch_size, seq]`` share."""
         return self._dataloader(self.train_dataset, "train")
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches, laid out like the training ones."""
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Validation batches, laid out like the training ones; no loader (``[]``, which Lightning reads as "skip
+        validation") once setup requested no validation samples (``val_samples: 0``, ``limit_val_batches: 0``)."""
+        if self.num_microbatches is not None and (self.val_dataset is None or len(self.val_dataset) == 0):
+            return []
         return self._dataloader(self.val_dataset, "val")

@@ -115,6 +115,26 @@ def output_files(prefix: Path) -> list[Path]:
     return finals + [Path(f"{path}{TMP_SUFFIX}") for path in finals] + [lock_path(prefix)]
 
 
+def output_prefix_path(given: str | os.PathLike[str]) -> Path:
+    """``--output-prefix`` as a path, refusing one that names no file prefix: empty, ending with a path separator, or
+    an existing directory (``out_dir/`` would otherwise write ``out_dir.bin`` beside the directory)."""
+    text = os.fspath(given)
+    if not text.strip():
+        raise CorpusInputError(
+            "--output-prefix is empty: give a file prefix such as data/corpus (writes data/corpus.bin, "
+            "data/corpus.idx and data/corpus.corpus.json)."
+        )
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    path = Path(text).expanduser()
+    if text.endswith(separators) or path.is_dir():
+        directory = text.rstrip("".join(separators)) or text
+        raise CorpusInputError(
+            f"--output-prefix {text} names a directory, not a file prefix: give a prefix inside it, e.g. "
+            f"{os.path.join(directory, 'corpus')} (writes corpus.bin, corpus.idx and corpus.corpus.json there)."
+        )
+    return path
+
+
 def check_output_prefix(prefix: Path, overwrite: bool, reads: Sequence[Path] = ()) -> None:
     """Before any work: the corpus ``prefix`` can be written, replaces nothing the run reads (inputs, tokenizer),
     and replaces an existing corpus only with ``overwrite``."""

@@ -19,7 +19,9 @@ import glob
 import gzip
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -46,7 +48,11 @@ SUFFIX_FORMATS: dict[str, InputFormat] = {
 
 
 def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
-    """Files named by ``patterns`` (paths or globs, in order; each glob sorted), each checked to be readable."""
+    """Files named by ``patterns`` (paths or globs, in order; each glob sorted), each checked to be readable.
+
+    A file named more than once (twice, by overlapping globs, or through a link) is read once, where it is first
+    named; each repeat left out gets a line on stderr.
+    """
     if not patterns:
         raise CorpusInputError("No input given: name one or more files or globs (e.g. 'data/*.jsonl.gz').")
     files: list[Path] = []
@@ -64,6 +70,7 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
         if not path.is_file():
             raise CorpusInputError(f"Input file {path} does not exist.")
         files.append(path)
+    files = _without_repeats(files)
     for path in files:
         try:
             with open(path, "rb") as fh:
@@ -71,6 +78,23 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
         except OSError as err:
             raise CorpusInputError(f"Input file {path} cannot be read ({err.strerror}).") from err
     return files
+
+
+def _without_repeats(files: Sequence[Path]) -> list[Path]:
+    """``files`` without the ones that are an earlier one (the same file on disk: same resolved path, or a hard
+    link to it), each left out with a line on stderr: a corpus would otherwise hold its documents twice."""
+    first: dict[tuple[int, int], Path] = {}
+    kept: list[Path] = []
+    for path in files:
+        stat = path.stat()  # follows links: a link and its target are one file
+        key = (stat.st_dev, stat.st_ino)
+        if key in first:
+            again = "named more than once" if first[key] == path else f"the same file as {first[key]}, named before it"
+            print(f"llama-fp8 preprocess: input {path} is {again}; reading it once.", file=sys.stderr)
+            continue
+        first[key] = path
+        kept.append(path)
+    return kept
 
 
 def input_format_of(path: Path, given: InputFormat | None = None) -> InputFormat:
@@ -228,6 +252,9 @@ def _jsonl_documents(
 ) -> Iterator[tuple[int, str]]:
     for number, record in _jsonl_records(path, bad, progress, cursor):
         where = f"{path}:{number}"
+        if isinstance(record, list):
+            bad(where, f"a JSON array, not an object with key {key!r} (JSON Lines holds one object per line)")
+            continue
         if not isinstance(record, dict) or key not in record:
             bad(where, f"no key {key!r} (choose the text field with --json-key)")
             continue
@@ -379,7 +406,12 @@ def check_input(path: Path, fmt: InputFormat, key: str) -> None:
 
 def _first_json_record(path: Path, fmt: InputFormat) -> tuple[int, dict[str, Any]] | None:
     """The line number and record of the first non-blank JSON Lines line, if it is a JSON object (``None``: not
-    JSON Lines, no such line, or not an object: left to the reading, which stops on it or skips it)."""
+    JSON Lines, no such line, or not an object: left to the reading, which stops on it or skips it).
+
+    Raises:
+        CorpusInputError: the first line opens a JSON array: the file is one JSON document, not JSON Lines (every
+            line of it would be a bad record, even with ``--skip-bad-lines``).
+    """
     if fmt != "jsonl":
         return None
     cursor = _Cursor(path, "line")
@@ -388,6 +420,8 @@ def _first_json_record(path: Path, fmt: InputFormat) -> tuple[int, dict[str, Any
             for number, line in lines:
                 if not line.strip():
                     continue
+                if line.lstrip().startswith(b"["):
+                    raise _json_array_error(path, number)
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
@@ -396,6 +430,24 @@ def _first_json_record(path: Path, fmt: InputFormat) -> tuple[int, dict[str, Any
     except _read_errors(fmt) as err:
         raise _unreadable(cursor, err) from err
     return None
+
+
+def _json_array_error(path: Path, number: int) -> CorpusInputError:
+    """The refusal of a ``.json`` file that holds a JSON array of records, with the command that converts it."""
+    stem = path.name.removesuffix(".gz")
+    stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+    target = path.with_name(f"{stem}.jsonl")
+    if target == path:  # never suggest writing over the input
+        target = path.with_name(f"{stem}.lines.jsonl")
+    read = (
+        f"gunzip -c {shlex.quote(str(path))} | jq -c '.[]'"
+        if _is_gzip(path)
+        else f"jq -c '.[]' {shlex.quote(str(path))}"
+    )
+    return CorpusInputError(
+        f"{path}:{number}: the file is a JSON array ([...]), not JSON Lines (one JSON object per line, no enclosing "
+        f"brackets). Convert it, e.g. {read} > {shlex.quote(str(target))}, and give {target} as the input."
+    )
 
 
 def _field_names(record: dict[str, Any]) -> str:

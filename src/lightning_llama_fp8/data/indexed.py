@@ -2,8 +2,9 @@
 
 A corpus is a pair ``<prefix>.bin`` (token ids) + ``<prefix>.idx`` (where each document starts), what Megatron-LM's
 ``tools/preprocess_data.py`` writes. Several corpora blend with weights and split into train/validation/test by
-documents exactly as Megatron-LM's ``--data-path`` / ``--split`` do (``GPTDataset`` through
-``BlendedMegatronDatasetBuilder``), so a run sees the samples Megatron-LM would. Every corpus is checked before
+sequences (one per document, or per sentence of a ``--split-sentences`` corpus; an empty document has none) exactly
+as Megatron-LM's ``--data-path`` / ``--split`` do (``GPTDataset`` through ``BlendedMegatronDatasetBuilder``), so a
+run sees the samples Megatron-LM would. Every corpus is checked before
 anything is built (:func:`check_corpus`): both files there, a valid index, a ``.bin`` as long as the index says,
 and every token id inside the model's vocabulary (:func:`check_token_ids`: from the ``<prefix>.corpus.json`` that
 ``llama-fp8 preprocess`` writes while its binding matches the files, else by reading the ``.bin``). A token id
@@ -267,6 +268,12 @@ def check_token_ids(
     return info
 
 
+def _sequences_of(corpus: CorpusInfo, sequences: int) -> str:
+    """``N sequences in M documents``, for a message about splitting (megatron-core splits the sequences)."""
+    empty = " (an empty document has none)" if sequences < corpus.documents else ""
+    return f"{sequences} sequences in {corpus.documents} documents{empty}; megatron-core splits by sequence"
+
+
 class IndexedDataModule(GPTDataModule):
     """Llama 3 pretraining on tokenized corpora (Megatron's ``.bin``/``.idx``), blended and split as Megatron-LM does.
 
@@ -276,7 +283,8 @@ class IndexedDataModule(GPTDataModule):
         path_to_cache: Megatron-LM's ``--data-cache-path``: where the sample indices are cached, so later runs
             start at once; global rank 0 builds them, the other ranks wait and read them. ``None``: build in memory
             on every rank.
-        split: Megatron split string (train,validation,test weights of each corpus's documents).
+        split: Megatron split string (train,validation,test weights of each corpus's sequences: its documents, or
+            their sentences in a ``--split-sentences`` corpus; empty documents have none).
         tokenizer: the tokenizer the corpora must have been made with (``"llama3"``, a ``tokenizer.json`` or a
             Hugging Face tokenizer directory), compared with each corpus's ``<prefix>.corpus.json``; corpora without
             that sidecar cannot be compared (a log line says so). ``None``: not compared.
@@ -358,6 +366,7 @@ class IndexedDataModule(GPTDataModule):
         """Check every corpus and split, then build Megatron's (blended) ``GPTDataset`` splits."""
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
         from megatron.core.tokenizers import MegatronTokenizer
 
         corpora = self.check_files()
@@ -376,13 +385,15 @@ class IndexedDataModule(GPTDataModule):
             create_attention_mask=False,
             inter_document_masking=self.document_masking,
         )
-        # Megatron splits each corpus by its documents; a split with no document would hang its builder.
-        wanted = [1 if n > 0 else 0 for n in sizes]
+        # Megatron splits each corpus by its sequences (GPTDataset.numel_low_level_dataset), not its documents: a
+        # split whose sequences hold no token would hang its builder.
         for corpus in corpora:
+            dataset = IndexedDataset(corpus.prefix, mmap=True)  # held: its lengths are a view of its memory map
+            lengths = dataset.index.sequence_lengths
             try:
-                check_split_sizes(corpus.documents, config.split, wanted)
+                check_split_sizes(len(lengths), config.split, sizes, lengths)
             except ValueError as err:
-                raise ValueError(f"Corpus {corpus.prefix!r} ({corpus.documents} documents): {err}") from err
+                raise ValueError(f"Corpus {corpus.prefix!r} ({_sequences_of(corpus, len(lengths))}): {err}") from err
         train_ds, val_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
         weights = self.weights or [1.0] * len(self.prefixes)
         total = sum(weights)

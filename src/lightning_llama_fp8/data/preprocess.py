@@ -66,6 +66,7 @@ from lightning_llama_fp8.data.corpus import (
     corpus_binding,
     idx_path,
     loss_mask_path,
+    output_prefix_path,
     publish_corpus,
     read_sidecar,
     remove_partial_corpus,
@@ -411,7 +412,7 @@ def preprocess(
         raise CorpusInputError(f"text_split must be file, paragraph or line; got {text_split!r}.")
     files = expand_inputs(inputs)
     formats = [input_format_of(path, input_format) for path in files]
-    prefix = Path(output_prefix).expanduser()
+    prefix = output_prefix_path(output_prefix)
     spec = resolve_tokenizer(tokenizer, eod_token)
     reads = [*files, spec.path]
     check_output_prefix(prefix, overwrite, reads=reads)
@@ -512,7 +513,7 @@ def preprocess_chat(
         raise CorpusInputError("Conversations come as JSON Lines or Parquet, not plain text (input_format 'text').")
     files = expand_inputs(inputs)
     formats = [input_format_of(path, input_format) for path in files]
-    prefix = Path(output_prefix).expanduser()
+    prefix = output_prefix_path(output_prefix)
     spec = resolve_tokenizer(tokenizer)
     template = ChatTemplate.for_tokenizer(spec, chat_template)
     template_file = None if template.builtin else Path(template.source)

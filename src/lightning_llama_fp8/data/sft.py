@@ -537,11 +537,12 @@ class SFTDataModule(GPTDataModule):
             ) from None
 
     def _resolve_val_samples(self) -> int:
-        """Validation samples: the whole validation split by default, filled up to whole global batches."""
+        """Validation samples: the whole validation split by default, filled up to whole global batches (none when
+        ``trainer.limit_val_batches`` is 0)."""
         packed = self._packed().validation
         available = math.ceil(packed.samples / self.global_batch_size) * self.global_batch_size
         if self.val_samples is None:
-            return available
+            return 0 if self._validation_off() else available
         if self.val_samples < 0:
             raise ValueError(f"data.val_samples must be >= 0, got {self.val_samples}.")
         if self.val_samples > available:

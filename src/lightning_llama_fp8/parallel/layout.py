@@ -160,6 +160,11 @@ def _model_problems(layout: ParallelLayout, arch: LlamaConfig) -> list[str]:
             f"num_query_groups {arch.num_query_groups} is not divisible by TP {tp}: each tensor-parallel rank "
             f"needs whole key/value groups; use a TP that divides {arch.num_query_groups}."
         )
+    if arch.ffn_hidden_size % tp != 0:
+        problems.append(
+            f"ffn_hidden_size {arch.ffn_hidden_size} is not divisible by TP {tp}: each tensor-parallel rank holds an "
+            f"equal slice of the MLP; use a TP that divides {arch.ffn_hidden_size}."
+        )
     if cp > 1 and arch.seq_length % (2 * cp) != 0:
         problems.append(
             f"seq_length {arch.seq_length} is not divisible by 2 x CP = {2 * cp}: context parallelism splits "

@@ -194,7 +194,9 @@ def check_setting(setting: Any) -> None:
     """Raise ``ValueError`` unless ``setting`` is ``OptimizerPrecisionSettings``, ``"auto"`` or ``None``."""
     if setting is not None and setting != AUTO and not isinstance(setting, OptimizerPrecisionSettings):
         raise ValueError(
-            f"optimizer_precision must be 'auto', null or OptimizerPrecisionSettings fields, got {setting!r}."
+            "optimizer_precision must be 'auto', null or OptimizerPrecisionSettings fields "
+            "(OptimizerPrecisionSettings(...) in Python, a mapping of its fields in a YAML config; None for "
+            f"Megatron's default), got {setting!r}."
         )
 
 
