@@ -65,6 +65,43 @@ def test_tp1_checkpoint_loads_into_two_tp_ranks(tmp_path: Path) -> None:
         torch.testing.assert_close(rank["after"], saved, rtol=0, atol=0)
 
 
+def _save_twice_then_onto_a_folder_worker(rank: int, world_size: int, root: str) -> list[str]:
+    """ModelCheckpoint's flow (last.ckpt saved, then saved again over itself), then a save onto a run's folder:
+    what each save raised on this rank ("" where it succeeded)."""
+    from tests.helpers.checkpoints import module_on_strategy
+    from tests.helpers.distributed import allow_dist_checkpointing_on_cpu
+
+    allow_dist_checkpointing_on_cpu()
+    strategy, module = module_on_strategy(1, world_size, seed=0)
+    raised = []
+    for step, path in ((7, Path(root, "last.ckpt")), (8, Path(root, "last.ckpt")), (9, Path(root))):
+        try:
+            strategy.save_checkpoint({"global_step": step, "state_dict": module.state_dict()}, path)
+            raised.append("")
+        except ckpt.CheckpointError as err:
+            raised.append(str(err))
+    strategy.teardown()
+    return raised
+
+
+@pytest.mark.multiprocess
+def test_a_save_onto_a_folder_is_refused_on_every_rank_before_any_shard_is_written(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "notes.txt").write_text("precious")
+    results = run_distributed(_save_twice_then_onto_a_folder_worker, 2, tmp_path / "workers", str(root))
+    for rank, raised in enumerate(results):
+        assert raised[:2] == ["", ""], f"rank {rank}: {raised}"  # last.ckpt replaced by the second save
+        refusal = raised[2]
+        assert f"Cannot save the checkpoint at {root}: it is a directory that is not a checkpoint" in refusal, rank
+        assert "(it holds last.ckpt, notes.txt)" in refusal and "Nothing was written or deleted" in refusal
+    assert results[1][2].startswith("Saving the checkpoint failed on another rank")  # rank 0 checks, all raise
+    assert sorted(p.name for p in root.iterdir()) == ["last.ckpt", "notes.txt"]
+    assert (root / "notes.txt").read_text() == "precious"
+    assert read_checkpoint_info(root / "last.ckpt").global_step == 8
+    assert not list(tmp_path.glob("*.saving"))  # nothing was written for the refused save
+
+
 def _load_warnings_worker(rank: int, world_size: int, path: str) -> list[str]:
     """Every warning loading ``path`` raises, however the caller filters (``always``), as ``category: message``."""
     import warnings

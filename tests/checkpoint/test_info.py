@@ -175,3 +175,54 @@ def test_shard_index_naming_a_file_outside_the_checkpoint_is_refused(
     (copy / ckpt.INFO_FILENAME).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"\.metadata lists the file '\.\./outside\.distcp'"):
         read_checkpoint_info(copy)
+
+
+def _edited(tmp_path: Path, edit: Any) -> Path:
+    """A checkpoint record (tests/helpers/checkpoints.py) whose info file ``edit(record)`` changed in place, or
+    replaced by the text it returns."""
+    from tests.helpers.checkpoints import fake_resumable_checkpoint
+
+    path = fake_resumable_checkpoint(tmp_path)
+    record = json.loads((path / ckpt.INFO_FILENAME).read_text())
+    text = edit(record)
+    (path / ckpt.INFO_FILENAME).write_text(json.dumps(record) if text is None else text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda record: "null", "it holds NoneType, not a JSON object"),
+        (lambda record: "[]", "it holds list, not a JSON object"),
+        (lambda record: record.update(files=[]), r"files is \[\], not a JSON object"),
+        (lambda record: record["files"][ckpt.LIGHTNING_FILENAME].clear(), r"files\['lightning.pt'\] is \{\}, not"),
+        (lambda record: record.update(tensor_model_parallel_size=0), "tensor_model_parallel_size is 0, not a whole"),
+        (lambda record: record.update(global_step="7"), "global_step is '7', not a whole number >= 0"),
+        (lambda record: record.update(arch=None), "arch is None, not a JSON object"),
+        (lambda record: record.__delitem__("world_size"), "missing 1 required positional argument: 'world_size'"),
+    ],
+    ids=["null", "list", "files-list", "file-without-size", "tp-0", "step-text", "arch-null", "no-world-size"],
+)
+def test_a_hand_damaged_info_file_is_named_damaged(tmp_path: Path, edit: Any, why: str) -> None:
+    """Found by an audit: these ended in AttributeError, KeyError or ZeroDivisionError tracebacks."""
+    with pytest.raises(CheckpointError, match=rf"{ckpt.INFO_FILENAME} is damaged: {why}.*Resume from another"):
+        read_checkpoint_info(_edited(tmp_path, edit))
+
+
+def test_an_info_file_of_a_newer_version_says_so(tmp_path: Path) -> None:
+    """Found by an audit: fields this version does not know were reported as a damaged file."""
+    path = _edited(tmp_path, lambda record: record.update(new_field=1) or record["arch"].update(new_arch_field=2))
+    with pytest.raises(CheckpointError, match=r"\(new_field, arch.new_arch_field\): it was written by a newer lig"):
+        read_checkpoint_info(path)
+
+
+def test_a_folder_of_checkpoints_names_them(tmp_path: Path) -> None:
+    """Found by an audit: ``convert RUN_DIR OUT`` said the folder's save "did not finish"."""
+    for name in ("step=4.ckpt", "step=8.ckpt"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "last.ckpt").symlink_to("step=8.ckpt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"is a folder of checkpoints, not a checkpoint: give one of: last.ckpt, step=4.ckpt, step=8",
+    ):
+        read_checkpoint_info(tmp_path)

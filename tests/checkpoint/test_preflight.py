@@ -163,6 +163,12 @@ def _resume_worker(
             hooks.append("configure_model")
             super().configure_model()
 
+    import lightning_llama_fp8.parallel.optimizer_precision
+    import lightning_llama_fp8.strategy
+
+    # As on a GPU machine: Transformer Engine is installed for the model's layers, so the checkpoint checks come next.
+    for module_with_the_check in (lightning_llama_fp8.strategy, lightning_llama_fp8.parallel.optimizer_precision):
+        module_with_the_check.transformer_engine_installed = lambda: True  # type: ignore[attr-defined]
     module = Module(get_preset("llama_tiny", apply_rope_fusion=False), OptimizerSettings(**optimizer))
     data = MockDataModule(seq_length=256, vocab_size=VOCAB, global_batch_size=GBS, num_workers=0)
     strategy = MegatronCPStrategy(**strategy_kwargs)
@@ -222,6 +228,6 @@ def test_default_checkpoint_dir_is_probed_and_free_space_checked(
     module = type("Module", (), {"arch": get_preset("llama3_8b")})()
     monkeypatch.setattr(type(trainer), "lightning_module", property(lambda self: module))
     monkeypatch.setattr(startup_checks, "free_bytes", lambda path: 2**30)
-    with pytest.warns(UserWarning, match=r"one takes about 1.* GiB \(weights and optimizer state\).* 1\.0 GiB free"):
+    with pytest.warns(UserWarning, match=r"one takes about 1.* GiB \(weights and optimizer state\).* 1\.00 GiB free"):
         startup_checks.check_output_locations(trainer, is_global_zero=True, agree=lambda failure: failure)
     assert outputs.checkpoint_bytes_estimate(get_preset("llama3_8b")) > 100 * 2**30  # 8B x 14 bytes

@@ -45,6 +45,41 @@ def test_other_architecture_is_refused_with_the_differences() -> None:
         check_can_resume(_info(), arch, 2, 1, with_optimizer=True)
 
 
+def test_another_zero_centered_gamma_is_refused_for_training_and_validation() -> None:
+    """Found by an audit: the norm weights are stored as gamma - 1 with zero_centered_gamma, as gamma without; the
+    shapes agree, so a checkpoint loaded with the other setting gave every norm an offset of one, silently."""
+    info = _info(optimizer_sharding="fully_reshardable")
+    arch = get_preset("llama_tiny", zero_centered_gamma=True, apply_rope_fusion=False)
+    expected = (
+        r"stores its weights in another form than this model reads them \(zero_centered_gamma: checkpoint False, "
+        r"model True\).*gamma - 1.*Set model.arch.zero_centered_gamma to the checkpoint's value.*llama-fp8 convert"
+    )
+    for with_optimizer in (True, False):
+        with pytest.raises(CheckpointError, match=expected):
+            check_can_resume(info, arch, 2, 1, with_optimizer=with_optimizer)
+    check_can_resume(_info(arch={**info.arch, "zero_centered_gamma": True}), arch, 2, 1, with_optimizer=True)
+
+
+def test_changed_adam_settings_are_refused_as_the_saved_ones_would_replace_them() -> None:
+    """Megatron loads each saved parameter group whole, Adam's betas and eps with it (see
+    RESTORED_OPTIMIZER_FIELDS): a run resumed with other ones would train with the checkpoint's, silently."""
+    from lightning_llama_fp8 import OptimizerSettings
+
+    saved = asdict(OptimizerSettings())
+    info = _info(optimizer_settings=saved)
+    for name, value in (("adam_beta1", 0.8), ("adam_beta2", 0.999), ("adam_eps", 1e-5)):
+        expected = (
+            rf"other Adam settings \({name}: checkpoint {saved[name]!r}, this run {value!r}\).*set model.optimizer "
+            r"back to the checkpoint's values, or start a new run from its weights \(llama-fp8 convert"
+        )
+        with pytest.raises(CheckpointError, match=expected):
+            check_can_resume(info, _tiny_te(), 2, 1, with_optimizer=True, optimizer_settings={**saved, name: value})
+    # What the scheduler sets at every step from this run's settings may change.
+    changed = {**saved, "weight_decay": 0.0, "warmup_steps": 7, "clip_grad": 0.5}
+    check_can_resume(info, _tiny_te(), 2, 1, with_optimizer=True, optimizer_settings=changed)
+    check_can_resume(_info(), _tiny_te(), 2, 1, with_optimizer=True, optimizer_settings=changed)  # none recorded
+
+
 def test_sequence_length_and_kernels_may_change() -> None:
     arch = get_preset("llama_tiny", seq_length=64, attention_backend="flash", apply_rope_fusion=False)
     check_can_resume(_info(), arch, 2, 1, with_optimizer=True)

@@ -69,3 +69,33 @@ def test_convert_refuses_a_checkpoint_record_of_1e9_layers(
     assert time.perf_counter() - started < 30
     assert "1000000000" in capsys.readouterr().err.replace(",", "")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_given_a_run_folder_names_its_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_llama_fp8.cli import main
+    from tests.helpers.checkpoints import fake_resumable_checkpoint
+
+    fake_resumable_checkpoint(tmp_path)  # tmp_path/step=8.ckpt
+    assert main(["convert", str(tmp_path), str(tmp_path.parent / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"llama-fp8 convert: {tmp_path} is a folder of checkpoints, not a checkpoint: give one of: step=8.ckpt" in err
+    )
+    assert not (tmp_path.parent / "out").exists()
+
+
+def test_convert_over_a_run_folder_is_refused_even_with_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: "Nothing convert writes destroys what exists"; --overwrite once deleted any output directory."""
+    from lightning_llama_fp8.cli import main
+    from tests.helpers.checkpoints import fake_resumable_checkpoint
+
+    (tmp_path / "source").mkdir()
+    (tmp_path / "run").mkdir()
+    source, other = fake_resumable_checkpoint(tmp_path / "source"), fake_resumable_checkpoint(tmp_path / "run")
+    assert main(["convert", str(source), str(tmp_path / "run"), "--overwrite"]) == 2
+    assert "holds training checkpoints (step=8.ckpt); it is not replaced, even with --overwrite" in (
+        capsys.readouterr().err
+    )
+    assert (other / "lightning_llama_fp8.json").is_file()

@@ -3,6 +3,7 @@ samples, the validation interval."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,22 @@ def test_train_samples_fewer_than_the_run_needs_are_reported() -> None:
     data.trainer = mock.Mock(max_steps=10)  # type: ignore[assignment]
     with pytest.warns(UserWarning, match=r"reads the same 8 samples 5\.00 times over, in the same order"):
         assert data._resolve_train_samples(need_train=True) == 8
+
+
+def test_epochs_cut_short_by_limit_train_batches_are_reported() -> None:
+    """max_steps 6 with limit_train_batches 3 trained batches 1-3 twice and never read 4-6, unwarned."""
+    from unittest import mock
+
+    from lightning_llama_fp8 import MockDataModule
+
+    data = MockDataModule(seq_length=SEQ, vocab_size=VOCAB, global_batch_size=GBS)
+    data.trainer = mock.Mock(max_steps=6, limit_train_batches=3)  # type: ignore[assignment]
+    with pytest.warns(UserWarning, match=r"every epoch reads the same 3 batches and batches 4-6 are never read"):
+        data._warn_if_epochs_repeat(6)
+    data.trainer = mock.Mock(max_steps=3, limit_train_batches=3)  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data._warn_if_epochs_repeat(6)  # one epoch: nothing repeats
 
 
 def test_resume_position_wraps_at_the_epoch_lightning_uses(tmp_path: Path) -> None:

@@ -84,3 +84,25 @@ def test_config_json_whole_numbers_written_as_floats_are_read(hf_dir: Path, tmp_
     assert (arch.num_layers, arch.hidden_size, arch.vocab_size) == (2, 128, 1000)
     assert arch == llama_config_from_hf(hf_dir)
     hf_module(copy)  # and the weights load checks accept it
+
+
+def test_init_weights_given_a_training_checkpoint_points_to_convert_and_ckpt_path(tmp_path: Path) -> None:
+    """Found by an audit: a training checkpoint given as init_weights was "Not a Hugging Face model directory"."""
+    run = tmp_path / "run"
+    (run / "step=7.ckpt").mkdir(parents=True)
+    (run / "step=7.ckpt" / "lightning_llama_fp8.json").write_text("{}")
+    with pytest.raises(
+        HFConfigError,
+        match=r"step=7\.ckpt is a training checkpoint of lightning_llama_fp8 \(it has lightning_llama_fp8\.json, no "
+        r"config\.json\).*llama-fp8 convert CHECKPOINT HF_DIR.*ckpt_path",
+    ):
+        hf_module(run / "step=7.ckpt")
+    with pytest.raises(HFConfigError, match=r"run holds training checkpoints of lightning_llama_fp8 \(step=7\.ckpt\)"):
+        hf_module(run)
+
+
+def test_init_weights_given_a_safetensors_file_asks_for_its_directory(hf_dir: Path) -> None:
+    """Found by an audit: the weights file was read as a config.json."""
+    shard = sorted(hf_dir.glob("*.safetensors"))[0]
+    with pytest.raises(HFConfigError, match=rf"{shard} is a weights file; give the Hugging Face model directory .*"):
+        hf_module(shard)

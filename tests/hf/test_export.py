@@ -180,6 +180,7 @@ def test_a_failed_export_keeps_the_previous_output_and_leaves_no_partial(
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text("previous export")
+    (out / "model.safetensors").write_text("previous weights")
 
     def fail(*args: Any) -> None:
         raise RuntimeError("disk went away")
@@ -191,13 +192,48 @@ def test_a_failed_export_keeps_the_previous_output_and_leaves_no_partial(
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.lock").exists()
 
 
+def test_overwrite_replaces_only_an_earlier_export(checkpoint: Path, tmp_path: Path) -> None:
+    """Found by an audit: ``convert CKPT OUT --overwrite`` deleted any OUT, a run's folder of checkpoints or a
+    checkpoint itself too (one the command does not read)."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "step=1.ckpt")
+    (run / "notes.txt").write_text("keep")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.csv").write_text("keep")
+    cases = [
+        (run, r"holds training checkpoints \(step=1\.ckpt\)"),
+        (run / "step=1.ckpt", rf"is a training checkpoint \(it has {INFO_FILENAME}\)"),
+        (other, r"is not an earlier Hugging Face export \(no config.json beside \*\.safetensors files\)"),
+    ]
+    before = _files(tmp_path)
+    for output, why in cases:
+        for overwrite in (True, False):  # without --overwrite too: the message must not suggest it
+            with pytest.raises(OutputConflictError, match=rf"{output} exists and {why}.*not replaced, even with --"):
+                export_to_hf(checkpoint, output, overwrite=overwrite)
+    assert _files(tmp_path) == before
+    export_to_hf(checkpoint, tmp_path / "hf")
+    (tmp_path / "hf" / "README.md").write_text("model card")  # an earlier export (with its card) is replaced whole
+    export_to_hf(checkpoint, tmp_path / "hf", overwrite=True)
+    assert not (tmp_path / "hf" / "README.md").exists() and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_export_into_the_current_directory(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: ``llama-fp8 convert CKPT .`` failed with "PosixPath('.') has an empty name"."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    report = export_to_hf(checkpoint, ".")
+    assert report.output == tmp_path / "out" and (tmp_path / "out" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no out.partial / out.lock left
+
+
 def test_export_refuses_when_the_disk_cannot_hold_it(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lightning_llama_fp8.hf import export
 
     monkeypatch.setattr(export.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(OSError, match=r"needs \d+\.\d+ GiB but .* has 0\.00 GiB free"):
+    with pytest.raises(OSError, match=r"needs [\d,.]+ (KiB|MiB) but .* has 1,000 B free"):
         export_to_hf(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
 

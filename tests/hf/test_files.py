@@ -63,3 +63,34 @@ def test_index_naming_a_file_outside_the_directory_is_refused(hf_dir: Path, tmp_
     (copy / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(HFConfigError, match=rf"{INDEX_FILE} lists the file '{re.escape(entry)}'"):
         hf_module(copy)
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (b"[1,2,3]", r"its header holds a JSON list, not an object of tensors"),
+        (b'{"a": [1, 2, 3]}', r"its header's entry for 'a' is \[1, 2, 3\], not a tensor's dtype, shape and data_off"),
+        (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}', r"its header's entry for 'a' is \{'dtype'"),
+    ],
+    ids=["list", "entry-not-an-object", "one-offset"],
+)
+def test_a_header_that_is_json_but_not_safetensors_is_named(tmp_path: Path, header: bytes, why: str) -> None:
+    """Found by an audit: a header holding a JSON list ended in a TypeError traceback."""
+    import struct
+
+    from lightning_llama_fp8.hf.files import read_header
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with pytest.raises(HFConfigError, match=rf"model\.safetensors is not a readable safetensors file \({why}"):
+        read_header(file)
+
+
+def test_a_weights_file_instead_of_the_directory_names_the_directory(hf_dir: Path) -> None:
+    from lightning_llama_fp8.hf.files import SafetensorsDir
+
+    shard = sorted(hf_dir.glob("*.safetensors"))[0]
+    with pytest.raises(
+        HFConfigError, match=rf"{shard} is a file; give the Hugging Face model directory .*\({hf_dir}\)"
+    ):
+        SafetensorsDir(shard)

@@ -93,3 +93,29 @@ def test_remove_path_never_follows_a_link(tmp_path: Path) -> None:
     remove_path(tmp_path / "link")
     assert (tmp_path / "keep" / "x").exists() and not (tmp_path / "link").exists()
     remove_path(tmp_path / "absent")
+
+
+def test_the_current_directory_is_made_absolute_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: ``convert CKPT .`` failed with "PosixPath('.') has an empty name" naming ``..partial``."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    output = check_output_directory(".", [], overwrite=False)
+    assert output == tmp_path / "here"
+    assert fresh_partial_directory(output) == tmp_path / "here.partial"
+
+
+def test_a_directory_the_command_may_not_replace_is_refused_even_with_overwrite(run: Path) -> None:
+    (run / "full").mkdir()
+    (run / "full" / "a").write_text("a")
+
+    def not_replaceable(output: Path) -> str | None:
+        return "holds something else" if (output / "a").exists() else None
+
+    for overwrite in (True, False):
+        with pytest.raises(
+            OutputConflictError, match=r"full exists and holds something else; it is not replaced, even"
+        ):
+            check_output_directory(run / "full", [], overwrite=overwrite, not_replaceable=not_replaceable)
+    (run / "full" / "a").rename(run / "full" / "b")
+    assert check_output_directory(run / "full", [], True, not_replaceable=not_replaceable) == run / "full"
+    check_output_directory(run / "empty", [], overwrite=False, not_replaceable=not_replaceable)  # never asked

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,9 @@ FORMAT = "lightning_llama_fp8/megatron-torch_dist/1"
 INFO_FILENAME = "lightning_llama_fp8.json"
 LIGHTNING_FILENAME = "lightning.pt"
 MEGATRON_METADATA_FILENAME = "metadata.json"  # written last by dist_checkpointing.save
+
+#: The info file's layer counts of the first and last pipeline stage (None: not set in that run).
+PIPELINE_STAGE_LAYER_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
 
 OptimizerSharding = Literal["dp_reshardable", "fully_reshardable"]
 
@@ -153,6 +156,10 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
         )
     info_file = path / INFO_FILENAME
     if not info_file.is_file():
+        inside = sorted(entry.name for entry in path.glob("*.ckpt") if entry.is_dir() or entry.is_symlink())
+        if inside:
+            shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
+            raise CheckpointError(f"{path} is a folder of checkpoints, not a checkpoint: give one of: {shown}.")
         if (path / MEGATRON_METADATA_FILENAME).is_file():
             why = "it has Megatron's metadata.json but no lightning_llama_fp8.json: not written by this package"
         else:
@@ -162,12 +169,9 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
         )
     try:
         data = json.loads(info_file.read_text())
-        if data.pop("format") != FORMAT:
-            raise ValueError(f"unknown format {data.get('format')!r}")
-        data.pop("path", None)
-        info = CheckpointInfo(path=path, **data)
-    except (ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"Checkpoint {path}: {INFO_FILENAME} is unreadable ({err}); it is damaged.") from err
+    info = _info_from_record(path, data)
     for required in (MEGATRON_METADATA_FILENAME, LIGHTNING_FILENAME):
         if not (path / required).is_file():
             raise CheckpointError(f"Checkpoint {path} is damaged: {required} is missing. Resume from another one.")
@@ -175,6 +179,69 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     metadata = _check_shard_files(path)
     _check_shapes_match_arch(path, metadata, info)
     return info
+
+
+def _info_from_record(path: Path, data: Any) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of the parsed info file ``data``, every field checked for its kind, so that a
+    damaged file is a :class:`CheckpointError` here rather than a traceback later (fields of a newer version: said so).
+    """
+    from lightning_llama_fp8.config import LlamaConfig
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"Checkpoint {path}: {INFO_FILENAME} is damaged: {why}. Resume from another checkpoint.")
+
+    if not isinstance(data, dict):
+        raise damaged(f"it holds {type(data).__name__}, not a JSON object")
+    if (
+        isinstance(data.get("format"), str)
+        and data["format"].startswith("lightning_llama_fp8/")
+        and (data["format"] != FORMAT)
+    ):
+        raise CheckpointError(
+            f"Checkpoint {path}: its {INFO_FILENAME} has format {data['format']!r}; this version of "
+            f"lightning-llama-fp8 reads {FORMAT!r}. Load it with the lightning-llama-fp8 that wrote it."
+        )
+    if data.get("format") != FORMAT:
+        raise damaged(f"its format is {data.get('format')!r}, not {FORMAT!r}")
+    known = _field_names(CheckpointInfo) - {"path"}
+    newer = sorted(set(data) - known - {"format", "path"})
+    arch = data.get("arch")
+    newer += sorted(f"arch.{name}" for name in set(arch if isinstance(arch, dict) else ()) - _field_names(LlamaConfig))
+    if newer:
+        raise CheckpointError(
+            f"Checkpoint {path}: its {INFO_FILENAME} has fields this version of lightning-llama-fp8 does not know "
+            f"({', '.join(newer)}): it was written by a newer lightning-llama-fp8. Upgrade lightning-llama-fp8 to "
+            "load it."
+        )
+    try:
+        info = CheckpointInfo(path=path, **{name: value for name, value in data.items() if name in known})
+    except TypeError as err:  # a required field is missing
+        raise damaged(str(err).replace("CheckpointInfo.__init__() ", "")) from err
+    counts = {"global_step": 0, "tensor_model_parallel_size": 1, "context_parallel_size": 1, "world_size": 1}
+    counts["pipeline_model_parallel_size"] = 1
+    optional = ("virtual_pipeline_model_parallel_size", *PIPELINE_STAGE_LAYER_FIELDS)
+    for name in (*counts, *optional):
+        value, least = getattr(info, name), counts.get(name, 1)
+        if not (value is None and name in optional) and (type(value) is not int or value < least):  # bool: no
+            raise damaged(f"{name} is {value!r}, not a whole number >= {least}")
+    for name in ("arch", "data", "optimizer_settings", "optimizer_state", "files"):
+        if not isinstance(getattr(info, name), dict):
+            raise damaged(f"{name} is {getattr(info, name)!r}, not a JSON object")
+    if not (info.optimizer_sharding is None or isinstance(info.optimizer_sharding, str)):
+        raise damaged(f"optimizer_sharding is {info.optimizer_sharding!r}, not a name")
+    for name, recorded in info.files.items():
+        if not (
+            isinstance(recorded, dict)
+            and type(recorded.get("size")) is int
+            and recorded["size"] >= 0
+            and isinstance(recorded.get("digest"), str)
+        ):
+            raise damaged(f"files[{name!r}] is {recorded!r}, not {{'size': bytes, 'digest': text}}")
+    return info
+
+
+def _field_names(cls: Any) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def file_digest(path: Path) -> str:

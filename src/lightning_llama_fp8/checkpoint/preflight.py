@@ -33,6 +33,7 @@ from lightning_llama_fp8.checkpoint.outputs import (
     unwritable_reason,
 )
 from lightning_llama_fp8.parallel.optimizer_precision import AUTO, state_record
+from lightning_llama_fp8.validate import format_bytes
 
 __all__ = [
     "check_before_building",
@@ -185,8 +186,8 @@ def _warn_if_short_of_space(directory: Path, arch: Any) -> None:
     needed, free = checkpoint_bytes_estimate(arch), free_bytes(directory)
     if free is not None and free < needed:
         rank_zero_warn(
-            f"Checkpoints into {directory}: one takes about {needed / 2**30:.1f} GiB (weights and optimizer state), "
-            f"its file system has {free / 2**30:.1f} GiB free. The first save would fail there; free space or move "
+            f"Checkpoints into {directory}: one takes about {format_bytes(needed)} (weights and optimizer state), "
+            f"its file system has {format_bytes(free)} free. The first save would fail there; free space or move "
             "ModelCheckpoint(dirpath=...)."
         )
 

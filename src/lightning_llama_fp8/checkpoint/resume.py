@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 #: ``max_lr``/``min_lr``); a change makes Megatron's load fail, so it is refused before anything is built.
 PAIRED_OPTIMIZER_FIELDS: tuple[str, ...] = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr")
 
+#: ``OptimizerSettings`` fields that a resume would silently drop for the checkpoint's: Megatron's load takes each
+#: saved parameter group whole (megatron-core 0.19.2: ``optimizer/distrib_optimizer.py`` lines 969-970 merge only
+#: the current ``params`` into the saved group and lines 1046-1048 load that into Adam; ``optimizer/optimizer.py``
+#: lines 646-649 do the same for the plain optimizer), so Adam's ``betas`` and ``eps`` stay the saved ones. (The
+#: weight decay is set again after every step by the scheduler from this run's setting, ``optimizer_param_scheduler.py``
+#: line 300: a change takes effect from the second resumed step on.)
+RESTORED_OPTIMIZER_FIELDS: tuple[str, ...] = ("adam_beta1", "adam_beta2", "adam_eps")
+
+#: ``LlamaConfig`` fields that change what the stored tensors mean without changing their shapes (with
+#: ``zero_centered_gamma`` the norm weights are stored as ``gamma - 1``): loaded with another value, the weights
+#: would load without an error and compute another function.
+STORED_FORMAT_FIELDS: tuple[str, ...] = ("zero_centered_gamma",)
+
 
 #: Lightning's SLURM auto-requeue saves ``hpc_ckpt_<n>.ckpt`` into the Trainer's ``default_root_dir``.
 HPC_CHECKPOINT_PATTERN = "hpc_ckpt_*.ckpt"
@@ -163,9 +176,11 @@ def check_can_resume(
 
     Weights reshard to any layout; ``dp_reshardable`` optimizer state only to another data-parallel size (the same
     TP, CP and pipeline split: ``pipeline`` is this run's (PP, virtual PP, first-stage layers, last-stage layers)).
-    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check. The global batch size
-    and the learning rates that Megatron pairs optimizer groups by (``optimizer_settings``, an ``OptimizerSettings``
-    as a dict) must be the checkpoint's; pass them when training resumes (``None``: not checked). Optimizer state
+    ``arch=None`` (a module without a :class:`LlamaConfig`) skips the architecture check; the architecture's shapes
+    and how its weights are stored (``zero_centered_gamma``) must be the checkpoint's. The global batch size, the
+    learning rates that Megatron pairs optimizer groups by and the Adam settings it restores from the saved groups
+    (``optimizer_settings``, an ``OptimizerSettings`` as a dict) must be the checkpoint's; pass them when training
+    resumes (``None``: not checked). Optimizer state
     (``with_optimizer``) must be there and fit the layout, and not go into Megatron-Core's local layer spec; its
     dtypes (``optimizer_state``, this run's ``OptimizerPrecisionSettings`` record; ``None``: not checked) must be
     this run's.
@@ -181,6 +196,20 @@ def check_can_resume(
             f"Checkpoint {info.path} holds another architecture than the model being trained ("
             + "; ".join(different)
             + "). Set model.arch to the checkpoint's (see its lightning_llama_fp8.json)."
+        )
+    reinterpreted = [
+        f"{name}: checkpoint {info.arch[name]!r}, model {current[name]!r}"
+        for name in STORED_FORMAT_FIELDS
+        if name in info.arch and name in current and info.arch[name] != current[name]
+    ]
+    if reinterpreted:
+        raise CheckpointError(
+            f"Checkpoint {info.path} stores its weights in another form than this model reads them ("
+            + "; ".join(reinterpreted)
+            + "): with zero_centered_gamma the norm weights are stored as gamma - 1, so every norm would be off by "
+            "one and the model would compute another function. Set model.arch.zero_centered_gamma to the "
+            "checkpoint's value; to change it, export the checkpoint (llama-fp8 convert) and start a new run from "
+            "that (model.init_weights), which converts the norm weights."
         )
     saved_batch = info.data.get("global_batch_size")
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
@@ -203,6 +232,20 @@ def check_can_resume(
                 + "). Megatron pairs the saved optimizer state with this run's parameter groups by them, so they must "
                 "stay the checkpoint's: set model.optimizer back to them (warmup, decay steps, weight decay and the "
                 "schedule may change)."
+            )
+        restored = [
+            f"{name}: checkpoint {saved_optimizer[name]!r}, this run {optimizer_settings.get(name)!r}"
+            for name in RESTORED_OPTIMIZER_FIELDS
+            if name in saved_optimizer and not _same_number(saved_optimizer[name], optimizer_settings.get(name))
+        ]
+        if restored:
+            raise CheckpointError(
+                f"Checkpoint {info.path} was trained with other Adam settings ("
+                + "; ".join(restored)
+                + "). Megatron restores the saved optimizer's parameter groups, Adam's betas and eps with them, so "
+                "this run's values would be silently replaced by the checkpoint's: set model.optimizer back to the "
+                "checkpoint's values, or start a new run from its weights (llama-fp8 convert, then "
+                "model.init_weights) to train with other ones."
             )
     if not with_optimizer:
         return

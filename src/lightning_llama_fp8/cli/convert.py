@@ -9,7 +9,7 @@ from lightning_llama_fp8.checkpoint.info import CheckpointError
 from lightning_llama_fp8.hf.config import HFConfigError
 from lightning_llama_fp8.hf.export import export_to_hf
 from lightning_llama_fp8.hf.files import DEFAULT_MAX_SHARD_BYTES
-from lightning_llama_fp8.validate import float_argument
+from lightning_llama_fp8.validate import float_argument, format_bytes
 
 EXIT_BAD_INPUT = 2
 
@@ -63,7 +63,12 @@ def convert_main(argv: list[str]) -> int:
         help="for an FP8-weight checkpoint with 'dp_reshardable' optimizer state: export the FP8 weight values "
         "(lossy) instead of refusing",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export at the output (config.json beside *.safetensors); any other non-empty "
+        "directory, one holding a training checkpoint above all, is never replaced",
+    )
     args = parser.parse_args(argv)
     try:
         report = export_to_hf(
@@ -78,7 +83,7 @@ def convert_main(argv: list[str]) -> int:
     except (CheckpointError, HFConfigError, OSError) as err:  # OSError: the output (taken, a link, disk full)
         print(f"llama-fp8 convert: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"Wrote {report.output}: {len(report.shards)} safetensors shard(s), {report.total_bytes / 2**30:.2f} GiB")
+    print(f"Wrote {report.output}: {len(report.shards)} safetensors shard(s), {format_bytes(report.total_bytes)}")
     print(f"Weights: {report.weights_source}")
     tokenizer = ", ".join(report.tokenizer_files) if report.tokenizer_files else "none (pass --tokenizer)"
     print(f"Tokenizer: {tokenizer}")

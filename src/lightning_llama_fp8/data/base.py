@@ -546,6 +546,7 @@ class GPTDataModule(LightningDataModule):
                 )
         if need_train:
             self._check_val_check_interval(train_samples // self.global_batch_size)
+            self._warn_if_epochs_repeat(train_samples // self.global_batch_size)
         recorded = self._recorded_train_index() if need_train else None
         index = recorded or [{"samples": train_samples, "seed": self.seed}]
         train_ds, val_ds, config, description = self.build_datasets([index[0]["samples"], val_samples, 0])
@@ -678,6 +679,21 @@ class GPTDataModule(LightningDataModule):
                 trainer.limit_train_batches,
                 trainer.check_val_every_n_epoch,
                 trainer.limit_val_batches,
+            )
+
+    def _warn_if_epochs_repeat(self, train_batches: int) -> None:
+        """Lightning starts every epoch at the loader's first batch: an epoch cut short by ``limit_train_batches`` in
+        a run of more steps reads the same batches again, and the rest of the built ones never."""
+        trainer = self.trainer
+        max_steps = trainer.max_steps if trainer is not None else -1
+        per_epoch = self._train_epoch_length(train_batches)
+        if max_steps is not None and 0 < per_epoch < train_batches and max_steps > per_epoch:
+            rank_zero_warn(
+                f"trainer.limit_train_batches ({trainer.limit_train_batches}) makes an epoch {per_epoch} of the "
+                f"{train_batches} global batches built, and trainer.max_steps ({max_steps}) runs "
+                f"{max_steps / per_epoch:.2f} epochs: every epoch reads the same {per_epoch} batches and batches "
+                f"{per_epoch + 1}-{train_batches} are never read. Leave limit_train_batches unset (max_steps ends the "
+                "run)."
             )
 
     def checkpoint_info(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 from lightning_llama_fp8.validate import SettingError, as_bool, as_float, as_int
 
 CONFIG_FILENAME = "config.json"
+#: The info file of this package's training checkpoints (``checkpoint.info.INFO_FILENAME``; that layer is above this).
+TRAINING_CHECKPOINT_INFO = "lightning_llama_fp8.json"
 
 #: LlamaConfig fields that ``config.json`` decides; every other field is a training choice.
 HF_DEFINED_FIELDS: tuple[str, ...] = (
@@ -52,6 +54,13 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a Hugging Face model directory (or the file itself)."""
     path = Path(path)
     file = path / CONFIG_FILENAME if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        _refuse_training_checkpoints(path)
+    if path.is_file() and ".safetensors" in path.name:
+        raise HFConfigError(
+            f"{path} is a weights file; give the Hugging Face model directory holding {CONFIG_FILENAME} and the "
+            f"safetensors ({path.parent})."
+        )
     if not file.is_file():
         where = f"{path} has no {CONFIG_FILENAME}" if path.is_dir() else f"{path} does not exist"
         raise HFConfigError(f"Not a Hugging Face model directory: {where}.")
@@ -62,6 +71,25 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise HFConfigError(f"{file} does not hold a JSON object.")
     return config
+
+
+def _refuse_training_checkpoints(path: Path) -> None:
+    """Say so where a directory without ``config.json`` is a training checkpoint of this package or holds some."""
+    convert = (
+        "To start a new run from its weights, export them first (llama-fp8 convert CHECKPOINT HF_DIR) and give "
+        "HF_DIR; to continue the run that saved it, pass the checkpoint as ckpt_path instead."
+    )
+    if (path / TRAINING_CHECKPOINT_INFO).is_file():
+        raise HFConfigError(
+            f"{path} is a training checkpoint of lightning_llama_fp8 (it has {TRAINING_CHECKPOINT_INFO}, no "
+            f"{CONFIG_FILENAME}), not a Hugging Face model directory. {convert}"
+        )
+    checkpoints = sorted(entry.name for entry in path.glob("*.ckpt") if (entry / TRAINING_CHECKPOINT_INFO).is_file())
+    if checkpoints:
+        raise HFConfigError(
+            f"{path} holds training checkpoints of lightning_llama_fp8 ({', '.join(checkpoints[:5])}"
+            f"{' ...' if len(checkpoints) > 5 else ''}), not a Hugging Face model ({CONFIG_FILENAME}). {convert}"
+        )
 
 
 def _number(

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.futures import Future as TorchFuture
 
 from lightning_llama_fp8._compat.torch import create_file_view, narrow_tensor_by_index
-from lightning_llama_fp8.checkpoint.info import CheckpointError, CheckpointInfo, read_checkpoint_info
+from lightning_llama_fp8.checkpoint.info import INFO_FILENAME, CheckpointError, CheckpointInfo, read_checkpoint_info
 from lightning_llama_fp8.config import LlamaConfig
 from lightning_llama_fp8.data.chat_template import LLAMA3_CHAT_TEMPLATE, LLAMA3_CHAT_TOKENS, LLAMA3_EOT
 from lightning_llama_fp8.hf.arch import hf_config_from_llama
@@ -68,6 +68,7 @@ from lightning_llama_fp8.storage.outputs import (
     publish_directory,
     remove_path,
 )
+from lightning_llama_fp8.validate import format_bytes
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -323,10 +324,11 @@ def export_to_hf(
     special = _special_tokens(tokenizer_files, given)
     _check_special_tokens_fit(special, arch.vocab_size, tokenizer_source)
     reads = [("the checkpoint", info.path)] + ([("the tokenizer", tokenizer_source)] if tokenizer_source else [])
-    output = check_output_directory(output, reads, overwrite)
+    output = check_output_directory(output, reads, overwrite, not_replaceable=_not_an_earlier_export)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(output, "llama-fp8 convert"):
-        check_output_directory(output, reads, overwrite)  # again: another writer may have finished meanwhile
+        # Again: another writer may have finished meanwhile.
+        check_output_directory(output, reads, overwrite, not_replaceable=_not_an_earlier_export)
         tensors = _CheckpointTensors(info, arch, allow_fp8_weights)
         partial = fresh_partial_directory(output)
         try:
@@ -355,6 +357,31 @@ def export_to_hf(
         chat_template=special.chat_template,
         stop_token_ids=special.stop_ids,
     )
+
+
+def _not_an_earlier_export(output: Path) -> str | None:
+    """Why ``--overwrite`` may not replace the non-empty directory ``output`` (``None``: it may): only an earlier
+    Hugging Face export (``config.json`` beside ``*.safetensors``) holding no training checkpoint is replaced, so
+    that ``convert CKPT OUT --overwrite`` cannot delete a run's checkpoints or anything else kept there."""
+    checkpoints = []
+    for directory, subdirectories, files in os.walk(output):  # links to directories are not followed
+        inside = Path(directory) != output
+        if INFO_FILENAME in files or (inside and directory.endswith(".ckpt")):
+            checkpoints.append(str(Path(directory).relative_to(output)))
+            subdirectories.clear()
+    if checkpoints == ["."]:
+        return f"is a training checkpoint (it has {INFO_FILENAME})"
+    if checkpoints:
+        shown = ", ".join(sorted(checkpoints)[:5]) + (
+            f" and {len(checkpoints) - 5} more" if len(checkpoints) > 5 else ""
+        )
+        return f"holds training checkpoints ({shown})"
+    if not (output / "config.json").is_file() or not any(output.glob("*.safetensors")):
+        return (
+            "is not an earlier Hugging Face export (no config.json beside *.safetensors files), the only kind of "
+            "directory --overwrite replaces"
+        )
+    return None
 
 
 def _hf_layout(arch: LlamaConfig) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -639,7 +666,7 @@ def _check_free_space(directory: Path, needed_bytes: int) -> None:
     if free < needed_bytes * 1.01 + 2**20:
         raise OSError(
             errno.ENOSPC,
-            f"The export needs {needed_bytes / 2**30:.2f} GiB but {directory.parent} has {free / 2**30:.2f} GiB free; "
+            f"The export needs {format_bytes(needed_bytes)} but {directory.parent} has {format_bytes(free)} free; "
             "free space or choose an output on another file system",
         )
 

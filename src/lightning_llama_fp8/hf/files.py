@@ -41,6 +41,11 @@ class SafetensorsDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_file():
+            raise HFConfigError(
+                f"{self.path} is a file; give the Hugging Face model directory holding config.json and the "
+                f"safetensors ({self.path.parent})."
+            )
         if not self.path.is_dir():
             raise HFConfigError(f"Hugging Face model directory {self.path} does not exist (or is not a directory).")
         self.file_of: dict[str, str] = self._tensor_files()
@@ -124,7 +129,18 @@ def read_header(file: Path) -> dict[str, Any]:
             header = json.loads(handle.read(header_len))
     except (OSError, ValueError, struct.error) as err:
         raise HFConfigError(f"{file} is not a readable safetensors file ({err}); re-download or re-copy it.") from err
+    if not isinstance(header, dict):
+        raise HFConfigError(
+            f"{file} is not a readable safetensors file (its header holds a JSON {type(header).__name__}, not an "
+            "object of tensors); re-download or re-copy it."
+        )
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not _is_tensor_entry(entry):
+            raise HFConfigError(
+                f"{file} is not a readable safetensors file (its header's entry for {name!r} is {entry!r}, not a "
+                "tensor's dtype, shape and data_offsets); re-download or re-copy it."
+            )
     end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if size < 8 + header_len + end:
         raise HFConfigError(
@@ -137,6 +153,21 @@ def read_header(file: Path) -> dict[str, Any]:
         if expected and stop - start != expected:
             raise HFConfigError(f"{file}: tensor {name} has {stop - start} bytes for shape {entry['shape']}.")
     return header
+
+
+def _is_tensor_entry(entry: Any) -> bool:
+    """Whether a safetensors header entry has a dtype name, a shape of sizes and two data offsets."""
+
+    def counts(value: Any, length: int | None = None) -> bool:
+        whole = isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
+        return whole and (length is None or len(value) == length)
+
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and counts(entry.get("shape"))
+        and counts(entry.get("data_offsets"), 2)
+    )
 
 
 def _numel(shape: list[int]) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning_llama_fp8.storage.paths import overlaps
@@ -28,19 +28,23 @@ def check_output_directory(
     output: str | os.PathLike[str],
     reads: Iterable[tuple[str, str | os.PathLike[str]]],
     overwrite: bool,
+    not_replaceable: Callable[[Path], str | None] | None = None,
 ) -> Path:
-    """Check, before any work, that ``output`` can become a new directory; return it as a :class:`Path`.
+    """Check, before any work, that ``output`` can become a new directory; return it as an absolute :class:`Path`.
 
     Args:
-        output: the directory to write.
+        output: the directory to write (``.`` too: made absolute first, without following links).
         reads: ``(what, path)`` for everything the command reads (e.g. ``("the checkpoint", ckpt)``).
         overwrite: an existing non-empty directory ``output`` may be replaced (once the new one is complete).
+        not_replaceable: why an existing non-empty ``output`` may not be replaced even with ``overwrite``
+            (e.g. it is not an earlier output of the command), or ``None`` where it may.
 
     Raises:
         OutputConflictError: ``output`` (or its temporary siblings) is, contains or lies inside something the
-            command reads; or it is a symbolic link, or a file; or it is not empty and ``overwrite`` is off.
+            command reads; or it is a symbolic link, or a file; or it is not empty and ``overwrite`` is off, or
+            ``not_replaceable`` refuses it.
     """
-    output = Path(output).expanduser()
+    output = Path(os.path.abspath(Path(output).expanduser()))  # "." has no name to put ".partial" after
     for what, read in reads:
         for target in (output, sibling(output, PARTIAL_SUFFIX), sibling(output, REPLACED_SUFFIX)):
             if overlaps(target, read):
@@ -59,8 +63,17 @@ def check_output_directory(
             f"The output {output} is a file, not a directory; choose another output (--overwrite replaces only "
             "a directory)."
         )
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputConflictError(f"{output} exists and is not empty; choose another directory or pass --overwrite.")
+    if output.is_dir() and any(output.iterdir()):
+        why = not_replaceable(output) if not_replaceable is not None else None
+        if why is not None:
+            raise OutputConflictError(
+                f"{output} exists and {why}; it is not replaced, even with --overwrite: choose another output "
+                "directory (or remove it yourself if it is not needed)."
+            )
+        if not overwrite:
+            raise OutputConflictError(
+                f"{output} exists and is not empty; choose another directory or pass --overwrite."
+            )
     parent = _nearest_existing(output.parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OutputConflictError(f"Cannot create {output}: {parent} is not a writable directory.")
