@@ -519,7 +519,11 @@ class MegatronCPStrategy(ParallelStrategy):
         reruns off, raises for ``fatal`` checks), before a NaNGuard that skips or rolls back can act."""
         if not self.check_for_nan_in_grad:
             return
-        guards = [cb for cb in self._trainer_callbacks() if getattr(cb, "policy", None) in ("skip", "rollback")]
+        from lightning_llama_fp8.callbacks.nan_guard import NaNGuard
+
+        guards = [
+            cb for cb in self._trainer_callbacks() if isinstance(cb, NaNGuard) and cb.policy in ("skip", "rollback")
+        ]
         if guards:
             raise ValueError(
                 f"check_for_nan_in_grad=True stops the run at the first non-finite gradient (Megatron raises while "

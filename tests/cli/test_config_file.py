@@ -12,7 +12,7 @@ import yaml
 
 from lightning_llama_fp8.cli import config_file
 from lightning_llama_fp8.cli.config_file import plan_from_config
-from lightning_llama_fp8.config import get_preset
+from lightning_llama_fp8.config import LlamaConfig, get_preset
 from tests.helpers.gpus import no_gpu
 from tests.helpers.hf_models import make_hf_model
 from tests.helpers.paths import CONFIG_1B, CONFIG_8B
@@ -104,6 +104,31 @@ def test_field_overrides_change_the_named_architecture_not_llama3_8b(tmp_path: P
     config.write_text(yaml.safe_dump({"model": {"arch": {"num_layers": 2}}}))
     words = ["fit", "--config", str(config), "--model.arch.num_layers", "4"]
     assert config_file.expand_arch_before_field_overrides(words) == words
+
+
+def test_fields_from_a_later_file_or_inline_change_the_named_architecture(tmp_path: Path) -> None:
+    """The same for a later config file's arch mapping, inline JSON, ``--model FILE`` (its own preset counts), and a
+    model.init_weights directory when no arch is named."""
+    import json
+
+    named, fields, model = tmp_path / "named.yaml", tmp_path / "fields.yaml", tmp_path / "model.yaml"
+    named.write_text(yaml.safe_dump({"model": {"arch": "llama3_2_1b"}}))
+    fields.write_text(yaml.safe_dump({"model": {"arch": {"num_layers": 4}}}))
+    model.write_text(yaml.safe_dump({"arch": "llama3_2_3b"}))
+
+    def inserted(words: list[str]) -> list[int]:
+        expanded = config_file.expand_arch_before_field_overrides(words)
+        return [json.loads(w.split("=", 1)[1])["hidden_size"] for w in expanded if w.startswith("--model.arch={")]
+
+    assert inserted(["fit", "--config", str(named), "--config", str(fields)]) == [2048]
+    assert inserted(["fit", "--config", str(named), "--model.arch", '{"num_layers": 2}']) == [2048]
+    assert inserted(["fit", "--config", str(named), "--model", str(model), "--model.arch.num_layers", "4"]) == [3072]
+    assert inserted(["fit", "--config", str(named), "--config", "model: {arch: {num_layers: 2}}"]) == [2048]
+    hf_dir = tmp_path / "hf"
+    make_hf_model(hf_dir)
+    assert inserted(["fit", "--model.init_weights", str(hf_dir), "--model.arch.seq_length", "512"]) == [
+        LlamaConfig.from_hf(hf_dir).hidden_size
+    ]
 
 
 def test_field_override_of_a_preset_reaches_the_parsed_config(

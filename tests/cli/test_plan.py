@@ -227,8 +227,12 @@ def test_plan_refuses_config_numbers_that_training_would_refuse_or_misread(
             lambda c: c["model"]["arch"].update(num_layer=4),
             r"model\.arch has no field 'num_layer'; LlamaConfig's fields are num_layers, ",
         ),
+        (  # --tp and the like were dropped for another strategy's config
+            lambda c: c["trainer"].update(strategy="ddp"),
+            r"trainer\.strategy is 'ddp'; the plan covers MegatronCPStrategy runs",
+        ),
     ],
-    ids=["seq-length", "overlap-without-distributed-optimizer", "sharding", "strategy-class-path", "arch-typo"],
+    ids=["seq-length", "overlap-without-distributed-optimizer", "sharding", "strategy-class-path", "arch-typo", "ddp"],
 )
 def test_plan_refuses_settings_that_training_would_refuse(
     change: Any, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -25,8 +25,8 @@ decision is taken between steps:
    exception path (``on_exception`` hooks, loggers finalized) and the process exits with status 75
    (:data:`EXIT_PREEMPTED`, ``EX_TEMPFAIL``: "try again later"). A signal during the last step of ``max_steps``
    saves it and lets ``fit`` finish (status 0). A run without a ModelCheckpoint (warned at setup) saves nothing:
-   it is not requeued and exits with 128 + the signal's number, as a process the signal stopped, since trying
-   again would start it over.
+   it is not requeued and every rank exits with :data:`EXIT_UNSAVED` (143, as a process SIGTERM stopped), since
+   trying again would start it over.
 
 Time budget: from the signal to the exit takes the rest of what runs when it comes (a training step, a periodic
 checkpoint save, or a validation and, if that step is not saved yet, one more step), one checkpoint save (none
@@ -68,6 +68,10 @@ __all__ = ["EXIT_PREEMPTED", "PreemptionCheckpoint", "TrainingPreempted"]
 
 #: Exit status of a run stopped by a preemption signal after its checkpoint was saved (sysexits' ``EX_TEMPFAIL``).
 EXIT_PREEMPTED = 75
+
+#: Exit status of every rank of a run stopped by a preemption signal with nothing saved (128 + SIGTERM, as a process
+#: the signal ended): not "try again later", since trying again would start the run over.
+EXIT_UNSAVED = 128 + signal.SIGTERM
 
 #: Signals that cannot be caught, or that the training process needs for itself.
 _UNUSABLE_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
@@ -260,10 +264,9 @@ class PreemptionCheckpoint(Callback):
             return
         if saved is None and self._saved_step != step:
             # Nothing to resume from: "try again later" (75) or a requeue would start the run over from scratch,
-            # again at every preemption. Exit as a process stopped by the signal does (128 + its number).
-            signum = received[0] if received is not None else signal.SIGTERM
-            rank_zero_info(f"PreemptionCheckpoint: {summary}. Not requeued; exiting with status {128 + signum}.")
-            raise TrainingPreempted(f"stopped after step {step}: {summary}", status=128 + signum)
+            # again at every preemption. Every rank exits as a process that SIGTERM stopped.
+            rank_zero_info(f"PreemptionCheckpoint: {summary}. Not requeued; exiting with status {EXIT_UNSAVED}.")
+            raise TrainingPreempted(f"stopped after step {step}: {summary}", status=EXIT_UNSAVED)
         if requeue:
             if trainer.is_global_zero:
                 summary += "; " + requeue_slurm_job()

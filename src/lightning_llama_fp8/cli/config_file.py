@@ -65,50 +65,109 @@ ARCH_OPTION = "--model.arch"
 
 
 def config_paths(words: list[str]) -> list[Path]:
-    """The files given to ``--config``/``-c`` (``--config X`` or ``--config=X``) on a command line, in order."""
-    return [Path(value) for flag, value in _options(words) if flag in CONFIG_OPTIONS and value is not None]
+    """The files given to ``--config``/``-c`` (``--config X`` or ``--config=X``) on a command line, in order
+    (inline YAML, which LightningCLI takes too, is not a path)."""
+    return [
+        Path(value)
+        for _, flag, value in _options(words)
+        if flag in CONFIG_OPTIONS and value is not None and not _looks_inline(value)
+    ]
 
 
-def _options(words: list[str]) -> list[tuple[str, str | None]]:
-    """(option, value) of each ``--option value`` / ``--option=value`` word; value None where none follows."""
-    pairs = []
+def _looks_inline(value: str) -> bool:
+    """Whether a ``--config`` value is YAML given inline (a mapping) rather than a file's path."""
+    return not Path(value).is_file() and ("\n" in value or ": " in value or value.lstrip().startswith("{"))
+
+
+def _options(words: list[str]) -> list[tuple[int, str, str | None]]:
+    """(position, option, value) of each ``--option value`` / ``--option=value`` word; value None where none
+    follows."""
+    options = []
     for index, word in enumerate(words):
         if not word.startswith("-"):
             continue
         flag, equals, inline = word.partition("=")
         following = words[index + 1] if index + 1 < len(words) and not words[index + 1].startswith("--") else None
-        pairs.append((flag, inline if equals else following))
-    return pairs
+        options.append((index, flag, inline if equals else following))
+    return options
+
+
+#: LightningCLI's option that sets the whole model section from a file or inline YAML.
+MODEL_OPTION = "--model"
+#: What an option does to ``model.arch``: names it, gives (some of) its fields, or cannot be read here.
+_NAMES, _GIVES_FIELDS, _UNKNOWN = "names", "gives fields", "unknown"
 
 
 def expand_arch_before_field_overrides(words: list[str]) -> list[str]:
-    """The command line with a named architecture written out as its fields before ``--model.arch.FIELD`` overrides.
+    """The command line with a named architecture written out as its fields before options that give fields.
 
-    jsonargparse applies a dotted override (``--model.arch.num_layers 4``) to a fresh :class:`LlamaConfig`, whose
-    defaults are Llama 3 8B's, whenever ``model.arch`` so far is a name (a preset such as ``llama3_2_1b``, or a
-    Hugging Face directory): the named architecture would be dropped without a word and another model trained.
-    Writing the named architecture's fields as ``--model.arch={...}`` just before the first such override makes the
-    override change one field of the architecture the config names, as a user reads it.
+    jsonargparse applies fields given after a name (``--model.arch.num_layers 4``, or a later config file's
+    ``model.arch`` mapping) to a fresh :class:`LlamaConfig`, whose defaults are Llama 3 8B's, whenever
+    ``model.arch`` so far is a name (a preset such as ``llama3_2_1b``, or a Hugging Face directory; with no arch, the
+    directory of ``model.init_weights``): the named architecture would be dropped without a word and another model
+    trained. Writing the named architecture's fields as ``--model.arch={...}`` just before the first option that
+    gives fields makes it change fields of the architecture the config names, as a user reads it.
     """
-    named: str | None = None  # model.arch so far, where it is a name
+    named: str | None = None  # model.arch so far, where it names an architecture
+    arch_given = False
+    init_weights: str | None = None
+    insert_at: dict[int, str] = {}
+    for index, flag, value in _options(words):
+        effect, arch, weights = _arch_effect(flag, value)
+        init_weights = weights if weights is not None else init_weights
+        if effect == _NAMES:
+            named, arch_given = arch, True
+        elif effect == _GIVES_FIELDS:
+            source = named if arch_given else init_weights
+            fields = _named_arch_fields(source) if source is not None else None
+            if fields is not None:
+                insert_at[index] = f"{ARCH_OPTION}={json.dumps(fields)}"
+            named, arch_given = None, True
+        elif effect == _UNKNOWN:
+            named, arch_given = None, True
     expanded: list[str] = []
     for index, word in enumerate(words):
-        flag, equals, inline = word.partition("=")
-        value = inline if equals else (words[index + 1] if index + 1 < len(words) else None)
-        if flag in CONFIG_OPTIONS and value is not None and Path(value).is_file():
-            model = read_config_file(Path(value)).get("model")
-            model_args = {**model, **init_args(model)} if isinstance(model, dict) else {}
-            if "arch" in model_args:
-                named = model_args["arch"] if isinstance(model_args["arch"], str) else None
-        elif flag == ARCH_OPTION:
-            named = value
-        elif flag.startswith(ARCH_OPTION + ".") and named is not None:
-            fields = _named_arch_fields(named)
-            if fields is not None:
-                expanded.append(f"{ARCH_OPTION}={json.dumps(fields)}")
-            named = None
+        if index in insert_at:
+            expanded.append(insert_at[index])
         expanded.append(word)
     return expanded
+
+
+def _arch_effect(flag: str, value: str | None) -> tuple[str | None, Any, str | None]:
+    """(what the option does to model.arch, the name it gives, the model.init_weights it gives)."""
+    if flag.startswith(ARCH_OPTION + "."):
+        return _GIVES_FIELDS, None, None
+    if flag == ARCH_OPTION:
+        return (_GIVES_FIELDS if value is None or value.lstrip().startswith("{") else _NAMES), value, None
+    if flag == ARCH_OPTION.rsplit(".", 1)[0] + ".init_weights":
+        return None, None, value
+    if flag not in (*CONFIG_OPTIONS, MODEL_OPTION) or value is None:
+        return None, None, None
+    try:  # a file, or YAML given inline
+        content = read_config_file(Path(value)) if Path(value).is_file() else _inline_yaml(value)
+    except ValueError:
+        return _UNKNOWN, None, None
+    model = content.get("model") if flag in CONFIG_OPTIONS else content
+    if not isinstance(model, dict):
+        return None, None, None
+    model = {**model, **init_args(model)}
+    weights = model.get("init_weights")
+    if "arch" not in model:
+        return None, None, weights
+    arch = model["arch"]
+    return (_NAMES if isinstance(arch, str) or arch is None else _GIVES_FIELDS), arch, weights
+
+
+def _inline_yaml(text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"not YAML: {text!r}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"not a mapping: {text!r}")
+    return content
 
 
 def _named_arch_fields(name: str) -> dict[str, Any] | None:

@@ -76,6 +76,13 @@ def plan_main(argv: list[str]) -> int:
             print(f"llama-fp8 plan: {err}", file=sys.stderr)
             return EXIT_CANNOT_TRAIN
     _apply_overrides(config, args)
+    strategy = class_name(config["trainer"]["strategy"])
+    if strategy not in ("MegatronCPStrategy", "megatron_cp"):
+        print(
+            f"llama-fp8 plan: trainer.strategy is {strategy!r}; the plan covers MegatronCPStrategy runs (megatron_cp).",
+            file=sys.stderr,
+        )
+        return EXIT_CANNOT_TRAIN
     try:
         plan = plan_from_config(config, gpus=args.gpus)
     except (LayoutError, ValueError, TypeError) as err:  # TypeError: an unknown key in model.arch
