@@ -501,8 +501,10 @@ class MegatronCPStrategy(ParallelStrategy):
         rank_zero_info(mode.describe())
 
     def _check_layer_implementation(self, arch: Any) -> None:
-        """Refuse FP8 on Megatron's local layers (it would train in BF16) and TE layers without TE installed."""
-        if arch is None:
+        """Refuse FP8 on Megatron's local layers (it would train in BF16) and TE layers without TE installed, for a
+        module that builds its model from ``arch`` (``transformer_config``: LlamaLightningModule and its kind; other
+        modules may carry an ``arch`` for the FLOP count only)."""
+        if arch is None or not callable(getattr(self.lightning_module, "transformer_config", None)):
             return
         if arch.transformer_impl != "transformer_engine":
             if self.precision_plugin.fp8_active:
