@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,22 @@ def renew_own_last_checkpoints(lightning_state: dict[str, Any], checkpoint_callb
     return renewed
 
 
+def _differences(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    names: Iterable[str],
+    current_label: str,
+    same: Callable[[Any, Any], bool] = operator.eq,
+) -> list[str]:
+    """``"name: checkpoint X, <current_label> Y"`` for each of ``names`` the checkpoint recorded and ``current``
+    has otherwise (fields a checkpoint does not record, from older versions, are not compared)."""
+    return [
+        f"{name}: checkpoint {saved[name]!r}, {current_label} {current.get(name)!r}"
+        for name in names
+        if name in saved and not same(saved[name], current.get(name))
+    ]
+
+
 def check_can_resume(
     info: CheckpointInfo,
     arch: LlamaConfig | None,
@@ -186,22 +203,14 @@ def check_can_resume(
     this run's.
     """
     current = asdict(arch) if arch is not None else dict(info.arch)
-    different = [
-        f"{name}: checkpoint {info.arch[name]!r}, model {current[name]!r}"
-        for name in SHAPE_FIELDS
-        if name in info.arch and info.arch[name] != current.get(name)
-    ]
+    different = _differences(info.arch, current, SHAPE_FIELDS, "model")
     if different:
         raise CheckpointError(
             f"Checkpoint {info.path} holds another architecture than the model being trained ("
             + "; ".join(different)
             + "). Set model.arch to the checkpoint's (see its lightning_llama_fp8.json)."
         )
-    reinterpreted = [
-        f"{name}: checkpoint {info.arch[name]!r}, model {current[name]!r}"
-        for name in STORED_FORMAT_FIELDS
-        if name in info.arch and name in current and info.arch[name] != current[name]
-    ]
+    reinterpreted = _differences(info.arch, current, [n for n in STORED_FORMAT_FIELDS if n in current], "model")
     if reinterpreted:
         raise CheckpointError(
             f"Checkpoint {info.path} stores its weights in another form than this model reads them ("
@@ -220,11 +229,7 @@ def check_can_resume(
         )
     saved_optimizer = info.optimizer_settings
     if optimizer_settings is not None and saved_optimizer:
-        changed = [
-            f"{name}: checkpoint {saved_optimizer[name]!r}, this run {optimizer_settings.get(name)!r}"
-            for name in PAIRED_OPTIMIZER_FIELDS
-            if name in saved_optimizer and not _same_number(saved_optimizer[name], optimizer_settings.get(name))
-        ]
+        changed = _differences(saved_optimizer, optimizer_settings, PAIRED_OPTIMIZER_FIELDS, "this run", _same_number)
         if changed:
             raise CheckpointError(
                 f"Checkpoint {info.path} was trained with other learning rates ("
@@ -233,11 +238,9 @@ def check_can_resume(
                 "stay the checkpoint's: set model.optimizer back to them (warmup, decay steps, weight decay and the "
                 "schedule may change)."
             )
-        restored = [
-            f"{name}: checkpoint {saved_optimizer[name]!r}, this run {optimizer_settings.get(name)!r}"
-            for name in RESTORED_OPTIMIZER_FIELDS
-            if name in saved_optimizer and not _same_number(saved_optimizer[name], optimizer_settings.get(name))
-        ]
+        restored = _differences(
+            saved_optimizer, optimizer_settings, RESTORED_OPTIMIZER_FIELDS, "this run", _same_number
+        )
         if restored:
             raise CheckpointError(
                 f"Checkpoint {info.path} was trained with other Adam settings ("
