@@ -772,6 +772,7 @@ def test_strategy_seed_decides_the_cpu_initialised_weights() -> None:
             return module.model.decoder.layers[0].mlp.linear_fc1.weight.detach().clone()
         finally:
             strategy.teardown()
+            torch.distributed.destroy_process_group()  # the strategy leaves it to the process's end
 
     first = first_weights(1)
     assert torch.equal(first, first_weights(1))

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from lightning_llama_fp8.callbacks import PreemptionCheckpoint, TrainingPreempted, preemption
 from lightning_llama_fp8.checkpoint.info import read_checkpoint_info
@@ -307,8 +308,12 @@ def test_a_run_without_model_checkpoint_is_warned_and_not_told_to_try_again(tmp_
         1, max_steps=6, callbacks=[PreemptionCheckpoint(), ManualGC(interval=100)], default_root_dir=str(tmp_path)
     )
     warned = pytest.warns(UserWarning, match="no ModelCheckpoint, so a preemption signal stops it after a step without")
-    with warned, pytest.raises(TrainingPreempted) as stop:
-        trainer.fit(SignalledAtStepTwo(seq_length=16), datamodule=mock_data(16, global_batch_size=2))
+    try:
+        with warned, pytest.raises(TrainingPreempted) as stop:
+            trainer.fit(SignalledAtStepTwo(seq_length=16), datamodule=mock_data(16, global_batch_size=2))
+    finally:  # the process group of this in-process fit (a training process would exit here)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert stop.value.code == 128 + signal.SIGTERM
     assert "nothing saved (no ModelCheckpoint)" in stop.value.message
     assert trainer.global_step == 3 and gc.isenabled()
