@@ -219,30 +219,17 @@ class MegatronCPStrategy(ParallelStrategy):
         pipeline_model_parallel_size = as_int(pipeline_model_parallel_size, "pipeline_model_parallel_size", at_least=1)
         bucket_size = as_optional_int(bucket_size, "bucket_size", at_least=1)
         seed = as_optional_int(seed, "seed", at_least=0, at_most=MAX_SEED)
-        switches = {
-            "use_distributed_optimizer": use_distributed_optimizer,
-            "overlap_grad_reduce": overlap_grad_reduce,
-            "align_param_gather": align_param_gather,
-            "grad_reduce_in_fp32": grad_reduce_in_fp32,
-            "average_in_collective": average_in_collective,
-            "check_for_nan_in_grad": check_for_nan_in_grad,
-            "use_cpu_initialization": use_cpu_initialization,
-            "async_save": async_save,
-        }
         # A string "false" is truthy: every switch must be a real true/false (validate.as_bool).
-        (
-            use_distributed_optimizer,
-            overlap_grad_reduce,
-            align_param_gather,
-            grad_reduce_in_fp32,
-            average_in_collective,
-            check_for_nan_in_grad,
-            use_cpu_initialization,
-            async_save,
-        ) = (as_bool(value, name) for name, value in switches.items())
-        overlap_param_gather = (
-            None if overlap_param_gather is None else as_bool(overlap_param_gather, "overlap_param_gather")
-        )
+        use_distributed_optimizer = as_bool(use_distributed_optimizer, "use_distributed_optimizer")
+        overlap_grad_reduce = as_bool(overlap_grad_reduce, "overlap_grad_reduce")
+        align_param_gather = as_bool(align_param_gather, "align_param_gather")
+        grad_reduce_in_fp32 = as_bool(grad_reduce_in_fp32, "grad_reduce_in_fp32")
+        average_in_collective = as_bool(average_in_collective, "average_in_collective")
+        check_for_nan_in_grad = as_bool(check_for_nan_in_grad, "check_for_nan_in_grad")
+        use_cpu_initialization = as_bool(use_cpu_initialization, "use_cpu_initialization")
+        async_save = as_bool(async_save, "async_save")
+        if overlap_param_gather is not None:
+            overlap_param_gather = as_bool(overlap_param_gather, "overlap_param_gather")
         if gradient_accumulation_fusion is not None:
             gradient_accumulation_fusion = as_bool(gradient_accumulation_fusion, "gradient_accumulation_fusion")
         if bucket_size is not None and not overlap_grad_reduce:  # Megatron's DDP then reduces in one bucket

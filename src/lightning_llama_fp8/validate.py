@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -181,6 +181,12 @@ def available_host_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def format_names(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for a message, and how many more (``a, b, c and 4 more``)."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def format_bytes(num_bytes: float) -> str:

@@ -14,6 +14,7 @@ from lightning_llama_fp8.checkpoint.info import (
     MEGATRON_METADATA_FILENAME,
     CheckpointError,
 )
+from lightning_llama_fp8.validate import format_bytes, format_names
 
 #: The files a checkpoint directory holds (besides Megatron's ``*.distcp`` shards); ``OWN_FILENAMES``: those only
 #: this package writes. Only a directory of such files, with one of this package's, is replaced by a save.
@@ -53,7 +54,6 @@ def save_directory_atomically(path: Path, write: Any, is_rank_zero: bool, agree:
 def write_failure_message(path: Path, failure: str) -> str:
     """What a failed write of checkpoint ``path`` tells the user: the cause, what is intact, the free space."""
     from lightning_llama_fp8.checkpoint.outputs import free_bytes
-    from lightning_llama_fp8.validate import format_bytes
 
     free = free_bytes(path.parent)
     space = f"{format_bytes(free)} free there now" if free is not None else "free space unknown"
@@ -133,8 +133,7 @@ def refuse_to_replace_other_data(path: Path, finished: Path | None = None) -> No
         if not entries or (not others and any(entry.name in OWN_FILENAMES for entry in entries)):
             return
         if others:
-            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-            what = f"a directory that is not a checkpoint of lightning_llama_fp8 (it holds {shown})"
+            what = f"a directory that is not a checkpoint of lightning_llama_fp8 (it holds {format_names(others)})"
         else:
             what = f"a directory of Megatron's checkpoint files without this package's {INFO_FILENAME}"
     done = (

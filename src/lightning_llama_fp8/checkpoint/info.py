@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_llama_fp8.storage.paths import PathOutsideFolderError, path_inside
+from lightning_llama_fp8.validate import format_names
 
 __all__ = [
     "INFO_FILENAME",
@@ -158,8 +159,9 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     if not info_file.is_file():
         inside = sorted(entry.name for entry in path.glob("*.ckpt") if entry.is_dir() or entry.is_symlink())
         if inside:
-            shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
-            raise CheckpointError(f"{path} is a folder of checkpoints, not a checkpoint: give one of: {shown}.")
+            raise CheckpointError(
+                f"{path} is a folder of checkpoints, not a checkpoint: give one of: {format_names(inside, limit=8)}."
+            )
         if (path / MEGATRON_METADATA_FILENAME).is_file():
             why = "it has Megatron's metadata.json but no lightning_llama_fp8.json: not written by this package"
         else:

@@ -92,8 +92,9 @@ def _options(words: list[str]) -> list[tuple[int, str, str | None]]:
     return options
 
 
-#: LightningCLI's option that sets the whole model section from a file or inline YAML.
+#: LightningCLI's option that sets the whole model section from a file or inline YAML, and the one of the weights.
 MODEL_OPTION = "--model"
+INIT_WEIGHTS_OPTION = "--model.init_weights"
 #: What an option does to ``model.arch``: names it, gives (some of) its fields, or cannot be read here.
 _NAMES, _GIVES_FIELDS, _UNKNOWN = "names", "gives fields", "unknown"
 
@@ -139,7 +140,7 @@ def _arch_effect(flag: str, value: str | None) -> tuple[str | None, Any, str | N
         return _GIVES_FIELDS, None, None
     if flag == ARCH_OPTION:
         return (_GIVES_FIELDS if value is None or value.lstrip().startswith("{") else _NAMES), value, None
-    if flag == ARCH_OPTION.rsplit(".", 1)[0] + ".init_weights":
+    if flag == INIT_WEIGHTS_OPTION:
         return None, None, value
     if flag not in (*CONFIG_OPTIONS, MODEL_OPTION) or value is None:
         return None, None, None

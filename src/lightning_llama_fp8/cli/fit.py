@@ -34,7 +34,6 @@ from lightning_llama_fp8.cli.config_file import (
     resumed_checkpoint,
     resumed_optimizer_settings,
 )
-from lightning_llama_fp8.config import check_data_matches_arch
 from lightning_llama_fp8.data.base import GPTDataModule, check_val_check_interval
 from lightning_llama_fp8.data.indexed import IndexedDataModule
 from lightning_llama_fp8.fp8.recipes import check_bf16_layers
@@ -153,9 +152,11 @@ def preflight(config: dict[str, Any], fitting: bool = True) -> None:
         if host_problem:
             _cannot_train(plan, host_problem, fitting)
         return
-    what = ("Training" if fitting else "Validation") + " needs"
-    what = f"FP8 {what.lower()}" if precision == "fp8" else what
-    _cannot_train(plan, f"{reason} {what} NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).", fitting)
+    what = ("FP8 " if precision == "fp8" else "") + ("training" if fitting else "validation")
+    what = what[0].upper() + what[1:]
+    _cannot_train(
+        plan, f"{reason} {what} needs NVIDIA GPUs (FP8: compute capability >= 8.9, e.g. H100/H200/B200).", fitting
+    )
 
 
 def te_importable() -> bool:
@@ -167,15 +168,10 @@ def te_importable() -> bool:
 
 
 def check_model_against_config(config: dict[str, Any], fitting: bool) -> None:
-    """The model's data shape and LR schedule against the data and trainer settings (raises ValueError)."""
+    """The model's layers and LR schedule against the precision, data and trainer settings (raises ValueError; the
+    data's shape against the model is ``plan_from_config``'s, which the pre-flight check runs first)."""
     data = init_args(config.get("data")) or dict(config.get("data") or {})
-    seq_length, vocab_size = data.get("seq_length"), data.get("vocab_size")
     arch = arch_from(config.get("model") or {})
-    check_data_matches_arch(
-        arch,
-        None if seq_length is None else int(seq_length),
-        None if vocab_size is None else int(vocab_size),
-    )
     _, fp8 = precision_from(config.get("trainer") or {})
     strategy = init_args((config.get("trainer") or {}).get("strategy"))
     check_bf16_layers(

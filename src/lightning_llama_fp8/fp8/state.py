@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_llama_fp8.validate import format_names
+
 SCALING_KEYS = ("scaling_fwd", "scaling_bwd")
 STATE_TENSORS = ("amax_history", "scale")
 STATE_KEYS = tuple(f"{key}.{attr}" for key in SCALING_KEYS for attr in STATE_TENSORS)
@@ -258,6 +260,5 @@ def load_fp8_state(module: nn.Module, state: dict[str, dict[str, Tensor]]) -> No
             target.copy_(source)
 
 
-def _preview(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _preview(names: list[str]) -> str:
+    return format_names([repr(name) for name in names])

@@ -68,7 +68,7 @@ from lightning_llama_fp8.storage.outputs import (
     publish_directory,
     remove_path,
 )
-from lightning_llama_fp8.validate import format_bytes
+from lightning_llama_fp8.validate import format_bytes, format_names
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -372,10 +372,7 @@ def _not_an_earlier_export(output: Path) -> str | None:
     if checkpoints == ["."]:
         return f"is a training checkpoint (it has {INFO_FILENAME})"
     if checkpoints:
-        shown = ", ".join(sorted(checkpoints)[:5]) + (
-            f" and {len(checkpoints) - 5} more" if len(checkpoints) > 5 else ""
-        )
-        return f"holds training checkpoints ({shown})"
+        return f"holds training checkpoints ({format_names(sorted(checkpoints))})"
     if not (output / "config.json").is_file() or not any(output.glob("*.safetensors")):
         return (
             "is not an earlier Hugging Face export (no config.json beside *.safetensors files), the only kind of "

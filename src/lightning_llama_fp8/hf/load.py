@@ -28,6 +28,7 @@ from lightning_llama_fp8.hf.mapping import (
     parse_megatron_name,
 )
 from lightning_llama_fp8.parallel.pipeline import chunk_layer_offset
+from lightning_llama_fp8.validate import format_names
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def check_hf_weights(path: str | os.PathLike[str], arch: LlamaConfig) -> Safeten
     expected = expected_hf_shapes(arch)
     missing = [name for name in expected if name not in weights]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = format_names(missing)
         hint = ""
         if missing == [HF_MODEL_TENSORS["output"]]:
             hint = " (config.json says tie_word_embeddings is false, but there is no lm_head: is it a tied model?)"
